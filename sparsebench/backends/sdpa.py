@@ -1,0 +1,25 @@
+"""torch's scaled_dot_product_attention, dense (is_causal when causal): the baseline."""
+
+from __future__ import annotations
+
+from sparsebench.backends.base import BACKENDS, Backend, Problem
+
+
+@BACKENDS.register
+class Sdpa(Backend):
+    name = "sdpa"
+    summary = "torch SDPA, dense (is_causal when causal): the baseline"
+
+    def unsupported(self, p: Problem):
+        if p.pattern.name != "dense":
+            return "sdpa computes dense attention only; use sdpa_masked for a sparse pattern"
+        return super().unsupported(p)
+
+    def prepare(self, p: Problem):
+        import torch.nn.functional as F
+
+        causal = p.causal
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def estimate_bytes(self, p: Problem) -> int:
+        return p.io_bytes * (3 if p.mode == "backward" else 1)

@@ -1,0 +1,21 @@
+"""SDPA with the pattern's boolean n x n mask: sparse semantics, dense work."""
+
+from __future__ import annotations
+
+from sparsebench.backends.base import BACKENDS, Backend, Problem
+
+
+@BACKENDS.register
+class SdpaMasked(Backend):
+    name = "sdpa_masked"
+    summary = "SDPA with the pattern's boolean mask: sparse semantics, dense work"
+
+    def prepare(self, p: Problem):
+        import torch.nn.functional as F
+
+        mask = p.pattern.mask(p.seq_len, p.causal, device=p.device)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def estimate_bytes(self, p: Problem) -> int:
+        n2 = p.seq_len * p.seq_len
+        return p.io_bytes * (3 if p.mode == "backward" else 1) + n2 * (1 + p.elem_bytes)

@@ -1,0 +1,175 @@
+"""``sparsebench kv``: KV-cache bytes per pattern for a model and a context, and with a budget
+the longest context and the largest batch that fit. ``register(app)`` adds the command; torch
+(through the patterns) is imported only when the command runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from sparsebench.errors import ScenarioError, SparsebenchError
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as a YAML scalar (``global_tokens=[0,7]`` is a list)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ScenarioError(f"pattern parameter {text!r} must look like key=value (e.g. -p window=4096)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ScenarioError(f"pattern parameter {text!r}: the value is not a valid YAML scalar or list") from None
+    return key, value
+
+
+def _model(name: str | None, path: Path | None):
+    from sparsebench import kvcache
+
+    if (name is None) == (path is None):
+        raise ScenarioError(
+            f"give exactly one of --model NAME ({', '.join(kvcache.PRESETS)}) or --model-file FILE"
+        )
+    return kvcache.load_preset(name) if name is not None else kvcache.load_model_file(path)  # type: ignore[arg-type]
+
+
+def _fmt_context(row, kvcache) -> str:
+    if row.context_unbounded:
+        return "unbounded"
+    if row.max_context == 0:
+        return "none"
+    return _short(row.max_context)
+
+
+def _short(n: int) -> str:
+    """131072 -> '128k', 4100 -> '4100'."""
+    for unit, scale in (("m", 1024**2), ("k", 1024)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+
+def _pattern_cell(row) -> str:
+    """The name, then its parameters on an indented line: "sliding_window\\n  window=4096"."""
+    from rich.markup import escape
+
+    if row.pattern == "model default":
+        return f"model default\n  {escape(row.label)}"
+    inner = row.label[len(row.pattern) + 1 : -1] if row.label != row.pattern else ""
+    return row.pattern + (f"\n  {escape(inner.replace(', ', ' '))}" if inner else "")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("kv")
+    def kv(
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model preset (listed below)."),
+        model_file: Optional[Path] = typer.Option(
+            None, "--model-file", help="YAML model file (name, layers, heads, kv_heads, head_dim, ...)."
+        ),
+        context: str = typer.Option(..., "--context", "-n", help="Context length: 131072 or 128k."),
+        batch: int = typer.Option(1, "--batch", "-b", help="Sequences in the batch."),
+        dtype: str = typer.Option("fp16", "--dtype", help="Cache dtype: fp32, fp16, bf16, fp8, int8, int4."),
+        pattern: Optional[str] = typer.Option(None, "--pattern", help="One pattern (default: a standard set)."),
+        params: list[str] = typer.Option([], "--param", "-p", help="Pattern parameter key=value (repeatable)."),
+        budget: Optional[str] = typer.Option(None, "--budget", help="Memory budget, e.g. 24GiB or 80GB."),
+        page: Optional[int] = typer.Option(None, "--page", help="Paged cache: round up to pages of P tokens."),
+        as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
+    ) -> None:
+        """KV-cache bytes per attention pattern (grouped-query attention counted by KV heads)."""
+        try:
+            _run_kv(model, model_file, context, batch, dtype, pattern, params, budget, page, as_json)
+        except SparsebenchError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code)
+
+    kv.__doc__ = (kv.__doc__ or "") + "\n\nPresets: " + ", ".join(_preset_names()) + "."
+
+
+def _preset_names() -> tuple[str, ...]:
+    from sparsebench.kvcache import PRESETS
+
+    return PRESETS
+
+
+def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budget, page, as_json) -> None:
+    from sparsebench import kvcache
+
+    spec = _model(model_name, model_file)
+    n = kvcache.parse_tokens(context)
+    dtype = kvcache.canonical_dtype(dtype)
+    if batch < 1:
+        raise ScenarioError(f"--batch must be at least 1, got {batch}")
+    if page is not None and page < 1:
+        raise ScenarioError(f"--page must be at least 1, got {page}")
+    limit = kvcache.parse_bytes(budget) if budget is not None else None
+    if params and pattern is None:
+        raise ScenarioError("-p/--param needs --pattern NAME")
+    chosen = None
+    if pattern is not None:
+        chosen = [kvcache.make_pattern(pattern, dict(parse_param(p) for p in params))]
+    rows = kvcache.kv_table(spec, n, chosen, batch=batch, dtype=dtype, page=page, budget=limit)
+
+    notes = []
+    if spec.max_context and n > spec.max_context:
+        notes.append(f"context {n} is longer than the model's trained context of {spec.max_context}")
+    if spec.sliding_window:
+        notes.append(
+            f"'model default' is the model's own attention (sliding window {spec.sliding_window}); "
+            "'dense' keeps every token"
+        )
+    if as_json:
+        doc = {
+            "model": {
+                "name": spec.name,
+                "layers": spec.layers,
+                "heads": spec.heads,
+                "kv_heads": spec.kv_heads,
+                "head_dim": spec.head_dim,
+                "sliding_window": spec.sliding_window,
+                "max_context": spec.max_context,
+                "attention": spec.attention,
+            },
+            "context": n,
+            "batch": batch,
+            "dtype": dtype,
+            "page": page,
+            "budget_bytes": limit,
+            "rows": [r.to_dict() for r in rows],
+            "notes": notes,
+        }
+        typer.echo(json.dumps(doc, indent=2))
+        return
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"KV cache: {spec.describe()}\ncontext {kvcache.format_tokens(n)}, batch {batch}, {dtype}"
+    if page:
+        title += f", pages of {page}"
+    if limit is not None:
+        title += f"\nbudget {kvcache.format_bytes(limit)}: max context at batch {batch}, max batch at context {n}"
+    table = Table(title=title, box=box.SIMPLE_HEAVY)
+    table.add_column("pattern", overflow="fold")
+    table.add_column("retained", justify="right", no_wrap=True)
+    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("vs dense", justify="right", no_wrap=True)
+    if limit is not None:
+        table.add_column("max context", justify="right", no_wrap=True)
+        table.add_column("max batch", justify="right", no_wrap=True)
+    for r in rows:
+        cells = [_pattern_cell(r), str(r.retained_tokens), kvcache.format_bytes(r.bytes)]
+        cells.append(f"{100 * r.vs_dense:.1f}%")
+        if limit is not None:
+            cells += [_fmt_context(r, kvcache), str(r.max_batch)]
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    for note in notes:
+        console.print(f"note: {note}")

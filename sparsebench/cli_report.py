@@ -1,0 +1,166 @@
+"""`sparsebench plot` and `sparsebench compare`: thin commands over plots, html_report and
+compare. Heavy modules (pandas, matplotlib, torch) are imported inside the command bodies so
+that `sparsebench --help` stays fast; a SparsebenchError becomes one red line and its exit code."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+
+from sparsebench.errors import ResultsError, ScenarioError, SparsebenchError
+
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `plot` and `compare` commands to ``app``."""
+    app.command("plot")(plot)
+    app.command("compare")(compare)
+
+
+def plot(
+    result_dir: Path = typer.Argument(..., metavar="RESULT_DIR", help="A result folder (holds records.jsonl)."),
+    formats: str = typer.Option("png,svg", "--formats", help="Comma-separated: png, svg, pdf."),
+) -> None:
+    """Re-render the figures (into RESULT_DIR/plots) and report.html from the records."""
+    try:
+        from sparsebench.analysis import analyze
+        from sparsebench.html_report import write_report
+        from sparsebench.plots import render_all
+        from sparsebench.results import load_frame
+
+        fmts = _plot_formats(formats)
+        df = load_frame(result_dir, warn=_warn)
+        analysis = analyze(df)
+        paths = render_all(result_dir, df, formats=fmts, analysis=analysis)
+        report = write_report(result_dir, df, analysis, paths)
+    except SparsebenchError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(ResultsError(f"{e.filename or result_dir}: {e.strerror or e}"))
+    names = sorted({p.stem for p in paths})
+    _out().print(f"wrote {len(names)} figures ({', '.join(fmts)}) to {Path(result_dir) / 'plots'} and {report}")
+
+
+def compare(
+    base: Path = typer.Argument(..., metavar="BASE", help="The reference result folder (or the only one, with --by)."),
+    new: Optional[Path] = typer.Argument(None, metavar="NEW", help="The result folder to judge against BASE."),
+    by: Optional[str] = typer.Option(
+        None, "--by", help="Put one run side by side along: backend, pattern, device, dtype, mode, causal."
+    ),
+    threshold: str = typer.Option("10%", "--threshold", help="Slower than this (and beyond the noise) is a regression: 10%, 0.1 or 10."),
+    metric: str = typer.Option("median", "--metric", help="median or min."),
+    fail_on_regression: bool = typer.Option(False, "--fail-on-regression", help="Exit 1 when a case regressed."),
+    fmt: str = typer.Option("table", "--format", help="table, markdown, json or csv."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result to this file."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the ratio figure here (.png or .svg)."),
+) -> None:
+    """Compare two result folders case by case (BASE NEW), or one along a dimension (BASE --by DIM)."""
+    try:
+        from sparsebench import compare as cmp_mod
+
+        cmp_mod.check_choice("format", fmt, cmp_mod.FORMATS)
+        cmp_mod.check_choice("metric", metric, tuple(cmp_mod.METRICS))
+        limit = cmp_mod.parse_threshold(threshold)
+        if new is not None and by is not None:
+            raise ScenarioError("give either NEW (a second result folder) or --by DIM (one folder), not both")
+        if new is None and by is None:
+            raise ScenarioError("compare needs NEW (a second result folder) or --by DIM to compare one run along a dimension")
+        if by is not None:
+            if fail_on_regression or plot_path is not None:
+                raise ScenarioError("--fail-on-regression and --plot need two result folders (BASE NEW)")
+            from sparsebench.results import load_frame
+
+            result = cmp_mod.compare_by(load_frame(base, warn=_warn), by=by, metric=metric)
+        else:
+            result = cmp_mod.compare_folders(base, new, threshold=limit, metric=metric, warn=_warn)
+        _emit(result, fmt, output)
+        if plot_path is not None:
+            _write_ratio_plot(result, plot_path)
+    except SparsebenchError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(ResultsError(f"{e.filename or ''}: {e.strerror or e}"))
+    if by is None and fail_on_regression and result.regressions():
+        _err().print(f"[red]error:[/red] {_escape(result.failure_message())}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _emit(result, fmt: str, output: Optional[Path]) -> None:
+    if fmt != "table" or output is not None:
+        for w in getattr(result, "warnings", ()):
+            _warn(w)
+    if output is not None:
+        from sparsebench.results import atomic_write
+
+        atomic_write(output, result.render(fmt))
+        _err().print(f"wrote {output}")
+    elif fmt == "table":
+        console = _out()
+        for r in result.rich_renderables():
+            console.print(r)
+    else:
+        typer.echo(result.render(fmt), nl=False)
+
+
+def _write_ratio_plot(result, path: Path) -> None:
+    from sparsebench.compare import fig_ratio
+    from sparsebench.plots import save
+
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise ScenarioError(f"--plot {path}: the file name must end in one of: {', '.join('.' + f for f in PLOT_FORMATS)}")
+    fig = fig_ratio(result)
+    if fig is None:
+        _warn("no common case with a ratio: no ratio plot written")
+        return
+    save(fig, path)
+    _err().print(f"wrote {path}")
+
+
+def _plot_formats(text: str) -> tuple[str, ...]:
+    from sparsebench.registry import unknown_choice
+
+    fmts = tuple(f.strip().lower().lstrip(".") for f in text.split(",") if f.strip())
+    for f in fmts:
+        if f not in PLOT_FORMATS:
+            raise ScenarioError(unknown_choice("plot format", f, PLOT_FORMATS))
+    if not fmts:
+        raise ScenarioError(f"--formats: give at least one of: {', '.join(PLOT_FORMATS)}")
+    return fmts
+
+
+def _out():
+    from rich.console import Console
+
+    import os
+
+    wide = sys.stdout.isatty() or os.environ.get("COLUMNS")
+    return Console(width=None if wide else 160, highlight=False)
+
+
+def _err():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _warn(message: str) -> None:
+    _err().print(f"[yellow]warning:[/yellow] {_escape(message)}", soft_wrap=True)
+
+
+def _fail(e: SparsebenchError) -> NoReturn:
+    _err().print(f"[red]error:[/red] {_escape(str(e))}", soft_wrap=True)
+    raise typer.Exit(getattr(e, "exit_code", 1))

@@ -1,0 +1,354 @@
+"""Decode mode: prefill a KV cache with ``context`` tokens, then generate ``tokens`` single
+tokens one at a time under a pattern's cache policy, timing each step.
+
+Cache policies (one class each):
+
+* ``DenseCache`` keeps every token (preallocated for the final length). Dense attention reads
+  a contiguous prefix; unbounded sparse patterns (strided, fixed, random, bigbird, ...) keep
+  everything too but attend only their own keys, gathered by index.
+* ``RingCache`` serves patterns with ``bounded_kv``: a few *pinned* slots that are never
+  evicted (sink_window's sinks, longformer's global tokens) plus a ring of the newest R other
+  tokens (R = window for sliding_window / sink_window / longformer, b for block_local,
+  (W-1)D+1 for dilated_window, ``kv_retained`` for any other bounded pattern).
+
+Which cached slots a step attends is planned before the clock starts (like a mask, it is not
+what is measured): the plan evaluates ``pattern.allowed`` for the step's position on the
+positions the slots hold. The plan also checks that the ring still holds every key the
+pattern allows; where it does not (a longformer global token among the generated positions
+needs every earlier key) the cache falls back to ``DenseCache`` and says so in
+``cache_policy``. A timed step writes the new K/V into its slot, reads the planned slots and
+runs one query of attention.
+
+Random patterns (random, bigbird) depend on the total length n; decoding uses the final
+length ``context + tokens`` as the pattern's n for every position, and the reference does too.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from sparsebench.errors import BackendUnavailable, ScenarioError
+
+if TYPE_CHECKING:
+    from sparsebench.patterns.base import Pattern
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+# Score elements per chunk of the reference computation.
+_REF_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one decode step does: the slot its K/V go to, and the slots it attends (a slice
+    when they are contiguous, else an index tensor on the cache's device)."""
+
+    slot: int
+    keys: slice | torch.Tensor
+
+
+class DenseCache:
+    """Every position p lives in slot p."""
+
+    policy = "dense"
+
+    def __init__(self, n_total: int, batch: int, heads: int, head_dim: int, dtype, device) -> None:
+        self._allocate((batch, heads, n_total, head_dim), dtype, device)
+
+    def _allocate(self, shape: tuple[int, int, int, int], dtype, device) -> None:
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def describe(self) -> str:
+        return f"{self.policy}({self.size})"
+
+    def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
+        return pos
+
+    def kept_after(self, context: int) -> torch.Tensor:
+        """Positions < context still cached after prefill."""
+        return torch.arange(context)
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, context: int) -> None:
+        pos = self.kept_after(context)
+        slots = self.slot_of(pos).to(self.k.device)
+        pos = pos.to(k.device)
+        self.k.index_copy_(2, slots, k.index_select(2, pos).to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.index_select(2, pos).to(self.v.dtype))
+
+
+class RingCache(DenseCache):
+    """Pinned positions keep their own slots; other positions share a ring of ``ring`` slots."""
+
+    policy = "ring"
+
+    def __init__(self, pinned, ring: int, n_total: int, batch: int, heads: int, head_dim: int, dtype, device):
+        self.pinned = torch.tensor(sorted({p for p in pinned if 0 <= p < n_total}), dtype=torch.long)
+        self.ring = max(1, min(ring, n_total - self.pinned.numel()))
+        self._allocate((batch, heads, self.pinned.numel() + self.ring, head_dim), dtype, device)
+
+    def describe(self) -> str:
+        return f"ring(pinned={self.pinned.numel()}, ring={self.ring})"
+
+    def _rank(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        before = torch.searchsorted(self.pinned, pos)  # pinned positions < pos
+        is_pinned = torch.isin(pos, self.pinned)
+        return is_pinned, before, pos - before  # rank among the unpinned positions
+
+    def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
+        is_pinned, before, rank = self._rank(pos)
+        return torch.where(is_pinned, before, self.pinned.numel() + rank % self.ring)
+
+    def kept_after(self, context: int) -> torch.Tensor:
+        pos = torch.arange(context)
+        is_pinned, _, rank = self._rank(pos)
+        unpinned = context - int(is_pinned.sum())
+        return pos[is_pinned | (rank >= unpinned - self.ring)]
+
+
+def ring_spec(pattern: "Pattern", context: int, n_total: int) -> tuple[list[int], int] | None:
+    """(pinned positions, ring length) for a bounded pattern, None for a pattern that needs
+    every key."""
+    if not getattr(pattern, "bounded_kv", False):
+        return None
+    name = pattern.name
+    if name == "sliding_window":
+        return [], pattern.window
+    if name == "sink_window":
+        return list(range(pattern.sinks)), pattern.window
+    if name == "longformer":
+        g = sorted(set(pattern.global_tokens))
+        if any(context <= t < n_total for t in g):
+            return None  # a global query among the generated tokens attends every earlier key
+        return g, pattern.window
+    if name == "block_local":
+        return [], pattern.block
+    if name == "dilated_window":
+        return [], (pattern.window - 1) * pattern.dilation + 1
+    return [], int(pattern.kv_retained(n_total))
+
+
+def _as_keys(idx: torch.Tensor, device) -> slice | torch.Tensor:
+    n = idx.numel()
+    if n and int(idx[-1]) - int(idx[0]) == n - 1:  # sorted and distinct, so contiguous
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx.to(device)
+
+
+def plan(cache: DenseCache, pattern: "Pattern", context: int, n_total: int, want: torch.Tensor) -> list[Step] | None:
+    """The steps for positions context..n_total-1, or None if the cache misses a key the
+    pattern allows (``want[i]`` = keys row i of the reference attends)."""
+    held = torch.full((cache.size,), -1, dtype=torch.long)
+    kept = cache.kept_after(context)
+    held[cache.slot_of(kept)] = kept
+    steps = []
+    for i, t in enumerate(range(context, n_total)):
+        slot = int(cache.slot_of(torch.tensor([t]))[0])
+        held[slot] = t
+        ok = (held >= 0) & pattern.allowed(torch.tensor([t]), held.clamp(min=0), n_total, True)
+        idx = torch.nonzero(ok).flatten()
+        if idx.numel() != int(want[i]):
+            return None
+        steps.append(Step(slot, _as_keys(idx, cache.k.device)))
+    return steps
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        from sparsebench.registry import unknown_choice
+
+        raise ScenarioError(unknown_choice("decode dtype", dtype, _DTYPES)) from None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _iqr(times: list[float]) -> float:
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")  # numpy's linear quantiles
+    return q3 - q1
+
+
+def reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Full masked attention (fp32) of the query rows ``q`` (B, H, T, D) over every key of
+    ``k``/``v`` (B, H, N, D), with ``mask`` (T, N); computed in chunks of rows."""
+    b, h, t, d = q.shape
+    n = k.shape[2]
+    kf, vf = k.float(), v.float()
+    out = torch.empty(b, h, t, d, dtype=torch.float32, device=q.device)
+    step = max(1, _REF_CHUNK // max(1, b * h * n))
+    for s in range(0, t, step):
+        scores = (q[:, :, s : s + step].float() @ kf.transpose(-1, -2)) * d**-0.5
+        scores = scores.masked_fill(~mask[s : s + step], float("-inf"))
+        out[:, :, s : s + step] = torch.softmax(scores, dim=-1) @ vf
+    return out
+
+
+class Decoder:
+    """A prefilled cache for ``pattern`` and the plan of its decode steps.
+
+    ``k``/``v``: (B, H, context + tokens, D), every position's key and value; ``q``:
+    (B, H, tokens, D), the queries of the generated positions. Prefill (untimed) writes the
+    first ``context`` keys/values; ``step(i)`` generates position ``context + i``: it writes
+    that position's K/V into its slot and attends ``q[:, :, i]`` over the planned slots,
+    leaving the result in ``out[:, :, i]``.
+    """
+
+    def __init__(self, pattern: "Pattern", context: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.pattern = pattern
+        self.context = context
+        self.tokens = q.shape[2]
+        self.n_total = context + self.tokens
+        if k.shape[2] != self.n_total or v.shape != k.shape:
+            raise ScenarioError(f"decode: k/v must hold {self.n_total} positions, got {k.shape[2]}")
+        b, h, _, d = k.shape
+        self.q, self.k, self.v = q, k, v
+        rows = torch.arange(context, self.n_total)
+        self.mask = pattern.rows(rows, self.n_total, True)  # (tokens, n_total): the reference rows
+        want = self.mask.sum(dim=1)
+        self.note = ""
+        self.cache: DenseCache | None = None
+        steps = None
+        spec = ring_spec(pattern, context, self.n_total)
+        if spec is None and getattr(pattern, "bounded_kv", False):
+            self.note = " (a ring would drop keys this pattern attends)"
+        if spec is not None:
+            ring = RingCache(spec[0], spec[1], self.n_total, b, h, d, k.dtype, k.device)
+            steps = plan(ring, pattern, context, self.n_total, want)
+            if steps is None:
+                self.note = " (a ring would drop keys this pattern attends)"
+            else:
+                self.cache = ring
+        if self.cache is None:
+            self.cache = DenseCache(self.n_total, b, h, d, k.dtype, k.device)
+            steps = plan(self.cache, pattern, context, self.n_total, want)
+            if steps is None:  # cannot happen: this cache holds every earlier key
+                raise RuntimeError(f"decode plan for {pattern.label()} misses keys of a full cache")
+        self.steps: list[Step] = steps
+        self.cache.prefill(k, v, context)
+        self.out = torch.zeros_like(q)
+
+    @property
+    def policy(self) -> str:
+        return self.cache.describe() + self.note
+
+    def step(self, i: int) -> None:
+        st, c = self.steps[i], self.cache
+        t = self.context + i
+        c.k[:, :, st.slot : st.slot + 1].copy_(self.k[:, :, t : t + 1])
+        c.v[:, :, st.slot : st.slot + 1].copy_(self.v[:, :, t : t + 1])
+        if isinstance(st.keys, slice):
+            kk, vv = c.k[:, :, st.keys], c.v[:, :, st.keys]
+        else:
+            kk, vv = c.k.index_select(2, st.keys), c.v.index_select(2, st.keys)
+        self.out[:, :, i : i + 1] = F.scaled_dot_product_attention(self.q[:, :, i : i + 1], kk, vv)
+
+    def reference(self) -> torch.Tensor:
+        """Full masked attention (fp32) of the generated rows over the whole sequence."""
+        return reference_rows(self.q, self.k, self.v, self.mask.to(self.q.device))
+
+
+def measure_decode(
+    pattern: "Pattern",
+    context: int,
+    *,
+    tokens: int = 32,
+    batch: int = 1,
+    heads: int = 8,
+    head_dim: int = 64,
+    dtype: Any = torch.float32,
+    device: str | torch.device = "cpu",
+    warmup: int = 4,
+    causal: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time ``tokens`` single-token decode steps after a prefill of ``context`` tokens.
+
+    Returns record fields: time_median_s / time_iqr_s / time_min_s / times_s (per token),
+    cache_bytes_measured (nbytes of the K/V tensors allocated), kv_cache_bytes (analytic, one
+    layer: 2 x batch x heads x head_dim x bytes x kv_retained(context + tokens)), kv_retained,
+    cache_tokens, cache_policy, decode_tokens, max_abs_err (against full masked attention of
+    the same rows), and on CUDA peak_mem_bytes (allocator peak from the cache's allocation to
+    the last step; the inputs are allocated before).
+    """
+    for what, value in (("context", context), ("tokens", tokens), ("batch", batch), ("heads", heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ScenarioError(f"decode {what} must be a positive integer, got {value!r}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ScenarioError(f"decode head_dim must be a positive integer, got {head_dim!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ScenarioError(f"decode warmup must be an integer >= 0, got {warmup!r}")
+    if not causal:
+        raise ScenarioError("decode mode needs causal: true (a generated token cannot attend keys after it)")
+    dtype = _resolve_dtype(dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("decode on cuda: CUDA is not available here")
+    n_total = context + tokens
+    pattern.check(n_total, True)
+
+    # inputs: keys/values of every position, queries of the generated ones only
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, heads, n_total, head_dim, generator=g).to(device, dtype)
+    v = torch.randn(batch, heads, n_total, head_dim, generator=g).to(device, dtype)
+    q = torch.randn(batch, heads, tokens, head_dim, generator=g).to(device, dtype)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dec = Decoder(pattern, context, q, k, v)
+    for _ in range(warmup):  # step 0 is idempotent: same slot, same keys
+        dec.step(0)
+    times = []
+    for i in range(tokens):
+        _sync(device)
+        t0 = time.perf_counter()
+        dec.step(i)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    err = float((dec.out.float() - dec.reference()).abs().max())
+    retained = int(pattern.kv_retained(n_total))
+    record: dict[str, Any] = {
+        "time_median_s": statistics.median(times),
+        "time_iqr_s": _iqr(times),
+        "time_min_s": min(times),
+        "times_s": times,
+        "decode_tokens": tokens,
+        "cache_policy": dec.policy,
+        "cache_tokens": dec.cache.size,
+        "cache_bytes_measured": int(dec.cache.nbytes),
+        "kv_retained": retained,
+        "kv_cache_bytes": 2 * batch * heads * head_dim * torch.empty((), dtype=dtype).element_size() * retained,
+        "max_abs_err": err,
+    }
+    if peak is not None:
+        record["peak_mem_bytes"] = int(peak)
+    return record

@@ -1,0 +1,83 @@
+"""What machine and software a result came from (environment.json; `sparsebench env`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit(cwd: Path | None = None) -> str | None:
+    if not shutil.which("git"):
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _compiler() -> dict[str, Any]:
+    for name in ("gcc", "cc", "clang"):
+        path = shutil.which(name)
+        if path:
+            try:
+                ver = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=5).stdout.splitlines()[0]
+            except (OSError, subprocess.SubprocessError, IndexError):
+                ver = ""
+            return {"cxx_compiler": path, "cxx_compiler_version": ver}
+    return {"cxx_compiler": None, "cxx_compiler_version": None}
+
+
+def collect() -> dict[str, Any]:
+    import torch
+
+    import sparsebench
+
+    info: dict[str, Any] = {
+        "sparsebench": sparsebench.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "hostname": platform.node(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "gpu": None,
+        "gpu_count": 0,
+        "git_commit": _git_commit(),
+    }
+    try:
+        import psutil
+
+        info["memory_bytes"] = int(psutil.virtual_memory().total)
+        info["physical_cores"] = psutil.cpu_count(logical=False)
+    except Exception:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        info["gpu_count"] = torch.cuda.device_count()
+        info["gpu"] = torch.cuda.get_device_name(0)
+    info.update(_compiler())
+    for mod in ("numpy", "pandas", "matplotlib", "pydantic", "typer"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    return info

@@ -1,0 +1,195 @@
+"""Measure one case: build inputs, prepare the backend (setup, timed apart), warm up (the first
+call timed apart as compilation for compiled backends), time repeated calls with device syncs,
+measure peak memory, and check the output against dense attention under the same mask."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
+from sparsebench.memory import PeakMemory
+from sparsebench.patterns.base import PATTERNS
+from sparsebench.scenario import Case
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOLERANCE = {"fp32": 2e-4, "fp16": 2e-2, "bf16": 6e-2}
+NOISY = 0.10
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Raw per-call times; everything else is derived (cf. torch.utils.benchmark)."""
+
+    times: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def iqr(self) -> float:
+        if len(self.times) < 2:
+            return 0.0
+        q = statistics.quantiles(self.times, n=4, method="inclusive")
+        return q[2] - q[0]
+
+    @property
+    def noisy(self) -> bool:
+        return self.median > 0 and self.iqr / self.median > NOISY
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":  # pragma: no cover
+        torch.mps.synchronize()
+
+
+def time_calls(call: Callable[[], Any], device, *, repeats: int, min_time_s: float, max_repeats: int) -> Measurement:
+    times: list[float] = []
+    total = 0.0
+    while len(times) < repeats or (total < min_time_s and len(times) < max_repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        call()
+        sync(device)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        total += dt
+    return Measurement(tuple(times))
+
+
+def make_problem(case: Case) -> Problem:
+    pattern = PATTERNS.get(case.pattern).from_params(case.params)
+    return Problem(
+        pattern=pattern,
+        seq_len=case.seq_len,
+        causal=case.causal,
+        batch=case.batch,
+        heads=case.heads,
+        head_dim=case.head_dim,
+        dtype=TORCH_DTYPES[case.dtype],
+        device=torch.device(case.device),
+        mode=case.mode,
+        block=case.block,
+    )
+
+
+def inputs(p: Problem, seed: int = 0, requires_grad: bool = False):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (p.batch, p.heads, p.seq_len, p.head_dim)
+    out = []
+    for _ in range(3):
+        t = torch.randn(shape, generator=g, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
+        out.append(t.requires_grad_(requires_grad))
+    return out
+
+
+def reference_error(p: Problem, q, k, v, out, *, exact_max_elems: int, sample_rows: int) -> tuple[float, str]:
+    """Max abs error of ``out`` against fp32 dense attention under the pattern's mask: the whole
+    output where batch*heads*n*n fits ``exact_max_elems``, else ``sample_rows`` query rows
+    (first, last and seeded random ones)."""
+    n = p.seq_len
+    qf, kf, vf = (t.detach().float() for t in (q, k, v))
+    if p.batch * p.heads * n * n <= exact_max_elems:
+        ref = masked_softmax_attention(qf, kf, vf, p.pattern.mask(n, p.causal, device=q.device))
+        return float((out.detach().float() - ref).abs().max()), "exact"
+    g = torch.Generator().manual_seed(1)
+    rows = torch.unique(torch.cat([torch.tensor([0, n - 1]), torch.randint(0, n, (sample_rows,), generator=g)]))
+    rows = rows.to(q.device)
+    mask = p.pattern.rows(rows, n, p.causal)
+    ref = masked_softmax_attention(qf[:, :, rows], kf, vf, mask)
+    return float((out.detach()[:, :, rows].float() - ref).abs().max()), "sampled"
+
+
+def flops(p: Problem, nnz: int) -> float:
+    fwd = 4.0 * p.batch * p.heads * nnz * p.head_dim
+    return fwd * 2.5 if p.mode == "backward" else fwd
+
+
+def run_case(case: Case) -> dict[str, Any]:
+    """Measure one case in this process. Returns the measured record fields (the caller adds
+    identity fields). Exceptions propagate; the runner turns them into statuses."""
+    p = make_problem(case)
+    backend = BACKENDS.get(case.backend)()
+    fields: dict[str, Any] = {}
+    with PeakMemory(p.device) as pm:
+        backward = case.mode == "backward"
+        q, k, v = inputs(p, requires_grad=backward)
+        t0 = time.perf_counter()
+        fn = backend.prepare(p)
+        sync(p.device)
+        fields["setup_s"] = time.perf_counter() - t0
+
+        if backward:
+            grad = torch.randn_like(q)
+
+            def call():
+                q.grad = k.grad = v.grad = None
+                fn(q, k, v).backward(grad)
+        else:
+            def call():
+                with torch.no_grad():
+                    return fn(q, k, v)
+
+        t0 = time.perf_counter()
+        call()
+        sync(p.device)
+        first = time.perf_counter() - t0
+        for _ in range(max(0, case.warmup - 1)):
+            call()
+        m = time_calls(call, p.device, repeats=case.repeats, min_time_s=case.min_time_s, max_repeats=case.max_repeats)
+    fields["compile_s"] = max(0.0, first - m.median) if backend.compiled else 0.0
+    fields["first_call_s"] = first
+    with torch.no_grad():
+        out = fn(q, k, v)
+    if case.check:
+        err, how = reference_error(p, q, k, v, out, exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows)
+    else:
+        err, how = None, "none"
+    fields.update(
+        time_median_s=m.median,
+        time_iqr_s=m.iqr,
+        time_min_s=min(m.times),
+        times_s=list(m.times),
+        noisy=m.noisy,
+        peak_mem_bytes=pm.peak_bytes,
+        max_abs_err=err,
+        check=how,
+    )
+    if err is not None and not (err <= TOLERANCE[case.dtype]):
+        fields["status"] = "wrong"
+        fields["reason"] = f"max abs error {err:.3g} above the {case.dtype} tolerance {TOLERANCE[case.dtype]:g}"
+    return fields
+
+
+def run_decode_case(case: Case) -> dict[str, Any]:
+    from sparsebench.decode import measure_decode
+
+    p = make_problem(case)
+    with PeakMemory(p.device) as pm:
+        fields = measure_decode(
+            p.pattern,
+            case.seq_len,
+            tokens=case.decode_tokens,
+            batch=case.batch,
+            heads=case.heads,
+            head_dim=case.head_dim,
+            dtype=p.dtype,
+            device=case.device,
+            warmup=max(1, case.warmup),
+            causal=case.causal,
+        )
+    fields.setdefault("peak_mem_bytes", pm.peak_bytes)
+    fields["check"] = "exact"
+    fields["noisy"] = Measurement(tuple(fields["times_s"])).noisy
+    err = fields.get("max_abs_err")
+    if err is not None and not (err <= TOLERANCE[case.dtype]):
+        fields["status"] = "wrong"
+        fields["reason"] = f"max abs error {err:.3g} above the {case.dtype} tolerance {TOLERANCE[case.dtype]:g}"
+    return fields

@@ -1,0 +1,211 @@
+"""A single self-contained report.html beside summary.md: figures embedded as data URIs,
+tables as HTML, the environment shown. Nothing is fetched when it is opened (a CI artifact
+can be opened straight from the archive)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from sparsebench.analysis import Analysis, fmt_bytes, fmt_pct, fmt_ratio, fmt_time
+from sparsebench.results import ENVIRONMENT, META, atomic_write
+
+REPORT = "report.html"
+
+# Columns of the full results table: (column, header, formatter).
+RESULT_COLUMNS = (
+    ("pattern_label", "pattern", str),
+    ("backend", "backend", str),
+    ("device", "device", str),
+    ("dtype", "dtype", str),
+    ("mode", "mode", str),
+    ("seq_len", "n", lambda v: str(int(v))),
+    ("status", "status", str),
+    ("time_median_s", "median", fmt_time),
+    ("time_iqr_s", "IQR", fmt_time),
+    ("tflops", "TFLOP/s", lambda v: f"{v:.3g}"),
+    ("peak_mem_bytes", "peak mem", fmt_bytes),
+    ("est_mem_bytes", "est. mem", fmt_bytes),
+    ("kv_cache_bytes", "KV cache", fmt_bytes),
+    ("density", "density", lambda v: f"{100 * v:.3g}%"),
+    ("speedup", "speedup", fmt_ratio),
+    ("efficiency", "efficiency", fmt_pct),
+    ("max_abs_err", "max |err|", lambda v: f"{v:.2g}"),
+    ("reason", "reason", str),
+)
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;
+padding:0 1rem;color:#222}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+.sub{color:#666;margin-top:0}
+table{border-collapse:collapse;margin:.6rem 0;font-size:13px}
+th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right;vertical-align:top}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+tr.bad td{background:#fff4e5}
+figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#555;font-size:13px}.note{color:#555;font-size:13px;max-width:60rem}
+nav a{margin-right:1rem}
+"""
+
+
+def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[Path]) -> Path:
+    """Write ``folder/report.html`` and return its path."""
+    folder = Path(folder)
+    if analysis is None:
+        from sparsebench.analysis import analyze
+
+        analysis = analyze(df)
+    env = _read_json(folder / ENVIRONMENT)
+    meta = _read_json(folder / META)
+    name = str(meta.get("scenario") or _first(df, "scenario") or folder.name)
+    body = [
+        f"<h1>sparsebench report: {_e(name)}</h1>",
+        f"<p class=sub>{_e(_subtitle(df, env, meta))}</p>",
+        '<nav><a href="#analysis">analysis</a><a href="#figures">figures</a>'
+        '<a href="#results">results</a><a href="#environment">environment</a></nav>',
+        '<h2 id="status">Status</h2>',
+        _status_table(df),
+        '<h2 id="analysis">Analysis</h2>',
+    ]
+    for t in analysis.tables():
+        body.append(f"<h3>{_e(t.title)}</h3>")
+        body.append(html_table(t.columns, t.rows))
+        if t.note:
+            body.append(f"<p class=note>{_e(t.note)}</p>")
+    body.append('<h2 id="figures">Figures</h2>')
+    body += _figures(figures) or ["<p>No figures (run with plots, or <code>sparsebench plot</code>).</p>"]
+    body.append('<h2 id="results">Results</h2>')
+    body.append(_results_table(df))
+    body.append('<h2 id="environment">Environment</h2>')
+    body.append(html_table(("key", "value"), [(k, _value(v)) for k, v in env.items()]) if env
+                else f"<p>No {ENVIRONMENT} in the result folder.</p>")
+    if meta:
+        body.append("<h3>Run</h3>")
+        body.append(html_table(("key", "value"), [(k, _value(v)) for k, v in meta.items()]))
+    page = (
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width, initial-scale=1">'
+        f"<title>sparsebench: {_e(name)}</title><style>{CSS}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+    path = folder / REPORT
+    atomic_write(path, page)
+    _readable(path)
+    return path
+
+
+def html_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], row_classes: Sequence[str] | None = None) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    out = [f"<table><thead><tr>{head}</tr></thead><tbody>"]
+    for i, r in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _readable(path: Path) -> None:
+    """atomic_write's temporary file is private (0600); a report is meant to be shared."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _figures(paths: Iterable[Path]) -> list[str]:
+    """One <figure> per figure name: the PNG if there is one, else the SVG, as a data URI."""
+    by_stem: dict[str, dict[str, Path]] = {}
+    for p in paths:
+        p = Path(p)
+        by_stem.setdefault(p.stem, {})[p.suffix.lower().lstrip(".")] = p
+    out = []
+    for stem, files in by_stem.items():
+        path = files.get("png") or files.get("svg")
+        if path is None or not path.exists():
+            continue
+        mime = "image/png" if path.suffix.lower() == ".png" else "image/svg+xml"
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        caption = stem.replace("_", " ")
+        out.append(
+            f'<figure id="fig-{_e(stem)}"><img alt="{_e(caption)}" src="data:{mime};base64,{data}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>"
+        )
+    return out
+
+
+def _status_table(df) -> str:
+    if df is None or len(df) == 0 or "status" not in df:
+        return "<p>No records.</p>"
+    counts = df["status"].value_counts()
+    return html_table(("status", "cases"), [(k, int(v)) for k, v in counts.items()])
+
+
+def _results_table(df) -> str:
+    if df is None or len(df) == 0:
+        return "<p>No records.</p>"
+    cols = [c for c in RESULT_COLUMNS if c[0] in df.columns]
+    sort = [c for c in ("device", "dtype", "mode", "pattern_label", "backend", "seq_len") if c in df.columns]
+    rows, classes = [], []
+    for _, r in df.sort_values(sort).iterrows():
+        rows.append([_cell(r.get(c), f) for c, _, f in cols])
+        classes.append("" if r.get("status") == "ok" else "bad")
+    return html_table([h for _, h, _ in cols], rows, classes)
+
+
+def _cell(v: Any, f) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    try:
+        return f(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _subtitle(df, env: dict, meta: dict) -> str:
+    bits = []
+    if df is not None and len(df):
+        bits.append(f"{len(df)} cases")
+    for key in ("timestamp", "started", "finished"):
+        if meta.get(key):
+            bits.append(str(meta[key]))
+            break
+    if env.get("gpu"):
+        bits.append(str(env["gpu"]))
+    elif env.get("cpu"):
+        bits.append(f"{env['cpu']} ({env.get('threads', '?')} threads)")
+    if env.get("torch"):
+        bits.append(f"torch {env['torch']}")
+    return " · ".join(bits)
+
+
+def _first(df, col: str) -> Any:
+    if df is None or col not in getattr(df, "columns", ()) or len(df) == 0:
+        return None
+    return df[col].iloc[0]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True)
+    return "-" if v is None else str(v)
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)

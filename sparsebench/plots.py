@@ -1,0 +1,560 @@
+"""Figures of a result folder, drawn from its records (nothing is re-measured).
+
+Each ``fig_*`` function takes the results frame and returns a matplotlib ``Figure`` (or None
+when the frame holds nothing to draw), so tests can inspect its lines. ``render_all`` writes
+them to ``<result>/plots/<name>.<fmt>``. Figures are built with ``matplotlib.figure.Figure``
+(never pyplot): no global state, no GUI backend, the Agg/SVG canvases are picked at save time.
+
+Encoding, the same in every figure: colour = backend (Okabe-Ito, colour-blind safe), line
+style + marker = pattern, the dense sdpa baseline thick black; dashed = an analytic estimate
+or an ideal, never a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from sparsebench.analysis import (
+    SHAPE_KEY,
+    Analysis,
+    iter_groups,
+    positive_mask,
+    analyze,
+    dim_text,
+    ensure_derived,
+    is_baseline_key,
+)
+from sparsebench.results import BASELINE_PATTERN, SERIES_KEY
+
+FIGURES = ("time_vs_seqlen", "memory_vs_seqlen", "speedup_vs_seqlen", "kv_cache_vs_seqlen", "masks")
+
+# Okabe & Ito (2008), "Color Universal Design".
+OKABE_ITO = {
+    "orange": "#E69F00",
+    "sky_blue": "#56B4E9",
+    "bluish_green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "reddish_purple": "#CC79A7",
+    "black": "#000000",
+}
+BACKEND_COLOURS = {
+    "sdpa": OKABE_ITO["blue"],
+    "sdpa_masked": OKABE_ITO["sky_blue"],
+    "block_sparse": OKABE_ITO["bluish_green"],
+    "flex": OKABE_ITO["reddish_purple"],
+    "naive": OKABE_ITO["vermillion"],
+}
+SPARE_COLOURS = (OKABE_ITO["orange"], "#7F7F7F", OKABE_ITO["yellow"])
+BASELINE_COLOUR = OKABE_ITO["black"]
+NEUTRAL = "#555555"
+# "--" is kept for estimates and ideals; patterns get the others, each with its own marker.
+PATTERN_STYLES = (
+    ("-", "o"),
+    ("-.", "s"),
+    (":", "^"),
+    ((0, (3, 1, 1, 1, 1, 1)), "D"),
+    ((0, (1, 1)), "v"),
+    ((0, (5, 1, 1, 1)), "P"),
+    ((0, (8, 2)), "X"),
+    ((0, (2, 2, 6, 2)), "*"),
+)
+LEGEND_FONT = 8
+PANEL_HEIGHT = 4.3
+WIDTH = 11.5
+
+
+# ----------------------------------------------------------------------------------------------
+# styles
+
+
+@dataclass(frozen=True)
+class Styles:
+    colours: dict[str, str]
+    patterns: dict[str, tuple[Any, str]]
+
+    def colour(self, backend: str) -> str:
+        return self.colours.get(backend, NEUTRAL)
+
+    def pattern(self, label: str) -> tuple[Any, str]:
+        return self.patterns.get(label, PATTERN_STYLES[0])
+
+    def line(self, pattern_label: str, backend: str, baseline: bool = False) -> dict[str, Any]:
+        ls, marker = self.pattern(pattern_label)
+        if baseline:
+            return dict(color=BASELINE_COLOUR, linestyle="-", marker="o", linewidth=3.0, markersize=6, zorder=5)
+        return dict(color=self.colour(backend), linestyle=ls, marker=marker, linewidth=1.8, markersize=5, zorder=3)
+
+
+def styles_for(df) -> Styles:
+    """One colour per backend, one (line style, marker) per pattern label, dense first."""
+    backends = sorted(str(b) for b in df["backend"].dropna().unique()) if "backend" in df else []
+    colours = {}
+    spare = iter(SPARE_COLOURS * 4)
+    for b in backends:
+        colours[b] = BACKEND_COLOURS.get(b) or next(spare)
+    labels = sorted({str(x) for x in df["pattern_label"].dropna().unique()}) if "pattern_label" in df else []
+    labels.sort(key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab))
+    patterns = {lab: PATTERN_STYLES[i % len(PATTERN_STYLES)] for i, lab in enumerate(labels)}
+    return Styles(colours, patterns)
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+
+
+def fig_time_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | None = None):
+    """Median time against n, log-log, one line per series, fitted exponent in the legend."""
+    df = ensure_derived(df)
+    ok = df[(df["status"] == "ok") & positive_mask(df, "time_median_s")]
+    if ok.empty:
+        return None
+    analysis = analysis or analyze(df)
+    fits = analysis.by_key()
+    styles = styles or styles_for(df)
+    fig, panels = _figure(ok, "Median time per call vs sequence length")
+    for ax, sub, title in panels:
+        floor_shown = False
+        for key, g in _ordered_series(sub):
+            g = g.sort_values("seq_len")
+            s = fits.get(key)
+            base = is_baseline_key(key)
+            suffix = ""
+            if s and s.time_fit:
+                suffix += f"  $\\propto n^{{{s.time_fit.exponent:.2f}}}$"
+                if s.time_fit.ci_low is not None:
+                    suffix += f" [{s.time_fit.ci_low:.2f}, {s.time_fit.ci_high:.2f}]"
+            elif s and len(set(s.sizes)) == 1:
+                suffix += "  (one size: no fit)"
+            if s and s.failure:
+                suffix += f"; {s.failure.status} at n={_n_text(s.failure.seq_len)}"
+            label = wrap_label(_short(key) + (" (baseline)" if base else ""), suffix)
+            style = styles.line(key[0], key[1], base)
+            ax.plot(g["seq_len"], g["time_median_s"], label=label, gid=f"time:{_short(key)}", **style)
+            excluded = set(s.time_fit.excluded) if s and s.time_fit else set()
+            if excluded:
+                e = g[g["seq_len"].isin(excluded)]
+                ax.plot(e["seq_len"], e["time_median_s"], linestyle="none", marker=style["marker"],
+                        markersize=style["markersize"] + 1, markerfacecolor="white",
+                        markeredgecolor=style["color"], zorder=style["zorder"] + 1, label="_floor")
+                floor_shown = True
+        _guides(ax, sub)
+        finish_axes(ax, title, _xlabel(sub), "median time per call", y="time")
+        extra = []
+        if floor_shown:
+            from matplotlib.lines import Line2D
+
+            extra.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white",
+                                markeredgecolor=NEUTRAL, label="hollow: overhead floor, not fitted"))
+        outside_legend(ax, extra)
+    return fig
+
+
+def fig_memory_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | None = None):
+    """Measured peak memory against n, log-log; the analytic estimate dashed."""
+    df = ensure_derived(df)
+    ok = df[(df["status"] == "ok") & positive_mask(df, "peak_mem_bytes")]
+    if ok.empty:
+        return None
+    analysis = analysis or analyze(df)
+    fits = analysis.by_key()
+    styles = styles or styles_for(df)
+    fig, panels = _figure(ok, "Peak memory vs sequence length")
+    for ax, sub, title in panels:
+        any_est = False
+        for key, g in _ordered_series(sub):
+            g = g.sort_values("seq_len")
+            s = fits.get(key)
+            base = is_baseline_key(key)
+            suffix = f"  $\\propto n^{{{s.mem_fit.exponent:.2f}}}$" if s and s.mem_fit else ""
+            label = wrap_label(_short(key) + (" (baseline)" if base else ""), suffix)
+            style = styles.line(key[0], key[1], base)
+            ax.plot(g["seq_len"], g["peak_mem_bytes"], label=label, gid=f"memory:{_short(key)}", **style)
+            est = g[positive_mask(g, "est_mem_bytes")]
+            if len(est):
+                ax.plot(est["seq_len"], est["est_mem_bytes"], color=style["color"], linestyle="--",
+                        linewidth=1.2, alpha=0.85, zorder=2, label=f"{_short(key)} (estimate)",
+                        gid=f"estimate:{_short(key)}")
+                any_est = True
+        finish_axes(ax, title, _xlabel(sub), "peak memory", y="bytes")
+        extra = []
+        if any_est:
+            from matplotlib.lines import Line2D
+
+            extra.append(Line2D([], [], color=NEUTRAL, linestyle="--", label="dashed: analytic estimate"))
+        outside_legend(ax, extra, skip=("(estimate)",))
+    return fig
+
+
+def fig_speedup_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | None = None):
+    """Speedup over dense sdpa per series; the ideal speedup (from nnz) dashed; a line at 1."""
+    import numpy as np
+
+    df = ensure_derived(df)
+    ok = df[(df["status"] == "ok") & np.isfinite(df["speedup"].astype(float))]
+    ok = ok[[not is_baseline_key(k) for k in _keys(ok)]] if len(ok) else ok
+    if ok.empty:
+        return None
+    styles = styles or styles_for(df)
+    fig, panels = _figure(ok, "Speedup over dense sdpa vs sequence length")
+    for ax, sub, title in panels:
+        ax.axhline(1.0, color=BASELINE_COLOUR, linewidth=2.5, zorder=4, label="dense · sdpa baseline (= 1x)",
+                   gid="baseline")
+        for key, g in _ordered_series(sub):
+            g = g.sort_values("seq_len")
+            ax.plot(g["seq_len"], g["speedup"], label=wrap_label(_short(key)), gid=f"speedup:{_short(key)}",
+                    **styles.line(key[0], key[1]))
+        for lab, g in sub.groupby("pattern_label", sort=True):
+            if str(lab).startswith(BASELINE_PATTERN):
+                continue
+            g = g.drop_duplicates("seq_len").sort_values("seq_len")
+            g = g[np.isfinite(g["ideal_speedup"].astype(float))]
+            if len(g):
+                ax.plot(g["seq_len"], g["ideal_speedup"], color=NEUTRAL, linestyle="--", linewidth=1.2,
+                        marker=styles.pattern(str(lab))[1], markersize=3, alpha=0.9, zorder=2,
+                        label=wrap_label(f"ideal (nnz): {lab}"), gid=f"ideal:{lab}")
+        finish_axes(ax, title, _xlabel(sub), "speedup over dense sdpa (x)", y="ratio")
+        outside_legend(ax)
+    return fig
+
+
+def fig_kv_cache_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | None = None):
+    """KV-cache bytes a decoder must keep, per pattern, against the context length."""
+    df = ensure_derived(df)
+    kv = df[positive_mask(df, "kv_cache_bytes")]
+    if kv.empty:
+        return None
+    styles = styles or styles_for(df)
+    dims = ("dtype", "batch", "heads", "head_dim")
+    from matplotlib.figure import Figure
+
+    groups = list(iter_groups(kv, dims))
+    fig = Figure(figsize=(WIDTH, sum(_panel_height(sub, "pattern_label") for _, sub in groups) + 0.3),
+                 layout="constrained")
+    fig.suptitle("KV-cache a decoder must keep vs context length", fontweight="bold")
+    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
+    for ax, (key, sub) in zip(axes, groups):
+        row = dict(zip(dims, key))
+        title = " · ".join([str(row["dtype"]), f"B={row['batch']} H={row['heads']} D={row['head_dim']}"])
+        labels = sorted(sub["pattern_label"].astype(str).unique(), key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab))
+        for lab in labels:
+            g = sub[sub["pattern_label"] == lab].drop_duplicates("seq_len").sort_values("seq_len")
+            ls, marker = styles.pattern(lab)
+            dense = lab.startswith(BASELINE_PATTERN)
+            text = lab
+            if "kv_retained" in g and len(g) > 1:
+                r = g["kv_retained"].astype(float).tolist()
+                if r[-1] == r[-2] and r[-1] < float(g["seq_len"].iloc[-1]):
+                    text += f" (bounded: {int(r[-1])} tokens)"
+                else:
+                    text += " (grows with n)"
+            ax.plot(g["seq_len"], g["kv_cache_bytes"], label=wrap_label(text, width=72), gid=f"kv:{lab}",
+                    color=BASELINE_COLOUR if dense else NEUTRAL, linestyle=ls, marker=marker,
+                    linewidth=3.0 if dense else 1.8, zorder=2 if dense else 3)  # equal lines stay visible on dense
+        finish_axes(ax, title, "context length (tokens)", "KV-cache size", y="bytes")
+        outside_legend(ax)
+    return fig
+
+
+def fig_masks(df, analysis: Analysis | None = None, styles: Styles | None = None, n: int | None = None):
+    """Every pattern's attention matrix at a small n, dense first, titled with its density."""
+    import json
+
+    if "pattern" not in df or df.empty:
+        return None
+    seen: dict[str, tuple[str, dict]] = {}
+    for _, r in df.iterrows():
+        lab = str(r.get("pattern_label") or r["pattern"])
+        params = r.get("params")
+        if isinstance(params, str):
+            params = json.loads(params or "{}")
+        if not isinstance(params, dict):
+            params = {}
+        seen.setdefault(lab, (str(r["pattern"]), params))
+    causal_values = set(bool(c) for c in df["causal"].dropna()) if "causal" in df else {True}
+    causal = True if len(causal_values) != 1 else causal_values.pop()
+    labels = sorted(seen, key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab))
+    from matplotlib.figure import Figure
+
+    from sparsebench.errors import SparsebenchError
+    from sparsebench.patterns.base import PATTERNS
+
+    cols = min(4, len(labels))
+    rows = math.ceil(len(labels) / cols)
+    fig = Figure(figsize=(3.0 * cols + 0.6, 3.35 * rows + 0.6), layout="constrained")
+    fig.suptitle(f"Attention masks ({'causal' if causal else 'bidirectional'}; black = query attends key)",
+                 fontweight="bold")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(labels):]:
+        ax.set_axis_off()
+    # one n for the whole gallery, so dense and sparse are drawn at the same size
+    built: dict[str, Any] = {}
+    for lab in labels:
+        name, params = seen[lab]
+        try:
+            pat = PATTERNS.get(name).from_params(params)
+            built[lab] = (pat, _mask_size(pat, params, causal))
+        except SparsebenchError as e:
+            built[lab] = e
+    sizes = [v[1] for v in built.values() if isinstance(v, tuple)]
+    size = n or (max(sizes) if sizes else 128)
+    for ax, lab in zip(axes, labels):
+        title = "\n".join(textwrap.wrap(lab, 30))
+        try:
+            if isinstance(built[lab], Exception):
+                raise built[lab]
+            pat = built[lab][0]
+            pat.check(size, causal)
+            mask = pat.mask(size, causal)
+            density = pat.density(size, causal)
+        except SparsebenchError as e:
+            ax.set_title(title, fontsize=9)
+            ax.text(0.5, 0.5, "\n".join(textwrap.wrap(f"cannot draw: {e}", 32)), ha="center", va="center",
+                    fontsize=8, transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        ax.imshow(mask.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="antialiased",
+                  extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+        ax.set_title(f"{title}\ndensity {density:.1%} at n={size}", fontsize=9)
+        ax.set_xlabel("key j", fontsize=8)
+        ax.set_ylabel("query i", fontsize=8)
+        ticks = [0, size // 2, size - 1]
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.tick_params(labelsize=7)
+        ax.set_gid(f"mask:{lab}")
+    return fig
+
+
+FIGURE_FUNCTIONS = {
+    "time_vs_seqlen": fig_time_vs_seqlen,
+    "memory_vs_seqlen": fig_memory_vs_seqlen,
+    "speedup_vs_seqlen": fig_speedup_vs_seqlen,
+    "kv_cache_vs_seqlen": fig_kv_cache_vs_seqlen,
+    "masks": fig_masks,
+}
+
+
+def render_all(folder: Path, df, formats: Sequence[str] = ("png", "svg"), analysis: Analysis | None = None) -> list[Path]:
+    """Write every figure that has data to ``folder/plots`` in each format; return the paths."""
+    out_dir = Path(folder) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = ensure_derived(df)
+    analysis = analysis or analyze(df)
+    styles = styles_for(df)
+    written = []
+    for name, func in FIGURE_FUNCTIONS.items():
+        fig = func(df, analysis=analysis, styles=styles)
+        if fig is None:
+            continue
+        for fmt in formats:
+            written.append(save(fig, out_dir / f"{name}.{fmt}"))
+    return written
+
+
+def save(fig, path: Path) -> Path:
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    tmp = path.with_name(f".{path.name}.tmp")
+    metadata = {"Date": None} if fmt == "svg" else ({"Software": "sparsebench"} if fmt == "png" else None)
+    fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _keys(df) -> list[tuple]:
+    return [tuple(r) for r in df[list(SERIES_KEY)].itertuples(index=False, name=None)]
+
+
+def _short(key: Sequence[Any]) -> str:
+    return f"{key[0]} · {key[1]}"
+
+
+def wrap_label(text: str, suffix: str = "", width: int = 44) -> str:
+    """Wrap a long legend label at its commas; ``suffix`` (mathtext) is never split."""
+    lines = textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False) or [""]
+    if suffix:
+        if len(lines[-1]) + len(suffix) <= 78:  # the mathtext source is ~12 chars longer than drawn
+            lines[-1] += suffix
+        else:
+            lines.append("  " + suffix.strip())
+    return "\n".join(lines)
+
+
+def _ordered_series(sub):
+    """Series of a panel, the baseline first, then by pattern and backend."""
+    items = list(iter_groups(sub, SERIES_KEY))
+    items.sort(key=lambda kg: (not is_baseline_key(kg[0]), not str(kg[0][0]).startswith(BASELINE_PATTERN),
+                               str(kg[0][0]), str(kg[0][1])))
+    return items
+
+
+def _panel_title(row: dict) -> str:
+    bits = [str(row["device"]), str(row["dtype"]), str(row["mode"]), dim_text("causal", row["causal"]),
+            f"B={row['batch']} H={row['heads']} D={row['head_dim']}"]
+    return " · ".join(bits)
+
+
+def _figure(df, suptitle: str):
+    """A Figure with one row per panel (device/dtype/mode/shape/causality present in df)."""
+    from matplotlib.figure import Figure
+
+    groups = list(iter_groups(df, SHAPE_KEY))
+    height = sum(_panel_height(sub) for _, sub in groups) + 0.3
+    fig = Figure(figsize=(WIDTH, height), layout="constrained")
+    fig.suptitle(suptitle, fontweight="bold")
+    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
+    return fig, [(ax, sub, _panel_title(dict(zip(SHAPE_KEY, key)))) for ax, (key, sub) in zip(axes, groups)]
+
+
+def _panel_height(sub, by: str | Sequence[str] = SERIES_KEY) -> float:
+    """Tall enough for the panel's legend (one entry per series, long labels on two lines, plus
+    a few guide/estimate entries), never below PANEL_HEIGHT."""
+    cols = [by] if isinstance(by, str) else list(by)
+    labels = sub[cols].drop_duplicates().astype(str).agg(" · ".join, axis=1)
+    rows = sum(2 if len(lab) > 44 else 1 for lab in labels) + 4
+    return max(PANEL_HEIGHT, 0.2 * rows + 1.2)
+
+
+def _xlabel(sub) -> str:
+    modes = set(sub["mode"].astype(str)) if "mode" in sub else set()
+    if modes == {"decode"}:
+        return "context length (tokens)"
+    return "sequence length n (tokens)"
+
+
+def _guides(ax, sub) -> None:
+    """O(n) and O(n^2) reference slopes, anchored half a step below the lowest first point."""
+    import numpy as np
+
+    ns = sorted(set(float(n) for n in sub["seq_len"]))
+    if len(ns) < 2:
+        return
+    first = sub[sub["seq_len"] == ns[0]]["time_median_s"].astype(float)
+    y0 = float(first.min()) * 0.5
+    x = np.array([ns[0], ns[-1]])
+    for power, text, ls in ((1, "O(n) guide", (0, (1, 3))), (2, "O(n²) guide", (0, (4, 4)))):
+        y = y0 * (x / ns[0]) ** power
+        ax.plot(x, y, color="#999999", linestyle=ls, linewidth=1.3, zorder=1, label=text, gid=f"guide:{text}")
+        ax.annotate(text.replace(" guide", ""), (x[-1], y[-1]), xytext=(-6, -2), textcoords="offset points",
+                    fontsize=8, color="#666666", ha="right", va="top", zorder=6,
+                    bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.8))
+
+
+def finish_axes(ax, title: str, xlabel: str, ylabel: str, y: str) -> None:
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(True, which="major", color="#dddddd", linewidth=0.8)
+    ax.set_axisbelow(True)
+    _pow2_axis(ax.xaxis, ax.get_xlim(), _n_text)
+    if y == "time":
+        _decade_axis(ax.yaxis, ax.get_ylim(), _time_text)
+        ax.set_ylabel(f"{ylabel} (log scale)")
+    elif y == "bytes":
+        _pow2_axis(ax.yaxis, ax.get_ylim(), _bytes_text)
+        ax.set_ylabel(f"{ylabel} (bytes, log scale)")
+    else:
+        _decade_axis(ax.yaxis, ax.get_ylim(), lambda v: f"{v:g}x")
+        ax.set_ylabel(f"{ylabel}, log scale")
+
+
+def _pow2_axis(axis, lim, text) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    lo, hi = sorted(lim)
+    lo, hi = max(lo, 1e-300), max(hi, 1e-300)
+    k0, k1 = math.ceil(math.log2(lo) - 1e-9), math.floor(math.log2(hi) + 1e-9)
+    ks = list(range(k0, k1 + 1)) or [round(math.log2(math.sqrt(lo * hi)))]
+    step = max(1, math.ceil(len(ks) / 8))
+    ks = [k for k in ks if (k - ks[-1]) % step == 0]
+    axis.set_major_locator(FixedLocator([2.0**k for k in ks]))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(FuncFormatter(lambda v, _: text(v)))
+
+
+def _decade_axis(axis, lim, text) -> None:
+    """Ticks at 1x10^k, or 1-2-5 x 10^k when the range spans under two decades."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    lo, hi = sorted(lim)
+    lo = max(lo, 1e-300)
+    span = math.log10(hi / lo) if hi > lo else 0.0
+    subs = (1.0,) if span >= 4 else ((1.0, 3.0) if span >= 1.5 else (1.0, 2.0, 5.0))
+    ticks = []
+    for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+        ticks += [s * 10.0**k for s in subs if lo <= s * 10.0**k <= hi]
+    if len(ticks) > 9:
+        step = math.ceil(len(ticks) / 8)
+        ticks = ticks[::step]
+    if len(ticks) < 3:  # a narrow range: plain "nice" values
+        from matplotlib.ticker import MaxNLocator
+
+        ticks = [t for t in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi and t > 0]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(FuncFormatter(lambda v, _: text(v)))
+
+
+def _n_text(v: float) -> str:
+    v = float(v)
+    for suffix, scale in (("M", 2**20), ("K", 2**10)):
+        if v >= scale:
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"
+
+
+def _time_text(v: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
+        if v >= scale * 0.999:
+            return f"{v / scale:.3g} {unit}"
+    return f"{v:.1g} s"
+
+
+def _bytes_text(v: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if v >= scale:
+            return f"{v / scale:g} {unit}"
+    return f"{v:g} B"
+
+
+def outside_legend(ax, extra: Sequence[Any] = (), skip: Sequence[str] = ()) -> None:
+    """The legend outside the axes on the right, so it never covers data."""
+    handles, labels = ax.get_legend_handles_labels()
+    keep = [(h, lab) for h, lab in zip(handles, labels) if not any(s in lab for s in skip)]
+    keep += [(h, h.get_label()) for h in extra]
+    if not keep:
+        return
+    ax.legend([h for h, _ in keep], [lab for _, lab in keep], loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0, fontsize=LEGEND_FONT, frameon=False, handlelength=3.2)
+
+
+def _mask_size(pat, params: dict, causal: bool) -> int:
+    """The smallest power of two >= 128 that shows the pattern's structure (2x its largest
+    integer parameter, capped at 1024) and that the pattern accepts."""
+    from sparsebench.errors import SparsebenchError
+
+    biggest = max([int(v) for k, v in params.items() if k != "seed" and isinstance(v, int)
+                   and not isinstance(v, bool)] or [0])
+    size = 128
+    while size < min(2 * biggest, 1024):
+        size *= 2
+    for _ in range(6):
+        try:
+            pat.check(size, causal)
+            return size
+        except SparsebenchError:
+            size *= 2
+    pat.check(size, causal)
+    return size

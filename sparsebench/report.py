@@ -1,0 +1,156 @@
+"""The run's own reports: the terminal results table, results.csv and summary.md, and the
+hand-off to analysis, plots and report.html. Nothing here measures anything."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+COLUMNS = ("pattern", "backend", "n", "median ms", "TFLOP/s", "peak MiB", "density", "speedup", "max err", "status")
+
+STATUS_STYLE = {"ok": "green", "wrong": "bold red", "oom": "red", "timeout": "red", "error": "red",
+                "crashed": "bold red", "skipped": "dim"}
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def row_cells(r: dict[str, Any]) -> list[str]:
+    med, tf, peak = _num(r.get("time_median_s")), _num(r.get("tflops")), _num(r.get("peak_mem_bytes"))
+    dens, sp, err = _num(r.get("density")), _num(r.get("speedup")), _num(r.get("max_abs_err"))
+    status = r.get("status", "")
+    if r.get("noisy") and status == "ok":
+        status = "ok (noisy)"
+    if r.get("reason") and r.get("status") != "ok":
+        status = f"{status}: {r['reason']}"
+    return [
+        str(r.get("pattern_label", "")),
+        str(r.get("backend", "")) + ("" if r.get("dtype") in (None, "fp32") else f" {r['dtype']}")
+        + ("" if r.get("mode") in (None, "forward") else f" {r['mode']}") + ("" if r.get("device") in (None, "cpu") else f" @{r['device']}"),
+        str(r.get("seq_len", "")),
+        "" if med is None else f"{med * 1e3:.2f}",
+        "" if tf is None else f"{tf:.3f}",
+        "" if peak is None else f"{peak / 2**20:.0f}",
+        "" if dens is None else f"{dens:.4f}",
+        "" if sp is None else f"{sp:.2f}x",
+        "" if err is None else f"{err:.1e}",
+        status,
+    ]
+
+
+def with_speedup(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records plus the derived speedup column (records themselves stay as measured)."""
+    from sparsebench.results import frame
+
+    records = list(records)
+    if not records:
+        return []
+    df = frame(records)
+    return df.astype(object).where(df.notna(), None).to_dict("records")
+
+
+def rich_table(records: list[dict[str, Any]], title: str | None = None):
+    from rich.table import Table
+
+    table = Table(title=title, header_style="bold", show_lines=False)
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c in ("pattern", "backend", "status") else "right",
+                         overflow="fold", max_width=48 if c == "status" else None)
+    for r in with_speedup(records):
+        table.add_row(*row_cells(r), style=STATUS_STYLE.get(r.get("status"), None) if r.get("status") != "ok" else None)
+    return table
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in with_speedup(records):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row_cells(r)) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: str = "") -> str:
+    env: dict[str, Any] = {}
+    try:
+        env = json.loads((Path(folder) / "environment.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    scen = records[0].get("scenario", "") if records else ""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.get("status", "?")] = counts.get(r.get("status", "?"), 0) + 1
+    parts = [
+        f"# sparsebench: {scen}",
+        "",
+        f"- cases: {len(records)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})",
+        f"- machine: {env.get('cpu', '?')}, {env.get('threads', '?')} threads, GPU: {env.get('gpu') or 'none'}",
+        f"- software: sparsebench {env.get('sparsebench', '?')}, torch {env.get('torch', '?')}, python {env.get('python', '?')}",
+        f"- commit: {env.get('git_commit') or 'n/a'}",
+        "",
+        "Speedup is over dense `sdpa` on the same device, dtype, mode and shape; max err is the",
+        "largest absolute difference from dense attention under the same mask.",
+        "",
+        "## Results",
+        "",
+        markdown_table(records),
+        "",
+    ]
+    if analysis_md:
+        parts += [analysis_md.strip(), ""]
+    return "\n".join(parts)
+
+
+def finalize(folder: Path, records: list[dict[str, Any]], *, plots: bool = True,
+             warn: Callable[[str], None] | None = None, renderables: list | None = None) -> list[Path]:
+    """Write results.csv, summary.md, and (when asked) plots/ and report.html. A failure in an
+    optional report is a warning: the records are already safe on disk."""
+    from sparsebench import results
+
+    folder = Path(folder)
+    written: list[Path] = []
+    if not records:
+        results.atomic_write(folder / "summary.md", summary_markdown(folder, records))
+        return [folder / "summary.md"]
+    df = results.frame(records)
+    results.write_csv(folder, df)
+    written.append(folder / "results.csv")
+    analysis = None
+    analysis_md = ""
+    try:
+        from sparsebench.analysis import analyze
+
+        analysis = analyze(df)
+        analysis_md = analysis.to_markdown()
+        if renderables is not None:
+            renderables.extend(analysis.rich_renderables())
+    except Exception as exc:  # noqa: BLE001 - reports must not lose a run
+        if warn:
+            warn(f"analysis skipped: {type(exc).__name__}: {exc}")
+    results.atomic_write(folder / "summary.md", summary_markdown(folder, records, analysis_md))
+    written.append(folder / "summary.md")
+    figures: list[Path] = []
+    if plots:
+        try:
+            from sparsebench.plots import render_all
+
+            figures = render_all(folder, df, analysis=analysis)
+            written += figures
+        except Exception as exc:  # noqa: BLE001
+            if warn:
+                warn(f"plots skipped: {type(exc).__name__}: {exc}")
+    try:
+        from sparsebench.html_report import write_report
+
+        written.append(write_report(folder, df, analysis, figures))
+    except Exception as exc:  # noqa: BLE001
+        if warn:
+            warn(f"report.html skipped: {type(exc).__name__}: {exc}")
+    return written

@@ -1,0 +1,180 @@
+"""Result folders: records.jsonl (one flat JSON object per case, appended as each case ends),
+results.csv, the scenario copy, environment.json and schema.json. Records <-> DataFrame."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from sparsebench.errors import ResultsError
+
+SCHEMA_VERSION = 1
+RECORDS = "records.jsonl"
+ENVIRONMENT = "environment.json"
+META = "meta.json"
+
+# The columns that identify a case: two records with equal keys measure the same thing.
+CASE_KEY = (
+    "pattern_label",
+    "backend",
+    "device",
+    "dtype",
+    "mode",
+    "batch",
+    "heads",
+    "head_dim",
+    "seq_len",
+    "causal",
+)
+# A series is a line on a plot: a case key without the sequence length.
+SERIES_KEY = tuple(c for c in CASE_KEY if c != "seq_len")
+BASELINE_BACKEND = "sdpa"
+BASELINE_PATTERN = "dense"
+
+STATUSES = ("ok", "wrong", "oom", "timeout", "error", "skipped", "crashed")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a whole file via a temporary file and a rename, so readers never see half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class RecordWriter:
+    """Appends one JSON line per finished case and flushes it to disk at once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / RECORDS
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def read_records(folder: Path, warn=None) -> list[dict[str, Any]]:
+    """Records of a result folder. A truncated last line (an interrupted write) is skipped
+    with a warning; anything else malformed is a ResultsError."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ResultsError(f"{folder}: no such result folder")
+    if not folder.is_dir():
+        raise ResultsError(f"{folder}: not a folder (expected a sparsebench result folder)")
+    path = folder / RECORDS
+    if not path.exists():
+        raise ResultsError(f"{folder}: no {RECORDS} here; is this a sparsebench result folder?")
+    check_schema(folder)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    out: list[dict[str, Any]] = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if no == len(lines):
+                if warn:
+                    warn(f"{path}:{no}: truncated last record skipped")
+                continue
+            raise ResultsError(f"{path}:{no}: not a JSON record") from None
+        if not isinstance(rec, dict):
+            raise ResultsError(f"{path}:{no}: not a JSON object")
+        out.append(rec)
+    return out
+
+
+def check_schema(folder: Path) -> None:
+    meta = Path(folder) / META
+    if not meta.exists():
+        return
+    try:
+        version = json.loads(meta.read_text(encoding="utf-8")).get("schema_version")
+    except (json.JSONDecodeError, AttributeError):
+        raise ResultsError(f"{meta}: unreadable meta.json") from None
+    if version != SCHEMA_VERSION:
+        raise ResultsError(
+            f"{folder}: result schema version {version!r}, this sparsebench reads version {SCHEMA_VERSION}"
+        )
+
+
+def load_frame(folder: Path, warn=None):
+    """All records of a folder as a tidy DataFrame (one row per case) with derived columns."""
+    import pandas as pd
+
+    records = read_records(folder, warn=warn)
+    if not records:
+        raise ResultsError(f"{Path(folder) / RECORDS}: no records")
+    return add_derived(pd.DataFrame.from_records(records))
+
+
+def frame(records: Iterable[dict[str, Any]]):
+    import pandas as pd
+
+    return add_derived(pd.DataFrame.from_records(list(records)))
+
+
+def add_derived(df):
+    """speedup (over dense sdpa on the same device/dtype/mode/shape), ideal_speedup (from nnz)
+    and efficiency (their ratio)."""
+    import numpy as np
+
+    df = df.copy()
+    if df.empty:
+        return df
+    shape = [c for c in CASE_KEY if c not in ("pattern_label", "backend")]
+    base = df[(df["pattern"] == BASELINE_PATTERN) & (df["backend"] == BASELINE_BACKEND) & (df["status"] == "ok")]
+    base = base[shape + ["time_median_s", "nnz"]].rename(
+        columns={"time_median_s": "_base_time", "nnz": "_base_nnz"}
+    ).drop_duplicates(subset=shape, keep="last")
+    df = df.merge(base, on=shape, how="left")
+    ok = (df["status"] == "ok")
+    df["speedup"] = np.where(ok, df["_base_time"] / df["time_median_s"], np.nan)
+    df["ideal_speedup"] = df["_base_nnz"] / df["nnz"]
+    df["efficiency"] = df["speedup"] / df["ideal_speedup"]
+    return df.drop(columns=["_base_time", "_base_nnz"])
+
+
+def write_meta(folder: Path, info: dict[str, Any]) -> None:
+    atomic_write(Path(folder) / META, json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2) + "\n")
+
+
+def write_csv(folder: Path, df) -> None:
+    import pandas as pd
+
+    out = df.copy()
+    for col in ("params", "times_s"):
+        if col in out:
+            out[col] = out[col].map(lambda v: json.dumps(v) if not (isinstance(v, float) and pd.isna(v)) else "")
+    atomic_write(Path(folder) / "results.csv", out.to_csv(index=False))

@@ -1,0 +1,218 @@
+"""Run a plan: each case isolated in a worker, each record appended to records.jsonl as soon as
+its case ends, failed series skip their larger sizes, and the reports written at the end (also
+after Ctrl-C, for what finished)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from sparsebench.errors import ScenarioError, SparsebenchError
+from sparsebench.scenario import Case, Plan
+
+FAIL_STATUSES = ("oom", "timeout", "crashed")
+
+
+class Interrupted(SparsebenchError):
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class RunResult:
+    folder: Path
+    records: list[dict[str, Any]]
+    interrupted: bool = False
+
+
+def default_folder(root: Path, scenario: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = Path(root) / f"{stamp}-{scenario}"
+    i = 1
+    while folder.exists():
+        i += 1
+        folder = Path(root) / f"{stamp}-{scenario}-{i}"
+    return folder
+
+
+class _Static:
+    """Per-case figures that need no measurement (nnz, estimates), cached per series/size."""
+
+    def __init__(self) -> None:
+        self._nnz: dict[tuple, int] = {}
+
+    def fields(self, case: Case) -> dict[str, Any]:
+        from sparsebench.harness import make_problem
+        from sparsebench.backends.base import BACKENDS
+
+        p = make_problem(case)
+        key = (case.pattern_label, case.seq_len, case.causal)
+        if key not in self._nnz:
+            self._nnz[key] = p.pattern.nnz(case.seq_len, case.causal) if case.mode != "decode" else 0
+        nnz = self._nnz[key]
+        retained = p.pattern.kv_retained(case.seq_len)
+        out: dict[str, Any] = {
+            "kv_retained": retained,
+            "kv_cache_bytes": 2 * case.batch * case.heads * case.head_dim * p.elem_bytes * retained,
+        }
+        if case.mode == "decode":
+            out.update(nnz=None, density=None, flops=None, est_mem_bytes=out["kv_cache_bytes"] + p.io_bytes // case.seq_len * 4)
+        else:
+            from sparsebench.harness import flops
+
+            backend = BACKENDS.get(case.backend)()
+            out.update(
+                nnz=nnz,
+                density=nnz / float(case.seq_len) ** 2,
+                flops=flops(p, nnz),
+                est_mem_bytes=int(backend.estimate_bytes(p)),
+            )
+        return out
+
+
+def _precheck(case: Case, static: dict[str, Any]) -> str | None:
+    """Why the case cannot run here (skipped), or None."""
+    import torch
+
+    from sparsebench.backends.base import BACKENDS
+    from sparsebench.harness import make_problem
+    from sparsebench.memory import available_bytes
+
+    if case.mode != "decode":
+        backend = BACKENDS.get(case.backend)
+        why = backend.unavailable(torch.device(case.device))
+        if why:
+            return why
+        why = backend().unsupported(make_problem(case))
+        if why:
+            return why
+    est = static.get("est_mem_bytes") or 0
+    if case.memory_budget and est > case.memory_budget:
+        return f"estimated {est / 2**20:.0f} MiB exceeds the memory budget of {case.memory_budget / 2**20:.0f} MiB"
+    avail = available_bytes() if case.device == "cpu" else None
+    if avail is not None and est > 0.9 * avail:
+        return f"estimated {est / 2**20:.0f} MiB exceeds 90% of the {avail / 2**20:.0f} MiB available"
+    return None
+
+
+def run(
+    plan: Plan,
+    folder: Path,
+    *,
+    scenario_text: str,
+    isolate: bool = True,
+    resume: bool = False,
+    on_start: Callable[[Case, int, int], None] | None = None,
+    on_record: Callable[[dict[str, Any], int, int], None] | None = None,
+    finalize: Callable[[Path, list[dict[str, Any]]], None] | None = None,
+) -> RunResult:
+    from sparsebench import environment, results
+    from sparsebench.worker import Worker, execute
+
+    folder = Path(folder)
+    done: dict[str, dict[str, Any]] = {}
+    if resume:
+        for rec in results.read_records(folder):
+            done[rec.get("case_id", "")] = rec
+    else:
+        if folder.exists() and any(folder.iterdir()):
+            raise ScenarioError(f"{folder}: output folder exists and is not empty (use --resume to continue it)")
+        folder.mkdir(parents=True, exist_ok=True)
+        results.atomic_write(folder / "scenario.yaml", scenario_text)
+        results.atomic_write(folder / results.ENVIRONMENT, json.dumps(environment.collect(), indent=2) + "\n")
+        results.write_meta(
+            folder,
+            {"scenario": plan.scenario.name, "source": plan.source, "skipped_devices": plan.skipped_devices,
+             "started": _dt.datetime.now().isoformat(timespec="seconds")},
+        )
+
+    records: list[dict[str, Any]] = list(done.values())
+    failed: dict[tuple, tuple[int, str]] = {}
+    for rec in records:
+        if rec.get("status") in FAIL_STATUSES:
+            key = tuple(rec.get(c) for c in results.SERIES_KEY)
+            failed[key] = min(failed.get(key, (rec["seq_len"], rec["status"])), (rec["seq_len"], rec["status"]))
+    static = _Static()
+    worker = Worker() if isolate else None
+    total = len(plan.cases)
+    interrupted = False
+    try:
+        with results.RecordWriter(folder) as writer:
+            for i, case in enumerate(plan.cases):
+                if case.case_id in done:
+                    continue
+                if on_start:
+                    on_start(case, i, total)
+                rec = _identity(case)
+                info = static.fields(case)
+                rec.update(info)
+                series = case.series()
+                if series in failed and case.seq_len > failed[series][0]:
+                    n0, st = failed[series]
+                    rec.update(status="skipped", reason=f"this series ended with {st} at n={n0}")
+                else:
+                    why = _precheck(case, info)
+                    if why:
+                        rec.update(status="skipped", reason=why)
+                    else:
+                        fields = worker.run(case, case.timeout_s) if worker else execute(case)
+                        rec.update(fields)
+                rec.setdefault("status", "ok")
+                rec.setdefault("reason", "")
+                _derive(rec)
+                rec["timestamp"] = _dt.datetime.now().isoformat(timespec="seconds")
+                writer.append(rec)
+                records.append(rec)
+                if rec["status"] in FAIL_STATUSES:
+                    failed.setdefault(series, (case.seq_len, rec["status"]))
+                if on_record:
+                    on_record(rec, i, total)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if worker:
+            worker.close()
+    if finalize:
+        finalize(folder, records)
+    result = RunResult(folder, records, interrupted)
+    if interrupted:
+        raise Interrupted(f"interrupted: {len(records)} records kept in {folder}")
+    return result
+
+
+_NULL_TIMES = ("time_median_s", "time_iqr_s", "time_min_s", "times_s", "tflops", "peak_mem_bytes",
+               "max_abs_err", "setup_s", "compile_s", "noisy", "check")
+
+
+def _identity(case: Case) -> dict[str, Any]:
+    from sparsebench.results import SCHEMA_VERSION
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": case.scenario,
+        "case_id": case.case_id,
+        "pattern": case.pattern,
+        "pattern_label": case.pattern_label,
+        "params": case.params,
+        "backend": case.backend,
+        "device": case.device,
+        "dtype": case.dtype,
+        "mode": case.mode,
+        "batch": case.batch,
+        "heads": case.heads,
+        "head_dim": case.head_dim,
+        "seq_len": case.seq_len,
+        "causal": case.causal,
+        "block": case.block if case.backend == "block_sparse" else None,
+    }
+
+
+def _derive(rec: dict[str, Any]) -> None:
+    for k in _NULL_TIMES:
+        rec.setdefault(k, None)
+    med = rec.get("time_median_s")
+    fl = rec.get("flops")
+    rec["tflops"] = fl / med / 1e12 if (med and fl and rec["status"] == "ok") else None

@@ -1,0 +1,469 @@
+"""Scenario YAML -> validated, frozen Scenario (pydantic) -> grid of frozen Cases.
+
+Every problem with a file is a ScenarioError whose one line names the file, the field and,
+where the YAML parser knows it, the line."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sparsebench.errors import PatternError, ScenarioError
+
+DTYPES = ("fp32", "fp16", "bf16")
+MODES = ("forward", "backward", "decode")
+MAX_ALIASES = 64
+MAX_BYTES = 1 << 20
+MAX_SEQ_LEN = 1 << 24
+BUILTIN = "quickstart"
+DECODE_BACKEND = "kv_cache"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PatternSpec(_Model):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+
+class SeqRange(_Model):
+    """Powers of two from ``min`` to ``max`` (both included)."""
+
+    min: int = Field(ge=1, le=MAX_SEQ_LEN)
+    max: int = Field(ge=1, le=MAX_SEQ_LEN)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is larger than max {self.max}")
+        return self
+
+    def values(self) -> list[int]:
+        start = 1 << max(0, math.ceil(math.log2(self.min)))
+        out = []
+        n = start
+        while n <= self.max:
+            out.append(n)
+            n *= 2
+        return out
+
+
+class Limits(_Model):
+    timeout_s: float = Field(default=600.0, gt=0, description="per-case wall-clock limit")
+    memory: Union[int, str, None] = Field(default=None, description="per-case memory budget, e.g. 8GiB")
+
+    @field_validator("memory")
+    @classmethod
+    def _mem(cls, v):
+        if v is None:
+            return v
+        parse_size(v)  # raises
+        return v
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else parse_size(self.memory)
+
+
+class Check(_Model):
+    enabled: bool = True
+    exact_max_elems: int = Field(default=1 << 26, ge=0, description="largest batch*heads*n*n checked exactly")
+    sample_rows: int = Field(default=32, ge=1, description="query rows checked when the exact check does not fit")
+
+
+class Scenario(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    description: str = ""
+    seq_lens: Union[list[int], SeqRange]
+    patterns: list[PatternSpec] = Field(min_length=1)
+    backends: list[str] = Field(min_length=1)
+    devices: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    dtypes: list[Literal["fp32", "fp16", "bf16"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    batch: int = Field(default=1, ge=1, le=4096)
+    heads: int = Field(default=8, ge=1, le=1024)
+    head_dim: int = Field(default=64, ge=1, le=1024)
+    causal: bool = True
+    mode: Union[Literal["forward", "backward", "decode"], list[Literal["forward", "backward", "decode"]]] = "forward"
+    warmup: int = Field(default=1, ge=0, le=1000)
+    repeats: int = Field(default=5, ge=1, le=10000)
+    min_time_s: float = Field(default=0.0, ge=0, le=3600)
+    max_repeats: int = Field(default=50, ge=1, le=100000)
+    block: int = Field(default=64, ge=8, le=4096)
+    decode_tokens: int = Field(default=16, ge=1, le=100000)
+    baseline: bool = True
+    limits: Limits = Field(default_factory=Limits)
+    check: Check = Field(default_factory=Check)
+
+    @field_validator("seq_lens")
+    @classmethod
+    def _lens(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must hold at least one sequence length")
+            for n in v:
+                if n < 1 or n > MAX_SEQ_LEN:
+                    raise ValueError(f"sequence length {n} outside 1..{MAX_SEQ_LEN}")
+            if len(set(v)) != len(v):
+                raise ValueError("repeats a sequence length")
+        return v
+
+    @field_validator("backends", "devices", "dtypes")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeats an entry: {v}")
+        return v
+
+    @property
+    def lengths(self) -> list[int]:
+        return sorted(self.seq_lens.values() if isinstance(self.seq_lens, SeqRange) else self.seq_lens)
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] if isinstance(self.mode, str) else list(dict.fromkeys(self.mode))
+
+
+@dataclass(frozen=True)
+class Case:
+    """What one measurement runs. Frozen; sent as a dict to a worker process."""
+
+    scenario: str
+    pattern: str
+    params: dict
+    pattern_label: str
+    backend: str
+    device: str
+    dtype: str
+    mode: str
+    batch: int
+    heads: int
+    head_dim: int
+    seq_len: int
+    causal: bool
+    block: int
+    warmup: int
+    repeats: int
+    min_time_s: float
+    max_repeats: int
+    timeout_s: float
+    memory_budget: int | None
+    check: bool
+    exact_max_elems: int
+    sample_rows: int
+    decode_tokens: int = 16
+
+    def key(self) -> tuple:
+        from sparsebench.results import CASE_KEY
+
+        return tuple(getattr(self, c) for c in CASE_KEY)
+
+    def series(self) -> tuple:
+        from sparsebench.results import SERIES_KEY
+
+        return tuple(getattr(self, c) for c in SERIES_KEY)
+
+    @property
+    def case_id(self) -> str:
+        return "|".join(str(x) for x in self.key())
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    scenario: Scenario
+    source: str
+    cases: list[Case]
+    skipped_devices: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def builtin_path(name: str = BUILTIN) -> Path:
+    return Path(__file__).parent / "scenarios" / f"{name}.yaml"
+
+
+def parse_size(value: int | str) -> int:
+    """'8GiB', '512MB', 1000000 -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"size must be positive, got {value}")
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", str(value), flags=re.I)
+    if not m:
+        raise ValueError(f"not a size: {value!r} (try 8GiB or 512MB)")
+    num, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    out = int(num * mult[unit])
+    if out <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return out
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Map of YAML paths (tuple of keys/indices) to 1-based line numbers."""
+    index: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return index
+
+    def walk(node, path):
+        index[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value
+                index[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _where(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _line_of(index: dict[tuple, int], path: tuple) -> int | None:
+    while path:
+        if path in index:
+            return index[path]
+        path = path[:-1]
+    return None
+
+
+def _fail(source: str, index: dict, path: tuple, msg: str) -> ScenarioError:
+    line = _line_of(index, path)
+    loc = f"{source}:{line}" if line else source
+    return ScenarioError(f"{loc}: field '{_where(path)}': {msg}")
+
+
+def read_text(path: Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise ScenarioError(f"{path}: no such scenario file")
+    if path.is_dir():
+        raise ScenarioError(f"{path}: is a directory, expected a scenario YAML file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > MAX_BYTES:
+        raise ScenarioError(f"{path}: {len(data)} bytes is too large for a scenario (limit {MAX_BYTES})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def parse(text: str, source: str) -> Scenario:
+    """Text of a scenario -> Scenario (schema only; see ``expand`` for sizes vs patterns)."""
+    try:
+        aliases = sum(1 for ev in yaml.parse(text, Loader=yaml.SafeLoader) if isinstance(ev, yaml.AliasEvent))
+        if aliases > MAX_ALIASES:
+            raise ScenarioError(f"{source}: {aliases} YAML aliases (limit {MAX_ALIASES}); refusing a possible alias bomb")
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ScenarioError(f"{where}: malformed YAML: {problem}") from None
+    if raw is None:
+        raise ScenarioError(f"{source}: empty scenario file")
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{source}: a scenario is a YAML mapping (name:, seq_lens:, patterns:, ...), got {type(raw).__name__}")
+    index = _line_index(text)
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("list[int]", "SeqRange", "str", "list[...]"))))
+        if err["type"] == "extra_forbidden":
+            import difflib
+
+            model_fields = _fields_at(path[:-1])
+            hint = difflib.get_close_matches(str(path[-1]), model_fields, n=1)
+            msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            if model_fields:
+                msg += f"; valid keys: {', '.join(model_fields)}"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = err["msg"]
+            if "input" in err and err["type"] not in ("string_pattern_mismatch",) and not isinstance(err["input"], (dict, list)):
+                msg += f" (got {err['input']!r})"
+            if err["type"] == "string_pattern_mismatch" and path == ("name",):
+                msg = "must be 1-64 letters, digits, '.', '_' or '-' (it names the result folder)"
+        raise _fail(source, index, path, msg) from None
+
+
+def _fields_at(path: tuple) -> list[str]:
+    model: Any = Scenario
+    for p in path:
+        if isinstance(p, int):
+            continue
+        f = getattr(model, "model_fields", {}).get(p)
+        if f is None:
+            return []
+        ann = f.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            for sub in (cand, *getattr(cand, "__args__", ())):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    model = sub
+                    break
+    return list(getattr(model, "model_fields", {}))
+
+
+def load(path: Path | None) -> tuple[Scenario, str, str]:
+    """(scenario, its text, source name) from a file, or the built-in quickstart."""
+    path = Path(path) if path is not None else builtin_path()
+    text = read_text(path)
+    return parse(text, str(path)), text, str(path)
+
+
+def resolve_device(spec: str) -> tuple[str | None, str | None]:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> (device string, None) or (None, reason)."""
+    import torch
+
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return "cuda:0", None
+        return "cpu", None
+    if spec == "cpu":
+        return "cpu", None
+    m = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if m:
+        if not torch.cuda.is_available():
+            return None, f"device {spec!r} is absent: this torch build or machine has no CUDA GPU"
+        idx = int(m.group(1) or 0)
+        if idx >= torch.cuda.device_count():
+            return None, f"device {spec!r} is absent: only {torch.cuda.device_count()} CUDA device(s)"
+        return f"cuda:{idx}", None
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            return None, "device 'mps' is absent on this machine"
+        return "mps", None
+    raise ScenarioError(f"unknown device {spec!r}; expected one of: auto, cpu, cuda, cuda:N, mps")
+
+
+def expand(sc: Scenario, source: str) -> Plan:
+    """The grid of cases, smallest sequence length first. Raises ScenarioError for unknown
+    patterns/backends/devices and for parameters impossible at some sequence length."""
+    from sparsebench.backends.base import BACKENDS
+    from sparsebench.patterns.base import PATTERNS
+
+    index: dict = {}
+    try:
+        index = _line_index(Path(source).read_text(encoding="utf-8")) if Path(source).is_file() else {}
+    except (OSError, UnicodeDecodeError):
+        index = {}
+    patterns = []
+    for i, spec in enumerate(sc.patterns):
+        try:
+            cls = PATTERNS.get(spec.name)
+        except ScenarioError as exc:
+            raise _fail(source, index, ("patterns", i, "name"), str(exc)) from None
+        try:
+            pat = cls.from_params(spec.params)
+        except PatternError as exc:
+            raise _fail(source, index, ("patterns", i, "params"), str(exc)) from None
+        for n in sc.lengths:
+            try:
+                pat.check(n, sc.causal)
+            except PatternError as exc:
+                raise _fail(source, index, ("patterns", i, "params"), f"{exc} (seq_lens holds {n})") from None
+        patterns.append((spec.label or pat.label(), pat))
+    labels = [lab for lab, _ in patterns]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise _fail(source, index, ("patterns",), f"duplicate series {dup[0]!r}; give one a distinct label")
+    for j, b in enumerate(sc.backends):
+        try:
+            BACKENDS.get(b)
+        except ScenarioError as exc:
+            raise _fail(source, index, ("backends", j), str(exc)) from None
+    devices: list[str] = []
+    skipped: dict[str, str] = {}
+    for j, d in enumerate(sc.devices):
+        try:
+            dev, why = resolve_device(d)
+        except ScenarioError as exc:
+            raise _fail(source, index, ("devices", j), str(exc)) from None
+        if dev is None:
+            skipped[d] = why or "absent"
+        elif dev not in devices:
+            devices.append(dev)
+
+    combos: list[tuple[str, Any, str]] = []  # (label, pattern, backend)
+    for label, pat in patterns:
+        for b in sc.backends:
+            if b == "sdpa" and pat.name != "dense":
+                continue  # sdpa is the dense baseline only
+            combos.append((label, pat, b))
+    if sc.baseline and not any(p.name == "dense" and b == "sdpa" for _, p, b in combos):
+        from sparsebench.patterns.dense import Dense
+
+        dense = next((pair for pair in patterns if pair[1].name == "dense"), ("dense", Dense()))
+        combos.insert(0, (dense[0], dense[1], "sdpa"))
+        if dense not in patterns:
+            patterns.insert(0, dense)
+    cases = []
+    for n in sc.lengths:
+        for dev in devices:
+            for dtype in sc.dtypes:
+                for mode in sc.modes:
+                    mode_combos = combos
+                    if mode == "decode":  # one decoder (its cache policy) per pattern
+                        mode_combos = [(lab, pat, DECODE_BACKEND) for lab, pat in patterns]
+                    for label, pat, b in mode_combos:
+                        cases.append(
+                            Case(
+                                scenario=sc.name,
+                                pattern=pat.name,
+                                params=pat.params(),
+                                pattern_label=label,
+                                backend=b,
+                                device=dev,
+                                dtype=dtype,
+                                mode=mode,
+                                batch=sc.batch,
+                                heads=sc.heads,
+                                head_dim=sc.head_dim,
+                                seq_len=n,
+                                causal=sc.causal,
+                                block=sc.block,
+                                warmup=sc.warmup,
+                                repeats=sc.repeats,
+                                min_time_s=sc.min_time_s,
+                                max_repeats=max(sc.max_repeats, sc.repeats),
+                                timeout_s=sc.limits.timeout_s,
+                                memory_budget=sc.limits.memory_bytes,
+                                check=sc.check.enabled,
+                                exact_max_elems=sc.check.exact_max_elems,
+                                sample_rows=sc.check.sample_rows,
+                                decode_tokens=sc.decode_tokens,
+                            )
+                        )
+    return Plan(scenario=sc, source=source, cases=cases, skipped_devices=skipped)

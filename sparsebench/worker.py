@@ -1,0 +1,116 @@
+"""Run cases in a persistent worker process, so that a segfault, the kernel's OOM killer or a
+hung kernel ends only that case: the parent kills a worker past the case timeout and starts a
+fresh one for the next case."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import traceback
+from typing import Any
+
+from sparsebench.scenario import Case
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(status, one-line reason) for an exception raised by a case."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = msg.lower()
+    if isinstance(exc, MemoryError) or "out of memory" in text or type(exc).__name__ == "OutOfMemoryError":
+        return "oom", f"out of memory: {msg[:200]}"
+    from sparsebench.errors import BackendUnavailable
+
+    if isinstance(exc, BackendUnavailable):
+        return "skipped", msg
+    return "error", f"{type(exc).__name__}: {msg[:300]}"
+
+
+def execute(case: Case) -> dict[str, Any]:
+    """Run one case here; never raises for a case failure (returns status/reason instead)."""
+    from sparsebench import harness
+
+    try:
+        if case.mode == "decode":
+            return harness.run_decode_case(case)
+        return harness.run_case(case)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every case failure becomes a record
+        status, reason = classify(exc)
+        return {"status": status, "reason": reason}
+
+
+def _serve(conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides on Ctrl-C
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        try:
+            result = execute(Case(**msg))
+        except BaseException:  # pragma: no cover - last resort
+            result = {"status": "error", "reason": traceback.format_exc().splitlines()[-1]}
+        conn.send(result)
+
+
+class Worker:
+    """A lazily started child process; ``run`` returns the case's fields or a failure."""
+
+    def __init__(self) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._proc = None
+        self._conn = None
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_serve, args=(child,), daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def run(self, case: Case, timeout: float) -> dict[str, Any]:
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        assert self._conn is not None and self._proc is not None
+        self._conn.send(case.as_dict())
+        # a fresh worker pays for importing torch: allow it on top of the case's limit
+        if self._conn.poll(timeout + 30):
+            try:
+                return self._conn.recv()
+            except EOFError:
+                pass
+        else:
+            self.kill()
+            return {"status": "timeout", "reason": f"no result within the {timeout:g} s case limit; worker killed"}
+        return self._died()
+
+    def _died(self) -> dict[str, Any]:
+        proc = self._proc
+        if proc is not None:
+            proc.join(5)
+        code = proc.exitcode if proc is not None else None
+        self._proc = self._conn = None
+        if code is not None and code < 0:
+            sig = signal.Signals(-code).name
+            if sig == "SIGKILL":
+                return {"status": "crashed", "reason": "worker killed by SIGKILL (the kernel's OOM killer or a user)"}
+            return {"status": "crashed", "reason": f"worker died with {sig}"}
+        return {"status": "crashed", "reason": f"worker exited with code {code}"}
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._proc = self._conn = None
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.is_alive() and self._conn is not None:
+            try:
+                self._conn.send(None)
+                self._proc.join(5)
+            except (OSError, BrokenPipeError):
+                pass
+        self.kill()

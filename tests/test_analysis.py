@@ -1,0 +1,173 @@
+"""Scaling fits, crossover, speedup/efficiency and failure reporting on synthetic records."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from report_fixtures import (
+    SIZES,
+    approx_crossover,
+    dense_time,
+    make_records,
+    nnz_dense,
+    nnz_window,
+    record,
+    write_result,
+)
+from sparsebench.analysis import Fit, analyze, find_crossover, fit_power, fmt_bytes, fmt_time, t975
+from sparsebench.results import frame, load_frame
+
+SW = "sliding_window(window=256)"
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    return analyze(frame(make_records()))
+
+
+def test_exponents_dense_about_two_sparse_about_one(analysis):
+    dense = analysis.find("dense", "sdpa")
+    sparse = analysis.find(SW, "block_sparse")
+    assert dense.is_baseline and not sparse.is_baseline
+    assert dense.time_fit.exponent == pytest.approx(2.0, abs=0.1)
+    assert sparse.time_fit.exponent == pytest.approx(1.0, abs=0.1)
+    for fit in (dense.time_fit, sparse.time_fit):
+        assert fit.ci_low < fit.exponent < fit.ci_high
+        assert fit.ci_high - fit.ci_low < 0.3
+    # the masked-dense "sparse" series is really quadratic
+    assert analysis.find(SW, "sdpa_masked").time_fit.exponent == pytest.approx(2.0, abs=0.1)
+
+
+def test_memory_exponents(analysis):
+    assert analysis.find("dense", "naive").mem_fit.exponent == pytest.approx(2.0, abs=0.2)
+    assert analysis.find(SW, "block_sparse").mem_fit.exponent == pytest.approx(1.0, abs=0.15)
+
+
+def test_overhead_floor_is_left_out_of_the_fit():
+    ns = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+    ts = [1e-3 + 1e-11 * n * n for n in ns]  # flat until ~ 10K: overhead-dominated
+    fit = fit_power(ns, ts)
+    assert fit.excluded[:3] == (128, 256, 512)
+    assert fit.points >= 3 and fit.sizes[-1] == 16384
+    naive = fit_power(ns, ts, floor_slope=-math.inf)
+    assert naive.excluded == ()
+    assert fit.exponent > naive.exponent + 0.3
+
+
+def test_fit_edge_cases():
+    assert fit_power([256], [1.0]) is None
+    assert fit_power([], []) is None
+    two = fit_power([256, 512], [1.0, 4.0])
+    assert two.exponent == pytest.approx(2.0) and two.ci_low is None and "no CI" in two.describe()
+    exact = fit_power([1, 2, 4, 8], [3, 6, 12, 24])
+    assert exact.exponent == pytest.approx(1.0) and exact.ci_low == pytest.approx(1.0)
+    assert exact.predict(16) == pytest.approx(48)
+    assert isinstance(exact, Fit)
+    assert t975(1) == pytest.approx(12.706) and 1.96 < t975(1000) < 1.97 and t975(0) == math.inf
+
+
+def test_crossover_interpolated_and_absent(analysis):
+    cross = analysis.find(SW, "block_sparse").crossover
+    assert cross.n is not None and not cross.below_range
+    assert 512 < cross.n < 1024
+    assert cross.n == pytest.approx(approx_crossover(), rel=0.25)
+    assert cross.describe().startswith("~")
+    never = analysis.find(SW, "sdpa_masked").crossover
+    assert never.n is None and never.describe() == "not within the measured range"
+    # dense series are not sparse: no crossover
+    assert analysis.find("dense", "naive").crossover is None
+
+
+def test_crossover_below_range():
+    recs = [record("dense", "sdpa", n, dense_time(n)) for n in SIZES]
+    recs += [record("sliding_window", "block_sparse", n, 1e-7 * n, params={"window": 256}) for n in SIZES]
+    s = analyze(frame(recs)).find(SW, "block_sparse")
+    assert s.crossover.below_range and s.crossover.n == 256
+    assert "faster at every measured n" in s.crossover.describe()
+    df = frame(recs)
+    assert find_crossover(df[df.backend == "block_sparse"], None).compared == 0
+
+
+def test_speedup_ideal_efficiency_at_largest_n(analysis):
+    s = analysis.find(SW, "block_sparse")
+    n = max(SIZES)
+    assert s.largest_n == n
+    expected = dense_time(n) / (3e-5 + 1e-6 * n)
+    assert s.speedup == pytest.approx(expected, rel=1e-6)
+    assert s.ideal_speedup == pytest.approx(nnz_dense(n) / nnz_window(n), rel=1e-9)
+    assert s.efficiency == pytest.approx(expected / s.ideal_speedup, rel=1e-6)
+    assert s.best_speedup == pytest.approx(expected, rel=1e-6) and s.best_speedup_n == n
+
+
+def test_longest_n_before_oom_and_compile_time(analysis):
+    naive = analysis.find("dense", "naive")
+    assert naive.failure.status == "oom" and naive.failure.seq_len == 8192
+    assert naive.max_ok_n == 4096
+    assert analysis.find("dense", "sdpa").failure is None
+    assert analysis.find("dense", "sdpa").max_ok_n == 8192
+    assert analysis.find(SW, "flex").compile_s == pytest.approx(4.0)
+
+
+def test_wrong_results_are_flagged():
+    recs = make_records()
+    for r in recs:
+        if r["backend"] == "flex" and r["seq_len"] == 1024:
+            r["status"], r["reason"] = "wrong", "max abs err 0.3 > 1e-3"
+    s = analyze(frame(recs)).find(SW, "flex")
+    assert s.wrong_sizes == (1024,) and s.failure is None
+    assert 1024 not in s.time_fit.sizes
+    assert "wrong result at 1024" in analyze(frame(recs)).to_markdown()
+
+
+def test_markdown_and_rich(analysis):
+    md = analysis.to_markdown()
+    assert "## Scaling" in md and "## Against the dense baseline" in md
+    assert "oom at 8192" in md
+    assert "not within the measured range" in md
+    assert "dense · sdpa (baseline)" in md
+    assert md.count("\n| ") >= 2 * 5
+
+    from rich.console import Console
+
+    tables = analysis.rich_renderables()
+    assert len(tables) == 2
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))
+    for t in tables:
+        console.print(t)
+    text = console.export_text()
+    assert "block_sparse" in text and "crossover" in text
+
+
+def test_single_size_and_empty():
+    recs = make_records(sizes=(1024,))
+    a = analyze(frame(recs))
+    s = a.find("dense", "sdpa")
+    assert s.time_fit is None and s.sizes == (1024,)
+    assert "one size, no fit" in a.to_markdown()
+    empty = analyze(frame([]))
+    assert empty.series == () and "no successful" in empty.to_markdown()
+
+
+def test_from_a_result_folder(tmp_path):
+    folder = write_result(tmp_path / "run", make_records())
+    df = load_frame(folder)
+    a = analyze(df)
+    assert len(a.series) == 5
+    assert a.series[0].is_baseline  # baseline listed first
+
+
+def test_labels_name_varying_dims():
+    recs = make_records()
+    recs += [dict(r, mode="backward") for r in make_records(scale=2.0)]
+    a = analyze(frame(recs))
+    labels = {s.label for s in a.series}
+    assert "dense · sdpa, forward" in labels and "dense · sdpa, backward" in labels
+    back = a.find("dense", "sdpa", mode="backward")
+    assert back.time_fit.exponent == pytest.approx(2.0, abs=0.1)
+
+
+def test_formatters():
+    assert fmt_time(0.00123) == "1.23 ms" and fmt_time(2.0) == "2 s" and fmt_time(None) == "-"
+    assert fmt_bytes(3 * 2**30) == "3 GiB" and fmt_bytes(512) == "512 B"

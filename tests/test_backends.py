@@ -1,0 +1,112 @@
+"""Every backend against dense attention under the same mask, on lengths that are not block
+multiples; the Python API; backward where supported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsebench
+from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
+from sparsebench.errors import BackendUnavailable, ScenarioError
+from sparsebench.patterns.base import PATTERNS
+
+CASES = [
+    ("dense", {}),
+    ("sliding_window", {"window": 9}),
+    ("dilated_window", {"window": 4, "dilation": 3}),
+    ("strided", {"stride": 7}),
+    ("fixed", {"stride": 8, "summary": 2}),
+    ("block_local", {"block": 10}),
+    ("longformer", {"window": 6, "global_tokens": [0, 31]}),
+    ("sink_window", {"sinks": 2, "window": 5}),
+    ("random", {"keys": 5, "seed": 1}),
+    ("bigbird", {"block": 8, "random_blocks": 1}),
+    ("ds_fixed", {"block": 16, "num_local_blocks": 2}),
+    ("ds_bslongformer", {"block": 16}),
+]
+EAGER = ["naive", "sdpa", "sdpa_masked", "block_sparse"]
+
+
+def qkv(n, b=2, h=3, d=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g).to(dtype) for _ in range(3)]
+
+
+def reference(pat, q, k, v, causal):
+    return masked_softmax_attention(q.double(), k.double(), v.double(), pat.mask(q.shape[2], causal))
+
+
+@pytest.mark.parametrize("backend", EAGER)
+@pytest.mark.parametrize("name,params", CASES)
+@pytest.mark.parametrize("n", [45, 100, 130])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backend_matches_reference(backend, name, params, n, causal):
+    pat = PATTERNS.get(name).from_params(params)
+    be = BACKENDS.get(backend)()
+    p = Problem(pat, n, causal, 2, 3, 16, torch.float32, torch.device("cpu"), block=32)
+    why = be.unsupported(p)
+    if why:
+        assert backend == "sdpa" and name != "dense"
+        return
+    q, k, v = qkv(n)
+    out = be.prepare(p)(q, k, v)
+    assert out.shape == q.shape
+    err = (out.double() - reference(pat, q, k, v, causal)).abs().max().item()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_block_sparse_low_precision(dtype, tol):
+    pat = PATTERNS.get("longformer").from_params({"window": 16, "global_tokens": [0]})
+    p = Problem(pat, 200, True, 1, 2, 32, dtype, torch.device("cpu"), block=64)
+    q, k, v = qkv(200, 1, 2, 32, dtype)
+    out = BACKENDS.get("block_sparse")().prepare(p)(q, k, v)
+    assert out.dtype == dtype
+    assert (out.double() - reference(pat, q, k, v, True)).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa_masked", "block_sparse"])
+def test_backward_gradients_match(backend):
+    n = 70
+    pat = PATTERNS.get("sliding_window").from_params({"window": 12})
+    p = Problem(pat, n, True, 1, 2, 16, torch.float32, torch.device("cpu"), mode="backward", block=16)
+    q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 2, 16))
+    grad = torch.randn(1, 2, n, 16)
+    BACKENDS.get(backend)().prepare(p)(q, k, v).backward(grad)
+    got = [t.grad.clone() for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    masked_softmax_attention(q2, k2, v2, pat.mask(n, True)).backward(grad.double())
+    for g, ref in zip(got, (q2.grad, k2.grad, v2.grad)):
+        assert (g.double() - ref).abs().max().item() < 1e-4
+
+
+def test_flex_matches_reference():
+    """One small compiled case (compilation takes seconds on a CPU)."""
+    be = BACKENDS.get("flex")
+    why = be.unavailable(torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    n = 100
+    pat = PATTERNS.get("random").from_params({"keys": 4, "seed": 2})
+    p = Problem(pat, n, True, 1, 2, 16, torch.float32, torch.device("cpu"))
+    q, k, v = qkv(n, 1, 2, 16)
+    out = be().prepare(p)(q, k, v)
+    assert (out.double() - reference(pat, q, k, v, True)).abs().max().item() < 1e-5
+
+
+def test_api_attention():
+    q, k, v = qkv(77, 1, 2, 16)
+    out = sparsebench.attention(q, k, v, pattern="sliding_window", backend="block_sparse", window=8, block=16)
+    pat = PATTERNS.get("sliding_window").from_params({"window": 8})
+    assert (out.double() - reference(pat, q, k, v, True)).abs().max().item() < 1e-5
+    with pytest.raises(ScenarioError, match="unknown backend"):
+        sparsebench.attention(q, k, v, pattern="dense", backend="nope")
+    with pytest.raises(ScenarioError, match="larger than the sequence length"):
+        sparsebench.attention(q, k, v, pattern="sliding_window", window=1000)
+    with pytest.raises(BackendUnavailable, match="dense attention only"):
+        sparsebench.attention(q, k, v, pattern="sliding_window", backend="sdpa", window=8)
+
+
+def test_every_backend_module_registered():
+    assert set(EAGER + ["flex"]) <= set(BACKENDS.names())

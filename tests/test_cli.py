@@ -1,0 +1,132 @@
+"""The CLI end to end through typer's CliRunner: a complete result folder, list, show, env,
+and a --help that does not import the heavy libraries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from sparsebench.cli import app
+
+TINY = """\
+name: tiny
+seq_lens: [96, 160]
+patterns:
+  - name: dense
+  - name: sliding_window
+    params: {window: 32}
+  - name: longformer
+    params: {window: 16, global_tokens: [0]}
+backends: [sdpa, naive, block_sparse]
+batch: 1
+heads: 2
+head_dim: 16
+warmup: 1
+repeats: 3
+block: 32
+"""
+
+REQUIRED = ("pattern", "params", "backend", "device", "dtype", "mode", "batch", "heads", "head_dim", "seq_len",
+            "causal", "status", "reason", "time_median_s", "time_iqr_s", "times_s", "tflops", "peak_mem_bytes",
+            "est_mem_bytes", "nnz", "density", "kv_cache_bytes", "max_abs_err", "setup_s", "compile_s")
+
+
+def test_run_writes_a_complete_result_folder(tmp_path):
+    scen = tmp_path / "tiny.yaml"
+    scen.write_text(TINY)
+    out = tmp_path / "res"
+    res = CliRunner().invoke(app, ["run", str(scen), "--output", str(out), "--no-plots"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().splitlines()[-1] == str(out)
+    for f in ("records.jsonl", "results.csv", "summary.md", "scenario.yaml", "environment.json", "meta.json"):
+        assert (out / f).is_file(), f
+    df = pd.read_json(out / "records.jsonl", lines=True)
+    # 2 sizes x (dense: sdpa, naive, block_sparse + 2 patterns x naive, block_sparse)
+    assert len(df) == 2 * 7
+    assert set(REQUIRED) <= set(df.columns)
+    assert (df["status"] == "ok").all(), df[["pattern", "backend", "status", "reason"]]
+    assert (df["max_abs_err"] < 1e-4).all()
+    assert (df["times_s"].map(len) >= 3).all()
+    sw = df[(df.pattern == "sliding_window") & (df.seq_len == 160)].iloc[0]
+    assert sw["nnz"] == sum(min(i + 1, 32) for i in range(160))
+    assert sw["kv_cache_bytes"] == 2 * 1 * 2 * 16 * 4 * 32
+    env = json.loads((out / "environment.json").read_text())
+    assert {"torch", "python", "sparsebench", "cpu", "threads"} <= set(env)
+    assert "dense" in (out / "summary.md").read_text()
+    assert pd.read_csv(out / "results.csv").shape[0] == len(df)
+
+
+def test_run_refuses_a_non_empty_output(tmp_path):
+    scen = tmp_path / "tiny.yaml"
+    scen.write_text(TINY)
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "x").write_text("x")
+    res = CliRunner().invoke(app, ["run", str(scen), "--output", str(tmp_path / "res")])
+    assert res.exit_code == 2 and "not empty" in res.output and "Traceback" not in res.output
+
+
+def test_failed_case_skips_larger_sizes_and_run_goes_on(tmp_path):
+    scen = tmp_path / "t.yaml"
+    scen.write_text(
+        "name: t\nseq_lens: [96, 4096]\npatterns: [{name: sliding_window, params: {window: 32}}]\n"
+        "backends: [naive, block_sparse]\nheads: 2\nhead_dim: 16\nrepeats: 2\nwarmup: 0\n"
+        "check: {exact_max_elems: 0, sample_rows: 4}\n"
+    )
+    out = tmp_path / "r"
+    # a memory budget between the small cases and naive at 4096 (its scores alone are 128 MiB)
+    res = CliRunner().invoke(app, ["run", str(scen), "--output", str(out), "--no-plots", "--in-process",
+                                   "--max-memory", "100MiB"])
+    assert res.exit_code == 0, res.output
+    df = pd.read_json(out / "records.jsonl", lines=True)
+    big_naive = df[(df.backend == "naive") & (df.seq_len == 4096)]
+    assert len(big_naive) == 1
+    assert (big_naive["status"] == "skipped").all() and big_naive["reason"].str.contains("memory budget").all()
+    assert (df[df.seq_len == 96]["status"] == "ok").all()
+    assert (df[(df.backend == "block_sparse") & (df.seq_len == 4096)]["status"] == "ok").all()
+    assert (df[(df.backend == "block_sparse")]["check"] == "sampled").all()
+
+
+def test_list_names_patterns_and_backend_availability():
+    res = CliRunner().invoke(app, ["list"])
+    assert res.exit_code == 0
+    for word in ("sliding_window", "ds_bslongformer", "window", "block_sparse", "available"):
+        assert word in res.output
+
+
+def test_show_json():
+    res = CliRunner().invoke(app, ["show", "longformer", "--seq-len", "12", "-p", "window=3", "-p",
+                                   "global_tokens=[0,7]", "--block", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["keys_per_query"][5] == 4  # 3 window keys + global token 0
+    assert info["nnz"] == sum(info["keys_per_query"])
+    assert abs(info["density"] - info["nnz"] / 144) < 1e-12
+    assert info["kv_retained"] == 5
+    assert len(info["block_layout"]) == 3 and info["block_layout"][0] == [1, 0, 0]
+
+
+def test_show_draws_and_rejects_bad_values():
+    res = CliRunner().invoke(app, ["show", "sliding_window", "--seq-len", "8", "-p", "window=3"])
+    assert res.exit_code == 0 and "█" in res.output and "keys per query: min 1, mean" in res.output
+    res = CliRunner().invoke(app, ["show", "sliding_window", "--seq-len", "8", "-p", "window=30"])
+    assert res.exit_code == 2 and res.output.startswith("error:") and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["show", "nope", "--seq-len", "8"])
+    assert res.exit_code == 2 and "unknown pattern" in res.output
+
+
+def test_env():
+    res = CliRunner().invoke(app, ["env", "--json"])
+    assert res.exit_code == 0
+    assert "torch" in json.loads(res.output)
+
+
+def test_help_does_not_import_heavy_modules():
+    code = ("import sys; from sparsebench.cli import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(','.join(m for m in ('torch', 'pandas', 'matplotlib', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

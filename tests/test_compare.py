@@ -1,0 +1,252 @@
+"""`sparsebench compare`: verdicts from the raw times, the threshold and the exit code, cases on
+one side only, environment warnings, output formats, --by, and the ratio plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from report_fixtures import ENV, make_records, record, write_result
+from sparsebench.cli_report import register
+from sparsebench.compare import (
+    compare,
+    compare_by,
+    fig_ratio,
+    mann_whitney,
+    min_p_value,
+    parse_threshold,
+)
+from sparsebench.errors import ResultsError, ScenarioError
+from sparsebench.results import frame
+
+SW = "sliding_window(window=256)"
+
+
+def app() -> typer.Typer:
+    a = typer.Typer()
+    register(a)
+    return a
+
+
+def run(*args: str):
+    return CliRunner().invoke(app(), ["compare", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    return {
+        "base": write_result(root / "base", make_records()),
+        "same": write_result(root / "same", make_records()),
+        "slow": write_result(root / "slow", make_records(scale=1.5)),
+        "env": write_result(root / "env", make_records(), env={**ENV, "threads": 8, "torch": "2.12.0"}),
+        "partial": write_result(
+            root / "partial",
+            make_records(where=lambda r: r["backend"] != "flex") + [record("dense", "sdpa", 16384, 0.4)],
+        ),
+    }
+
+
+# -- options and statistics ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,value", [("10%", 0.10), ("0.1", 0.10), ("10", 0.10), ("2.5%", 0.025), (" 5 % ", 0.05), ("0", 0.0)])
+def test_parse_threshold(text, value):
+    assert parse_threshold(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["junk", "-5%", "10%%", "", "ten"])
+def test_parse_threshold_rejects_junk(text):
+    with pytest.raises(ScenarioError, match="--threshold"):
+        parse_threshold(text)
+
+
+def test_mann_whitney():
+    a = [1.0, 2.0, 3.0, 4.0]
+    b = [5.0, 6.0, 7.0, 8.0]
+    assert mann_whitney(a, b) == pytest.approx(2 / math.comb(8, 4))
+    assert mann_whitney(b, a) == pytest.approx(2 / math.comb(8, 4))
+    assert mann_whitney(a, a) == pytest.approx(1.0)  # all ties: normal approximation, p = 1
+    interleaved = [1.0, 3.0, 5.0, 7.0]
+    assert mann_whitney(interleaved, [2.0, 4.0, 6.0, 8.0]) > 0.5
+    # large samples: the normal approximation agrees with the obvious answer
+    big_a = [float(i) for i in range(40)]
+    assert mann_whitney(big_a, [x + 100 for x in big_a]) < 1e-10
+    assert mann_whitney(big_a, [x + 0.5 for x in big_a]) > 0.5
+    assert min_p_value(3, 3) == pytest.approx(0.1) and min_p_value(7, 7) < 0.001
+
+
+# -- the library ----------------------------------------------------------------------------
+
+
+def test_identical_is_same():
+    c = compare(frame(make_records()), frame(make_records()))
+    assert c.rows and all(r.verdict in ("same", "failed in both") for r in c.rows)
+    assert c.regressions() == [] and c.only_base == () and c.only_new == ()
+
+
+def test_fifty_percent_slower_is_a_regression():
+    c = compare(frame(make_records()), frame(make_records(scale=1.5)))
+    ok = [r for r in c.rows if r.ratio is not None]
+    assert ok and all(r.verdict == "slower" and r.ratio == pytest.approx(1.5) for r in ok)
+    assert all(r.test == "U test" and r.p_value < 0.01 for r in ok)
+    assert len(c.regressions()) == len(ok)
+    faster = compare(frame(make_records(scale=1.5)), frame(make_records()))
+    assert {r.verdict for r in faster.rows if r.ratio} == {"faster"} and not faster.regressions()
+
+
+def test_threshold_decides():
+    base, new = frame(make_records()), frame(make_records(scale=1.05))
+    assert not compare(base, new, threshold=0.10).regressions()  # 5% < 10%
+    assert compare(base, new, threshold=0.02).regressions()  # 5% > 2% and clearly beyond noise
+
+
+def test_noise_decides():
+    """A 30% slower median with wildly overlapping samples is not a regression."""
+    def noisy(times):
+        r = record("dense", "sdpa", 1024, 1.0)
+        s = sorted(times)
+        return dict(r, times_s=times, time_median_s=s[len(s) // 2], time_min_s=s[0])
+
+    base = frame([noisy([1.0, 0.5, 2.0, 0.7, 1.6, 0.9, 1.4])])
+    new = frame([noisy([1.3, 0.6, 2.1, 0.8, 1.9, 1.2, 1.5])])
+    (row,) = compare(base, new).rows
+    assert row.ratio == pytest.approx(1.3) and row.verdict == "same" and row.p_value > 0.05
+    # too few samples for the rank test: IQR overlap decides
+    few_b = frame([noisy([1.0, 1.01, 0.99])])
+    few_n = frame([noisy([1.5, 1.51, 1.49])])
+    (row,) = compare(few_b, few_n).rows
+    assert row.test == "IQR overlap" and row.verdict == "slower"
+
+
+def test_metric_min():
+    c = compare(frame(make_records()), frame(make_records(scale=1.5)), metric="min")
+    r = next(r for r in c.rows if r.get("backend") == "sdpa" and r.get("seq_len") == 256)
+    assert c.metric == "min" and r.base == pytest.approx(min(make_records()[0]["times_s"]))
+    assert r.base < r.new and r.verdict == "slower"
+    with pytest.raises(ScenarioError, match="expected one of: median, min"):
+        compare(frame(make_records()), frame(make_records()), metric="mean")
+
+
+def test_new_failure_is_a_regression():
+    base = [record("dense", "sdpa", 1024, 0.01)]
+    new = [record("dense", "sdpa", 1024, None, status="oom")]
+    (row,) = compare(frame(base), frame(new)).rows
+    assert row.verdict == "now failing" and row.is_regression
+    (row,) = compare(frame(new), frame(base)).rows
+    assert row.verdict == "now ok" and not row.is_regression
+
+
+def test_renderers():
+    c = compare(frame(make_records()), frame(make_records(scale=1.5)), base_name="A", new_name="B")
+    md = c.to_markdown()
+    assert md.startswith("### sparsebench compare: B vs A") and "| case |" in md and "**slower**" in md
+    data = json.loads(c.to_json())
+    assert data["regressions"] == len(c.regressions()) and data["cases"][0]["verdict"]
+    rows = list(csv.DictReader(io.StringIO(c.to_csv())))
+    assert len(rows) == len(c.rows) and {"ratio", "verdict", "seq_len"} <= set(rows[0])
+    text = c.render("table")
+    assert "slower" in text and "1.50x" in text
+
+
+def test_ratio_plot():
+    c = compare(frame(make_records()), frame(make_records(scale=1.5)))
+    fig = fig_ratio(c)
+    lines = {ln.get_gid().split(":", 1)[1]: ln for ln in fig.axes[0].get_lines() if (ln.get_gid() or "").startswith("ratio:")}
+    assert f"{SW} · block_sparse" in lines and "dense · sdpa" in lines
+    assert all(y == pytest.approx(1.5) for y in lines["dense · sdpa"].get_ydata())
+    assert fig_ratio(compare(frame([record("dense", "sdpa", 256, None, status="oom")]),
+                             frame([record("dense", "sdpa", 256, None, status="oom")]))) is None
+
+
+def test_compare_by_backend():
+    by = compare_by(frame(make_records()), by="backend")
+    assert by.values[0] == "sdpa" and {"block_sparse", "flex", "sdpa_masked", "naive"} <= set(by.values)
+    assert "seq_len" in by.dims and "backend" not in by.dims
+    md = by.to_markdown()
+    assert "| pattern | n | sdpa |" in md and "(best)" in md
+    flex_row = next(cells for key, cells in by.rows if key[0] == SW and key[-1] == 8192)
+    assert dict((v, t) for v, t, _ in flex_row)["flex"] == pytest.approx(1e-5 + 8e-7 * 8192, rel=0.05)
+    assert json.loads(by.to_json())["by"] == "backend"
+    with pytest.raises(ScenarioError, match="expected one of"):
+        compare_by(frame(make_records()), by="colour")
+    with pytest.raises(ResultsError, match="only one"):
+        compare_by(frame(make_records()), by="device")
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def test_cli_identical_passes(folders):
+    res = run(folders["base"], folders["same"], "--fail-on-regression")
+    assert res.exit_code == 0, res.output
+    assert "same" in res.stdout and "error" not in res.stderr
+
+
+def test_cli_fifty_percent_slower_fails(folders):
+    res = run(folders["base"], folders["slow"], "--fail-on-regression", "--threshold", "10%")
+    assert res.exit_code == 1
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "regressed beyond 10%" in err[0]
+    # without the flag the comparison is reported but the exit code stays 0
+    assert run(folders["base"], folders["slow"]).exit_code == 0
+    # a threshold above the slowdown passes
+    assert run(folders["base"], folders["slow"], "--fail-on-regression", "--threshold", "60%").exit_code == 0
+
+
+def test_cli_lists_one_sided_cases(folders):
+    res = run(folders["base"], folders["partial"], "--format", "markdown", "--fail-on-regression")
+    assert res.exit_code == 0, res.output
+    assert "**Only in base** (6):" in res.stdout
+    assert f"- {SW} · flex, n=256" in res.stdout
+    assert "**Only in partial** (1):" in res.stdout and "dense · sdpa, n=16384" in res.stdout
+
+
+def test_cli_warns_when_environments_differ(folders):
+    res = run(folders["base"], folders["env"], "--format", "json")
+    assert res.exit_code == 0
+    assert "environments differ" in res.stderr and "threads 16 vs 8" in res.stderr and "torch 2.13.0 vs 2.12.0" in res.stderr
+    assert json.loads(res.stdout)["warnings"]
+    table = run(folders["base"], folders["env"])
+    assert "environments differ" in table.stdout
+
+
+def test_cli_formats_output_and_plot(folders, tmp_path):
+    out, png = tmp_path / "cmp.csv", tmp_path / "ratio.png"
+    res = run(folders["base"], folders["slow"], "--format", "csv", "--output", out, "--plot", png, "--metric", "min")
+    assert res.exit_code == 0, res.output
+    assert out.read_text().startswith("pattern_label,backend,")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_by(folders):
+    res = run(folders["base"], "--by", "backend", "--format", "markdown")
+    assert res.exit_code == 0, res.output
+    assert "| pattern | n | sdpa | block_sparse | flex | naive | sdpa_masked |" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["{base}", "{same}", "--threshold", "lots"], "--threshold"),
+        (["{base}", "{same}", "--format", "xml"], "expected one of: table, markdown, json, csv"),
+        (["{base}", "{same}", "--metric", "mean"], "expected one of: median, min"),
+        (["{base}", "{same}", "--by", "backend"], "not both"),
+        (["{base}"], "needs NEW"),
+        (["{base}", "--by", "colour"], "expected one of"),
+        (["{base}", "{missing}"], "no such result folder"),
+        (["{base}", "{same}", "--plot", "{tmp}/r.gif"], "must end in"),
+    ],
+)
+def test_cli_errors_are_one_line(folders, tmp_path, args, needle):
+    names = {k: str(v) for k, v in folders.items()} | {"missing": str(tmp_path / "nope"), "tmp": str(tmp_path)}
+    res = run(*[a.format(**names) for a in args])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]

@@ -1,0 +1,160 @@
+"""Decode mode (sparsebench.decode): every generated token equals the row of full masked
+attention, ring caches stay bounded, and the record has what the runner needs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsebench.decode import Decoder, DenseCache, RingCache, measure_decode
+from sparsebench.errors import ScenarioError
+from sparsebench.kvcache import make_pattern
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP start-up and contention on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+PATTERNS = [
+    ("dense", {}),
+    ("sliding_window", {"window": 16}),
+    ("sink_window", {"sinks": 2, "window": 8}),
+    ("strided", {"stride": 8}),
+    ("fixed", {"stride": 8, "summary": 2}),
+    ("random", {"keys": 4, "seed": 3}),
+    ("block_local", {"block": 8}),
+    ("longformer", {"window": 8, "global_tokens": [0, 5, 33]}),
+    ("dilated_window", {"window": 4, "dilation": 3}),
+    ("bigbird", {"block": 4, "window_blocks": 3, "global_blocks": 1, "random_blocks": 1}),
+]
+IDS = [name for name, _ in PATTERNS]
+
+
+def _inputs(context, tokens, b=2, h=3, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = context + tokens
+    k = torch.randn(b, h, n, d, generator=g)
+    v = torch.randn(b, h, n, d, generator=g)
+    q = torch.randn(b, h, tokens, d, generator=g)
+    return q, k, v
+
+
+def _full_reference(pattern, context, q, k, v):
+    """Independent of the decoder: SDPA of the generated queries under the full (n, n) mask."""
+    n = k.shape[2]
+    mask = pattern.mask(n, causal=True)[context:]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("name, params", PATTERNS, ids=IDS)
+@pytest.mark.parametrize("context", [37, 64])
+def test_every_decoded_token_equals_the_reference_row(name, params, context):
+    pattern = make_pattern(name, params)
+    tokens = 29  # enough for every ring to wrap more than once
+    q, k, v = _inputs(context, tokens)
+    dec = Decoder(pattern, context, q, k, v)
+    for i in range(tokens):
+        dec.step(i)
+    ref = _full_reference(pattern, context, q, k, v)
+    torch.testing.assert_close(dec.out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dec.reference(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, params, policy, slots",
+    [
+        ("dense", {}, DenseCache, 93),
+        ("strided", {"stride": 8}, DenseCache, 93),
+        ("random", {"keys": 4}, DenseCache, 93),
+        ("sliding_window", {"window": 16}, RingCache, 16),
+        ("sink_window", {"sinks": 2, "window": 8}, RingCache, 10),
+        ("block_local", {"block": 8}, RingCache, 8),
+        ("dilated_window", {"window": 4, "dilation": 3}, RingCache, 10),
+        ("longformer", {"window": 8, "global_tokens": [0, 5, 33]}, RingCache, 11),
+    ],
+)
+def test_cache_policy_and_size(name, params, policy, slots):
+    pattern = make_pattern(name, params)
+    q, k, v = _inputs(64, 29, b=1, h=1, d=4)
+    dec = Decoder(pattern, 64, q, k, v)
+    assert type(dec.cache) is policy and dec.cache.size == slots
+    if policy is RingCache:
+        assert slots == pattern.kv_retained(93)
+
+
+def test_longformer_global_query_among_generated_tokens_falls_back_to_full_cache():
+    pattern = make_pattern("longformer", {"window": 8, "global_tokens": [0, 70]})
+    q, k, v = _inputs(64, 16)
+    dec = Decoder(pattern, 64, q, k, v)
+    assert type(dec.cache) is DenseCache and "ring would drop keys" in dec.policy
+    for i in range(16):
+        dec.step(i)
+    torch.testing.assert_close(dec.out, _full_reference(pattern, 64, q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def _quick(pattern, context, **kw):
+    return measure_decode(pattern, context, tokens=kw.pop("tokens", 6), heads=2, head_dim=16, warmup=1, **kw)
+
+
+@pytest.mark.parametrize(
+    "name, params", [("sliding_window", {"window": 16}), ("sink_window", {"sinks": 2, "window": 8})]
+)
+def test_ring_cache_bytes_do_not_grow_with_context(name, params):
+    pattern = make_pattern(name, params)
+    small, large = _quick(pattern, 32), _quick(pattern, 512)
+    assert small["cache_bytes_measured"] == large["cache_bytes_measured"] == small["kv_cache_bytes"]
+    assert large["max_abs_err"] < 1e-5
+
+
+def test_dense_cache_bytes_grow_with_context():
+    dense = make_pattern("dense")
+    small, large = _quick(dense, 32), _quick(dense, 512)
+    assert large["cache_bytes_measured"] > small["cache_bytes_measured"]
+    # 2 (K, V) x batch 1 x heads 2 x head_dim 16 x 4 bytes x (512 + 6) tokens
+    assert large["cache_bytes_measured"] == large["kv_cache_bytes"] == 2 * 2 * 16 * 4 * 518
+    assert large["kv_retained"] == 518
+
+
+def test_record_fields():
+    rec = _quick(make_pattern("strided", {"stride": 8}), 64, tokens=5, batch=2, seed=1)
+    assert len(rec["times_s"]) == 5 and all(t > 0 for t in rec["times_s"])
+    assert rec["time_min_s"] <= rec["time_median_s"] and rec["time_iqr_s"] >= 0
+    assert rec["decode_tokens"] == 5 and rec["cache_policy"] == "dense(69)" and rec["cache_tokens"] == 69
+    assert rec["max_abs_err"] < 1e-5
+    assert "peak_mem_bytes" not in rec  # CPU: the harness measures RSS
+    json.dumps(rec, allow_nan=False)
+
+
+def test_half_precision_runs_with_a_looser_error():
+    rec = _quick(make_pattern("sliding_window", {"window": 16}), 40, dtype="bf16")
+    assert rec["max_abs_err"] < 5e-2
+    assert rec["cache_bytes_measured"] == rec["kv_cache_bytes"] == 2 * 2 * 16 * 2 * 16
+
+
+def test_errors():
+    sw = make_pattern("sliding_window", {"window": 16})
+    with pytest.raises(ScenarioError, match="decode mode needs causal"):
+        _quick(sw, 32, causal=False)
+    with pytest.raises(ScenarioError, match="decode context must be a positive integer"):
+        _quick(sw, 0)
+    with pytest.raises(ScenarioError, match="decode tokens"):
+        _quick(sw, 32, tokens=0)
+    with pytest.raises(ScenarioError, match="unknown decode dtype 'fp12'"):
+        _quick(sw, 32, dtype="fp12")
+    with pytest.raises(ScenarioError, match="larger than the sequence length"):
+        measure_decode(make_pattern("sliding_window", {"window": 100}), 16, tokens=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decode_matches_and_reports_peak_memory():
+    rec = measure_decode(make_pattern("sink_window", {"sinks": 4, "window": 64}), 4096, tokens=16, device="cuda")
+    assert rec["max_abs_err"] < 1e-4 and rec["peak_mem_bytes"] > rec["cache_bytes_measured"]
