@@ -50,6 +50,16 @@ def warn(msg: str) -> None:
     _console(stderr=True).print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
 
 
+PLUGIN_HELP = "Python file registering extra patterns or backends (repeatable; runs its code)."
+
+
+def load_plugins(paths) -> None:
+    if paths:
+        from sparsebench import plugins
+
+        plugins.load(paths)
+
+
 def parse_params(items: list[str] | None) -> dict[str, Any]:
     """-p key=value pairs; values parsed as YAML scalars or lists (window=256, g=[0,7])."""
     import yaml
@@ -78,12 +88,14 @@ def run(
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the plots (records, tables and summary still written)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run cases in this process instead of an isolated worker."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Skip cases whose estimate exceeds this (e.g. 8GiB)."),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Run a scenario: every case timed, memory-measured and checked against dense attention.
 
     Records are appended to RESULT/records.jsonl as each case ends; results.csv, summary.md,
     plots/ and report.html follow. The last line printed is the result folder."""
     with guarded():
+        load_plugins(plugin)
         _run(scenario, output, results_root, resume, no_plots, in_process, max_memory)
 
 
@@ -146,7 +158,7 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     try:
         with progress:
             result = runner.run(plan, folder, scenario_text=text, isolate=not in_process, resume=resume is not None,
-                                on_start=on_start, on_record=on_record, finalize=finalize)
+                                on_start=on_start, on_record=on_record, warn=warn, finalize=finalize)
     except runner.Interrupted as exc:
         out.print(report.rich_table([r for r in _read(folder)], title="finished before the interrupt"))
         out.print(f"[yellow]{exc}[/]")
@@ -175,9 +187,13 @@ def _sigterm(signum, frame):
 
 # ---------------------------------------------------------------------------------- validate
 @app.command()
-def validate(scenario: Path = typer.Argument(..., help="Scenario YAML to check.")) -> None:
+def validate(
+    scenario: Path = typer.Argument(..., help="Scenario YAML to check."),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
+) -> None:
     """Check a scenario file and print how many cases it expands to."""
     with guarded():
+        load_plugins(plugin)
         from sparsebench import scenario as sc_mod
 
         sc, _, source = sc_mod.load(scenario)
@@ -192,9 +208,10 @@ def validate(scenario: Path = typer.Argument(..., help="Scenario YAML to check."
 
 # -------------------------------------------------------------------------------------- list
 @app.command("list")
-def list_cmd() -> None:
+def list_cmd(plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP)) -> None:
     """Patterns (with their parameters) and backends (available here, or why not)."""
     with guarded():
+        load_plugins(plugin)
         import dataclasses
 
         from rich.table import Table
@@ -212,7 +229,7 @@ def list_cmd() -> None:
                     f" = {f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
                 )
                 params.append(f"{f.name}{default}: {f.metadata.get('help', '')}")
-            t.add_row(name, cls.summary, "\n".join(params) or "-")
+            t.add_row(name, cls.rule, "\n".join(params) or "-")
         b = Table(title="backends", header_style="bold")
         for c in ("backend", "what", "here"):
             b.add_column(c, overflow="fold")

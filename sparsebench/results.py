@@ -57,8 +57,9 @@ def atomic_write(path: Path, text: str) -> None:
 class RecordWriter:
     """Appends one JSON line per finished case and flushes it to disk at once."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, warn=None) -> None:
         self.path = Path(folder) / RECORDS
+        _drop_partial_line(self.path, warn)
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def append(self, record: dict[str, Any]) -> None:
@@ -74,6 +75,21 @@ class RecordWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _drop_partial_line(path: Path, warn=None) -> None:
+    """A record cut short by a kill has no final newline: drop it before appending more."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return
+        data = path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        fh.truncate(keep)
+    if warn:
+        warn(f"{path}: dropped a truncated last record ({len(data) - keep} bytes)")
 
 
 def _json_default(obj: Any) -> Any:

@@ -107,6 +107,7 @@ def run(
     resume: bool = False,
     on_start: Callable[[Case, int, int], None] | None = None,
     on_record: Callable[[dict[str, Any], int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
     finalize: Callable[[Path, list[dict[str, Any]]], None] | None = None,
 ) -> RunResult:
     from sparsebench import environment, results
@@ -115,7 +116,7 @@ def run(
     folder = Path(folder)
     done: dict[str, dict[str, Any]] = {}
     if resume:
-        for rec in results.read_records(folder):
+        for rec in results.read_records(folder, warn=warn):
             done[rec.get("case_id", "")] = rec
     else:
         if folder.exists() and any(folder.iterdir()):
@@ -140,7 +141,7 @@ def run(
     total = len(plan.cases)
     interrupted = False
     try:
-        with results.RecordWriter(folder) as writer:
+        with results.RecordWriter(folder, warn=warn) as writer:
             for i, case in enumerate(plan.cases):
                 if case.case_id in done:
                     continue

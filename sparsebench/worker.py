@@ -11,6 +11,9 @@ from typing import Any
 
 from sparsebench.scenario import Case
 
+READY = "ready"
+START_GRACE_S = 120.0  # a fresh worker imports torch before its first case
+
 
 def classify(exc: BaseException) -> tuple[str, str]:
     """(status, one-line reason) for an exception raised by a case."""
@@ -42,6 +45,10 @@ def execute(case: Case) -> dict[str, Any]:
 
 def _serve(conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides on Ctrl-C
+    from sparsebench import harness, plugins  # noqa: F401 - import torch before the first case
+
+    plugins.load_from_env()
+    conn.send(READY)
     while True:
         try:
             msg = conn.recv()
@@ -74,18 +81,32 @@ class Worker:
     def run(self, case: Case, timeout: float) -> dict[str, Any]:
         if self._proc is None or not self._proc.is_alive():
             self._start()
+            assert self._conn is not None
+            if not self._conn.poll(START_GRACE_S):
+                self.kill()
+                return {"status": "crashed", "reason": f"worker did not start within {START_GRACE_S:g} s"}
+            try:
+                self._conn.recv()
+            except EOFError:
+                return self._died()
         assert self._conn is not None and self._proc is not None
-        self._conn.send(case.as_dict())
-        # a fresh worker pays for importing torch: allow it on top of the case's limit
-        if self._conn.poll(timeout + 30):
+        try:
+            self._conn.send(case.as_dict())
+        except (BrokenPipeError, OSError):
+            return self._died()
+        if self._conn.poll(timeout):
             try:
                 return self._conn.recv()
             except EOFError:
-                pass
-        else:
-            self.kill()
-            return {"status": "timeout", "reason": f"no result within the {timeout:g} s case limit; worker killed"}
-        return self._died()
+                return self._died()
+        if not self._proc.is_alive():
+            return self._died()
+        self.kill()
+        return {"status": "timeout", "reason": f"no result within the {timeout:g} s case limit; worker killed"}
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def _died(self) -> dict[str, Any]:
         proc = self._proc
