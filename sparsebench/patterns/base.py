@@ -94,7 +94,7 @@ class Pattern:
     """Base class. Subclasses are frozen dataclasses whose fields are the pattern's parameters."""
 
     name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
+    rule: ClassVar[str] = ""
     # Whether the pattern is (block-)structured enough that a decoder can drop old keys.
     bounded_kv: ClassVar[bool] = False
 

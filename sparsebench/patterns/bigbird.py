@@ -35,7 +35,7 @@ def random_blocks(nblocks: int, random: int, window: int, glob: int, seed: int, 
 @dataclass(frozen=True, kw_only=True)
 class BigBird(Pattern):
     name = "bigbird"
-    summary = "block-level window + global + random blocks"
+    rule = "block-level window + global + random blocks"
     block: int = param("BigBird block size", 64)
     window_blocks: int = param("blocks in the sliding window (odd, centred)", 3)
     global_blocks: int = param("leading global blocks", 1)

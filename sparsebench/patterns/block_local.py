@@ -13,7 +13,7 @@ from sparsebench.patterns.base import PATTERNS, Intervals, Pattern, param, requi
 @dataclass(frozen=True, kw_only=True)
 class BlockLocal(Pattern):
     name = "block_local"
-    summary = "floor(i/b) == floor(j/b)"
+    rule = "floor(i/b) == floor(j/b)"
     bounded_kv = True
     block: int = param("block length b")
 

@@ -25,7 +25,7 @@ from sparsebench.patterns.base import (
 @dataclass(frozen=True, kw_only=True)
 class Strided(Pattern):
     name = "strided"
-    summary = "A1: i-L <= j <= i (|i-j| <= L bidirectional) or A2: (i-j) mod L == 0"
+    rule = "A1: i-L <= j <= i (|i-j| <= L bidirectional) or A2: (i-j) mod L == 0"
     stride: int = param("stride L (about sqrt(n) in the paper)")
 
     def validate(self):
@@ -60,25 +60,15 @@ class Strided(Pattern):
 @dataclass(frozen=True, kw_only=True)
 class Fixed(Pattern):
     name = "fixed"
-    summary = "A1: floor(j/L) == floor(i/L) or A2: j mod L >= L - c (summary columns)"
+    rule = "A1: floor(j/L) == floor(i/L) or A2: j mod L >= L - c (summary columns)"
     stride: int = param("block length L")
-    summary_len: int = param("summary columns c at the end of each block", 1)
-
-    @classmethod
-    def from_params(cls, params):
-        params = dict(params or {})
-        if "summary" in params:  # the paper's and design.md's name for c
-            params["summary_len"] = params.pop("summary")
-        return super().from_params(params)
-
-    def params(self):
-        return {"stride": self.stride, "summary": self.summary_len}
+    summary: int = param("summary columns c at the end of each block", 1)
 
     def validate(self):
-        require_positive(self, "stride", "summary_len")
-        if self.summary_len > self.stride:
+        require_positive(self, "stride", "summary")
+        if self.summary > self.stride:
             raise PatternError(
-                f"pattern 'fixed' parameter 'summary'={self.summary_len} must be <= stride {self.stride}"
+                f"pattern 'fixed' parameter 'summary'={self.summary} must be <= stride {self.stride}"
             )
 
     def check(self, n, causal):
@@ -86,10 +76,10 @@ class Fixed(Pattern):
 
     def _allowed(self, q, k, n, causal):
         L = self.stride
-        return (q // L == k // L) | (k % L >= L - self.summary_len)
+        return (q // L == k // L) | (k % L >= L - self.summary)
 
     def key_intervals(self, n, block, causal):
-        L, c = self.stride, self.summary_len
+        L, c = self.stride, self.summary
         nb = math.ceil(n / block)
         # A1: the query block's own L-blocks
         qb = torch.arange(nb)
@@ -107,7 +97,7 @@ class Fixed(Pattern):
         return Intervals.cat(parts)
 
     def keys_per_query(self, n, causal):
-        L, c = self.stride, self.summary_len
+        L, c = self.stride, self.summary
         i = torch.arange(n)
         start = i // L * L
         if causal:

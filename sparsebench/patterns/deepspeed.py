@@ -230,7 +230,7 @@ class _DeepSpeed(Pattern):
 @dataclass(frozen=True, kw_only=True)
 class DSFixed(_DeepSpeed):
     name = "ds_fixed"
-    summary = "DeepSpeed FixedSparsityConfig: local block windows + last blocks of each window global"
+    rule = "DeepSpeed FixedSparsityConfig: local block windows + last blocks of each window global"
     horizontal = True
     num_local_blocks: int = param("blocks per local window", 4)
     num_global_blocks: int = param("last blocks of each window that are global", 1)
@@ -274,7 +274,7 @@ class DSFixed(_DeepSpeed):
 @dataclass(frozen=True, kw_only=True)
 class DSVariable(_DeepSpeed):
     name = "ds_variable"
-    summary = "DeepSpeed VariableSparsityConfig: variable local windows + global block spans + random"
+    rule = "DeepSpeed VariableSparsityConfig: variable local windows + global block spans + random"
     horizontal = True
     num_random_blocks: int = param("random key blocks per block row", 0)
     local_window_blocks: list[int] = param("blocks of each local window; the last size repeats", [4])
@@ -319,7 +319,7 @@ class DSVariable(_DeepSpeed):
 @dataclass(frozen=True, kw_only=True)
 class DSBigBird(_DeepSpeed):
     name = "ds_bigbird"
-    summary = "DeepSpeed BigBirdSparsityConfig: sliding block window + leading global blocks + random"
+    rule = "DeepSpeed BigBirdSparsityConfig: sliding block window + leading global blocks + random"
     num_random_blocks: int = param("random key blocks per block row", 1)
     num_sliding_window_blocks: int = param("blocks in the sliding window (centred)", 3)
     num_global_blocks: int = param("leading blocks that attend and are attended by all", 1)
@@ -354,7 +354,7 @@ class DSBigBird(_DeepSpeed):
 @dataclass(frozen=True, kw_only=True)
 class DSBSLongformer(_DeepSpeed):
     name = "ds_bslongformer"
-    summary = "DeepSpeed BSLongformerSparsityConfig: sliding block window + global block spans"
+    rule = "DeepSpeed BSLongformerSparsityConfig: sliding block window + global block spans"
     num_sliding_window_blocks: int = param("blocks in the sliding window (centred)", 3)
     global_block_indices: list[int] = param("global blocks (span starts when end indices are given)", [0])
     global_block_end_indices: list[int] = param("exclusive ends of the global spans (empty: single blocks)", [])
@@ -378,7 +378,7 @@ class DSBSLongformer(_DeepSpeed):
 @dataclass(frozen=True, kw_only=True)
 class DSSlidingWindow(_DeepSpeed):
     name = "ds_sliding_window"
-    summary = "DeepSpeed LocalSlidingWindowSparsityConfig: sliding block window only"
+    rule = "DeepSpeed LocalSlidingWindowSparsityConfig: sliding block window only"
     bounded_kv = True
     num_sliding_window_blocks: int = param("blocks in the sliding window (centred; causal: w//2 back)", 3)
 

@@ -13,7 +13,7 @@ from sparsebench.patterns.base import PATTERNS, Pattern
 @dataclass(frozen=True, kw_only=True)
 class Dense(Pattern):
     name = "dense"
-    summary = "all pairs (the baseline)"
+    rule = "all pairs (the baseline)"
 
     def _allowed(self, q, k, n, causal):
         return torch.ones((), dtype=torch.bool, device=q.device)

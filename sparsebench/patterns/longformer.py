@@ -27,7 +27,7 @@ from sparsebench.patterns.base import (
 @dataclass(frozen=True, kw_only=True)
 class Longformer(Pattern):
     name = "longformer"
-    summary = "sliding window, or j in G, or i in G (global tokens)"
+    rule = "sliding window, or j in G, or i in G (global tokens)"
     bounded_kv = True
     window: int = param("sliding window W (keys incl. self)")
     global_tokens: list[int] = param("indices of global tokens G", [0])

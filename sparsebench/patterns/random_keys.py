@@ -27,7 +27,7 @@ def random_table(keys: int, seed: int, n: int, causal: bool) -> torch.Tensor:
 @dataclass(frozen=True, kw_only=True)
 class Random(Pattern):
     name = "random"
-    summary = "R seeded random keys per query, plus self"
+    rule = "R seeded random keys per query, plus self"
     keys: int = param("random keys per query (R)")
     seed: int = param("random seed", 0)
 

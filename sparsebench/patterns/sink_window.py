@@ -23,7 +23,7 @@ from sparsebench.patterns.base import (
 @dataclass(frozen=True, kw_only=True)
 class SinkWindow(Pattern):
     name = "sink_window"
-    summary = "j < S (sinks), or i-W < j <= i (|i-j| < W bidirectional)"
+    rule = "j < S (sinks), or i-W < j <= i (|i-j| < W bidirectional)"
     bounded_kv = True
     sinks: int = param("leading sink tokens S", 4)
     window: int = param("sliding window W (keys incl. self)")

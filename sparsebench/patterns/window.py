@@ -22,7 +22,7 @@ from sparsebench.patterns.base import (
 @dataclass(frozen=True, kw_only=True)
 class SlidingWindow(Pattern):
     name = "sliding_window"
-    summary = "causal: i-W < j <= i (W keys incl. self); bidirectional: |i-j| < W"
+    rule = "causal: i-W < j <= i (W keys incl. self); bidirectional: |i-j| < W"
     bounded_kv = True
     window: int = param("keys per query including itself (W)")
 
@@ -49,7 +49,7 @@ class SlidingWindow(Pattern):
 @dataclass(frozen=True, kw_only=True)
 class DilatedWindow(Pattern):
     name = "dilated_window"
-    summary = "j = i - kD (and i + kD bidirectional), 0 <= k < W"
+    rule = "j = i - kD (and i + kD bidirectional), 0 <= k < W"
     bounded_kv = True
     window: int = param("keys on each side including self (W)")
     dilation: int = param("gap between attended keys (D)")
