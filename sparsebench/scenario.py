@@ -395,6 +395,9 @@ def expand(sc: Scenario, source: str) -> Plan:
             except PatternError as exc:
                 raise _fail(source, index, ("patterns", i, "params"), f"{exc} (seq_lens holds {n})") from None
         patterns.append((spec.label or pat.label(), pat))
+    if "block_sparse" in sc.backends and sc.block > sc.lengths[0]:
+        raise _fail(source, index, ("block",),
+                    f"block {sc.block} is larger than the shortest sequence length {sc.lengths[0]}")
     labels = [lab for lab, _ in patterns]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
