@@ -162,9 +162,15 @@ def run_case(case: Case) -> dict[str, Any]:
         max_abs_err=err,
         check=how,
     )
-    if err is not None and not (err <= TOLERANCE[case.dtype]):
+    return judge(fields, case.dtype)
+
+
+def judge(fields: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """Mark a result outside the dtype's tolerance as wrong."""
+    err = fields.get("max_abs_err")
+    if err is not None and not (err <= TOLERANCE[dtype]):
         fields["status"] = "wrong"
-        fields["reason"] = f"max abs error {err:.3g} above the {case.dtype} tolerance {TOLERANCE[case.dtype]:g}"
+        fields["reason"] = f"max abs error {err:.3g} above the {dtype} tolerance {TOLERANCE[dtype]:g}"
     return fields
 
 
@@ -188,8 +194,4 @@ def run_decode_case(case: Case) -> dict[str, Any]:
     fields.setdefault("peak_mem_bytes", pm.peak_bytes)
     fields["check"] = "exact"
     fields["noisy"] = Measurement(tuple(fields["times_s"])).noisy
-    err = fields.get("max_abs_err")
-    if err is not None and not (err <= TOLERANCE[case.dtype]):
-        fields["status"] = "wrong"
-        fields["reason"] = f"max abs error {err:.3g} above the {case.dtype} tolerance {TOLERANCE[case.dtype]:g}"
-    return fields
+    return judge(fields, case.dtype)
