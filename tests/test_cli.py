@@ -130,3 +130,31 @@ def test_help_does_not_import_heavy_modules():
             "print(','.join(m for m in ('torch', 'pandas', 'matplotlib', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_fast_but_wrong_backend_is_marked_wrong(tmp_path):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text(
+        "import torch\n"
+        "from sparsebench.backends.base import BACKENDS, Backend\n"
+        "@BACKENDS.register\n"
+        "class Broken(Backend):\n"
+        "    name = 'broken_zero'\n"
+        "    summary = 'returns zeros'\n"
+        "    sparse = True\n"
+        "    def prepare(self, p):\n"
+        "        return lambda q, k, v: torch.zeros_like(q)\n"
+    )
+    scen = tmp_path / "s.yaml"
+    scen.write_text("name: w\nseq_lens: [64, 300]\npatterns: [{name: sliding_window, params: {window: 8}}]\n"
+                    "backends: [broken_zero, block_sparse]\nheads: 2\nhead_dim: 16\nrepeats: 2\nblock: 32\n"
+                    "check: {exact_max_elems: 10000, sample_rows: 8}\n")
+    out = tmp_path / "r"
+    res = CliRunner().invoke(app, ["run", str(scen), "--plugin", str(plugin), "--output", str(out), "--no-plots",
+                                   "--in-process"])
+    assert res.exit_code == 0, res.output
+    df = pd.read_json(out / "records.jsonl", lines=True)
+    broken = df[df.backend == "broken_zero"]
+    assert (broken.status == "wrong").all() and broken.reason.str.contains("tolerance").all()
+    assert set(broken.check) == {"exact", "sampled"}  # 2*64*64 fits the exact check, 2*300*300 does not
+    assert (df[df.backend != "broken_zero"].status == "ok").all()
