@@ -88,12 +88,11 @@ def run(
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the plots (records, tables and summary still written)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run cases in this process instead of an isolated worker."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Skip cases whose estimate exceeds this (e.g. 8GiB)."),
-    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
 ) -> None:
     """Run a scenario: every case timed, memory-measured and checked against dense attention.
 
-    Records are appended to RESULT/records.jsonl as each case ends; results.csv, summary.md,
-    plots/ and report.html follow. The last line printed is the result folder."""
+    Records are appended to RESULT/records.jsonl as each case ends; results.csv, summary.md, plots/ and report.html follow. The last line printed is the result folder."""
     with guarded():
         load_plugins(plugin)
         _run(scenario, output, results_root, resume, no_plots, in_process, max_memory)
@@ -189,7 +188,7 @@ def _sigterm(signum, frame):
 @app.command()
 def validate(
     scenario: Path = typer.Argument(..., help="Scenario YAML to check."),
-    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
 ) -> None:
     """Check a scenario file and print how many cases it expands to."""
     with guarded():
@@ -208,7 +207,7 @@ def validate(
 
 # -------------------------------------------------------------------------------------- list
 @app.command("list")
-def list_cmd(plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP)) -> None:
+def list_cmd(plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py")) -> None:
     """Patterns (with their parameters) and backends (available here, or why not)."""
     with guarded():
         load_plugins(plugin)
@@ -246,7 +245,7 @@ def list_cmd(plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=
 def show(
     pattern: str = typer.Argument(..., help="Pattern name (see `sparsebench list`)."),
     seq_len: int = typer.Option(..., "--seq-len", "-n", help="Sequence length."),
-    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Pattern parameter key=value (repeatable)."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Pattern parameter key=value (repeatable).", metavar="KEY=VALUE"),
     block: Optional[int] = typer.Option(None, "--block", help="Also show the block layout for this block size."),
     bidirectional: bool = typer.Option(False, "--bidirectional", help="Non-causal pattern (default causal)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a drawing."),
