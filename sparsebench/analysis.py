@@ -278,7 +278,9 @@ def analyze(df, floor_slope: float = FLOOR_SLOPE, min_points: int = MIN_FIT_POIN
     out = []
     for key, g in groups:
         base = baselines.get(_shape_of(key))
-        out.append(_summarise(key, g, labels[key], base, floor_slope, min_points))
+        # a decode window's per-token latency is flat by design: no overhead floor to drop
+        floor = float("-inf") if dict(zip(SERIES_KEY, key)).get("mode") == "decode" else floor_slope
+        out.append(_summarise(key, g, labels[key], base, floor, min_points))
     out.sort(key=lambda s: (not s.is_baseline, s.get("device"), s.get("dtype"), s.get("mode"), s.label))
     return Analysis(tuple(out))
 

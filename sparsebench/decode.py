@@ -19,14 +19,24 @@ needs every earlier key) the cache falls back to ``DenseCache`` and says so in
 ``cache_policy``. A timed step writes the new K/V into its slot, reads the planned slots and
 runs one query of attention.
 
+Timing (``measure_decode``): a step is tens of microseconds of latency-bound work, so the
+clock is easily dominated by the machine rather than the step. The steps run on one intra-op
+thread (see ``_intra_op_threads``), after a warm-up of at least ``warmup`` steps and
+``warmup_s`` seconds, and each generated position is stepped ``repeats`` times back to back
+(a step is idempotent: the same slot gets the same K/V and the same slots are read), with
+``repeats`` chosen so that the timed steps add up to about ``min_time_s``. ``times_s`` holds
+every timed step; the median of them is the per-token latency.
+
 Random patterns (random, bigbird) depend on the total length n; decoding uses the final
 length ``context + tokens`` as the pattern's n for every position, and the reference does too.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +58,11 @@ _DTYPES = {
 }
 # Score elements per chunk of the reference computation.
 _REF_CHUNK = 1 << 24
+# Timing defaults (see measure_decode): warm up for at least this long, aim for about
+# MIN_TIME_S of timed steps per case, and never step one position more than MAX_REPEATS times.
+WARMUP_S = 0.05
+MIN_TIME_S = 0.5
+MAX_REPEATS = 32
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextmanager
+def _intra_op_threads(n: int | None):
+    """Run the block with ``n`` intra-op threads and restore the previous count afterwards.
+
+    Why one thread for decode: a step is one query row, two matrix-vector products and a
+    softmax over the cached keys, a few small ops that are bound by memory latency, not by
+    arithmetic. ATen splits each op over its OpenMP threads and joins them at a barrier; on a
+    shared machine (here 2 cores under load) a worker the OS has descheduled holds that
+    barrier for a whole scheduler slice, so a 50 us step reads 8-12 ms. One thread measures
+    the step and not the scheduler. (A second thread could add a little memory bandwidth to a
+    very long dense cache; stable numbers are worth more. ``None`` keeps torch's setting.)
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _iqr(times: list[float]) -> float:
     if len(times) < 2:
         return 0.0
@@ -288,10 +326,20 @@ def measure_decode(
     warmup: int = 4,
     causal: bool = True,
     seed: int = 0,
+    threads: int | None = 1,
+    warmup_s: float = WARMUP_S,
+    min_time_s: float = MIN_TIME_S,
+    max_repeats: int = MAX_REPEATS,
 ) -> dict[str, Any]:
     """Time ``tokens`` single-token decode steps after a prefill of ``context`` tokens.
 
-    Returns record fields: time_median_s / time_iqr_s / time_min_s / times_s (per token),
+    Timing: on the CPU the steps run with ``threads`` intra-op threads (1 by default, restored
+    afterwards; ``None`` leaves torch's setting). Warm-up runs at least ``warmup`` steps and
+    at least ``warmup_s`` seconds; each position is then stepped ``repeats`` times back to back
+    (1 <= repeats <= ``max_repeats``, about ``min_time_s`` of timed steps in all).
+
+    Returns record fields: time_median_s / time_iqr_s / time_min_s / times_s (per token: every
+    timed step, ``tokens * repeats`` of them), decode_repeats, decode_threads,
     cache_bytes_measured (nbytes of the K/V tensors allocated), kv_cache_bytes (analytic, one
     layer: 2 x batch x heads x head_dim x bytes x kv_retained(context + tokens)), kv_retained,
     cache_tokens, cache_policy, decode_tokens, max_abs_err (against full masked attention of
@@ -305,6 +353,13 @@ def measure_decode(
         raise ScenarioError(f"decode head_dim must be a positive integer, got {head_dim!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ScenarioError(f"decode warmup must be an integer >= 0, got {warmup!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ScenarioError(f"decode threads must be a positive integer or None, got {threads!r}")
+    if isinstance(max_repeats, bool) or not isinstance(max_repeats, int) or max_repeats < 1:
+        raise ScenarioError(f"decode max_repeats must be a positive integer, got {max_repeats!r}")
+    for what, value in (("warmup_s", warmup_s), ("min_time_s", min_time_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+            raise ScenarioError(f"decode {what} must be a finite number >= 0, got {value!r}")
     if not causal:
         raise ScenarioError("decode mode needs causal: true (a generated token cannot attend keys after it)")
     dtype = _resolve_dtype(dtype)
@@ -323,15 +378,9 @@ def measure_decode(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dec = Decoder(pattern, context, q, k, v)
-    for _ in range(warmup):  # step 0 is idempotent: same slot, same keys
-        dec.step(0)
-    times = []
-    for i in range(tokens):
-        _sync(device)
-        t0 = time.perf_counter()
-        dec.step(i)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    with _intra_op_threads(threads if device.type == "cpu" else None):
+        used_threads = torch.get_num_threads() if device.type == "cpu" else None
+        times, repeats = _time_steps(dec, tokens, device, warmup, warmup_s, min_time_s, max_repeats)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
     err = float((dec.out.float() - dec.reference()).abs().max())
@@ -342,6 +391,8 @@ def measure_decode(
         "time_min_s": min(times),
         "times_s": times,
         "decode_tokens": tokens,
+        "decode_repeats": repeats,
+        "decode_threads": used_threads,
         "cache_policy": dec.policy,
         "cache_tokens": dec.cache.size,
         "cache_bytes_measured": int(dec.cache.nbytes),
@@ -352,3 +403,34 @@ def measure_decode(
     if peak is not None:
         record["peak_mem_bytes"] = int(peak)
     return record
+
+
+def _timed_step(dec: Decoder, i: int, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    dec.step(i)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _time_steps(dec: Decoder, tokens: int, device: torch.device, warmup: int, warmup_s: float,
+                min_time_s: float, max_repeats: int) -> tuple[list[float], int]:
+    """Warm up, pick the repeat count, then time every position ``repeats`` times in a row.
+
+    Stepping a position again right away is idempotent (its K/V go to the same slot, the same
+    slots are read, ``out`` gets the same row), so the repeats leave the decoded tokens as a
+    single pass would, and the correctness check still holds."""
+    warm: list[float] = []
+    start = time.perf_counter()
+    while len(warm) < warmup or (time.perf_counter() - start < warmup_s and len(warm) < 10_000):
+        warm.append(_timed_step(dec, 0, device))  # step 0 is idempotent: same slot, same keys
+    repeats = 1
+    if warm and min_time_s > 0:
+        # the fastest of the last few warm-up steps: what a step costs once warm
+        est = max(min(warm[-5:]), 1e-7)
+        repeats = max(1, min(max_repeats, math.ceil(min_time_s / (tokens * est))))
+    times = []
+    for i in range(tokens):
+        for _ in range(repeats):
+            times.append(_timed_step(dec, i, device))
+    return times, repeats

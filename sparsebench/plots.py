@@ -7,7 +7,11 @@ them to ``<result>/plots/<name>.<fmt>``. Figures are built with ``matplotlib.fig
 
 Encoding, the same in every figure: colour = backend (Okabe-Ito, colour-blind safe), line
 style + marker = pattern, the dense sdpa baseline thick black; dashed = an analytic estimate
-or an ideal, never a measurement.
+or an ideal, never a measurement. Decode figures have one implementation (the KV cache), so
+there colour = pattern as well, dense thick black.
+
+Decode records (mode "decode") are drawn by ``per_token_latency_vs_context`` and left out of
+``time_vs_seqlen`` (a decode step is one generated token, not one call over n tokens).
 """
 
 from __future__ import annotations
@@ -26,11 +30,15 @@ from sparsebench.analysis import (
     analyze,
     dim_text,
     ensure_derived,
+    fit_power,
     is_baseline_key,
 )
 from sparsebench.results import BASELINE_PATTERN, SERIES_KEY
 
 FIGURES = ("time_vs_seqlen", "memory_vs_seqlen", "speedup_vs_seqlen", "kv_cache_vs_seqlen", "masks")
+# Figures drawn only when the frame holds decode records.
+DECODE_FIGURES = ("per_token_latency_vs_context",)
+DECODE = "decode"
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {
@@ -51,6 +59,9 @@ BACKEND_COLOURS = {
     "naive": OKABE_ITO["vermillion"],
 }
 SPARE_COLOURS = (OKABE_ITO["orange"], "#7F7F7F", OKABE_ITO["yellow"])
+# Decode figures: one colour per (non-dense) pattern, in this order.
+PATTERN_COLOURS = (OKABE_ITO["blue"], OKABE_ITO["vermillion"], OKABE_ITO["bluish_green"],
+                   OKABE_ITO["reddish_purple"], OKABE_ITO["orange"], OKABE_ITO["sky_blue"], "#7F7F7F")
 BASELINE_COLOUR = OKABE_ITO["black"]
 NEUTRAL = "#555555"
 # "--" is kept for estimates and ideals; patterns get the others, each with its own marker.
@@ -80,6 +91,21 @@ class Styles:
 
     def colour(self, backend: str) -> str:
         return self.colours.get(backend, NEUTRAL)
+
+    def pattern_colour(self, label: str) -> str:
+        """Decode figures: dense black, every other pattern its own colour."""
+        if label.startswith(BASELINE_PATTERN):
+            return BASELINE_COLOUR
+        others = [lab for lab in self.patterns if not lab.startswith(BASELINE_PATTERN)]
+        i = others.index(label) if label in others else len(others)
+        return PATTERN_COLOURS[i % len(PATTERN_COLOURS)]
+
+    def decode_line(self, label: str) -> dict[str, Any]:
+        ls, marker = self.pattern(label)
+        if label.startswith(BASELINE_PATTERN):
+            return dict(color=BASELINE_COLOUR, linestyle="-", marker="o", linewidth=3.0, markersize=6, zorder=4)
+        return dict(color=self.pattern_colour(label), linestyle=ls, marker=marker, linewidth=1.8, markersize=6,
+                    zorder=3)
 
     def pattern(self, label: str) -> tuple[Any, str]:
         return self.patterns.get(label, PATTERN_STYLES[0])
@@ -111,9 +137,9 @@ def styles_for(df) -> Styles:
 def fig_time_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | None = None):
     """Median time against n, log-log, one line per series, fitted exponent in the legend."""
     df = ensure_derived(df)
-    ok = df[(df["status"] == "ok") & positive_mask(df, "time_median_s")]
+    ok = df[(df["status"] == "ok") & positive_mask(df, "time_median_s") & ~_decode_mask(df)]
     if ok.empty:
-        return None
+        return None  # nothing, or only decode records (per_token_latency_vs_context draws those)
     analysis = analysis or analyze(df)
     fits = analysis.by_key()
     styles = styles or styles_for(df)
@@ -152,6 +178,47 @@ def fig_time_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | No
             extra.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white",
                                 markeredgecolor=NEUTRAL, label="hollow: overhead floor, not fitted"))
         outside_legend(ax, extra)
+    return fig
+
+
+def fig_per_token_latency_vs_context(df, analysis: Analysis | None = None, styles: Styles | None = None):
+    """Decode: median time per generated token against the context length, log-log, one line
+    per pattern, the fitted exponent in the legend (dense should read ~1, a window ~0).
+
+    The exponent is fitted over every context length: ``analyze`` leaves out leading sizes
+    that grow slower than n^0.5 as an overhead floor, but a flat per-token latency is what a
+    bounded cache should show, not overhead."""
+    df = ensure_derived(df)
+    ok = df[(df["status"] == "ok") & positive_mask(df, "time_median_s") & _decode_mask(df)]
+    if ok.empty:
+        return None
+    analysis = analysis or analyze(df)
+    summaries = analysis.by_key()
+    styles = styles or styles_for(df)
+    fig, panels = _figure(ok, "Decode: time per generated token vs context length")
+    for ax, sub, title in panels:
+        for key, g in _ordered_series(sub):
+            g = g.sort_values("seq_len")
+            s = summaries.get(key)
+            fit = fit_power(g["seq_len"], g["time_median_s"], floor_slope=-math.inf)
+            name = _decode_name(key)
+            suffix = ""
+            if fit:
+                suffix += f"  $\\propto n^{{{fit.exponent:.2f}}}$"
+                if fit.ci_low is not None:
+                    suffix += f" [{fit.ci_low:.2f}, {fit.ci_high:.2f}]"
+            elif g["seq_len"].nunique() == 1:
+                suffix += "  (one size: no fit)"
+            if s and s.failure:
+                suffix += f"; {s.failure.status} at n={_n_text(s.failure.seq_len)}"
+            style = styles.decode_line(str(key[0]))
+            ax.plot(g["seq_len"], g["time_median_s"], label=wrap_label(name, suffix), gid=f"latency:{name}", **style)
+        _guides(ax, sub, ((0, "O(1) guide", (0, (4, 4))), (1, "O(n) guide", (0, (1, 3)))))
+        finish_axes(ax, title, _xlabel(sub), "median time per generated token", y="time")
+        from matplotlib.lines import Line2D
+
+        outside_legend(ax, [Line2D([], [], linestyle="none", label="n: tokens in the KV cache before the step\n"
+                                   "exponent fitted over every n [95% CI]")])
     return fig
 
 
@@ -224,9 +291,14 @@ def fig_speedup_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles |
 
 
 def fig_kv_cache_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | None = None):
-    """KV-cache bytes a decoder must keep, per pattern, against the context length."""
+    """KV-cache bytes a decoder must keep, per pattern, against the context length.
+
+    Where decode records carry ``cache_bytes_measured`` (the K/V tensors the decoder actually
+    allocated), a panel shows those as markers on a light solid band and the analytic bytes as a
+    dashed line through them; otherwise it shows the analytic bytes alone, one line per pattern.
+    """
     df = ensure_derived(df)
-    kv = df[positive_mask(df, "kv_cache_bytes")]
+    kv = df[positive_mask(df, "kv_cache_bytes") | positive_mask(df, "cache_bytes_measured")]
     if kv.empty:
         return None
     styles = styles or styles_for(df)
@@ -234,31 +306,88 @@ def fig_kv_cache_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles 
     from matplotlib.figure import Figure
 
     groups = list(iter_groups(kv, dims))
+    measured_any = bool(positive_mask(kv, "cache_bytes_measured").any())
     fig = Figure(figsize=(WIDTH, sum(_panel_height(sub, "pattern_label") for _, sub in groups) + 0.3),
                  layout="constrained")
-    fig.suptitle("KV-cache a decoder must keep vs context length", fontweight="bold")
+    fig.suptitle("KV-cache a decoder must keep vs context length" + (": measured and analytic" if measured_any else ""),
+                 fontweight="bold")
     axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
     for ax, (key, sub) in zip(axes, groups):
         row = dict(zip(dims, key))
         title = " · ".join([str(row["dtype"]), f"B={row['batch']} H={row['heads']} D={row['head_dim']}"])
+        measured = sub[positive_mask(sub, "cache_bytes_measured") & (sub["status"] == "ok")]
+        if len(measured):
+            _kv_measured_panel(ax, sub, measured, styles)
+            finish_axes(ax, title + " · one layer", "context length (tokens)", "K/V cache size", y="bytes")
+            from matplotlib.lines import Line2D
+
+            extra = [Line2D([], [], color=NEUTRAL, linestyle="-", linewidth=4, alpha=0.35, marker="o",
+                            markerfacecolor=NEUTRAL, markeredgecolor=NEUTRAL,
+                            label="markers on a band: measured (K/V tensors allocated)"),
+                     Line2D([], [], color=NEUTRAL, linestyle="--", label="dashed: analytic (2·B·H·D·bytes·kept tokens)")]
+            outside_legend(ax, extra, skip=("(analytic)",))
+            continue
         labels = sorted(sub["pattern_label"].astype(str).unique(), key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab))
         for lab in labels:
             g = sub[sub["pattern_label"] == lab].drop_duplicates("seq_len").sort_values("seq_len")
+            g = g[positive_mask(g, "kv_cache_bytes")]
+            if g.empty:
+                continue
             ls, marker = styles.pattern(lab)
             dense = lab.startswith(BASELINE_PATTERN)
-            text = lab
-            if "kv_retained" in g and len(g) > 1:
-                r = g["kv_retained"].astype(float).tolist()
-                if r[-1] == r[-2] and r[-1] < float(g["seq_len"].iloc[-1]):
-                    text += f" (bounded: {int(r[-1])} tokens)"
-                else:
-                    text += " (grows with n)"
-            ax.plot(g["seq_len"], g["kv_cache_bytes"], label=wrap_label(text, width=72), gid=f"kv:{lab}",
+            ax.plot(g["seq_len"], g["kv_cache_bytes"], label=wrap_label(_kv_text(lab, g), width=72), gid=f"kv:{lab}",
                     color=BASELINE_COLOUR if dense else NEUTRAL, linestyle=ls, marker=marker,
                     linewidth=3.0 if dense else 1.8, zorder=2 if dense else 3)  # equal lines stay visible on dense
         finish_axes(ax, title, "context length (tokens)", "KV-cache size", y="bytes")
         outside_legend(ax)
     return fig
+
+
+def _kv_text(lab: str, g) -> str:
+    """The pattern label, and whether its cache is bounded (from the last two sizes)."""
+    text = lab
+    if "kv_retained" in g and len(g) > 1:
+        r = g["kv_retained"].astype(float).tolist()
+        if r[-1] == r[-2] and r[-1] < float(g["seq_len"].iloc[-1]):
+            text += f" (bounded: {int(r[-1])} tokens)"
+        else:
+            text += " (grows with n)"
+    return text
+
+
+def _kv_measured_panel(ax, sub, measured, styles: Styles) -> None:
+    """Per pattern: measured bytes as opaque markers on a light solid band (gid kv_measured:),
+    analytic bytes of the same records dashed through them (gid kv:), in the pattern's colour.
+    Where the two agree the dashes run through the markers. A pattern of the panel with no
+    measured record (no decode run, or its decode failed) keeps its analytic line."""
+    from matplotlib.colors import to_rgba
+
+    labels = sorted(sub["pattern_label"].astype(str).unique(), key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab))
+    for lab in labels:
+        g = measured[measured["pattern_label"] == lab].drop_duplicates("seq_len").sort_values("seq_len")
+        colour = styles.pattern_colour(lab)
+        marker = styles.decode_line(lab)["marker"]
+        dense = lab.startswith(BASELINE_PATTERN)
+        if g.empty:
+            a = sub[(sub["pattern_label"] == lab) & positive_mask(sub, "kv_cache_bytes")]
+            a = a.drop_duplicates("seq_len").sort_values("seq_len")
+            if len(a):
+                ax.plot(a["seq_len"], a["kv_cache_bytes"], color=colour, linestyle="--", linewidth=1.3, zorder=4,
+                        label=wrap_label(_kv_text(lab, a) + "; analytic only, nothing measured", width=60),
+                        gid=f"kv:{lab}")
+            continue
+        policy = ""
+        if "cache_policy" in g and g["cache_policy"].notna().any():
+            policy = str(g["cache_policy"].dropna().iloc[-1]).split(" (")[0]
+        text = _kv_text(lab, g) + (f"; cache {policy}" if policy else "")
+        ax.plot(g["seq_len"], g["cache_bytes_measured"], label=wrap_label(text, width=60), gid=f"kv_measured:{lab}",
+                color=to_rgba(colour, 0.35), linestyle="-", linewidth=6.0 if dense else 4.0, marker=marker,
+                markersize=10 if dense else 7, markerfacecolor=colour, markeredgecolor=colour,
+                zorder=2 if dense else 3)  # dense larger and below: a pattern that equals it leaves a rim
+        a = g[positive_mask(g, "kv_cache_bytes")]
+        if len(a):
+            ax.plot(a["seq_len"], a["kv_cache_bytes"], color=colour, linestyle="--", linewidth=1.3, zorder=4,
+                    label=f"{lab} (analytic)", gid=f"kv:{lab}")
 
 
 def fig_masks(df, analysis: Analysis | None = None, styles: Styles | None = None, n: int | None = None):
@@ -334,6 +463,7 @@ def fig_masks(df, analysis: Analysis | None = None, styles: Styles | None = None
 
 FIGURE_FUNCTIONS = {
     "time_vs_seqlen": fig_time_vs_seqlen,
+    "per_token_latency_vs_context": fig_per_token_latency_vs_context,
     "memory_vs_seqlen": fig_memory_vs_seqlen,
     "speedup_vs_seqlen": fig_speedup_vs_seqlen,
     "kv_cache_vs_seqlen": fig_kv_cache_vs_seqlen,
@@ -342,7 +472,11 @@ FIGURE_FUNCTIONS = {
 
 
 def render_all(folder: Path, df, formats: Sequence[str] = ("png", "svg"), analysis: Analysis | None = None) -> list[Path]:
-    """Write every figure that has data to ``folder/plots`` in each format; return the paths."""
+    """Write every figure that has data to ``folder/plots`` in each format; return the paths.
+
+    A figure with nothing to draw is not written, and a file of that name left in ``plots/``
+    by an earlier render (in a format written now) is removed, so the folder never shows a
+    stale figure beside fresh ones."""
     out_dir = Path(folder) / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     df = ensure_derived(df)
@@ -352,6 +486,8 @@ def render_all(folder: Path, df, formats: Sequence[str] = ("png", "svg"), analys
     for name, func in FIGURE_FUNCTIONS.items():
         fig = func(df, analysis=analysis, styles=styles)
         if fig is None:
+            for fmt in formats:
+                (out_dir / f"{name}.{fmt}").unlink(missing_ok=True)
             continue
         for fmt in formats:
             written.append(save(fig, out_dir / f"{name}.{fmt}"))
@@ -370,6 +506,20 @@ def save(fig, path: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # helpers
+
+
+def _decode_mask(df):
+    """True for the decode records of ``df``."""
+    import pandas as pd
+
+    if "mode" not in df:
+        return pd.Series(False, index=df.index)
+    return df["mode"].astype(str) == DECODE
+
+
+def _decode_name(key: Sequence[Any]) -> str:
+    """A decode series by its pattern; the backend only when it is not the KV cache."""
+    return str(key[0]) if key[1] == "kv_cache" else _short(key)
 
 
 def _keys(df) -> list[tuple]:
@@ -433,8 +583,12 @@ def _xlabel(sub) -> str:
     return "sequence length n (tokens)"
 
 
-def _guides(ax, sub) -> None:
-    """O(n) and O(n^2) reference slopes, anchored half a step below the lowest first point."""
+GUIDES = ((1, "O(n) guide", (0, (1, 3))), (2, "O(n²) guide", (0, (4, 4))))
+
+
+def _guides(ax, sub, guides: Sequence[tuple[float, str, Any]] = GUIDES) -> None:
+    """Reference slopes (O(n) and O(n^2) unless told), anchored half a step below the lowest
+    first point."""
     import numpy as np
 
     ns = sorted(set(float(n) for n in sub["seq_len"]))
@@ -443,7 +597,7 @@ def _guides(ax, sub) -> None:
     first = sub[sub["seq_len"] == ns[0]]["time_median_s"].astype(float)
     y0 = float(first.min()) * 0.5
     x = np.array([ns[0], ns[-1]])
-    for power, text, ls in ((1, "O(n) guide", (0, (1, 3))), (2, "O(n²) guide", (0, (4, 4)))):
+    for power, text, ls in guides:
         y = y0 * (x / ns[0]) ** power
         ax.plot(x, y, color="#999999", linestyle=ls, linewidth=1.3, zorder=1, label=text, gid=f"guide:{text}")
         ax.annotate(text.replace(" guide", ""), (x[-1], y[-1]), xytext=(-6, -2), textcoords="offset points",

@@ -102,6 +102,8 @@ def test_longformer_global_query_among_generated_tokens_falls_back_to_full_cache
 
 
 def _quick(pattern, context, **kw):
+    kw.setdefault("warmup_s", 0.0)
+    kw.setdefault("min_time_s", 0.005)
     return measure_decode(pattern, context, tokens=kw.pop("tokens", 6), heads=2, head_dim=16, warmup=1, **kw)
 
 
@@ -126,12 +128,49 @@ def test_dense_cache_bytes_grow_with_context():
 
 def test_record_fields():
     rec = _quick(make_pattern("strided", {"stride": 8}), 64, tokens=5, batch=2, seed=1)
-    assert len(rec["times_s"]) == 5 and all(t > 0 for t in rec["times_s"])
+    assert 1 <= rec["decode_repeats"] <= 32
+    assert len(rec["times_s"]) == 5 * rec["decode_repeats"] and all(t > 0 for t in rec["times_s"])
+    assert rec["decode_threads"] == 1
     assert rec["time_min_s"] <= rec["time_median_s"] and rec["time_iqr_s"] >= 0
     assert rec["decode_tokens"] == 5 and rec["cache_policy"] == "dense(69)" and rec["cache_tokens"] == 69
     assert rec["max_abs_err"] < 1e-5
     assert "peak_mem_bytes" not in rec  # CPU: the harness measures RSS
     json.dumps(rec, allow_nan=False)
+
+
+def test_timing_repeats_warmup_and_threads():
+    """Steps run on one intra-op thread (restored afterwards); each position is stepped
+    ``repeats`` times, enough for about min_time_s in all, and the output stays exact."""
+    pattern = make_pattern("sink_window", {"sinks": 2, "window": 8})
+    torch.set_num_threads(2)  # the fixture restores the count it found
+    rec = measure_decode(pattern, 40, tokens=7, heads=2, head_dim=16, warmup=0, warmup_s=0.0, min_time_s=0.0)
+    assert rec["decode_repeats"] == 1 and len(rec["times_s"]) == 7  # no warm-up, no repeats
+    rec = measure_decode(pattern, 40, tokens=7, heads=2, head_dim=16, warmup=2, warmup_s=0.01,
+                         min_time_s=10.0, max_repeats=5)
+    assert rec["decode_repeats"] == 5 and len(rec["times_s"]) == 35  # capped at max_repeats
+    assert rec["decode_threads"] == 1 and torch.get_num_threads() == 2
+    assert rec["max_abs_err"] < 1e-5  # repeated steps are idempotent
+    rec = measure_decode(pattern, 40, tokens=7, heads=2, head_dim=16, warmup=1, warmup_s=0.0,
+                         min_time_s=0.0, threads=None)
+    assert rec["decode_threads"] == 2 and torch.get_num_threads() == 2
+    with pytest.raises(ScenarioError, match="decode threads"):
+        _quick(pattern, 40, threads=0)
+    with pytest.raises(ScenarioError, match="decode min_time_s"):
+        _quick(pattern, 40, min_time_s=float("nan"))
+    with pytest.raises(ScenarioError, match="decode max_repeats"):
+        _quick(pattern, 40, max_repeats=0)
+
+
+def test_threads_restored_when_a_step_fails(monkeypatch):
+    torch.set_num_threads(2)
+
+    def boom(self, i):
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(Decoder, "step", boom)
+    with pytest.raises(RuntimeError, match="step failed"):
+        _quick(make_pattern("dense"), 16)
+    assert torch.get_num_threads() == 2
 
 
 def test_half_precision_runs_with_a_looser_error():

@@ -3,6 +3,7 @@ are written, report.html is self-contained, and `sparsebench plot` re-renders a 
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 
 from report_fixtures import SIZES, make_records, record, write_result
 from sparsebench import plots
-from sparsebench.analysis import analyze
+from sparsebench.analysis import analyze, fit_power
 from sparsebench.cli_report import register
 from sparsebench.html_report import write_report
 from sparsebench.results import load_frame
@@ -200,3 +201,119 @@ def test_plot_command_errors(tmp_path):
     out = write_result(tmp_path / "r", make_records(sizes=(256, 512)))
     res = CliRunner().invoke(app(), ["plot", str(out), "--formats", "png,gif"])
     assert res.exit_code == 2 and "expected one of: png, svg, pdf" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# decode runs
+
+DECODE_SIZES = (4096, 8192, 16384, 32768, 65536)
+SWD = "sliding_window(window=4096)"
+WINDOW_TIMES = (3.4e-4, 3.1e-4, 2.1e-4, 2.3e-4, 2.0e-4)  # flat, with a machine's noise
+
+
+def decode_records(sizes=DECODE_SIZES, measured_scale: float = 1.0) -> list[dict]:
+    """Decode records as the runner writes them: per-token latency, dense ~ n, a window flat;
+    cache bytes measured beside the analytic ones."""
+    out = []
+    for n in sizes:
+        flat = WINDOW_TIMES[DECODE_SIZES.index(n)] if n in DECODE_SIZES else 3e-4
+        for pattern, params, t in (("dense", {}, 2e-5 + 6e-8 * n), ("sliding_window", {"window": 4096}, flat)):
+            r = record(pattern, "kv_cache", n, t, params=params, mem=1e7 + n * 1e3, mode="decode", block=None,
+                       nnz=None, density=None, flops=None, tflops=None, decode_tokens=16)
+            r["cache_bytes_measured"] = int(r["kv_cache_bytes"] * measured_scale)
+            r["cache_policy"] = "dense(%d)" % n if pattern == "dense" else "ring(pinned=0, ring=4096)"
+            out.append(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def decode_df(tmp_path_factory):
+    return load_frame(write_result(tmp_path_factory.mktemp("decode"), decode_records()))
+
+
+def test_per_token_latency_vs_context(decode_df):
+    a = analyze(decode_df)
+    fig = plots.fig_per_token_latency_vs_context(decode_df, a)
+    lines = lines_by_gid(fig, "latency")
+    assert set(lines) == {"dense", SWD}  # one line per pattern, named without the backend
+    assert list(lines["dense"].get_xdata()) == list(DECODE_SIZES)
+    exps = {k: float(re.search(r"n\^\{(-?[0-9.]+)\}", ln.get_label()).group(1)) for k, ln in lines.items()}
+    assert exps["dense"] == pytest.approx(a.find("dense", "kv_cache").time_fit.exponent, abs=0.005)
+    # every size is fitted: a flat decode window has no overhead floor, in analyze() and the figure alike
+    all_sizes = fit_power(DECODE_SIZES, WINDOW_TIMES, floor_slope=-math.inf)
+    assert not a.find(SWD, "kv_cache").time_fit.excluded
+    assert a.find(SWD, "kv_cache").time_fit.exponent == pytest.approx(all_sizes.exponent, abs=0.005)
+    assert exps[SWD] == pytest.approx(all_sizes.exponent, abs=0.005)
+    assert f"[{all_sizes.ci_low:.2f}, {all_sizes.ci_high:.2f}]" in lines[SWD].get_label()
+    assert exps["dense"] == pytest.approx(1.0, abs=0.1) and exps[SWD] == pytest.approx(0.0, abs=0.25)
+    assert not [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == "_floor"]  # no hollow markers
+    # dense thick black; the window in its own colour
+    assert lines["dense"].get_color() == "#000000" and lines["dense"].get_linewidth() >= 2.5
+    assert lines[SWD].get_color() in plots.OKABE_ITO.values() and lines[SWD].get_color() != "#000000"
+    assert set(lines_by_gid(fig, "guide")) == {"O(1) guide", "O(n) guide"}
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert "context" in ax.get_xlabel() and "per generated token" in ax.get_ylabel()
+    assert "decode" in ax.get_title(loc="left")
+    assert "time per generated token" in fig.get_suptitle()
+
+
+def test_decode_records_stay_out_of_time_vs_seqlen(tmp_path, decode_df):
+    assert plots.fig_time_vs_seqlen(decode_df) is None  # "time per call" means nothing for a decode step
+    assert plots.fig_per_token_latency_vs_context(load_frame(write_result(tmp_path / "f", make_records()))) is None
+    mixed = load_frame(write_result(tmp_path / "m", make_records() + decode_records()))
+    fig = plots.fig_time_vs_seqlen(mixed)
+    assert len(fig.axes) == 1 and "forward" in fig.axes[0].get_title(loc="left")
+    assert "dense · kv_cache" not in lines_by_gid(fig, "time")
+    assert set(lines_by_gid(plots.fig_per_token_latency_vs_context(mixed), "latency")) == {"dense", SWD}
+
+
+def test_kv_cache_measured_against_analytic(tmp_path):
+    df = load_frame(write_result(tmp_path / "d", decode_records(measured_scale=1.25)))
+    fig = plots.fig_kv_cache_vs_seqlen(df)
+    measured, analytic = lines_by_gid(fig, "kv_measured"), lines_by_gid(fig, "kv")
+    assert set(measured) == set(analytic) == {"dense", SWD}
+    for lab in measured:
+        m, e = measured[lab], analytic[lab]
+        assert list(m.get_xdata()) == list(DECODE_SIZES)
+        assert list(m.get_ydata()) == pytest.approx([1.25 * y for y in e.get_ydata()])  # each its own column
+        assert m.get_linestyle() == "-" and m.get_marker() not in (None, "None", "")
+        assert e.get_linestyle() == "--"
+        assert m.get_markerfacecolor() == e.get_color()  # one colour per pattern
+    assert len(set(analytic[SWD].get_ydata())) == 1 and "bounded: 4096 tokens" in measured[SWD].get_label()
+    assert "ring(pinned=0, ring=4096)" in measured[SWD].get_label()
+    dense = list(measured["dense"].get_ydata())
+    assert dense == sorted(dense) and dense[-1] == pytest.approx(16 * dense[0])
+    texts = legend_texts(fig)
+    assert any(t.startswith("dashed: analytic") for t in texts) and any("measured" in t for t in texts)
+    assert not any("(analytic)" in t for t in texts)  # one legend entry per pattern
+    assert "measured and analytic" in fig.get_suptitle()
+
+
+def test_render_all_decode_run(tmp_path, decode_df):
+    out = write_result(tmp_path / "r", decode_records())
+    (out / "plots").mkdir()
+    (out / "plots" / "time_vs_seqlen.png").write_bytes(b"stale")  # from an older render
+    (out / "plots" / "notes.txt").write_text("mine")
+    paths = plots.render_all(out, decode_df, formats=("png",))
+    names = {p.stem for p in paths}
+    assert "per_token_latency_vs_context" in names and "kv_cache_vs_seqlen" in names
+    assert "time_vs_seqlen" not in names and "speedup_vs_seqlen" not in names
+    assert not (out / "plots" / "time_vs_seqlen.png").exists()  # a figure not drawn leaves no stale file
+    assert (out / "plots" / "notes.txt").exists()
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+    assert set(plots.DECODE_FIGURES) <= set(plots.FIGURE_FUNCTIONS)
+
+
+def test_kv_cache_panel_keeps_patterns_without_a_measurement(tmp_path):
+    recs = make_records() + decode_records()
+    failed = [dict(r, status="error", time_median_s=None, cache_bytes_measured=None)
+              for r in decode_records(sizes=(4096, 8192)) if r["pattern"] == "dense"]
+    df = load_frame(write_result(tmp_path / "m", recs + [dict(r, pattern_label="dense-failed") for r in failed]))
+    fig = plots.fig_kv_cache_vs_seqlen(df)
+    measured, analytic = lines_by_gid(fig, "kv_measured"), lines_by_gid(fig, "kv")
+    assert set(measured) == {"dense", SWD}
+    assert {SW, "dense-failed"} <= set(analytic)  # a forward-only pattern, a decode that failed
+    for lab in (SW, "dense-failed"):
+        assert "analytic only" in analytic[lab].get_label().replace("\n", " ")
+        assert analytic[lab].get_linestyle() == "--"

@@ -196,7 +196,7 @@ def test_plugin_only_with_explicit_flag(tmp_path):
         "    def _allowed(self, q, k, n, causal):\n        return q == k\n"
     )
     scen = tmp_path / "s.yaml"
-    scen.write_text("name: p\nseq_lens: [32]\npatterns: [{name: my_diagonal}]\nbackends: [block_sparse]\n")
+    scen.write_text("name: p\nseq_lens: [64]\npatterns: [{name: my_diagonal}]\nbackends: [block_sparse]\n")
     res = CliRunner().invoke(app, ["validate", str(scen)])
     assert res.exit_code == 2 and "unknown pattern 'my_diagonal'" in res.output
     code = ("from sparsebench.cli import app; from typer.testing import CliRunner; import sys; "
