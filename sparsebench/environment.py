@@ -62,7 +62,8 @@ def collect() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "gpu": None,
         "gpu_count": 0,
-        "git_commit": _git_commit(),
+        "git_commit": _git_commit(),  # of the folder the run started in
+        "sparsebench_commit": _git_commit(Path(sparsebench.__file__).resolve().parent),  # editable installs
     }
     try:
         import psutil

@@ -93,7 +93,7 @@ def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: s
         f"- cases: {len(records)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})",
         f"- machine: {env.get('cpu', '?')}, {env.get('threads', '?')} threads, GPU: {env.get('gpu') or 'none'}",
         f"- software: sparsebench {env.get('sparsebench', '?')}, torch {env.get('torch', '?')}, python {env.get('python', '?')}",
-        f"- commit: {env.get('git_commit') or 'n/a'}",
+        f"- commit: {env.get('git_commit') or 'n/a'} (sparsebench source: {env.get('sparsebench_commit') or 'installed package'})",
         "",
         "Speedup is over dense `sdpa` on the same device, dtype, mode and shape; max err is the",
         "largest absolute difference from dense attention under the same mask.",
