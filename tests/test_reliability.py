@@ -33,6 +33,7 @@ heads: 2
 head_dim: 16
 warmup: 0
 repeats: 40
+min_time_s: 0.4
 check: {exact_max_elems: 0, sample_rows: 4}
 """
 
@@ -130,7 +131,7 @@ def test_sigterm_stops_cleanly_with_exit_130(tmp_path):
 
 def test_truncated_last_record_is_skipped_with_a_warning(tmp_path):
     scen = tmp_path / "t.yaml"
-    scen.write_text(SLOW.replace("[64, 128, 256, 512, 1024, 2048]", "[64, 128]").replace("repeats: 40", "repeats: 2"))
+    scen.write_text(SLOW.replace("[64, 128, 256, 512, 1024, 2048]", "[64, 128]").replace("repeats: 40", "repeats: 2").replace("min_time_s: 0.4", "min_time_s: 0"))
     out = tmp_path / "r"
     assert CliRunner().invoke(app, ["run", str(scen), "--output", str(out), "--no-plots", "--in-process"]).exit_code == 0
     path = out / "records.jsonl"
@@ -149,7 +150,7 @@ def test_truncated_last_record_is_skipped_with_a_warning(tmp_path):
 
 def test_other_schema_version_is_refused(tmp_path):
     scen = tmp_path / "t.yaml"
-    scen.write_text(SLOW.replace("[64, 128, 256, 512, 1024, 2048]", "[64]").replace("repeats: 40", "repeats: 2"))
+    scen.write_text(SLOW.replace("[64, 128, 256, 512, 1024, 2048]", "[64]").replace("repeats: 40", "repeats: 2").replace("min_time_s: 0.4", "min_time_s: 0"))
     out = tmp_path / "r"
     assert CliRunner().invoke(app, ["run", str(scen), "--output", str(out), "--no-plots", "--in-process"]).exit_code == 0
     meta = json.loads((out / "meta.json").read_text())

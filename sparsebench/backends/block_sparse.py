@@ -1,111 +1,89 @@
-"""Block-sparse attention in plain PyTorch: only the pattern's non-empty (query block, key
-block) tiles are computed. Query blocks with the same number of tiles are batched together:
-their key tiles are gathered into one contiguous tensor, scored with one batched matmul, masked
-where a tile is partial, and soft-maxed over all their keys at once. Work and memory grow with
-the number of non-empty tiles, not with n^2. Any sequence length works: the last block is
-padded and the padding is masked out."""
+"""Block-sparse attention: only the pattern's allowed pairs, up to block granularity, are
+computed, by fused attention calls on views of q, k and v.
+
+``prepare`` turns the pattern into a plan (``_plan.build``, setup work): a structured pattern
+(``Pattern.structure``) becomes diagonal bands read as overlapping key windows of one
+``as_strided`` view (no gather, no copy), block bands, key columns, query rows and key tables;
+any other pattern is planned from its block layout (its diagonal run of full tiles as a block
+band, the remaining tiles gathered). Each call is one fused attention kernel that also returns
+the log-sum-exp of its rows, so calls over different keys of the same queries merge exactly: on
+the CPU in fp32 the native kernels of ``_native.py`` (key windows, key tables), otherwise ATen's
+CPU flash attention, or plain PyTorch on other devices. The output is written in place, chunk by
+chunk: memory beyond q, k, v and the output is a few MiB of per-call temporaries, whatever n.
+Backward runs each call's backward with its share of the output gradient. Any sequence length
+works; fp32, bf16 and fp16.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from sparsebench.backends.base import BACKENDS, Backend, Problem, scale
-
-# Upper bound on score elements (batch * heads * queries * keys) computed in one step.
-_CHUNK_SCORES = 1 << 21
+from sparsebench.backends import _plan
+from sparsebench.backends.base import BACKENDS, Backend, Problem
 
 
-@dataclass(frozen=True, eq=False)
-class _Group:
-    rows: torch.Tensor  # (R,) query block indices
-    tokens: torch.Tensor  # (R, c*b) key token indices (into the padded sequence)
-    blocked: torch.Tensor | None  # (R, b, c*b) bool, True where masked out; None when all tiles are full
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse, saved = _plan.run_forward(plan, q, k, v, keep=True)
+        out = out.to(q.dtype)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, *([lse] if lse is not None else []), *saved)
+        ctx.has_lse = lse is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, *rest = ctx.saved_tensors
+        lse = rest.pop(0) if ctx.has_lse else None
+        dq, dk, dv = _plan.run_backward(ctx.plan, q, k, v, out, lse, rest, dout)
+        return dq, dk, dv, None
 
 
-def plan(p: Problem) -> tuple[list[_Group], torch.Tensor | None, int]:
-    """Group the layout's query blocks by tile count and build their masks (setup work)."""
-    n, b, dev = p.seq_len, p.block, p.device
-    layout = p.pattern.block_layout(n, b, p.causal)
-    nb = layout.num_blocks
-    per_row = layout.crow[1:] - layout.crow[:-1]
-    groups: list[_Group] = []
-    ar = torch.arange(b)
-    for c in torch.unique(per_row).tolist():
-        if c == 0:
-            continue
-        rows = torch.nonzero(per_row == c).flatten()
-        idx = layout.crow[rows][:, None] + torch.arange(c)  # (R, c) positions in col/full
-        kb = layout.col[idx]
-        tokens = (kb[:, :, None] * b + ar).reshape(rows.numel(), c * b)
-        q = rows[:, None] * b + ar  # (R, b)
-        need_mask = not bool(layout.full[idx].all()) or bool((tokens >= n).any()) or bool((q >= n).any())
-        mask = None
-        if need_mask:
-            mask = torch.empty(rows.numel(), b, c * b, dtype=torch.bool)
-            step = max(1, (1 << 22) // (b * c * b))
-            for s in range(0, rows.numel(), step):
-                qs, ks = q[s : s + step], tokens[s : s + step]
-                m = p.pattern.allowed(qs.clamp(max=n - 1)[:, :, None], ks.clamp(max=n - 1)[:, None, :], n, p.causal)
-                m = (m & (ks < n)[:, None, :]) | (qs >= n)[:, :, None]  # padded query rows: any finite row, discarded later
-                mask[s : s + step] = m
-            mask = (~mask).to(dev)
-        groups.append(_Group(rows.to(dev), tokens.to(dev), mask))
-    empty = torch.nonzero(per_row == 0).flatten()
-    return groups, (empty.to(dev) if empty.numel() else None), nb
+def attention_fn(plan: _plan.Plan):
+    """fn(q, k, v) for a plan: differentiable when the inputs need gradients."""
+
+    def fn(q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _Attention.apply(q, k, v, plan)
+        out, _, _ = _plan.run_forward(plan, q, k, v)
+        return out.to(q.dtype)
+
+    fn.plan = plan  # type: ignore[attr-defined]
+    return fn
 
 
 @BACKENDS.register
 class BlockSparse(Backend):
     name = "block_sparse"
-    summary = "PyTorch block-sparse: only non-empty tiles, grouped batched matmuls"
+    summary = "PyTorch block-sparse: fused calls on key windows, columns and gathered tiles"
     sparse = True
+    # fp32 on the CPU: the first call builds (once, then from the extension cache) and loads the
+    # native kernels of _native.py; that first-call cost is reported as compile_s
+    compiled = True
 
     def prepare(self, p: Problem):
-        groups, empty, nb = plan(p)
-        b, n = p.block, p.seq_len
-        sc = scale(p.head_dim)
-        order = torch.cat([g.rows for g in groups] + ([empty] if empty is not None else []))
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-
-        def fn(q, k, v):
-            B, H, _, d = q.shape
-            pad = nb * b - n
-            if pad:
-                q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            qb = q.view(B, H, nb, b, d)
-            outs = []
-            for g in groups:
-                R, cb = g.tokens.shape
-                step = max(1, _CHUNK_SCORES // (B * H * b * cb))
-                for s in range(0, R, step):
-                    rows, tok = g.rows[s : s + step], g.tokens[s : s + step]
-                    r = rows.numel()
-                    qg = qb.index_select(2, rows)  # (B, H, r, b, d)
-                    kg = k.index_select(2, tok.flatten()).view(B, H, r, cb, d)
-                    vg = v.index_select(2, tok.flatten()).view(B, H, r, cb, d)
-                    att = torch.matmul(qg, kg.transpose(-1, -2)).mul_(sc)
-                    if g.blocked is not None:
-                        att.masked_fill_(g.blocked[s : s + step], float("-inf"))
-                    outs.append(torch.softmax(att, dim=-1) @ vg)
-            if empty is not None:
-                outs.append(q.new_zeros(B, H, empty.numel(), b, d))
-            out = torch.cat(outs, dim=2).index_select(2, inverse)
-            return out.reshape(B, H, nb * b, d)[:, :, :n]
-
-        return fn
+        plan = _plan.build(
+            p.pattern,
+            p.seq_len,
+            p.causal,
+            groups=p.batch * p.heads,
+            head_dim=p.head_dim,
+            block=p.block,
+            device=p.device,
+            dtype=p.dtype,
+        )
+        return attention_fn(plan)
 
     def estimate_bytes(self, p: Problem) -> int:
-        layout_tiles = max(1, p.pattern.nnz(p.seq_len, p.causal) // max(1, p.block))  # ~ tiles * b
-        b = p.block
-        per_elem = p.elem_bytes
-        # padded copies + output copies, one chunk of scores, gathered K/V of a chunk, masks
-        chunk = _CHUNK_SCORES * per_elem * 2
-        masks = layout_tiles * b
+        """q, k, v and the output, plus what is not proportional to n: each call's output chunk,
+        log-sum-exps and gathered keys (bounded by _plan.ROW_BUDGET rows). Merged calls add an
+        fp32 accumulator in low precision; backward adds fp32 gradients of q, k, v."""
+        rows = p.batch * p.heads * p.seq_len
+        chunk = 4 * _plan.ROW_BUDGET * p.head_dim * 4
         extra = 0
+        if p.elem_bytes != 4:
+            extra += rows * p.head_dim * 4  # fp32 accumulator when calls are merged
         if p.mode == "backward":
-            # autograd keeps every chunk's probabilities and gathered K/V
-            extra = p.batch * p.heads * layout_tiles * b * per_elem * 2
-        return p.io_bytes * (3 if p.mode == "backward" else 2) + chunk + masks + extra
+            extra += 3 * rows * p.head_dim * 4 + p.io_bytes // 4  # fp32 grads, saved output
+        return p.io_bytes + chunk + extra

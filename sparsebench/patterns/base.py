@@ -10,6 +10,11 @@
   otherwise counted tile by tile from the layout); ``nnz`` is its sum.
 * ``kv_retained(n)``: past keys a decoder must keep after n tokens so that every future query
   still finds its keys (counting the newest token's own key).
+
+Optionally, ``structure(n, causal)`` describes the pattern as a union of a few structured parts
+(diagonal bands, block bands, key columns, query rows, per-query key tables) that a kernel can
+compute without gathers or n x n masks; see ``Structure``. A pattern with a structure also gets
+its block layout analytically (``structured_layout``), without evaluating ``allowed`` tile by tile.
 """
 
 from __future__ import annotations
@@ -175,7 +180,17 @@ class Pattern:
         return Intervals(qb, torch.zeros(nb, dtype=torch.long), torch.full((nb,), n - 1))
 
     def block_layout(self, n: int, block: int, causal: bool) -> BlockLayout:
+        st = self.structure(n, causal)
+        if st is not None:
+            fast = structured_layout(self, st, block)
+            if fast is not None:
+                return fast
         return _layout(self, n, block, causal)
+
+    def structure(self, n: int, causal: bool) -> "Structure | None":
+        """The pattern as a union of structured parts (see ``Structure``), or None when it has
+        no such description (kernels then work from the block layout)."""
+        return None
 
     def keys_per_query(self, n: int, causal: bool) -> torch.Tensor:
         """(n,) int64: keys attended by each query. Default: counted over the layout's tiles."""
@@ -362,3 +377,231 @@ def window_keys(n: int, window: int, causal: bool) -> torch.Tensor:
     if causal:
         return torch.clamp(i + 1, max=window)
     return torch.minimum(i, torch.tensor(window - 1)) + torch.minimum(n - 1 - i, torch.tensor(window - 1)) + 1
+
+
+# ------------------------------------------------------------------------------------------
+# structure: a pattern as a union of a few structured parts
+
+
+@dataclass(frozen=True)
+class Band:
+    """Pairs with i - j = step * m, lo <= m <= hi: a diagonal band (step 1), or a band inside
+    each residue class i mod step (step > 1; e.g. a dilated window)."""
+
+    lo: int
+    hi: int
+    step: int = 1
+    exclusive: ClassVar[bool] = True
+
+    def covers(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        d = q - k
+        if self.step == 1:
+            return (d >= self.lo) & (d <= self.hi)
+        return (d % self.step == 0) & (d >= self.lo * self.step) & (d <= self.hi * self.step)
+
+
+@dataclass(frozen=True)
+class BlockBand:
+    """Pairs whose blocks of ``size`` tokens are lo..hi blocks apart: lo <= i//size - j//size <= hi
+    (block-local attention is BlockBand(size, 0, 0))."""
+
+    size: int
+    lo: int
+    hi: int
+    exclusive: ClassVar[bool] = True
+
+    def covers(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        e = q // self.size - k // self.size
+        return (e >= self.lo) & (e <= self.hi)
+
+
+@dataclass(frozen=True, eq=False)
+class Keys:
+    """Every query attends the keys ``keys`` (sorted, distinct): global tokens, sinks, summary
+    columns. May overlap earlier parts: a kernel computes only the pairs they left."""
+
+    keys: torch.Tensor
+    exclusive: ClassVar[bool] = False
+
+    def covers(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.isin(k, self.keys.to(k.device))
+
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """The queries ``rows`` (sorted, distinct) attend every key. May overlap earlier parts."""
+
+    rows: torch.Tensor
+    exclusive: ClassVar[bool] = False
+
+    def covers(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.isin(q, self.rows.to(q.device))
+
+
+@dataclass(frozen=True, eq=False)
+class Table:
+    """Query i attends keys table[i, :] (distinct per row; -1 = unused slot)."""
+
+    table: torch.Tensor  # (n, R) int64
+    exclusive: ClassVar[bool] = True
+
+    def covers(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        t = self.table.to(q.device)[q.clamp(0, self.table.shape[0] - 1)]
+        return (t == k.unsqueeze(-1)).any(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockTable:
+    """Query block i // size attends key blocks table[i // size, :] (distinct; -1 = unused)."""
+
+    size: int
+    table: torch.Tensor  # (ceil(n / size), R) int64
+    exclusive: ClassVar[bool] = True
+
+    def covers(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        t = self.table.to(q.device)[(q // self.size).clamp(0, self.table.shape[0] - 1)]
+        return (t == (k // self.size).unsqueeze(-1)).any(-1)
+
+
+Part = Band | BlockBand | Keys | Rows | Table | BlockTable
+
+
+@dataclass(frozen=True, eq=False)
+class Structure:
+    """A pattern as the union of ``parts`` (then cut to j <= i when causal). Parts marked
+    ``exclusive`` (bands, block bands, tables) are pairwise disjoint; ``Keys`` and ``Rows`` may
+    overlap anything before them, and a kernel computes only the pairs that earlier parts left.
+    ``Pattern.allowed`` stays the definition; tests check that the union equals it."""
+
+    n: int
+    causal: bool
+    parts: tuple
+
+    def covers(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q.device)
+        for part in self.parts:
+            m |= part.covers(q, k)
+        return m & (k <= q) if self.causal else m
+
+
+def _row_interval(part, i: torch.Tensor, n: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive key range [lo, hi] of query rows i for a part whose rows are one interval."""
+    if isinstance(part, Band):
+        lo, hi = i - part.hi, i - part.lo
+    else:
+        blk = i // part.size
+        lo, hi = (blk - part.hi) * part.size, (blk - part.lo + 1) * part.size - 1
+    lo = lo.clamp(min=0)
+    hi = hi.clamp(max=n - 1)
+    if causal:
+        hi = torch.minimum(hi, i)
+    return lo, hi
+
+
+def _interval_tiles(part, n: int, block: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query block, key block, count) of the tiles a row-interval part touches, counted exactly
+    row by row (b vectorised passes over the tiles, no b x b evaluation)."""
+    nb = math.ceil(n / block)
+    qb = torch.arange(nb)
+    first = qb * block
+    last = torch.clamp(first + block - 1, max=n - 1)
+    lo_first, _ = _row_interval(part, first, n, causal)
+    lo_last, hi_last = _row_interval(part, last, n, causal)
+    _, hi_first = _row_interval(part, first, n, causal)
+    klo = torch.minimum(lo_first, lo_last) // block
+    khi = torch.maximum(hi_first, hi_last) // block
+    keep = torch.maximum(hi_first, hi_last) >= torch.minimum(lo_first, lo_last)
+    qb, klo, khi = qb[keep], klo[keep], khi[keep]
+    span = (khi - klo + 1).clamp(min=0)
+    tq = torch.repeat_interleave(qb, span)
+    tk = torch.repeat_interleave(klo, span) + (
+        torch.arange(int(span.sum())) - torch.repeat_interleave(torch.cumsum(span, 0) - span, span)
+    )
+    count = torch.zeros(tq.numel(), dtype=torch.long)
+    k0 = tk * block
+    k1 = torch.clamp(k0 + block - 1, max=n - 1)
+    for t in range(block):
+        i = tq * block + t
+        ok = i < n
+        lo, hi = _row_interval(part, i.clamp(max=n - 1), n, causal)
+        c = (torch.minimum(hi, k1) - torch.maximum(lo, k0) + 1).clamp(min=0)
+        count += torch.where(ok, c, 0)
+    return tq, tk, count
+
+
+def _keys_tiles(keys: torch.Tensor, n: int, block: int, causal: bool, transpose: bool = False):
+    """Tiles of a Keys part (or, transposed, of a Rows part) with exact counts."""
+    nb = math.ceil(n / block)
+    other = torch.arange(nb)
+    o0 = other * block
+    o1 = torch.clamp(o0 + block, max=n)  # exclusive
+    x = keys[:, None]
+    if not causal:
+        c = (o1 - o0).expand(keys.numel(), nb)
+    elif not transpose:  # key j: queries i >= j in each query block
+        c = (o1 - torch.maximum(o0, x)).clamp(min=0)
+    else:  # query i: keys j <= i in each key block
+        c = (torch.minimum(o1, x + 1) - o0).clamp(min=0)
+    own = keys // block
+    blocks, inv = torch.unique(own, return_inverse=True)
+    per = torch.zeros(blocks.numel(), nb, dtype=torch.long).index_add_(0, inv, c)
+    b_idx, o_idx = torch.nonzero(per, as_tuple=True)
+    cnt = per[b_idx, o_idx]
+    if transpose:
+        return blocks[b_idx], o_idx, cnt
+    return o_idx, blocks[b_idx], cnt
+
+
+def structured_layout(pattern: Pattern, st: Structure, block: int) -> BlockLayout | None:
+    """The block layout from a structure: each part's tiles are counted analytically; tiles that
+    two parts touch are evaluated exactly (few: where a column of sinks meets the band). None
+    when a part has no analytic tile count (tables, residue bands) or would be too large."""
+    n, causal = st.n, st.causal
+    nb = math.ceil(n / block)
+    tq, tk, tc = [], [], []
+    for part in st.parts:
+        if isinstance(part, (Band, BlockBand)) and getattr(part, "step", 1) == 1:
+            a, b_, c = _interval_tiles(part, n, block, causal)
+        elif isinstance(part, (Keys, Rows)):
+            sel = part.keys if isinstance(part, Keys) else part.rows
+            if sel.numel() * nb > (1 << 24):
+                return None
+            a, b_, c = _keys_tiles(sel.cpu(), n, block, causal, transpose=isinstance(part, Rows))
+        else:
+            return None
+        if a.numel() > (1 << 24):
+            return None
+        tq.append(a)
+        tk.append(b_)
+        tc.append(c)
+    code = torch.cat(tq) * nb + torch.cat(tk)
+    cnt = torch.cat(tc)
+    keep = cnt > 0
+    code, cnt = code[keep], cnt[keep]
+    uniq, inv, touches = torch.unique(code, return_inverse=True, return_counts=True)
+    counts = torch.zeros(uniq.numel(), dtype=torch.long).index_add_(0, inv, cnt)
+    qb, kb = uniq // nb, uniq % nb
+    shared = torch.nonzero(touches > 1).flatten()
+    if shared.numel():
+        counts[shared] = _eval_tiles(pattern, qb[shared], kb[shared], n, block, causal)
+    rows = torch.clamp(n - qb * block, max=block)
+    cols = torch.clamp(n - kb * block, max=block)
+    keep = counts > 0
+    qb, kb, counts, rows, cols = qb[keep], kb[keep], counts[keep], rows[keep], cols[keep]
+    crow = torch.zeros(nb + 1, dtype=torch.long)
+    crow[1:] = torch.cumsum(torch.bincount(qb, minlength=nb), 0)
+    return BlockLayout(n=n, block=block, causal=causal, crow=crow, col=kb, full=counts == rows * cols, count=counts)
+
+
+def _eval_tiles(pattern: Pattern, qb: torch.Tensor, kb: torch.Tensor, n: int, block: int, causal: bool) -> torch.Tensor:
+    """Allowed pairs in the given tiles, evaluated element by element."""
+    ar = torch.arange(block)
+    out = torch.empty(qb.numel(), dtype=torch.long)
+    step = max(1, _TILE_CHUNK // (block * block))
+    for s in range(0, qb.numel(), step):
+        q = qb[s : s + step, None] * block + ar
+        k = kb[s : s + step, None] * block + ar
+        valid = (q < n)[:, :, None] & (k < n)[:, None, :]
+        m = pattern.allowed(q.clamp(max=n - 1)[:, :, None], k.clamp(max=n - 1)[:, None, :], n, causal) & valid
+        out[s : s + step] = m.sum(dim=(1, 2))
+    return out

@@ -9,7 +9,19 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.patterns.base import PATTERNS, Intervals, Pattern, param, require_positive, sample_distinct
+from sparsebench.patterns.base import (
+    PATTERNS,
+    BlockBand,
+    BlockTable,
+    Intervals,
+    Keys,
+    Pattern,
+    Rows,
+    Structure,
+    param,
+    require_positive,
+    sample_distinct,
+)
 from sparsebench.errors import PatternError
 
 
@@ -73,6 +85,16 @@ class BigBird(Pattern):
             return m & (k <= q) if causal else m
 
         return f
+
+    def structure(self, n, causal):
+        half = self.window_blocks // 2
+        parts = [BlockBand(self.block, -half, half)]
+        if self.random_blocks:
+            parts.append(BlockTable(self.block, self._table(n, causal)))
+        if self.global_blocks:
+            g = torch.arange(min(n, self.global_blocks * self.block))
+            parts += [Keys(g), Rows(g)]
+        return Structure(n, causal, tuple(parts))
 
     def key_intervals(self, n, block, causal):
         bb = self.block

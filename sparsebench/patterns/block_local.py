@@ -6,7 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.patterns.base import PATTERNS, Intervals, Pattern, param, require_at_most_n, require_positive
+from sparsebench.patterns.base import (
+    PATTERNS,
+    BlockBand,
+    Intervals,
+    Pattern,
+    Structure,
+    param,
+    require_at_most_n,
+    require_positive,
+)
 
 
 @PATTERNS.register
@@ -33,6 +42,9 @@ class BlockLocal(Pattern):
         lo = (qb * block) // b * b
         hi = torch.clamp(((qb * block + block - 1) // b + 1) * b - 1, max=n - 1)
         return Intervals(qb, lo, hi)
+
+    def structure(self, n, causal):
+        return Structure(n, causal, (BlockBand(self.block, 0, 0),))
 
     def keys_per_query(self, n, causal):
         i = torch.arange(n)

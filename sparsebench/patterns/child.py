@@ -11,7 +11,11 @@ import torch
 from sparsebench.errors import PatternError
 from sparsebench.patterns.base import (
     PATTERNS,
+    Band,
+    BlockBand,
     Intervals,
+    Keys,
+    Structure,
     Pattern,
     all_keys_for,
     band,
@@ -41,6 +45,12 @@ class Strided(Pattern):
     def key_intervals(self, n, block, causal):
         # the A2 column pattern touches every key block once the stride is below n
         return all_keys_for(n, torch.arange(math.ceil(n / block)))
+
+    def structure(self, n, causal):
+        # A1 is the band |i-j| <= L; A2 adds the residue class of i beyond it: i - j = mL, |m| >= 2
+        L = self.stride
+        big = n // L + 1
+        return Structure(n, causal, (Band(-L, L), Band(2, big, L), Band(-big, -2, L)))
 
     def keys_per_query(self, n, causal):
         i = torch.arange(n)
@@ -95,6 +105,11 @@ class Fixed(Pattern):
             qq = qb.repeat_interleave(m.numel())
             parts.append(Intervals(qq, lo2.repeat(nb), (lo2 + c - 1).repeat(nb)))
         return Intervals.cat(parts)
+
+    def structure(self, n, causal):
+        L, c = self.stride, self.summary
+        j = torch.arange(n)
+        return Structure(n, causal, (BlockBand(L, 0, 0), Keys(j[j % L >= L - c])))
 
     def keys_per_query(self, n, causal):
         L, c = self.stride, self.summary

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.patterns.base import PATTERNS, Pattern
+from sparsebench.patterns.base import PATTERNS, Band, Pattern, Structure
 
 
 @PATTERNS.register
@@ -17,6 +17,9 @@ class Dense(Pattern):
 
     def _allowed(self, q, k, n, causal):
         return torch.ones((), dtype=torch.bool, device=q.device)
+
+    def structure(self, n, causal):
+        return Structure(n, causal, (Band(-n, n),))
 
     def keys_per_query(self, n, causal):
         return torch.arange(1, n + 1) if causal else torch.full((n,), n, dtype=torch.long)

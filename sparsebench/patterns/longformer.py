@@ -10,7 +10,11 @@ import torch
 from sparsebench.errors import PatternError
 from sparsebench.patterns.base import (
     PATTERNS,
+    Band,
     Intervals,
+    Keys,
+    Rows,
+    Structure,
     Pattern,
     all_keys_for,
     any_equal,
@@ -59,6 +63,12 @@ class Longformer(Pattern):
         gq = torch.unique(self._g("cpu") // block)
         parts.append(all_keys_for(n, gq))
         return Intervals.cat(parts)
+
+    def structure(self, n, causal):
+        w = self.window - 1
+        g = self._g("cpu")
+        g = g[g < n]
+        return Structure(n, causal, (Band(-w, w), Keys(g), Rows(g)))
 
     def keys_per_query(self, n, causal):
         g = self._g("cpu")

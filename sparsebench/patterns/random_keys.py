@@ -8,7 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.patterns.base import PATTERNS, Pattern, key_list, param, require_positive, sample_distinct
+from sparsebench.patterns.base import (
+    PATTERNS,
+    Pattern,
+    Structure,
+    Table,
+    key_list,
+    param,
+    require_positive,
+    sample_distinct,
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -58,6 +67,10 @@ class Random(Pattern):
         qb = torch.cat([(i // block).repeat_interleave(self.keys), i // block])
         ok = keys >= 0
         return key_list(n, block, qb[ok], keys[ok])
+
+    def structure(self, n, causal):
+        own = torch.arange(n)[:, None]  # the query itself, as one more slot
+        return Structure(n, causal, (Table(torch.cat([self.table(n, causal), own], dim=1)),))
 
     def keys_per_query(self, n, causal):
         return (self.table(n, causal) >= 0).sum(1) + 1

@@ -8,7 +8,10 @@ import torch
 
 from sparsebench.patterns.base import (
     PATTERNS,
+    Band,
     Intervals,
+    Keys,
+    Structure,
     Pattern,
     band,
     fixed_keys,
@@ -41,6 +44,10 @@ class SinkWindow(Pattern):
         return Intervals.cat(
             [band(n, block, self.window - 1, 0 if causal else self.window - 1), fixed_keys(n, block, 0, self.sinks - 1)]
         )
+
+    def structure(self, n, causal):
+        w = self.window - 1
+        return Structure(n, causal, (Band(-w, w), Keys(torch.arange(min(self.sinks, n)))))
 
     def keys_per_query(self, n, causal):
         i = torch.arange(n)

@@ -8,7 +8,9 @@ import torch
 
 from sparsebench.patterns.base import (
     PATTERNS,
+    Band,
     Intervals,
+    Structure,
     Pattern,
     band,
     param,
@@ -40,6 +42,10 @@ class SlidingWindow(Pattern):
 
     def keys_per_query(self, n, causal):
         return window_keys(n, self.window, causal)
+
+    def structure(self, n, causal):
+        w = self.window - 1
+        return Structure(n, causal, (Band(-w, w),))
 
     def kv_retained(self, n):
         return min(n, self.window)
@@ -75,6 +81,10 @@ class DilatedWindow(Pattern):
             if not causal and off:
                 parts.append(band(n, block, -off, off))
         return Intervals.cat(parts)
+
+    def structure(self, n, causal):
+        w = self.window - 1
+        return Structure(n, causal, (Band(-w, w, self.dilation),))
 
     def keys_per_query(self, n, causal):
         i = torch.arange(n)

@@ -1,0 +1,113 @@
+"""One fused attention call on 4-D views and its backward, for the block-sparse planner.
+
+Queries are (X, M, L, d) and keys/values (X, M, S, d): any strides with a unit last stride, so
+overlapping windows of one key tensor (``as_strided``) and stride-0 broadcasts are read in place.
+``mask`` is a boolean (True = allowed) broadcastable to (X, M, L, S). Each call returns the
+output and the log-sum-exp of each query row, so that calls over disjoint key sets of the same
+queries can be merged exactly (``merge``).
+
+On the CPU this is ATen's flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``:
+blocked, online softmax, no L x S score matrix in memory). Elsewhere, and where that operator
+is missing, it is plain PyTorch (matmul, logsumexp, softmax) in fp32. A row without any allowed
+key gets a zero output and log-sum-exp 0 from both; the planner knows such rows in advance and
+sets their log-sum-exp to -inf before merging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NEG_INF = float("-inf")
+
+
+def flash_ok(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in _FLASH_DTYPES and _FLASH is not None and _FLASH_BWD is not None
+
+
+class Mask:
+    """A boolean mask kept once, with its additive form for each dtype made on first use."""
+
+    __slots__ = ("bool", "_add")
+
+    def __init__(self, allowed: torch.Tensor):
+        self.bool = allowed
+        self._add: dict[torch.dtype, torch.Tensor] = {}
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        m = self._add.get(dtype)
+        if m is None:
+            zero = torch.zeros((), dtype=dtype, device=self.bool.device)
+            m = torch.where(self.bool, zero, torch.tensor(NEG_INF, dtype=dtype, device=self.bool.device))
+            if self.bool.numel() <= (1 << 20):  # small shared masks are cached; big ones rebuilt
+                self._add[dtype] = m
+        return m
+
+    def to(self, device: torch.device) -> "Mask":
+        return self if self.bool.device == device else Mask(self.bool.to(device))
+
+
+def forward(q, k, v, mask: Mask | None, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (X, M, L, d) in q.dtype, lse (X, M, L) fp32). ``causal`` is top-left: row t sees keys <= t."""
+    if flash_ok(q):
+        add = None if mask is None else mask.additive(q.dtype)
+        out, lse = _FLASH(q, k, v, 0.0, causal, attn_mask=add, scale=scale)
+        return out, lse
+    return _math_forward(q, k, v, mask, causal, scale)
+
+
+def backward(go, q, k, v, out, lse, mask: Mask | None, causal: bool, scale: float):
+    """Gradients of one call. ``out`` may be the merged output of several calls and ``go`` the
+    output gradient scaled by this call's share exp(lse_call - lse_merged): with ``lse`` the
+    call's own log-sum-exp this gives the exact gradient of the merged attention (the softmax
+    term uses rowsum(go * out) of the merged output, as split-KV flash attention does)."""
+    if flash_ok(q):
+        add = None if mask is None else mask.additive(q.dtype)
+        return _FLASH_BWD(go, q, k, v, out, lse, 0.0, causal, attn_mask=add, scale=scale)
+    return _math_backward(go, q, k, v, out, lse, mask, causal, scale)
+
+
+def _scores(q, k, mask, causal, scale):
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        L, S = s.shape[-2:]
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1), NEG_INF)
+    if mask is not None:
+        s = s.masked_fill(~mask.bool, NEG_INF)
+    return s
+
+
+def _math_forward(q, k, v, mask, causal, scale):
+    s = _scores(q, k, mask, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    return torch.matmul(p, v.float()).to(q.dtype), lse
+
+
+def _math_backward(go, q, k, v, out, lse, mask, causal, scale):
+    s = _scores(q, k, mask, causal, scale)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    gof = go.float()
+    dv = torch.matmul(p.transpose(-1, -2), gof)
+    dp = torch.matmul(gof, v.float().transpose(-1, -2))
+    dsum = (gof * out.float()).sum(-1, keepdim=True)
+    ds = p * (dp - dsum) * scale
+    dq = torch.matmul(ds, k.float())
+    dk = torch.matmul(ds.transpose(-1, -2), q.float())
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
+    """In place: (out, lse) <- the attention over the union of both key sets: weights from the
+    row log-sum-exps, then one pass over the outputs (out + share * (o - out))."""
+    m = torch.maximum(lse, l)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa = torch.exp(lse - m)
+    wb = torch.exp(l - m)
+    s = wa + wb
+    lse.copy_(m + torch.log(s))
+    share = torch.where(s > 0, wb / s, torch.zeros_like(s))  # of the new part; the rest stays
+    out.lerp_(o.to(out.dtype), share.unsqueeze(-1).to(out.dtype))

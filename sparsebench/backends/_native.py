@@ -1,0 +1,871 @@
+"""Two small C++ kernels for the CPU (fp32), used where they beat the PyTorch path:
+
+* ``window_forward``: attention of 32-row query blocks against key windows with one contiguous
+  key range per row (bands, block bands). ATen's flash kernel runs such small units through
+  MKL calls at about half its large-matrix rate; this one packs each run of overlapping windows'
+  keys once into 32-key tiles and computes 8 x 32 register blocks (AVX-512 only).
+* ``table_forward`` / ``table_backward``: per-query key tables (random attention), each query's R
+  keys read in place. Gathering R rows per query (R = 64: 4 GiB at n = 16384, 8 heads) is slower
+  than dense attention in PyTorch; reading the rows where they lie costs a fraction of that.
+
+Built on first use with torch.utils.cpp_extension (needs a C++ compiler; the build is cached,
+about 30-60 s the first time). ``kernel()`` returns None where it cannot be built or is switched
+off (SPARSEBENCH_NATIVE=0); callers then use PyTorch / ATen. Backward passes of windows use ATen.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+// q, k, v: (G, n, d) contiguous fp32. idx: (rows, R) int32 key indices of queries row0..row0+rows-1
+// (-1: unused slot). Returns out (G, rows, d) and lse (G, rows): -inf for rows without a key.
+// Work runs head by head (one head's K and V stay in cache) and the next query's key rows are
+// prefetched while the current one is computed: the loop is bound by reading rows, not by FLOPs.
+std::vector<torch::Tensor> table_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                         torch::Tensor idx, int64_t row0, double scale) {
+  const int64_t G = q.size(0), n = q.size(1), d = q.size(2);
+  const int64_t rows = idx.size(0), R = idx.size(1);
+  auto out = torch::empty({G, rows, d}, q.options());
+  auto lse = torch::empty({G, rows}, q.options());
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  const int32_t* I = idx.data_ptr<int32_t>();
+  float* O = out.data_ptr<float>();
+  float* L = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const float NEG = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, rows * G, 64, [&](int64_t b, int64_t e) {
+    std::vector<float> s(R);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t g = t / rows, i = t % rows;
+      const int32_t* row = I + i * R;
+      const float* qi = Q + (g * n + row0 + i) * d;
+      const float* Kg = K + g * n * d;
+      const float* Vg = V + g * n * d;
+      if (i + 1 < rows) {
+        const int32_t* next = row + R;
+        for (int64_t r = 0; r < R; ++r) {
+          if (next[r] < 0) continue;
+          const char* p = reinterpret_cast<const char*>(Kg + static_cast<int64_t>(next[r]) * d);
+          for (int64_t c = 0; c < d * 4; c += 64) __builtin_prefetch(p + c);
+        }
+      }
+      float mx = NEG;
+      for (int64_t r = 0; r < R; ++r) {
+        const int32_t j = row[r];
+        if (j < 0) { s[r] = NEG; continue; }
+        const float* kj = Kg + static_cast<int64_t>(j) * d;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < d; ++c) acc += qi[c] * kj[c];
+        s[r] = acc * sc;
+        mx = s[r] > mx ? s[r] : mx;
+      }
+      float* oi = O + (g * rows + i) * d;
+      for (int64_t c = 0; c < d; ++c) oi[c] = 0.f;
+      if (mx == NEG) { L[g * rows + i] = NEG; continue; }
+      float sum = 0.f;
+      for (int64_t r = 0; r < R; ++r) {
+        if (s[r] == NEG) continue;
+        const float p = std::exp(s[r] - mx);
+        sum += p;
+        const float* vj = Vg + static_cast<int64_t>(row[r]) * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) oi[c] += p * vj[c];
+      }
+      const float inv = 1.f / sum;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) oi[c] *= inv;
+      L[g * rows + i] = mx + std::log(sum);
+    }
+  });
+  return {out, lse};
+}
+
+// Adds this call's gradients into dq, dk, dv (G, n, d) fp32. go: (G, rows, d) output gradient
+// (already scaled by the call's share when calls were merged), o: (G, rows, d) merged output,
+// lse: (G, rows) this call's log-sum-exp. Heads run in parallel (keys repeat across queries).
+void table_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, int64_t row0,
+                    double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                    torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  const int64_t G = q.size(0), n = q.size(1), d = q.size(2);
+  const int64_t rows = idx.size(0), R = idx.size(1);
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  const int32_t* I = idx.data_ptr<int32_t>();
+  const float* GO = go.data_ptr<float>();
+  const float* O = o.data_ptr<float>();
+  const float* L = lse.data_ptr<float>();
+  float* DQ = dq.data_ptr<float>();
+  float* DK = dk.data_ptr<float>();
+  float* DV = dv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, G, 1, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const float li = L[g * rows + i];
+        if (!std::isfinite(li)) continue;
+        const int32_t* row = I + i * R;
+        const float* qi = Q + (g * n + row0 + i) * d;
+        const float* gi = GO + (g * rows + i) * d;
+        const float* oi = O + (g * rows + i) * d;
+        float* dqi = DQ + (g * n + row0 + i) * d;
+        float D = 0.f;
+#pragma omp simd reduction(+ : D)
+        for (int64_t c = 0; c < d; ++c) D += gi[c] * oi[c];
+        for (int64_t r = 0; r < R; ++r) {
+          const int32_t j = row[r];
+          if (j < 0) continue;
+          const float* kj = K + (g * n + j) * d;
+          const float* vj = V + (g * n + j) * d;
+          float s = 0.f, dp = 0.f;
+#pragma omp simd reduction(+ : s, dp)
+          for (int64_t c = 0; c < d; ++c) { s += qi[c] * kj[c]; dp += gi[c] * vj[c]; }
+          const float p = std::exp(s * sc - li);
+          const float ds = p * (dp - D) * sc;
+          float* dkj = DK + (g * n + j) * d;
+          float* dvj = DV + (g * n + j) * d;
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) {
+            dqi[c] += ds * kj[c];
+            dkj[c] += ds * qi[c];
+            dvj[c] += p * gi[c];
+          }
+        }
+      }
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#include <algorithm>
+
+namespace {
+
+// e^x for AVX-512: 2^n * e^r, |r| <= ln2/2, degree-6 polynomial (relative error ~2e-7).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945f));
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int RB = 8;   // query rows per register block
+constexpr int KT = 32;  // keys per packed tile (two zmm)
+
+// s[r][0..31] = sum_c q[r][c] * kt[c][0..31]: q is RB x d, kt one packed tile (d x 32).
+inline void qk_tile(const float* __restrict q, const float* __restrict kt, int64_t d, float* __restrict s, int64_t lds) {
+  __m512 a0[RB], a1[RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+  for (int64_t c = 0; c < d; ++c) {
+    const __m512 k0 = _mm512_loadu_ps(kt + c * KT);
+    const __m512 k1 = _mm512_loadu_ps(kt + c * KT + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * d + c]);
+      a0[r] = _mm512_fmadd_ps(qb, k0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(qb, k1, a1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    _mm512_storeu_ps(s + r * lds, a0[r]);
+    _mm512_storeu_ps(s + r * lds + 16, a1[r]);
+  }
+}
+
+// o[r][c0..c0+31] = sum_j p[r][j] * v[j][c0..c0+31] for RB rows (v rows ldv apart).
+inline void pv_block(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv, int64_t nj,
+                     int64_t c0, float* __restrict o, int64_t d) {
+  __m512 a0[RB], a1[RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+  for (int64_t j = 0; j < nj; ++j) {
+    const __m512 v0 = _mm512_loadu_ps(v + j * ldv + c0);
+    const __m512 v1 = _mm512_loadu_ps(v + j * ldv + c0 + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * ldp + j]);
+      a0[r] = _mm512_fmadd_ps(pb, v0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(pb, v1, a1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    _mm512_storeu_ps(o + r * d + c0, a0[r]);
+    _mm512_storeu_ps(o + r * d + c0 + 16, a1[r]);
+  }
+}
+
+// dst[c * 32 + j] = src[j * ld + c] for j < rows (zero rows past it), c < d: one packed tile from
+// up to 32 key rows, 16 x 16 blocks transposed in registers.
+inline void pack_tile(const float* __restrict src, int64_t ld, int64_t rows, int64_t d, float* __restrict dst) {
+  for (int half = 0; half < 2; ++half) {
+    for (int64_t c0 = 0; c0 < d; c0 += 16) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t row = half * 16 + j;
+        r[j] = row < rows ? _mm512_loadu_ps(src + row * ld + c0) : _mm512_setzero_ps();
+      }
+      __m512 t[16];
+      for (int j = 0; j < 8; ++j) {
+        t[2 * j] = _mm512_unpacklo_ps(r[2 * j], r[2 * j + 1]);
+        t[2 * j + 1] = _mm512_unpackhi_ps(r[2 * j], r[2 * j + 1]);
+      }
+      for (int j = 0; j < 4; ++j) {
+        for (int h = 0; h < 2; ++h) {
+          const __m512 a = t[4 * j + h], b = t[4 * j + 2 + h];
+          r[4 * j + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+          r[4 * j + 2 + h] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+        }
+      }
+      // r[4j + {0,1,2,3}] now hold, for rows 4j..4j+3, columns {0,4,8,12}+{0,1,2,3} per 128-bit lane
+      for (int j = 0; j < 2; ++j) {
+        for (int h = 0; h < 4; ++h) {
+          const __m512 a = r[8 * j + h], b = r[8 * j + 4 + h];
+          t[8 * j + h] = _mm512_shuffle_f32x4(a, b, 0x88);
+          t[8 * j + 4 + h] = _mm512_shuffle_f32x4(a, b, 0xDD);
+        }
+      }
+      for (int h = 0; h < 8; ++h) {
+        const __m512 a = t[h], b = t[8 + h];
+        r[h] = _mm512_shuffle_f32x4(a, b, 0x88);
+        r[8 + h] = _mm512_shuffle_f32x4(a, b, 0xDD);
+      }
+      // column c0 + i of the 16 rows is in r[perm[i]]
+      static const int perm[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+      for (int i = 0; i < 16; ++i) {
+        if (c0 + i < d) _mm512_storeu_ps(dst + (c0 + i) * KT + half * 16, r[perm[i]]);
+      }
+    }
+  }
+}
+
+// As pack_tile, from rows given by pointers (gathered keys).
+inline void pack_tile_rows(const float* const* __restrict rows_p, int64_t rows, int64_t d, float* __restrict dst) {
+  for (int half = 0; half < 2; ++half) {
+    for (int64_t c0 = 0; c0 < d; c0 += 16) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t row = half * 16 + j;
+        r[j] = row < rows ? _mm512_loadu_ps(rows_p[row] + c0) : _mm512_setzero_ps();
+      }
+      __m512 t[16];
+      for (int j = 0; j < 8; ++j) {
+        t[2 * j] = _mm512_unpacklo_ps(r[2 * j], r[2 * j + 1]);
+        t[2 * j + 1] = _mm512_unpackhi_ps(r[2 * j], r[2 * j + 1]);
+      }
+      for (int j = 0; j < 4; ++j) {
+        for (int h = 0; h < 2; ++h) {
+          const __m512 a = t[4 * j + h], b = t[4 * j + 2 + h];
+          r[4 * j + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+          r[4 * j + 2 + h] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+        }
+      }
+      for (int j = 0; j < 2; ++j) {
+        for (int h = 0; h < 4; ++h) {
+          const __m512 a = r[8 * j + h], b = r[8 * j + 4 + h];
+          t[8 * j + h] = _mm512_shuffle_f32x4(a, b, 0x88);
+          t[8 * j + 4 + h] = _mm512_shuffle_f32x4(a, b, 0xDD);
+        }
+      }
+      for (int h = 0; h < 8; ++h) {
+        const __m512 a = t[h], b = t[8 + h];
+        r[h] = _mm512_shuffle_f32x4(a, b, 0x88);
+        r[8 + h] = _mm512_shuffle_f32x4(a, b, 0xDD);
+      }
+      static const int perm[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+      for (int i = 0; i < 16; ++i) {
+        if (c0 + i < d) _mm512_storeu_ps(dst + (c0 + i) * KT + half * 16, r[perm[i]]);
+      }
+    }
+  }
+}
+
+// As pv_block, V rows given by pointers.
+inline void pv_block_rows(const float* __restrict p, int64_t ldp, const float* const* __restrict vrows, int64_t nj,
+                          int64_t c0, float* __restrict o, int64_t d) {
+  __m512 a0[RB], a1[RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+  for (int64_t j = 0; j < nj; ++j) {
+    const __m512 v0 = _mm512_loadu_ps(vrows[j] + c0);
+    const __m512 v1 = _mm512_loadu_ps(vrows[j] + c0 + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * ldp + j]);
+      a0[r] = _mm512_fmadd_ps(pb, v0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(pb, v1, a1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    _mm512_storeu_ps(o + r * d + c0, a0[r]);
+    _mm512_storeu_ps(o + r * d + c0 + 16, a1[r]);
+  }
+}
+
+}  // namespace
+
+// Attention of q (X, M, L, d) against k, v (X, M, S, d) views (unit last stride; the key windows
+// of consecutive m may overlap). Query row t of every
+// window sees keys lo[t]..hi[t] (inclusive). Returns out (X, M, L, d) and lse (X, M, L) with the
+// conventions of ATen's CPU flash attention (a row without keys: zeros and lse 0).
+// Per thread, the keys of a run of windows of one sequence are packed once into 32-key tiles
+// (d x 32, contiguous), so that each 8-row block of queries is a register-blocked product with
+// few loads per FMA; softmax is two passes over the row block's scores (S is small).
+std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in) {
+  const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3), S = k.size(2);
+  TORCH_CHECK(d % 32 == 0, "window_forward: head_dim must be a multiple of 32");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "window_forward: last stride must be 1");
+  const int64_t ksR = k.stride(2), ksM = k.stride(1), vsR = v.stride(2);
+  // windows that advance by whole key rows share one packed run; others are packed one by one
+  const bool runs = M > 1 && ksM >= 0 && ksM % ksR == 0 && ksM / ksR < S;
+  // out_in: a view to write into (unit last stride), or an empty tensor to allocate the output
+  auto out = out_in.numel() ? out_in : torch::empty({X, M, L, d}, q.options());
+  TORCH_CHECK(out.stride(3) == 1, "window_forward: out needs a unit last stride");
+  auto lse = torch::empty({X, M, L}, q.options());
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  const int32_t* LO = lo_t.data_ptr<int32_t>();
+  const int32_t* HI = hi_t.data_ptr<int32_t>();
+  float* O = out.data_ptr<float>();
+  float* LS = lse.data_ptr<float>();
+  const int64_t osX = out.stride(0), osM = out.stride(1), osR = out.stride(2);
+  const int64_t qsX = q.stride(0), qsM = q.stride(1), qsR = q.stride(2);
+  const int64_t ksX = k.stride(0), vsX = v.stride(0), vsM = v.stride(1);
+  const int64_t step_rows = runs ? ksM / ksR : 0;  // key rows between consecutive windows
+  const float sc = static_cast<float>(scale);
+  const float NEG = -std::numeric_limits<float>::infinity();
+  const int64_t lds = (S + 2 * KT + 15) / 16 * 16;
+
+  at::parallel_for(0, X * M, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> kt_buf, sbuf(RB * lds), qbuf(RB * d), obuf(RB * d);
+    int64_t item = b0;
+    while (item < b1) {
+      const int64_t x = item / M, m_first = item % M;
+      const int64_t m_last = runs ? std::min(M - 1, m_first + (b1 - item) - 1) : m_first;
+      // the run's keys: rows 0 .. nrows-1 of k from window m_first's first key, ksR apart
+      const float* kbase = K + x * ksX + m_first * ksM;
+      const int64_t nrows = (m_last - m_first) * step_rows + S;
+      const int64_t nblk = (nrows + KT - 1) / KT + 1;
+      kt_buf.resize(nblk * d * KT);
+      float* kt = kt_buf.data();
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(KT, nrows - blk * KT));
+        pack_tile(kbase + blk * KT * ksR, ksR, rows, d, kt + blk * d * KT);
+      }
+      for (int64_t m = m_first; m <= m_last; ++m) {
+        const float* qw = Q + x * qsX + m * qsM;
+        const float* vw = V + x * vsX + m * vsM;
+        const int64_t koff = (m - m_first) * step_rows;  // window's first key in packed rows
+        float* ow = O + x * osX + m * osM;
+        float* lw = LS + (x * M + m) * L;
+        for (int64_t r0 = 0; r0 < L; r0 += RB) {
+          const int rb = static_cast<int>(std::min<int64_t>(RB, L - r0));
+          int32_t lo[RB], hi[RB];
+          int32_t glo = INT32_MAX, ghi = -1;
+          for (int r = 0; r < RB; ++r) {
+            lo[r] = r < rb ? std::max<int32_t>(LO[r0 + r], 0) : 1;
+            hi[r] = r < rb ? std::min<int32_t>(HI[r0 + r], static_cast<int32_t>(S) - 1) : 0;
+            if (lo[r] <= hi[r]) { glo = std::min(glo, lo[r]); ghi = std::max(ghi, hi[r]); }
+          }
+          if (ghi < 0) {
+            for (int r = 0; r < rb; ++r) {
+              std::fill(ow + (r0 + r) * osR, ow + (r0 + r) * osR + d, 0.f);
+              lw[r0 + r] = 0.f;
+            }
+            continue;
+          }
+          for (int r = 0; r < RB; ++r) {
+            const float* src = qw + (r0 + (r < rb ? r : 0)) * qsR;
+            std::copy(src, src + d, qbuf.data() + r * d);
+          }
+          const int64_t t0 = (koff + glo) / KT, t1 = (koff + ghi) / KT;
+          const int64_t j0 = t0 * KT - koff;  // window column of the first tile (may be < 0)
+          for (int64_t t = t0; t <= t1; ++t)
+            qk_tile(qbuf.data(), kt + t * d * KT, d, sbuf.data() + (t - t0) * KT, lds);
+          const int64_t nj = (t1 - t0 + 1) * KT;
+          const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+          const __m512 vneg = _mm512_set1_ps(NEG), vsc = _mm512_set1_ps(sc);
+          float mx[RB], sum[RB];
+          for (int r = 0; r < RB; ++r) {
+            float* srow = sbuf.data() + r * lds;
+            const __m512i av = _mm512_set1_epi32(lo[r]), bv = _mm512_set1_epi32(hi[r]);
+            __m512 vmax = vneg;
+            for (int64_t j = 0; j < nj; j += 16) {
+              const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0 + j)), iota);
+              const __mmask16 ok = _mm512_cmpge_epi32_mask(jv, av) & _mm512_cmple_epi32_mask(jv, bv);
+              const __m512 sv = _mm512_mask_mul_ps(vneg, ok, _mm512_loadu_ps(srow + j), vsc);
+              _mm512_storeu_ps(srow + j, sv);
+              vmax = _mm512_max_ps(vmax, sv);
+            }
+            mx[r] = _mm512_reduce_max_ps(vmax);
+            __m512 vs = _mm512_setzero_ps();
+            if (mx[r] == NEG) {
+              for (int64_t j = 0; j < nj; j += 16) _mm512_storeu_ps(srow + j, _mm512_setzero_ps());
+            } else {
+              const __m512 mv = _mm512_set1_ps(mx[r]);
+              for (int64_t j = 0; j < nj; j += 16) {
+                const __m512 sv = _mm512_loadu_ps(srow + j);
+                const __mmask16 fin = _mm512_cmp_ps_mask(sv, vneg, _CMP_NEQ_OQ);
+                const __m512 e = _mm512_maskz_mov_ps(fin, exp512(_mm512_sub_ps(sv, mv)));
+                _mm512_storeu_ps(srow + j, e);
+                vs = _mm512_add_ps(vs, e);
+              }
+            }
+            sum[r] = _mm512_reduce_add_ps(vs);
+          }
+          // P V over the tiles' columns that exist in the window (the others have p = 0)
+          const int64_t jb = std::max<int64_t>(j0, 0), je = std::min<int64_t>(j0 + nj, S);
+          for (int64_t c0 = 0; c0 < d; c0 += 32)
+            pv_block(sbuf.data() + (jb - j0), lds, vw + jb * vsR, vsR, je - jb, c0, obuf.data(), d);
+          for (int r = 0; r < rb; ++r) {
+            const float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
+            const __m512 iv = _mm512_set1_ps(inv);
+            for (int64_t c = 0; c < d; c += 16)
+              _mm512_storeu_ps(ow + (r0 + r) * osR + c, _mm512_mul_ps(_mm512_loadu_ps(obuf.data() + r * d + c), iv));
+            lw[r0 + r] = sum[r] > 0.f ? mx[r] + std::log(sum[r]) : 0.f;
+          }
+        }
+      }
+      item += m_last - m_first + 1;
+    }
+  });
+  return {out, lse};
+}
+
+// As window_forward, with the keys of window m gathered: rows idx[m][0..S-1] of k, v (X, n, d)
+// (idx (M, S) int32, or (1, S): the same keys for every window). The rows are copied once,
+// into the packed tiles, instead of into a gathered tensor first.
+std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in) {
+  const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3), S = idx.size(1);
+  const bool shared = idx.size(0) == 1;
+  TORCH_CHECK(d % 32 == 0, "gather_forward: head_dim must be a multiple of 32");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "gather_forward: last stride must be 1");
+  auto out = out_in.numel() ? out_in : torch::empty({X, M, L, d}, q.options());
+  TORCH_CHECK(out.stride(3) == 1, "gather_forward: out needs a unit last stride");
+  auto lse = torch::empty({X, M, L}, q.options());
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  const int32_t* IDX = idx.data_ptr<int32_t>();
+  const int32_t* LO = lo_t.data_ptr<int32_t>();
+  const int32_t* HI = hi_t.data_ptr<int32_t>();
+  float* O = out.data_ptr<float>();
+  float* LS = lse.data_ptr<float>();
+  const int64_t osX = out.stride(0), osM = out.stride(1), osR = out.stride(2);
+  const int64_t qsX = q.stride(0), qsM = q.stride(1), qsR = q.stride(2);
+  const int64_t ksX = k.stride(0), ksR = k.stride(1), vsX = v.stride(0), vsR = v.stride(1);
+  const float sc = static_cast<float>(scale);
+  const float NEG = -std::numeric_limits<float>::infinity();
+  const int64_t lds = (S + 2 * KT + 15) / 16 * 16;
+  const int64_t nblk = (S + KT - 1) / KT + 1;
+
+  at::parallel_for(0, X * M, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> kt(nblk * d * KT), sbuf(RB * lds), qbuf(RB * d), obuf(RB * d);
+    std::vector<const float*> krows(nblk * KT), vrows(S);
+    int64_t packed_x = -1, packed_m = -1;
+    for (int64_t item = b0; item < b1; ++item) {
+      const int64_t x = item / M, m = item % M;
+      const int32_t* row = IDX + (shared ? 0 : m) * S;
+      if (!(shared ? packed_x == x : (packed_x == x && packed_m == m))) {
+        for (int64_t u = 0; u < S; ++u) krows[u] = K + x * ksX + static_cast<int64_t>(row[u]) * ksR;
+        for (int64_t blk = 0; blk < nblk; ++blk)
+          pack_tile_rows(krows.data() + blk * KT, std::max<int64_t>(0, std::min<int64_t>(KT, S - blk * KT)), d,
+                         kt.data() + blk * d * KT);
+        for (int64_t u = 0; u < S; ++u) vrows[u] = V + x * vsX + static_cast<int64_t>(row[u]) * vsR;
+        packed_x = x;
+        packed_m = m;
+      }
+      const float* qw = Q + x * qsX + m * qsM;
+      float* ow = O + x * osX + m * osM;
+      float* lw = LS + (x * M + m) * L;
+      for (int64_t r0 = 0; r0 < L; r0 += RB) {
+        const int rb = static_cast<int>(std::min<int64_t>(RB, L - r0));
+        int32_t lo[RB], hi[RB];
+        int32_t glo = INT32_MAX, ghi = -1;
+        for (int r = 0; r < RB; ++r) {
+          lo[r] = r < rb ? std::max<int32_t>(LO[r0 + r], 0) : 1;
+          hi[r] = r < rb ? std::min<int32_t>(HI[r0 + r], static_cast<int32_t>(S) - 1) : 0;
+          if (lo[r] <= hi[r]) { glo = std::min(glo, lo[r]); ghi = std::max(ghi, hi[r]); }
+        }
+        if (ghi < 0) {
+          for (int r = 0; r < rb; ++r) {
+            std::fill(ow + (r0 + r) * osR, ow + (r0 + r) * osR + d, 0.f);
+            lw[r0 + r] = 0.f;
+          }
+          continue;
+        }
+        for (int r = 0; r < RB; ++r) {
+          const float* src = qw + (r0 + (r < rb ? r : 0)) * qsR;
+          std::copy(src, src + d, qbuf.data() + r * d);
+        }
+        const int64_t t0 = glo / KT, t1 = ghi / KT;
+        const int64_t j0 = t0 * KT;
+        for (int64_t t = t0; t <= t1; ++t)
+          qk_tile(qbuf.data(), kt.data() + t * d * KT, d, sbuf.data() + (t - t0) * KT, lds);
+        const int64_t nj = (t1 - t0 + 1) * KT;
+        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 vneg = _mm512_set1_ps(NEG), vsc = _mm512_set1_ps(sc);
+        float mx[RB], sum[RB];
+        for (int r = 0; r < RB; ++r) {
+          float* srow = sbuf.data() + r * lds;
+          const __m512i av = _mm512_set1_epi32(lo[r]), bv = _mm512_set1_epi32(hi[r]);
+          __m512 vmax = vneg;
+          for (int64_t j = 0; j < nj; j += 16) {
+            const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0 + j)), iota);
+            const __mmask16 ok = _mm512_cmpge_epi32_mask(jv, av) & _mm512_cmple_epi32_mask(jv, bv);
+            const __m512 sv = _mm512_mask_mul_ps(vneg, ok, _mm512_loadu_ps(srow + j), vsc);
+            _mm512_storeu_ps(srow + j, sv);
+            vmax = _mm512_max_ps(vmax, sv);
+          }
+          mx[r] = _mm512_reduce_max_ps(vmax);
+          __m512 vs = _mm512_setzero_ps();
+          if (mx[r] == NEG) {
+            for (int64_t j = 0; j < nj; j += 16) _mm512_storeu_ps(srow + j, _mm512_setzero_ps());
+          } else {
+            const __m512 mv = _mm512_set1_ps(mx[r]);
+            for (int64_t j = 0; j < nj; j += 16) {
+              const __m512 sv = _mm512_loadu_ps(srow + j);
+              const __mmask16 fin = _mm512_cmp_ps_mask(sv, vneg, _CMP_NEQ_OQ);
+              const __m512 e = _mm512_maskz_mov_ps(fin, exp512(_mm512_sub_ps(sv, mv)));
+              _mm512_storeu_ps(srow + j, e);
+              vs = _mm512_add_ps(vs, e);
+            }
+          }
+          sum[r] = _mm512_reduce_add_ps(vs);
+        }
+        const int64_t je = std::min<int64_t>(j0 + nj, S);
+        for (int64_t c0 = 0; c0 < d; c0 += 32)
+          pv_block_rows(sbuf.data(), lds, vrows.data() + j0, je - j0, c0, obuf.data(), d);
+        for (int r = 0; r < rb; ++r) {
+          const float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
+          const __m512 iv = _mm512_set1_ps(inv);
+          for (int64_t c = 0; c < d; c += 16)
+            _mm512_storeu_ps(ow + (r0 + r) * osR + c, _mm512_mul_ps(_mm512_loadu_ps(obuf.data() + r * d + c), iv));
+          lw[r0 + r] = sum[r] > 0.f ? mx[r] + std::log(sum[r]) : 0.f;
+        }
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// acc[j][c0..c0+31] += sum_r w[r][j] * x[r][c0..c0+31] for j < nj (RB rows of w, stride ldw; x rows
+// of d floats): the rank-RB updates of dK (w = dS, x = Q) and dV (w = P, x = dO).
+inline void outer_acc(const float* __restrict w, int64_t ldw, const float* __restrict x, int64_t d, int64_t nj,
+                      int64_t c0, float* __restrict acc, int64_t lda) {
+  __m512 x0[RB], x1[RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) { x0[r] = _mm512_loadu_ps(x + r * d + c0); x1[r] = _mm512_loadu_ps(x + r * d + c0 + 16); }
+  for (int64_t j = 0; j < nj; ++j) {
+    __m512 a0 = _mm512_loadu_ps(acc + j * lda + c0), a1 = _mm512_loadu_ps(acc + j * lda + c0 + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const __m512 wb = _mm512_set1_ps(w[r * ldw + j]);
+      a0 = _mm512_fmadd_ps(wb, x0[r], a0);
+      a1 = _mm512_fmadd_ps(wb, x1[r], a1);
+    }
+    _mm512_storeu_ps(acc + j * lda + c0, a0);
+    _mm512_storeu_ps(acc + j * lda + c0 + 16, a1);
+  }
+}
+
+// Backward of window_forward. go: (X, M, L, d) output gradient (already scaled by this call's
+// share when calls were merged), o: the merged output rows, lse: this call's log-sum-exp (0 for
+// rows without keys). Adds into dq (a view with q's geometry) and into dk, dv (views with k's and
+// v's geometry). Per thread, a run of windows of one sequence accumulates its keys' gradients in
+// a private buffer, added under a lock at the end of the run (runs of two threads may share keys).
+void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lo_t, torch::Tensor hi_t,
+                     double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3), S = k.size(2);
+  TORCH_CHECK(d % 32 == 0, "window_backward: head_dim must be a multiple of 32");
+  const int64_t ksR = k.stride(2), ksM = k.stride(1), vsR = v.stride(2);
+  TORCH_CHECK(v.stride(1) * ksR == ksM * vsR && dk.stride(1) * ksR == ksM * dk.stride(2) &&
+                  dv.stride(1) * ksR == ksM * dv.stride(2),
+              "window_backward: k, v, dk, dv must share one window geometry");
+  const bool runs = M > 1 && ksM >= 0 && ksM % ksR == 0 && ksM / ksR < S;
+  const int64_t step_rows = runs ? ksM / ksR : 0;
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  const float* GO = go.data_ptr<float>();
+  const float* OO = o.data_ptr<float>();
+  const float* LSE = lse.data_ptr<float>();
+  const int32_t* LO = lo_t.data_ptr<int32_t>();
+  const int32_t* HI = hi_t.data_ptr<int32_t>();
+  float* DQ = dq.data_ptr<float>();
+  float* DK = dk.data_ptr<float>();
+  float* DV = dv.data_ptr<float>();
+  const int64_t qsX = q.stride(0), qsM = q.stride(1), qsR = q.stride(2);
+  const int64_t ksX = k.stride(0), vsX = v.stride(0), vsM = v.stride(1);
+  const int64_t gsX = go.stride(0), gsM = go.stride(1), gsR = go.stride(2);
+  const int64_t osX = o.stride(0), osM = o.stride(1), osR = o.stride(2);
+  const int64_t lsX = lse.stride(0), lsM = lse.stride(1), lsR = lse.stride(2);
+  const int64_t dqX = dq.stride(0), dqM = dq.stride(1), dqR = dq.stride(2);
+  const int64_t dkX = dk.stride(0), dkR = dk.stride(2), dvX = dv.stride(0), dvR = dv.stride(2);
+  const float sc = static_cast<float>(scale);
+  const float NEG = -std::numeric_limits<float>::infinity();
+  const int64_t lds = (S + 2 * KT + 15) / 16 * 16;
+  std::mutex lock;
+
+  at::parallel_for(0, X * M, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> kt_buf, vt_buf, dk_buf, dv_buf;
+    std::vector<float> pbuf(RB * lds), dsbuf(RB * lds), qbuf(RB * d), gbuf(RB * d), obuf(RB * d);
+    int64_t item = b0;
+    while (item < b1) {
+      const int64_t x = item / M, m_first = item % M;
+      const int64_t m_last = runs ? std::min(M - 1, m_first + (b1 - item) - 1) : m_first;
+      const float* kbase = K + x * ksX + m_first * ksM;
+      const float* vbase = V + x * vsX + m_first * vsM;
+      const int64_t nrows = (m_last - m_first) * step_rows + S;
+      const int64_t nblk = (nrows + KT - 1) / KT + 1;
+      kt_buf.resize(nblk * d * KT);
+      vt_buf.resize(nblk * d * KT);
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(KT, nrows - blk * KT));
+        pack_tile(kbase + blk * KT * ksR, ksR, rows, d, kt_buf.data() + blk * d * KT);
+        pack_tile(vbase + blk * KT * vsR, vsR, rows, d, vt_buf.data() + blk * d * KT);
+      }
+      dk_buf.assign((nblk * KT) * d, 0.f);
+      dv_buf.assign((nblk * KT) * d, 0.f);
+      for (int64_t m = m_first; m <= m_last; ++m) {
+        const int64_t koff = (m - m_first) * step_rows;
+        for (int64_t r0 = 0; r0 < L; r0 += RB) {
+          const int rb = static_cast<int>(std::min<int64_t>(RB, L - r0));
+          int32_t lo[RB], hi[RB];
+          int32_t glo = INT32_MAX, ghi = -1;
+          for (int r = 0; r < RB; ++r) {
+            lo[r] = r < rb ? std::max<int32_t>(LO[r0 + r], 0) : 1;
+            hi[r] = r < rb ? std::min<int32_t>(HI[r0 + r], static_cast<int32_t>(S) - 1) : 0;
+            if (lo[r] <= hi[r]) { glo = std::min(glo, lo[r]); ghi = std::max(ghi, hi[r]); }
+          }
+          if (ghi < 0) continue;
+          float lrow[RB], drow[RB];
+          for (int r = 0; r < RB; ++r) {
+            const int64_t rr = r0 + (r < rb ? r : 0);
+            const float* qs = Q + x * qsX + m * qsM + rr * qsR;
+            const float* gs = GO + x * gsX + m * gsM + rr * gsR;
+            const float* os = OO + x * osX + m * osM + rr * osR;
+            float D = 0.f;
+            for (int64_t c = 0; c < d; ++c) {
+              qbuf[r * d + c] = qs[c];
+              const float gv = r < rb ? gs[c] : 0.f;
+              gbuf[r * d + c] = gv;
+              D += gv * os[c];
+            }
+            drow[r] = D;
+            lrow[r] = LSE[x * lsX + m * lsM + rr * lsR];
+          }
+          const int64_t t0 = (koff + glo) / KT, t1 = (koff + ghi) / KT;
+          const int64_t j0 = t0 * KT - koff;  // window column of the first tile
+          const int64_t nj = (t1 - t0 + 1) * KT;
+          for (int64_t t = t0; t <= t1; ++t) {
+            qk_tile(qbuf.data(), kt_buf.data() + t * d * KT, d, pbuf.data() + (t - t0) * KT, lds);
+            qk_tile(gbuf.data(), vt_buf.data() + t * d * KT, d, dsbuf.data() + (t - t0) * KT, lds);
+          }
+          const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+          const __m512 vsc = _mm512_set1_ps(sc);
+          for (int r = 0; r < RB; ++r) {
+            float* prow = pbuf.data() + r * lds;
+            float* srow = dsbuf.data() + r * lds;
+            const __m512i av = _mm512_set1_epi32(lo[r]), bv = _mm512_set1_epi32(hi[r]);
+            const __m512 lv = _mm512_set1_ps(lrow[r]), dvv = _mm512_set1_ps(drow[r]);
+            for (int64_t j = 0; j < nj; j += 16) {
+              const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0 + j)), iota);
+              const __mmask16 ok = r < rb ? (_mm512_cmpge_epi32_mask(jv, av) & _mm512_cmple_epi32_mask(jv, bv)) : 0;
+              const __m512 sv = _mm512_fmsub_ps(_mm512_loadu_ps(prow + j), vsc, lv);
+              const __m512 p = _mm512_maskz_mov_ps(ok, exp512(sv));
+              const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(srow + j), dvv)), vsc);
+              _mm512_storeu_ps(prow + j, p);
+              _mm512_storeu_ps(srow + j, ds);
+            }
+          }
+          // dq rows += dS K (K rows of the window, ksR apart); tile columns outside [0, S) have dS = 0
+          const int64_t jb = std::max<int64_t>(j0, 0), je = std::min<int64_t>(j0 + nj, S);
+          const float* kw = kbase + (koff + jb) * ksR;
+          for (int64_t c0 = 0; c0 < d; c0 += 32)
+            pv_block(dsbuf.data() + (jb - j0), lds, kw, ksR, je - jb, c0, obuf.data(), d);
+          for (int r = 0; r < rb; ++r) {
+            float* dqr = DQ + x * dqX + m * dqM + (r0 + r) * dqR;
+            for (int64_t c = 0; c < d; c += 16)
+              _mm512_storeu_ps(dqr + c, _mm512_add_ps(_mm512_loadu_ps(dqr + c), _mm512_loadu_ps(obuf.data() + r * d + c)));
+          }
+          // dk += dS^T Q, dv += P^T dO, into the run's buffers (rows koff + jb ..)
+          for (int64_t c0 = 0; c0 < d; c0 += 32) {
+            outer_acc(dsbuf.data() + (jb - j0), lds, qbuf.data(), d, je - jb, c0, dk_buf.data() + (koff + jb) * d, d);
+            outer_acc(pbuf.data() + (jb - j0), lds, gbuf.data(), d, je - jb, c0, dv_buf.data() + (koff + jb) * d, d);
+          }
+        }
+      }
+      {
+        std::lock_guard<std::mutex> guard(lock);
+        float* dkb = DK + x * dkX + m_first * (dk.stride(1));
+        float* dvb = DV + x * dvX + m_first * (dv.stride(1));
+        for (int64_t r = 0; r < nrows; ++r)
+          for (int64_t c = 0; c < d; c += 16) {
+            float* a = dkb + r * dkR + c;
+            float* b = dvb + r * dvR + c;
+            _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(dk_buf.data() + r * d + c)));
+            _mm512_storeu_ps(b, _mm512_add_ps(_mm512_loadu_ps(b), _mm512_loadu_ps(dv_buf.data() + r * d + c)));
+          }
+      }
+      item += m_last - m_first + 1;
+    }
+  });
+}
+
+bool has_window() { return true; }
+#else
+std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in) {
+  TORCH_CHECK(false, "window_forward needs AVX-512");
+  return {};
+}
+std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in) {
+  TORCH_CHECK(false, "gather_forward needs AVX-512");
+  return {};
+}
+void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lo_t, torch::Tensor hi_t,
+                     double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  TORCH_CHECK(false, "window_backward needs AVX-512");
+}
+bool has_window() { return false; }
+#endif
+"""
+
+_VERSION = 8
+_lock = threading.Lock()
+_module = None
+_failed: str | None = None
+
+
+def _capability() -> str:
+    try:
+        import torch
+
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - older torch
+        return "DEFAULT"
+
+
+def _name() -> str:
+    """The module name carries the instruction set it is built for: a cached AVX-512 build is
+    never loaded on a CPU without AVX-512 (the cache may be shared between machines)."""
+    return f"sparsebench_native_v{_VERSION}_{_capability().lower()}"
+
+
+def _flags() -> list[str]:
+    cap = _capability()
+    isa = {
+        "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mavx2"],
+        "AVX2": ["-mavx2", "-mfma"],
+    }.get(cap, [])
+    return ["-O3", "-fopenmp", *isa]
+
+
+def _folder() -> str | None:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return _get_build_directory(_name(), verbose=False)
+    except Exception:  # pragma: no cover - private helper moved
+        return None
+
+
+def _marker() -> str | None:
+    folder = _folder()
+    return None if folder is None else os.path.join(folder, "BUILD_FAILED")
+
+
+def enabled() -> bool:
+    """Whether a build can be tried here (a compiler, not switched off, no failed build of this
+    version cached: each worker process would otherwise retry it); cheap, builds nothing."""
+    global _failed
+    if os.environ.get("SPARSEBENCH_NATIVE", "1") == "0" or _failed is not None:
+        return False
+    if not (shutil.which("c++") or shutil.which("g++")):
+        return False
+    marker = _marker()
+    if _module is None and marker is not None and os.path.exists(marker):
+        with open(marker) as fh:
+            _failed = fh.read().strip() or "an earlier build failed"
+        return False
+    return True
+
+
+def kernel():
+    """The compiled module (``window_forward``, ``gather_forward``, ``has_window``,
+    ``table_forward``, ``table_backward``), or None where it cannot be built."""
+    global _module, _failed
+    if _module is not None or not enabled():
+        return _module
+    with _lock:
+        if _module is None and _failed is None:
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                _module = load_inline(
+                    name=_name(),
+                    cpp_sources=[_SOURCE],
+                    functions=[
+                        "window_forward", "gather_forward", "window_backward", "has_window", "table_forward", "table_backward"
+                    ],
+                    extra_cflags=_flags(),
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as exc:  # pragma: no cover - depends on the toolchain
+                text = str(exc).strip().splitlines()
+                _failed = f"{type(exc).__name__}: {text[0] if text else ''}"
+                marker = _marker()
+                try:
+                    if marker is not None:
+                        os.makedirs(os.path.dirname(marker), exist_ok=True)
+                        with open(marker, "w") as fh:
+                            fh.write(_failed + " (delete this file to retry)\n")
+                except OSError:
+                    pass
+    return _module
+
+
+def built() -> bool:
+    """Whether the kernels are loaded or already compiled in the extension cache (cheap to load)."""
+    if _module is not None:
+        return True
+    folder = _folder()
+    return folder is not None and os.path.exists(os.path.join(folder, _name() + ".so"))
+
+
+def why_not() -> str | None:
+    """Why ``kernel()`` is None (after a call), else None."""
+    return _failed

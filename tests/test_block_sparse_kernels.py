@@ -1,0 +1,305 @@
+"""The block-sparse kernel's code paths against dense attention under the pattern's mask: every
+planner path (bands, residue bands, block bands, columns, rows, key tables, gathered tiles), odd
+lengths, causal and bidirectional, fp32 / bf16 / fp16, forward and backward; the structures the
+paths rest on; layouts of a million tokens without an n x n anything."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sparsebench.backends import _plan
+from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
+from sparsebench.backends.block_sparse import attention_fn
+from sparsebench.patterns.base import PATTERNS, _layout
+
+# (pattern, params, the planner paths its structure must use)
+PATHS = [
+    ("dense", {}, {"band"}),
+    ("sliding_window", {"window": 9}, {"band"}),
+    ("sliding_window", {"window": 70}, {"band"}),
+    ("dilated_window", {"window": 5, "dilation": 3}, {"residue_band"}),
+    ("strided", {"stride": 7}, {"band", "residue_band"}),
+    ("fixed", {"stride": 16, "summary": 3}, {"block_band", "keys"}),
+    ("block_local", {"block": 10}, {"block_band"}),
+    ("block_local", {"block": 128}, {"block_band"}),
+    ("longformer", {"window": 6, "global_tokens": [0, 31]}, {"band", "keys", "rows"}),
+    ("sink_window", {"sinks": 3, "window": 40}, {"band", "keys"}),
+    ("random", {"keys": 5, "seed": 1}, {"table"}),
+    ("bigbird", {"block": 16, "random_blocks": 2, "global_blocks": 1}, {"block_band", "block_table", "keys", "rows"}),
+]
+# patterns without a structure: planned from the block layout
+LAYOUT_ONLY = [
+    ("ds_fixed", {"block": 16, "num_local_blocks": 4, "num_global_blocks": 1}),
+    ("ds_bslongformer", {"block": 16}),
+    ("ds_bigbird", {"block": 16, "num_random_blocks": 1, "num_sliding_window_blocks": 3}),
+    ("ds_variable", {"block": 16, "local_window_blocks": [4], "global_block_indices": [0]}),
+]
+CPU = torch.device("cpu")
+
+
+def qkv(n, b=2, h=3, d=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g).to(dtype) for _ in range(3)]
+
+
+def reference(pat, q, k, v, causal):
+    return masked_softmax_attention(q.double(), k.double(), v.double(), pat.mask(q.shape[2], causal))
+
+
+def plan_for(pat, n, causal, block=16, structured=True, groups=6, head_dim=16):
+    return _plan.build(pat, n, causal, groups=groups, head_dim=head_dim, block=block, device=CPU, structured=structured)
+
+
+@pytest.mark.parametrize("name,params,paths", PATHS, ids=[f"{p[0]}-{i}" for i, p in enumerate(PATHS)])
+@pytest.mark.parametrize("n", [61, 203])
+@pytest.mark.parametrize("causal", [True, False])
+def test_structured_paths_match_reference(name, params, paths, n, causal):
+    pat = PATTERNS.get(name).from_params(params)
+    plan = plan_for(pat, n, causal)
+    assert paths <= set(plan.kinds), plan.kinds
+    assert "tiles" not in plan.kinds
+    q, k, v = qkv(n)
+    out = attention_fn(plan)(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert (out.double() - reference(pat, q, k, v, causal)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name,params", LAYOUT_ONLY + [(p[0], p[1]) for p in PATHS[1:6]])
+@pytest.mark.parametrize("n", [77, 200])
+@pytest.mark.parametrize("causal", [True, False])
+def test_layout_path_matches_reference(name, params, n, causal):
+    """Without a structure: the layout's diagonal run as a block band, other tiles gathered."""
+    pat = PATTERNS.get(name).from_params(params)
+    plan = plan_for(pat, n, causal, structured=False)
+    if name.startswith("ds_"):
+        assert pat.structure(n, causal) is None
+    q, k, v = qkv(n)
+    out = attention_fn(plan)(q, k, v)
+    assert (out.double() - reference(pat, q, k, v, causal)).abs().max().item() < 1e-5
+
+
+def test_sliding_window_takes_the_band_path():
+    """A regression to gathers or to the generic layout path is caught here."""
+    pat = PATTERNS.get("sliding_window").from_params({"window": 256})
+    fn = BACKENDS.get("block_sparse")().prepare(Problem(pat, 16384, True, 1, 8, 64, torch.float32, CPU))
+    plan = fn.plan
+    assert plan.kinds == ("band",)
+    kinds = [c.kind for c in plan.calls]
+    assert kinds.count("band_window") >= 1 and set(kinds) <= {"band_window", "band_edge"}
+    assert not plan.multi  # one call per row: written in place, nothing merged
+    assert all(isinstance(c.k, _plan.Strided) for c in plan.calls)  # views of K and V, no gathers
+    window = next(c for c in plan.calls if c.kind == "band_window")
+    assert window.k.sm == window.q.R and window.k.R == 256 + window.q.R - 1  # overlapping windows
+
+
+def test_million_token_plan_is_views_and_small_masks():
+    pat = PATTERNS.get("sliding_window").from_params({"window": 256})
+    n = 1 << 20
+    t0 = time.perf_counter()
+    plan = plan_for(pat, n, True, groups=8, head_dim=64)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 30
+    assert all(isinstance(c.q, _plan.Strided) and isinstance(c.k, _plan.Strided) for c in plan.calls)
+    assert sum(c.q.M * c.q.R for c in plan.calls) == n  # every row once
+    assert max(c.mask.bool.numel() for c in plan.calls if c.mask is not None) <= 512 * 1024
+
+
+@pytest.mark.parametrize(
+    "name,params,block",
+    [
+        ("sliding_window", {"window": 256}, 128),
+        ("sink_window", {"sinks": 4, "window": 256}, 64),
+        ("longformer", {"window": 256, "global_tokens": [0, 1, 2, 3]}, 64),
+        ("block_local", {"block": 256}, 128),
+    ],
+)
+def test_layout_of_a_million_tokens(name, params, block):
+    """Counted from the structure (no b x b evaluation per tile, no n x n mask: that would be
+    a TiB of bools). The build time is printed, not asserted."""
+    pat = PATTERNS.get(name).from_params(params)
+    n = 1 << 20
+    t0 = time.perf_counter()
+    layout = pat.block_layout(n, block, True)
+    print(f"\n{name}: layout of n=2^20 at block {block} in {time.perf_counter() - t0:.3f}s")
+    nb = n // block
+    if name == "sliding_window":
+        assert layout.nnz_blocks == 3 * nb - 3
+    elif name == "block_local":
+        assert layout.nnz_blocks == nb * (256 // block + 1) // 2
+    else:  # the window's 5 tiles per row plus key block 0 (rows 0-4: a+1 tiles, block 0 inside)
+        assert layout.nnz_blocks == 6 * nb - (5 + 4 + 3 + 2 + 1)
+    assert int(layout.count.sum()) == pat.nnz(n, True)
+
+
+@pytest.mark.parametrize("name,params", [(p[0], p[1]) for p in PATHS] + LAYOUT_ONLY)
+@pytest.mark.parametrize("n", [45, 130])
+def test_structured_layout_equals_scanned_layout(name, params, n):
+    pat = PATTERNS.get(name).from_params(params)
+    for causal in (True, False):
+        for b in (8, 32):
+            fast, slow = pat.block_layout(n, b, causal), _layout(pat, n, b, causal)
+            for f in ("crow", "col", "count", "full"):
+                assert torch.equal(getattr(fast, f), getattr(slow, f)), (f, causal, b)
+
+
+@pytest.mark.parametrize("name,params,paths", PATHS, ids=[f"{p[0]}-{i}" for i, p in enumerate(PATHS)])
+def test_structure_is_the_mask_and_exclusive_parts_are_disjoint(name, params, paths):
+    pat = PATTERNS.get(name).from_params(params)
+    for n in (50, 97):
+        for causal in (True, False):
+            st = pat.structure(n, causal)
+            i = torch.arange(n)
+            assert torch.equal(st.covers(i[:, None], i[None, :]), pat.mask(n, causal))
+            seen = torch.zeros(n, n, dtype=torch.int32)
+            for part in st.parts:
+                if part.exclusive:
+                    seen += part.covers(i[:, None], i[None, :]).int()
+            assert int(seen.max()) <= 1
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("sliding_window", {"window": 40}),
+        ("longformer", {"window": 16, "global_tokens": [0, 5]}),
+        ("strided", {"stride": 9}),
+        ("ds_bigbird", {"block": 16}),
+    ],
+)
+def test_low_precision(dtype, tol, name, params):
+    pat = PATTERNS.get(name).from_params(params)
+    n = 150
+    q, k, v = qkv(n, 1, 2, 32, dtype)
+    out = attention_fn(plan_for(pat, n, True, groups=2, head_dim=32))(q, k, v)
+    assert out.dtype == dtype
+    assert (out.double() - reference(pat, q, k, v, True)).abs().max().item() < tol
+
+
+def test_plain_torch_path_matches_the_fused_one(monkeypatch):
+    """The path CUDA (and any device without the CPU flash kernel) takes, forward and backward."""
+    from sparsebench.backends import _attend
+
+    pat = PATTERNS.get("longformer").from_params({"window": 12, "global_tokens": [0, 40]})
+    n = 97
+    q, k, v = (t.requires_grad_(True) for t in qkv(n))
+    g = torch.randn_like(q)
+    plan = plan_for(pat, n, False)
+    monkeypatch.setattr(_attend, "flash_ok", lambda t: False)
+    out = attention_fn(plan)(q, k, v)
+    out.backward(g)
+    got = [t.grad.clone() for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, False))
+    ref.backward(g.double())
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    for a, b in zip(got, (q2.grad, k2.grad, v2.grad)):
+        assert (a.double() - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "name,params,structured",
+    [
+        ("sliding_window", {"window": 20}, True),  # one band: overlapping key windows
+        ("sliding_window", {"window": 20}, False),  # the generic layout path
+        ("strided", {"stride": 8}, True),  # merged band + residue band
+        ("longformer", {"window": 10, "global_tokens": [0, 33]}, True),  # band + columns + rows
+        ("bigbird", {"block": 16, "random_blocks": 2}, True),  # block band + gathered random blocks
+        ("ds_fixed", {"block": 16, "num_local_blocks": 2}, False),  # gathered tiles, shared keys
+        ("random", {"keys": 6}, True),
+    ],
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_matches_reference(monkeypatch, name, params, structured, causal):
+    monkeypatch.setattr(_plan, "BACKWARD_KEY_ROWS", 64)  # split window calls into small pieces
+    pat = PATTERNS.get(name).from_params(params)
+    n = 150
+    q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 2, 16))
+    g = torch.randn_like(q)
+    attention_fn(plan_for(pat, n, causal, groups=2, structured=structured))(q, k, v).backward(g)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    masked_softmax_attention(q2, k2, v2, pat.mask(n, causal)).backward(g.double())
+    for a, b in zip((q, k, v), (q2, k2, v2)):
+        assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
+
+
+def test_non_contiguous_inputs_and_no_grad_path():
+    pat = PATTERNS.get("sink_window").from_params({"sinks": 2, "window": 11})
+    n = 88
+    base = torch.randn(2, n, 3, 16)  # (batch, n, heads, d): a transposed view, as models hold it
+    q = k = v = base.transpose(1, 2)
+    fn = attention_fn(plan_for(pat, n, True))
+    with torch.no_grad():
+        out = fn(q, k, v)
+    assert (out.double() - reference(pat, q, k, v, True)).abs().max().item() < 1e-5
+
+
+def _native_or_skip():
+    import os
+
+    from sparsebench.backends import _native
+
+    if not _native.built() and os.environ.get("SPARSEBENCH_NATIVE_TESTS") != "1":
+        pytest.skip("native kernels not built yet (set SPARSEBENCH_NATIVE_TESTS=1 to build them here)")
+    if _native.kernel() is None:
+        pytest.skip(f"native kernels unavailable: {_native.why_not()}")
+    return _native.kernel()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_native_key_table_kernel(causal):
+    """Random keys through the C++ kernel (rows read in place), forward and backward. Compiling
+    takes 30-60 s once; without SPARSEBENCH_NATIVE_TESTS=1 the native tests run only when the
+    kernels are already in the extension cache (any fp32 CPU run of block_sparse builds them)."""
+    _native_or_skip()
+    pat = PATTERNS.get("random").from_params({"keys": 7, "seed": 3})
+    n = 301
+    plan = _plan.build(pat, n, causal, groups=6, head_dim=16, block=16, device=CPU, dtype=torch.float32)
+    assert all(c.table is not None for c in plan.calls)
+    q, k, v = (t.requires_grad_(True) for t in qkv(n))
+    g = torch.randn_like(q)
+    out = attention_fn(plan)(q, k, v)
+    out.backward(g)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, causal))
+    ref.backward(g.double())
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    for a, b in zip((q, k, v), (q2, k2, v2)):
+        assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "name,params,structured",
+    [
+        ("sliding_window", {"window": 70}, True),  # overlapping windows: one packed run per thread
+        ("block_local", {"block": 128}, True),  # windows apart: packed one by one, causal ranges
+        ("strided", {"stride": 16}, True),  # residue classes side by side
+        ("sink_window", {"sinks": 3, "window": 40}, True),  # a few key columns
+        ("fixed", {"stride": 32, "summary": 4}, True),  # staircase of summary columns
+        ("bigbird", {"block": 32, "random_blocks": 2}, True),  # gathered random blocks
+        ("ds_bigbird", {"block": 32, "num_random_blocks": 1}, False),  # gathered tiles
+        ("dense", {}, True),  # one call: its output is the output
+    ],
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_native_window_kernel(name, params, structured, causal):
+    mod = _native_or_skip()
+    if not mod.has_window():
+        pytest.skip("the window kernel needs AVX-512")
+    pat = PATTERNS.get(name).from_params(params)
+    n = 333
+    plan = _plan.build(pat, n, causal, groups=3, head_dim=64, block=32, device=CPU, dtype=torch.float32, structured=structured)
+    assert any(c.ranges is not None for c in plan.calls)
+    q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 3, 64))
+    g = torch.randn_like(q)
+    out = attention_fn(plan)(q, k, v)
+    out.backward(g)  # backward runs ATen's kernel on the native forward's output and lse
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, causal))
+    ref.backward(g.double())
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    for a, b in zip((q, k, v), (q2, k2, v2)):
+        assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
