@@ -389,7 +389,9 @@ def fit_power(ns: Iterable[float], ys: Iterable[float], floor_slope: float = FLO
 
 
 def find_crossover(ok, base) -> Crossover:
-    """Smallest n at which ``ok`` (a sparse series' ok rows) beats ``base`` (the baseline's)."""
+    """Smallest n from which on ``ok`` (a sparse series' ok rows) beats ``base`` (the
+    baseline's) at every larger measured size; a faster-then-slower blip at small n is not a
+    crossover."""
     if base is None:
         return Crossover(None, compared=0)
     b = base[(base["status"] == "ok") & positive_mask(base, "time_median_s")]
@@ -399,14 +401,16 @@ def find_crossover(ok, base) -> Crossover:
     if not common:
         return Crossover(None, compared=0)
     ratios = [(float(n), float(st[n]) / float(bt[n])) for n in common]
-    if ratios[0][1] < 1.0:
+    # where sparse starts to pay *for good*: faster at this size and at every larger one
+    if ratios[-1][1] >= 1.0:
+        return Crossover(None, compared=len(common))
+    last_slower = max((i for i, (_, r) in enumerate(ratios) if r >= 1.0), default=None)
+    if last_slower is None:
         return Crossover(ratios[0][0], below_range=True, compared=len(common))
-    for (n0, r0), (n1, r1) in zip(ratios, ratios[1:]):
-        if r0 >= 1.0 > r1:
-            lr0, lr1 = math.log(r0), math.log(r1)
-            frac = lr0 / (lr0 - lr1) if lr0 != lr1 else 0.0
-            return Crossover(math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0))), compared=len(common))
-    return Crossover(None, compared=len(common))
+    (n0, r0), (n1, r1) = ratios[last_slower], ratios[last_slower + 1]
+    lr0, lr1 = math.log(r0), math.log(r1)
+    frac = lr0 / (lr0 - lr1) if lr0 != lr1 else 0.0
+    return Crossover(math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0))), compared=len(common))
 
 
 # ----------------------------------------------------------------------------------------------

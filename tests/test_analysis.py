@@ -171,3 +171,17 @@ def test_labels_name_varying_dims():
 def test_formatters():
     assert fmt_time(0.00123) == "1.23 ms" and fmt_time(2.0) == "2 s" and fmt_time(None) == "-"
     assert fmt_bytes(3 * 2**30) == "3 GiB" and fmt_bytes(512) == "512 B"
+
+
+def test_crossover_ignores_a_faster_then_slower_blip():
+    import pandas as pd
+
+    from sparsebench.analysis import find_crossover
+
+    base = pd.DataFrame({"seq_len": [512, 1024, 2048, 4096], "time_median_s": [1.0, 2.0, 4.0, 8.0],
+                         "status": ["ok"] * 4})
+    blip = pd.DataFrame({"seq_len": [512, 1024, 2048, 4096], "time_median_s": [0.8, 3.0, 5.0, 10.0]})
+    assert find_crossover(blip, base).n is None  # faster only at 512: never pays within range
+    late = pd.DataFrame({"seq_len": [512, 1024, 2048, 4096], "time_median_s": [0.8, 3.0, 2.0, 1.0]})
+    c = find_crossover(late, base)
+    assert not c.below_range and 1024 < c.n < 2048
