@@ -231,7 +231,7 @@ class Analysis:
                     "Against the dense baseline (dense · sdpa)",
                     ("series", "crossover n", "at n", "speedup", "ideal", "efficiency", "best"),
                     tuple(rows),
-                    "Crossover: the smallest n where the series beats dense sdpa, interpolated in "
+                    "Crossover: the smallest n from which on the series beats dense sdpa at every measured size, interpolated in "
                     "log space. At the largest n both ran: speedup = dense sdpa median / series "
                     "median (same shape), ideal = nnz(dense) / nnz(pattern), efficiency = speedup / "
                     "ideal. best: the highest speedup and where.",
