@@ -41,6 +41,10 @@ class Flex(Backend):
     def prepare(self, p: Problem):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        # A worker runs many cases: past dynamo's recompile limit torch.compile would silently
+        # fall back to eager flex_attention, which materialises the full score matrix (slow,
+        # and out of memory at long lengths). Each case compiles afresh instead.
+        torch._dynamo.reset()
         n = p.seq_len
         allowed = p.pattern.mask_fn(n, p.causal, p.device)
 
