@@ -196,6 +196,43 @@ inline void qk_tile(const float* __restrict q, const float* __restrict kt, int64
   }
 }
 
+// Rows r < RB of s (lds apart, nj columns; column j is window column j0 + j): scale by sc, mask
+// columns outside [lo[r], hi[r]] to -inf, and replace each row by exp(s - max). Writes the row
+// max and the sum of the exponentials (rows without a key: max -inf, sum 0, all zeros).
+inline void softmax_rows(float* s, int64_t lds, int64_t nj, int64_t j0, const int32_t* lo, const int32_t* hi,
+                         float sc, float* mx, float* sum) {
+  const float NEG = -std::numeric_limits<float>::infinity();
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 vneg = _mm512_set1_ps(NEG), vsc = _mm512_set1_ps(sc);
+  for (int r = 0; r < RB; ++r) {
+    float* srow = s + r * lds;
+    const __m512i av = _mm512_set1_epi32(lo[r]), bv = _mm512_set1_epi32(hi[r]);
+    __m512 vmax = vneg;
+    for (int64_t j = 0; j < nj; j += 16) {
+      const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0 + j)), iota);
+      const __mmask16 ok = _mm512_cmpge_epi32_mask(jv, av) & _mm512_cmple_epi32_mask(jv, bv);
+      const __m512 sv = _mm512_mask_mul_ps(vneg, ok, _mm512_loadu_ps(srow + j), vsc);
+      _mm512_storeu_ps(srow + j, sv);
+      vmax = _mm512_max_ps(vmax, sv);
+    }
+    mx[r] = _mm512_reduce_max_ps(vmax);
+    __m512 vs = _mm512_setzero_ps();
+    if (mx[r] == NEG) {
+      for (int64_t j = 0; j < nj; j += 16) _mm512_storeu_ps(srow + j, _mm512_setzero_ps());
+    } else {
+      const __m512 mv = _mm512_set1_ps(mx[r]);
+      for (int64_t j = 0; j < nj; j += 16) {
+        const __m512 sv = _mm512_loadu_ps(srow + j);
+        const __mmask16 fin = _mm512_cmp_ps_mask(sv, vneg, _CMP_NEQ_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(fin, exp512(_mm512_sub_ps(sv, mv)));
+        _mm512_storeu_ps(srow + j, e);
+        vs = _mm512_add_ps(vs, e);
+      }
+    }
+    sum[r] = _mm512_reduce_add_ps(vs);
+  }
+}
+
 // o[r][c0..c0+31] = sum_j p[r][j] * v[j][c0..c0+31] for RB rows (v rows ldv apart).
 inline void pv_block(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv, int64_t nj,
                      int64_t c0, float* __restrict o, int64_t d) {
@@ -410,36 +447,8 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
           for (int64_t t = t0; t <= t1; ++t)
             qk_tile(qbuf.data(), kt + t * d * KT, d, sbuf.data() + (t - t0) * KT, lds);
           const int64_t nj = (t1 - t0 + 1) * KT;
-          const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-          const __m512 vneg = _mm512_set1_ps(NEG), vsc = _mm512_set1_ps(sc);
           float mx[RB], sum[RB];
-          for (int r = 0; r < RB; ++r) {
-            float* srow = sbuf.data() + r * lds;
-            const __m512i av = _mm512_set1_epi32(lo[r]), bv = _mm512_set1_epi32(hi[r]);
-            __m512 vmax = vneg;
-            for (int64_t j = 0; j < nj; j += 16) {
-              const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0 + j)), iota);
-              const __mmask16 ok = _mm512_cmpge_epi32_mask(jv, av) & _mm512_cmple_epi32_mask(jv, bv);
-              const __m512 sv = _mm512_mask_mul_ps(vneg, ok, _mm512_loadu_ps(srow + j), vsc);
-              _mm512_storeu_ps(srow + j, sv);
-              vmax = _mm512_max_ps(vmax, sv);
-            }
-            mx[r] = _mm512_reduce_max_ps(vmax);
-            __m512 vs = _mm512_setzero_ps();
-            if (mx[r] == NEG) {
-              for (int64_t j = 0; j < nj; j += 16) _mm512_storeu_ps(srow + j, _mm512_setzero_ps());
-            } else {
-              const __m512 mv = _mm512_set1_ps(mx[r]);
-              for (int64_t j = 0; j < nj; j += 16) {
-                const __m512 sv = _mm512_loadu_ps(srow + j);
-                const __mmask16 fin = _mm512_cmp_ps_mask(sv, vneg, _CMP_NEQ_OQ);
-                const __m512 e = _mm512_maskz_mov_ps(fin, exp512(_mm512_sub_ps(sv, mv)));
-                _mm512_storeu_ps(srow + j, e);
-                vs = _mm512_add_ps(vs, e);
-              }
-            }
-            sum[r] = _mm512_reduce_add_ps(vs);
-          }
+          softmax_rows(sbuf.data(), lds, nj, j0, lo, hi, static_cast<float>(sc), mx, sum);
           // P V over the tiles' columns that exist in the window (the others have p = 0)
           const int64_t jb = std::max<int64_t>(j0, 0), je = std::min<int64_t>(j0 + nj, S);
           for (int64_t c0 = 0; c0 < d; c0 += 32)
@@ -531,36 +540,8 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
         for (int64_t t = t0; t <= t1; ++t)
           qk_tile(qbuf.data(), kt.data() + t * d * KT, d, sbuf.data() + (t - t0) * KT, lds);
         const int64_t nj = (t1 - t0 + 1) * KT;
-        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        const __m512 vneg = _mm512_set1_ps(NEG), vsc = _mm512_set1_ps(sc);
         float mx[RB], sum[RB];
-        for (int r = 0; r < RB; ++r) {
-          float* srow = sbuf.data() + r * lds;
-          const __m512i av = _mm512_set1_epi32(lo[r]), bv = _mm512_set1_epi32(hi[r]);
-          __m512 vmax = vneg;
-          for (int64_t j = 0; j < nj; j += 16) {
-            const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0 + j)), iota);
-            const __mmask16 ok = _mm512_cmpge_epi32_mask(jv, av) & _mm512_cmple_epi32_mask(jv, bv);
-            const __m512 sv = _mm512_mask_mul_ps(vneg, ok, _mm512_loadu_ps(srow + j), vsc);
-            _mm512_storeu_ps(srow + j, sv);
-            vmax = _mm512_max_ps(vmax, sv);
-          }
-          mx[r] = _mm512_reduce_max_ps(vmax);
-          __m512 vs = _mm512_setzero_ps();
-          if (mx[r] == NEG) {
-            for (int64_t j = 0; j < nj; j += 16) _mm512_storeu_ps(srow + j, _mm512_setzero_ps());
-          } else {
-            const __m512 mv = _mm512_set1_ps(mx[r]);
-            for (int64_t j = 0; j < nj; j += 16) {
-              const __m512 sv = _mm512_loadu_ps(srow + j);
-              const __mmask16 fin = _mm512_cmp_ps_mask(sv, vneg, _CMP_NEQ_OQ);
-              const __m512 e = _mm512_maskz_mov_ps(fin, exp512(_mm512_sub_ps(sv, mv)));
-              _mm512_storeu_ps(srow + j, e);
-              vs = _mm512_add_ps(vs, e);
-            }
-          }
-          sum[r] = _mm512_reduce_add_ps(vs);
-        }
+        softmax_rows(sbuf.data(), lds, nj, j0, lo, hi, static_cast<float>(sc), mx, sum);
         const int64_t je = std::min<int64_t>(j0 + nj, S);
         for (int64_t c0 = 0; c0 < d; c0 += 32)
           pv_block_rows(sbuf.data(), lds, vrows.data() + j0, je - j0, c0, obuf.data(), d);
@@ -763,7 +744,7 @@ bool has_window() { return false; }
 #endif
 """
 
-_VERSION = 8
+_VERSION = 9
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
