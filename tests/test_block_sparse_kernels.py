@@ -237,6 +237,22 @@ def test_non_contiguous_inputs_and_no_grad_path():
     assert (out.double() - reference(pat, q, k, v, True)).abs().max().item() < 1e-5
 
 
+def test_native_kernels_build_where_a_compiler_is():
+    """Where a C++ compiler is present and the kernels are not switched off, they must build:
+    a source that no longer compiles would otherwise fall back to ATen without a word (and the
+    native tests below would all skip). Builds them once here (30-60 s, then cached)."""
+    import os
+    import shutil
+
+    from sparsebench.backends import _native
+
+    if os.environ.get("SPARSEBENCH_NATIVE", "1") == "0" or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler here, or SPARSEBENCH_NATIVE=0")
+    mod = _native.kernel()
+    assert mod is not None, _native.why_not()
+    assert mod.has_window() == (_native._capability() == "AVX512")
+
+
 def _native_or_skip():
     import os
 
@@ -303,3 +319,38 @@ def test_native_window_kernel(name, params, structured, causal):
     assert (out.double() - ref).abs().max().item() < 1e-5
     for a, b in zip((q, k, v), (q2, k2, v2)):
         assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
+
+
+def test_native_window_merges_in_place():
+    """A later call merges its rows into the output through the log-sum-exps, in the kernel:
+    rows never written (lse -inf, output garbage) take the new values, rows without a key in
+    this call keep theirs, the others equal the attention over both key sets."""
+    mod = _native_or_skip()
+    if not mod.has_window():
+        pytest.skip("the window kernel needs AVX-512")
+    torch.manual_seed(0)
+    X, M, L, S, d = 2, 3, 19, 70, 64
+    q = torch.randn(X, M, L, d)
+    k, v = torch.randn(X, M, S, d), torch.randn(X, M, S, d)
+    lo1 = torch.zeros(L, dtype=torch.int32)
+    hi1 = torch.full((L,), 29, dtype=torch.int32)
+    lo2 = torch.full((L,), 30, dtype=torch.int32)
+    hi2 = torch.full((L,), S - 1, dtype=torch.int32)
+    lo2[:4], hi2[:4] = 1, 0  # rows 0-3: no key in the second call
+    scale = 0.125
+    out, lse = mod.window_forward(q, k, v, lo1, hi1, scale, torch.empty(0), torch.empty(0))
+    lse[:, :, 10:14] = float("-inf")  # rows 10-13 as if never written
+    out[:, :, 10:14] = float("nan")
+    before = out.clone()
+    _, l2 = mod.window_forward(q, k, v, lo2, hi2, scale, out, lse)
+    allowed = torch.zeros(L, S, dtype=torch.bool)
+    allowed[:, :30] = True
+    allowed[4:, 30:] = True
+    allowed[10:14, :30] = False
+    ref = masked_softmax_attention(q.double(), k.double(), v.double(), allowed)
+    assert torch.equal(out[:, :, :4], before[:, :, :4])
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    assert (l2[:, :, :4] == 0).all()
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    full = torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1)
+    assert (lse[:, :, 4:].double() - full[:, :, 4:]).abs().max().item() < 1e-4

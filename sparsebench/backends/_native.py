@@ -28,14 +28,18 @@ _SOURCE = r"""
 #include <vector>
 
 // q, k, v: (G, n, d) contiguous fp32. idx: (rows, R) int32 key indices of queries row0..row0+rows-1
-// (-1: unused slot). Returns out (G, rows, d) and lse (G, rows): -inf for rows without a key.
+// (-1: unused slot). Returns out (G, rows, d) (out_in when given) and lse (G, rows): -inf for rows
+// without a key.
 // Work runs head by head (one head's K and V stay in cache) and the next query's key rows are
 // prefetched while the current one is computed: the loop is bound by reading rows, not by FLOPs.
 std::vector<torch::Tensor> table_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                         torch::Tensor idx, int64_t row0, double scale) {
+                                         torch::Tensor idx, int64_t row0, double scale, torch::Tensor out_in) {
   const int64_t G = q.size(0), n = q.size(1), d = q.size(2);
   const int64_t rows = idx.size(0), R = idx.size(1);
-  auto out = torch::empty({G, rows, d}, q.options());
+  // out_in: a (G, rows, d) view to write into (unit last stride), or empty to allocate
+  auto out = out_in.numel() ? out_in : torch::empty({G, rows, d}, q.options());
+  TORCH_CHECK(out.stride(2) == 1, "table_forward: out needs a unit last stride");
+  const int64_t osG = out.stride(0), osR = out.stride(1);
   auto lse = torch::empty({G, rows}, q.options());
   const float* Q = q.data_ptr<float>();
   const float* K = k.data_ptr<float>();
@@ -72,7 +76,7 @@ std::vector<torch::Tensor> table_forward(torch::Tensor q, torch::Tensor k, torch
         s[r] = acc * sc;
         mx = s[r] > mx ? s[r] : mx;
       }
-      float* oi = O + (g * rows + i) * d;
+      float* oi = O + g * osG + i * osR;
       for (int64_t c = 0; c < d; ++c) oi[c] = 0.f;
       if (mx == NEG) { L[g * rows + i] = NEG; continue; }
       float sum = 0.f;
@@ -364,6 +368,42 @@ inline void pv_block_rows(const float* __restrict p, int64_t ldp, const float* c
   }
 }
 
+// Rows r < rb of a finished block (obuf: unnormalised sum p v, mx / sum: row max and sum of
+// exponentials): out row = obuf / sum and the call's lse into lw (0 for rows without keys, as
+// ATen's flash kernel). With li (the plan's merged log-sum-exps, liR apart), the row is merged
+// with what out and li already hold: weights exp(lse - max) of both, so calls over disjoint
+// key sets of the same queries combine exactly (a row never written has li = -inf).
+inline void finish_rows(const float* obuf, const float* mx, const float* sum, int rb, int64_t d, float* ow,
+                        int64_t osR, float* lw, float* li, int64_t liR) {
+  const float NEG = -std::numeric_limits<float>::infinity();
+  for (int r = 0; r < rb; ++r) {
+    const float lnew = sum[r] > 0.f ? mx[r] + std::log(sum[r]) : NEG;
+    lw[r] = sum[r] > 0.f ? lnew : 0.f;
+    float* orow = ow + r * osR;
+    const float* brow = obuf + r * d;
+    if (li == nullptr) {
+      const __m512 iv = _mm512_set1_ps(sum[r] > 0.f ? 1.f / sum[r] : 0.f);
+      for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_loadu_ps(brow + c), iv));
+      continue;
+    }
+    float* lrow = li + r * liR;
+    const float lold = *lrow;
+    if (lnew == NEG) continue;  // no key here: the row keeps what it has
+    if (lold == NEG) {          // first part of this row: a plain write
+      const __m512 iv = _mm512_set1_ps(1.f / sum[r]);
+      for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_loadu_ps(brow + c), iv));
+      *lrow = lnew;
+      continue;
+    }
+    const float mm = std::max(lold, lnew);
+    const float wa = std::exp(lold - mm), wb = std::exp(lnew - mm), tot = wa + wb;
+    const __m512 ca = _mm512_set1_ps(wa / tot), cb = _mm512_set1_ps(wb / (tot * sum[r]));
+    for (int64_t c = 0; c < d; c += 16)
+      _mm512_storeu_ps(orow + c, _mm512_fmadd_ps(_mm512_loadu_ps(brow + c), cb, _mm512_mul_ps(_mm512_loadu_ps(orow + c), ca)));
+    *lrow = mm + std::log(tot);
+  }
+}
+
 }  // namespace
 
 // Attention of q (X, M, L, d) against k, v (X, M, S, d) views (unit last stride; the key windows
@@ -374,7 +414,8 @@ inline void pv_block_rows(const float* __restrict p, int64_t ldp, const float* c
 // (d x 32, contiguous), so that each 8-row block of queries is a register-blocked product with
 // few loads per FMA; softmax is two passes over the row block's scores (S is small).
 std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in) {
+                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
+                                          torch::Tensor lse_in) {
   const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3), S = k.size(2);
   TORCH_CHECK(d % 32 == 0, "window_forward: head_dim must be a multiple of 32");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "window_forward: last stride must be 1");
@@ -393,6 +434,11 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
   float* O = out.data_ptr<float>();
   float* LS = lse.data_ptr<float>();
   const int64_t osX = out.stride(0), osM = out.stride(1), osR = out.stride(2);
+  // lse_in: the plan's merged log-sum-exps of these rows (a view like lse): merge into out
+  const bool merge = lse_in.numel() > 0;
+  TORCH_CHECK(!merge || out_in.numel() > 0, "merging needs the output rows to merge into");
+  float* LI = merge ? lse_in.data_ptr<float>() : nullptr;
+  const int64_t liX = merge ? lse_in.stride(0) : 0, liM = merge ? lse_in.stride(1) : 0, liR = merge ? lse_in.stride(2) : 0;
   const int64_t qsX = q.stride(0), qsM = q.stride(1), qsR = q.stride(2);
   const int64_t ksX = k.stride(0), vsX = v.stride(0), vsM = v.stride(1);
   const int64_t step_rows = runs ? ksM / ksR : 0;  // key rows between consecutive windows
@@ -431,9 +477,9 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
             hi[r] = r < rb ? std::min<int32_t>(HI[r0 + r], static_cast<int32_t>(S) - 1) : 0;
             if (lo[r] <= hi[r]) { glo = std::min(glo, lo[r]); ghi = std::max(ghi, hi[r]); }
           }
-          if (ghi < 0) {
+          if (ghi < 0) {  // no key in the block: zero rows (merging: they keep what they have)
             for (int r = 0; r < rb; ++r) {
-              std::fill(ow + (r0 + r) * osR, ow + (r0 + r) * osR + d, 0.f);
+              if (!merge) std::fill(ow + (r0 + r) * osR, ow + (r0 + r) * osR + d, 0.f);
               lw[r0 + r] = 0.f;
             }
             continue;
@@ -453,13 +499,7 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
           const int64_t jb = std::max<int64_t>(j0, 0), je = std::min<int64_t>(j0 + nj, S);
           for (int64_t c0 = 0; c0 < d; c0 += 32)
             pv_block(sbuf.data() + (jb - j0), lds, vw + jb * vsR, vsR, je - jb, c0, obuf.data(), d);
-          for (int r = 0; r < rb; ++r) {
-            const float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
-            const __m512 iv = _mm512_set1_ps(inv);
-            for (int64_t c = 0; c < d; c += 16)
-              _mm512_storeu_ps(ow + (r0 + r) * osR + c, _mm512_mul_ps(_mm512_loadu_ps(obuf.data() + r * d + c), iv));
-            lw[r0 + r] = sum[r] > 0.f ? mx[r] + std::log(sum[r]) : 0.f;
-          }
+          finish_rows(obuf.data(), mx, sum, rb, d, ow + r0 * osR, osR, lw + r0, merge ? LI + x * liX + m * liM + r0 * liR : nullptr, liR);
         }
       }
       item += m_last - m_first + 1;
@@ -472,7 +512,8 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
 // (idx (M, S) int32, or (1, S): the same keys for every window). The rows are copied once,
 // into the packed tiles, instead of into a gathered tensor first.
 std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
-                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in) {
+                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
+                                          torch::Tensor lse_in) {
   const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3), S = idx.size(1);
   const bool shared = idx.size(0) == 1;
   TORCH_CHECK(d % 32 == 0, "gather_forward: head_dim must be a multiple of 32");
@@ -489,6 +530,11 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
   float* O = out.data_ptr<float>();
   float* LS = lse.data_ptr<float>();
   const int64_t osX = out.stride(0), osM = out.stride(1), osR = out.stride(2);
+  // lse_in: the plan's merged log-sum-exps of these rows (a view like lse): merge into out
+  const bool merge = lse_in.numel() > 0;
+  TORCH_CHECK(!merge || out_in.numel() > 0, "merging needs the output rows to merge into");
+  float* LI = merge ? lse_in.data_ptr<float>() : nullptr;
+  const int64_t liX = merge ? lse_in.stride(0) : 0, liM = merge ? lse_in.stride(1) : 0, liR = merge ? lse_in.stride(2) : 0;
   const int64_t qsX = q.stride(0), qsM = q.stride(1), qsR = q.stride(2);
   const int64_t ksX = k.stride(0), ksR = k.stride(1), vsX = v.stride(0), vsR = v.stride(1);
   const float sc = static_cast<float>(scale);
@@ -524,9 +570,9 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
           hi[r] = r < rb ? std::min<int32_t>(HI[r0 + r], static_cast<int32_t>(S) - 1) : 0;
           if (lo[r] <= hi[r]) { glo = std::min(glo, lo[r]); ghi = std::max(ghi, hi[r]); }
         }
-        if (ghi < 0) {
+        if (ghi < 0) {  // no key in the block: zero rows (merging: they keep what they have)
           for (int r = 0; r < rb; ++r) {
-            std::fill(ow + (r0 + r) * osR, ow + (r0 + r) * osR + d, 0.f);
+            if (!merge) std::fill(ow + (r0 + r) * osR, ow + (r0 + r) * osR + d, 0.f);
             lw[r0 + r] = 0.f;
           }
           continue;
@@ -545,13 +591,7 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
         const int64_t je = std::min<int64_t>(j0 + nj, S);
         for (int64_t c0 = 0; c0 < d; c0 += 32)
           pv_block_rows(sbuf.data(), lds, vrows.data() + j0, je - j0, c0, obuf.data(), d);
-        for (int r = 0; r < rb; ++r) {
-          const float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
-          const __m512 iv = _mm512_set1_ps(inv);
-          for (int64_t c = 0; c < d; c += 16)
-            _mm512_storeu_ps(ow + (r0 + r) * osR + c, _mm512_mul_ps(_mm512_loadu_ps(obuf.data() + r * d + c), iv));
-          lw[r0 + r] = sum[r] > 0.f ? mx[r] + std::log(sum[r]) : 0.f;
-        }
+        finish_rows(obuf.data(), mx, sum, rb, d, ow + r0 * osR, osR, lw + r0, merge ? LI + x * liX + m * liM + r0 * liR : nullptr, liR);
       }
     }
   });
@@ -726,12 +766,14 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
 bool has_window() { return true; }
 #else
 std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in) {
+                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
+                                          torch::Tensor lse_in) {
   TORCH_CHECK(false, "window_forward needs AVX-512");
   return {};
 }
 std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
-                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in) {
+                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
+                                          torch::Tensor lse_in) {
   TORCH_CHECK(false, "gather_forward needs AVX-512");
   return {};
 }
@@ -744,7 +786,7 @@ bool has_window() { return false; }
 #endif
 """
 
-_VERSION = 9
+_VERSION = 10
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None

@@ -774,24 +774,33 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
     for call in plan.calls:
         parts = []
         for _, piece in _runnable(call, qs):
+            # native kernels write their rows in place: the first writer of the rows as they are,
+            # later calls (windows, gathered keys) merged with them through the log-sum-exps
+            inplace = isinstance(piece.q, Strided) and out.dtype == torch.float32
             if _native_ok(piece, qs):
-                o, l = _native.kernel().table_forward(qs, ks, vs, piece.table, piece.q.offset, plan.scale)
+                into = out.narrow(1, piece.q.offset, piece.table.shape[0]) if inplace and piece.first else _NOTHING
+                o, l = _native.kernel().table_forward(qs, ks, vs, piece.table, piece.q.offset, plan.scale, into)
                 o, l = o.unsqueeze(2), l.unsqueeze(2)
+                if into.numel():
+                    if lse is not None:
+                        piece.q.rows(lse).copy_(l)
+                    parts.append(l)
+                    continue
             elif piece.ranges is not None and _native_window(qs):
                 qv = piece.q.data(qs)
-                # the first writer of its rows writes them in place (no output chunk to copy)
-                direct = piece.first and isinstance(piece.q, Strided) and out.dtype == torch.float32
-                into = piece.q.data(out) if direct else _NOTHING
+                merge = inplace and not piece.first and lse is not None
+                into = piece.q.data(out) if inplace and (piece.first or merge) else _NOTHING
+                lse_in = piece.q.rows(lse) if merge else _NOTHING
                 if isinstance(piece.k, Gather):  # keys gathered while packed, no gathered copy
                     idx = piece.k.native_index()
-                    o, l = _native.kernel().gather_forward(qv, ks, vs, idx, *piece.ranges, plan.scale, into)
+                    o, l = _native.kernel().gather_forward(qv, ks, vs, idx, *piece.ranges, plan.scale, into, lse_in)
                 else:
                     kv, vv = piece.k.data(ks), piece.k.data(vs)
-                    o, l = _native.kernel().window_forward(qv, kv, vv, *piece.ranges, plan.scale, into)
-                if direct:
+                    o, l = _native.kernel().window_forward(qv, kv, vv, *piece.ranges, plan.scale, into, lse_in)
+                if into.numel():
                     if piece.empty is not None:
                         l = l.masked_fill(piece.empty, NEG_INF)
-                    if lse is not None:
+                    if lse is not None and not merge:
                         piece.q.rows(lse).copy_(l)
                     parts.append(l)
                     continue
