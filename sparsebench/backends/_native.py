@@ -763,6 +763,116 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   });
 }
 
+// One work item of table_forward_blocked: sequence g, query rows i0..i1-1, NV = d / 16.
+template <int NV>
+void table_blocked_item(const float* Q, const float* Kg, const float* Vg, const int32_t* I, const int32_t* B,
+                        int64_t n, int64_t R, int64_t nch, int64_t row0, int64_t i0, int64_t i1, float sc,
+                        float* Og, int64_t osR, float* Lg, std::vector<float>& mx, std::vector<float>& sm,
+                        std::vector<float>& s) {
+  constexpr int64_t d = 16 * NV;
+  const float NEG = -std::numeric_limits<float>::infinity();
+  mx.assign(i1 - i0, NEG);
+  sm.assign(i1 - i0, 0.f);
+  s.resize(R + 16);
+  for (int64_t i = i0; i < i1; ++i) std::fill(Og + i * osR, Og + i * osR + d, 0.f);
+  for (int64_t c = 0; c < nch; ++c) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int32_t e0 = B[i * (nch + 1) + c], e1 = B[i * (nch + 1) + c + 1];
+      if (e0 >= e1) continue;
+      const int32_t* row = I + i * R;
+      const float* qi = Q + (row0 + i) * d;
+      __m512 qv[NV];
+      for (int u = 0; u < NV; ++u) qv[u] = _mm512_loadu_ps(qi + 16 * u);
+      // scores of this chunk's keys, and their max with the row's running max
+      float m_new = mx[i - i0];
+      for (int32_t t = e0; t < e1; ++t) {
+        const float* kj = Kg + static_cast<int64_t>(row[t]) * d;
+        __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+        for (int u = 1; u < NV; ++u) a = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(kj + 16 * u), a);
+        const float st = _mm512_reduce_add_ps(a) * sc;
+        s[t - e0] = st;
+        m_new = st > m_new ? st : m_new;
+      }
+      // p = exp(s - max), 16 at a time
+      const int32_t cnt = e1 - e0;
+      const __m512 mv = _mm512_set1_ps(m_new);
+      __m512 psum = _mm512_setzero_ps();
+      for (int32_t t = 0; t < cnt; t += 16) {
+        const __mmask16 live = cnt - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cnt - t)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s.data() + t), mv)));
+        _mm512_mask_storeu_ps(s.data() + t, live, e);
+        psum = _mm512_add_ps(psum, e);
+      }
+      float* oi = Og + i * osR;
+      const float alpha = mx[i - i0] == NEG ? 0.f : std::exp(mx[i - i0] - m_new);
+      __m512 acc[NV];
+      const __m512 av = _mm512_set1_ps(alpha);
+      for (int u = 0; u < NV; ++u) acc[u] = _mm512_mul_ps(_mm512_loadu_ps(oi + 16 * u), av);
+      for (int32_t t = e0; t < e1; ++t) {
+        const float* vj = Vg + static_cast<int64_t>(row[t]) * d;
+        const __m512 pv = _mm512_set1_ps(s[t - e0]);
+        for (int u = 0; u < NV; ++u) acc[u] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vj + 16 * u), acc[u]);
+      }
+      for (int u = 0; u < NV; ++u) _mm512_storeu_ps(oi + 16 * u, acc[u]);
+      sm[i - i0] = sm[i - i0] * alpha + _mm512_reduce_add_ps(psum);
+      mx[i - i0] = m_new;
+    }
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    float* oi = Og + i * osR;
+    const float l = sm[i - i0];
+    const __m512 iv = _mm512_set1_ps(l > 0.f ? 1.f / l : 0.f);
+    for (int u = 0; u < NV; ++u) _mm512_storeu_ps(oi + 16 * u, _mm512_mul_ps(_mm512_loadu_ps(oi + 16 * u), iv));
+    Lg[i] = l > 0.f ? mx[i - i0] + std::log(l) : NEG;
+  }
+}
+
+// As table_forward, blocked for the cache: each query's keys are sorted, and bounds (rows,
+// nch + 1) gives, per query, where its keys in each chunk of consecutive key rows begin. Per
+// sequence, the chunks run one after the other and every query with keys in the chunk takes them
+// (online softmax: running max, sum and output row, in out itself). A chunk of K and V (~1 MiB)
+// stays in L2 while all queries read it, instead of each query reading its 2R rows from wherever
+// they lie (the unblocked loop is bound by those scattered reads from L3). head_dim 32, 64, 128.
+std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                 torch::Tensor idx, torch::Tensor bounds, int64_t row0,
+                                                 double scale, torch::Tensor out_in) {
+  const int64_t G = q.size(0), n = q.size(1), d = q.size(2);
+  const int64_t rows = idx.size(0), R = idx.size(1), nch = bounds.size(1) - 1;
+  TORCH_CHECK(d == 32 || d == 64 || d == 128, "table_forward_blocked: head_dim must be 32, 64 or 128");
+  auto out = out_in.numel() ? out_in : torch::empty({G, rows, d}, q.options());
+  TORCH_CHECK(out.stride(2) == 1, "table_forward_blocked: out needs a unit last stride");
+  const int64_t osG = out.stride(0), osR = out.stride(1);
+  auto lse = torch::empty({G, rows}, q.options());
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  const int32_t* I = idx.data_ptr<int32_t>();
+  const int32_t* B = bounds.data_ptr<int32_t>();
+  float* O = out.data_ptr<float>();
+  float* L = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  // work items: (sequence, tile of query rows); enough of them for every thread
+  const int64_t threads = at::get_num_threads();
+  const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>(rows, (2 * threads + G - 1) / G));
+  const int64_t tile_rows = (rows + tiles - 1) / tiles;
+  at::parallel_for(0, G * tiles, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> mx, sm, s;
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t g = item / tiles, i0 = (item % tiles) * tile_rows, i1 = std::min(rows, i0 + tile_rows);
+      if (i0 >= i1) continue;
+      const float* Qg = Q + g * n * d;
+      const float* Kg = K + g * n * d;
+      const float* Vg = V + g * n * d;
+      float* Og = O + g * osG;
+      float* Lg = L + g * rows;
+      if (d == 32) table_blocked_item<2>(Qg, Kg, Vg, I, B, n, R, nch, row0, i0, i1, sc, Og, osR, Lg, mx, sm, s);
+      else if (d == 64) table_blocked_item<4>(Qg, Kg, Vg, I, B, n, R, nch, row0, i0, i1, sc, Og, osR, Lg, mx, sm, s);
+      else table_blocked_item<8>(Qg, Kg, Vg, I, B, n, R, nch, row0, i0, i1, sc, Og, osR, Lg, mx, sm, s);
+    }
+  });
+  return {out, lse};
+}
+
 bool has_window() { return true; }
 #else
 std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
@@ -781,6 +891,12 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
                      double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
                      torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
   TORCH_CHECK(false, "window_backward needs AVX-512");
+}
+std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                 torch::Tensor idx, torch::Tensor bounds, int64_t row0,
+                                                 double scale, torch::Tensor out_in) {
+  TORCH_CHECK(false, "table_forward_blocked needs AVX-512");
+  return {};
 }
 bool has_window() { return false; }
 #endif
@@ -861,7 +977,8 @@ def kernel():
                     name=_name(),
                     cpp_sources=[_SOURCE],
                     functions=[
-                        "window_forward", "gather_forward", "window_backward", "has_window", "table_forward", "table_backward"
+                        "window_forward", "gather_forward", "window_backward", "has_window", "table_forward", "table_backward",
+                        "table_forward_blocked",
                     ],
                     extra_cflags=_flags(),
                     extra_ldflags=["-fopenmp"],

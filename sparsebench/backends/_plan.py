@@ -59,6 +59,9 @@ KV_SPLIT = 512
 NATIVE_WINDOWS = True
 # Query rows per call of the native key-table kernel, and per gathered piece without it.
 TABLE_ROWS = 8192
+# Bytes of K and V rows per key chunk of the blocked key-table kernel: the chunk stays in L2
+# while every query takes its keys from it.
+KEY_CHUNK_BYTES = 1 << 20
 # Query rows per chunk for masked range calls (columns, rows, wide bands).
 RANGE_ROWS = 512
 NEG_INF = float("-inf")
@@ -171,6 +174,7 @@ class Call:
     kind: str
     first: bool = True  # writes its rows (no earlier call did); else merges into them
     table: torch.Tensor | None = None  # (rows, R) int32 keys per query row (-1: none): native kernel
+    bounds: torch.Tensor | None = None  # (rows, chunks + 1) int32: where each sorted row's key chunks begin
     ranges: tuple[torch.Tensor, torch.Tensor] | None = None  # per query row, its one key range (native)
 
     def sub(self, m0: int, m1: int) -> "Call":
@@ -181,8 +185,9 @@ class Call:
 
         mask = None if self.mask is None else (self.mask if self.mask.bool.shape[1] == 1 else Mask(cut(self.mask.bool)))
         table = None if self.table is None else self.table[m0:m1]
+        bounds = None if self.bounds is None else self.bounds[m0:m1]
         q, k = self.q.sub(m0, m1), self.k.sub(m0, m1)
-        return Call(q, k, mask, self.causal, cut(self.empty), self.kind, self.first, table, self.ranges)
+        return Call(q, k, mask, self.causal, cut(self.empty), self.kind, self.first, table, bounds, self.ranges)
 
     def pieces(self, rows: int):
         """Sub-calls of at most ``rows`` windows (the call itself when it is small enough)."""
@@ -211,6 +216,7 @@ class Plan:
 class _Builder:
     def __init__(self, n: int, causal: bool, groups: int, device: torch.device, dtype: torch.dtype | None, head_dim: int):
         self.n, self.causal, self.groups, self.device, self.dtype = n, causal, groups, device, dtype
+        self.head_dim = head_dim
         # window calls will run on the native kernel (it computes each row's key range only)
         self.native_windows = (
             NATIVE_WINDOWS and device.type == "cpu" and dtype == torch.float32 and head_dim % 32 == 0
@@ -447,6 +453,9 @@ class _Builder:
         native = self.device.type == "cpu" and self.dtype == torch.float32 and _native.enabled()
         # the native kernel reads rows in place (large calls); gathering needs small ones
         step = TABLE_ROWS if native else 8 * self.chunk(R)
+        # AVX-512: the cache-blocked kernel, chunks of keys whose K and V rows fill ~1 MiB
+        blocked = native and self.native_windows and self.head_dim in (32, 64, 128)
+        chunk = max(64, KEY_CHUNK_BYTES // (2 * 4 * self.head_dim))
         for s in range(0, n, step):
             e = min(n, s + step)
             tt = t[s:e]
@@ -456,7 +465,13 @@ class _Builder:
             qv = Strided(e - s, 1, 1, s)
             kv = Gather(tt.clamp(min=0).flatten().to(self.device), e - s, R)
             self.add(qv, kv, ok[None, :, None, :], False, "table")
-            self.calls[-1].table = torch.where(ok, tt, -1).to(torch.int32).contiguous()
+            tab = torch.where(ok, tt, -1).to(torch.int32)
+            if blocked:  # keys sorted per row, and where each chunk of KEY_CHUNK keys begins
+                tab = tab.sort(dim=1).values
+                edges = torch.arange(0, n + chunk, chunk, dtype=torch.int32).clamp(max=n)
+                bounds = torch.searchsorted(tab, edges.expand(e - s, edges.numel()).contiguous())
+                self.calls[-1].bounds = bounds.to(torch.int32).contiguous()
+            self.calls[-1].table = tab.contiguous()
 
     def block_table(self, part: BlockTable) -> None:
         n, bb = self.n, part.size
@@ -779,7 +794,12 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
             inplace = isinstance(piece.q, Strided) and out.dtype == torch.float32
             if _native_ok(piece, qs):
                 into = out.narrow(1, piece.q.offset, piece.table.shape[0]) if inplace and piece.first else _NOTHING
-                o, l = _native.kernel().table_forward(qs, ks, vs, piece.table, piece.q.offset, plan.scale, into)
+                if piece.bounds is not None and _native_window(qs):
+                    o, l = _native.kernel().table_forward_blocked(
+                        qs, ks, vs, piece.table, piece.bounds, piece.q.offset, plan.scale, into
+                    )  # fmt: skip
+                else:
+                    o, l = _native.kernel().table_forward(qs, ks, vs, piece.table, piece.q.offset, plan.scale, into)
                 o, l = o.unsqueeze(2), l.unsqueeze(2)
                 if into.numel():
                     if lse is not None:
