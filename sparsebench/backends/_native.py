@@ -492,13 +492,12 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
           const int64_t j0 = t0 * KT - koff;  // window column of the first tile (may be < 0)
           for (int64_t t = t0; t <= t1; ++t)
             qk_tile(qbuf.data(), kt + t * d * KT, d, sbuf.data() + (t - t0) * KT, lds);
-          const int64_t nj = (t1 - t0 + 1) * KT;
           float mx[RB], sum[RB];
-          softmax_rows(sbuf.data(), lds, nj, j0, lo, hi, static_cast<float>(sc), mx, sum);
-          // P V over the tiles' columns that exist in the window (the others have p = 0)
-          const int64_t jb = std::max<int64_t>(j0, 0), je = std::min<int64_t>(j0 + nj, S);
+          // softmax over the 16-column groups that hold keys of some row, P V over those keys only
+          const int64_t sj0 = j0 + (glo - j0) / 16 * 16, snj = (ghi + 1 - sj0 + 15) / 16 * 16;
+          softmax_rows(sbuf.data() + (sj0 - j0), lds, snj, sj0, lo, hi, static_cast<float>(sc), mx, sum);
           for (int64_t c0 = 0; c0 < d; c0 += 32)
-            pv_block(sbuf.data() + (jb - j0), lds, vw + jb * vsR, vsR, je - jb, c0, obuf.data(), d);
+            pv_block(sbuf.data() + (glo - j0), lds, vw + glo * vsR, vsR, ghi - glo + 1, c0, obuf.data(), d);
           finish_rows(obuf.data(), mx, sum, rb, d, ow + r0 * osR, osR, lw + r0, merge ? LI + x * liX + m * liM + r0 * liR : nullptr, liR);
         }
       }
@@ -585,12 +584,11 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
         const int64_t j0 = t0 * KT;
         for (int64_t t = t0; t <= t1; ++t)
           qk_tile(qbuf.data(), kt.data() + t * d * KT, d, sbuf.data() + (t - t0) * KT, lds);
-        const int64_t nj = (t1 - t0 + 1) * KT;
         float mx[RB], sum[RB];
-        softmax_rows(sbuf.data(), lds, nj, j0, lo, hi, static_cast<float>(sc), mx, sum);
-        const int64_t je = std::min<int64_t>(j0 + nj, S);
+        const int64_t sj0 = j0 + (glo - j0) / 16 * 16, snj = (ghi + 1 - sj0 + 15) / 16 * 16;
+        softmax_rows(sbuf.data() + (sj0 - j0), lds, snj, sj0, lo, hi, static_cast<float>(sc), mx, sum);
         for (int64_t c0 = 0; c0 < d; c0 += 32)
-          pv_block_rows(sbuf.data(), lds, vrows.data() + j0, je - j0, c0, obuf.data(), d);
+          pv_block_rows(sbuf.data() + (glo - j0), lds, vrows.data() + glo, ghi - glo + 1, c0, obuf.data(), d);
         finish_rows(obuf.data(), mx, sum, rb, d, ow + r0 * osR, osR, lw + r0, merge ? LI + x * liX + m * liM + r0 * liR : nullptr, liR);
       }
     }
