@@ -22,6 +22,8 @@ SHAPE_KEY = tuple(c for c in SERIES_KEY if c not in ("pattern_label", "backend")
 # dominated by fixed overhead (launch, dispatch, Python) and left out of the fit.
 FLOOR_SLOPE = 0.5
 MIN_FIT_POINTS = 3
+# a probe spread above this is reported as machine-speed drift
+DRIFT = 1.15
 
 # Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (scipy is not a
 # dependency); beyond 30 the normal-ish tail below is within 1% of the exact value.
@@ -153,6 +155,22 @@ class TableSpec:
 @dataclass(frozen=True)
 class Analysis:
     series: tuple[SeriesSummary, ...] = field(default_factory=tuple)
+    #: fastest and slowest time of the machine probe (harness.probe) over the run's cases
+    probe: tuple[float, float] | None = None
+
+    def drift_note(self) -> str | None:
+        """One line on how the machine's speed moved during the run (None without probes)."""
+        if self.probe is None:
+            return None
+        lo, hi = self.probe
+        spread = hi / lo
+        text = (f"a fixed matmul probe took {fmt_time(lo)} to {fmt_time(hi)} over the cases "
+                f"({spread:.2f}x)")
+        if spread > DRIFT:
+            return (f"Machine speed varied during the run: {text}. Ratios between cases measured at "
+                    "different times (speedup, efficiency) carry that much uncertainty; rerun or "
+                    "compare runs before trusting a small difference.")
+        return f"Machine speed was steady during the run: {text}."
 
     def find(self, pattern_label: str, backend: str, **dims: Any) -> SeriesSummary | None:
         for s in self.series:
@@ -247,10 +265,19 @@ class Analysis:
             parts.append(markdown_table(t.columns, t.rows))
             if t.note:
                 parts.append(f"\n{t.note}\n")
+        note = self.drift_note()
+        if note:
+            parts.append(f"## Machine speed\n\n{note}\n")
         return "\n".join(parts).rstrip() + "\n"
 
     def rich_renderables(self) -> list:
-        return [rich_table(t) for t in self.tables(compact=True)]
+        out: list = [rich_table(t) for t in self.tables(compact=True)]
+        note = self.drift_note()
+        if note:
+            from rich.text import Text
+
+            out.append(Text(note, style="yellow" if self.probe and self.probe[1] / self.probe[0] > DRIFT else "dim"))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
@@ -282,7 +309,14 @@ def analyze(df, floor_slope: float = FLOOR_SLOPE, min_points: int = MIN_FIT_POIN
         floor = float("-inf") if dict(zip(SERIES_KEY, key)).get("mode") == "decode" else floor_slope
         out.append(_summarise(key, g, labels[key], base, floor, min_points))
     out.sort(key=lambda s: (not s.is_baseline, s.get("device"), s.get("dtype"), s.get("mode"), s.label))
-    return Analysis(tuple(out))
+    probe = None
+    if "probe_s" in df:
+        import pandas as pd
+
+        p = pd.to_numeric(df["probe_s"], errors="coerce")[positive_mask(df, "probe_s")]
+        if len(p) >= 2:
+            probe = (float(p.min()), float(p.max()))
+    return Analysis(tuple(out), probe)
 
 
 def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:

@@ -64,6 +64,23 @@ def time_calls(call: Callable[[], Any], device, *, repeats: int, min_time_s: flo
     return Measurement(tuple(times))
 
 
+def probe(device: torch.device, rounds: int = 5) -> float:
+    """Seconds for a fixed matmul workload on ``device`` (the best of ``rounds``): taken before
+    and after each case, it shows how the machine's speed moved between cases (other tenants,
+    clocks), which a ratio of two cases measured at different times silently includes."""
+    size = 2048 if device.type == "cuda" else 256
+    a = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(8):
+            a @ a
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def make_problem(case: Case) -> Problem:
     pattern = PATTERNS.get(case.pattern).from_params(case.params)
     return Problem(
@@ -118,6 +135,7 @@ def run_case(case: Case) -> dict[str, Any]:
     p = make_problem(case)
     backend = BACKENDS.get(case.backend)()
     fields: dict[str, Any] = {}
+    before = probe(p.device)
     with PeakMemory(p.device) as pm:
         backward = case.mode == "backward"
         q, k, v = inputs(p, requires_grad=backward)
@@ -161,6 +179,7 @@ def run_case(case: Case) -> dict[str, Any]:
         peak_mem_bytes=pm.peak_bytes,
         max_abs_err=err,
         check=how,
+        probe_s=(before + probe(p.device)) / 2,
     )
     return judge(fields, case.dtype)
 

@@ -185,3 +185,17 @@ def test_crossover_ignores_a_faster_then_slower_blip():
     late = pd.DataFrame({"seq_len": [512, 1024, 2048, 4096], "time_median_s": [0.8, 3.0, 2.0, 1.0]})
     c = find_crossover(late, base)
     assert not c.below_range and 1024 < c.n < 2048
+
+
+def test_machine_speed_drift_is_reported():
+    recs = make_records()
+    assert analyze(frame(recs)).drift_note() is None  # no probes recorded: nothing said
+    for i, r in enumerate(recs):
+        r["probe_s"] = 0.001 * (1.0 + 0.05 * (i % 2))
+    steady = analyze(frame(recs))
+    assert steady.probe == pytest.approx((0.001, 0.00105))
+    assert steady.drift_note().startswith("Machine speed was steady")
+    recs[3]["probe_s"] = 0.0016
+    drift = analyze(frame(recs))
+    assert "varied during the run" in drift.drift_note() and "(1.60x)" in drift.drift_note()
+    assert "## Machine speed" in drift.to_markdown()

@@ -32,7 +32,7 @@ block: 32
 
 REQUIRED = ("pattern", "params", "backend", "device", "dtype", "mode", "batch", "heads", "head_dim", "seq_len",
             "causal", "status", "reason", "time_median_s", "time_iqr_s", "times_s", "tflops", "peak_mem_bytes",
-            "est_mem_bytes", "nnz", "density", "kv_cache_bytes", "max_abs_err", "setup_s", "compile_s")
+            "est_mem_bytes", "nnz", "density", "kv_cache_bytes", "max_abs_err", "setup_s", "compile_s", "probe_s")
 
 
 def test_run_writes_a_complete_result_folder(tmp_path):
@@ -51,12 +51,14 @@ def test_run_writes_a_complete_result_folder(tmp_path):
     assert (df["status"] == "ok").all(), df[["pattern", "backend", "status", "reason"]]
     assert (df["max_abs_err"] < 1e-4).all()
     assert (df["times_s"].map(len) >= 3).all()
+    assert (df["probe_s"] > 0).all()  # the machine probe around each case
     sw = df[(df.pattern == "sliding_window") & (df.seq_len == 160)].iloc[0]
     assert sw["nnz"] == sum(min(i + 1, 32) for i in range(160))
     assert sw["kv_cache_bytes"] == 2 * 1 * 2 * 16 * 4 * 32
     env = json.loads((out / "environment.json").read_text())
     assert {"torch", "python", "sparsebench", "cpu", "threads"} <= set(env)
     assert "dense" in (out / "summary.md").read_text()
+    assert "## Machine speed" in (out / "summary.md").read_text()
     assert pd.read_csv(out / "results.csv").shape[0] == len(df)
 
 
