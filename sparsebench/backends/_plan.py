@@ -357,7 +357,10 @@ class _Builder:
         self.kinds.append("block_band")
         diag = causal and lo == 0
         b = bb
-        if diag and bb > 32:  # causal diagonal blocks in sub-blocks: less computed above it
+        # causal diagonal blocks in sub-blocks, so that ATen's kernel computes less above the
+        # diagonal (the native kernel stops each row block at its last key anyway, and one call
+        # per block packs each key once)
+        if diag and bb > 32 and not self.native_windows:
             b = next((c for c in (64, 32) if bb % c == 0 and c < bb), bb)
 
         def pred(i, j):
