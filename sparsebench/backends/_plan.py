@@ -10,7 +10,8 @@ Each part of a ``Structure`` becomes a few calls on 4-D views (X sequences, M wi
   same on views with a row stride of D, one residue class at a time (or all side by side when
   the band reaches back to the start). Wide causal bands (dense) are one causal call.
 * ``BlockBand`` (block-local windows): the same, with windows that start at block boundaries;
-  causal diagonal blocks are split into sub-blocks so that little above the diagonal is computed.
+  for ATen, causal diagonal blocks are split into sub-blocks so that little above the diagonal is
+  computed (the native kernel stops each 8-row block at its last key by itself).
 * ``Keys`` / ``Rows`` (globals, sinks, summary columns): query chunks against the columns (or
   the gathered rows against all keys), masked only where earlier parts already covered a pair.
 * ``Table`` / ``BlockTable`` (random keys, random blocks): keys gathered per query (block).
@@ -20,7 +21,7 @@ Each part of a ``Structure`` becomes a few calls on 4-D views (X sequences, M wi
 A call runs on the native kernels of ``_native.py`` where they apply (fp32 CPU: windows whose
 mask is one key range per row, key tables), else on ATen's CPU flash attention (``_attend``; plain
 PyTorch on other devices). Calls that cover the same query rows are merged exactly through their
-log-sum-exp. The backward pass runs each call's backward with its share of the output gradient
+log-sum-exp (by the native kernels in place, else by ``_attend.merge``). The backward pass runs each call's backward with its share of the output gradient
 (native for windows: key gradients of overlapping windows summed per thread, then added once).
 """
 
