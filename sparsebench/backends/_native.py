@@ -875,6 +875,98 @@ std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor 
   return {out, lse};
 }
 
+// Backward of table_forward_blocked: adds into dq, dk, dv (G, n, d) fp32. go: (G, rows, d) output
+// gradient (scaled by the call's share when calls were merged), o: (G, rows, d) merged output,
+// lse: (G, rows) this call's log-sum-exp. Chunk by chunk as the forward: the chunk's key and value
+// rows and their gradient rows stay in L2 while every query with keys there adds to them. One
+// sequence per work item (key gradients of a sequence are summed by one thread, without locks).
+template <int NV>
+void table_blocked_backward_item(const float* Qg, const float* Kg, const float* Vg, const int32_t* I,
+                                 const int32_t* B, int64_t R, int64_t nch, int64_t row0, int64_t rows, float sc,
+                                 const float* GOg, const float* Og, const float* Lg, float* DQg, float* DKg,
+                                 float* DVg, std::vector<float>& Dr) {
+  constexpr int64_t d = 16 * NV;
+  Dr.resize(rows);
+  for (int64_t i = 0; i < rows; ++i) {  // D_i = go_i . o_i
+    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(GOg + i * d), _mm512_loadu_ps(Og + i * d));
+    for (int u = 1; u < NV; ++u) a = _mm512_fmadd_ps(_mm512_loadu_ps(GOg + i * d + 16 * u), _mm512_loadu_ps(Og + i * d + 16 * u), a);
+    Dr[i] = _mm512_reduce_add_ps(a);
+  }
+  for (int64_t c = 0; c < nch; ++c) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const int32_t e0 = B[i * (nch + 1) + c], e1 = B[i * (nch + 1) + c + 1];
+      const float li = Lg[i];
+      if (e0 >= e1 || !std::isfinite(li)) continue;
+      const int32_t* row = I + i * R;
+      const float* qi = Qg + (row0 + i) * d;
+      const float* gi = GOg + i * d;
+      float* dqi = DQg + (row0 + i) * d;
+      __m512 qv[NV], gv[NV], dq[NV];
+      for (int u = 0; u < NV; ++u) {
+        qv[u] = _mm512_loadu_ps(qi + 16 * u);
+        gv[u] = _mm512_loadu_ps(gi + 16 * u);
+        dq[u] = _mm512_loadu_ps(dqi + 16 * u);
+      }
+      for (int32_t t = e0; t < e1; ++t) {
+        const int64_t j = row[t];
+        const float* kj = Kg + j * d;
+        const float* vj = Vg + j * d;
+        __m512 sa = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+        __m512 pa = _mm512_mul_ps(gv[0], _mm512_loadu_ps(vj));
+        for (int u = 1; u < NV; ++u) {
+          sa = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(kj + 16 * u), sa);
+          pa = _mm512_fmadd_ps(gv[u], _mm512_loadu_ps(vj + 16 * u), pa);
+        }
+        const float p = std::exp(_mm512_reduce_add_ps(sa) * sc - li);
+        const float ds = p * (_mm512_reduce_add_ps(pa) - Dr[i]) * sc;
+        const __m512 dsv = _mm512_set1_ps(ds), pv = _mm512_set1_ps(p);
+        float* dkj = DKg + j * d;
+        float* dvj = DVg + j * d;
+        for (int u = 0; u < NV; ++u) {
+          dq[u] = _mm512_fmadd_ps(dsv, _mm512_loadu_ps(kj + 16 * u), dq[u]);
+          _mm512_storeu_ps(dkj + 16 * u, _mm512_fmadd_ps(dsv, qv[u], _mm512_loadu_ps(dkj + 16 * u)));
+          _mm512_storeu_ps(dvj + 16 * u, _mm512_fmadd_ps(pv, gv[u], _mm512_loadu_ps(dvj + 16 * u)));
+        }
+      }
+      for (int u = 0; u < NV; ++u) _mm512_storeu_ps(dqi + 16 * u, dq[u]);
+    }
+  }
+}
+
+void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, torch::Tensor bounds,
+                            int64_t row0, double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                            torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  const int64_t G = q.size(0), n = q.size(1), d = q.size(2);
+  const int64_t rows = idx.size(0), R = idx.size(1), nch = bounds.size(1) - 1;
+  TORCH_CHECK(d == 32 || d == 64 || d == 128, "table_backward_blocked: head_dim must be 32, 64 or 128");
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  const int32_t* I = idx.data_ptr<int32_t>();
+  const int32_t* B = bounds.data_ptr<int32_t>();
+  const float* GO = go.data_ptr<float>();
+  const float* O = o.data_ptr<float>();
+  const float* L = lse.data_ptr<float>();
+  float* DQ = dq.data_ptr<float>();
+  float* DK = dk.data_ptr<float>();
+  float* DV = dv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, G, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> Dr;
+    for (int64_t g = b; g < e; ++g) {
+      const int64_t off = g * n * d;
+      const float* GOg = GO + g * rows * d;
+      const float* Og = O + g * rows * d;
+      if (d == 32)
+        table_blocked_backward_item<2>(Q + off, K + off, V + off, I, B, R, nch, row0, rows, sc, GOg, Og, L + g * rows, DQ + off, DK + off, DV + off, Dr);
+      else if (d == 64)
+        table_blocked_backward_item<4>(Q + off, K + off, V + off, I, B, R, nch, row0, rows, sc, GOg, Og, L + g * rows, DQ + off, DK + off, DV + off, Dr);
+      else
+        table_blocked_backward_item<8>(Q + off, K + off, V + off, I, B, R, nch, row0, rows, sc, GOg, Og, L + g * rows, DQ + off, DK + off, DV + off, Dr);
+    }
+  });
+}
+
 bool has_window() { return true; }
 #else
 std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
@@ -899,6 +991,11 @@ std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor 
                                                  double scale, torch::Tensor out_in) {
   TORCH_CHECK(false, "table_forward_blocked needs AVX-512");
   return {};
+}
+void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, torch::Tensor bounds,
+                            int64_t row0, double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                            torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  TORCH_CHECK(false, "table_backward_blocked needs AVX-512");
 }
 bool has_window() { return false; }
 #endif
@@ -980,7 +1077,7 @@ def kernel():
                     cpp_sources=[_SOURCE],
                     functions=[
                         "window_forward", "gather_forward", "window_backward", "has_window", "table_forward", "table_backward",
-                        "table_forward_blocked",
+                        "table_forward_blocked", "table_backward_blocked",
                     ],
                     extra_cflags=_flags(),
                     extra_ldflags=["-fopenmp"],

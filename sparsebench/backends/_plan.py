@@ -889,11 +889,14 @@ def run_backward(plan: Plan, q, k, v, out, lse, saved, dout):
                 w = torch.where(torch.isfinite(lm), torch.exp(l - lm), torch.zeros_like(lm))
                 go = (go.float() * w.unsqueeze(-1)).to(q.dtype)
             if native:
-                _native.kernel().table_backward(
-                    qs, ks, vs, call.table, call.q.offset, plan.scale,
-                    go.reshape(G, -1, d).float().contiguous(), call.q.data(os_).reshape(G, -1, d).float().contiguous(),
-                    l.reshape(G, -1).contiguous(), gq, gk, gv,
+                args = (
+                    plan.scale, go.reshape(G, -1, d).float().contiguous(),
+                    call.q.data(os_).reshape(G, -1, d).float().contiguous(), l.reshape(G, -1).contiguous(), gq, gk, gv,
                 )  # fmt: skip
+                if call.bounds is not None and _native_window(qs):
+                    _native.kernel().table_backward_blocked(qs, ks, vs, call.table, call.bounds, call.q.offset, *args)
+                else:
+                    _native.kernel().table_backward(qs, ks, vs, call.table, call.q.offset, *args)
                 continue
             qv, kv, vv = call.q.data(qs), call.k.data(ks), call.k.data(vs)
             lk = l if call.empty is None else l.masked_fill(call.empty, 0.0)
