@@ -164,12 +164,12 @@ class Analysis:
             return None
         lo, hi = self.probe
         spread = hi / lo
-        text = (f"a fixed matmul probe took {fmt_time(lo)} to {fmt_time(hi)} over the cases "
+        text = (f"a fixed matmul probe took {fmt_time(lo)} to {fmt_time(hi)} between cases "
                 f"({spread:.2f}x)")
         if spread > DRIFT:
-            return (f"Machine speed varied during the run: {text}. Ratios between cases measured at "
-                    "different times (speedup, efficiency) carry that much uncertainty; rerun or "
-                    "compare runs before trusting a small difference.")
+            return (f"Machine speed varied during the run: {text}. A ratio of two cases measured at "
+                    "different times (speedup, efficiency) may be off by up to about that much; "
+                    "rerun, or compare runs, before trusting a small difference.")
         return f"Machine speed was steady during the run: {text}."
 
     def find(self, pattern_label: str, backend: str, **dims: Any) -> SeriesSummary | None:
@@ -309,14 +309,23 @@ def analyze(df, floor_slope: float = FLOOR_SLOPE, min_points: int = MIN_FIT_POIN
         floor = float("-inf") if dict(zip(SERIES_KEY, key)).get("mode") == "decode" else floor_slope
         out.append(_summarise(key, g, labels[key], base, floor, min_points))
     out.sort(key=lambda s: (not s.is_baseline, s.get("device"), s.get("dtype"), s.get("mode"), s.label))
-    probe = None
-    if "probe_s" in df:
-        import pandas as pd
+    return Analysis(tuple(out), _probe_spread(df))
 
-        p = pd.to_numeric(df["probe_s"], errors="coerce")[positive_mask(df, "probe_s")]
-        if len(p) >= 2:
-            probe = (float(p.min()), float(p.max()))
-    return Analysis(tuple(out), probe)
+
+def _probe_spread(df) -> tuple[float, float] | None:
+    """(fastest, slowest) machine probe of the device where it moved most (probes of different
+    devices are different workloads), or None with fewer than two probes."""
+    if "probe_s" not in df:
+        return None
+    import pandas as pd
+
+    ok = df[positive_mask(df, "probe_s")]
+    worst = None
+    for _, g in (ok.groupby("device") if "device" in ok else [(None, ok)]):
+        p = pd.to_numeric(g["probe_s"], errors="coerce")
+        if len(p) >= 2 and (worst is None or p.max() / p.min() > worst[1] / worst[0]):
+            worst = (float(p.min()), float(p.max()))
+    return worst
 
 
 def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:

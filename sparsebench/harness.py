@@ -64,21 +64,23 @@ def time_calls(call: Callable[[], Any], device, *, repeats: int, min_time_s: flo
     return Measurement(tuple(times))
 
 
-def probe(device: torch.device, rounds: int = 5) -> float:
-    """Seconds for a fixed matmul workload on ``device`` (the best of ``rounds``): taken before
+def probe(device: torch.device, rounds: int = 3) -> float:
+    """Seconds for a fixed matmul workload on ``device`` (the median of ``rounds``): taken before
     and after each case, it shows how the machine's speed moved between cases (other tenants,
-    clocks), which a ratio of two cases measured at different times silently includes."""
-    size = 2048 if device.type == "cuda" else 256
+    clocks), which a ratio of two cases measured at different times silently includes. A few
+    milliseconds of large products: short enough to cost little, long enough that one stalled
+    thread does not dominate it."""
+    size = 2048 if device.type == "cuda" else 512
     a = torch.randn(size, size, device=device)
-    best = float("inf")
+    times = []
     for _ in range(rounds):
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(8):
+        for _ in range(4):
             a @ a
         sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def make_problem(case: Case) -> Problem:

@@ -199,3 +199,8 @@ def test_machine_speed_drift_is_reported():
     drift = analyze(frame(recs))
     assert "varied during the run" in drift.drift_note() and "(1.60x)" in drift.drift_note()
     assert "## Machine speed" in drift.to_markdown()
+    # probes of two devices are different workloads: each device's spread on its own
+    for i, r in enumerate(recs):
+        r["probe_s"] = 0.001 if i % 2 else 0.003
+        r["device"] = "cpu" if i % 2 else "cuda"
+    assert analyze(frame(recs)).drift_note().startswith("Machine speed was steady")

@@ -364,10 +364,15 @@ def test_native_blocked_key_table_kernel(causal, monkeypatch):
     if not mod.has_window():
         pytest.skip("the blocked kernel needs AVX-512")
     monkeypatch.setattr(_plan, "KEY_CHUNK_BYTES", 64 * 2 * 4 * 64)  # chunks of 64 keys: many chunks
-    pat = PATTERNS.get("random").from_params({"keys": 9, "seed": 5})
+    pat = PATTERNS.get("random").from_params({"keys": 16, "seed": 5})
     n = 700
     plan = _plan.build(pat, n, causal, groups=4, head_dim=64, block=64, device=CPU, dtype=torch.float32)
     assert all(c.bounds is not None and c.bounds.shape[1] == 12 for c in plan.calls)
+    # more chunks (11) than keys per query (4 + self): the bounds would outgrow the table, the
+    # plain kernel runs
+    few = PATTERNS.get("random").from_params({"keys": 4, "seed": 5})
+    many = _plan.build(few, n, causal, groups=4, head_dim=64, block=64, device=CPU, dtype=torch.float32)
+    assert all(c.bounds is None and c.table is not None for c in many.calls)
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 4, 64))
     g = torch.randn_like(q)
     out = attention_fn(plan)(q, k, v)

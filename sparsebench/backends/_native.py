@@ -840,6 +840,9 @@ std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor 
                                                  double scale, torch::Tensor out_in) {
   const int64_t G = q.size(0), n = q.size(1), d = q.size(2);
   const int64_t rows = idx.size(0), R = idx.size(1), nch = bounds.size(1) - 1;
+  TORCH_CHECK(bounds.size(0) == rows && bounds.scalar_type() == torch::kInt32 && bounds.is_contiguous() &&
+                  idx.scalar_type() == torch::kInt32 && idx.is_contiguous(),
+              "blocked key tables: idx (rows, R) and bounds (rows, chunks + 1), contiguous int32");
   TORCH_CHECK(d == 32 || d == 64 || d == 128, "table_forward_blocked: head_dim must be 32, 64 or 128");
   auto out = out_in.numel() ? out_in : torch::empty({G, rows, d}, q.options());
   TORCH_CHECK(out.stride(2) == 1, "table_forward_blocked: out needs a unit last stride");
@@ -938,6 +941,9 @@ void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
                             torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
   const int64_t G = q.size(0), n = q.size(1), d = q.size(2);
   const int64_t rows = idx.size(0), R = idx.size(1), nch = bounds.size(1) - 1;
+  TORCH_CHECK(bounds.size(0) == rows && bounds.scalar_type() == torch::kInt32 && bounds.is_contiguous() &&
+                  idx.scalar_type() == torch::kInt32 && idx.is_contiguous(),
+              "blocked key tables: idx (rows, R) and bounds (rows, chunks + 1), contiguous int32");
   TORCH_CHECK(d == 32 || d == 64 || d == 128, "table_backward_blocked: head_dim must be 32, 64 or 128");
   const float* Q = q.data_ptr<float>();
   const float* K = k.data_ptr<float>();

@@ -457,9 +457,11 @@ class _Builder:
         native = self.device.type == "cpu" and self.dtype == torch.float32 and _native.enabled()
         # the native kernel reads rows in place (large calls); gathering needs small ones
         step = TABLE_ROWS if native else 8 * self.chunk(R)
-        # AVX-512: the cache-blocked kernel, chunks of keys whose K and V rows fill ~1 MiB
-        blocked = native and self.native_windows and self.head_dim in (32, 64, 128)
+        # AVX-512: the cache-blocked kernel, chunks of keys whose K and V rows fill ~1 MiB; while
+        # there are no more chunks than keys per query (beyond that, the per-chunk bounds would
+        # outgrow the table itself, n^2 / chunk, and most visits would find nothing)
         chunk = max(64, KEY_CHUNK_BYTES // (2 * 4 * self.head_dim))
+        blocked = native and self.native_windows and self.head_dim in (32, 64, 128) and -(-n // chunk) <= R
         for s in range(0, n, step):
             e = min(n, s + step)
             tt = t[s:e]
