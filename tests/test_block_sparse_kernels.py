@@ -383,3 +383,28 @@ def test_native_blocked_key_table_kernel(causal, monkeypatch):
     assert (out.double() - ref).abs().max().item() < 1e-5
     for a, b in zip((q, k, v), (q2, k2, v2)):
         assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("d,groups,causal,table_rows", [(32, 3, False, 128), (128, 1, True, 100)])
+def test_native_blocked_key_table_shapes(d, groups, causal, table_rows, monkeypatch):
+    """The blocked key-table kernels at head_dim 32 and 128, one or several sequences, and
+    tables cut into calls that start mid-sequence (row0 > 0, the last one short)."""
+    mod = _native_or_skip()
+    if not mod.has_window():
+        pytest.skip("the blocked kernel needs AVX-512")
+    monkeypatch.setattr(_plan, "KEY_CHUNK_BYTES", 64 * 2 * 4 * d)  # chunks of 64 keys
+    monkeypatch.setattr(_plan, "TABLE_ROWS", table_rows)
+    pat = PATTERNS.get("random").from_params({"keys": 16, "seed": 7})
+    n = 517
+    plan = _plan.build(pat, n, causal, groups=groups, head_dim=d, block=64, device=CPU, dtype=torch.float32)
+    assert len(plan.calls) > 1 and all(c.bounds is not None for c in plan.calls)
+    q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, groups, d))
+    g = torch.randn_like(q)
+    out = attention_fn(plan)(q, k, v)
+    out.backward(g)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, causal))
+    ref.backward(g.double())
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    for a, b in zip((q, k, v), (q2, k2, v2)):
+        assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
