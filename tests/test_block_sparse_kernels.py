@@ -49,6 +49,20 @@ def reference(pat, q, k, v, causal):
     return masked_softmax_attention(q.double(), k.double(), v.double(), pat.mask(q.shape[2], causal))
 
 
+def assert_forward_backward(plan, pat, q, k, v, causal):
+    """The plan's output and input gradients equal dense attention's under the pattern's mask."""
+    n = q.shape[2]
+    g = torch.randn_like(q)
+    out = attention_fn(plan)(q, k, v)
+    out.backward(g)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, causal))
+    ref.backward(g.double())
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    for a, b in zip((q, k, v), (q2, k2, v2)):
+        assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
+
+
 def plan_for(pat, n, causal, block=16, structured=True, groups=6, head_dim=16):
     return _plan.build(pat, n, causal, groups=groups, head_dim=head_dim, block=block, device=CPU, structured=structured)
 
@@ -186,18 +200,9 @@ def test_plain_torch_path_matches_the_fused_one(monkeypatch):
     pat = PATTERNS.get("longformer").from_params({"window": 12, "global_tokens": [0, 40]})
     n = 97
     q, k, v = (t.requires_grad_(True) for t in qkv(n))
-    g = torch.randn_like(q)
     plan = plan_for(pat, n, False)
     monkeypatch.setattr(_attend, "flash_ok", lambda t: False)
-    out = attention_fn(plan)(q, k, v)
-    out.backward(g)
-    got = [t.grad.clone() for t in (q, k, v)]
-    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, False))
-    ref.backward(g.double())
-    assert (out.double() - ref).abs().max().item() < 1e-5
-    for a, b in zip(got, (q2.grad, k2.grad, v2.grad)):
-        assert (a.double() - b).abs().max().item() < 1e-4
+    assert_forward_backward(plan, pat, q, k, v, False)
 
 
 @pytest.mark.parametrize(
@@ -276,15 +281,7 @@ def test_native_key_table_kernel(causal):
     plan = _plan.build(pat, n, causal, groups=6, head_dim=16, block=16, device=CPU, dtype=torch.float32)
     assert all(c.table is not None for c in plan.calls)
     q, k, v = (t.requires_grad_(True) for t in qkv(n))
-    g = torch.randn_like(q)
-    out = attention_fn(plan)(q, k, v)
-    out.backward(g)
-    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, causal))
-    ref.backward(g.double())
-    assert (out.double() - ref).abs().max().item() < 1e-5
-    for a, b in zip((q, k, v), (q2, k2, v2)):
-        assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
+    assert_forward_backward(plan, pat, q, k, v, causal)
 
 
 @pytest.mark.parametrize(
@@ -310,15 +307,7 @@ def test_native_window_kernel(name, params, structured, causal):
     plan = _plan.build(pat, n, causal, groups=3, head_dim=64, block=32, device=CPU, dtype=torch.float32, structured=structured)
     assert any(c.ranges is not None for c in plan.calls)
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 3, 64))
-    g = torch.randn_like(q)
-    out = attention_fn(plan)(q, k, v)
-    out.backward(g)  # backward runs ATen's kernel on the native forward's output and lse
-    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, causal))
-    ref.backward(g.double())
-    assert (out.double() - ref).abs().max().item() < 1e-5
-    for a, b in zip((q, k, v), (q2, k2, v2)):
-        assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
+    assert_forward_backward(plan, pat, q, k, v, causal)  # native forward and window backward
 
 
 def test_native_window_merges_in_place():
@@ -374,15 +363,7 @@ def test_native_blocked_key_table_kernel(causal, monkeypatch):
     many = _plan.build(few, n, causal, groups=4, head_dim=64, block=64, device=CPU, dtype=torch.float32)
     assert all(c.bounds is None and c.table is not None for c in many.calls)
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 4, 64))
-    g = torch.randn_like(q)
-    out = attention_fn(plan)(q, k, v)
-    out.backward(g)
-    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, causal))
-    ref.backward(g.double())
-    assert (out.double() - ref).abs().max().item() < 1e-5
-    for a, b in zip((q, k, v), (q2, k2, v2)):
-        assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
+    assert_forward_backward(plan, pat, q, k, v, causal)
 
 
 @pytest.mark.parametrize("d,groups,causal,table_rows", [(32, 3, False, 128), (128, 1, True, 100)])
@@ -399,12 +380,4 @@ def test_native_blocked_key_table_shapes(d, groups, causal, table_rows, monkeypa
     plan = _plan.build(pat, n, causal, groups=groups, head_dim=d, block=64, device=CPU, dtype=torch.float32)
     assert len(plan.calls) > 1 and all(c.bounds is not None for c in plan.calls)
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, groups, d))
-    g = torch.randn_like(q)
-    out = attention_fn(plan)(q, k, v)
-    out.backward(g)
-    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, causal))
-    ref.backward(g.double())
-    assert (out.double() - ref).abs().max().item() < 1e-5
-    for a, b in zip((q, k, v), (q2, k2, v2)):
-        assert (a.grad.double() - b.grad).abs().max().item() < 1e-4
+    assert_forward_backward(plan, pat, q, k, v, causal)
