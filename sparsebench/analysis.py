@@ -168,8 +168,9 @@ class Analysis:
                 f"({spread:.2f}x)")
         if spread > DRIFT:
             return (f"Machine speed varied during the run: {text}. A ratio of two cases measured at "
-                    "different times (speedup, efficiency) may be off by up to about that much; "
-                    "rerun, or compare runs, before trusting a small difference.")
+                    "different times (speedup, efficiency) includes that drift (a short probe "
+                    "exaggerates it; long cases feel less); rerun, or compare runs, before trusting "
+                    "a small difference.")
         return f"Machine speed was steady during the run: {text}."
 
     def find(self, pattern_label: str, backend: str, **dims: Any) -> SeriesSummary | None:
