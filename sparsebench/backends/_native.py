@@ -241,15 +241,29 @@ inline void softmax_rows(float* s, int64_t lds, int64_t nj, int64_t j0, const in
   }
 }
 
-// o[r][c0..c0+31] = sum_j p[r][j] * v[j][c0..c0+31] for RB rows (v rows ldv apart).
-inline void pv_block(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv, int64_t nj,
-                     int64_t c0, float* __restrict o, int64_t d) {
+// Key or value rows of a window: row j at base + j * ld (a view of K or V), or at ptr[j]
+// (gathered rows).
+struct StridedRows {
+  const float* base;
+  int64_t ld;
+  const float* operator[](int64_t j) const { return base + j * ld; }
+};
+struct GatheredRows {
+  const float* const* ptr;
+  const float* operator[](int64_t j) const { return ptr[j]; }
+};
+
+// o[r][c0..c0+31] = sum_j p[r][j] * v[j0 + j][c0..c0+31] for RB rows, j < nj.
+template <class Rows>
+inline void pv_block(const float* __restrict p, int64_t ldp, Rows v, int64_t j0, int64_t nj, int64_t c0,
+                     float* __restrict o, int64_t d) {
   __m512 a0[RB], a1[RB];
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
   for (int64_t j = 0; j < nj; ++j) {
-    const __m512 v0 = _mm512_loadu_ps(v + j * ldv + c0);
-    const __m512 v1 = _mm512_loadu_ps(v + j * ldv + c0 + 16);
+    const float* vj = v[j0 + j];
+    const __m512 v0 = _mm512_loadu_ps(vj + c0);
+    const __m512 v1 = _mm512_loadu_ps(vj + c0 + 16);
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
       const __m512 pb = _mm512_set1_ps(p[r * ldp + j]);
@@ -264,15 +278,16 @@ inline void pv_block(const float* __restrict p, int64_t ldp, const float* __rest
   }
 }
 
-// dst[c * 32 + j] = src[j * ld + c] for j < rows (zero rows past it), c < d: one packed tile from
-// up to 32 key rows, 16 x 16 blocks transposed in registers.
-inline void pack_tile(const float* __restrict src, int64_t ld, int64_t rows, int64_t d, float* __restrict dst) {
+// dst[c * 32 + j] = src[j][c] for j < rows (zero rows past it), c < d: one packed tile from up
+// to 32 key rows, 16 x 16 blocks transposed in registers.
+template <class Rows>
+inline void pack_tile(Rows src, int64_t rows, int64_t d, float* __restrict dst) {
   for (int half = 0; half < 2; ++half) {
     for (int64_t c0 = 0; c0 < d; c0 += 16) {
       __m512 r[16];
       for (int j = 0; j < 16; ++j) {
         const int64_t row = half * 16 + j;
-        r[j] = row < rows ? _mm512_loadu_ps(src + row * ld + c0) : _mm512_setzero_ps();
+        r[j] = row < rows ? _mm512_loadu_ps(src[row] + c0) : _mm512_setzero_ps();
       }
       __m512 t[16];
       for (int j = 0; j < 8; ++j) {
@@ -305,70 +320,6 @@ inline void pack_tile(const float* __restrict src, int64_t ld, int64_t rows, int
         if (c0 + i < d) _mm512_storeu_ps(dst + (c0 + i) * KT + half * 16, r[perm[i]]);
       }
     }
-  }
-}
-
-// As pack_tile, from rows given by pointers (gathered keys).
-inline void pack_tile_rows(const float* const* __restrict rows_p, int64_t rows, int64_t d, float* __restrict dst) {
-  for (int half = 0; half < 2; ++half) {
-    for (int64_t c0 = 0; c0 < d; c0 += 16) {
-      __m512 r[16];
-      for (int j = 0; j < 16; ++j) {
-        const int64_t row = half * 16 + j;
-        r[j] = row < rows ? _mm512_loadu_ps(rows_p[row] + c0) : _mm512_setzero_ps();
-      }
-      __m512 t[16];
-      for (int j = 0; j < 8; ++j) {
-        t[2 * j] = _mm512_unpacklo_ps(r[2 * j], r[2 * j + 1]);
-        t[2 * j + 1] = _mm512_unpackhi_ps(r[2 * j], r[2 * j + 1]);
-      }
-      for (int j = 0; j < 4; ++j) {
-        for (int h = 0; h < 2; ++h) {
-          const __m512 a = t[4 * j + h], b = t[4 * j + 2 + h];
-          r[4 * j + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
-          r[4 * j + 2 + h] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
-        }
-      }
-      for (int j = 0; j < 2; ++j) {
-        for (int h = 0; h < 4; ++h) {
-          const __m512 a = r[8 * j + h], b = r[8 * j + 4 + h];
-          t[8 * j + h] = _mm512_shuffle_f32x4(a, b, 0x88);
-          t[8 * j + 4 + h] = _mm512_shuffle_f32x4(a, b, 0xDD);
-        }
-      }
-      for (int h = 0; h < 8; ++h) {
-        const __m512 a = t[h], b = t[8 + h];
-        r[h] = _mm512_shuffle_f32x4(a, b, 0x88);
-        r[8 + h] = _mm512_shuffle_f32x4(a, b, 0xDD);
-      }
-      static const int perm[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
-      for (int i = 0; i < 16; ++i) {
-        if (c0 + i < d) _mm512_storeu_ps(dst + (c0 + i) * KT + half * 16, r[perm[i]]);
-      }
-    }
-  }
-}
-
-// As pv_block, V rows given by pointers.
-inline void pv_block_rows(const float* __restrict p, int64_t ldp, const float* const* __restrict vrows, int64_t nj,
-                          int64_t c0, float* __restrict o, int64_t d) {
-  __m512 a0[RB], a1[RB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
-  for (int64_t j = 0; j < nj; ++j) {
-    const __m512 v0 = _mm512_loadu_ps(vrows[j] + c0);
-    const __m512 v1 = _mm512_loadu_ps(vrows[j] + c0 + 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * ldp + j]);
-      a0[r] = _mm512_fmadd_ps(pb, v0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(pb, v1, a1[r]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r) {
-    _mm512_storeu_ps(o + r * d + c0, a0[r]);
-    _mm512_storeu_ps(o + r * d + c0 + 16, a1[r]);
   }
 }
 
@@ -406,6 +357,60 @@ inline void finish_rows(const float* obuf, const float* mx, const float* sum, in
       _mm512_storeu_ps(orow + c, _mm512_fmadd_ps(_mm512_loadu_ps(brow + c), cb, _mm512_mul_ps(_mm512_loadu_ps(orow + c), ca)));
     *lrow = mm + std::log(tot);
   }
+}
+
+// Rows r0 .. r0 + rb - 1 (rb <= RB) of a call: each row's key range lo[r]..hi[r] clipped to the
+// window's S keys (rows past rb: empty), and the union glo..ghi (ghi < 0: no key in the block).
+inline void block_ranges(const int32_t* LO, const int32_t* HI, int64_t r0, int rb, int64_t S, int32_t* lo,
+                         int32_t* hi, int32_t& glo, int32_t& ghi) {
+  glo = INT32_MAX;
+  ghi = -1;
+  for (int r = 0; r < RB; ++r) {
+    lo[r] = r < rb ? std::max<int32_t>(LO[r0 + r], 0) : 1;
+    hi[r] = r < rb ? std::min<int32_t>(HI[r0 + r], static_cast<int32_t>(S) - 1) : 0;
+    if (lo[r] <= hi[r]) { glo = std::min(glo, lo[r]); ghi = std::max(ghi, hi[r]); }
+  }
+}
+
+// Per-thread scratch of the forward kernels: scores (RB rows, lds apart), query rows, P V rows.
+struct Scratch {
+  std::vector<float> s, q, o;
+  int64_t lds;
+  Scratch(int64_t S, int64_t d) : lds((S + 2 * KT + 15) / 16 * 16) { s.resize(RB * lds); q.resize(RB * d); o.resize(RB * d); }
+};
+
+// One block of RB query rows (r0 ..) of a window: scores against the packed key tiles kt (window
+// column u is packed column koff + u) over the block's key range only, softmax, P V with the
+// window's value rows v, then the rows written into ow / lw, or merged (li: the window's merged
+// log-sum-exps, liR apart; nullptr: plain write).
+template <class Rows>
+inline void forward_block(const float* qw, int64_t qsR, int64_t r0, int64_t L, int64_t S, const int32_t* LO,
+                          const int32_t* HI, const float* kt, int64_t koff, Rows v, float sc, int64_t d, Scratch& w,
+                          float* ow, int64_t osR, float* lw, float* li, int64_t liR) {
+  const int rb = static_cast<int>(std::min<int64_t>(RB, L - r0));
+  int32_t lo[RB], hi[RB], glo, ghi;
+  block_ranges(LO, HI, r0, rb, S, lo, hi, glo, ghi);
+  if (ghi < 0) {  // no key in the block: zero rows (merging: they keep what they have)
+    for (int r = 0; r < rb; ++r) {
+      if (li == nullptr) std::fill(ow + (r0 + r) * osR, ow + (r0 + r) * osR + d, 0.f);
+      lw[r0 + r] = 0.f;
+    }
+    return;
+  }
+  for (int r = 0; r < RB; ++r) {
+    const float* src = qw + (r0 + (r < rb ? r : 0)) * qsR;
+    std::copy(src, src + d, w.q.data() + r * d);
+  }
+  const int64_t t0 = (koff + glo) / KT, t1 = (koff + ghi) / KT;
+  const int64_t j0 = t0 * KT - koff;  // window column of the first tile (may be < 0)
+  for (int64_t t = t0; t <= t1; ++t) qk_tile(w.q.data(), kt + t * d * KT, d, w.s.data() + (t - t0) * KT, w.lds);
+  float mx[RB], sum[RB];
+  // softmax over the 16-column groups that hold keys of some row, P V over those keys only
+  const int64_t sj0 = j0 + (glo - j0) / 16 * 16, snj = (ghi + 1 - sj0 + 15) / 16 * 16;
+  softmax_rows(w.s.data() + (sj0 - j0), w.lds, snj, sj0, lo, hi, sc, mx, sum);
+  for (int64_t c0 = 0; c0 < d; c0 += 32)
+    pv_block(w.s.data() + (glo - j0), w.lds, v, glo, ghi - glo + 1, c0, w.o.data(), d);
+  finish_rows(w.o.data(), mx, sum, rb, d, ow + r0 * osR, osR, lw + r0, li == nullptr ? nullptr : li + r0 * liR, liR);
 }
 
 }  // namespace
@@ -447,11 +452,10 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
   const int64_t ksX = k.stride(0), vsX = v.stride(0), vsM = v.stride(1);
   const int64_t step_rows = runs ? ksM / ksR : 0;  // key rows between consecutive windows
   const float sc = static_cast<float>(scale);
-  const float NEG = -std::numeric_limits<float>::infinity();
-  const int64_t lds = (S + 2 * KT + 15) / 16 * 16;
 
   at::parallel_for(0, X * M, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> kt_buf, sbuf(RB * lds), qbuf(RB * d), obuf(RB * d);
+    std::vector<float> kt_buf;
+    Scratch w(S, d);
     int64_t item = b0;
     while (item < b1) {
       const int64_t x = item / M, m_first = item % M;
@@ -461,49 +465,17 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
       const int64_t nrows = (m_last - m_first) * step_rows + S;
       const int64_t nblk = (nrows + KT - 1) / KT + 1;
       kt_buf.resize(nblk * d * KT);
-      float* kt = kt_buf.data();
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(KT, nrows - blk * KT));
-        pack_tile(kbase + blk * KT * ksR, ksR, rows, d, kt + blk * d * KT);
+        pack_tile(StridedRows{kbase + blk * KT * ksR, ksR}, rows, d, kt_buf.data() + blk * d * KT);
       }
       for (int64_t m = m_first; m <= m_last; ++m) {
-        const float* qw = Q + x * qsX + m * qsM;
-        const float* vw = V + x * vsX + m * vsM;
         const int64_t koff = (m - m_first) * step_rows;  // window's first key in packed rows
-        float* ow = O + x * osX + m * osM;
-        float* lw = LS + (x * M + m) * L;
-        for (int64_t r0 = 0; r0 < L; r0 += RB) {
-          const int rb = static_cast<int>(std::min<int64_t>(RB, L - r0));
-          int32_t lo[RB], hi[RB];
-          int32_t glo = INT32_MAX, ghi = -1;
-          for (int r = 0; r < RB; ++r) {
-            lo[r] = r < rb ? std::max<int32_t>(LO[r0 + r], 0) : 1;
-            hi[r] = r < rb ? std::min<int32_t>(HI[r0 + r], static_cast<int32_t>(S) - 1) : 0;
-            if (lo[r] <= hi[r]) { glo = std::min(glo, lo[r]); ghi = std::max(ghi, hi[r]); }
-          }
-          if (ghi < 0) {  // no key in the block: zero rows (merging: they keep what they have)
-            for (int r = 0; r < rb; ++r) {
-              if (!merge) std::fill(ow + (r0 + r) * osR, ow + (r0 + r) * osR + d, 0.f);
-              lw[r0 + r] = 0.f;
-            }
-            continue;
-          }
-          for (int r = 0; r < RB; ++r) {
-            const float* src = qw + (r0 + (r < rb ? r : 0)) * qsR;
-            std::copy(src, src + d, qbuf.data() + r * d);
-          }
-          const int64_t t0 = (koff + glo) / KT, t1 = (koff + ghi) / KT;
-          const int64_t j0 = t0 * KT - koff;  // window column of the first tile (may be < 0)
-          for (int64_t t = t0; t <= t1; ++t)
-            qk_tile(qbuf.data(), kt + t * d * KT, d, sbuf.data() + (t - t0) * KT, lds);
-          float mx[RB], sum[RB];
-          // softmax over the 16-column groups that hold keys of some row, P V over those keys only
-          const int64_t sj0 = j0 + (glo - j0) / 16 * 16, snj = (ghi + 1 - sj0 + 15) / 16 * 16;
-          softmax_rows(sbuf.data() + (sj0 - j0), lds, snj, sj0, lo, hi, static_cast<float>(sc), mx, sum);
-          for (int64_t c0 = 0; c0 < d; c0 += 32)
-            pv_block(sbuf.data() + (glo - j0), lds, vw + glo * vsR, vsR, ghi - glo + 1, c0, obuf.data(), d);
-          finish_rows(obuf.data(), mx, sum, rb, d, ow + r0 * osR, osR, lw + r0, merge ? LI + x * liX + m * liM + r0 * liR : nullptr, liR);
-        }
+        const StridedRows vw{V + x * vsX + m * vsM, vsR};
+        float* li = merge ? LI + x * liX + m * liM : nullptr;
+        for (int64_t r0 = 0; r0 < L; r0 += RB)
+          forward_block(Q + x * qsX + m * qsM, qsR, r0, L, S, LO, HI, kt_buf.data(), koff, vw, sc, d, w,
+                        O + x * osX + m * osM, osR, LS + (x * M + m) * L, li, liR);
       }
       item += m_last - m_first + 1;
     }
@@ -541,12 +513,11 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
   const int64_t qsX = q.stride(0), qsM = q.stride(1), qsR = q.stride(2);
   const int64_t ksX = k.stride(0), ksR = k.stride(1), vsX = v.stride(0), vsR = v.stride(1);
   const float sc = static_cast<float>(scale);
-  const float NEG = -std::numeric_limits<float>::infinity();
-  const int64_t lds = (S + 2 * KT + 15) / 16 * 16;
   const int64_t nblk = (S + KT - 1) / KT + 1;
 
   at::parallel_for(0, X * M, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> kt(nblk * d * KT), sbuf(RB * lds), qbuf(RB * d), obuf(RB * d);
+    std::vector<float> kt(nblk * d * KT);
+    Scratch w(S, d);
     std::vector<const float*> krows(nblk * KT), vrows(S);
     int64_t packed_x = -1, packed_m = -1;
     for (int64_t item = b0; item < b1; ++item) {
@@ -555,46 +526,16 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
       if (!(shared ? packed_x == x : (packed_x == x && packed_m == m))) {
         for (int64_t u = 0; u < S; ++u) krows[u] = K + x * ksX + static_cast<int64_t>(row[u]) * ksR;
         for (int64_t blk = 0; blk < nblk; ++blk)
-          pack_tile_rows(krows.data() + blk * KT, std::max<int64_t>(0, std::min<int64_t>(KT, S - blk * KT)), d,
-                         kt.data() + blk * d * KT);
+          pack_tile(GatheredRows{krows.data() + blk * KT}, std::max<int64_t>(0, std::min<int64_t>(KT, S - blk * KT)), d,
+                    kt.data() + blk * d * KT);
         for (int64_t u = 0; u < S; ++u) vrows[u] = V + x * vsX + static_cast<int64_t>(row[u]) * vsR;
         packed_x = x;
         packed_m = m;
       }
-      const float* qw = Q + x * qsX + m * qsM;
-      float* ow = O + x * osX + m * osM;
-      float* lw = LS + (x * M + m) * L;
-      for (int64_t r0 = 0; r0 < L; r0 += RB) {
-        const int rb = static_cast<int>(std::min<int64_t>(RB, L - r0));
-        int32_t lo[RB], hi[RB];
-        int32_t glo = INT32_MAX, ghi = -1;
-        for (int r = 0; r < RB; ++r) {
-          lo[r] = r < rb ? std::max<int32_t>(LO[r0 + r], 0) : 1;
-          hi[r] = r < rb ? std::min<int32_t>(HI[r0 + r], static_cast<int32_t>(S) - 1) : 0;
-          if (lo[r] <= hi[r]) { glo = std::min(glo, lo[r]); ghi = std::max(ghi, hi[r]); }
-        }
-        if (ghi < 0) {  // no key in the block: zero rows (merging: they keep what they have)
-          for (int r = 0; r < rb; ++r) {
-            if (!merge) std::fill(ow + (r0 + r) * osR, ow + (r0 + r) * osR + d, 0.f);
-            lw[r0 + r] = 0.f;
-          }
-          continue;
-        }
-        for (int r = 0; r < RB; ++r) {
-          const float* src = qw + (r0 + (r < rb ? r : 0)) * qsR;
-          std::copy(src, src + d, qbuf.data() + r * d);
-        }
-        const int64_t t0 = glo / KT, t1 = ghi / KT;
-        const int64_t j0 = t0 * KT;
-        for (int64_t t = t0; t <= t1; ++t)
-          qk_tile(qbuf.data(), kt.data() + t * d * KT, d, sbuf.data() + (t - t0) * KT, lds);
-        float mx[RB], sum[RB];
-        const int64_t sj0 = j0 + (glo - j0) / 16 * 16, snj = (ghi + 1 - sj0 + 15) / 16 * 16;
-        softmax_rows(sbuf.data() + (sj0 - j0), lds, snj, sj0, lo, hi, static_cast<float>(sc), mx, sum);
-        for (int64_t c0 = 0; c0 < d; c0 += 32)
-          pv_block_rows(sbuf.data() + (glo - j0), lds, vrows.data() + glo, ghi - glo + 1, c0, obuf.data(), d);
-        finish_rows(obuf.data(), mx, sum, rb, d, ow + r0 * osR, osR, lw + r0, merge ? LI + x * liX + m * liM + r0 * liR : nullptr, liR);
-      }
+      float* li = merge ? LI + x * liX + m * liM : nullptr;
+      for (int64_t r0 = 0; r0 < L; r0 += RB)
+        forward_block(Q + x * qsX + m * qsM, qsR, r0, L, S, LO, HI, kt.data(), 0, GatheredRows{vrows.data()}, sc, d, w,
+                      O + x * osX + m * osM, osR, LS + (x * M + m) * L, li, liR);
     }
   });
   return {out, lse};
@@ -674,8 +615,8 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
       vt_buf.resize(nblk * d * KT);
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(KT, nrows - blk * KT));
-        pack_tile(kbase + blk * KT * ksR, ksR, rows, d, kt_buf.data() + blk * d * KT);
-        pack_tile(vbase + blk * KT * vsR, vsR, rows, d, vt_buf.data() + blk * d * KT);
+        pack_tile(StridedRows{kbase + blk * KT * ksR, ksR}, rows, d, kt_buf.data() + blk * d * KT);
+        pack_tile(StridedRows{vbase + blk * KT * vsR, vsR}, rows, d, vt_buf.data() + blk * d * KT);
       }
       dk_buf.assign((nblk * KT) * d, 0.f);
       dv_buf.assign((nblk * KT) * d, 0.f);
@@ -683,13 +624,8 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
         const int64_t koff = (m - m_first) * step_rows;
         for (int64_t r0 = 0; r0 < L; r0 += RB) {
           const int rb = static_cast<int>(std::min<int64_t>(RB, L - r0));
-          int32_t lo[RB], hi[RB];
-          int32_t glo = INT32_MAX, ghi = -1;
-          for (int r = 0; r < RB; ++r) {
-            lo[r] = r < rb ? std::max<int32_t>(LO[r0 + r], 0) : 1;
-            hi[r] = r < rb ? std::min<int32_t>(HI[r0 + r], static_cast<int32_t>(S) - 1) : 0;
-            if (lo[r] <= hi[r]) { glo = std::min(glo, lo[r]); ghi = std::max(ghi, hi[r]); }
-          }
+          int32_t lo[RB], hi[RB], glo, ghi;
+          block_ranges(LO, HI, r0, rb, S, lo, hi, glo, ghi);
           if (ghi < 0) continue;
           float lrow[RB], drow[RB];
           for (int r = 0; r < RB; ++r) {
@@ -733,9 +669,8 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
           }
           // dq rows += dS K (K rows of the window, ksR apart); tile columns outside [0, S) have dS = 0
           const int64_t jb = std::max<int64_t>(j0, 0), je = std::min<int64_t>(j0 + nj, S);
-          const float* kw = kbase + (koff + jb) * ksR;
           for (int64_t c0 = 0; c0 < d; c0 += 32)
-            pv_block(dsbuf.data() + (jb - j0), lds, kw, ksR, je - jb, c0, obuf.data(), d);
+            pv_block(dsbuf.data() + (jb - j0), lds, StridedRows{kbase + koff * ksR, ksR}, jb, je - jb, c0, obuf.data(), d);
           for (int r = 0; r < rb; ++r) {
             float* dqr = DQ + x * dqX + m * dqM + (r0 + r) * dqR;
             for (int64_t c = 0; c < d; c += 16)
