@@ -413,6 +413,32 @@ inline void forward_block(const float* qw, int64_t qsR, int64_t r0, int64_t L, i
   finish_rows(w.o.data(), mx, sum, rb, d, ow + r0 * osR, osR, lw + r0, li == nullptr ? nullptr : li + r0 * liR, liR);
 }
 
+// The output side of a window or gathered-key forward call (q: (X, M, L, d)): out (out_in when
+// given: a view with a unit last stride), the call's lse (X, M, L), and with lse_in (the plan's
+// merged log-sum-exps of these rows) the rows are merged into out instead of written.
+struct ForwardOut {
+  torch::Tensor out, lse;
+  float *O, *LS, *LI = nullptr;
+  int64_t osX, osM, osR, liX = 0, liM = 0, liR = 0;
+  ForwardOut(const torch::Tensor& q, const torch::Tensor& out_in, const torch::Tensor& lse_in, const char* name) {
+    const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3);
+    out = out_in.numel() ? out_in : torch::empty({X, M, L, d}, q.options());
+    TORCH_CHECK(out.stride(3) == 1, name, ": out needs a unit last stride");
+    lse = torch::empty({X, M, L}, q.options());
+    O = out.data_ptr<float>();
+    LS = lse.data_ptr<float>();
+    osX = out.stride(0), osM = out.stride(1), osR = out.stride(2);
+    if (lse_in.numel()) {
+      TORCH_CHECK(out_in.numel() > 0, name, ": merging needs the output rows to merge into");
+      LI = lse_in.data_ptr<float>();
+      liX = lse_in.stride(0), liM = lse_in.stride(1), liR = lse_in.stride(2);
+    }
+  }
+  float* out_rows(int64_t x, int64_t m) const { return O + x * osX + m * osM; }
+  float* lse_rows(int64_t x, int64_t m) const { return LS + (x * lse.size(1) + m) * lse.size(2); }
+  float* merged(int64_t x, int64_t m) const { return LI == nullptr ? nullptr : LI + x * liX + m * liM; }
+};
+
 }  // namespace
 
 // Attention of q (X, M, L, d) against k, v (X, M, S, d) views (unit last stride; the key windows
@@ -431,23 +457,12 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
   const int64_t ksR = k.stride(2), ksM = k.stride(1), vsR = v.stride(2);
   // windows that advance by whole key rows share one packed run; others are packed one by one
   const bool runs = M > 1 && ksM >= 0 && ksM % ksR == 0 && ksM / ksR < S;
-  // out_in: a view to write into (unit last stride), or an empty tensor to allocate the output
-  auto out = out_in.numel() ? out_in : torch::empty({X, M, L, d}, q.options());
-  TORCH_CHECK(out.stride(3) == 1, "window_forward: out needs a unit last stride");
-  auto lse = torch::empty({X, M, L}, q.options());
+  const ForwardOut io(q, out_in, lse_in, "window_forward");
   const float* Q = q.data_ptr<float>();
   const float* K = k.data_ptr<float>();
   const float* V = v.data_ptr<float>();
   const int32_t* LO = lo_t.data_ptr<int32_t>();
   const int32_t* HI = hi_t.data_ptr<int32_t>();
-  float* O = out.data_ptr<float>();
-  float* LS = lse.data_ptr<float>();
-  const int64_t osX = out.stride(0), osM = out.stride(1), osR = out.stride(2);
-  // lse_in: the plan's merged log-sum-exps of these rows (a view like lse): merge into out
-  const bool merge = lse_in.numel() > 0;
-  TORCH_CHECK(!merge || out_in.numel() > 0, "merging needs the output rows to merge into");
-  float* LI = merge ? lse_in.data_ptr<float>() : nullptr;
-  const int64_t liX = merge ? lse_in.stride(0) : 0, liM = merge ? lse_in.stride(1) : 0, liR = merge ? lse_in.stride(2) : 0;
   const int64_t qsX = q.stride(0), qsM = q.stride(1), qsR = q.stride(2);
   const int64_t ksX = k.stride(0), vsX = v.stride(0), vsM = v.stride(1);
   const int64_t step_rows = runs ? ksM / ksR : 0;  // key rows between consecutive windows
@@ -472,15 +487,14 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
       for (int64_t m = m_first; m <= m_last; ++m) {
         const int64_t koff = (m - m_first) * step_rows;  // window's first key in packed rows
         const StridedRows vw{V + x * vsX + m * vsM, vsR};
-        float* li = merge ? LI + x * liX + m * liM : nullptr;
         for (int64_t r0 = 0; r0 < L; r0 += RB)
           forward_block(Q + x * qsX + m * qsM, qsR, r0, L, S, LO, HI, kt_buf.data(), koff, vw, sc, d, w,
-                        O + x * osX + m * osM, osR, LS + (x * M + m) * L, li, liR);
+                        io.out_rows(x, m), io.osR, io.lse_rows(x, m), io.merged(x, m), io.liR);
       }
       item += m_last - m_first + 1;
     }
   });
-  return {out, lse};
+  return {io.out, io.lse};
 }
 
 // As window_forward, with the keys of window m gathered: rows idx[m][0..S-1] of k, v (X, n, d)
@@ -493,23 +507,13 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
   const bool shared = idx.size(0) == 1;
   TORCH_CHECK(d % 32 == 0, "gather_forward: head_dim must be a multiple of 32");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "gather_forward: last stride must be 1");
-  auto out = out_in.numel() ? out_in : torch::empty({X, M, L, d}, q.options());
-  TORCH_CHECK(out.stride(3) == 1, "gather_forward: out needs a unit last stride");
-  auto lse = torch::empty({X, M, L}, q.options());
+  const ForwardOut io(q, out_in, lse_in, "gather_forward");
   const float* Q = q.data_ptr<float>();
   const float* K = k.data_ptr<float>();
   const float* V = v.data_ptr<float>();
   const int32_t* IDX = idx.data_ptr<int32_t>();
   const int32_t* LO = lo_t.data_ptr<int32_t>();
   const int32_t* HI = hi_t.data_ptr<int32_t>();
-  float* O = out.data_ptr<float>();
-  float* LS = lse.data_ptr<float>();
-  const int64_t osX = out.stride(0), osM = out.stride(1), osR = out.stride(2);
-  // lse_in: the plan's merged log-sum-exps of these rows (a view like lse): merge into out
-  const bool merge = lse_in.numel() > 0;
-  TORCH_CHECK(!merge || out_in.numel() > 0, "merging needs the output rows to merge into");
-  float* LI = merge ? lse_in.data_ptr<float>() : nullptr;
-  const int64_t liX = merge ? lse_in.stride(0) : 0, liM = merge ? lse_in.stride(1) : 0, liR = merge ? lse_in.stride(2) : 0;
   const int64_t qsX = q.stride(0), qsM = q.stride(1), qsR = q.stride(2);
   const int64_t ksX = k.stride(0), ksR = k.stride(1), vsX = v.stride(0), vsR = v.stride(1);
   const float sc = static_cast<float>(scale);
@@ -532,13 +536,12 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
         packed_x = x;
         packed_m = m;
       }
-      float* li = merge ? LI + x * liX + m * liM : nullptr;
       for (int64_t r0 = 0; r0 < L; r0 += RB)
         forward_block(Q + x * qsX + m * qsM, qsR, r0, L, S, LO, HI, kt.data(), 0, GatheredRows{vrows.data()}, sc, d, w,
-                      O + x * osX + m * osM, osR, LS + (x * M + m) * L, li, liR);
+                      io.out_rows(x, m), io.osR, io.lse_rows(x, m), io.merged(x, m), io.liR);
     }
   });
-  return {out, lse};
+  return {io.out, io.lse};
 }
 
 // acc[j][c0..c0+31] += sum_r w[r][j] * x[r][c0..c0+31] for j < nj (RB rows of w, stride ldw; x rows
