@@ -158,15 +158,19 @@ class Analysis:
     #: fastest and slowest time of the machine probe (harness.probe) over the run's cases
     probe: tuple[float, float] | None = None
 
+    @property
+    def drifted(self) -> bool:
+        """Whether the machine probe moved by more than DRIFT during the run."""
+        return self.probe is not None and self.probe[1] / self.probe[0] > DRIFT
+
     def drift_note(self) -> str | None:
         """One line on how the machine's speed moved during the run (None without probes)."""
         if self.probe is None:
             return None
         lo, hi = self.probe
-        spread = hi / lo
         text = (f"a fixed matmul probe took {fmt_time(lo)} to {fmt_time(hi)} between cases "
-                f"({spread:.2f}x)")
-        if spread > DRIFT:
+                f"({hi / lo:.2f}x)")
+        if self.drifted:
             return (f"Machine speed varied during the run: {text}. A ratio of two cases measured at "
                     "different times (speedup, efficiency) includes that drift (a short probe "
                     "exaggerates it; long cases feel less); rerun, or compare runs, before trusting "
@@ -277,7 +281,7 @@ class Analysis:
         if note:
             from rich.text import Text
 
-            out.append(Text(note, style="yellow" if self.probe and self.probe[1] / self.probe[0] > DRIFT else "dim"))
+            out.append(Text(note, style="yellow" if self.drifted else "dim"))
         return out
 
     def to_dict(self) -> dict[str, Any]:
