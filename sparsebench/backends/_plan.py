@@ -21,8 +21,9 @@ Each part of a ``Structure`` becomes a few calls on 4-D views (X sequences, M wi
 A call runs on the native kernels of ``_native.py`` where they apply (fp32 CPU: windows whose
 mask is one key range per row, key tables), else on ATen's CPU flash attention (``_attend``; plain
 PyTorch on other devices). Calls that cover the same query rows are merged exactly through their
-log-sum-exp (by the native kernels in place, else by ``_attend.merge``). The backward pass runs each call's backward with its share of the output gradient
-(native for windows: key gradients of overlapping windows summed per thread, then added once).
+log-sum-exp (by the native kernels in place, else by ``_attend.merge``). The backward pass runs
+each call's backward with its share of the output gradient (native for windows: key gradients
+of overlapping windows summed per thread, then added once).
 """
 
 from __future__ import annotations
@@ -472,7 +473,7 @@ class _Builder:
             kv = Gather(tt.clamp(min=0).flatten().to(self.device), e - s, R)
             self.add(qv, kv, ok[None, :, None, :], False, "table")
             tab = torch.where(ok, tt, -1).to(torch.int32)
-            if blocked:  # keys sorted per row, and where each chunk of KEY_CHUNK keys begins
+            if blocked:  # keys sorted per row, and where each row's keys of each chunk begin
                 tab = tab.sort(dim=1).values
                 edges = torch.arange(0, n + chunk, chunk, dtype=torch.int32).clamp(max=n)
                 bounds = torch.searchsorted(tab, edges.expand(e - s, edges.numel()).contiguous())
@@ -798,6 +799,7 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
             # native kernels write their rows in place: the first writer of the rows as they are,
             # later calls (windows, gathered keys) merged with them through the log-sum-exps
             inplace = isinstance(piece.q, Strided) and out.dtype == torch.float32
+            merge = False
             if _native_ok(piece, qs):
                 into = out.narrow(1, piece.q.offset, piece.table.shape[0]) if inplace and piece.first else _NOTHING
                 if piece.bounds is not None and _native_window(qs):
@@ -807,11 +809,6 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
                 else:
                     o, l = _native.kernel().table_forward(qs, ks, vs, piece.table, piece.q.offset, plan.scale, into)
                 o, l = o.unsqueeze(2), l.unsqueeze(2)
-                if into.numel():
-                    if lse is not None:
-                        piece.q.rows(lse).copy_(l)
-                    parts.append(l)
-                    continue
             elif piece.ranges is not None and _native_window(qs):
                 qv = piece.q.data(qs)
                 merge = inplace and not piece.first and lse is not None
@@ -823,18 +820,15 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
                 else:
                     kv, vv = piece.k.data(ks), piece.k.data(vs)
                     o, l = _native.kernel().window_forward(qv, kv, vv, *piece.ranges, plan.scale, into, lse_in)
-                if into.numel():
-                    if piece.empty is not None:
-                        l = l.masked_fill(piece.empty, NEG_INF)
-                    if lse is not None and not merge:
-                        piece.q.rows(lse).copy_(l)
-                    parts.append(l)
-                    continue
             else:
+                into = _NOTHING
                 o, l = _attend.forward(piece.q.data(qs), piece.k.data(ks), piece.k.data(vs), piece.mask, piece.causal, plan.scale)
             if piece.empty is not None:
                 l = l.masked_fill(piece.empty, NEG_INF)
-            _write(piece, out, lse, o, l)
+            if not into.numel():
+                _write(piece, out, lse, o, l)
+            elif lse is not None and not merge:  # written in place: only the log-sum-exps to keep
+                piece.q.rows(lse).copy_(l)
             parts.append(l)
         if keep:
             saved.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
