@@ -366,18 +366,24 @@ def test_native_blocked_key_table_kernel(causal, monkeypatch):
     assert_forward_backward(plan, pat, q, k, v, causal)
 
 
-@pytest.mark.parametrize("d,groups,causal,table_rows", [(32, 3, False, 128), (128, 1, True, 100)])
-def test_native_blocked_key_table_shapes(d, groups, causal, table_rows, monkeypatch):
-    """The blocked key-table kernels at head_dim 32 and 128, one or several sequences, and
-    tables cut into calls that start mid-sequence (row0 > 0, the last one short)."""
+@pytest.mark.parametrize(
+    "d,groups,causal,table_rows,keys,chunk",
+    [(32, 3, False, 128, 16, 64), (128, 1, True, 100, 16, 64), (64, 2, False, 200, 40, 256)],
+)
+def test_native_blocked_key_table_shapes(d, groups, causal, table_rows, keys, chunk, monkeypatch):
+    """The blocked key-table kernels at head_dim 32, 64 and 128, one or several sequences, tables
+    cut into calls that start mid-sequence (row0 > 0, the last one short), and chunks holding
+    more than 16 of a query's keys (scores are taken 16 keys at a time)."""
     mod = _native_or_skip()
     if not mod.has_window():
         pytest.skip("the blocked kernel needs AVX-512")
-    monkeypatch.setattr(_plan, "KEY_CHUNK_BYTES", 64 * 2 * 4 * d)  # chunks of 64 keys
+    monkeypatch.setattr(_plan, "KEY_CHUNK_BYTES", chunk * 2 * 4 * d)  # chunks of `chunk` keys
     monkeypatch.setattr(_plan, "TABLE_ROWS", table_rows)
-    pat = PATTERNS.get("random").from_params({"keys": 16, "seed": 7})
+    pat = PATTERNS.get("random").from_params({"keys": keys, "seed": 7})
     n = 517
     plan = _plan.build(pat, n, causal, groups=groups, head_dim=d, block=64, device=CPU, dtype=torch.float32)
     assert len(plan.calls) > 1 and all(c.bounds is not None for c in plan.calls)
+    most = max(int(c.bounds.diff(dim=1).max()) for c in plan.calls)  # a query's keys in one chunk
+    assert most > 16 if keys > 16 else most <= 17
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, groups, d))
     assert_forward_backward(plan, pat, q, k, v, causal)
