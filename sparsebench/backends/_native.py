@@ -876,7 +876,10 @@ void table_blocked_backward_item(const float* Qg, const float* Kg, const float* 
                                  const float* GOg, const float* Og, const float* Lg, float* DQg, float* DKg,
                                  float* DVg, std::vector<float>& Dr) {
   constexpr int64_t d = 16 * NV;
-  Dr.resize(rows);
+  const __m512 vsc = _mm512_set1_ps(sc);
+  Dr.resize(rows + 2 * (R + 16));
+  float* pb = Dr.data() + rows;  // p and dS of one query's keys in one chunk
+  float* db = pb + R + 16;
   for (int64_t i = 0; i < rows; ++i) {  // D_i = go_i . o_i
     __m512 a = _mm512_mul_ps(_mm512_loadu_ps(GOg + i * d), _mm512_loadu_ps(Og + i * d));
     for (int u = 1; u < NV; ++u) a = _mm512_fmadd_ps(_mm512_loadu_ps(GOg + i * d + 16 * u), _mm512_loadu_ps(Og + i * d + 16 * u), a);
@@ -897,27 +900,35 @@ void table_blocked_backward_item(const float* Qg, const float* Kg, const float* 
         gv[u] = _mm512_loadu_ps(gi + 16 * u);
         dq[u] = _mm512_loadu_ps(dqi + 16 * u);
       }
-      for (int32_t t = e0; t < e1; ++t) {
-        const int64_t j = row[t];
+      // p and dS of this chunk's keys, 16 at a time (scores and dP = dO . v as transposed sums)
+      const int32_t cnt = e1 - e0;
+      const __m512 lv = _mm512_set1_ps(li), Dv = _mm512_set1_ps(Dr[i]), one = _mm512_set1_ps(1.f);
+      for (int32_t t = 0; t < cnt; t += 16) {
+        const int nk = cnt - t >= 16 ? 16 : cnt - t;
+        const __mmask16 live = nk == 16 ? 0xFFFF : static_cast<__mmask16>((1u << nk) - 1);
+        const __m512 sv = scores16<NV>(qv, Kg, row + e0 + t, nk, vsc);
+        const __m512 dp = scores16<NV>(gv, Vg, row + e0 + t, nk, one);
+        const __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sv, lv)));
+        _mm512_storeu_ps(pb + t, p);
+        _mm512_storeu_ps(db + t, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dp, Dv)), vsc));
+      }
+      // dq += dS k (two accumulator sets, alternate keys), dk += dS q, dv += p dO
+      __m512 dq2[NV];
+      for (int u = 0; u < NV; ++u) dq2[u] = _mm512_setzero_ps();
+      for (int32_t t = 0; t < cnt; ++t) {
+        const int64_t j = row[e0 + t];
         const float* kj = Kg + j * d;
-        const float* vj = Vg + j * d;
-        __m512 sa = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
-        __m512 pa = _mm512_mul_ps(gv[0], _mm512_loadu_ps(vj));
-        for (int u = 1; u < NV; ++u) {
-          sa = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(kj + 16 * u), sa);
-          pa = _mm512_fmadd_ps(gv[u], _mm512_loadu_ps(vj + 16 * u), pa);
-        }
-        const float p = std::exp(_mm512_reduce_add_ps(sa) * sc - li);
-        const float ds = p * (_mm512_reduce_add_ps(pa) - Dr[i]) * sc;
-        const __m512 dsv = _mm512_set1_ps(ds), pv = _mm512_set1_ps(p);
+        const __m512 dsv = _mm512_set1_ps(db[t]), pv = _mm512_set1_ps(pb[t]);
         float* dkj = DKg + j * d;
         float* dvj = DVg + j * d;
         for (int u = 0; u < NV; ++u) {
-          dq[u] = _mm512_fmadd_ps(dsv, _mm512_loadu_ps(kj + 16 * u), dq[u]);
+          if (t & 1) dq2[u] = _mm512_fmadd_ps(dsv, _mm512_loadu_ps(kj + 16 * u), dq2[u]);
+          else dq[u] = _mm512_fmadd_ps(dsv, _mm512_loadu_ps(kj + 16 * u), dq[u]);
           _mm512_storeu_ps(dkj + 16 * u, _mm512_fmadd_ps(dsv, qv[u], _mm512_loadu_ps(dkj + 16 * u)));
           _mm512_storeu_ps(dvj + 16 * u, _mm512_fmadd_ps(pv, gv[u], _mm512_loadu_ps(dvj + 16 * u)));
         }
       }
+      for (int u = 0; u < NV; ++u) dq[u] = _mm512_add_ps(dq[u], dq2[u]);
       for (int u = 0; u < NV; ++u) _mm512_storeu_ps(dqi + 16 * u, dq[u]);
     }
   }
