@@ -544,25 +544,49 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
   return {io.out, io.lse};
 }
 
-// acc[j][c0..c0+31] += sum_r w[r][j] * x[r][c0..c0+31] for j < nj (RB rows of w, stride ldw; x rows
-// of d floats): the rank-RB updates of dK (w = dS, x = Q) and dV (w = P, x = dO).
-inline void outer_acc(const float* __restrict w, int64_t ldw, const float* __restrict x, int64_t d, int64_t nj,
-                      int64_t c0, float* __restrict acc, int64_t lda) {
-  __m512 x0[RB], x1[RB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r) { x0[r] = _mm512_loadu_ps(x + r * d + c0); x1[r] = _mm512_loadu_ps(x + r * d + c0 + 16); }
-  for (int64_t j = 0; j < nj; ++j) {
+// acc[j][c0..c0+31] += sum_r w[r][j] * x[r][c0..c0+31] for j < nj, r < nr (nr rows of w, stride
+// ldw; x rows of d floats): the rank-nr updates of dK (w = dS, x = Q) and dV (w = P, x = dO). A
+// block of 4 acc rows x 32 columns stays in registers over all nr rows, so each acc row is read
+// and written once per nr rows (the rows of acc live in L2).
+inline void outer_acc(const float* __restrict w, int64_t ldw, const float* __restrict x, int64_t d, int nr,
+                      int64_t nj, int64_t c0, float* __restrict acc, int64_t lda) {
+  int64_t j = 0;
+  for (; j + 4 <= nj; j += 4) {
+    __m512 a[4][2];
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) {
+      a[t][0] = _mm512_loadu_ps(acc + (j + t) * lda + c0);
+      a[t][1] = _mm512_loadu_ps(acc + (j + t) * lda + c0 + 16);
+    }
+    for (int r = 0; r < nr; ++r) {
+      const __m512 xa = _mm512_loadu_ps(x + r * d + c0), xb = _mm512_loadu_ps(x + r * d + c0 + 16);
+      const float* wr = w + r * ldw + j;
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {
+        const __m512 wb = _mm512_set1_ps(wr[t]);
+        a[t][0] = _mm512_fmadd_ps(wb, xa, a[t][0]);
+        a[t][1] = _mm512_fmadd_ps(wb, xb, a[t][1]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) {
+      _mm512_storeu_ps(acc + (j + t) * lda + c0, a[t][0]);
+      _mm512_storeu_ps(acc + (j + t) * lda + c0 + 16, a[t][1]);
+    }
+  }
+  for (; j < nj; ++j) {
     __m512 a0 = _mm512_loadu_ps(acc + j * lda + c0), a1 = _mm512_loadu_ps(acc + j * lda + c0 + 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
+    for (int r = 0; r < nr; ++r) {
       const __m512 wb = _mm512_set1_ps(w[r * ldw + j]);
-      a0 = _mm512_fmadd_ps(wb, x0[r], a0);
-      a1 = _mm512_fmadd_ps(wb, x1[r], a1);
+      a0 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x + r * d + c0), a0);
+      a1 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x + r * d + c0 + 16), a1);
     }
     _mm512_storeu_ps(acc + j * lda + c0, a0);
     _mm512_storeu_ps(acc + j * lda + c0 + 16, a1);
   }
 }
+
+constexpr int SB = 4;  // register blocks of RB query rows whose key gradients are added together
 
 // Backward of window_forward. go: (X, M, L, d) output gradient (already scaled by this call's
 // share when calls were merged), o: the merged output rows, lse: this call's log-sum-exp (0 for
@@ -605,7 +629,7 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
 
   at::parallel_for(0, X * M, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> kt_buf, vt_buf, dk_buf, dv_buf;
-    std::vector<float> pbuf(RB * lds), dsbuf(RB * lds), qbuf(RB * d), gbuf(RB * d), obuf(RB * d);
+    std::vector<float> pbuf(SB * RB * lds), dsbuf(SB * RB * lds), qbuf(SB * RB * d), gbuf(SB * RB * d), obuf(RB * d);
     int64_t item = b0;
     while (item < b1) {
       const int64_t x = item / M, m_first = item % M;
@@ -625,64 +649,102 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
       dv_buf.assign((nblk * KT) * d, 0.f);
       for (int64_t m = m_first; m <= m_last; ++m) {
         const int64_t koff = (m - m_first) * step_rows;
-        for (int64_t r0 = 0; r0 < L; r0 += RB) {
-          const int rb = static_cast<int>(std::min<int64_t>(RB, L - r0));
-          int32_t lo[RB], hi[RB], glo, ghi;
-          block_ranges(LO, HI, r0, rb, S, lo, hi, glo, ghi);
-          if (ghi < 0) continue;
-          float lrow[RB], drow[RB];
-          for (int r = 0; r < RB; ++r) {
-            const int64_t rr = r0 + (r < rb ? r : 0);
-            const float* qs = Q + x * qsX + m * qsM + rr * qsR;
-            const float* gs = GO + x * gsX + m * gsM + rr * gsR;
-            const float* os = OO + x * osX + m * osM + rr * osR;
-            float D = 0.f;
-            for (int64_t c = 0; c < d; ++c) {
-              qbuf[r * d + c] = qs[c];
-              const float gv = r < rb ? gs[c] : 0.f;
-              gbuf[r * d + c] = gv;
-              D += gv * os[c];
+        // SB blocks of RB rows at a time: each block's scores, P and dS over its own key tiles,
+        // its dq rows; then the key gradients of the union of their tiles, all SB * RB rows at once
+        for (int64_t R0 = 0; R0 < L; R0 += SB * RB) {
+          int32_t lo[SB][RB], hi[SB][RB], glo[SB], ghi[SB];
+          int64_t T0 = INT64_MAX, T1 = -1;
+          for (int b = 0; b < SB; ++b) {
+            const int64_t r0 = R0 + b * RB;
+            const int rb = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(RB, L - r0)));
+            if (rb == 0) { ghi[b] = -1; continue; }
+            block_ranges(LO, HI, r0, rb, S, lo[b], hi[b], glo[b], ghi[b]);
+            if (ghi[b] < 0) continue;
+            T0 = std::min<int64_t>(T0, (koff + glo[b]) / KT);
+            T1 = std::max<int64_t>(T1, (koff + ghi[b]) / KT);
+          }
+          if (T1 < 0) continue;
+          const int64_t J0 = T0 * KT - koff;  // window column of the union's first tile
+          const int64_t nJ = (T1 - T0 + 1) * KT;
+          int nb = 0;  // blocks holding rows (the last ones may be past L)
+          for (int b = 0; b < SB; ++b) {
+            const int64_t r0 = R0 + b * RB;
+            if (r0 >= L) break;
+            nb = b + 1;
+            float* prows = pbuf.data() + b * RB * lds;
+            float* srows = dsbuf.data() + b * RB * lds;
+            float* qb = qbuf.data() + b * RB * d;
+            float* gb = gbuf.data() + b * RB * d;
+            if (ghi[b] < 0) {  // no key: rows of zeros (they add nothing to the key gradients)
+              std::fill(qb, qb + RB * d, 0.f);
+              std::fill(gb, gb + RB * d, 0.f);
+              for (int r = 0; r < RB; ++r) {
+                std::fill(prows + r * lds, prows + r * lds + nJ, 0.f);
+                std::fill(srows + r * lds, srows + r * lds + nJ, 0.f);
+              }
+              continue;
             }
-            drow[r] = D;
-            lrow[r] = LSE[x * lsX + m * lsM + rr * lsR];
-          }
-          const int64_t t0 = (koff + glo) / KT, t1 = (koff + ghi) / KT;
-          const int64_t j0 = t0 * KT - koff;  // window column of the first tile
-          const int64_t nj = (t1 - t0 + 1) * KT;
-          for (int64_t t = t0; t <= t1; ++t) {
-            qk_tile(qbuf.data(), kt_buf.data() + t * d * KT, d, pbuf.data() + (t - t0) * KT, lds);
-            qk_tile(gbuf.data(), vt_buf.data() + t * d * KT, d, dsbuf.data() + (t - t0) * KT, lds);
-          }
-          const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-          const __m512 vsc = _mm512_set1_ps(sc);
-          for (int r = 0; r < RB; ++r) {
-            float* prow = pbuf.data() + r * lds;
-            float* srow = dsbuf.data() + r * lds;
-            const __m512i av = _mm512_set1_epi32(lo[r]), bv = _mm512_set1_epi32(hi[r]);
-            const __m512 lv = _mm512_set1_ps(lrow[r]), dvv = _mm512_set1_ps(drow[r]);
-            for (int64_t j = 0; j < nj; j += 16) {
-              const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0 + j)), iota);
-              const __mmask16 ok = r < rb ? (_mm512_cmpge_epi32_mask(jv, av) & _mm512_cmple_epi32_mask(jv, bv)) : 0;
-              const __m512 sv = _mm512_fmsub_ps(_mm512_loadu_ps(prow + j), vsc, lv);
-              const __m512 p = _mm512_maskz_mov_ps(ok, exp512(sv));
-              const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(srow + j), dvv)), vsc);
-              _mm512_storeu_ps(prow + j, p);
-              _mm512_storeu_ps(srow + j, ds);
+            const int rb = static_cast<int>(std::min<int64_t>(RB, L - r0));
+            float lrow[RB], drow[RB];
+            for (int r = 0; r < RB; ++r) {
+              const int64_t rr = r0 + (r < rb ? r : 0);
+              const float* qs = Q + x * qsX + m * qsM + rr * qsR;
+              const float* gs = GO + x * gsX + m * gsM + rr * gsR;
+              const float* os = OO + x * osX + m * osM + rr * osR;
+              float D = 0.f;
+              for (int64_t c = 0; c < d; ++c) {
+                qb[r * d + c] = qs[c];
+                const float gv = r < rb ? gs[c] : 0.f;
+                gb[r * d + c] = gv;
+                D += gv * os[c];
+              }
+              drow[r] = D;
+              lrow[r] = LSE[x * lsX + m * lsM + rr * lsR];
+            }
+            const int64_t t0 = (koff + glo[b]) / KT, t1 = (koff + ghi[b]) / KT;
+            const int64_t u0 = (t0 - T0) * KT, u1 = (t1 - T0 + 1) * KT;  // this block's columns
+            for (int r = 0; r < RB; ++r) {
+              std::fill(prows + r * lds, prows + r * lds + u0, 0.f);
+              std::fill(srows + r * lds, srows + r * lds + u0, 0.f);
+              std::fill(prows + r * lds + u1, prows + r * lds + nJ, 0.f);
+              std::fill(srows + r * lds + u1, srows + r * lds + nJ, 0.f);
+            }
+            for (int64_t t = t0; t <= t1; ++t) {
+              qk_tile(qb, kt_buf.data() + t * d * KT, d, prows + (t - T0) * KT, lds);
+              qk_tile(gb, vt_buf.data() + t * d * KT, d, srows + (t - T0) * KT, lds);
+            }
+            const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            const __m512 vsc = _mm512_set1_ps(sc);
+            for (int r = 0; r < RB; ++r) {
+              float* prow = prows + r * lds;
+              float* srow = srows + r * lds;
+              const __m512i av = _mm512_set1_epi32(lo[b][r]), bv = _mm512_set1_epi32(hi[b][r]);
+              const __m512 lv = _mm512_set1_ps(lrow[r]), dvv = _mm512_set1_ps(drow[r]);
+              for (int64_t j = u0; j < u1; j += 16) {
+                const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(J0 + j)), iota);
+                const __mmask16 ok = r < rb ? (_mm512_cmpge_epi32_mask(jv, av) & _mm512_cmple_epi32_mask(jv, bv)) : 0;
+                const __m512 sv = _mm512_fmsub_ps(_mm512_loadu_ps(prow + j), vsc, lv);
+                const __m512 p = _mm512_maskz_mov_ps(ok, exp512(sv));
+                const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(srow + j), dvv)), vsc);
+                _mm512_storeu_ps(prow + j, p);
+                _mm512_storeu_ps(srow + j, ds);
+              }
+            }
+            // dq rows += dS K (K rows of the window, ksR apart); tile columns outside [0, S) have dS = 0
+            const int64_t jb = std::max<int64_t>(J0 + u0, 0), je = std::min<int64_t>(J0 + u1, S);
+            for (int64_t c0 = 0; c0 < d; c0 += 32)
+              pv_block(srows + (jb - J0), lds, StridedRows{kbase + koff * ksR, ksR}, jb, je - jb, c0, obuf.data(), d);
+            for (int r = 0; r < rb; ++r) {
+              float* dqr = DQ + x * dqX + m * dqM + (r0 + r) * dqR;
+              for (int64_t c = 0; c < d; c += 16)
+                _mm512_storeu_ps(dqr + c, _mm512_add_ps(_mm512_loadu_ps(dqr + c), _mm512_loadu_ps(obuf.data() + r * d + c)));
             }
           }
-          // dq rows += dS K (K rows of the window, ksR apart); tile columns outside [0, S) have dS = 0
-          const int64_t jb = std::max<int64_t>(j0, 0), je = std::min<int64_t>(j0 + nj, S);
-          for (int64_t c0 = 0; c0 < d; c0 += 32)
-            pv_block(dsbuf.data() + (jb - j0), lds, StridedRows{kbase + koff * ksR, ksR}, jb, je - jb, c0, obuf.data(), d);
-          for (int r = 0; r < rb; ++r) {
-            float* dqr = DQ + x * dqX + m * dqM + (r0 + r) * dqR;
-            for (int64_t c = 0; c < d; c += 16)
-              _mm512_storeu_ps(dqr + c, _mm512_add_ps(_mm512_loadu_ps(dqr + c), _mm512_loadu_ps(obuf.data() + r * d + c)));
-          }
-          // dk += dS^T Q, dv += P^T dO, into the run's buffers (rows koff + jb ..)
+          // dk += dS^T Q, dv += P^T dO over the union's keys, into the run's buffers (rows koff + jb ..)
+          const int64_t jb = std::max<int64_t>(J0, 0), je = std::min<int64_t>(J0 + nJ, S);
           for (int64_t c0 = 0; c0 < d; c0 += 32) {
-            outer_acc(dsbuf.data() + (jb - j0), lds, qbuf.data(), d, je - jb, c0, dk_buf.data() + (koff + jb) * d, d);
-            outer_acc(pbuf.data() + (jb - j0), lds, gbuf.data(), d, je - jb, c0, dv_buf.data() + (koff + jb) * d, d);
+            outer_acc(dsbuf.data() + (jb - J0), lds, qbuf.data(), d, nb * RB, je - jb, c0, dk_buf.data() + (koff + jb) * d, d);
+            outer_acc(pbuf.data() + (jb - J0), lds, gbuf.data(), d, nb * RB, je - jb, c0, dv_buf.data() + (koff + jb) * d, d);
           }
         }
       }
