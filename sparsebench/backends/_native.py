@@ -588,22 +588,32 @@ inline void outer_acc(const float* __restrict w, int64_t ldw, const float* __res
 
 constexpr int SB = 4;  // register blocks of RB query rows whose key gradients are added together
 
-// Backward of window_forward. go: (X, M, L, d) output gradient (already scaled by this call's
-// share when calls were merged), o: the merged output rows, lse: this call's log-sum-exp (0 for
-// rows without keys). Adds into dq (a view with q's geometry) and into dk, dv (views with k's and
-// v's geometry). Per thread, a run of windows of one sequence accumulates its keys' gradients in
-// a private buffer, added under a lock at the end of the run (runs of two threads may share keys).
+// Backward of window_forward, and of gather_forward when idx is given. go: (X, M, L, d) output
+// gradient (already scaled by this call's share when calls were merged), o: the merged output
+// rows, lse: this call's log-sum-exp (0 for rows without keys). Adds into dq (a view with q's
+// geometry) and into dk, dv: views with k's and v's geometry, or, with idx, (X, n, d) like k and v,
+// at the rows idx names. Per thread, a run of windows of one sequence accumulates its keys'
+// gradients in a private buffer, added under a lock at the end of the run (runs of two threads,
+// or gathered windows, may share keys).
 void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lo_t, torch::Tensor hi_t,
                      double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
-                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
-  const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3), S = k.size(2);
+                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor idx) {
+  const bool gathered = idx.numel() > 0;
+  const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3), S = gathered ? idx.size(1) : k.size(2);
   TORCH_CHECK(d % 32 == 0, "window_backward: head_dim must be a multiple of 32");
-  const int64_t ksR = k.stride(2), ksM = k.stride(1), vsR = v.stride(2);
-  TORCH_CHECK(v.stride(1) * ksR == ksM * vsR && dk.stride(1) * ksR == ksM * dk.stride(2) &&
-                  dv.stride(1) * ksR == ksM * dv.stride(2),
+  // window geometry: key row u of window m is row m * step_rows + u of a run (views of k), or
+  // row idx[m][u] of k (X, n, d) (idx (M, S), or (1, S): the same keys for every window)
+  const int rd = gathered ? 1 : 2;  // dimension of k's rows
+  const int64_t ksR = k.stride(rd), ksM = gathered ? 0 : k.stride(1), vsR = v.stride(rd);
+  TORCH_CHECK(gathered ? (k.dim() == 3 && dk.dim() == 3 && dv.dim() == 3 && idx.scalar_type() == torch::kInt32 &&
+                          idx.is_contiguous())
+                       : (v.stride(1) * ksR == ksM * vsR && dk.stride(1) * ksR == ksM * dk.stride(2) &&
+                          dv.stride(1) * ksR == ksM * dv.stride(2)),
               "window_backward: k, v, dk, dv must share one window geometry");
-  const bool runs = M > 1 && ksM >= 0 && ksM % ksR == 0 && ksM / ksR < S;
-  const int64_t step_rows = runs ? ksM / ksR : 0;
+  const bool shared = gathered && idx.size(0) == 1;
+  const bool runs = M > 1 && (gathered ? shared : ksM >= 0 && ksM % ksR == 0 && ksM / ksR < S);
+  const int64_t step_rows = runs && !gathered ? ksM / ksR : 0;
+  const int32_t* IDX = gathered ? idx.data_ptr<int32_t>() : nullptr;
   const float* Q = q.data_ptr<float>();
   const float* K = k.data_ptr<float>();
   const float* V = v.data_ptr<float>();
@@ -616,34 +626,41 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   float* DK = dk.data_ptr<float>();
   float* DV = dv.data_ptr<float>();
   const int64_t qsX = q.stride(0), qsM = q.stride(1), qsR = q.stride(2);
-  const int64_t ksX = k.stride(0), vsX = v.stride(0), vsM = v.stride(1);
+  const int64_t ksX = k.stride(0), vsX = v.stride(0), vsM = gathered ? 0 : v.stride(1);
   const int64_t gsX = go.stride(0), gsM = go.stride(1), gsR = go.stride(2);
   const int64_t osX = o.stride(0), osM = o.stride(1), osR = o.stride(2);
   const int64_t lsX = lse.stride(0), lsM = lse.stride(1), lsR = lse.stride(2);
   const int64_t dqX = dq.stride(0), dqM = dq.stride(1), dqR = dq.stride(2);
-  const int64_t dkX = dk.stride(0), dkR = dk.stride(2), dvX = dv.stride(0), dvR = dv.stride(2);
+  const int64_t dkX = dk.stride(0), dkR = dk.stride(rd), dvX = dv.stride(0), dvR = dv.stride(rd);
+  const int64_t dkM = gathered ? 0 : dk.stride(1), dvM = gathered ? 0 : dv.stride(1);
   const float sc = static_cast<float>(scale);
-  const float NEG = -std::numeric_limits<float>::infinity();
   const int64_t lds = (S + 2 * KT + 15) / 16 * 16;
   std::mutex lock;
 
   at::parallel_for(0, X * M, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> kt_buf, vt_buf, dk_buf, dv_buf;
     std::vector<float> pbuf(SB * RB * lds), dsbuf(SB * RB * lds), qbuf(SB * RB * d), gbuf(SB * RB * d), obuf(RB * d);
+    std::vector<const float*> krows, vrows;
     int64_t item = b0;
     while (item < b1) {
       const int64_t x = item / M, m_first = item % M;
       const int64_t m_last = runs ? std::min(M - 1, m_first + (b1 - item) - 1) : m_first;
-      const float* kbase = K + x * ksX + m_first * ksM;
-      const float* vbase = V + x * vsX + m_first * vsM;
+      const int32_t* keys = gathered ? IDX + (shared ? 0 : m_first) * S : nullptr;  // the run's key rows
       const int64_t nrows = (m_last - m_first) * step_rows + S;
       const int64_t nblk = (nrows + KT - 1) / KT + 1;
+      krows.resize(nrows);
+      vrows.resize(nrows);
+      for (int64_t u = 0; u < nrows; ++u) {
+        const int64_t kr = gathered ? keys[u] : u;
+        krows[u] = K + x * ksX + m_first * ksM + kr * ksR;
+        vrows[u] = V + x * vsX + m_first * vsM + kr * vsR;
+      }
       kt_buf.resize(nblk * d * KT);
       vt_buf.resize(nblk * d * KT);
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(KT, nrows - blk * KT));
-        pack_tile(StridedRows{kbase + blk * KT * ksR, ksR}, rows, d, kt_buf.data() + blk * d * KT);
-        pack_tile(StridedRows{vbase + blk * KT * vsR, vsR}, rows, d, vt_buf.data() + blk * d * KT);
+        pack_tile(GatheredRows{krows.data() + blk * KT}, rows, d, kt_buf.data() + blk * d * KT);
+        pack_tile(GatheredRows{vrows.data() + blk * KT}, rows, d, vt_buf.data() + blk * d * KT);
       }
       dk_buf.assign((nblk * KT) * d, 0.f);
       dv_buf.assign((nblk * KT) * d, 0.f);
@@ -733,7 +750,7 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
             // dq rows += dS K (K rows of the window, ksR apart); tile columns outside [0, S) have dS = 0
             const int64_t jb = std::max<int64_t>(J0 + u0, 0), je = std::min<int64_t>(J0 + u1, S);
             for (int64_t c0 = 0; c0 < d; c0 += 32)
-              pv_block(srows + (jb - J0), lds, StridedRows{kbase + koff * ksR, ksR}, jb, je - jb, c0, obuf.data(), d);
+              pv_block(srows + (jb - J0), lds, GatheredRows{krows.data() + koff}, jb, je - jb, c0, obuf.data(), d);
             for (int r = 0; r < rb; ++r) {
               float* dqr = DQ + x * dqX + m * dqM + (r0 + r) * dqR;
               for (int64_t c = 0; c < d; c += 16)
@@ -750,12 +767,11 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
       }
       {
         std::lock_guard<std::mutex> guard(lock);
-        float* dkb = DK + x * dkX + m_first * (dk.stride(1));
-        float* dvb = DV + x * dvX + m_first * (dv.stride(1));
         for (int64_t r = 0; r < nrows; ++r)
           for (int64_t c = 0; c < d; c += 16) {
-            float* a = dkb + r * dkR + c;
-            float* b = dvb + r * dvR + c;
+            const int64_t kr = gathered ? keys[r] : r;
+            float* a = DK + x * dkX + m_first * dkM + kr * dkR + c;
+            float* b = DV + x * dvX + m_first * dvM + kr * dvR + c;
             _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(dk_buf.data() + r * d + c)));
             _mm512_storeu_ps(b, _mm512_add_ps(_mm512_loadu_ps(b), _mm512_loadu_ps(dv_buf.data() + r * d + c)));
           }
@@ -1049,7 +1065,7 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
 }
 void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lo_t, torch::Tensor hi_t,
                      double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
-                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor idx) {
   TORCH_CHECK(false, "window_backward needs AVX-512");
 }
 std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v,

@@ -836,9 +836,8 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
 
 
 def _native_window_backward(call, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, scale) -> None:
-    """A window call's gradients from the native kernel: key gradients straight into gk, gv
-    for views of K and V; for gathered keys into a buffer of the gathered shape, then scattered."""
-    G = qs.shape[0]
+    """A window call's gradients from the native kernel, the key gradients added straight into gk
+    and gv: through views of K and V, or (gathered keys) at the rows of the call's index."""
     go = call.q.data(dos)
     if lse is not None:
         lm = call.q.rows(lse)
@@ -847,18 +846,10 @@ def _native_window_backward(call, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, sca
     lk = lw if call.empty is None else lw.masked_fill(call.empty, 0.0)
     qv, ov, dqv = call.q.data(qs), call.q.data(os_), call.q.data(gq)
     if isinstance(call.k, Strided):
-        _native.kernel().window_backward(
-            qv, call.k.data(ks), call.k.data(vs), *call.ranges, scale, go, ov, lk, dqv, call.k.data(gk), call.k.data(gv)
-        )  # fmt: skip
-        return
-    kg, vg = call.k.data(ks), call.k.data(vs)
-    rows = 1 if call.k.shared else call.k.M
-    dk = torch.zeros(G, rows, call.k.R, qs.shape[-1], dtype=torch.float32, device=qs.device)
-    dv = torch.zeros_like(dk)
-    dkv, dvv = (t.expand(G, call.k.M, call.k.R, qs.shape[-1]) for t in (dk, dv))  # shared: one buffer
-    _native.kernel().window_backward(qv, kg, vg, *call.ranges, scale, go, ov, lk, dqv, dkv, dvv)
-    gk.index_add_(1, call.k.index, dk.reshape(G, -1, qs.shape[-1]))
-    gv.index_add_(1, call.k.index, dv.reshape(G, -1, qs.shape[-1]))
+        k, v, dk, dv, idx = call.k.data(ks), call.k.data(vs), call.k.data(gk), call.k.data(gv), _NOTHING
+    else:  # key rows read and their gradients added where they lie: no gathered copies
+        k, v, dk, dv, idx = ks, vs, gk, gv, call.k.native_index()
+    _native.kernel().window_backward(qv, k, v, *call.ranges, scale, go, ov, lk, dqv, dk, dv, idx)
 
 
 def run_backward(plan: Plan, q, k, v, out, lse, saved, dout):
