@@ -844,12 +844,16 @@ def _native_window_backward(call, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, sca
         w = torch.where(torch.isfinite(lm), torch.exp(lw - lm), torch.zeros_like(lm))
         go = go * w.unsqueeze(-1)
     lk = lw if call.empty is None else lw.masked_fill(call.empty, 0.0)
-    qv, ov, dqv = call.q.data(qs), call.q.data(os_), call.q.data(gq)
+    qv, ov = call.q.data(qs), call.q.data(os_)
+    # gathered query rows: their gradients into a buffer of the call's rows, then added at the index
+    dqv = call.q.data(gq) if isinstance(call.q, Strided) else torch.zeros(go.shape, device=go.device)
     if isinstance(call.k, Strided):
         k, v, dk, dv, idx = call.k.data(ks), call.k.data(vs), call.k.data(gk), call.k.data(gv), _NOTHING
     else:  # key rows read and their gradients added where they lie: no gathered copies
         k, v, dk, dv, idx = ks, vs, gk, gv, call.k.native_index()
     _native.kernel().window_backward(qv, k, v, *call.ranges, scale, go, ov, lk, dqv, dk, dv, idx)
+    if not isinstance(call.q, Strided):
+        call.q.add_into(gq, dqv)
 
 
 def run_backward(plan: Plan, q, k, v, out, lse, saved, dout):
@@ -863,7 +867,7 @@ def run_backward(plan: Plan, q, k, v, out, lse, saved, dout):
     gq, gk, gv = grads
     for whole, lw in zip(plan.calls, saved):
         native = _native_ok(whole, qs)
-        if whole.ranges is not None and isinstance(whole.q, Strided) and _native_window(qs):
+        if whole.ranges is not None and _native_window(qs):
             _native_window_backward(whole, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, plan.scale)
             continue
         M = whole.q.M
