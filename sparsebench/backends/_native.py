@@ -589,15 +589,17 @@ inline void outer_acc(const float* __restrict w, int64_t ldw, const float* __res
 constexpr int SB = 4;  // register blocks of RB query rows whose key gradients are added together
 
 // Backward of window_forward, and of gather_forward when idx is given. go: (X, M, L, d) output
-// gradient (already scaled by this call's share when calls were merged), o: the merged output
-// rows, lse: this call's log-sum-exp (0 for rows without keys). Adds into dq (a view with q's
+// gradient, o: the merged output rows, lse: this call's log-sum-exp (0 for rows without keys),
+// lm_t: the merged log-sum-exps of the rows when calls were merged (empty: not merged), each row's
+// go scaled by this call's share exp(lse - lm). Adds into dq (a view with q's
 // geometry) and into dk, dv: views with k's and v's geometry, or, with idx, (X, n, d) like k and v,
 // at the rows idx names. Per thread, a run of windows of one sequence accumulates its keys'
 // gradients in a private buffer, added under a lock at the end of the run (runs of two threads,
 // or gathered windows, may share keys).
 void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lo_t, torch::Tensor hi_t,
                      double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
-                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor idx) {
+                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor idx,
+                     torch::Tensor lm_t) {
   const bool gathered = idx.numel() > 0;
   const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3), S = gathered ? idx.size(1) : k.size(2);
   TORCH_CHECK(d % 32 == 0, "window_backward: head_dim must be a multiple of 32");
@@ -620,6 +622,8 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   const float* GO = go.data_ptr<float>();
   const float* OO = o.data_ptr<float>();
   const float* LSE = lse.data_ptr<float>();
+  TORCH_CHECK(!lm_t.numel() || lm_t.strides() == lse.strides(), "window_backward: lm needs lse's geometry");
+  const float* LM = lm_t.numel() ? lm_t.data_ptr<float>() : nullptr;
   const int32_t* LO = lo_t.data_ptr<int32_t>();
   const int32_t* HI = hi_t.data_ptr<int32_t>();
   float* DQ = dq.data_ptr<float>();
@@ -708,15 +712,21 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
               const float* qs = Q + x * qsX + m * qsM + rr * qsR;
               const float* gs = GO + x * gsX + m * gsM + rr * gsR;
               const float* os = OO + x * osX + m * osM + rr * osR;
+              lrow[r] = LSE[x * lsX + m * lsM + rr * lsR];
+              // this call's share of the merged row: exp(lse - merged lse)
+              float share = r < rb ? 1.f : 0.f;
+              if (LM != nullptr && r < rb) {
+                const float lm = LM[x * lsX + m * lsM + rr * lsR];
+                share = std::isfinite(lm) ? std::exp(lrow[r] - lm) : 0.f;
+              }
               float D = 0.f;
               for (int64_t c = 0; c < d; ++c) {
                 qb[r * d + c] = qs[c];
-                const float gv = r < rb ? gs[c] : 0.f;
+                const float gv = gs[c] * share;
                 gb[r * d + c] = gv;
                 D += gv * os[c];
               }
               drow[r] = D;
-              lrow[r] = LSE[x * lsX + m * lsM + rr * lsR];
             }
             const int64_t t0 = (koff + glo[b]) / KT, t1 = (koff + ghi[b]) / KT;
             const int64_t u0 = (t0 - T0) * KT, u1 = (t1 - T0 + 1) * KT;  // this block's columns
@@ -1065,7 +1075,8 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
 }
 void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lo_t, torch::Tensor hi_t,
                      double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
-                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor idx) {
+                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor idx,
+                     torch::Tensor lm_t) {
   TORCH_CHECK(false, "window_backward needs AVX-512");
 }
 std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v,

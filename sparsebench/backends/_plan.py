@@ -839,11 +839,11 @@ def _native_window_backward(call, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, sca
     """A window call's gradients from the native kernel, the key gradients added straight into gk
     and gv: through views of K and V, or (gathered keys) at the rows of the call's index."""
     go = call.q.data(dos)
-    if lse is not None:
-        lm = call.q.rows(lse)
-        w = torch.where(torch.isfinite(lm), torch.exp(lw - lm), torch.zeros_like(lm))
-        go = go * w.unsqueeze(-1)
     lk = lw if call.empty is None else lw.masked_fill(call.empty, 0.0)
+    # merged calls: the kernel scales each row's go by this call's share, exp(lse - merged lse)
+    lm = call.q.rows(lse).contiguous() if lse is not None else _NOTHING
+    if lm.numel() and lm.stride() != lk.stride():
+        lk = lk.contiguous()
     qv, ov = call.q.data(qs), call.q.data(os_)
     # gathered query rows: their gradients into a buffer of the call's rows, then added at the index
     dqv = call.q.data(gq) if isinstance(call.q, Strided) else torch.zeros(go.shape, device=go.device)
@@ -851,7 +851,7 @@ def _native_window_backward(call, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, sca
         k, v, dk, dv, idx = call.k.data(ks), call.k.data(vs), call.k.data(gk), call.k.data(gv), _NOTHING
     else:  # key rows read and their gradients added where they lie: no gathered copies
         k, v, dk, dv, idx = ks, vs, gk, gv, call.k.native_index()
-    _native.kernel().window_backward(qv, k, v, *call.ranges, scale, go, ov, lk, dqv, dk, dv, idx)
+    _native.kernel().window_backward(qv, k, v, *call.ranges, scale, go, ov, lk, dqv, dk, dv, idx, lm)
     if not isinstance(call.q, Strided):
         call.q.add_into(gq, dqv)
 
