@@ -99,6 +99,10 @@ def test_longformer_global_query_among_generated_tokens_falls_back_to_full_cache
     for i in range(16):
         dec.step(i)
     torch.testing.assert_close(dec.out, _full_reference(pattern, 64, q, k, v), atol=1e-5, rtol=1e-5)
+    # the analytic retention says so too: every token until the global query has been decoded
+    assert pattern.kv_retained(64) == 64 and pattern.kv_retained(71) == 8 + 2
+    rec = _quick(pattern, 64, tokens=16)
+    assert rec["kv_retained"] == 80 and rec["cache_tokens"] == 80
 
 
 def _quick(pattern, context, **kw):

@@ -85,4 +85,7 @@ class Longformer(Pattern):
         return out
 
     def kv_retained(self, n):
-        return min(n, self.window + len(set(self.global_tokens)))
+        g = set(self.global_tokens)
+        if any(t >= n for t in g):  # a global query still to come attends every earlier key
+            return n
+        return min(n, self.window + len(g))
