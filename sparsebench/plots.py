@@ -328,6 +328,7 @@ def fig_kv_cache_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles 
             outside_legend(ax, extra, skip=("(analytic)",))
             continue
         labels = sorted(sub["pattern_label"].astype(str).unique(), key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab))
+        drawn: list[tuple[str, Any]] = []
         for lab in labels:
             g = sub[sub["pattern_label"] == lab].drop_duplicates("seq_len").sort_values("seq_len")
             g = g[positive_mask(g, "kv_cache_bytes")]
@@ -335,12 +336,31 @@ def fig_kv_cache_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles 
                 continue
             ls, marker = styles.pattern(lab)
             dense = lab.startswith(BASELINE_PATTERN)
-            ax.plot(g["seq_len"], g["kv_cache_bytes"], label=wrap_label(_kv_text(lab, g), width=72), gid=f"kv:{lab}",
-                    color=BASELINE_COLOUR if dense else NEUTRAL, linestyle=ls, marker=marker,
-                    linewidth=3.0 if dense else 1.8, zorder=2 if dense else 3)  # equal lines stay visible on dense
+            under = _coinciding(g, drawn)
+            text = _kv_text(lab, g) + (f"; on the line of {under.split('(')[0]}" if under else "")
+            # a line drawn over an equal one gets open, larger markers: both stay visible
+            ax.plot(g["seq_len"], g["kv_cache_bytes"], label=wrap_label(text, width=72), gid=f"kv:{lab}",
+                    color=BASELINE_COLOUR if dense else styles.pattern_colour(lab), linestyle=ls, marker=marker,
+                    markersize=10 if under else 6, markerfacecolor="none" if under else None,
+                    markeredgewidth=1.6 if under else None, linewidth=3.0 if dense else 1.8, zorder=2 if dense else 3)
+            drawn.append((lab, g))
         finish_axes(ax, title, "context length (tokens)", "KV-cache size", y="bytes")
         outside_legend(ax)
     return fig
+
+
+def _coinciding(g, drawn: list[tuple[str, Any]], rel: float = 0.03) -> str | None:
+    """The label of the first drawn series with the same sizes and bytes within ``rel`` at every
+    size (on a log axis the two lines would lie on top of each other), else None."""
+    import numpy as np
+
+    x = g["seq_len"].to_numpy()
+    y = g["kv_cache_bytes"].to_numpy(dtype=float)
+    for lab, h in drawn:
+        if len(h) == len(g) and (h["seq_len"].to_numpy() == x).all():
+            if np.all(np.abs(h["kv_cache_bytes"].to_numpy(dtype=float) / y - 1.0) <= rel):
+                return lab
+    return None
 
 
 def _kv_text(lab: str, g) -> str:

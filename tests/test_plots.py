@@ -317,3 +317,20 @@ def test_kv_cache_panel_keeps_patterns_without_a_measurement(tmp_path):
     for lab in (SW, "dense-failed"):
         assert "analytic only" in analytic[lab].get_label().replace("\n", " ")
         assert analytic[lab].get_linestyle() == "--"
+
+
+def test_kv_lines_on_top_of_each_other_stay_visible(df):
+    """A pattern whose cache equals another's (within 3%) is drawn with open, larger markers over
+    it, in its own colour, and its legend entry says whose line it lies on."""
+    twin = df[df["pattern_label"] == SW].copy()
+    twin["pattern_label"] = "twin_window(window=9)"
+    twin["pattern"] = "twin_window"
+    twin["kv_cache_bytes"] = twin["kv_cache_bytes"] * 1.01
+    import pandas as pd
+
+    fig = plots.fig_kv_cache_vs_seqlen(pd.concat([df, twin], ignore_index=True))
+    kv = lines_by_gid(fig, "kv")
+    assert "on the line of sliding_window" in " ".join(kv["twin_window(window=9)"].get_label().split())
+    assert kv["twin_window(window=9)"].get_markerfacecolor() == "none"
+    assert "on the line" not in kv[SW].get_label() and "on the line" not in kv["dense"].get_label()
+    assert kv["twin_window(window=9)"].get_color() != kv[SW].get_color()
