@@ -387,3 +387,61 @@ def test_native_blocked_key_table_shapes(d, groups, causal, table_rows, keys, ch
     assert most > 16 if keys > 16 else most <= 17
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, groups, d))
     assert_forward_backward(plan, pat, q, k, v, causal)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_native_window_backward_merged_calls_extreme_logits(heads):
+    """Merged native calls (band, key columns, query rows) for one sequence (B*H = 1, where size-1
+    dimensions make strides ambiguous) and for two, with every logit near -170: each call's share
+    of a row's output gradient, exp(lse - merged lse), is taken in the kernel."""
+    mod = _native_or_skip()
+    if not mod.has_window():
+        pytest.skip("the window kernel needs AVX-512")
+    pat = PATTERNS.get("longformer").from_params({"window": 10, "global_tokens": [0, 33]})
+    n = 150
+    plan = _plan.build(pat, n, True, groups=heads, head_dim=64, block=32, device=CPU, dtype=torch.float32)
+    assert plan.multi and all(c.ranges is not None for c in plan.calls)
+    g = torch.Generator().manual_seed(3)
+    q = torch.full((1, heads, n, 64), 12.0)
+    k = -(1.0 + torch.rand(1, heads, n, 64, generator=g))
+    v = torch.randn(1, heads, n, 64, generator=g)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    go = torch.randn(1, heads, n, 64, generator=g)
+    attention_fn(plan)(q, k, v).backward(go)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    masked_softmax_attention(q2, k2, v2, pat.mask(n, True)).backward(go.double())
+    for a, b in zip((q, k, v), (q2, k2, v2)):
+        assert torch.isfinite(a.grad).all()
+        assert (a.grad.double() - b.grad).abs().max().item() <= 1e-4 * max(1.0, b.grad.abs().max().item())
+
+
+def test_native_window_backward_share_of_merged_rows():
+    """window_backward given the merged log-sum-exps equals window_backward given the output
+    gradient already scaled by each row's share; rows without a key in the call get none, even
+    where exp(-merged lse) would overflow."""
+    mod = _native_or_skip()
+    if not mod.has_window():
+        pytest.skip("the window kernel needs AVX-512")
+    torch.manual_seed(0)
+    X, M, L, S, d = 2, 2, 21, 50, 64
+    q, k, v = torch.randn(X, M, L, d), torch.randn(X, M, S, d), torch.randn(X, M, S, d)
+    lo = torch.zeros(L, dtype=torch.int32)
+    hi = torch.full((L,), S - 1, dtype=torch.int32)
+    lo[:4], hi[:4] = 1, 0  # rows 0-3: no key in this call
+    scale = 0.125
+    out, lse = mod.window_forward(q, k, v, lo, hi, scale, torch.empty(0), torch.empty(0))
+    lk = lse.masked_fill(~torch.isfinite(lse), 0.0)  # as the planner passes it
+    lm = lse + torch.rand(X, M, L)  # merged with other calls: this call holds part of each row
+    lm[..., :4] = -200.0  # rows with keys only elsewhere, logits far below zero
+    go = torch.randn(X, M, L, d)
+    share = torch.exp(lse - lm)
+    share[..., :4] = 0.0
+
+    def grads(go_in, lm_in):
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        mod.window_backward(q, k, v, lo, hi, scale, go_in, out, lk, dq, dk, dv, torch.empty(0), lm_in)
+        return dq, dk, dv
+
+    for a, b in zip(grads(go, lm), grads(go * share.unsqueeze(-1), torch.empty(0))):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -590,8 +590,8 @@ constexpr int SB = 4;  // register blocks of RB query rows whose key gradients a
 
 // Backward of window_forward, and of gather_forward when idx is given. go: (X, M, L, d) output
 // gradient, o: the merged output rows, lse: this call's log-sum-exp (0 for rows without keys),
-// lm_t: the merged log-sum-exps of the rows when calls were merged (empty: not merged), each row's
-// go scaled by this call's share exp(lse - lm). Adds into dq (a view with q's
+// lm_t: the merged log-sum-exps of the rows (X, M, L) when calls were merged (empty: not merged),
+// each row's go scaled by this call's share exp(lse - lm). Adds into dq (a view with q's
 // geometry) and into dk, dv: views with k's and v's geometry, or, with idx, (X, n, d) like k and v,
 // at the rows idx names. Per thread, a run of windows of one sequence accumulates its keys'
 // gradients in a private buffer, added under a lock at the end of the run (runs of two threads,
@@ -622,8 +622,8 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   const float* GO = go.data_ptr<float>();
   const float* OO = o.data_ptr<float>();
   const float* LSE = lse.data_ptr<float>();
-  TORCH_CHECK(!lm_t.numel() || lm_t.strides() == lse.strides(), "window_backward: lm needs lse's geometry");
   const float* LM = lm_t.numel() ? lm_t.data_ptr<float>() : nullptr;
+  const int64_t lmX = LM ? lm_t.stride(0) : 0, lmM = LM ? lm_t.stride(1) : 0, lmR = LM ? lm_t.stride(2) : 0;
   const int32_t* LO = lo_t.data_ptr<int32_t>();
   const int32_t* HI = hi_t.data_ptr<int32_t>();
   float* DQ = dq.data_ptr<float>();
@@ -714,9 +714,10 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
               const float* os = OO + x * osX + m * osM + rr * osR;
               lrow[r] = LSE[x * lsX + m * lsM + rr * lsR];
               // this call's share of the merged row: exp(lse - merged lse)
-              float share = r < rb ? 1.f : 0.f;
-              if (LM != nullptr && r < rb) {
-                const float lm = LM[x * lsX + m * lsM + rr * lsR];
+              // (0 for padding rows and rows without a key in this call: their lse is a stand-in)
+              float share = r < rb && lo[b][r] <= hi[b][r] ? 1.f : 0.f;
+              if (LM != nullptr && share != 0.f) {
+                const float lm = LM[x * lmX + m * lmM + rr * lmR];
                 share = std::isfinite(lm) ? std::exp(lrow[r] - lm) : 0.f;
               }
               float D = 0.f;

@@ -841,12 +841,10 @@ def _native_window_backward(call, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, sca
     go = call.q.data(dos)
     lk = lw if call.empty is None else lw.masked_fill(call.empty, 0.0)
     # merged calls: the kernel scales each row's go by this call's share, exp(lse - merged lse)
-    lm = call.q.rows(lse).contiguous() if lse is not None else _NOTHING
-    if lm.numel() and lm.stride() != lk.stride():
-        lk = lk.contiguous()
+    lm = call.q.rows(lse) if lse is not None else _NOTHING
     qv, ov = call.q.data(qs), call.q.data(os_)
     # gathered query rows: their gradients into a buffer of the call's rows, then added at the index
-    dqv = call.q.data(gq) if isinstance(call.q, Strided) else torch.zeros(go.shape, device=go.device)
+    dqv = call.q.data(gq) if isinstance(call.q, Strided) else torch.zeros(go.shape, dtype=torch.float32, device=go.device)
     if isinstance(call.k, Strided):
         k, v, dk, dv, idx = call.k.data(ks), call.k.data(vs), call.k.data(gk), call.k.data(gv), _NOTHING
     else:  # key rows read and their gradients added where they lie: no gathered copies
