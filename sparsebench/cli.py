@@ -104,6 +104,7 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sparsebench import report, runner, scenario as sc_mod
+    from sparsebench.results import merge_rounds
     from sparsebench.errors import ScenarioError
 
     if resume is not None:
@@ -128,7 +129,8 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     out = _console()
     for dev, why in plan.skipped_devices.items():
         warn(f"{why}; its cases are skipped")
-    out.print(f"[bold]{sc.name}[/]: {len(plan.cases)} cases{' (resuming)' if resume else ''}  [dim]{source}[/]")
+    rounds = f" x {sc.rounds} rounds" if sc.rounds > 1 else ""
+    out.print(f"[bold]{sc.name}[/]: {len(plan.cases)} cases{rounds}{' (resuming)' if resume else ''}  [dim]{source}[/]")
     if not plan.cases:
         raise ScenarioError(f"{source}: no case can run here (every device is absent)")
 
@@ -136,10 +138,11 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=out, transient=True,
     )
-    task = progress.add_task("starting", total=len(plan.cases))
+    task = progress.add_task("starting", total=len(plan.cases) * sc.rounds)
 
     def on_start(case, i, total):
-        progress.update(task, completed=i, description=f"{case.pattern_label} {case.backend} n={case.seq_len}")
+        where = f" (round {i // len(plan.cases) + 1}/{sc.rounds})" if sc.rounds > 1 else ""
+        progress.update(task, completed=i, description=f"{case.pattern_label} {case.backend} n={case.seq_len}{where}")
 
     def on_record(rec, i, total):
         progress.update(task, completed=i + 1)
@@ -159,7 +162,7 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
             result = runner.run(plan, folder, scenario_text=text, isolate=not in_process, resume=resume is not None,
                                 on_start=on_start, on_record=on_record, warn=warn, finalize=finalize)
     except runner.Interrupted as exc:
-        out.print(report.rich_table([r for r in _read(folder)], title="finished before the interrupt"))
+        out.print(report.rich_table(merge_rounds(_read(folder)), title="finished before the interrupt"))
         out.print(f"[yellow]{exc}[/]")
         out.print(str(folder))
         raise typer.Exit(130)

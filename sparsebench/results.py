@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -146,19 +147,58 @@ def check_schema(folder: Path) -> None:
 
 
 def load_frame(folder: Path, warn=None):
-    """All records of a folder as a tidy DataFrame (one row per case) with derived columns."""
-    import pandas as pd
-
+    """All records of a folder as a tidy DataFrame (one row per case, rounds merged) with derived
+    columns."""
     records = read_records(folder, warn=warn)
     if not records:
         raise ResultsError(f"{Path(folder) / RECORDS}: no records")
-    return add_derived(pd.DataFrame.from_records(records))
+    return frame(records)
 
 
 def frame(records: Iterable[dict[str, Any]]):
     import pandas as pd
 
-    return add_derived(pd.DataFrame.from_records(list(records)))
+    return add_derived(pd.DataFrame.from_records(merge_rounds(records)))
+
+
+def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per case: the rounds of a scenario with ``rounds: R`` (records with the same
+    case_id and a ``round`` field) merged. The case's time is the median of its rounds' medians,
+    so a burst of load during one round is outvoted by the others; times_s holds every call,
+    round_medians_s each round's median, the memory and error figures their worst. A round that
+    did not end ok (wrong, error, ...) stands for the case as it is."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for i, rec in enumerate(records):
+        key = rec.get("case_id") if "round" in rec else ("", i)
+        groups.setdefault(key, []).append(rec)
+    out: list[dict[str, Any]] = []
+    for recs in groups.values():
+        if len(recs) == 1 and "round" not in recs[0]:
+            out.append(recs[0])
+            continue
+        bad = [r for r in recs if r.get("status") != "ok"]
+        merged = {k: v for k, v in (bad[0] if bad else recs[0]).items() if k != "round"}
+        merged["rounds"] = len(recs)
+        if not bad:
+            meds = [r["time_median_s"] for r in recs]
+            merged.update(
+                time_median_s=statistics.median(meds),
+                time_min_s=min(r["time_min_s"] for r in recs),
+                time_iqr_s=max(r.get("time_iqr_s") or 0.0 for r in recs),
+                times_s=[t for r in recs for t in (r.get("times_s") or [])],
+                round_medians_s=meds,
+                noisy=any(bool(r.get("noisy")) for r in recs),
+            )
+            for k in ("peak_mem_bytes", "max_abs_err"):
+                vals = [r[k] for r in recs if r.get(k) is not None]
+                merged[k] = max(vals) if vals else None
+            probes = [r["probe_s"] for r in recs if r.get("probe_s") is not None]
+            if probes:
+                merged["probe_s"] = statistics.median(probes)
+            fl = merged.get("flops")
+            merged["tflops"] = fl / merged["time_median_s"] / 1e12 if fl and merged["time_median_s"] else None
+        out.append(merged)
+    return out
 
 
 def add_derived(df):

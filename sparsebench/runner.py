@@ -114,10 +114,10 @@ def run(
     from sparsebench.worker import Worker, execute
 
     folder = Path(folder)
-    done: dict[str, dict[str, Any]] = {}
+    done: dict[tuple[str, int], dict[str, Any]] = {}
     if resume:
         for rec in results.read_records(folder, warn=warn):
-            done[rec.get("case_id", "")] = rec
+            done[(rec.get("case_id", ""), rec.get("round", 1))] = rec
     else:
         if folder.exists() and any(folder.iterdir()):
             raise ScenarioError(f"{folder}: output folder exists and is not empty (use --resume to continue it)")
@@ -138,16 +138,20 @@ def run(
             failed[key] = min(failed.get(key, (rec["seq_len"], rec["status"])), (rec["seq_len"], rec["status"]))
     static = _Static()
     worker = Worker() if isolate else None
-    total = len(plan.cases)
+    rounds = plan.scenario.rounds
+    total = len(plan.cases) * rounds
+    first_ok = {cid for (cid, r), rec in done.items() if r == 1 and rec.get("status") == "ok"}
     interrupted = False
     try:
         with results.RecordWriter(folder, warn=warn) as writer:
-            for i, case in enumerate(plan.cases):
-                if case.case_id in done:
-                    continue
+            for i, (r, case) in enumerate((r, c) for r in range(1, rounds + 1) for c in plan.cases):
+                if (case.case_id, r) in done or (r > 1 and case.case_id not in first_ok):
+                    continue  # later rounds measure again only what the first measured
                 if on_start:
                     on_start(case, i, total)
                 rec = _identity(case)
+                if rounds > 1:
+                    rec["round"] = r
                 info = static.fields(case)
                 rec.update(info)
                 series = case.series()
@@ -167,6 +171,8 @@ def run(
                 rec["timestamp"] = _dt.datetime.now().isoformat(timespec="seconds")
                 writer.append(rec)
                 records.append(rec)
+                if r == 1 and rec["status"] == "ok":
+                    first_ok.add(case.case_id)
                 if rec["status"] in FAIL_STATUSES:
                     failed.setdefault(series, (case.seq_len, rec["status"]))
                 if on_record:
@@ -176,6 +182,7 @@ def run(
     finally:
         if worker:
             worker.close()
+    records = results.merge_rounds(records)
     if finalize:
         finalize(folder, records)
     result = RunResult(folder, records, interrupted)

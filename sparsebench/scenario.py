@@ -97,6 +97,7 @@ class Scenario(_Model):
     repeats: int = Field(default=5, ge=1, le=10000)
     min_time_s: float = Field(default=0.0, ge=0, le=3600)
     max_repeats: int = Field(default=50, ge=1, le=100000)
+    rounds: int = Field(default=1, ge=1, le=20)
     block: int = Field(default=64, ge=8, le=4096)
     decode_tokens: int = Field(default=16, ge=1, le=100000)
     baseline: bool = True
