@@ -77,6 +77,13 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _rounds_line(records: list[dict[str, Any]]) -> list[str]:
+    rounds = max((r.get("rounds") or 1 for r in records), default=1)
+    if rounds <= 1:
+        return []
+    return [f"- rounds: {rounds}; a case's time is the median of its rounds' medians (records.jsonl keeps each round)"]
+
+
 def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: str = "") -> str:
     env: dict[str, Any] = {}
     try:
@@ -91,6 +98,7 @@ def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: s
         f"# sparsebench: {scen}",
         "",
         f"- cases: {len(records)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})",
+        *_rounds_line(records),
         f"- machine: {env.get('cpu', '?')}, {env.get('threads', '?')} threads, GPU: {env.get('gpu') or 'none'}",
         f"- software: sparsebench {env.get('sparsebench', '?')}, torch {env.get('torch', '?')}, python {env.get('python', '?')}",
         f"- commit: {env.get('git_commit') or 'n/a'} (sparsebench source: {env.get('sparsebench_commit') or 'installed package'})",

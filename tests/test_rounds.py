@@ -63,6 +63,7 @@ def test_run_with_rounds_keeps_every_round_and_resumes_the_missing_ones(tmp_path
     cases = {r["case_id"] for r in recs}
     assert len(cases) == 4  # dense baseline + the window, two sizes
     assert sorted((r["case_id"], r["round"]) for r in recs) == sorted((c, k) for c in cases for k in (1, 2, 3))
+    assert "- rounds: 3; a case's time is the median of its rounds' medians" in (out / "summary.md").read_text()
     csv = pd.read_csv(out / "results.csv")
     assert len(csv) == 4 and set(csv["rounds"]) == {3}
     for cid, row in csv.set_index("case_id").iterrows():
