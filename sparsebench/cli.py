@@ -205,6 +205,7 @@ def validate(
         _console().print(
             f"{source}: ok, {len(plan.cases)} cases ({len(sc.lengths)} sequence lengths x "
             f"{len(sc.patterns)} patterns x {len(sc.backends)} backends, baseline included)"
+            + (f", each measured in {sc.rounds} rounds" if sc.rounds > 1 else "")
         )
 
 

@@ -78,9 +78,11 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 
 
 def _rounds_line(records: list[dict[str, Any]]) -> list[str]:
-    rounds = max((r.get("rounds") or 1 for r in records), default=1)
-    if rounds <= 1:
+    counts = [r.get("rounds") or 1 for r in records if "rounds" in r]
+    if not counts:
         return []
+    lo, hi = min(counts), max(counts)
+    rounds = str(hi) if lo == hi else f"{lo} to {hi} (not every case ran every round)"
     return [f"- rounds: {rounds}; a case's time is the median of its rounds' medians (records.jsonl keeps each round)"]
 
 

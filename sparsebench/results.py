@@ -165,8 +165,9 @@ def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per case: the rounds of a scenario with ``rounds: R`` (records with the same
     case_id and a ``round`` field) merged. The case's time is the median of its rounds' medians,
     so a burst of load during one round is outvoted by the others; times_s holds every call,
-    round_medians_s each round's median, the memory and error figures their worst. A round that
-    did not end ok (wrong, error, ...) stands for the case as it is."""
+    round_medians_s each round's median, time_iqr_s and noisy the spread of every call, the
+    memory and error figures their worst. A round that did not end ok (wrong, error, ...) stands
+    for the case as it is."""
     groups: dict[Any, list[dict[str, Any]]] = {}
     for i, rec in enumerate(records):
         key = rec.get("case_id") if "round" in rec else ("", i)
@@ -176,19 +177,24 @@ def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(recs) == 1 and "round" not in recs[0]:
             out.append(recs[0])
             continue
+        if any(r.get("status") == "ok" for r in recs):  # a skip (older runs) is no measurement
+            recs = [r for r in recs if r.get("status") != "skipped"]
         bad = [r for r in recs if r.get("status") != "ok"]
         merged = {k: v for k, v in (bad[0] if bad else recs[0]).items() if k != "round"}
         merged["rounds"] = len(recs)
         if not bad:
+            from sparsebench.harness import Measurement
+
             meds = [r["time_median_s"] for r in recs]
+            every = Measurement(tuple(t for r in recs for t in (r.get("times_s") or [])))
             merged.update(
                 time_median_s=statistics.median(meds),
                 time_min_s=min(r["time_min_s"] for r in recs),
-                time_iqr_s=max(r.get("time_iqr_s") or 0.0 for r in recs),
-                times_s=[t for r in recs for t in (r.get("times_s") or [])],
+                times_s=list(every.times),
                 round_medians_s=meds,
-                noisy=any(bool(r.get("noisy")) for r in recs),
             )
+            if every.times:  # spread over every call of every round: rounds that disagree count
+                merged.update(time_iqr_s=every.iqr, noisy=every.noisy)
             for k in ("peak_mem_bytes", "max_abs_err"):
                 vals = [r[k] for r in recs if r.get(k) is not None]
                 merged[k] = max(vals) if vals else None
