@@ -294,6 +294,7 @@ def test_native_key_table_kernel(causal):
         ("fixed", {"stride": 32, "summary": 4}, True),  # staircase of summary columns
         ("bigbird", {"block": 32, "random_blocks": 2}, True),  # gathered random blocks
         ("ds_bigbird", {"block": 32, "num_random_blocks": 1}, False),  # gathered tiles
+        ("ds_fixed", {"block": 32, "num_local_blocks": 2}, False),  # gathered keys shared by all windows
         ("dense", {}, True),  # one call: its output is the output
     ],
 )
@@ -306,8 +307,28 @@ def test_native_window_kernel(name, params, structured, causal):
     n = 333
     plan = _plan.build(pat, n, causal, groups=3, head_dim=64, block=32, device=CPU, dtype=torch.float32, structured=structured)
     assert any(c.ranges is not None for c in plan.calls)
+    if name == "ds_fixed":  # the gathered keys of these windows are one shared index
+        assert any(isinstance(c.k, _plan.Gather) and c.k.shared and c.ranges is not None for c in plan.calls)
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 3, 64))
     assert_forward_backward(plan, pat, q, k, v, causal)  # native forward and window backward
+
+
+def test_native_window_kernel_gathered_query_rows(monkeypatch):
+    """Tiles whose query rows are gathered (ds_bigbird's tiles grouped by key count, here at
+    n = 700) run forward and backward on the native kernel: their dq rows added at the index."""
+    mod = _native_or_skip()
+    seen = []
+    native_backward = _plan._native_window_backward
+    monkeypatch.setattr(_plan, "_native_window_backward", lambda call, *a: (seen.append(call), native_backward(call, *a)))
+    if not mod.has_window():
+        pytest.skip("the window kernel needs AVX-512")
+    pat = PATTERNS.get("ds_bigbird").from_params({"block": 32, "num_random_blocks": 1})
+    n = 700
+    plan = _plan.build(pat, n, False, groups=2, head_dim=64, block=32, device=CPU, dtype=torch.float32, structured=False)
+    assert any(isinstance(c.q, _plan.Gather) and c.ranges is not None for c in plan.calls)
+    q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 2, 64))
+    assert_forward_backward(plan, pat, q, k, v, False)
+    assert any(isinstance(c.q, _plan.Gather) for c in seen)
 
 
 def test_native_window_merges_in_place():
