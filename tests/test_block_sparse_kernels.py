@@ -466,3 +466,41 @@ def test_native_window_backward_share_of_merged_rows():
     for a, b in zip(grads(go, lm), grads(go * share.unsqueeze(-1), torch.empty(0))):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "name,params,structured",
+    [
+        ("sliding_window", {"window": 70}, True),  # key windows
+        ("longformer", {"window": 20, "global_tokens": [0, 33]}, True),  # merged calls
+        ("bigbird", {"block": 32, "random_blocks": 2}, True),  # gathered keys
+        ("ds_bigbird", {"block": 32, "num_random_blocks": 1}, False),  # gathered tiles
+    ],
+)
+def test_native_low_precision_forward_is_the_fp32_kernel_on_widened_inputs(dtype, name, params, structured):
+    """bf16 / fp16 inputs run the native forward widened to fp32 as loaded: where every call is a
+    native one, the output is the fp32 kernel's output on the same values, rounded once; backward
+    (ATen's kernel) still matches dense attention."""
+    mod = _native_or_skip()
+    if not mod.has_window():
+        pytest.skip("the window kernel needs AVX-512")
+    pat = PATTERNS.get(name).from_params(params)
+    n = 333
+    plan = _plan.build(pat, n, True, groups=2, head_dim=64, block=32, device=CPU, dtype=dtype, structured=structured)
+    q, k, v = qkv(n, 1, 2, 64, dtype)
+    low = attention_fn(plan)(q, k, v)
+    wide = attention_fn(plan)(q.float(), k.float(), v.float())
+    assert low.dtype == dtype
+    if all(c.ranges is not None for c in plan.calls):  # every call on the native kernel
+        assert torch.equal(low, wide.to(dtype))
+    else:  # a call left to ATen's kernel computes in the low precision itself
+        assert (low.double() - reference(pat, q, k, v, True)).abs().max().item() < (3e-2 if dtype == torch.bfloat16 else 4e-3)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    g = torch.randn(q.shape).to(dtype)
+    attention_fn(plan)(q, k, v).backward(g)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    masked_softmax_attention(q2, k2, v2, pat.mask(n, True)).backward(g.double())
+    tol = 6e-2 if dtype == torch.bfloat16 else 1e-2
+    for a, b in zip((q, k, v), (q2, k2, v2)):
+        assert (a.grad.double() - b.grad).abs().max().item() < tol * max(1.0, b.grad.abs().max().item())

@@ -6,7 +6,8 @@
   windows' keys once into 32-key tiles and computes 8 x 32 register blocks, each 8-row block only
   over the tiles its keys touch (AVX-512 only). ``gather_forward``: the same with gathered keys
   (rows copied once, into the packed tiles). Given the plan's log-sum-exps of the rows, a call
-  merges into what earlier calls wrote (no output chunk, no merge pass in PyTorch).
+  merges into what earlier calls wrote (no output chunk, no merge pass in PyTorch). Both also take
+  bf16 / fp16 inputs, widened to fp32 as they are loaded (fp32 arithmetic and output).
 * ``table_forward`` / ``table_backward``: per-query key tables (random attention), each query's R
   keys read in place. Gathering R rows per query (R = 64: 4 GiB at n = 16384, 8 heads) is slower
   than dense attention in PyTorch; reading the rows where they lie costs a fraction of that.
@@ -242,16 +243,30 @@ inline void softmax_rows(float* s, int64_t lds, int64_t nj, int64_t j0, const in
 }
 
 // Key or value rows of a window: row j at base + j * ld (a view of K or V), or at ptr[j]
-// (gathered rows).
-struct StridedRows {
-  const float* base;
+// (gathered rows); elements fp32, or bf16 / fp16 widened to fp32 as they are loaded.
+template <class T>
+struct StridedRowsT {
+  const T* base;
   int64_t ld;
-  const float* operator[](int64_t j) const { return base + j * ld; }
+  const T* operator[](int64_t j) const { return base + j * ld; }
 };
-struct GatheredRows {
-  const float* const* ptr;
-  const float* operator[](int64_t j) const { return ptr[j]; }
+template <class T>
+struct GatheredRowsT {
+  const T* const* ptr;
+  const T* operator[](int64_t j) const { return ptr[j]; }
 };
+using StridedRows = StridedRowsT<float>;
+using GatheredRows = GatheredRowsT<float>;
+
+// 16 consecutive elements as fp32
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {  // bf16: the high half of an fp32
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 // o[r][c0..c0+31] = sum_j p[r][j] * v[j0 + j][c0..c0+31] for RB rows, j < nj.
 template <class Rows>
@@ -261,9 +276,9 @@ inline void pv_block(const float* __restrict p, int64_t ldp, Rows v, int64_t j0,
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
   for (int64_t j = 0; j < nj; ++j) {
-    const float* vj = v[j0 + j];
-    const __m512 v0 = _mm512_loadu_ps(vj + c0);
-    const __m512 v1 = _mm512_loadu_ps(vj + c0 + 16);
+    const auto* vj = v[j0 + j];
+    const __m512 v0 = load16(vj + c0);
+    const __m512 v1 = load16(vj + c0 + 16);
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
       const __m512 pb = _mm512_set1_ps(p[r * ldp + j]);
@@ -287,7 +302,7 @@ inline void pack_tile(Rows src, int64_t rows, int64_t d, float* __restrict dst) 
       __m512 r[16];
       for (int j = 0; j < 16; ++j) {
         const int64_t row = half * 16 + j;
-        r[j] = row < rows ? _mm512_loadu_ps(src[row] + c0) : _mm512_setzero_ps();
+        r[j] = row < rows ? load16(src[row] + c0) : _mm512_setzero_ps();
       }
       __m512 t[16];
       for (int j = 0; j < 8; ++j) {
@@ -383,8 +398,8 @@ struct Scratch {
 // column u is packed column koff + u) over the block's key range only, softmax, P V with the
 // window's value rows v, then the rows written into ow / lw, or merged (li: the window's merged
 // log-sum-exps, liR apart; nullptr: plain write).
-template <class Rows>
-inline void forward_block(const float* qw, int64_t qsR, int64_t r0, int64_t L, int64_t S, const int32_t* LO,
+template <class T, class Rows>
+inline void forward_block(const T* qw, int64_t qsR, int64_t r0, int64_t L, int64_t S, const int32_t* LO,
                           const int32_t* HI, const float* kt, int64_t koff, Rows v, float sc, int64_t d, Scratch& w,
                           float* ow, int64_t osR, float* lw, float* li, int64_t liR) {
   const int rb = static_cast<int>(std::min<int64_t>(RB, L - r0));
@@ -398,8 +413,8 @@ inline void forward_block(const float* qw, int64_t qsR, int64_t r0, int64_t L, i
     return;
   }
   for (int r = 0; r < RB; ++r) {
-    const float* src = qw + (r0 + (r < rb ? r : 0)) * qsR;
-    std::copy(src, src + d, w.q.data() + r * d);
+    const T* src = qw + (r0 + (r < rb ? r : 0)) * qsR;
+    for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(w.q.data() + r * d + c, load16(src + c));
   }
   const int64_t t0 = (koff + glo) / KT, t1 = (koff + ghi) / KT;
   const int64_t j0 = t0 * KT - koff;  // window column of the first tile (may be < 0)
@@ -422,9 +437,10 @@ struct ForwardOut {
   int64_t osX, osM, osR, liX = 0, liM = 0, liR = 0;
   ForwardOut(const torch::Tensor& q, const torch::Tensor& out_in, const torch::Tensor& lse_in, const char* name) {
     const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3);
-    out = out_in.numel() ? out_in : torch::empty({X, M, L, d}, q.options());
-    TORCH_CHECK(out.stride(3) == 1, name, ": out needs a unit last stride");
-    lse = torch::empty({X, M, L}, q.options());
+    const auto f32 = q.options().dtype(torch::kFloat32);  // fp32 whatever q's dtype
+    out = out_in.numel() ? out_in : torch::empty({X, M, L, d}, f32);
+    TORCH_CHECK(out.stride(3) == 1 && out.scalar_type() == torch::kFloat32, name, ": out needs fp32 and a unit last stride");
+    lse = torch::empty({X, M, L}, f32);
     O = out.data_ptr<float>();
     LS = lse.data_ptr<float>();
     osX = out.stride(0), osM = out.stride(1), osR = out.stride(2);
@@ -448,9 +464,10 @@ struct ForwardOut {
 // Per thread, the keys of a run of windows of one sequence are packed once into 32-key tiles
 // (d x 32, contiguous), so that each 8-row block of queries is a register-blocked product with
 // few loads per FMA; softmax is two passes over the row block's scores (S is small).
-std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
-                                          torch::Tensor lse_in) {
+template <class T>
+std::vector<torch::Tensor> window_forward_t(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                            torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
+                                            torch::Tensor lse_in) {
   const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3), S = k.size(2);
   TORCH_CHECK(d % 32 == 0, "window_forward: head_dim must be a multiple of 32");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "window_forward: last stride must be 1");
@@ -458,9 +475,9 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
   // windows that advance by whole key rows share one packed run; others are packed one by one
   const bool runs = M > 1 && ksM >= 0 && ksM % ksR == 0 && ksM / ksR < S;
   const ForwardOut io(q, out_in, lse_in, "window_forward");
-  const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
   const int32_t* LO = lo_t.data_ptr<int32_t>();
   const int32_t* HI = hi_t.data_ptr<int32_t>();
   const int64_t qsX = q.stride(0), qsM = q.stride(1), qsR = q.stride(2);
@@ -476,17 +493,17 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
       const int64_t x = item / M, m_first = item % M;
       const int64_t m_last = runs ? std::min(M - 1, m_first + (b1 - item) - 1) : m_first;
       // the run's keys: rows 0 .. nrows-1 of k from window m_first's first key, ksR apart
-      const float* kbase = K + x * ksX + m_first * ksM;
+      const T* kbase = K + x * ksX + m_first * ksM;
       const int64_t nrows = (m_last - m_first) * step_rows + S;
       const int64_t nblk = (nrows + KT - 1) / KT + 1;
       kt_buf.resize(nblk * d * KT);
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(KT, nrows - blk * KT));
-        pack_tile(StridedRows{kbase + blk * KT * ksR, ksR}, rows, d, kt_buf.data() + blk * d * KT);
+        pack_tile(StridedRowsT<T>{kbase + blk * KT * ksR, ksR}, rows, d, kt_buf.data() + blk * d * KT);
       }
       for (int64_t m = m_first; m <= m_last; ++m) {
         const int64_t koff = (m - m_first) * step_rows;  // window's first key in packed rows
-        const StridedRows vw{V + x * vsX + m * vsM, vsR};
+        const StridedRowsT<T> vw{V + x * vsX + m * vsM, vsR};
         for (int64_t r0 = 0; r0 < L; r0 += RB)
           forward_block(Q + x * qsX + m * qsM, qsR, r0, L, S, LO, HI, kt_buf.data(), koff, vw, sc, d, w,
                         io.out_rows(x, m), io.osR, io.lse_rows(x, m), io.merged(x, m), io.liR);
@@ -500,17 +517,18 @@ std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torc
 // As window_forward, with the keys of window m gathered: rows idx[m][0..S-1] of k, v (X, n, d)
 // (idx (M, S) int32, or (1, S): the same keys for every window). The rows are copied once,
 // into the packed tiles, instead of into a gathered tensor first.
-std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
-                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
-                                          torch::Tensor lse_in) {
+template <class T>
+std::vector<torch::Tensor> gather_forward_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                                            torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
+                                            torch::Tensor lse_in) {
   const int64_t X = q.size(0), M = q.size(1), L = q.size(2), d = q.size(3), S = idx.size(1);
   const bool shared = idx.size(0) == 1;
   TORCH_CHECK(d % 32 == 0, "gather_forward: head_dim must be a multiple of 32");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "gather_forward: last stride must be 1");
   const ForwardOut io(q, out_in, lse_in, "gather_forward");
-  const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
   const int32_t* IDX = idx.data_ptr<int32_t>();
   const int32_t* LO = lo_t.data_ptr<int32_t>();
   const int32_t* HI = hi_t.data_ptr<int32_t>();
@@ -522,7 +540,7 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
   at::parallel_for(0, X * M, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> kt(nblk * d * KT);
     Scratch w(S, d);
-    std::vector<const float*> krows(nblk * KT), vrows(S);
+    std::vector<const T*> krows(nblk * KT), vrows(S);
     int64_t packed_x = -1, packed_m = -1;
     for (int64_t item = b0; item < b1; ++item) {
       const int64_t x = item / M, m = item % M;
@@ -530,18 +548,45 @@ std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torc
       if (!(shared ? packed_x == x : (packed_x == x && packed_m == m))) {
         for (int64_t u = 0; u < S; ++u) krows[u] = K + x * ksX + static_cast<int64_t>(row[u]) * ksR;
         for (int64_t blk = 0; blk < nblk; ++blk)
-          pack_tile(GatheredRows{krows.data() + blk * KT}, std::max<int64_t>(0, std::min<int64_t>(KT, S - blk * KT)), d,
+          pack_tile(GatheredRowsT<T>{krows.data() + blk * KT}, std::max<int64_t>(0, std::min<int64_t>(KT, S - blk * KT)), d,
                     kt.data() + blk * d * KT);
         for (int64_t u = 0; u < S; ++u) vrows[u] = V + x * vsX + static_cast<int64_t>(row[u]) * vsR;
         packed_x = x;
         packed_m = m;
       }
       for (int64_t r0 = 0; r0 < L; r0 += RB)
-        forward_block(Q + x * qsX + m * qsM, qsR, r0, L, S, LO, HI, kt.data(), 0, GatheredRows{vrows.data()}, sc, d, w,
+        forward_block(Q + x * qsX + m * qsM, qsR, r0, L, S, LO, HI, kt.data(), 0, GatheredRowsT<T>{vrows.data()}, sc, d, w,
                       io.out_rows(x, m), io.osR, io.lse_rows(x, m), io.merged(x, m), io.liR);
     }
   });
   return {io.out, io.lse};
+}
+
+// fp32, bf16 or fp16 inputs (fp32 arithmetic, fp32 output and lse)
+std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
+                                          torch::Tensor lse_in) {
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "window_forward: q, k, v dtypes differ");
+  switch (q.scalar_type()) {
+    case torch::kFloat32: return window_forward_t<float>(q, k, v, lo_t, hi_t, scale, out_in, lse_in);
+    case torch::kBFloat16: return window_forward_t<at::BFloat16>(q, k, v, lo_t, hi_t, scale, out_in, lse_in);
+    case torch::kFloat16: return window_forward_t<at::Half>(q, k, v, lo_t, hi_t, scale, out_in, lse_in);
+    default: TORCH_CHECK(false, "window_forward: fp32, bf16 or fp16");
+  }
+  return {};
+}
+
+std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                                          torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
+                                          torch::Tensor lse_in) {
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "gather_forward: q, k, v dtypes differ");
+  switch (q.scalar_type()) {
+    case torch::kFloat32: return gather_forward_t<float>(q, k, v, idx, lo_t, hi_t, scale, out_in, lse_in);
+    case torch::kBFloat16: return gather_forward_t<at::BFloat16>(q, k, v, idx, lo_t, hi_t, scale, out_in, lse_in);
+    case torch::kFloat16: return gather_forward_t<at::Half>(q, k, v, idx, lo_t, hi_t, scale, out_in, lse_in);
+    default: TORCH_CHECK(false, "gather_forward: fp32, bf16 or fp16");
+  }
+  return {};
 }
 
 // acc[j][c0..c0+31] += sum_r w[r][j] * x[r][c0..c0+31] for j < nj, r < nr (nr rows of w, stride

@@ -756,10 +756,12 @@ def _whole(plan: Plan) -> Call | None:
     return c if ok and c.table is None and c.ranges is None and c.empty is None else None
 
 
-def _native_window(qs: torch.Tensor) -> bool:
-    """Whether window calls run on the native kernel: fp32 on a CPU with AVX-512, head_dim a
-    multiple of 32 (set NATIVE_WINDOWS = False to compare with ATen's kernel)."""
-    if not (NATIVE_WINDOWS and qs.device.type == "cpu" and qs.dtype == torch.float32 and qs.shape[-1] % 32 == 0):
+def _native_window(qs: torch.Tensor, backward: bool = False) -> bool:
+    """Whether window calls run on the native kernel: on a CPU with AVX-512, head_dim a multiple
+    of 32, fp32, or bf16 / fp16 forward (widened to fp32 as loaded, fp32 output); set
+    NATIVE_WINDOWS = False to compare with ATen's kernel."""
+    dtypes = (torch.float32,) if backward else (torch.float32, torch.bfloat16, torch.float16)
+    if not (NATIVE_WINDOWS and qs.device.type == "cpu" and qs.dtype in dtypes and qs.shape[-1] % 32 == 0):
         return False
     mod = _native.kernel()
     return mod is not None and bool(mod.has_window())
@@ -787,7 +789,9 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
         out = torch.empty(B, H, n, d, dtype=q.dtype, device=q.device)
         out.view(G, 1, n, d).copy_(o)
         return out, None, [l]
-    acc = torch.float32 if plan.multi else q.dtype
+    # fp32 when calls are merged, or when the native kernel (fp32 output) serves low precision
+    native_low = q.dtype != torch.float32 and any(c.ranges is not None for c in plan.calls) and _native_window(qs)
+    acc = torch.float32 if plan.multi or native_low else q.dtype
     out = (torch.zeros if plan.init else torch.empty)(G, n, d, dtype=acc, device=q.device)
     lse = None
     if plan.multi:
@@ -865,7 +869,7 @@ def run_backward(plan: Plan, q, k, v, out, lse, saved, dout):
     gq, gk, gv = grads
     for whole, lw in zip(plan.calls, saved):
         native = _native_ok(whole, qs)
-        if whole.ranges is not None and _native_window(qs):
+        if whole.ranges is not None and _native_window(qs, backward=True):
             _native_window_backward(whole, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, plan.scale)
             continue
         M = whole.q.M
