@@ -9,9 +9,9 @@ band, the remaining tiles gathered). Each call is one fused attention kernel tha
 the log-sum-exp of its rows, so calls over different keys of the same queries merge exactly: on
 the CPU the native kernels of ``_native.py`` (key windows in fp32, and bf16 / fp16 forward; key
 tables in fp32), otherwise ATen's CPU flash attention, or plain PyTorch on other devices. The
-output is written in place, chunk by chunk: memory beyond q, k, v and the output is a few MiB of per-call temporaries, whatever n.
-Backward runs each call's backward with its share of the output gradient. Any sequence length
-works; fp32, bf16 and fp16.
+output is written in place, chunk by chunk: memory beyond q, k, v and the output is a few MiB of
+per-call temporaries, whatever n. Backward runs each call's backward with its share of the
+output gradient. Any sequence length works; fp32, bf16 and fp16.
 """
 
 from __future__ import annotations
