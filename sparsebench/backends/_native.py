@@ -641,7 +641,8 @@ constexpr int SB = 4;  // register blocks of RB query rows whose key gradients a
 // at the rows idx names. Per thread, a run of windows of one sequence accumulates its keys'
 // gradients in a private buffer, added under a lock at the end of the run (runs of two threads,
 // or gathered windows, may share keys).
-void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lo_t, torch::Tensor hi_t,
+template <class T>
+void window_backward_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lo_t, torch::Tensor hi_t,
                      double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
                      torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor idx,
                      torch::Tensor lm_t) {
@@ -661,11 +662,11 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   const bool runs = M > 1 && (gathered ? shared : ksM >= 0 && ksM % ksR == 0 && ksM / ksR < S);
   const int64_t step_rows = runs && !gathered ? ksM / ksR : 0;
   const int32_t* IDX = gathered ? idx.data_ptr<int32_t>() : nullptr;
-  const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
-  const float* GO = go.data_ptr<float>();
-  const float* OO = o.data_ptr<float>();
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  const T* GO = go.data_ptr<T>();
+  const T* OO = o.data_ptr<T>();
   const float* LSE = lse.data_ptr<float>();
   const float* LM = lm_t.numel() ? lm_t.data_ptr<float>() : nullptr;
   const int64_t lmX = LM ? lm_t.stride(0) : 0, lmM = LM ? lm_t.stride(1) : 0, lmR = LM ? lm_t.stride(2) : 0;
@@ -689,7 +690,7 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   at::parallel_for(0, X * M, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> kt_buf, vt_buf, dk_buf, dv_buf;
     std::vector<float> pbuf(SB * RB * lds), dsbuf(SB * RB * lds), qbuf(SB * RB * d), gbuf(SB * RB * d), obuf(RB * d);
-    std::vector<const float*> krows, vrows;
+    std::vector<const T*> krows, vrows;
     int64_t item = b0;
     while (item < b1) {
       const int64_t x = item / M, m_first = item % M;
@@ -708,8 +709,8 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
       vt_buf.resize(nblk * d * KT);
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(KT, nrows - blk * KT));
-        pack_tile(GatheredRows{krows.data() + blk * KT}, rows, d, kt_buf.data() + blk * d * KT);
-        pack_tile(GatheredRows{vrows.data() + blk * KT}, rows, d, vt_buf.data() + blk * d * KT);
+        pack_tile(GatheredRowsT<T>{krows.data() + blk * KT}, rows, d, kt_buf.data() + blk * d * KT);
+        pack_tile(GatheredRowsT<T>{vrows.data() + blk * KT}, rows, d, vt_buf.data() + blk * d * KT);
       }
       dk_buf.assign((nblk * KT) * d, 0.f);
       dv_buf.assign((nblk * KT) * d, 0.f);
@@ -754,9 +755,9 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
             float lrow[RB], drow[RB];
             for (int r = 0; r < RB; ++r) {
               const int64_t rr = r0 + (r < rb ? r : 0);
-              const float* qs = Q + x * qsX + m * qsM + rr * qsR;
-              const float* gs = GO + x * gsX + m * gsM + rr * gsR;
-              const float* os = OO + x * osX + m * osM + rr * osR;
+              const T* qs = Q + x * qsX + m * qsM + rr * qsR;
+              const T* gs = GO + x * gsX + m * gsM + rr * gsR;
+              const T* os = OO + x * osX + m * osM + rr * osR;
               lrow[r] = LSE[x * lsX + m * lsM + rr * lsR];
               // this call's share of the merged row: exp(lse - merged lse)
               // (0 for padding rows and rows without a key in this call: their lse is a stand-in)
@@ -767,10 +768,10 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
               }
               float D = 0.f;
               for (int64_t c = 0; c < d; ++c) {
-                qb[r * d + c] = qs[c];
-                const float gv = gs[c] * share;
+                qb[r * d + c] = static_cast<float>(qs[c]);
+                const float gv = static_cast<float>(gs[c]) * share;
                 gb[r * d + c] = gv;
-                D += gv * os[c];
+                D += gv * static_cast<float>(os[c]);
               }
               drow[r] = D;
             }
@@ -806,7 +807,7 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
             // dq rows += dS K (K rows of the window, ksR apart); tile columns outside [0, S) have dS = 0
             const int64_t jb = std::max<int64_t>(J0 + u0, 0), je = std::min<int64_t>(J0 + u1, S);
             for (int64_t c0 = 0; c0 < d; c0 += 32)
-              pv_block(srows + (jb - J0), lds, GatheredRows{krows.data() + koff}, jb, je - jb, c0, obuf.data(), d);
+              pv_block(srows + (jb - J0), lds, GatheredRowsT<T>{krows.data() + koff}, jb, je - jb, c0, obuf.data(), d);
             for (int r = 0; r < rb; ++r) {
               float* dqr = DQ + x * dqX + m * dqM + (r0 + r) * dqR;
               for (int64_t c = 0; c < d; c += 16)
@@ -835,6 +836,22 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
       item += m_last - m_first + 1;
     }
   });
+}
+
+// q, k, v, go and o in fp32, bf16 or fp16 (widened as loaded); dq, dk, dv, lse and lm fp32
+void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lo_t, torch::Tensor hi_t,
+                     double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                     torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor idx,
+                     torch::Tensor lm_t) {
+  const auto t = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == t && v.scalar_type() == t && go.scalar_type() == t && o.scalar_type() == t,
+              "window_backward: q, k, v, go, o dtypes differ");
+  TORCH_CHECK(dq.scalar_type() == torch::kFloat32 && dk.scalar_type() == torch::kFloat32 &&
+                  dv.scalar_type() == torch::kFloat32, "window_backward: fp32 gradients");
+  if (t == torch::kFloat32) window_backward_t<float>(q, k, v, lo_t, hi_t, scale, go, o, lse, dq, dk, dv, idx, lm_t);
+  else if (t == torch::kBFloat16) window_backward_t<at::BFloat16>(q, k, v, lo_t, hi_t, scale, go, o, lse, dq, dk, dv, idx, lm_t);
+  else if (t == torch::kFloat16) window_backward_t<at::Half>(q, k, v, lo_t, hi_t, scale, go, o, lse, dq, dk, dv, idx, lm_t);
+  else TORCH_CHECK(false, "window_backward: fp32, bf16 or fp16");
 }
 
 // Lane t of the result: the sum of the lanes of a[t], t = 0..15 (16 dot products finished at once,

@@ -756,11 +756,11 @@ def _whole(plan: Plan) -> Call | None:
     return c if ok and c.table is None and c.ranges is None and c.empty is None else None
 
 
-def _native_window(qs: torch.Tensor, backward: bool = False) -> bool:
+def _native_window(qs: torch.Tensor) -> bool:
     """Whether window calls run on the native kernel: on a CPU with AVX-512, head_dim a multiple
-    of 32, fp32, or bf16 / fp16 forward (widened to fp32 as loaded, fp32 output); set
+    of 32, fp32, bf16 or fp16 (widened to fp32 as loaded; fp32 output and gradients); set
     NATIVE_WINDOWS = False to compare with ATen's kernel."""
-    dtypes = (torch.float32,) if backward else (torch.float32, torch.bfloat16, torch.float16)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
     if not (NATIVE_WINDOWS and qs.device.type == "cpu" and qs.dtype in dtypes and qs.shape[-1] % 32 == 0):
         return False
     mod = _native.kernel()
@@ -869,7 +869,7 @@ def run_backward(plan: Plan, q, k, v, out, lse, saved, dout):
     gq, gk, gv = grads
     for whole, lw in zip(plan.calls, saved):
         native = _native_ok(whole, qs)
-        if whole.ranges is not None and _native_window(qs, backward=True):
+        if whole.ranges is not None and _native_window(qs):
             _native_window_backward(whole, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, plan.scale)
             continue
         M = whole.q.M
