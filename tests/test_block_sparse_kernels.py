@@ -476,6 +476,7 @@ def test_native_window_backward_share_of_merged_rows():
         ("longformer", {"window": 20, "global_tokens": [0, 33]}, True),  # merged calls
         ("bigbird", {"block": 32, "random_blocks": 2}, True),  # gathered keys
         ("ds_bigbird", {"block": 32, "num_random_blocks": 1}, False),  # gathered tiles
+        ("random", {"keys": 24}, True),  # cache-blocked key tables
     ],
 )
 def test_native_low_precision_forward_is_the_fp32_kernel_on_widened_inputs(dtype, name, params, structured):
@@ -492,7 +493,9 @@ def test_native_low_precision_forward_is_the_fp32_kernel_on_widened_inputs(dtype
     low = attention_fn(plan)(q, k, v)
     wide = attention_fn(plan)(q.float(), k.float(), v.float())
     assert low.dtype == dtype
-    if all(c.ranges is not None for c in plan.calls):  # every call on the native kernel
+    if name == "random":
+        assert all(c.bounds is not None for c in plan.calls)
+    if all(c.ranges is not None or c.bounds is not None for c in plan.calls):  # every call native
         assert torch.equal(low, wide.to(dtype))
     else:  # a call left to ATen's kernel computes in the low precision itself
         assert (low.double() - reference(pat, q, k, v, True)).abs().max().item() < (3e-2 if dtype == torch.bfloat16 else 4e-3)

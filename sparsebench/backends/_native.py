@@ -869,17 +869,17 @@ inline __m512 transpose_sum16(const __m512* a) {
 }
 
 // Scores of up to 16 keys (rows ids[0..nk-1] of K, nk >= 1) against the query qv, scaled.
-template <int NV>
-inline __m512 scores16(const __m512* qv, const float* Kg, const int32_t* ids, int nk, __m512 vsc) {
+template <int NV, class T>
+inline __m512 scores16(const __m512* qv, const T* Kg, const int32_t* ids, int nk, __m512 vsc) {
   constexpr int64_t d = 16 * NV;
   __m512 a[16];
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) {
     if (j < nk) {
-      const float* kj = Kg + static_cast<int64_t>(ids[j]) * d;
-      a[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+      const T* kj = Kg + static_cast<int64_t>(ids[j]) * d;
+      a[j] = _mm512_mul_ps(qv[0], load16(kj));
 #pragma GCC unroll 8
-      for (int u = 1; u < NV; ++u) a[j] = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(kj + 16 * u), a[j]);
+      for (int u = 1; u < NV; ++u) a[j] = _mm512_fmadd_ps(qv[u], load16(kj + 16 * u), a[j]);
     } else {
       a[j] = _mm512_setzero_ps();
     }
@@ -888,8 +888,8 @@ inline __m512 scores16(const __m512* qv, const float* Kg, const int32_t* ids, in
 }
 
 // One work item of table_forward_blocked: sequence g, query rows i0..i1-1, NV = d / 16.
-template <int NV>
-void table_blocked_item(const float* Q, const float* Kg, const float* Vg, const int32_t* I, const int32_t* B,
+template <int NV, class T>
+void table_blocked_item(const T* Q, const T* Kg, const T* Vg, const int32_t* I, const int32_t* B,
                         int64_t n, int64_t R, int64_t nch, int64_t row0, int64_t i0, int64_t i1, float sc,
                         float* Og, int64_t osR, float* Lg, std::vector<float>& mx, std::vector<float>& sm,
                         std::vector<float>& s) {
@@ -905,9 +905,9 @@ void table_blocked_item(const float* Q, const float* Kg, const float* Vg, const 
       const int32_t e0 = B[i * (nch + 1) + c], e1 = B[i * (nch + 1) + c + 1];
       if (e0 >= e1) continue;
       const int32_t* row = I + i * R;
-      const float* qi = Q + (row0 + i) * d;
+      const T* qi = Q + (row0 + i) * d;
       __m512 qv[NV];
-      for (int u = 0; u < NV; ++u) qv[u] = _mm512_loadu_ps(qi + 16 * u);
+      for (int u = 0; u < NV; ++u) qv[u] = load16(qi + 16 * u);
       // scores of this chunk's keys, 16 at a time, and their max with the row's running max
       const int32_t cnt = e1 - e0;
       __m512 mxv = _mm512_set1_ps(mx[i - i0]);
@@ -940,18 +940,18 @@ void table_blocked_item(const float* Q, const float* Kg, const float* Vg, const 
       const int32_t* ids = row + e0;
       int32_t t = 0;
       for (; t + 1 < cnt; t += 2) {
-        const float* v0 = Vg + static_cast<int64_t>(ids[t]) * d;
-        const float* v1 = Vg + static_cast<int64_t>(ids[t + 1]) * d;
+        const T* v0 = Vg + static_cast<int64_t>(ids[t]) * d;
+        const T* v1 = Vg + static_cast<int64_t>(ids[t + 1]) * d;
         const __m512 p0 = _mm512_set1_ps(s[t]), p1 = _mm512_set1_ps(s[t + 1]);
         for (int u = 0; u < NV; ++u) {
-          acc[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * u), acc[u]);
-          acc2[u] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * u), acc2[u]);
+          acc[u] = _mm512_fmadd_ps(p0, load16(v0 + 16 * u), acc[u]);
+          acc2[u] = _mm512_fmadd_ps(p1, load16(v1 + 16 * u), acc2[u]);
         }
       }
       if (t < cnt) {
-        const float* v0 = Vg + static_cast<int64_t>(ids[t]) * d;
+        const T* v0 = Vg + static_cast<int64_t>(ids[t]) * d;
         const __m512 p0 = _mm512_set1_ps(s[t]);
-        for (int u = 0; u < NV; ++u) acc[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * u), acc[u]);
+        for (int u = 0; u < NV; ++u) acc[u] = _mm512_fmadd_ps(p0, load16(v0 + 16 * u), acc[u]);
       }
       for (int u = 0; u < NV; ++u) _mm512_storeu_ps(oi + 16 * u, _mm512_add_ps(acc[u], acc2[u]));
       sm[i - i0] = sm[i - i0] * alpha + _mm512_reduce_add_ps(psum);
@@ -973,22 +973,24 @@ void table_blocked_item(const float* Q, const float* Kg, const float* Vg, const 
 // (online softmax: running max, sum and output row, in out itself). A chunk of K and V (~1 MiB)
 // stays in L2 while all queries read it, instead of each query reading its 2R rows from wherever
 // they lie (the unblocked loop is bound by those scattered reads from L3). head_dim 32, 64, 128.
-std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                                 torch::Tensor idx, torch::Tensor bounds, int64_t row0,
-                                                 double scale, torch::Tensor out_in) {
+template <class T>
+std::vector<torch::Tensor> table_forward_blocked_t(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                   torch::Tensor idx, torch::Tensor bounds, int64_t row0,
+                                                   double scale, torch::Tensor out_in) {
   const int64_t G = q.size(0), n = q.size(1), d = q.size(2);
   const int64_t rows = idx.size(0), R = idx.size(1), nch = bounds.size(1) - 1;
   TORCH_CHECK(bounds.size(0) == rows && bounds.scalar_type() == torch::kInt32 && bounds.is_contiguous() &&
                   idx.scalar_type() == torch::kInt32 && idx.is_contiguous(),
               "blocked key tables: idx (rows, R) and bounds (rows, chunks + 1), contiguous int32");
   TORCH_CHECK(d == 32 || d == 64 || d == 128, "table_forward_blocked: head_dim must be 32, 64 or 128");
-  auto out = out_in.numel() ? out_in : torch::empty({G, rows, d}, q.options());
-  TORCH_CHECK(out.stride(2) == 1, "table_forward_blocked: out needs a unit last stride");
+  const auto f32 = q.options().dtype(torch::kFloat32);  // fp32 output and lse whatever q's dtype
+  auto out = out_in.numel() ? out_in : torch::empty({G, rows, d}, f32);
+  TORCH_CHECK(out.stride(2) == 1 && out.scalar_type() == torch::kFloat32, "table_forward_blocked: out needs fp32 and a unit last stride");
   const int64_t osG = out.stride(0), osR = out.stride(1);
-  auto lse = torch::empty({G, rows}, q.options());
-  const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
+  auto lse = torch::empty({G, rows}, f32);
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
   const int32_t* I = idx.data_ptr<int32_t>();
   const int32_t* B = bounds.data_ptr<int32_t>();
   float* O = out.data_ptr<float>();
@@ -1003,9 +1005,9 @@ std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor 
     for (int64_t item = b; item < e; ++item) {
       const int64_t g = item / tiles, i0 = (item % tiles) * tile_rows, i1 = std::min(rows, i0 + tile_rows);
       if (i0 >= i1) continue;
-      const float* Qg = Q + g * n * d;
-      const float* Kg = K + g * n * d;
-      const float* Vg = V + g * n * d;
+      const T* Qg = Q + g * n * d;
+      const T* Kg = K + g * n * d;
+      const T* Vg = V + g * n * d;
       float* Og = O + g * osG;
       float* Lg = L + g * rows;
       if (d == 32) table_blocked_item<2>(Qg, Kg, Vg, I, B, n, R, nch, row0, i0, i1, sc, Og, osR, Lg, mx, sm, s);
@@ -1021,8 +1023,8 @@ std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor 
 // lse: (G, rows) this call's log-sum-exp. Chunk by chunk as the forward: the chunk's key and value
 // rows and their gradient rows stay in L2 while every query with keys there adds to them. One
 // sequence per work item (key gradients of a sequence are summed by one thread, without locks).
-template <int NV>
-void table_blocked_backward_item(const float* Qg, const float* Kg, const float* Vg, const int32_t* I,
+template <int NV, class T>
+void table_blocked_backward_item(const T* Qg, const T* Kg, const T* Vg, const int32_t* I,
                                  const int32_t* B, int64_t R, int64_t nch, int64_t row0, int64_t rows, float sc,
                                  const float* GOg, const float* Og, const float* Lg, float* DQg, float* DKg,
                                  float* DVg, std::vector<float>& Dr) {
@@ -1042,12 +1044,12 @@ void table_blocked_backward_item(const float* Qg, const float* Kg, const float* 
       const float li = Lg[i];
       if (e0 >= e1 || !std::isfinite(li)) continue;
       const int32_t* row = I + i * R;
-      const float* qi = Qg + (row0 + i) * d;
+      const T* qi = Qg + (row0 + i) * d;
       const float* gi = GOg + i * d;
       float* dqi = DQg + (row0 + i) * d;
       __m512 qv[NV], gv[NV], dq[NV];
       for (int u = 0; u < NV; ++u) {
-        qv[u] = _mm512_loadu_ps(qi + 16 * u);
+        qv[u] = load16(qi + 16 * u);
         gv[u] = _mm512_loadu_ps(gi + 16 * u);
         dq[u] = _mm512_loadu_ps(dqi + 16 * u);
       }
@@ -1068,13 +1070,13 @@ void table_blocked_backward_item(const float* Qg, const float* Kg, const float* 
       for (int u = 0; u < NV; ++u) dq2[u] = _mm512_setzero_ps();
       for (int32_t t = 0; t < cnt; ++t) {
         const int64_t j = row[e0 + t];
-        const float* kj = Kg + j * d;
+        const T* kj = Kg + j * d;
         const __m512 dsv = _mm512_set1_ps(db[t]), pv = _mm512_set1_ps(pb[t]);
         float* dkj = DKg + j * d;
         float* dvj = DVg + j * d;
         for (int u = 0; u < NV; ++u) {
-          if (t & 1) dq2[u] = _mm512_fmadd_ps(dsv, _mm512_loadu_ps(kj + 16 * u), dq2[u]);
-          else dq[u] = _mm512_fmadd_ps(dsv, _mm512_loadu_ps(kj + 16 * u), dq[u]);
+          if (t & 1) dq2[u] = _mm512_fmadd_ps(dsv, load16(kj + 16 * u), dq2[u]);
+          else dq[u] = _mm512_fmadd_ps(dsv, load16(kj + 16 * u), dq[u]);
           _mm512_storeu_ps(dkj + 16 * u, _mm512_fmadd_ps(dsv, qv[u], _mm512_loadu_ps(dkj + 16 * u)));
           _mm512_storeu_ps(dvj + 16 * u, _mm512_fmadd_ps(pv, gv[u], _mm512_loadu_ps(dvj + 16 * u)));
         }
@@ -1085,18 +1087,19 @@ void table_blocked_backward_item(const float* Qg, const float* Kg, const float* 
   }
 }
 
-void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, torch::Tensor bounds,
-                            int64_t row0, double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
-                            torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+template <class T>
+void table_backward_blocked_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, torch::Tensor bounds,
+                              int64_t row0, double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                              torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
   const int64_t G = q.size(0), n = q.size(1), d = q.size(2);
   const int64_t rows = idx.size(0), R = idx.size(1), nch = bounds.size(1) - 1;
   TORCH_CHECK(bounds.size(0) == rows && bounds.scalar_type() == torch::kInt32 && bounds.is_contiguous() &&
                   idx.scalar_type() == torch::kInt32 && idx.is_contiguous(),
               "blocked key tables: idx (rows, R) and bounds (rows, chunks + 1), contiguous int32");
   TORCH_CHECK(d == 32 || d == 64 || d == 128, "table_backward_blocked: head_dim must be 32, 64 or 128");
-  const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
   const int32_t* I = idx.data_ptr<int32_t>();
   const int32_t* B = bounds.data_ptr<int32_t>();
   const float* GO = go.data_ptr<float>();
@@ -1120,6 +1123,34 @@ void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
         table_blocked_backward_item<8>(Q + off, K + off, V + off, I, B, R, nch, row0, rows, sc, GOg, Og, L + g * rows, DQ + off, DK + off, DV + off, Dr);
     }
   });
+}
+
+// q, k, v in fp32, bf16 or fp16 (widened to fp32 as loaded); go, o, lse, output and gradients fp32
+std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                 torch::Tensor idx, torch::Tensor bounds, int64_t row0,
+                                                 double scale, torch::Tensor out_in) {
+  const auto t = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == t && v.scalar_type() == t, "table_forward_blocked: q, k, v dtypes differ");
+  if (t == torch::kBFloat16) return table_forward_blocked_t<at::BFloat16>(q, k, v, idx, bounds, row0, scale, out_in);
+  if (t == torch::kFloat16) return table_forward_blocked_t<at::Half>(q, k, v, idx, bounds, row0, scale, out_in);
+  TORCH_CHECK(t == torch::kFloat32, "table_forward_blocked: fp32, bf16 or fp16");
+  return table_forward_blocked_t<float>(q, k, v, idx, bounds, row0, scale, out_in);
+}
+
+void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, torch::Tensor bounds,
+                            int64_t row0, double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                            torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  const auto t = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == t && v.scalar_type() == t, "table_backward_blocked: q, k, v dtypes differ");
+  TORCH_CHECK(go.scalar_type() == torch::kFloat32 && o.scalar_type() == torch::kFloat32 &&
+                  dq.scalar_type() == torch::kFloat32 && dk.scalar_type() == torch::kFloat32 &&
+                  dv.scalar_type() == torch::kFloat32, "table_backward_blocked: fp32 go, o and gradients");
+  if (t == torch::kBFloat16) table_backward_blocked_t<at::BFloat16>(q, k, v, idx, bounds, row0, scale, go, o, lse, dq, dk, dv);
+  else if (t == torch::kFloat16) table_backward_blocked_t<at::Half>(q, k, v, idx, bounds, row0, scale, go, o, lse, dq, dk, dv);
+  else {
+    TORCH_CHECK(t == torch::kFloat32, "table_backward_blocked: fp32, bf16 or fp16");
+    table_backward_blocked_t<float>(q, k, v, idx, bounds, row0, scale, go, o, lse, dq, dk, dv);
+  }
 }
 
 bool has_window() { return true; }

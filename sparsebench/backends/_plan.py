@@ -221,7 +221,8 @@ class _Builder:
         self.head_dim = head_dim
         # window calls will run on the native kernel (it computes each row's key range only)
         self.native_windows = (
-            NATIVE_WINDOWS and device.type == "cpu" and dtype == torch.float32 and head_dim % 32 == 0
+            NATIVE_WINDOWS and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and head_dim % 32 == 0
             and _native.enabled() and _native._capability() == "AVX512"
         )  # fmt: skip
         self.calls: list[Call] = []
@@ -455,14 +456,19 @@ class _Builder:
         t = part.table[:n].cpu()
         self.kinds.append("table")
         R = t.shape[1]
-        native = self.device.type == "cpu" and self.dtype == torch.float32 and _native.enabled()
-        # the native kernel reads rows in place (large calls); gathering needs small ones
-        step = TABLE_ROWS if native else 8 * self.chunk(R)
-        # AVX-512: the cache-blocked kernel, chunks of keys whose K and V rows fill ~1 MiB; while
-        # there are no more chunks than keys per query (beyond that, the per-chunk bounds would
-        # outgrow the table itself, n^2 / chunk, and most visits would find nothing)
+        cpu = self.device.type == "cpu" and _native.enabled()
+        # AVX-512: the cache-blocked kernel (fp32, bf16, fp16), chunks of keys whose K and V rows
+        # fill ~1 MiB in fp32; while there are no more chunks than keys per query (beyond that,
+        # the per-chunk bounds would outgrow the table itself, n^2 / chunk, and most visits would
+        # find nothing)
         chunk = max(64, KEY_CHUNK_BYTES // (2 * 4 * self.head_dim))
-        blocked = native and self.native_windows and self.head_dim in (32, 64, 128) and -(-n // chunk) <= R
+        blocked = (
+            cpu and self.native_windows and self.head_dim in (32, 64, 128) and -(-n // chunk) <= R
+            and self.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        )  # fmt: skip
+        native = cpu and (self.dtype == torch.float32 or blocked)
+        # the native kernels read rows in place (large calls); gathering needs small ones
+        step = TABLE_ROWS if native else 8 * self.chunk(R)
         for s in range(0, n, step):
             e = min(n, s + step)
             tt = t[s:e]
@@ -744,7 +750,11 @@ def _write(call: Call, out, lse, o, l) -> None:
 
 
 def _native_ok(call: Call, qs: torch.Tensor) -> bool:
-    return call.table is not None and qs.device.type == "cpu" and qs.dtype == torch.float32 and _native.kernel() is not None
+    """Whether a key-table call runs on the native kernels: fp32, or bf16 / fp16 on the blocked
+    (AVX-512) ones."""
+    if call.table is None or qs.device.type != "cpu" or _native.kernel() is None:
+        return False
+    return qs.dtype == torch.float32 or (call.bounds is not None and _native_window(qs))
 
 
 def _whole(plan: Plan) -> Call | None:
@@ -790,7 +800,9 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
         out.view(G, 1, n, d).copy_(o)
         return out, None, [l]
     # fp32 when calls are merged, or when the native kernel (fp32 output) serves low precision
-    native_low = q.dtype != torch.float32 and any(c.ranges is not None for c in plan.calls) and _native_window(qs)
+    native_low = q.dtype != torch.float32 and _native_window(qs) and any(
+        c.ranges is not None or _native_ok(c, qs) for c in plan.calls
+    )
     acc = torch.float32 if plan.multi or native_low else q.dtype
     out = (torch.zeros if plan.init else torch.empty)(G, n, d, dtype=acc, device=q.device)
     lse = None
