@@ -1,4 +1,4 @@
-"""Small C++ kernels for the CPU (fp32), used where they beat the PyTorch path:
+"""Small C++ kernels for the CPU (fp32 arithmetic), used where they beat the PyTorch path:
 
 * ``window_forward`` / ``window_backward``: attention of query blocks against key windows with
   one contiguous key range per row (bands, block bands). ATen's flash kernel runs such small units
@@ -6,13 +6,16 @@
   windows' keys once into 32-key tiles and computes 8 x 32 register blocks, each 8-row block only
   over the tiles its keys touch (AVX-512 only). ``gather_forward``: the same with gathered keys
   (rows copied once, into the packed tiles). Given the plan's log-sum-exps of the rows, a call
-  merges into what earlier calls wrote (no output chunk, no merge pass in PyTorch). Both also take
-  bf16 / fp16 inputs, widened to fp32 as they are loaded (fp32 arithmetic and output).
+  merges into what earlier calls wrote (no output chunk, no merge pass in PyTorch).
 * ``table_forward`` / ``table_backward``: per-query key tables (random attention), each query's R
   keys read in place. Gathering R rows per query (R = 64: 4 GiB at n = 16384, 8 heads) is slower
   than dense attention in PyTorch; reading the rows where they lie costs a fraction of that.
   ``table_forward_blocked`` (AVX-512): the keys sorted per query and taken chunk by chunk of K and
   V rows that stay in L2, with an online softmax; about 2.5x faster than reading them from L3.
+
+The AVX-512 kernels (windows, gathered keys, blocked tables, forward and backward) also take bf16
+and fp16 q, k, v, widened to fp32 as they are loaded (fp32 output and gradients); the others are
+fp32 only.
 
 Built on first use with torch.utils.cpp_extension (needs a C++ compiler; the build is cached,
 about 30-60 s the first time). ``kernel()`` returns None where it cannot be built or is switched
@@ -455,6 +458,18 @@ struct ForwardOut {
   float* merged(int64_t x, int64_t m) const { return LI == nullptr ? nullptr : LI + x * liX + m * liM; }
 };
 
+// f(T{}) for T the element type of q, which the tensors in `same` share: fp32, bf16 or fp16 (the
+// kernels widen the low precisions to fp32 as they load them).
+template <class F>
+auto by_dtype(const char* name, const torch::Tensor& q, std::initializer_list<torch::Tensor> same, F&& f) {
+  const auto t = q.scalar_type();
+  for (const auto& x : same) TORCH_CHECK(x.scalar_type() == t, name, ": q, k, v (go, o) dtypes differ");
+  if (t == torch::kBFloat16) return f(at::BFloat16{});
+  if (t == torch::kFloat16) return f(at::Half{});
+  TORCH_CHECK(t == torch::kFloat32, name, ": fp32, bf16 or fp16");
+  return f(0.f);
+}
+
 }  // namespace
 
 // Attention of q (X, M, L, d) against k, v (X, M, S, d) views (unit last stride; the key windows
@@ -566,27 +581,17 @@ std::vector<torch::Tensor> gather_forward_t(torch::Tensor q, torch::Tensor k, to
 std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                           torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
                                           torch::Tensor lse_in) {
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "window_forward: q, k, v dtypes differ");
-  switch (q.scalar_type()) {
-    case torch::kFloat32: return window_forward_t<float>(q, k, v, lo_t, hi_t, scale, out_in, lse_in);
-    case torch::kBFloat16: return window_forward_t<at::BFloat16>(q, k, v, lo_t, hi_t, scale, out_in, lse_in);
-    case torch::kFloat16: return window_forward_t<at::Half>(q, k, v, lo_t, hi_t, scale, out_in, lse_in);
-    default: TORCH_CHECK(false, "window_forward: fp32, bf16 or fp16");
-  }
-  return {};
+  return by_dtype("window_forward", q, {k, v}, [&](auto z) {
+    return window_forward_t<decltype(z)>(q, k, v, lo_t, hi_t, scale, out_in, lse_in);
+  });
 }
 
 std::vector<torch::Tensor> gather_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
                                           torch::Tensor lo_t, torch::Tensor hi_t, double scale, torch::Tensor out_in,
                                           torch::Tensor lse_in) {
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "gather_forward: q, k, v dtypes differ");
-  switch (q.scalar_type()) {
-    case torch::kFloat32: return gather_forward_t<float>(q, k, v, idx, lo_t, hi_t, scale, out_in, lse_in);
-    case torch::kBFloat16: return gather_forward_t<at::BFloat16>(q, k, v, idx, lo_t, hi_t, scale, out_in, lse_in);
-    case torch::kFloat16: return gather_forward_t<at::Half>(q, k, v, idx, lo_t, hi_t, scale, out_in, lse_in);
-    default: TORCH_CHECK(false, "gather_forward: fp32, bf16 or fp16");
-  }
-  return {};
+  return by_dtype("gather_forward", q, {k, v}, [&](auto z) {
+    return gather_forward_t<decltype(z)>(q, k, v, idx, lo_t, hi_t, scale, out_in, lse_in);
+  });
 }
 
 // acc[j][c0..c0+31] += sum_r w[r][j] * x[r][c0..c0+31] for j < nj, r < nr (nr rows of w, stride
@@ -843,15 +848,11 @@ void window_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
                      double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
                      torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor idx,
                      torch::Tensor lm_t) {
-  const auto t = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == t && v.scalar_type() == t && go.scalar_type() == t && o.scalar_type() == t,
-              "window_backward: q, k, v, go, o dtypes differ");
   TORCH_CHECK(dq.scalar_type() == torch::kFloat32 && dk.scalar_type() == torch::kFloat32 &&
                   dv.scalar_type() == torch::kFloat32, "window_backward: fp32 gradients");
-  if (t == torch::kFloat32) window_backward_t<float>(q, k, v, lo_t, hi_t, scale, go, o, lse, dq, dk, dv, idx, lm_t);
-  else if (t == torch::kBFloat16) window_backward_t<at::BFloat16>(q, k, v, lo_t, hi_t, scale, go, o, lse, dq, dk, dv, idx, lm_t);
-  else if (t == torch::kFloat16) window_backward_t<at::Half>(q, k, v, lo_t, hi_t, scale, go, o, lse, dq, dk, dv, idx, lm_t);
-  else TORCH_CHECK(false, "window_backward: fp32, bf16 or fp16");
+  by_dtype("window_backward", q, {k, v, go, o}, [&](auto z) {
+    window_backward_t<decltype(z)>(q, k, v, lo_t, hi_t, scale, go, o, lse, dq, dk, dv, idx, lm_t);
+  });
 }
 
 // Lane t of the result: the sum of the lanes of a[t], t = 0..15 (16 dot products finished at once,
@@ -1129,28 +1130,20 @@ void table_backward_blocked_t(torch::Tensor q, torch::Tensor k, torch::Tensor v,
 std::vector<torch::Tensor> table_forward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                  torch::Tensor idx, torch::Tensor bounds, int64_t row0,
                                                  double scale, torch::Tensor out_in) {
-  const auto t = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == t && v.scalar_type() == t, "table_forward_blocked: q, k, v dtypes differ");
-  if (t == torch::kBFloat16) return table_forward_blocked_t<at::BFloat16>(q, k, v, idx, bounds, row0, scale, out_in);
-  if (t == torch::kFloat16) return table_forward_blocked_t<at::Half>(q, k, v, idx, bounds, row0, scale, out_in);
-  TORCH_CHECK(t == torch::kFloat32, "table_forward_blocked: fp32, bf16 or fp16");
-  return table_forward_blocked_t<float>(q, k, v, idx, bounds, row0, scale, out_in);
+  return by_dtype("table_forward_blocked", q, {k, v}, [&](auto z) {
+    return table_forward_blocked_t<decltype(z)>(q, k, v, idx, bounds, row0, scale, out_in);
+  });
 }
 
 void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, torch::Tensor bounds,
                             int64_t row0, double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
                             torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
-  const auto t = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == t && v.scalar_type() == t, "table_backward_blocked: q, k, v dtypes differ");
   TORCH_CHECK(go.scalar_type() == torch::kFloat32 && o.scalar_type() == torch::kFloat32 &&
                   dq.scalar_type() == torch::kFloat32 && dk.scalar_type() == torch::kFloat32 &&
                   dv.scalar_type() == torch::kFloat32, "table_backward_blocked: fp32 go, o and gradients");
-  if (t == torch::kBFloat16) table_backward_blocked_t<at::BFloat16>(q, k, v, idx, bounds, row0, scale, go, o, lse, dq, dk, dv);
-  else if (t == torch::kFloat16) table_backward_blocked_t<at::Half>(q, k, v, idx, bounds, row0, scale, go, o, lse, dq, dk, dv);
-  else {
-    TORCH_CHECK(t == torch::kFloat32, "table_backward_blocked: fp32, bf16 or fp16");
-    table_backward_blocked_t<float>(q, k, v, idx, bounds, row0, scale, go, o, lse, dq, dk, dv);
-  }
+  by_dtype("table_backward_blocked", q, {k, v}, [&](auto z) {
+    table_backward_blocked_t<decltype(z)>(q, k, v, idx, bounds, row0, scale, go, o, lse, dq, dk, dv);
+  });
 }
 
 bool has_window() { return true; }
