@@ -18,12 +18,13 @@ Each part of a ``Structure`` becomes a few calls on 4-D views (X sequences, M wi
 * Without a structure: the block layout's diagonal run becomes a ``BlockBand`` and the other
   tiles are gathered, grouped by tile count (identical key blocks gathered once, broadcast).
 
-A call runs on the native kernels of ``_native.py`` where they apply (fp32 CPU: windows whose
-mask is one key range per row, key tables), else on ATen's CPU flash attention (``_attend``; plain
-PyTorch on other devices). Calls that cover the same query rows are merged exactly through their
-log-sum-exp (by the native kernels in place, else by ``_attend.merge``). The backward pass runs
-each call's backward with its share of the output gradient (native for windows: key gradients
-of overlapping windows summed per thread, then added once).
+A call runs on the native kernels of ``_native.py`` where they apply (CPU: windows whose mask is
+one key range per row, key tables; fp32, and bf16 / fp16 on AVX-512), else on ATen's CPU flash
+attention (``_attend``; plain PyTorch on other devices). Calls that cover the same query rows are
+merged exactly through their log-sum-exp (by the native kernels in place, else by
+``_attend.merge``). The backward pass runs each call's backward with its share of the output
+gradient (native for windows: key gradients of overlapping windows summed per thread, then added
+once).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ BACKWARD_KEY_ROWS = 1 << 13
 KV_SPLIT = 512
 # Window calls on the native kernel where it is available (see _native.py).
 NATIVE_WINDOWS = True
+# Element types the AVX-512 kernels take (bf16 / fp16 widened to fp32 as loaded).
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Query rows per call of the native key-table kernel, and per gathered piece without it.
 TABLE_ROWS = 8192
 # Bytes of K and V rows per key chunk of the blocked key-table kernel: the chunk stays in L2
@@ -221,8 +224,7 @@ class _Builder:
         self.head_dim = head_dim
         # window calls will run on the native kernel (it computes each row's key range only)
         self.native_windows = (
-            NATIVE_WINDOWS and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and head_dim % 32 == 0
+            NATIVE_WINDOWS and device.type == "cpu" and dtype in NATIVE_DTYPES and head_dim % 32 == 0
             and _native.enabled() and _native._capability() == "AVX512"
         )  # fmt: skip
         self.calls: list[Call] = []
@@ -462,10 +464,7 @@ class _Builder:
         # the per-chunk bounds would outgrow the table itself, n^2 / chunk, and most visits would
         # find nothing)
         chunk = max(64, KEY_CHUNK_BYTES // (2 * 4 * self.head_dim))
-        blocked = (
-            cpu and self.native_windows and self.head_dim in (32, 64, 128) and -(-n // chunk) <= R
-            and self.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        )  # fmt: skip
+        blocked = cpu and self.native_windows and self.head_dim in (32, 64, 128) and -(-n // chunk) <= R
         native = cpu and (self.dtype == torch.float32 or blocked)
         # the native kernels read rows in place (large calls); gathering needs small ones
         step = TABLE_ROWS if native else 8 * self.chunk(R)
@@ -754,7 +753,12 @@ def _native_ok(call: Call, qs: torch.Tensor) -> bool:
     (AVX-512) ones."""
     if call.table is None or qs.device.type != "cpu" or _native.kernel() is None:
         return False
-    return qs.dtype == torch.float32 or (call.bounds is not None and _native_window(qs))
+    return qs.dtype == torch.float32 or _blocked(call, qs)
+
+
+def _blocked(call: Call, qs: torch.Tensor) -> bool:
+    """Whether a key-table call runs on the cache-blocked kernel (planned with chunk bounds)."""
+    return call.bounds is not None and _native_window(qs)
 
 
 def _whole(plan: Plan) -> Call | None:
@@ -770,8 +774,7 @@ def _native_window(qs: torch.Tensor) -> bool:
     """Whether window calls run on the native kernel: on a CPU with AVX-512, head_dim a multiple
     of 32, fp32, bf16 or fp16 (widened to fp32 as loaded; fp32 output and gradients); set
     NATIVE_WINDOWS = False to compare with ATen's kernel."""
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    if not (NATIVE_WINDOWS and qs.device.type == "cpu" and qs.dtype in dtypes and qs.shape[-1] % 32 == 0):
+    if not (NATIVE_WINDOWS and qs.device.type == "cpu" and qs.dtype in NATIVE_DTYPES and qs.shape[-1] % 32 == 0):
         return False
     mod = _native.kernel()
     return mod is not None and bool(mod.has_window())
@@ -818,7 +821,7 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
             merge = False
             if _native_ok(piece, qs):
                 into = out.narrow(1, piece.q.offset, piece.table.shape[0]) if inplace and piece.first else _NOTHING
-                if piece.bounds is not None and _native_window(qs):
+                if _blocked(piece, qs):
                     o, l = _native.kernel().table_forward_blocked(
                         qs, ks, vs, piece.table, piece.bounds, piece.q.offset, plan.scale, into
                     )  # fmt: skip
@@ -898,7 +901,7 @@ def run_backward(plan: Plan, q, k, v, out, lse, saved, dout):
                     plan.scale, go.reshape(G, -1, d).float().contiguous(),
                     call.q.data(os_).reshape(G, -1, d).float().contiguous(), l.reshape(G, -1).contiguous(), gq, gk, gv,
                 )  # fmt: skip
-                if call.bounds is not None and _native_window(qs):
+                if _blocked(call, qs):
                     _native.kernel().table_backward_blocked(qs, ks, vs, call.table, call.bounds, call.q.offset, *args)
                 else:
                     _native.kernel().table_backward(qs, ks, vs, call.table, call.q.offset, *args)

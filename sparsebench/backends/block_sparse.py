@@ -7,8 +7,8 @@ computed, by fused attention calls on views of q, k and v.
 any other pattern is planned from its block layout (its diagonal run of full tiles as a block
 band, the remaining tiles gathered). Each call is one fused attention kernel that also returns
 the log-sum-exp of its rows, so calls over different keys of the same queries merge exactly: on
-the CPU the native kernels of ``_native.py`` (key windows in fp32, and bf16 / fp16 forward; key
-tables in fp32), otherwise ATen's CPU flash attention, or plain PyTorch on other devices. The
+the CPU the native kernels of ``_native.py`` (key windows and key tables; fp32, and bf16 / fp16
+on AVX-512), otherwise ATen's CPU flash attention, or plain PyTorch on other devices. The
 output is written in place, chunk by chunk: memory beyond q, k, v and the output is a few MiB of
 per-call temporaries, whatever n. Backward runs each call's backward with its share of the
 output gradient. Any sequence length works; fp32, bf16 and fp16.
