@@ -201,10 +201,15 @@ def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             probes = [r["probe_s"] for r in recs if r.get("probe_s") is not None]
             if probes:
                 merged["probe_s"] = statistics.median(probes)
-            fl = merged.get("flops")
-            merged["tflops"] = fl / merged["time_median_s"] / 1e12 if fl and merged["time_median_s"] else None
+            merged["tflops"] = tflops(merged)
         out.append(merged)
     return out
+
+
+def tflops(rec: dict[str, Any]) -> float | None:
+    """Useful TFLOP/s of an ok record: its useful FLOPs over its median time."""
+    med, fl = rec.get("time_median_s"), rec.get("flops")
+    return fl / med / 1e12 if (med and fl and rec.get("status") == "ok") else None
 
 
 def add_derived(df):

@@ -155,19 +155,16 @@ def run(
                 info = static.fields(case)
                 rec.update(info)
                 series = case.series()
-                if r > 1:  # measured ok in round 1: measured again, whatever failed since
-                    fields = worker.run(case, case.timeout_s) if worker else execute(case)
-                    rec.update(fields)
-                elif series in failed and case.seq_len > failed[series][0]:
+                why = None  # later rounds measure again what round 1 measured ok, whatever failed since
+                if r == 1 and series in failed and case.seq_len > failed[series][0]:
                     n0, st = failed[series]
-                    rec.update(status="skipped", reason=f"this series ended with {st} at n={n0}")
-                else:
+                    why = f"this series ended with {st} at n={n0}"
+                elif r == 1:
                     why = _precheck(case, info)
-                    if why:
-                        rec.update(status="skipped", reason=why)
-                    else:
-                        fields = worker.run(case, case.timeout_s) if worker else execute(case)
-                        rec.update(fields)
+                if why:
+                    rec.update(status="skipped", reason=why)
+                else:
+                    rec.update(worker.run(case, case.timeout_s) if worker else execute(case))
                 rec.setdefault("status", "ok")
                 rec.setdefault("reason", "")
                 _derive(rec)
@@ -225,6 +222,6 @@ def _identity(case: Case) -> dict[str, Any]:
 def _derive(rec: dict[str, Any]) -> None:
     for k in _NULL_TIMES:
         rec.setdefault(k, None)
-    med = rec.get("time_median_s")
-    fl = rec.get("flops")
-    rec["tflops"] = fl / med / 1e12 if (med and fl and rec["status"] == "ok") else None
+    from sparsebench.results import tflops
+
+    rec["tflops"] = tflops(rec)
