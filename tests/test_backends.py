@@ -95,6 +95,14 @@ def test_flex_matches_reference():
     assert (out.double() - reference(pat, q, k, v, True)).abs().max().item() < 1e-5
 
 
+def test_flex_backward_on_cpu_is_skipped_with_its_reason():
+    """torch's FlexAttention raises NotImplementedError for backward on CPU: the case is skipped."""
+    pat = PATTERNS.get("sliding_window").from_params({"window": 8})
+    p = Problem(pat, 64, True, 1, 2, 16, torch.float32, torch.device("cpu"), mode="backward")
+    assert "no backward pass on CPU" in BACKENDS.get("flex")().unsupported(p)
+    assert BACKENDS.get("flex")().unsupported(Problem(pat, 64, True, 1, 2, 16, torch.float32, torch.device("cpu"))) is None
+
+
 def test_api_attention():
     q, k, v = qkv(77, 1, 2, 16)
     out = sparsebench.attention(q, k, v, pattern="sliding_window", backend="block_sparse", window=8, block=16)

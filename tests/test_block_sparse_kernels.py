@@ -205,6 +205,29 @@ def test_plain_torch_path_matches_the_fused_one(monkeypatch):
     assert_forward_backward(plan, pat, q, k, v, False)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 6e-2), (torch.float16, 1e-2)])
+def test_plain_torch_path_in_low_precision(monkeypatch, dtype, tol):
+    """CUDA's plain-PyTorch path for bf16 / fp16 (operands multiplied as they are, fp32 scores),
+    taken here on the CPU: forward and backward against dense attention in float64."""
+    from sparsebench.backends import _attend
+
+    monkeypatch.setattr(_attend, "flash_ok", lambda t: False)
+    monkeypatch.setattr(_attend, "_tensor_cores", lambda t: t.dtype in (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(_attend, "_BMM_OUT_DTYPE", [True])  # the CPU has no bmm out_dtype: widened
+    pat = PATTERNS.get("longformer").from_params({"window": 12, "global_tokens": [0, 40]})
+    n = 97
+    q, k, v = (t.to(dtype).requires_grad_(True) for t in qkv(n))
+    g = torch.randn(q.shape).to(dtype)
+    out = attention_fn(plan_for(pat, n, True, structured=True))(q, k, v)
+    out.backward(g)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, True))
+    ref.backward(g.double())
+    assert out.dtype == dtype
+    for a, b in ((out, ref), (q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < tol
+
+
 @pytest.mark.parametrize(
     "name,params,structured",
     [

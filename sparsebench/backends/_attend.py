@@ -8,8 +8,9 @@ queries can be merged exactly (``merge``).
 
 On the CPU this is ATen's flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``:
 blocked, online softmax, no L x S score matrix in memory). Elsewhere, and where that operator
-is missing, it is plain PyTorch (matmul, logsumexp, softmax) in fp32. A row without any allowed
-key gets a zero output and log-sum-exp 0 from both; the planner knows such rows in advance and
+is missing, it is plain PyTorch (matmul, logsumexp, softmax) with fp32 scores: on CUDA, bf16 and
+fp16 operands are multiplied as they are (tensor cores, fp32 sums), elsewhere widened to fp32.
+A row without any allowed key gets a zero output and log-sum-exp 0 from both; the planner knows such rows in advance and
 sets their log-sum-exp to -inf before merging.
 """
 
@@ -69,34 +70,75 @@ def backward(go, q, k, v, out, lse, mask: Mask | None, causal: bool, scale: floa
     return _math_backward(go, q, k, v, out, lse, mask, causal, scale)
 
 
+_LOW = (torch.bfloat16, torch.float16)
+# whether this torch offers bmm(..., out_dtype=float32) for low-precision CUDA inputs (probed on
+# first use; ATen versions without it raise, and the fp32 path is taken from then on)
+_BMM_OUT_DTYPE = [True]
+
+
+def _tensor_cores(t: torch.Tensor) -> bool:
+    """CUDA inputs in bf16 / fp16: multiplied as they are (fp32 sums) instead of widened first."""
+    return t.is_cuda and t.dtype in _LOW
+
+
+def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for low-precision CUDA operands with an fp32 result: exact products and fp32 sums,
+    the same values as widening both to fp32 first (up to the order of the sums), without the
+    widened copies and on the tensor cores. Falls back to widening where the operator is missing."""
+    if _BMM_OUT_DTYPE[0]:
+        lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        a3 = a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+        try:
+            return torch.bmm(a3, b3, out_dtype=torch.float32).view(*lead, a.shape[-2], b.shape[-1])
+        except (TypeError, RuntimeError, NotImplementedError):
+            _BMM_OUT_DTYPE[0] = False
+    return torch.matmul(a.float(), b.float())
+
+
 def _scores(q, k, mask, causal, scale):
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    """fp32 scores with -inf where not allowed (made once, then updated in place)."""
+    if _tensor_cores(q):
+        s = _bmm_fp32(q, k.transpose(-1, -2))
+    else:
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    s.mul_(scale)
     if causal:
         L, S = s.shape[-2:]
-        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1), NEG_INF)
+        s.masked_fill_(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1), NEG_INF)
     if mask is not None:
-        s = s.masked_fill(~mask.bool, NEG_INF)
+        s.masked_fill_(~mask.bool, NEG_INF)
     return s
+
+
+def _probs(s, lse):
+    """exp(s - lse) in place of the scores."""
+    return s.sub_(lse.unsqueeze(-1)).exp_()
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """a @ b: in ``like``'s low precision with fp32 sums on CUDA (the probabilities rounded to it,
+    as flash attention does), else in fp32."""
+    if _tensor_cores(like):
+        return torch.matmul(a.to(like.dtype), b.to(like.dtype))
+    return torch.matmul(a.float(), b.float())
 
 
 def _math_forward(q, k, v, mask, causal, scale):
     s = _scores(q, k, mask, causal, scale)
     lse = torch.logsumexp(s, dim=-1)
     lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(s - lse.unsqueeze(-1))
-    return torch.matmul(p, v.float()).to(q.dtype), lse
+    return _mm(_probs(s, lse), v, q).to(q.dtype), lse
 
 
 def _math_backward(go, q, k, v, out, lse, mask, causal, scale):
-    s = _scores(q, k, mask, causal, scale)
-    p = torch.exp(s - lse.unsqueeze(-1))
-    gof = go.float()
-    dv = torch.matmul(p.transpose(-1, -2), gof)
-    dp = torch.matmul(gof, v.float().transpose(-1, -2))
-    dsum = (gof * out.float()).sum(-1, keepdim=True)
-    ds = p * (dp - dsum) * scale
-    dq = torch.matmul(ds, k.float())
-    dk = torch.matmul(ds.transpose(-1, -2), q.float())
+    p = _probs(_scores(q, k, mask, causal, scale), lse)
+    dv = _mm(p.transpose(-1, -2), go, q)
+    dp = _bmm_fp32(go, v.transpose(-1, -2)) if _tensor_cores(q) else torch.matmul(go.float(), v.float().transpose(-1, -2))
+    dsum = (go.float() * out.float()).sum(-1, keepdim=True)
+    ds = p.mul_(dp.sub_(dsum)).mul_(scale)
+    dq = _mm(ds, k, q)
+    dk = _mm(ds.transpose(-1, -2), q, q)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

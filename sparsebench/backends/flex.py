@@ -36,6 +36,8 @@ class Flex(Backend):
     def unsupported(self, p: Problem):
         if p.dtype == torch.float16 and p.device.type == "cpu":
             return "FlexAttention on CPU does not support fp16"
+        if p.mode == "backward" and p.device.type == "cpu":
+            return "FlexAttention has no backward pass on CPU"
         return super().unsupported(p)
 
     def prepare(self, p: Problem):

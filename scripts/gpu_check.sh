@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One prepared check on a CUDA machine that already has PyTorch (run from the repository root):
+# the GPU scenarios, the CUDA tests and a profile of the block-sparse backend. Everything lands in
+# $OUT (default ./gpu-out): gpu-check.log and results.tgz (the result folders). Missing Python
+# packages can come as wheels in ./.whl (installed into /tmp/site, nothing else is touched).
+# Each step has its own time limit, so a slow step cannot take the others' time.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+RES=$(mktemp -d)
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD
+fi
+step() {  # step SECONDS NAME COMMAND...: runs it under a limit, logs its time and exit status
+    local limit=$1 name=$2; shift 2
+    echo "=== $name (limit ${limit}s)"
+    local t0=$SECONDS
+    timeout "$limit" "$@"
+    echo "=== $name: exit $? after $((SECONDS - t0)) s"
+}
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    step 60 env python3 -m sparsebench env
+    step ${SCALING_S:-240} gpu-scaling python3 -m sparsebench run scenarios/gpu-scaling.yaml -o "$RES/gpu-scaling"
+    step ${TESTS_S:-100} tests python3 -m pytest tests/test_cuda.py tests/test_decode.py -q -rf --tb=line -p no:cacheprovider
+    step ${TOUR_S:-90} gpu-tour python3 -m sparsebench run scenarios/gpu-tour.yaml -o "$RES/gpu-tour" --no-plots
+    for mode in forward backward; do
+        step 30 "profile $mode" python3 scripts/profile_case.py sliding_window '{"window": 1024}' --n 32768 \
+            --device cuda --dtype bf16 --heads 16 --head-dim 128 --block 128 --mode $mode --rows 20
+    done
+} 2>&1 | tee "$OUT/gpu-check.log"
+tar czf "$OUT/results.tgz" -C "$RES" .
