@@ -118,3 +118,54 @@ def test_api_attention():
 
 def test_every_backend_module_registered():
     assert set(EAGER + ["flex"]) <= set(BACKENDS.names())
+
+
+def _effective_mask(bm, mask_fn, n, block):
+    """The (n, n) pairs a BlockMask lets through: its partial tiles under the mask_mod, its full
+    tiles whole. Also checks that no tile is listed twice."""
+    nbp = bm.kv_num_blocks.shape[-1]
+    out = torch.zeros(nbp * block, nbp * block, dtype=torch.bool)
+    ar = torch.arange(block)
+    for r in range(nbp):
+        part = bm.kv_indices[0, 0, r, : bm.kv_num_blocks[0, 0, r]].tolist()
+        full = bm.full_kv_indices[0, 0, r, : bm.full_kv_num_blocks[0, 0, r]].tolist()
+        assert not set(part) & set(full) and len(set(part)) == len(part) and len(set(full)) == len(full)
+        rows = r * block + ar
+        for c in part + full:
+            cols = c * block + ar
+            tile = torch.ones(block, block, dtype=torch.bool)
+            if c in part:
+                ok = (rows[:, None] < n) & (cols[None, :] < n)
+                tile = mask_fn(rows[:, None].clamp(max=n - 1), cols[None, :].clamp(max=n - 1)) & ok
+            out[r * block : (r + 1) * block, c * block : (c + 1) * block] = tile
+    return out[:n, :n]
+
+
+@pytest.mark.parametrize("n", [256, 300])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name,params", CASES + [("block_local", {"block": 128}), ("sliding_window", {"window": 200})])
+def test_flex_block_mask_from_the_layout_is_the_mask(name, params, causal, n):
+    """The BlockMask made from the pattern's block layout (no n x n evaluation) lets through
+    exactly the pattern's pairs; tiles marked full are full."""
+    from sparsebench.backends.flex import FLEX_BLOCK, block_mask_from_layout
+
+    pat = PATTERNS.get(name).from_params(params)
+    fn = pat.mask_fn(n, causal)
+    bm = block_mask_from_layout(pat.block_layout(n, FLEX_BLOCK, causal), lambda b, h, q, k: fn(q, k), "cpu")
+    assert torch.equal(_effective_mask(bm, fn, n, FLEX_BLOCK), pat.mask(n, causal))
+    if params == {"block": 128} and not causal and n == 256:
+        assert int(bm.full_kv_num_blocks.sum()) == 2 and int(bm.kv_num_blocks.sum()) == 0
+
+
+@pytest.mark.parametrize("name,params,n", [("block_local", {"block": 128}, 300), ("dense", {}, 384)])
+def test_flex_with_full_tiles_matches_reference(name, params, n):
+    """Compiled FlexAttention on a mask with full tiles (no mask_mod) and a short last block."""
+    be = BACKENDS.get("flex")
+    why = be.unavailable(torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    pat = PATTERNS.get(name).from_params(params)
+    p = Problem(pat, n, False, 1, 2, 16, torch.float32, torch.device("cpu"))
+    q, k, v = qkv(n, 1, 2, 16)
+    out = be().prepare(p)(q, k, v)
+    assert (out.double() - reference(pat, q, k, v, False)).abs().max().item() < 1e-5

@@ -552,10 +552,27 @@ def _keys_tiles(keys: torch.Tensor, n: int, block: int, causal: bool, transpose:
     return o_idx, blocks[b_idx], cnt
 
 
+def _table_tiles(table: torch.Tensor, n: int, block: int, causal: bool, rows_per_chunk: int = 1 << 16):
+    """Tiles of a Table part with exact counts (its keys are distinct per row): one pass over the
+    table, by chunks of whole query blocks."""
+    nb = math.ceil(n / block)
+    step = max(block, rows_per_chunk // block * block)
+    qs, ks, cs = [], [], []
+    for r0 in range(0, table.shape[0], step):
+        t = table[r0 : r0 + step]
+        i = torch.arange(r0, r0 + t.shape[0])[:, None].expand_as(t)
+        ok = (t >= 0) & (t <= i) if causal else t >= 0
+        tiles, cnt = torch.unique((i[ok] // block) * nb + t[ok] // block, return_counts=True)
+        qs.append(tiles // nb)
+        ks.append(tiles % nb)
+        cs.append(cnt)
+    return torch.cat(qs), torch.cat(ks), torch.cat(cs)
+
+
 def structured_layout(pattern: Pattern, st: Structure, block: int) -> BlockLayout | None:
     """The block layout from a structure: each part's tiles are counted analytically; tiles that
     two parts touch are evaluated exactly (few: where a column of sinks meets the band). None
-    when a part has no analytic tile count (tables, residue bands) or would be too large."""
+    when a part has no analytic tile count (block tables, residue bands) or would be too large."""
     n, causal = st.n, st.causal
     nb = math.ceil(n / block)
     tq, tk, tc = [], [], []
@@ -567,6 +584,8 @@ def structured_layout(pattern: Pattern, st: Structure, block: int) -> BlockLayou
             if sel.numel() * nb > (1 << 24):
                 return None
             a, b_, c = _keys_tiles(sel.cpu(), n, block, causal, transpose=isinstance(part, Rows))
+        elif isinstance(part, Table):
+            a, b_, c = _table_tiles(part.table.cpu(), n, block, causal)
         else:
             return None
         if a.numel() > (1 << 24):
