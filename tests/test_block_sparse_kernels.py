@@ -205,6 +205,24 @@ def test_plain_torch_path_matches_the_fused_one(monkeypatch):
     assert_forward_backward(plan, pat, q, k, v, False)
 
 
+@pytest.mark.parametrize(
+    "name,params", [("dense", {}), ("longformer", {"window": 12, "global_tokens": [0, 40]}), ("strided", {"stride": 9})]
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_plain_torch_path_by_pieces_of_rows(monkeypatch, name, params, causal):
+    """Calls whose score matrix exceeds MATH_ELEMS run by pieces of query rows (a causal piece
+    sees only the keys before its end): forward and backward unchanged."""
+    from sparsebench.backends import _attend
+
+    monkeypatch.setattr(_attend, "flash_ok", lambda t: False)
+    monkeypatch.setattr(_attend, "MATH_ELEMS", 6 * 97 * 10)  # about 10 rows per piece
+    pat = PATTERNS.get(name).from_params(params)
+    n = 97
+    q, k, v = (t.requires_grad_(True) for t in qkv(n))
+    assert_forward_backward(plan_for(pat, n, causal, structured=False), pat, q, k, v, causal)
+    assert len(_attend._pieces(torch.empty(6, 1, n, 16), torch.empty(6, 1, n, 16), causal)) == 10
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 6e-2), (torch.float16, 1e-2)])
 def test_plain_torch_path_in_low_precision(monkeypatch, dtype, tol):
     """CUDA's plain-PyTorch path for bf16 / fp16 (operands multiplied as they are, fp32 scores),
@@ -214,6 +232,7 @@ def test_plain_torch_path_in_low_precision(monkeypatch, dtype, tol):
     monkeypatch.setattr(_attend, "flash_ok", lambda t: False)
     monkeypatch.setattr(_attend, "_tensor_cores", lambda t: t.dtype in (torch.bfloat16, torch.float16))
     monkeypatch.setattr(_attend, "_BMM_OUT_DTYPE", [True])  # the CPU has no bmm out_dtype: widened
+    monkeypatch.setattr(_attend, "MATH_ELEMS", 6 * 97 * 16)  # and by pieces of rows
     pat = PATTERNS.get("longformer").from_params({"window": 12, "global_tokens": [0, 40]})
     n = 97
     q, k, v = (t.to(dtype).requires_grad_(True) for t in qkv(n))

@@ -16,6 +16,8 @@ sets their log-sum-exp to -inf before merging.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -71,6 +73,9 @@ def backward(go, q, k, v, out, lse, mask: Mask | None, causal: bool, scale: floa
 
 
 _LOW = (torch.bfloat16, torch.float16)
+# fp32 score elements per piece of the plain-PyTorch path: a larger call runs by pieces of query
+# rows (one call of the dense pattern at n = 32768 would need 64 GiB at once on a GPU)
+MATH_ELEMS = 1 << 26
 # whether this torch offers bmm(..., out_dtype=float32) for low-precision CUDA inputs (probed on
 # first use; ATen versions without it raise, and the fp32 path is taken from then on)
 _BMM_OUT_DTYPE = [True]
@@ -96,8 +101,9 @@ def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.float(), b.float())
 
 
-def _scores(q, k, mask, causal, scale):
-    """fp32 scores with -inf where not allowed (made once, then updated in place)."""
+def _scores(q, k, mask, causal, scale, row0=0):
+    """fp32 scores with -inf where not allowed (made once, then updated in place). ``row0``: the
+    first query row's index (a piece of a causal call: row t sees keys <= row0 + t)."""
     if _tensor_cores(q):
         s = _bmm_fp32(q, k.transpose(-1, -2))
     else:
@@ -105,7 +111,7 @@ def _scores(q, k, mask, causal, scale):
     s.mul_(scale)
     if causal:
         L, S = s.shape[-2:]
-        s.masked_fill_(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1), NEG_INF)
+        s.masked_fill_(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1 + row0), NEG_INF)
     if mask is not None:
         s.masked_fill_(~mask.bool, NEG_INF)
     return s
@@ -124,22 +130,76 @@ def _mm(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.float(), b.float())
 
 
+def _pieces(q, k, causal) -> list[tuple[int, int, int]]:
+    """(first row, end row, keys seen) of each piece of query rows, so that no piece's fp32 score
+    matrix exceeds MATH_ELEMS (a causal piece sees only the keys before its end)."""
+    L, S = q.shape[-2], k.shape[-2]
+    lead = math.prod(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+    step = max(1, MATH_ELEMS // max(1, lead * S))
+    return [(r0, min(L, r0 + step), min(S, r0 + step) if causal else S) for r0 in range(0, L, step)]
+
+
+def _piece_mask(mask: Mask | None, r0: int, r1: int, s1: int) -> Mask | None:
+    if mask is None:
+        return None
+    b = mask.bool
+    if b.dim() >= 2 and b.shape[-2] > 1:
+        b = b[..., r0:r1, :]
+    if b.dim() >= 1 and b.shape[-1] > 1:
+        b = b[..., :s1]
+    return Mask(b)
+
+
 def _math_forward(q, k, v, mask, causal, scale):
-    s = _scores(q, k, mask, causal, scale)
+    pieces = _pieces(q, k, causal)
+    if len(pieces) == 1:
+        return _forward_piece(q, k, v, mask, causal, scale, 0)
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    out = q.new_empty(*lead, q.shape[-2], v.shape[-1])
+    lse = torch.empty(*lead, q.shape[-2], dtype=torch.float32, device=q.device)
+    for r0, r1, s1 in pieces:
+        o, l = _forward_piece(
+            q[..., r0:r1, :], k[..., :s1, :], v[..., :s1, :], _piece_mask(mask, r0, r1, s1), causal, scale, r0
+        )
+        out[..., r0:r1, :] = o
+        lse[..., r0:r1] = l
+    return out, lse
+
+
+def _forward_piece(q, k, v, mask, causal, scale, row0):
+    s = _scores(q, k, mask, causal, scale, row0)
     lse = torch.logsumexp(s, dim=-1)
     lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     return _mm(_probs(s, lse), v, q).to(q.dtype), lse
 
 
 def _math_backward(go, q, k, v, out, lse, mask, causal, scale):
-    p = _probs(_scores(q, k, mask, causal, scale), lse)
+    pieces = _pieces(q, k, causal)
+    if len(pieces) == 1:
+        dq, dk, dv = _backward_piece(go, q, k, v, out, lse, mask, causal, scale, 0)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    dq = q.new_empty(*lead, *q.shape[-2:])
+    dk = torch.zeros(*lead, *k.shape[-2:], dtype=torch.float32, device=k.device)
+    dv = torch.zeros(*lead, *v.shape[-2:], dtype=torch.float32, device=v.device)
+    for r0, r1, s1 in pieces:
+        dq_p, dk_p, dv_p = _backward_piece(
+            go[..., r0:r1, :], q[..., r0:r1, :], k[..., :s1, :], v[..., :s1, :], out[..., r0:r1, :],
+            lse[..., r0:r1], _piece_mask(mask, r0, r1, s1), causal, scale, r0,
+        )  # fmt: skip
+        dq[..., r0:r1, :] = dq_p
+        dk[..., :s1, :] += dk_p
+        dv[..., :s1, :] += dv_p
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _backward_piece(go, q, k, v, out, lse, mask, causal, scale, row0):
+    p = _probs(_scores(q, k, mask, causal, scale, row0), lse)
     dv = _mm(p.transpose(-1, -2), go, q)
     dp = _bmm_fp32(go, v.transpose(-1, -2)) if _tensor_cores(q) else torch.matmul(go.float(), v.float().transpose(-1, -2))
     dsum = (go.float() * out.float()).sum(-1, keepdim=True)
     ds = p.mul_(dp.sub_(dsum)).mul_(scale)
-    dq = _mm(ds, k, q)
-    dk = _mm(ds.transpose(-1, -2), q, q)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _mm(ds, k, q), _mm(ds.transpose(-1, -2), q, q), dv
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
