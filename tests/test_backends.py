@@ -153,6 +153,16 @@ def test_flex_block_mask_from_the_layout_is_the_mask(name, params, causal, n):
     fn = pat.mask_fn(n, causal)
     bm = block_mask_from_layout(pat.block_layout(n, FLEX_BLOCK, causal), lambda b, h, q, k: fn(q, k), "cpu")
     assert torch.equal(_effective_mask(bm, fn, n, FLEX_BLOCK), pat.mask(n, causal))
+    # the same partial and full tiles as torch's create_block_mask (which evaluates every pair)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ref = create_block_mask(lambda b, h, q, k: fn(q, k), None, None, n, n, device="cpu", BLOCK_SIZE=FLEX_BLOCK)
+
+    def tiles(num, idx):
+        return [sorted(idx[0, 0, r, : num[0, 0, r]].tolist()) for r in range(num.shape[-1])]
+
+    assert tiles(bm.kv_num_blocks, bm.kv_indices) == tiles(ref.kv_num_blocks, ref.kv_indices)
+    assert tiles(bm.full_kv_num_blocks, bm.full_kv_indices) == tiles(ref.full_kv_num_blocks, ref.full_kv_indices)
     if params == {"block": 128} and not causal and n == 256:
         assert int(bm.full_kv_num_blocks.sum()) == 2 and int(bm.kv_num_blocks.sum()) == 0
 

@@ -5,6 +5,7 @@ paths rest on; layouts of a million tokens without an n x n anything."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -216,11 +217,19 @@ def test_plain_torch_path_by_pieces_of_rows(monkeypatch, name, params, causal):
 
     monkeypatch.setattr(_attend, "flash_ok", lambda t: False)
     monkeypatch.setattr(_attend, "MATH_ELEMS", 6 * 97 * 10)  # about 10 rows per piece
+    pieces = []
+    piece = _attend._forward_piece
+    def counted(q_, k_, *rest):  # fp32 score elements of each piece
+        pieces.append(math.prod(torch.broadcast_shapes(q_.shape[:-2], k_.shape[:-2])) * q_.shape[-2] * k_.shape[-2])
+        return piece(q_, k_, *rest)
+
+    monkeypatch.setattr(_attend, "_forward_piece", counted)
     pat = PATTERNS.get(name).from_params(params)
     n = 97
     q, k, v = (t.requires_grad_(True) for t in qkv(n))
-    assert_forward_backward(plan_for(pat, n, causal, structured=False), pat, q, k, v, causal)
-    assert len(_attend._pieces(torch.empty(6, 1, n, 16), torch.empty(6, 1, n, 16), causal)) == 10
+    plan = plan_for(pat, n, causal, structured=False)
+    assert_forward_backward(plan, pat, q, k, v, causal)
+    assert len(pieces) > len(plan.calls) and max(pieces) <= _attend.MATH_ELEMS  # split, and bounded
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 6e-2), (torch.float16, 1e-2)])
@@ -231,7 +240,7 @@ def test_plain_torch_path_in_low_precision(monkeypatch, dtype, tol):
 
     monkeypatch.setattr(_attend, "flash_ok", lambda t: False)
     monkeypatch.setattr(_attend, "_tensor_cores", lambda t: t.dtype in (torch.bfloat16, torch.float16))
-    monkeypatch.setattr(_attend, "_BMM_OUT_DTYPE", [True])  # the CPU has no bmm out_dtype: widened
+    monkeypatch.setattr(_attend, "_BMM_OUT_DTYPE", {})  # probed afresh: the CPU has none, widened
     monkeypatch.setattr(_attend, "MATH_ELEMS", 6 * 97 * 16)  # and by pieces of rows
     pat = PATTERNS.get("longformer").from_params({"window": 12, "global_tokens": [0, 40]})
     n = 97

@@ -85,6 +85,26 @@ def test_block_sparse_backward_matches_dense_under_the_mask(name, params, dtype)
         assert rel_err(got, ref) < GRAD_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,params", [CASES[0], CASES[6]])
+def test_block_sparse_by_pieces_of_rows(monkeypatch, name, params, dtype):
+    """Calls larger than MATH_ELEMS run by pieces of query rows, forward and backward."""
+    from sparsebench.backends import _attend
+
+    monkeypatch.setattr(_attend, "MATH_ELEMS", 2 * N * 16)
+    pat, p = problem(name, params, dtype, mode="backward")
+    q, k, v = (t.requires_grad_(True) for t in qkv(N, dtype))
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(CUDA, dtype)
+    out = BACKENDS.get("block_sparse")().prepare(p)(q, k, v)
+    out.backward(grad)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = masked_softmax_attention(q2, k2, v2, pat.mask(N, True, CUDA))
+    ref.backward(grad.double())
+    assert rel_err(out, ref) < TOL[dtype]
+    for got, r in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
+        assert rel_err(got, r) < GRAD_TOL[dtype]
+
+
 def test_dense_sdpa_bf16():
     pat, p = problem("dense", {}, torch.bfloat16)
     q, k, v = qkv(N, torch.bfloat16)
@@ -94,14 +114,22 @@ def test_dense_sdpa_bf16():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name,params", [CASES[1], CASES[6], CASES[8]])
-def test_flex_on_cuda_forward_and_backward(name, params, dtype):
-    n = 512  # FlexAttention's block size is 128
-    pat, p = problem(name, params, dtype, mode="backward", n=n)
+@pytest.mark.parametrize(
+    "name,params,n,causal",
+    [
+        (*CASES[1], 512, True),
+        (*CASES[6], 512, True),
+        (*CASES[8], 512, True),
+        ("dense", {}, 300, False),  # full tiles (no mask_mod) and a short last block
+        ("block_local", {"block": 128}, 300, False),
+    ],
+)
+def test_flex_on_cuda_forward_and_backward(name, params, n, causal, dtype):
+    pat, p = problem(name, params, dtype, causal, mode="backward", n=n)
     q, k, v = (t.requires_grad_(True) for t in qkv(n, dtype))
     out = BACKENDS.get("flex")().prepare(p)(q, k, v)
     q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, True, CUDA))
+    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, causal, CUDA))
     assert rel_err(out, ref) < TOL[dtype]
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(CUDA, dtype)
     out.backward(grad)

@@ -76,9 +76,23 @@ _LOW = (torch.bfloat16, torch.float16)
 # fp32 score elements per piece of the plain-PyTorch path: a larger call runs by pieces of query
 # rows (one call of the dense pattern at n = 32768 would need 64 GiB at once on a GPU)
 MATH_ELEMS = 1 << 26
-# whether this torch offers bmm(..., out_dtype=float32) for low-precision CUDA inputs (probed on
-# first use; ATen versions without it raise, and the fp32 path is taken from then on)
-_BMM_OUT_DTYPE = [True]
+# (device type, dtype) -> whether this torch offers bmm(..., out_dtype=float32) there
+_BMM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _bmm_out_dtype_ok(t: torch.Tensor) -> bool:
+    """Probed once per device type and dtype on a tiny product, so that an error of a real call
+    (out of memory, say) is raised as it is instead of switching paths."""
+    key = (t.device.type, t.dtype)
+    ok = _BMM_OUT_DTYPE.get(key)
+    if ok is None:
+        a = torch.ones(1, 2, 2, dtype=t.dtype, device=t.device)
+        try:
+            ok = torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            ok = False
+        _BMM_OUT_DTYPE[key] = ok
+    return ok
 
 
 def _tensor_cores(t: torch.Tensor) -> bool:
@@ -89,15 +103,12 @@ def _tensor_cores(t: torch.Tensor) -> bool:
 def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for low-precision CUDA operands with an fp32 result: exact products and fp32 sums,
     the same values as widening both to fp32 first (up to the order of the sums), without the
-    widened copies and on the tensor cores. Falls back to widening where the operator is missing."""
-    if _BMM_OUT_DTYPE[0]:
+    widened copies and on the tensor cores. Widens where the operator is missing."""
+    if _bmm_out_dtype_ok(a):
         lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a3 = a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
         b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-        try:
-            return torch.bmm(a3, b3, out_dtype=torch.float32).view(*lead, a.shape[-2], b.shape[-1])
-        except (TypeError, RuntimeError, NotImplementedError):
-            _BMM_OUT_DTYPE[0] = False
+        return torch.bmm(a3, b3, out_dtype=torch.float32).view(*lead, a.shape[-2], b.shape[-1])
     return torch.matmul(a.float(), b.float())
 
 

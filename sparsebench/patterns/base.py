@@ -585,7 +585,7 @@ def structured_layout(pattern: Pattern, st: Structure, block: int) -> BlockLayou
                 return None
             a, b_, c = _keys_tiles(sel.cpu(), n, block, causal, transpose=isinstance(part, Rows))
         elif isinstance(part, Table):
-            a, b_, c = _table_tiles(part.table.cpu(), n, block, causal)
+            a, b_, c = _table_tiles(part.table[:n].cpu(), n, block, causal)
         else:
             return None
         if a.numel() > (1 << 24):
