@@ -588,7 +588,7 @@ def structured_layout(pattern: Pattern, st: Structure, block: int) -> BlockLayou
             a, b_, c = _table_tiles(part.table[:n].cpu(), n, block, causal)
         else:
             return None
-        if a.numel() > (1 << 24):
+        if a.numel() > (1 << 24) and not isinstance(part, Table):  # a table's tiles: at most its size
             return None
         tq.append(a)
         tk.append(b_)
