@@ -8,7 +8,8 @@ any other pattern is planned from its block layout (its diagonal run of full til
 band, the remaining tiles gathered). Each call is one fused attention kernel that also returns
 the log-sum-exp of its rows, so calls over different keys of the same queries merge exactly: on
 the CPU the native kernels of ``_native.py`` (key windows and key tables; fp32, and bf16 / fp16
-on AVX-512), otherwise ATen's CPU flash attention, or plain PyTorch on other devices. The
+on AVX-512), otherwise ATen's CPU flash attention, or plain PyTorch on other devices (on CUDA
+that is correct but not fused: slower than dense flash attention and than ``flex``). The
 output is written in place, chunk by chunk: memory beyond q, k, v and the output is a few MiB of
 per-call temporaries, whatever n. Backward runs each call's backward with its share of the
 output gradient. Any sequence length works; fp32, bf16 and fp16.
@@ -56,7 +57,7 @@ def attention_fn(plan: _plan.Plan):
 @BACKENDS.register
 class BlockSparse(Backend):
     name = "block_sparse"
-    summary = "PyTorch block-sparse: fused calls on key windows, columns and gathered tiles"
+    summary = "key windows, columns and tables only: native C++ on CPU, unfused PyTorch on CUDA"
     sparse = True
     # fp32 on the CPU: the first call builds (once, then from the extension cache) and loads the
     # native kernels of _native.py; that first-call cost is reported as compile_s

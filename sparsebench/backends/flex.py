@@ -49,7 +49,7 @@ def block_mask_from_layout(layout, mask_mod, device):
 @BACKENDS.register
 class Flex(Backend):
     name = "flex"
-    summary = "FlexAttention + BlockMask under torch.compile"
+    summary = "FlexAttention + BlockMask (from the block layout) under torch.compile"
     sparse = True
     compiled = True
 
