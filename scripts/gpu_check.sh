@@ -2,7 +2,7 @@
 # One prepared check on a CUDA machine that already has PyTorch (run from the repository root):
 # the GPU scenarios, the CUDA tests and a profile of the block-sparse backend. Everything lands in
 # $OUT (default ./gpu-out): gpu-check.log and results.tgz (the result folders). Missing Python
-# packages can come as wheels in ./.whl (installed into /tmp/site, nothing else is touched).
+# packages can come as wheels in ./.whl (scripts/fetch_gpu_wheels.sh; installed into /tmp/site).
 # Each step has its own time limit, so a slow step cannot take the others' time.
 set -u
 OUT=${OUT:-gpu-out}
