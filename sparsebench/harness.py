@@ -18,6 +18,8 @@ from sparsebench.scenario import Case
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 2e-4, "fp16": 2e-2, "bf16": 6e-2}
+# backward mode: the largest gradient error relative to the largest reference gradient
+GRAD_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 6e-2}
 NOISY = 0.10
 
 
@@ -126,6 +128,30 @@ def reference_error(p: Problem, q, k, v, out, *, exact_max_elems: int, sample_ro
     return float((out.detach()[:, :, rows].float() - ref).abs().max()), "sampled"
 
 
+def gradient_error(p: Problem, q, k, v, grad, grads, *, exact_max_elems: int, sample_rows: int) -> tuple[float, str]:
+    """Largest error of the backend's gradients ``grads`` (of q, k and v, for output gradient
+    ``grad``) relative to the largest gradient of fp32 dense attention under the pattern's mask:
+    all three where batch*heads*n*n fits ``exact_max_elems``, else the query gradient of
+    ``sample_rows`` rows (a row's query gradient depends on that row alone; key and value
+    gradients sum over every query, so they are checked only exactly)."""
+    n = p.seq_len
+    qf, kf, vf = (t.detach().float() for t in (q, k, v))
+    gf = grad.float()
+    if p.batch * p.heads * n * n <= exact_max_elems:
+        ins = [t.clone().requires_grad_(True) for t in (qf, kf, vf)]
+        masked_softmax_attention(*ins, p.pattern.mask(n, p.causal, device=q.device)).backward(gf)
+        pairs, how = list(zip(grads, (t.grad for t in ins))), "exact"
+    else:
+        g = torch.Generator().manual_seed(2)
+        rows = torch.unique(torch.cat([torch.tensor([0, n - 1]), torch.randint(0, n, (sample_rows,), generator=g)]))
+        rows = rows.to(q.device)
+        qr = qf[:, :, rows].clone().requires_grad_(True)
+        masked_softmax_attention(qr, kf, vf, p.pattern.rows(rows, n, p.causal)).backward(gf[:, :, rows])
+        pairs, how = [(grads[0][:, :, rows], qr.grad)], "sampled"
+    err = max(float((got.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)) for got, ref in pairs)
+    return err, how
+
+
 def flops(p: Problem, nnz: int) -> float:
     fwd = 4.0 * p.batch * p.heads * nnz * p.head_dim
     return fwd * 2.5 if p.mode == "backward" else fwd
@@ -168,8 +194,14 @@ def run_case(case: Case) -> dict[str, Any]:
     fields["first_call_s"] = first
     with torch.no_grad():
         out = fn(q, k, v)
+    grad_err = grad_how = None
     if case.check:
         err, how = reference_error(p, q, k, v, out, exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows)
+        if backward:  # the gradients of the last timed call
+            grad_err, grad_how = gradient_error(
+                p, q, k, v, grad, (q.grad, k.grad, v.grad),
+                exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows,
+            )  # fmt: skip
     else:
         err, how = None, "none"
     fields.update(
@@ -181,6 +213,8 @@ def run_case(case: Case) -> dict[str, Any]:
         peak_mem_bytes=pm.peak_bytes,
         max_abs_err=err,
         check=how,
+        grad_err=grad_err,
+        grad_check=grad_how,
         probe_s=(before + probe(p.device)) / 2,
     )
     return judge(fields, case.dtype)
@@ -192,6 +226,14 @@ def judge(fields: dict[str, Any], dtype: str) -> dict[str, Any]:
     if err is not None and not (err <= TOLERANCE[dtype]):
         fields["status"] = "wrong"
         fields["reason"] = f"max abs error {err:.3g} above the {dtype} tolerance {TOLERANCE[dtype]:g}"
+        return fields
+    gerr = fields.get("grad_err")
+    if gerr is not None and not (gerr <= GRAD_TOLERANCE[dtype]):
+        fields["status"] = "wrong"
+        fields["reason"] = (
+            f"gradient error {gerr:.3g} (relative to the largest gradient) above the {dtype} "
+            f"tolerance {GRAD_TOLERANCE[dtype]:g}"
+        )
     return fields
 
 

@@ -34,6 +34,7 @@ RESULT_COLUMNS = (
     ("speedup", "speedup", fmt_ratio),
     ("efficiency", "efficiency", fmt_pct),
     ("max_abs_err", "max |err|", lambda v: f"{v:.2g}"),
+    ("grad_err", "grad err (rel.)", lambda v: f"{v:.2g}"),
     ("reason", "reason", str),
 )
 
@@ -152,7 +153,7 @@ def _status_table(df) -> str:
 def _results_table(df) -> str:
     if df is None or len(df) == 0:
         return "<p>No records.</p>"
-    cols = [c for c in RESULT_COLUMNS if c[0] in df.columns]
+    cols = [c for c in RESULT_COLUMNS if c[0] in df.columns and (c[0] != "grad_err" or df[c[0]].notna().any())]
     sort = [c for c in ("device", "dtype", "mode", "pattern_label", "backend", "seq_len") if c in df.columns]
     rows, classes = [], []
     for _, r in df.sort_values(sort).iterrows():

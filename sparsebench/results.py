@@ -195,7 +195,7 @@ def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             )
             if every.times:  # spread over every call of every round: rounds that disagree count
                 merged.update(time_iqr_s=every.iqr, noisy=every.noisy)
-            for k in ("peak_mem_bytes", "max_abs_err"):
+            for k in ("peak_mem_bytes", "max_abs_err", "grad_err"):
                 vals = [r[k] for r in recs if r.get(k) is not None]
                 merged[k] = max(vals) if vals else None
             probes = [r["probe_s"] for r in recs if r.get("probe_s") is not None]

@@ -193,7 +193,7 @@ def run(
 
 
 _NULL_TIMES = ("time_median_s", "time_iqr_s", "time_min_s", "times_s", "tflops", "peak_mem_bytes",
-               "max_abs_err", "setup_s", "compile_s", "noisy", "check")
+               "max_abs_err", "setup_s", "compile_s", "noisy", "check", "grad_err", "grad_check")
 
 
 def _identity(case: Case) -> dict[str, Any]:

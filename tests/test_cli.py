@@ -160,3 +160,52 @@ def test_a_fast_but_wrong_backend_is_marked_wrong(tmp_path):
     assert (broken.status == "wrong").all() and broken.reason.str.contains("tolerance").all()
     assert set(broken.check) == {"exact", "sampled"}  # 2*64*64 fits the exact check, 2*300*300 does not
     assert (df[df.backend != "broken_zero"].status == "ok").all()
+
+
+def test_a_backend_with_wrong_gradients_is_marked_wrong_in_backward_mode(tmp_path):
+    """Backward mode checks the gradients too: a right output with a wrong key gradient is
+    caught exactly at a small n; at a large n only query gradients are sampled (rows), so a
+    wrong query gradient is caught there."""
+    plugin = tmp_path / "badgrad.py"
+    plugin.write_text(
+        "import torch\n"
+        "from sparsebench.backends.base import BACKENDS, Backend, masked_softmax_attention\n"
+        "class Scale(torch.autograd.Function):\n"
+        "    @staticmethod\n"
+        "    def forward(ctx, t, s):\n"
+        "        ctx.s = s\n"
+        "        return t.view_as(t)\n"
+        "    @staticmethod\n"
+        "    def backward(ctx, g):\n"
+        "        return g * ctx.s, None\n"
+        "def make(which):\n"
+        "    class Bad(Backend):\n"
+        "        name = 'bad_' + which\n"
+        "        summary = 'right output, gradient of ' + which + ' scaled by 1.1'\n"
+        "        sparse = True\n"
+        "        def prepare(self, p):\n"
+        "            mask = p.pattern.mask(p.seq_len, p.causal, p.device)\n"
+        "            def fn(q, k, v):\n"
+        "                q, k = (Scale.apply(t, 1.1) if n == which else t for n, t in (('q', q), ('k', k)))\n"
+        "                return masked_softmax_attention(q, k, v, mask)\n"
+        "            return fn\n"
+        "    return BACKENDS.register(Bad)\n"
+        "make('q'); make('k')\n"
+    )
+    scen = tmp_path / "s.yaml"
+    scen.write_text("name: g\nseq_lens: [64, 300]\npatterns: [{name: sliding_window, params: {window: 8}}]\n"
+                    "backends: [bad_q, bad_k, block_sparse]\nmode: backward\nheads: 2\nhead_dim: 16\nrepeats: 2\n"
+                    "block: 32\ncheck: {exact_max_elems: 10000, sample_rows: 8}\n")
+    out = tmp_path / "r"
+    res = CliRunner().invoke(app, ["run", str(scen), "--plugin", str(plugin), "--output", str(out), "--no-plots",
+                                   "--in-process"])
+    assert res.exit_code == 0, res.output
+    df = pd.read_json(out / "records.jsonl", lines=True).set_index(["backend", "seq_len"])
+    for be in ("bad_q", "bad_k"):
+        assert df.loc[(be, 64), "status"] == "wrong" and "gradient error" in df.loc[(be, 64), "reason"]
+        assert df.loc[(be, 64), "max_abs_err"] < 1e-5  # the output itself is right
+        assert df.loc[(be, 64), "grad_check"] == "exact" and df.loc[(be, 300), "grad_check"] == "sampled"
+    assert df.loc[("bad_q", 300), "status"] == "wrong"
+    assert df.loc[("bad_k", 300), "status"] == "ok"  # key gradients are not sampled (see gradient_error)
+    ok = df.xs("block_sparse", level="backend")
+    assert (ok.status == "ok").all() and (ok.grad_err < 1e-4).all()
