@@ -134,6 +134,20 @@ def test_help_does_not_import_heavy_modules():
     assert out.stdout.strip() == ""
 
 
+def _run_with_plugin(tmp_path, plugin, fields: str):
+    """Records of a small sliding-window scenario (n = 64: checked exactly; n = 300: sampled rows)
+    run in-process with a plugin backend; ``fields``: the scenario's backends (and mode)."""
+    scen = tmp_path / "s.yaml"
+    scen.write_text("name: w\nseq_lens: [64, 300]\npatterns: [{name: sliding_window, params: {window: 8}}]\n"
+                    + fields + "heads: 2\nhead_dim: 16\nrepeats: 2\nblock: 32\n"
+                    "check: {exact_max_elems: 10000, sample_rows: 8}\n")
+    out = tmp_path / "r"
+    res = CliRunner().invoke(app, ["run", str(scen), "--plugin", str(plugin), "--output", str(out), "--no-plots",
+                                   "--in-process"])
+    assert res.exit_code == 0, res.output
+    return pd.read_json(out / "records.jsonl", lines=True)
+
+
 def test_a_fast_but_wrong_backend_is_marked_wrong(tmp_path):
     plugin = tmp_path / "broken.py"
     plugin.write_text(
@@ -147,15 +161,7 @@ def test_a_fast_but_wrong_backend_is_marked_wrong(tmp_path):
         "    def prepare(self, p):\n"
         "        return lambda q, k, v: torch.zeros_like(q)\n"
     )
-    scen = tmp_path / "s.yaml"
-    scen.write_text("name: w\nseq_lens: [64, 300]\npatterns: [{name: sliding_window, params: {window: 8}}]\n"
-                    "backends: [broken_zero, block_sparse]\nheads: 2\nhead_dim: 16\nrepeats: 2\nblock: 32\n"
-                    "check: {exact_max_elems: 10000, sample_rows: 8}\n")
-    out = tmp_path / "r"
-    res = CliRunner().invoke(app, ["run", str(scen), "--plugin", str(plugin), "--output", str(out), "--no-plots",
-                                   "--in-process"])
-    assert res.exit_code == 0, res.output
-    df = pd.read_json(out / "records.jsonl", lines=True)
+    df = _run_with_plugin(tmp_path, plugin, "backends: [broken_zero, block_sparse]\n")
     broken = df[df.backend == "broken_zero"]
     assert (broken.status == "wrong").all() and broken.reason.str.contains("tolerance").all()
     assert set(broken.check) == {"exact", "sampled"}  # 2*64*64 fits the exact check, 2*300*300 does not
@@ -192,15 +198,8 @@ def test_a_backend_with_wrong_gradients_is_marked_wrong_in_backward_mode(tmp_pat
         "    return BACKENDS.register(Bad)\n"
         "make('q'); make('k')\n"
     )
-    scen = tmp_path / "s.yaml"
-    scen.write_text("name: g\nseq_lens: [64, 300]\npatterns: [{name: sliding_window, params: {window: 8}}]\n"
-                    "backends: [bad_q, bad_k, block_sparse]\nmode: backward\nheads: 2\nhead_dim: 16\nrepeats: 2\n"
-                    "block: 32\ncheck: {exact_max_elems: 10000, sample_rows: 8}\n")
-    out = tmp_path / "r"
-    res = CliRunner().invoke(app, ["run", str(scen), "--plugin", str(plugin), "--output", str(out), "--no-plots",
-                                   "--in-process"])
-    assert res.exit_code == 0, res.output
-    df = pd.read_json(out / "records.jsonl", lines=True).set_index(["backend", "seq_len"])
+    df = _run_with_plugin(tmp_path, plugin, "backends: [bad_q, bad_k, block_sparse]\nmode: backward\n")
+    df = df.set_index(["backend", "seq_len"])
     for be in ("bad_q", "bad_k"):
         assert df.loc[(be, 64), "status"] == "wrong" and "gradient error" in df.loc[(be, 64), "reason"]
         assert df.loc[(be, 64), "max_abs_err"] < 1e-5  # the output itself is right
