@@ -140,7 +140,7 @@ def test_flex_on_cuda_forward_and_backward(name, params, n, causal, dtype):
 
 def test_scenario_on_cuda_end_to_end(tmp_path):
     """The CLI runs CUDA cases in its worker process: every record ok, on the GPU, with a GPU
-    peak memory and a checked error."""
+    peak memory, a checked output and, in backward mode, checked gradients."""
     from typer.testing import CliRunner
 
     from sparsebench.cli import app
@@ -164,3 +164,4 @@ def test_scenario_on_cuda_end_to_end(tmp_path):
         assert r["device"].startswith("cuda")
         assert r["peak_mem_bytes"] > 0
         assert r["backend"] == "sdpa" or r["max_abs_err"] < 5e-2
+        assert r["mode"] == "forward" or (r["grad_check"] == "exact" and r["grad_err"] < 6e-2)
