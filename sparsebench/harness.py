@@ -197,7 +197,10 @@ def run_case(case: Case) -> dict[str, Any]:
     grad_err = grad_how = None
     if case.check:
         err, how = reference_error(p, q, k, v, out, exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows)
-        if backward:  # the gradients of the last timed call
+        missing = [name for name, t in (("q", q), ("k", k), ("v", v)) if t.grad is None]
+        if backward and missing:
+            grad_how = "no gradient for " + ", ".join(missing)
+        elif backward:  # the gradients of the last timed call
             grad_err, grad_how = gradient_error(
                 p, q, k, v, grad, (q.grad, k.grad, v.grad),
                 exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows,
@@ -228,7 +231,10 @@ def judge(fields: dict[str, Any], dtype: str) -> dict[str, Any]:
         fields["reason"] = f"max abs error {err:.3g} above the {dtype} tolerance {TOLERANCE[dtype]:g}"
         return fields
     gerr = fields.get("grad_err")
-    if gerr is not None and not (gerr <= GRAD_TOLERANCE[dtype]):
+    if str(fields.get("grad_check")).startswith("no gradient"):
+        fields["status"] = "wrong"
+        fields["reason"] = f"the backend gave {fields['grad_check']}"
+    elif gerr is not None and not (gerr <= GRAD_TOLERANCE[dtype]):
         fields["status"] = "wrong"
         fields["reason"] = (
             f"gradient error {gerr:.3g} (relative to the largest gradient) above the {dtype} "

@@ -183,7 +183,7 @@ def test_a_backend_with_wrong_gradients_is_marked_wrong_in_backward_mode(tmp_pat
         "        return t.view_as(t)\n"
         "    @staticmethod\n"
         "    def backward(ctx, g):\n"
-        "        return g * ctx.s, None\n"
+        "        return (g * ctx.s if ctx.s else None), None\n"
         "def make(which):\n"
         "    class Bad(Backend):\n"
         "        name = 'bad_' + which\n"
@@ -197,8 +197,15 @@ def test_a_backend_with_wrong_gradients_is_marked_wrong_in_backward_mode(tmp_pat
         "            return fn\n"
         "    return BACKENDS.register(Bad)\n"
         "make('q'); make('k')\n"
+        "@BACKENDS.register\n"
+        "class NoGrad(Backend):\n"
+        "    name = 'bad_none'\n"
+        "    summary = 'right output, no gradient for q'\n"
+        "    def prepare(self, p):\n"
+        "        mask = p.pattern.mask(p.seq_len, p.causal, p.device)\n"
+        "        return lambda q, k, v: masked_softmax_attention(Scale.apply(q, 0.0), k, v, mask)\n"
     )
-    df = _run_with_plugin(tmp_path, plugin, "backends: [bad_q, bad_k, block_sparse]\nmode: backward\n")
+    df = _run_with_plugin(tmp_path, plugin, "backends: [bad_q, bad_k, bad_none, block_sparse]\nmode: backward\n")
     df = df.set_index(["backend", "seq_len"])
     for be in ("bad_q", "bad_k"):
         assert df.loc[(be, 64), "status"] == "wrong" and "gradient error" in df.loc[(be, 64), "reason"]
@@ -206,5 +213,8 @@ def test_a_backend_with_wrong_gradients_is_marked_wrong_in_backward_mode(tmp_pat
         assert df.loc[(be, 64), "grad_check"] == "exact" and df.loc[(be, 300), "grad_check"] == "sampled"
     assert df.loc[("bad_q", 300), "status"] == "wrong"
     assert df.loc[("bad_k", 300), "status"] == "ok"  # key gradients are not sampled (see gradient_error)
+    for n in (64, 300):  # a missing gradient is a wrong result, and the timing is kept
+        rec = df.loc[("bad_none", n)]
+        assert rec.status == "wrong" and "no gradient for q" in rec.reason and rec.time_median_s > 0
     ok = df.xs("block_sparse", level="backend")
     assert (ok.status == "ok").all() and (ok.grad_err < 1e-4).all()
