@@ -111,18 +111,27 @@ def inputs(p: Problem, seed: int = 0, requires_grad: bool = False):
     return out
 
 
+def _check_rows(p: Problem, exact_max_elems: int, sample_rows: int, seed: int, device) -> torch.Tensor | None:
+    """None when batch*heads*n*n fits ``exact_max_elems`` (everything is checked), else the query
+    rows to check: the first, the last and ``sample_rows`` seeded random ones."""
+    n = p.seq_len
+    if p.batch * p.heads * n * n <= exact_max_elems:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.unique(torch.cat([torch.tensor([0, n - 1]), torch.randint(0, n, (sample_rows,), generator=g)]))
+    return rows.to(device)
+
+
 def reference_error(p: Problem, q, k, v, out, *, exact_max_elems: int, sample_rows: int) -> tuple[float, str]:
     """Max abs error of ``out`` against fp32 dense attention under the pattern's mask: the whole
     output where batch*heads*n*n fits ``exact_max_elems``, else ``sample_rows`` query rows
     (first, last and seeded random ones)."""
     n = p.seq_len
     qf, kf, vf = (t.detach().float() for t in (q, k, v))
-    if p.batch * p.heads * n * n <= exact_max_elems:
+    rows = _check_rows(p, exact_max_elems, sample_rows, 1, q.device)
+    if rows is None:
         ref = masked_softmax_attention(qf, kf, vf, p.pattern.mask(n, p.causal, device=q.device))
         return float((out.detach().float() - ref).abs().max()), "exact"
-    g = torch.Generator().manual_seed(1)
-    rows = torch.unique(torch.cat([torch.tensor([0, n - 1]), torch.randint(0, n, (sample_rows,), generator=g)]))
-    rows = rows.to(q.device)
     mask = p.pattern.rows(rows, n, p.causal)
     ref = masked_softmax_attention(qf[:, :, rows], kf, vf, mask)
     return float((out.detach()[:, :, rows].float() - ref).abs().max()), "sampled"
@@ -137,14 +146,12 @@ def gradient_error(p: Problem, q, k, v, grad, grads, *, exact_max_elems: int, sa
     n = p.seq_len
     qf, kf, vf = (t.detach().float() for t in (q, k, v))
     gf = grad.float()
-    if p.batch * p.heads * n * n <= exact_max_elems:
+    rows = _check_rows(p, exact_max_elems, sample_rows, 2, q.device)
+    if rows is None:
         ins = [t.clone().requires_grad_(True) for t in (qf, kf, vf)]
         masked_softmax_attention(*ins, p.pattern.mask(n, p.causal, device=q.device)).backward(gf)
         pairs, how = list(zip(grads, (t.grad for t in ins))), "exact"
     else:
-        g = torch.Generator().manual_seed(2)
-        rows = torch.unique(torch.cat([torch.tensor([0, n - 1]), torch.randint(0, n, (sample_rows,), generator=g)]))
-        rows = rows.to(q.device)
         qr = qf[:, :, rows].clone().requires_grad_(True)
         masked_softmax_attention(qr, kf, vf, p.pattern.rows(rows, n, p.causal)).backward(gf[:, :, rows])
         pairs, how = [(grads[0][:, :, rows], qr.grad)], "sampled"
@@ -197,14 +204,15 @@ def run_case(case: Case) -> dict[str, Any]:
     grad_err = grad_how = None
     if case.check:
         err, how = reference_error(p, q, k, v, out, exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows)
-        missing = [name for name, t in (("q", q), ("k", k), ("v", v)) if t.grad is None]
-        if backward and missing:
-            grad_how = "no gradient for " + ", ".join(missing)
-        elif backward:  # the gradients of the last timed call
-            grad_err, grad_how = gradient_error(
-                p, q, k, v, grad, (q.grad, k.grad, v.grad),
-                exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows,
-            )  # fmt: skip
+        if backward:  # the gradients of the last timed call
+            missing = [name for name, t in (("q", q), ("k", k), ("v", v)) if t.grad is None]
+            if missing:
+                grad_how = "no gradient for " + ", ".join(missing)
+            else:
+                grad_err, grad_how = gradient_error(
+                    p, q, k, v, grad, (q.grad, k.grad, v.grad),
+                    exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows,
+                )  # fmt: skip
     else:
         err, how = None, "none"
     fields.update(
