@@ -10,8 +10,8 @@ On the CPU this is ATen's flash-attention kernel (``_scaled_dot_product_flash_at
 blocked, online softmax, no L x S score matrix in memory). Elsewhere, and where that operator
 is missing, it is plain PyTorch (matmul, logsumexp, softmax) with fp32 scores: on CUDA, bf16 and
 fp16 operands are multiplied as they are (tensor cores, fp32 sums), elsewhere widened to fp32.
-A row without any allowed key gets a zero output and log-sum-exp 0 from both; the planner knows such rows in advance and
-sets their log-sum-exp to -inf before merging.
+A row without any allowed key gets a zero output and log-sum-exp 0 from both; the planner knows
+such rows in advance and sets their log-sum-exp to -inf before merging.
 """
 
 from __future__ import annotations
@@ -100,11 +100,12 @@ def _tensor_cores(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in _LOW
 
 
-def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for low-precision CUDA operands with an fp32 result: exact products and fp32 sums,
-    the same values as widening both to fp32 first (up to the order of the sums), without the
-    widened copies and on the tensor cores. Widens where the operator is missing."""
-    if _bmm_out_dtype_ok(a):
+def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result. Low-precision CUDA operands are multiplied as they are (bmm with
+    out_dtype: exact products and fp32 sums, the same values as widening both first up to the
+    order of the sums, without the widened copies and on the tensor cores); other operands, or
+    where that operator is missing, are widened to fp32."""
+    if _tensor_cores(a) and _bmm_out_dtype_ok(a):
         lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a3 = a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
         b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
@@ -115,11 +116,7 @@ def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _scores(q, k, mask, causal, scale, row0=0):
     """fp32 scores with -inf where not allowed (made once, then updated in place). ``row0``: the
     first query row's index (a piece of a causal call: row t sees keys <= row0 + t)."""
-    if _tensor_cores(q):
-        s = _bmm_fp32(q, k.transpose(-1, -2))
-    else:
-        s = torch.matmul(q.float(), k.float().transpose(-1, -2))
-    s.mul_(scale)
+    s = _product_fp32(q, k.transpose(-1, -2)).mul_(scale)
     if causal:
         L, S = s.shape[-2:]
         s.masked_fill_(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1 + row0), NEG_INF)
@@ -207,7 +204,7 @@ def _math_backward(go, q, k, v, out, lse, mask, causal, scale):
 def _backward_piece(go, q, k, v, out, lse, mask, causal, scale, row0):
     p = _probs(_scores(q, k, mask, causal, scale, row0), lse)
     dv = _mm(p.transpose(-1, -2), go, q)
-    dp = _bmm_fp32(go, v.transpose(-1, -2)) if _tensor_cores(q) else torch.matmul(go.float(), v.float().transpose(-1, -2))
+    dp = _product_fp32(go, v.transpose(-1, -2))
     dsum = (go.float() * out.float()).sum(-1, keepdim=True)
     ds = p.mul_(dp.sub_(dsum)).mul_(scale)
     return _mm(ds, k, q), _mm(ds.transpose(-1, -2), q, q), dv
