@@ -153,7 +153,7 @@ def _status_table(df) -> str:
 def _results_table(df) -> str:
     if df is None or len(df) == 0:
         return "<p>No records.</p>"
-    cols = [c for c in RESULT_COLUMNS if c[0] in df.columns and (c[0] != "grad_err" or df[c[0]].notna().any())]
+    cols = [c for c in RESULT_COLUMNS if c[0] in df.columns and df[c[0]].notna().any()]  # no empty columns
     sort = [c for c in ("device", "dtype", "mode", "pattern_label", "backend", "seq_len") if c in df.columns]
     rows, classes = [], []
     for _, r in df.sort_values(sort).iterrows():
