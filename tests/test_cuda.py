@@ -52,6 +52,22 @@ def problem(name, params, dtype, causal=True, mode="forward", n=N):
     return pat, Problem(pat, n, causal, 1, 2, 64, dtype, CUDA, mode=mode, block=64)
 
 
+def assert_forward_backward(backend, pat, p):
+    """The backend's output and q, k, v gradients against float64 dense attention under the
+    pattern's mask (gradients in the input dtype)."""
+    q, k, v = (t.requires_grad_(True) for t in qkv(p.seq_len, p.dtype))
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(CUDA, p.dtype)
+    out = BACKENDS.get(backend)().prepare(p)(q, k, v)
+    out.backward(grad)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = masked_softmax_attention(q2, k2, v2, pat.mask(p.seq_len, p.causal, CUDA))
+    ref.backward(grad.double())
+    assert rel_err(out, ref) < TOL[p.dtype]
+    for got, r in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
+        assert got.dtype == p.dtype
+        assert rel_err(got, r) < GRAD_TOL[p.dtype]
+
+
 def test_every_pattern_is_covered():
     assert {name for name, _ in CASES} == set(PATTERNS.names())
 
@@ -74,15 +90,7 @@ def test_forward_matches_dense_under_the_mask(name, params, backend, causal, dty
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,params", CASES)
 def test_block_sparse_backward_matches_dense_under_the_mask(name, params, dtype):
-    pat, p = problem(name, params, dtype, mode="backward")
-    q, k, v = (t.requires_grad_(True) for t in qkv(N, dtype))
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(CUDA, dtype)
-    BACKENDS.get("block_sparse")().prepare(p)(q, k, v).backward(grad)
-    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    masked_softmax_attention(q2, k2, v2, pat.mask(N, True, CUDA)).backward(grad.double())
-    for got, ref in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
-        assert got.dtype == dtype
-        assert rel_err(got, ref) < GRAD_TOL[dtype]
+    assert_forward_backward("block_sparse", *problem(name, params, dtype, mode="backward"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -92,17 +100,7 @@ def test_block_sparse_by_pieces_of_rows(monkeypatch, name, params, dtype):
     from sparsebench.backends import _attend
 
     monkeypatch.setattr(_attend, "MATH_ELEMS", 2 * N * 16)
-    pat, p = problem(name, params, dtype, mode="backward")
-    q, k, v = (t.requires_grad_(True) for t in qkv(N, dtype))
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(CUDA, dtype)
-    out = BACKENDS.get("block_sparse")().prepare(p)(q, k, v)
-    out.backward(grad)
-    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = masked_softmax_attention(q2, k2, v2, pat.mask(N, True, CUDA))
-    ref.backward(grad.double())
-    assert rel_err(out, ref) < TOL[dtype]
-    for got, r in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
-        assert rel_err(got, r) < GRAD_TOL[dtype]
+    assert_forward_backward("block_sparse", *problem(name, params, dtype, mode="backward"))
 
 
 def test_dense_sdpa_bf16():
@@ -125,17 +123,7 @@ def test_dense_sdpa_bf16():
     ],
 )
 def test_flex_on_cuda_forward_and_backward(name, params, n, causal, dtype):
-    pat, p = problem(name, params, dtype, causal, mode="backward", n=n)
-    q, k, v = (t.requires_grad_(True) for t in qkv(n, dtype))
-    out = BACKENDS.get("flex")().prepare(p)(q, k, v)
-    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = masked_softmax_attention(q2, k2, v2, pat.mask(n, causal, CUDA))
-    assert rel_err(out, ref) < TOL[dtype]
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(CUDA, dtype)
-    out.backward(grad)
-    ref.backward(grad.double())
-    for got, r in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
-        assert rel_err(got, r) < GRAD_TOL[dtype]
+    assert_forward_backward("flex", *problem(name, params, dtype, causal, mode="backward", n=n))
 
 
 def test_scenario_on_cuda_end_to_end(tmp_path):
