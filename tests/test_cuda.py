@@ -47,15 +47,15 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
 
 
-def problem(name, params, dtype, causal=True, mode="forward", n=N):
+def problem(name, params, dtype, causal=True, mode="forward", n=N, d=64, block=64):
     pat = PATTERNS.get(name).from_params(params)
-    return pat, Problem(pat, n, causal, 1, 2, 64, dtype, CUDA, mode=mode, block=64)
+    return pat, Problem(pat, n, causal, 1, 2, d, dtype, CUDA, mode=mode, block=block)
 
 
 def assert_forward_backward(backend, pat, p):
     """The backend's output and q, k, v gradients against float64 dense attention under the
     pattern's mask (gradients in the input dtype)."""
-    q, k, v = (t.requires_grad_(True) for t in qkv(p.seq_len, p.dtype))
+    q, k, v = (t.requires_grad_(True) for t in qkv(p.seq_len, p.dtype, d=p.head_dim))
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(CUDA, p.dtype)
     out = BACKENDS.get(backend)().prepare(p)(q, k, v)
     out.backward(grad)
@@ -96,11 +96,28 @@ def test_block_sparse_backward_matches_dense_under_the_mask(name, params, dtype)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,params", [CASES[0], CASES[6]])
 def test_block_sparse_by_pieces_of_rows(monkeypatch, name, params, dtype):
-    """Calls larger than MATH_ELEMS run by pieces of query rows, forward and backward."""
-    from sparsebench.backends import _attend
+    """Calls larger than MATH_ELEMS run by pieces of query rows, forward and backward (the
+    plain PyTorch path of block_sparse, without Triton)."""
+    from sparsebench.backends import _attend, block_sparse
 
+    monkeypatch.setattr(block_sparse, "TRITON", False)
     monkeypatch.setattr(_attend, "MATH_ELEMS", 2 * N * 16)
     assert_forward_backward("block_sparse", *problem(name, params, dtype, mode="backward"))
+
+
+def test_block_sparse_runs_the_triton_kernels_on_cuda():
+    from sparsebench.backends import _triton
+
+    fn = BACKENDS.get("block_sparse")().prepare(problem("sliding_window", {"window": 40}, torch.bfloat16)[1])
+    assert isinstance(fn.plan, _triton.TilePlan)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,params", [CASES[1], CASES[6], CASES[8], CASES[9]])
+def test_block_sparse_tiles_of_128_heads_of_128(name, params, dtype):
+    """The scenarios' GPU shape: tiles of 128 (the kernels take them whole or by halves) and
+    head_dim 128, at a length that is not a multiple of the tile, forward and backward."""
+    assert_forward_backward("block_sparse", *problem(name, params, dtype, mode="backward", n=1000, d=128, block=128))
 
 
 def test_dense_sdpa_bf16():

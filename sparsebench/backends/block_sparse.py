@@ -13,14 +13,25 @@ that is correct but not fused: slower than dense flash attention and than ``flex
 output is written in place, chunk by chunk: memory beyond q, k, v and the output is a few MiB of
 per-call temporaries, whatever n. Backward runs each call's backward with its share of the
 output gradient. Any sequence length works; fp32, bf16 and fp16.
+
+On CUDA with Triton (head sizes that are powers of two, 16 to 256) the plan is instead the
+pattern's block layout, run by the fused Triton kernels of ``_triton.py``: one online softmax per
+query block over its tiles, bit masks for partial tiles, FlashAttention-2 backward.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from sparsebench.backends import _plan
 from sparsebench.backends.base import BACKENDS, Backend, Problem
+
+
+# On CUDA, the fused Triton kernels where they apply (else plain PyTorch calls of the plan);
+# SPARSEBENCH_TRITON=0 turns them off.
+TRITON = os.environ.get("SPARSEBENCH_TRITON", "1") != "0"
 
 
 class _Attention(torch.autograd.Function):
@@ -57,13 +68,18 @@ def attention_fn(plan: _plan.Plan):
 @BACKENDS.register
 class BlockSparse(Backend):
     name = "block_sparse"
-    summary = "key windows, columns and tables only: native C++ on CPU, unfused PyTorch on CUDA"
+    summary = "only the allowed tiles: native C++ kernels on CPU, fused Triton kernels on CUDA"
     sparse = True
     # fp32 on the CPU: the first call builds (once, then from the extension cache) and loads the
     # native kernels of _native.py; that first-call cost is reported as compile_s
     compiled = True
 
     def prepare(self, p: Problem):
+        if TRITON and p.device.type == "cuda":
+            from sparsebench.backends import _triton
+
+            if _triton.unavailable(p.device) is None and _triton.supports(p.head_dim, p.dtype):
+                return _triton.attention_fn(_triton.build(p.pattern, p.seq_len, p.causal, p.head_dim, p.device, p.block))
         plan = _plan.build(
             p.pattern,
             p.seq_len,

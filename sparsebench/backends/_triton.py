@@ -1,0 +1,343 @@
+"""Block-sparse attention as fused Triton kernels, for ``block_sparse`` on CUDA.
+
+The plan is the pattern's block layout (``Pattern.block_layout``: the non-empty tiles of each
+query block, and which are full). Forward is one program per (query block, sequence): it loads
+its queries once and runs an online softmax over its tiles' keys (FlashAttention-2 order), so
+nothing but the output and one log-sum-exp per row is written. Full tiles need no mask; each
+partial tile (the diagonal, band edges, random keys, a short last block) has a bit mask of its
+pairs, evaluated once from the pattern at setup in chunks of tiles: memory proportional to the
+partial tiles, never n x n. Backward is FlashAttention-2's: dK and dV by key block over the query
+blocks that use it (the layout transposed), dQ by query block.
+
+Head sizes 16 to 256 that are powers of two; fp32 (IEEE products), bf16 and fp16. With
+``TRITON_INTERPRET=1`` set before this module is imported, the kernels also run (slowly) on the
+CPU, which is how they are tested without a GPU."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton comes with CUDA builds of PyTorch; CPU builds have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# SPARSEBENCH_TRITON_TUNE=0: the first fitting launch setting, without autotuning (quick tests).
+TUNE = os.environ.get("SPARSEBENCH_TRITON_TUNE", "1") != "0"
+# Tiles of the layout, square: rows of a query block and keys of a key block.
+BLOCKS = (32, 64, 128)
+DEFAULT_BLOCK = 64
+# Partial tiles whose bit masks are evaluated at once (BLOCK**2 booleans each).
+MASK_CHUNK_ELEMS = 1 << 24
+_LOG2E = 1.4426950408889634
+
+
+def unavailable(device: torch.device) -> str | None:
+    """None when the kernels can run on ``device``, else why not."""
+    if triton is None:
+        return "Triton is not installed"
+    if device.type != "cuda" and not INTERPRET:
+        return "the Triton kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1)"
+    return None
+
+
+def supports(head_dim: int, dtype: torch.dtype) -> bool:
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The layout on the device: tiles by query block (CSR) and by key block (CSC), and the bit
+    masks of the partial tiles (``part[t]`` is tile t's mask index, -1 when it is full)."""
+
+    n: int
+    block: int
+    scale: float
+    crow: torch.Tensor  # (nb + 1,) int32
+    col: torch.Tensor  # (tiles,) int32 key block of each tile, by query block
+    part: torch.Tensor  # (tiles,) int32
+    ccol: torch.Tensor  # (nb + 1,) int32
+    row: torch.Tensor  # (tiles,) int32 query block of each tile, by key block
+    tile: torch.Tensor  # (tiles,) int32 tile index (into part) of each, by key block
+    bits: torch.Tensor  # (partial tiles, block, block // 32) int32
+
+    @property
+    def num_blocks(self) -> int:
+        return self.crow.numel() - 1
+
+
+def _pack_bits(m: torch.Tensor) -> torch.Tensor:
+    """(..., B) bool -> (..., B // 32) int32, bit j of word w is m[..., 32 w + j]."""
+    words = m.unflatten(-1, (-1, 32)).to(torch.int64) << torch.arange(32, device=m.device)
+    words = words.sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def tile_masks(pattern, layout, causal: bool, tiles: torch.Tensor, device) -> torch.Tensor:
+    """Bit masks (len(tiles), B, B // 32) of the given tiles of ``layout``; pairs past the end
+    of the sequence are off."""
+    n, B = layout.n, layout.block
+    allowed = pattern.mask_fn(n, causal, device)
+    rows = layout.row_of_tiles()[tiles].to(device)
+    cols = layout.col[tiles].to(device)
+    ar = torch.arange(B, device=device)
+    out = torch.empty(len(tiles), B, B // 32, dtype=torch.int32, device=device)
+    step = max(1, MASK_CHUNK_ELEMS // (B * B))
+    for i in range(0, len(tiles), step):
+        qi = rows[i : i + step, None, None] * B + ar[:, None]
+        ki = cols[i : i + step, None, None] * B + ar[None, :]
+        m = allowed(qi.clamp(max=n - 1), ki.clamp(max=n - 1)) & (qi < n) & (ki < n)
+        out[i : i + step] = _pack_bits(m)
+    return out
+
+
+def build(pattern, n: int, causal: bool, head_dim: int, device, block: int = DEFAULT_BLOCK) -> TilePlan:
+    """The tile plan of a pattern (setup work): layout, its transpose and the partial masks."""
+    block = block if block in BLOCKS else DEFAULT_BLOCK
+    layout = pattern.block_layout(n, block, causal)
+    nb = layout.num_blocks
+    rows, cols = layout.row_of_tiles(), layout.col
+    full = layout.full.clone()
+    if n % block:  # the short last block is masked past the end
+        full &= (rows != nb - 1) & (cols != nb - 1)
+    partial = (~full).nonzero().flatten()
+    part = torch.full((cols.numel(),), -1, dtype=torch.int64)
+    part[partial] = torch.arange(partial.numel())
+    order = torch.argsort(cols, stable=True)
+    ccol = torch.zeros(nb + 1, dtype=torch.int64)
+    ccol[1:] = torch.cumsum(torch.bincount(cols, minlength=nb), 0)
+
+    def dev(t):
+        return t.to(device=device, dtype=torch.int32)
+
+    return TilePlan(
+        n, block, 1.0 / math.sqrt(head_dim),
+        dev(layout.crow), dev(cols), dev(part), dev(ccol), dev(rows[order]), dev(order),
+        tile_masks(pattern, layout, causal, partial, device),
+    )  # fmt: skip
+
+
+def _configs():
+    """Launch settings tried by the autotuner on the first call of each kernel, per head size,
+    tile size and dtype (that first call is the case's compile_s): warps, pipelining stages, and
+    SUB, the rows or keys a kernel takes at once from a tile (the whole tile or half of it).
+    Under the interpreter one setting, with half tiles, so that their indexing is tested."""
+    if triton is None:
+        return []
+    if INTERPRET:
+        return [triton.Config({"SUB": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"SUB": sub}, num_warps=w, num_stages=st) for sub in (64, 128, 32) for w in WARPS for st in STAGES
+    ]  # fmt: skip
+
+
+def _prune(configs, named_args, **kwargs):
+    """Settings whose SUB fits the tile (the whole tile, or half of it from 64 up) and keeps a
+    (SUB, D) fp32 accumulator of at most 64 x 128 (larger ones spill registers: slow to compile
+    and to run). Without autotuning, the first of them."""
+    args = {**named_args, **kwargs}
+    block, d = args["BLOCK"], args["D"]
+    subs = [s for s in (block, block // 2) if s >= 32 and (s * d <= 64 * 128 or s == 32)] or [min(block, 32)]
+    fits = [c for c in configs if c.kwargs["SUB"] in subs]
+    return fits if TUNE else fits[:1]
+
+
+# Warps per program and software-pipelining stages that the autotuner tries.
+WARPS = (4, 8)
+STAGES = (2, 3)
+
+if triton is not None:
+    _tuned = triton.autotune(
+        configs=_configs(), key=["BLOCK", "D", "PRECISION"], prune_configs_by={"early_config_prune": _prune}
+    )  # fmt: skip
+
+    @triton.jit
+    def _scores(q, k, p, bits, r, c, qk_scale, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+        """Scores in log2 units of queries q (rows r of their tile) against keys k (columns c of
+        the tile), -inf where the tile's mask (index p into bits, -1 when full) is off."""
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if p >= 0:
+            w = tl.load(bits + p.to(tl.int64) * (BLOCK * BLOCK // 32) + r[:, None] * (BLOCK // 32) + c[None, :] // 32)
+            s = tl.where(((w >> (c[None, :] % 32)) & 1) != 0, s, float("-inf"))
+        return s
+
+    @triton.jit
+    def _rows(X, base, rows, n, D: tl.constexpr):
+        """Rows ``rows`` of the sequence at ``base`` of an (sequences, n, D) tensor, zero past n."""
+        return tl.load(X + base + rows[:, None] * D + tl.arange(0, D)[None, :], mask=rows[:, None] < n, other=0.0)
+
+    @triton.jit
+    def _put_rows(X, base, rows, n, x, D: tl.constexpr):
+        tl.store(X + base + rows[:, None] * D + tl.arange(0, D)[None, :], x.to(X.dtype.element_ty), mask=rows[:, None] < n)
+
+    @triton.jit
+    def _row_stats(LSE, DELTA, g, n, rows):
+        """Backward's per-row log2-sum-exp and delta (+inf and 0 past n: no probability)."""
+        lse = tl.load(LSE + g * n + rows, mask=rows < n, other=float("inf"))
+        return lse, tl.load(DELTA + g * n + rows, mask=rows < n, other=0.0)
+
+    @_tuned
+    @triton.jit
+    def _forward(
+        Q, K, V, O, LSE, crow, col, part, bits, n, qk_scale,
+        BLOCK: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    ):  # fmt: skip
+        """One query block against its tiles' keys, SUB keys at a time, online softmax."""
+        qb = tl.program_id(0)
+        g = tl.program_id(1).to(tl.int64)
+        base = g * n * D
+        offs = tl.arange(0, BLOCK)
+        sub = tl.arange(0, SUB)
+        rows = qb * BLOCK + offs
+        q = _rows(Q, base, rows, n, D)
+        m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK,), tl.float32)
+        acc = tl.zeros((BLOCK, D), tl.float32)
+        for t in range(tl.load(crow + qb), tl.load(crow + qb + 1)):
+            kb = tl.load(col + t)
+            p_t = tl.load(part + t)
+            for j in tl.static_range(BLOCK // SUB):
+                keys = kb * BLOCK + j * SUB + sub
+                k, v = _rows(K, base, keys, n, D), _rows(V, base, keys, n, D)
+                s = _scores(q, k, p_t, bits, offs, j * SUB + sub, qk_scale, BLOCK, PRECISION)
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m_i = m_new
+        empty = l_i == 0.0
+        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+        _put_rows(O, base, rows, n, acc, D)
+        # log2-sum-exp; +inf for rows without keys, so that backward's probabilities are 0
+        lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(LSE + g * n + rows, lse, mask=rows < n)
+
+    @_tuned
+    @triton.jit
+    def _backward_kv(
+        Q, K, V, DO, LSE, DELTA, DK, DV, ccol, row, tile, part, bits, n, qk_scale, scale,
+        BLOCK: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    ):  # fmt: skip
+        """dK, dV of SUB keys of a key block, over the query blocks of its tiles, SUB rows at a
+        time."""
+        kb = tl.program_id(0) // (BLOCK // SUB)
+        c = tl.program_id(0) % (BLOCK // SUB) * SUB + tl.arange(0, SUB)  # columns in the tile
+        g = tl.program_id(1).to(tl.int64)
+        base = g * n * D
+        sub = tl.arange(0, SUB)
+        keys = kb * BLOCK + c
+        k, v = _rows(K, base, keys, n, D), _rows(V, base, keys, n, D)
+        dk = tl.zeros((SUB, D), tl.float32)
+        dv = tl.zeros((SUB, D), tl.float32)
+        for i in range(tl.load(ccol + kb), tl.load(ccol + kb + 1)):
+            qb = tl.load(row + i)
+            p_t = tl.load(part + tl.load(tile + i))
+            for j in tl.static_range(BLOCK // SUB):
+                rows = qb * BLOCK + j * SUB + sub
+                q, do = _rows(Q, base, rows, n, D), _rows(DO, base, rows, n, D)
+                lse, delta = _row_stats(LSE, DELTA, g, n, rows)
+                s = _scores(q, k, p_t, bits, j * SUB + sub, c, qk_scale, BLOCK, PRECISION)
+                p = tl.exp2(s - lse[:, None])
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        _put_rows(DK, base, keys, n, dk * scale, D)
+        _put_rows(DV, base, keys, n, dv, D)
+
+    @_tuned
+    @triton.jit
+    def _backward_q(
+        Q, K, V, DO, LSE, DELTA, DQ, crow, col, part, bits, n, qk_scale, scale,
+        BLOCK: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    ):  # fmt: skip
+        """dQ of SUB rows of a query block, over its tiles' keys, SUB keys at a time."""
+        qb = tl.program_id(0) // (BLOCK // SUB)
+        r = tl.program_id(0) % (BLOCK // SUB) * SUB + tl.arange(0, SUB)  # rows in the tile
+        g = tl.program_id(1).to(tl.int64)
+        base = g * n * D
+        sub = tl.arange(0, SUB)
+        rows = qb * BLOCK + r
+        q, do = _rows(Q, base, rows, n, D), _rows(DO, base, rows, n, D)
+        lse, delta = _row_stats(LSE, DELTA, g, n, rows)
+        dq = tl.zeros((SUB, D), tl.float32)
+        for t in range(tl.load(crow + qb), tl.load(crow + qb + 1)):
+            kb = tl.load(col + t)
+            p_t = tl.load(part + t)
+            for j in tl.static_range(BLOCK // SUB):
+                keys = kb * BLOCK + j * SUB + sub
+                k, v = _rows(K, base, keys, n, D), _rows(V, base, keys, n, D)
+                s = _scores(q, k, p_t, bits, r, j * SUB + sub, qk_scale, BLOCK, PRECISION)
+                p = tl.exp2(s - lse[:, None])
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        _put_rows(DQ, base, rows, n, dq * scale, D)
+
+
+def _launch(q: torch.Tensor, plan: TilePlan):
+    """Grids (forward: one program per query block; backward: per SUB rows or keys of a block)
+    and the kernels' compile-time arguments."""
+    B, H, n, D = q.shape
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32: exact products
+    nb, G = plan.num_blocks, B * H
+    return (nb, G), lambda meta: (nb * (plan.block // meta["SUB"]), G), dict(BLOCK=plan.block, D=D, PRECISION=precision)
+
+
+def forward(plan: TilePlan, q, k, v):
+    """(out (B, H, n, D) in q's dtype, log2-sum-exp (B*H, n) fp32)."""
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    B, H, n, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(B * H, n, dtype=torch.float32, device=q.device)
+    grid, _, meta = _launch(q, plan)
+    _forward[grid](q, k, v, out, lse, plan.crow, plan.col, plan.part, plan.bits, n, plan.scale * _LOG2E, **meta)
+    return out, lse
+
+
+def backward(plan: TilePlan, q, k, v, out, lse, dout):
+    q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
+    B, H, n, D = q.shape
+    delta = (dout.float() * out.float()).sum(-1).reshape(B * H, n)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _, grid, meta = _launch(q, plan)
+    qk_scale = plan.scale * _LOG2E
+    _backward_kv[grid](
+        q, k, v, dout, lse, delta, dk, dv, plan.ccol, plan.row, plan.tile, plan.part, plan.bits, n, qk_scale, plan.scale, **meta
+    )  # fmt: skip
+    _backward_q[grid](q, k, v, dout, lse, delta, dq, plan.crow, plan.col, plan.part, plan.bits, n, qk_scale, plan.scale, **meta)
+    return dq, dk, dv
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse = forward(plan, q, k, v)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*backward(ctx.plan, q, k, v, out, lse, dout), None)
+
+
+def attention_fn(plan: TilePlan):
+    """fn(q, k, v) for a tile plan: differentiable when the inputs need gradients."""
+
+    def fn(q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _Attention.apply(q, k, v, plan)
+        return forward(plan, q, k, v)[0]
+
+    fn.plan = plan  # type: ignore[attr-defined]
+    return fn

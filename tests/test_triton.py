@@ -1,0 +1,73 @@
+"""The Triton tile plan of block_sparse on CUDA: its masks and transposed layout against the
+pattern (runs everywhere), and the kernels themselves under Triton's CPU interpreter (where
+Triton is installed; CPU builds of PyTorch come without it, so CI skips that one and
+tests/test_cuda.py checks the kernels on a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_cuda import CASES
+
+from sparsebench.backends import _triton
+from sparsebench.patterns.base import PATTERNS
+
+N = 300
+
+
+def plan_mask(plan: _triton.TilePlan) -> torch.Tensor:
+    """The (n, n) mask a tile plan computes: full tiles whole, partial tiles from their bits."""
+    B, nb = plan.block, plan.num_blocks
+    big = torch.zeros(nb * B, nb * B, dtype=torch.bool)
+    bits = (plan.bits.long()[..., None] >> torch.arange(32)) & 1  # (P, B, B/32, 32)
+    crow, col, part = plan.crow.long(), plan.col.long(), plan.part.long()
+    for qb in range(nb):
+        for t in range(crow[qb], crow[qb + 1]):
+            tile = torch.ones(B, B, dtype=torch.bool) if part[t] < 0 else bits[part[t]].reshape(B, B).bool()
+            big[qb * B : (qb + 1) * B, col[t] * B : (col[t] + 1) * B] = tile
+    return big[: plan.n, : plan.n]
+
+
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name,params", CASES, ids=[c[0] for c in CASES])
+def test_tile_plan_is_the_pattern(name, params, causal, block):
+    pat = PATTERNS.get(name).from_params(params)
+    plan = _triton.build(pat, N, causal, 64, "cpu", block)
+    assert torch.equal(plan_mask(plan), pat.mask(N, causal))
+    # the transposed layout lists the same tiles, by key block
+    rows = torch.repeat_interleave(torch.arange(plan.num_blocks), (plan.crow[1:] - plan.crow[:-1]).long())
+    by_key = plan.tile.long()
+    assert torch.equal(torch.sort(by_key).values, torch.arange(plan.col.numel()))
+    assert torch.equal(plan.row.long(), rows[by_key])
+    kb = torch.repeat_interleave(torch.arange(plan.num_blocks), (plan.ccol[1:] - plan.ccol[:-1]).long())
+    assert torch.equal(plan.col.long()[by_key], kb)
+
+
+def test_pack_bits_round_trip():
+    m = torch.rand(3, 5, 64, generator=torch.Generator().manual_seed(0)) < 0.5
+    words = _triton._pack_bits(m)
+    assert words.dtype == torch.int32 and words.shape == (3, 5, 2)
+    back = ((words.long()[..., None] >> torch.arange(32)) & 1).flatten(-2).bool()
+    assert torch.equal(back, m)
+
+
+def test_tiles_past_the_end_are_off():
+    pat = PATTERNS.get("dense").from_params({})
+    plan = _triton.build(pat, 70, False, 64, "cpu", 64)  # a short last block of 6
+    assert plan.part.tolist() == [-1, 0, 1, 2]  # only the tile of two whole blocks is full
+    assert torch.equal(plan_mask(plan), torch.ones(70, 70, dtype=torch.bool))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of PyTorch have none)")
+def test_kernels_under_the_interpreter():
+    script = Path(__file__).with_name("triton_interpreted.py")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]

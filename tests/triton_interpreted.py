@@ -1,0 +1,55 @@
+"""Run by tests/test_triton.py in a fresh process with TRITON_INTERPRET=1: the Triton kernels of
+block_sparse (forward and backward) on the CPU, every pattern of test_cuda.CASES, fp32 and fp16,
+causal and not, at a length that is not a multiple of the tile, against float64 dense attention
+under the same mask. Prints one line per failure; exits 1 if any. (bf16 products are wrong in
+Triton's interpreter, so bf16 is left to tests/test_cuda.py on a GPU.)"""
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before running"
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_cuda import CASES  # noqa: E402
+
+from sparsebench.backends import _triton  # noqa: E402
+from sparsebench.backends.base import masked_softmax_attention  # noqa: E402
+from sparsebench.patterns.base import PATTERNS  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+N, D = 300, 32
+
+
+def rel_err(got, ref):
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
+
+
+def main() -> int:
+    failures = 0
+    for name, params in CASES:
+        pat = PATTERNS.get(name).from_params(params)
+        for causal in (True, False):
+            mask = pat.mask(N, causal)
+            for dtype, block in ((torch.float32, 64), (torch.float16, 32), (torch.float32, 128)):
+                g = torch.Generator().manual_seed(0)
+                q, k, v = (torch.randn(1, 2, N, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
+                grad = torch.randn(q.shape, generator=g).to(dtype)
+                out = _triton.attention_fn(_triton.build(pat, N, causal, D, "cpu", block))(q, k, v)
+                out.backward(grad)
+                ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+                ref = masked_softmax_attention(*ref_in, mask)
+                ref.backward(grad.double())
+                errs = {"out": rel_err(out, ref)} | {
+                    f"d{x}": rel_err(t.grad, r.grad) for x, t, r in zip("qkv", (q, k, v), ref_in)
+                }
+                bad = {key: e for key, e in errs.items() if not e <= TOL[dtype]}
+                if bad:
+                    failures += 1
+                    print(f"{name} {params} causal={causal} {dtype} block={block}: {bad}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
