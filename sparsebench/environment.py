@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import subprocess
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -81,4 +82,8 @@ def collect() -> dict[str, Any]:
             info[mod] = __import__(mod).__version__
         except Exception:
             info[mod] = None
+    try:  # block_sparse's kernels on CUDA; its version without importing it
+        info["triton"] = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        info["triton"] = None
     return info

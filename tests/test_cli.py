@@ -3,6 +3,8 @@ and a --help that does not import the heavy libraries."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
@@ -123,7 +125,11 @@ def test_show_draws_and_rejects_bad_values():
 def test_env():
     res = CliRunner().invoke(app, ["env", "--json"])
     assert res.exit_code == 0
-    assert "torch" in json.loads(res.output)
+    info = json.loads(res.output)
+    assert "torch" in info
+    # Triton's version (block_sparse's CUDA kernels), or None where it is not installed
+    expected = None if importlib.util.find_spec("triton") is None else importlib.metadata.version("triton")
+    assert info["triton"] == expected
 
 
 def test_help_does_not_import_heavy_modules():
