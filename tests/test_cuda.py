@@ -113,11 +113,13 @@ def test_block_sparse_runs_the_triton_kernels_on_cuda():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [128, 256])
 @pytest.mark.parametrize("name,params", [CASES[1], CASES[6], CASES[8], CASES[9]])
-def test_block_sparse_tiles_of_128_heads_of_128(name, params, dtype):
-    """The scenarios' GPU shape: tiles of 128 (the kernels take them whole or by halves) and
-    head_dim 128, at a length that is not a multiple of the tile, forward and backward."""
-    assert_forward_backward("block_sparse", *problem(name, params, dtype, mode="backward", n=1000, d=128, block=128))
+def test_block_sparse_tiles_of_128_large_heads(name, params, d, dtype):
+    """The scenarios' GPU shape: layout blocks of 128 (tiles of 128 taken whole or by halves;
+    of 64 for head_dim 256) and head_dim 128 or 256, at a length that is not a multiple of the
+    tile, forward and backward."""
+    assert_forward_backward("block_sparse", *problem(name, params, dtype, mode="backward", n=1000, d=d, block=128))
 
 
 def test_dense_sdpa_bf16():

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,7 +32,9 @@ def plan_mask(plan: _triton.TilePlan) -> torch.Tensor:
         for t in range(crow[qb], crow[qb + 1]):
             tile = torch.ones(B, B, dtype=torch.bool) if part[t] < 0 else bits[part[t]].reshape(B, B).bool()
             big[qb * B : (qb + 1) * B, col[t] * B : (col[t] + 1) * B] = tile
-    return big[: plan.n, : plan.n]
+    n = plan.n
+    assert not big[n:].any() and not big[:, n:].any(), "pairs past the end of the sequence are on"
+    return big[:n, :n]
 
 
 @pytest.mark.parametrize("block", [32, 64])
@@ -63,6 +66,33 @@ def test_tiles_past_the_end_are_off():
     plan = _triton.build(pat, 70, False, 64, "cpu", 64)  # a short last block of 6
     assert plan.part.tolist() == [-1, 0, 1, 2]  # only the tile of two whole blocks is full
     assert torch.equal(plan_mask(plan), torch.ones(70, 70, dtype=torch.bool))
+
+
+def test_tile_size():
+    assert [_triton.tile_size(b, 64) for b in (16, 32, 50, 64, 100, 128, 4096)] == [32, 32, 32, 64, 64, 128, 128]
+    assert [_triton.tile_size(128, d) for d in (16, 128, 256)] == [128, 128, 64]
+    plan = _triton.build(PATTERNS.get("dense").from_params({}), 300, True, 256, "cpu", 128)
+    assert plan.block == 64
+
+
+def test_prune_keeps_settings_that_fit():
+    """The autotuner's candidates: SUB is the whole tile or half of it (from 64 up), and the
+    (SUB, head_dim) accumulator stays within 64 x 128 (else the smallest SUB); never none."""
+    configs = [SimpleNamespace(kwargs={"SUB": sub}, w=w) for sub in (64, 128, 32) for w in (4, 8)]
+    expect = {(32, 64): {32}, (64, 64): {32, 64}, (64, 128): {32, 64}, (64, 256): {32},
+              (128, 64): {64, 128}, (128, 128): {64}, (128, 256): {32}}  # fmt: skip
+    for (block, d), subs in expect.items():
+        kept = _triton._prune(configs, {"BLOCK": block}, D=d, PRECISION="tf32")
+        assert {c.kwargs["SUB"] for c in kept} == subs, (block, d)
+        assert len(kept) == 2 * len(subs)
+
+
+def test_launch_refuses_a_plan_of_another_length():
+    plan = _triton.build(PATTERNS.get("dense").from_params({}), 300, True, 64, "cpu", 64)
+    with pytest.raises(ValueError, match="n = 300"):
+        _triton._launch(torch.zeros(1, 2, 299, 64), plan)
+    assert not _triton.supports(64, torch.float32, groups=_triton.MAX_GROUPS + 1)
+    assert not _triton.supports(96, torch.float32) and not _triton.supports(64, torch.float64)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of PyTorch have none)")

@@ -1,11 +1,13 @@
 """Run by tests/test_triton.py in a fresh process with TRITON_INTERPRET=1: the Triton kernels of
-block_sparse (forward and backward) on the CPU, every pattern of test_cuda.CASES, fp32 and fp16,
-causal and not, at a length that is not a multiple of the tile, against float64 dense attention
-under the same mask. Prints one line per failure; exits 1 if any. (bf16 products are wrong in
-Triton's interpreter, so bf16 is left to tests/test_cuda.py on a GPU.)"""
+block_sparse (forward and backward) on the CPU, every pattern of test_cuda.CASES and one with
+rows that have no keys, fp32 and fp16, causal and not, at a length that is not a multiple of the
+tile, tiles of 32, 64 and 128 taken whole or by halves, against float64 dense attention under the
+same mask. Prints one line per failure; exits 1 if any. (bf16 products are wrong in Triton's
+interpreter, so bf16 is left to tests/test_cuda.py on a GPU.)"""
 
 import os
 import sys
+from dataclasses import dataclass
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before running"
 
@@ -16,10 +18,21 @@ from test_cuda import CASES  # noqa: E402
 
 from sparsebench.backends import _triton  # noqa: E402
 from sparsebench.backends.base import masked_softmax_attention  # noqa: E402
-from sparsebench.patterns.base import PATTERNS  # noqa: E402
+from sparsebench.patterns.base import PATTERNS, Pattern  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
 N, D = 300, 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class Holes(Pattern):
+    """Every fifth query attends to nothing (its output and gradients are zero), the others to
+    keys not divisible by 3."""
+
+    name = "holes"
+
+    def _allowed(self, q, k, n, causal):
+        return (q % 5 != 0) & (k % 3 != 0)
 
 
 def rel_err(got, ref):
@@ -28,11 +41,13 @@ def rel_err(got, ref):
 
 def main() -> int:
     failures = 0
-    for name, params in CASES:
-        pat = PATTERNS.get(name).from_params(params)
+    patterns = [(name, PATTERNS.get(name).from_params(params)) for name, params in CASES] + [("holes", Holes())]
+    runs = ((torch.float32, 64, "half"), (torch.float16, 32, "whole"), (torch.float32, 128, "half"), (torch.float32, 128, "whole"))
+    for name, pat in patterns:
         for causal in (True, False):
             mask = pat.mask(N, causal)
-            for dtype, block in ((torch.float32, 64), (torch.float16, 32), (torch.float32, 128)):
+            for dtype, block, sub in runs:
+                _triton.INTERPRET_SUB = sub
                 g = torch.Generator().manual_seed(0)
                 q, k, v = (torch.randn(1, 2, N, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
                 grad = torch.randn(q.shape, generator=g).to(dtype)
@@ -47,7 +62,7 @@ def main() -> int:
                 bad = {key: e for key, e in errs.items() if not e <= TOL[dtype]}
                 if bad:
                     failures += 1
-                    print(f"{name} {params} causal={causal} {dtype} block={block}: {bad}", flush=True)
+                    print(f"{pat} causal={causal} {dtype} block={block} sub={sub}: {bad}", flush=True)
     return 1 if failures else 0
 
 

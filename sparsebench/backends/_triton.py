@@ -9,12 +9,15 @@ pairs, evaluated once from the pattern at setup in chunks of tiles: memory propo
 partial tiles, never n x n. Backward is FlashAttention-2's: dK and dV by key block over the query
 blocks that use it (the layout transposed), dQ by query block.
 
-Head sizes 16 to 256 that are powers of two; fp32 (IEEE products), bf16 and fp16. With
+Tiles of 128, 64 or 32 (``tile_size``: the layout block rounded down to one of them, smaller for
+head sizes above 128); head sizes 16 to 256 that are powers of two; fp32 (IEEE products), bf16
+and fp16; up to 65535 sequences (batch * heads). With
 ``TRITON_INTERPRET=1`` set before this module is imported, the kernels also run (slowly) on the
 CPU, which is how they are tested without a GPU."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -33,8 +36,16 @@ TUNE = os.environ.get("SPARSEBENCH_TRITON_TUNE", "1") != "0"
 # Tiles of the layout, square: rows of a query block and keys of a key block.
 BLOCKS = (32, 64, 128)
 DEFAULT_BLOCK = 64
-# Partial tiles whose bit masks are evaluated at once (BLOCK**2 booleans each).
-MASK_CHUNK_ELEMS = 1 << 24
+# A forward program holds its (tile, head_dim) queries and fp32 accumulator: at most this many.
+MAX_TILE_ELEMS = 128 * 128
+# Pairs of partial tiles whose bit masks are evaluated at once.
+MASK_CHUNK_ELEMS = 1 << 22
+# Rows (over all sequences) per chunk of backward's delta = rowsum(dO * O) in fp32.
+DELTA_ROWS = 1 << 18
+# Sequences (batch * heads) per launch: CUDA's limit on the second grid dimension.
+MAX_GROUPS = 65535
+# Under the interpreter there is no autotuning: kernels take "half" tiles (from 64 up) or "whole".
+INTERPRET_SUB = "half"
 _LOG2E = 1.4426950408889634
 
 
@@ -47,8 +58,19 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-def supports(head_dim: int, dtype: torch.dtype) -> bool:
-    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and dtype in (torch.float32, torch.bfloat16, torch.float16)
+def supports(head_dim: int, dtype: torch.dtype, groups: int = 1) -> bool:
+    """Whether the kernels take this head size, dtype and number of sequences (batch * heads)."""
+    pow2 = 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    return pow2 and dtype in (torch.float32, torch.bfloat16, torch.float16) and groups <= MAX_GROUPS
+
+
+def tile_size(block: int, head_dim: int) -> int:
+    """The kernels' tile for a layout block: the largest of 128, 64, 32 that is at most ``block``
+    (32 at least) and keeps a forward program's (tile, head_dim) within MAX_TILE_ELEMS."""
+    for tile in sorted(BLOCKS, reverse=True):
+        if tile <= block and tile * head_dim <= MAX_TILE_ELEMS:
+            return tile
+    return BLOCKS[0]
 
 
 @dataclass(frozen=True)
@@ -98,8 +120,9 @@ def tile_masks(pattern, layout, causal: bool, tiles: torch.Tensor, device) -> to
 
 
 def build(pattern, n: int, causal: bool, head_dim: int, device, block: int = DEFAULT_BLOCK) -> TilePlan:
-    """The tile plan of a pattern (setup work): layout, its transpose and the partial masks."""
-    block = block if block in BLOCKS else DEFAULT_BLOCK
+    """The tile plan of a pattern (setup work): layout, its transpose and the partial masks, at
+    tiles of ``tile_size(block, head_dim)``."""
+    block = tile_size(block, head_dim)
     layout = pattern.block_layout(n, block, causal)
     nb = layout.num_blocks
     rows, cols = layout.row_of_tiles(), layout.col
@@ -127,11 +150,9 @@ def _configs():
     """Launch settings tried by the autotuner on the first call of each kernel, per head size,
     tile size and dtype (that first call is the case's compile_s): warps, pipelining stages, and
     SUB, the rows or keys a kernel takes at once from a tile (the whole tile or half of it).
-    Under the interpreter one setting, with half tiles, so that their indexing is tested."""
-    if triton is None:
+    Under the interpreter nothing is tuned (``_launch`` sets SUB from INTERPRET_SUB)."""
+    if triton is None or INTERPRET:
         return []
-    if INTERPRET:
-        return [triton.Config({"SUB": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"SUB": sub}, num_warps=w, num_stages=st) for sub in (64, 128, 32) for w in WARPS for st in STAGES
     ]  # fmt: skip
@@ -153,9 +174,13 @@ WARPS = (4, 8)
 STAGES = (2, 3)
 
 if triton is not None:
-    _tuned = triton.autotune(
-        configs=_configs(), key=["BLOCK", "D", "PRECISION"], prune_configs_by={"early_config_prune": _prune}
-    )  # fmt: skip
+    if INTERPRET:
+        def _tuned(fn):
+            return fn
+    else:
+        _tuned = triton.autotune(
+            configs=_configs(), key=["BLOCK", "D", "PRECISION"], prune_configs_by={"early_config_prune": _prune}
+        )  # fmt: skip
 
     @triton.jit
     def _scores(q, k, p, bits, r, c, qk_scale, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
@@ -287,9 +312,31 @@ def _launch(q: torch.Tensor, plan: TilePlan):
     """Grids (forward: one program per query block; backward: per SUB rows or keys of a block)
     and the kernels' compile-time arguments."""
     B, H, n, D = q.shape
+    if n != plan.n:
+        raise ValueError(f"the tile plan is for n = {plan.n}, the inputs have n = {n}")
+    if B * H > MAX_GROUPS:
+        raise ValueError(f"batch * heads = {B * H} is more than the kernels' {MAX_GROUPS}")
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32: exact products
     nb, G = plan.num_blocks, B * H
-    return (nb, G), lambda meta: (nb * (plan.block // meta["SUB"]), G), dict(BLOCK=plan.block, D=D, PRECISION=precision)
+    meta = dict(BLOCK=plan.block, D=D, PRECISION=precision)
+    if INTERPRET:
+        meta["SUB"] = plan.block // 2 if INTERPRET_SUB == "half" and plan.block >= 64 else plan.block
+    return (nb, G), lambda m: (nb * (plan.block // m["SUB"]), G), meta
+
+
+def _on(t: torch.Tensor):
+    """Launch on t's GPU (not merely the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO * O) in fp32, (B*H, n), chunk by chunk of rows (no full fp32 copies)."""
+    B, H, n, D = out.shape
+    o, do = out.reshape(-1, D), dout.reshape(-1, D)
+    delta = torch.empty(o.shape[0], dtype=torch.float32, device=out.device)
+    for i in range(0, o.shape[0], DELTA_ROWS):
+        delta[i : i + DELTA_ROWS] = (o[i : i + DELTA_ROWS].float() * do[i : i + DELTA_ROWS].float()).sum(-1)
+    return delta.view(B * H, n)
 
 
 def forward(plan: TilePlan, q, k, v):
@@ -299,21 +346,26 @@ def forward(plan: TilePlan, q, k, v):
     out = torch.empty_like(q)
     lse = torch.empty(B * H, n, dtype=torch.float32, device=q.device)
     grid, _, meta = _launch(q, plan)
-    _forward[grid](q, k, v, out, lse, plan.crow, plan.col, plan.part, plan.bits, n, plan.scale * _LOG2E, **meta)
+    with _on(q):
+        _forward[grid](q, k, v, out, lse, plan.crow, plan.col, plan.part, plan.bits, n, plan.scale * _LOG2E, **meta)
     return out, lse
 
 
 def backward(plan: TilePlan, q, k, v, out, lse, dout):
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
-    B, H, n, D = q.shape
-    delta = (dout.float() * out.float()).sum(-1).reshape(B * H, n)
+    n = q.shape[2]
+    delta = _delta(out, dout)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _, grid, meta = _launch(q, plan)
     qk_scale = plan.scale * _LOG2E
-    _backward_kv[grid](
-        q, k, v, dout, lse, delta, dk, dv, plan.ccol, plan.row, plan.tile, plan.part, plan.bits, n, qk_scale, plan.scale, **meta
-    )  # fmt: skip
-    _backward_q[grid](q, k, v, dout, lse, delta, dq, plan.crow, plan.col, plan.part, plan.bits, n, qk_scale, plan.scale, **meta)
+    with _on(q):
+        _backward_kv[grid](
+            q, k, v, dout, lse, delta, dk, dv, plan.ccol, plan.row, plan.tile, plan.part, plan.bits, n, qk_scale, plan.scale,
+            **meta,
+        )  # fmt: skip
+        _backward_q[grid](
+            q, k, v, dout, lse, delta, dq, plan.crow, plan.col, plan.part, plan.bits, n, qk_scale, plan.scale, **meta
+        )  # fmt: skip
     return dq, dk, dv
 
 

@@ -34,6 +34,16 @@ from sparsebench.backends.base import BACKENDS, Backend, Problem
 TRITON = os.environ.get("SPARSEBENCH_TRITON", "1") != "0"
 
 
+def _use_triton(p: Problem) -> bool:
+    """Whether the problem runs on the Triton kernels (CUDA, Triton installed, a head size,
+    dtype and batch * heads they take)."""
+    if not (TRITON and p.device.type == "cuda"):
+        return False
+    from sparsebench.backends import _triton
+
+    return _triton.unavailable(p.device) is None and _triton.supports(p.head_dim, p.dtype, p.batch * p.heads)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan):
@@ -75,11 +85,10 @@ class BlockSparse(Backend):
     compiled = True
 
     def prepare(self, p: Problem):
-        if TRITON and p.device.type == "cuda":
+        if _use_triton(p):
             from sparsebench.backends import _triton
 
-            if _triton.unavailable(p.device) is None and _triton.supports(p.head_dim, p.dtype):
-                return _triton.attention_fn(_triton.build(p.pattern, p.seq_len, p.causal, p.head_dim, p.device, p.block))
+            return _triton.attention_fn(_triton.build(p.pattern, p.seq_len, p.causal, p.head_dim, p.device, p.block))
         plan = _plan.build(
             p.pattern,
             p.seq_len,
@@ -95,8 +104,17 @@ class BlockSparse(Backend):
     def estimate_bytes(self, p: Problem) -> int:
         """q, k, v and the output, plus what is not proportional to n: each call's output chunk,
         log-sum-exps and gathered keys (bounded by _plan.ROW_BUDGET rows). Merged calls add an
-        fp32 accumulator in low precision; backward adds fp32 gradients of q, k, v."""
+        fp32 accumulator in low precision; backward adds fp32 gradients of q, k, v. The Triton
+        kernels: a log-sum-exp per row and the masks' chunk being built; backward, gradients in
+        the input dtype, a delta per row and its chunk."""
         rows = p.batch * p.heads * p.seq_len
+        if _use_triton(p):
+            from sparsebench.backends import _triton
+
+            extra = rows * 4 + _triton.MASK_CHUNK_ELEMS * 9
+            if p.mode == "backward":
+                extra += 3 * p.io_bytes // 4 + rows * 4 + 3 * _triton.DELTA_ROWS * p.head_dim * 4
+            return p.io_bytes + extra
         chunk = 4 * _plan.ROW_BUDGET * p.head_dim * 4
         extra = 0
         if p.elem_bytes != 4:
