@@ -194,6 +194,8 @@ def run_case(case: Case) -> dict[str, Any]:
         call()
         sync(p.device)
         first = time.perf_counter() - t0
+        if backend.compiled:  # compilation and autotuning scratch are first-call costs (compile_s)
+            pm.restart()
         for _ in range(max(0, case.warmup - 1)):
             call()
         m = time_calls(call, p.device, repeats=case.repeats, min_time_s=case.min_time_s, max_repeats=case.max_repeats)

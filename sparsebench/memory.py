@@ -59,6 +59,20 @@ class PeakMemory:
             self._base = (_status_kib("VmRSS") or 0) * 1024
         return self
 
+    def restart(self) -> None:
+        """Forget the peak so far (not the baseline): what follows is measured on top of what is
+        allocated now. On the CPU the peak restarts from the current RSS."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu":
+            try:
+                _CLEAR.write_text("5")
+            except OSError:
+                pass
+
     def __exit__(self, *exc) -> None:
         import torch
 
