@@ -105,13 +105,13 @@ class BlockSparse(Backend):
         """q, k, v and the output, plus what is not proportional to n: each call's output chunk,
         log-sum-exps and gathered keys (bounded by _plan.ROW_BUDGET rows). Merged calls add an
         fp32 accumulator in low precision; backward adds fp32 gradients of q, k, v. The Triton
-        kernels: a log-sum-exp per row and the masks' chunk being built; backward, gradients in
+        kernels: a log-sum-exp per row (their bit masks are a few MiB); backward, gradients in
         the input dtype, a delta per row and its chunk."""
         rows = p.batch * p.heads * p.seq_len
         if _use_triton(p):
             from sparsebench.backends import _triton
 
-            extra = rows * 4 + _triton.MASK_CHUNK_ELEMS * 9
+            extra = rows * 4
             if p.mode == "backward":
                 extra += 3 * p.io_bytes // 4 + rows * 4 + 3 * _triton.DELTA_ROWS * p.head_dim * 4
             return p.io_bytes + extra
