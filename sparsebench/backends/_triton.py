@@ -11,9 +11,9 @@ blocks that use it (the layout transposed), dQ by query block.
 
 Tiles of 128, 64 or 32 (``tile_size``: the layout block rounded down to one of them, smaller for
 head sizes above 128); head sizes 16 to 256 that are powers of two; fp32 (IEEE products), bf16
-and fp16; up to 65535 sequences (batch * heads). With
-``TRITON_INTERPRET=1`` set before this module is imported, the kernels also run (slowly) on the
-CPU, which is how they are tested without a GPU."""
+and fp16; up to 65535 sequences (batch * heads). With ``TRITON_INTERPRET=1`` set before this
+module is imported, the kernels also run (slowly) on the CPU, which is how they are tested
+without a GPU."""
 
 from __future__ import annotations
 
