@@ -35,14 +35,14 @@ want() { [[ $STEPS == *" $1 "* ]]; }
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     # the autotuner's choice does not change results: the tests take the first launch setting
     if want tests; then
-        SPARSEBENCH_TRITON_TUNE=0 step ${TESTS_S:-150} "tests block_sparse" python3 -m pytest tests/test_cuda.py -q -rf \
+        SPARSEBENCH_TRITON_TUNE=0 step ${TESTS_S:-110} "tests block_sparse" python3 -m pytest tests/test_cuda.py -q -rf \
             --tb=short -p no:cacheprovider -k "${TESTS_K:-block_sparse}" $XDIST
         rc=$?
         if [[ $rc != 0 && $rc != 124 ]]; then export SPARSEBENCH_TRITON=0; fi
     fi
-    want tiles && step ${TILES_S:-70} tiles python3 scripts/triton_tiles.py --n 16384
-    want scaling && step ${SCALING_S:-190} gpu-scaling python3 -m sparsebench run scenarios/gpu-scaling.yaml -o "$RES/gpu-scaling" --no-plots
-    want tour && step ${TOUR_S:-70} gpu-tour python3 -m sparsebench run scenarios/gpu-tour.yaml -o "$RES/gpu-tour" --no-plots
+    want tiles && step ${TILES_S:-45} tiles python3 scripts/triton_tiles.py --n 16384
+    want scaling && step ${SCALING_S:-150} gpu-scaling python3 -m sparsebench run scenarios/gpu-scaling.yaml -o "$RES/gpu-scaling" --no-plots
+    want tour && step ${TOUR_S:-170} gpu-tour python3 -m sparsebench run scenarios/gpu-tour.yaml -o "$RES/gpu-tour" --no-plots
     want rest && step ${REST_S:-60} "tests other" python3 -m pytest tests/test_cuda.py tests/test_decode.py -q -rf --tb=line \
         -p no:cacheprovider -k "not block_sparse" $XDIST
 } 2>&1 | tee "$OUT/gpu-check.log"
