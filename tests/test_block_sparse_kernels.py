@@ -558,3 +558,25 @@ def test_native_low_precision_forward_is_the_fp32_kernel_on_widened_inputs(dtype
     tol = 6e-2 if dtype == torch.bfloat16 else 1e-2
     for a, b in zip((q, k, v), (q2, k2, v2)):
         assert (a.grad.double() - b.grad).abs().max().item() < tol * max(1.0, b.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_big_column_masks_are_kept_as_ranges(monkeypatch, native):
+    """Key columns against many rows (fixed's summary columns) would keep an n x columns mask,
+    growing like n^2; where each row is one key range it is kept as the ranges, which the native
+    kernel reads and the ATen path turns back into booleans, forward and backward."""
+    from sparsebench.backends._attend import RangeMask
+
+    pat = PATTERNS.get("fixed").from_params({"stride": 64, "summary": 4})
+    n = 2048
+    plan = plan_for(pat, n, True, groups=2, head_dim=32)
+    ranged = [c for c in plan.calls if isinstance(c.mask, RangeMask)]
+    assert ranged and all(c.kind == "keys" for c in ranged)
+    assert sum(c.mask.stored_bytes for c in plan.calls if c.mask is not None) < 64 * n
+    for c in ranged:  # the ranges are the mask they replace
+        m = c.mask.bool[0, 0]
+        lo, hi = c.ranges
+        assert torch.equal(m.sum(1), (hi - lo + 1).clamp(min=0).long())
+    monkeypatch.setattr(_plan, "NATIVE_WINDOWS", native)  # at run time: native kernel or ATen
+    q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 2, 32))
+    assert_forward_backward(plan, pat, q, k, v, True)

@@ -51,6 +51,43 @@ class Mask:
     def to(self, device: torch.device) -> "Mask":
         return self if self.bool.device == device else Mask(self.bool.to(device))
 
+    @property
+    def windows(self) -> int:
+        """Size of the mask's window dimension (1: one mask shared by all windows)."""
+        return self.bool.shape[1]
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.bool.numel() * self.bool.element_size()
+
+
+class RangeMask(Mask):
+    """A (1, 1, L, S) mask that is one key range per row, ``lo[r] <= s <= hi[r]`` (none where
+    lo > hi), kept as the ranges: 8 bytes a row instead of S. Kernels that read ranges (the
+    native ones) never make the booleans; the others get them built on each use."""
+
+    __slots__ = ("lo", "hi", "keys")
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, keys: int):
+        self.lo, self.hi, self.keys = lo, hi, keys
+        self._add = {}
+
+    @property
+    def bool(self) -> torch.Tensor:  # type: ignore[override]
+        s = torch.arange(self.keys, device=self.lo.device)
+        return ((s >= self.lo[:, None]) & (s <= self.hi[:, None]))[None, None]
+
+    def to(self, device: torch.device) -> "Mask":
+        return self if self.lo.device == device else RangeMask(self.lo.to(device), self.hi.to(device), self.keys)
+
+    @property
+    def windows(self) -> int:
+        return 1
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.lo.numel() * self.lo.element_size() + self.hi.numel() * self.hi.element_size()
+
 
 def forward(q, k, v, mask: Mask | None, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (X, M, L, d) in q.dtype, lse (X, M, L) fp32). ``causal`` is top-left: row t sees keys <= t."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsebench.backends import _attend, _native
-from sparsebench.backends._attend import Mask
+from sparsebench.backends._attend import Mask, RangeMask
 from sparsebench.patterns.base import (
     Band,
     BlockBand,
@@ -69,6 +69,8 @@ TABLE_ROWS = 8192
 KEY_CHUNK_BYTES = 1 << 20
 # Query rows per chunk for masked range calls (columns, rows, wide bands).
 RANGE_ROWS = 512
+# Masks larger than this whose rows are each one key range are kept as the ranges.
+RANGE_MASK_BYTES = 1 << 16
 NEG_INF = float("-inf")
 _NOTHING = torch.empty(0)
 
@@ -188,7 +190,7 @@ class Call:
         def cut(t):
             return t if t is None or t.shape[1] == 1 else t[:, m0:m1]
 
-        mask = None if self.mask is None else (self.mask if self.mask.bool.shape[1] == 1 else Mask(cut(self.mask.bool)))
+        mask = None if self.mask is None else (self.mask if self.mask.windows == 1 else Mask(cut(self.mask.bool)))
         table = None if self.table is None else self.table[m0:m1]
         bounds = None if self.bounds is None else self.bounds[m0:m1]
         q, k = self.q.sub(m0, m1), self.k.sub(m0, m1)
@@ -589,6 +591,11 @@ class _Builder:
         init = init or bool((written == 0).any())
         for call in self.calls:
             call.ranges = _row_ranges(call)
+            if call.ranges is not None and call.mask is not None and call.mask.stored_bytes > RANGE_MASK_BYTES:
+                # a mask of its own per row (key columns against many rows): kept as its ranges
+                lo, hi = call.ranges
+                if call.mask.bool.shape[2] == lo.numel():
+                    call.mask = RangeMask(lo.to(self.device, torch.int64), hi.to(self.device, torch.int64), call.k.R)
         return Plan(self.n, self.causal, scale, self.calls, multi, init, tuple(dict.fromkeys(self.kinds)))
 
 
