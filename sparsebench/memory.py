@@ -61,9 +61,11 @@ class PeakMemory:
 
     def restart(self) -> None:
         """Forget the peak so far (not the baseline): what follows is measured on top of what is
-        allocated now. On the CPU the peak restarts from the current RSS."""
+        allocated now. On the CPU the peak restarts from the current RSS, after the allocator
+        has handed freed memory back (else what setup freed would still count)."""
         import torch
 
+        _trim()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
