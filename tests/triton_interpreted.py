@@ -1,9 +1,9 @@
 """Run by tests/test_triton.py in a fresh process with TRITON_INTERPRET=1: the Triton kernels of
 block_sparse (forward and backward) on the CPU, every pattern of test_cuda.CASES and one with
 rows that have no keys, fp32 and fp16, causal and not, at a length that is not a multiple of the
-tile, tiles of 32, 64 and 128 taken whole or by halves, against float64 dense attention under the
-same mask. Prints one line per failure; exits 1 if any. (bf16 products are wrong in Triton's
-interpreter, so bf16 is left to tests/test_cuda.py on a GPU.)"""
+tile, tiles of 32, 64 and 128 taken whole or by halves, head sizes 16, 32 and 256, against
+float64 dense attention under the same mask. Prints one line per failure; exits 1 if any. (bf16
+products are wrong in Triton's interpreter, so bf16 is left to tests/test_cuda.py on a GPU.)"""
 
 import os
 import sys
@@ -63,6 +63,22 @@ def main() -> int:
                 if bad:
                     failures += 1
                     print(f"{pat} causal={causal} {dtype} block={block} sub={sub}: {bad}", flush=True)
+    # other head sizes (16: the smallest product; 256: tiles of 64 at most), fp32, tiles of 128
+    for name, params in (CASES[1], CASES[8]):
+        pat = PATTERNS.get(name).from_params(params)
+        for d in (16, 256):
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(1, 1, N, d, generator=g).requires_grad_() for _ in range(3))
+            grad = torch.randn(q.shape, generator=g)
+            out = _triton.attention_fn(_triton.build(pat, N, True, d, "cpu", 128))(q, k, v)
+            out.backward(grad)
+            ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            ref = masked_softmax_attention(*ref_in, pat.mask(N, True))
+            ref.backward(grad.double())
+            errs = [rel_err(out, ref)] + [rel_err(t.grad, r.grad) for t, r in zip((q, k, v), ref_in)]
+            if not max(errs) <= TOL[torch.float32]:
+                failures += 1
+                print(f"{pat} head_dim={d}: errors {errs}", flush=True)
     return 1 if failures else 0
 
 
