@@ -122,6 +122,20 @@ def test_block_sparse_tiles_of_128_large_heads(name, params, d, dtype):
     assert_forward_backward("block_sparse", *problem(name, params, dtype, mode="backward", n=1000, d=d, block=128))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name,params", [CASES[2], CASES[3]])
+def test_block_sparse_residue_parts(monkeypatch, name, params, causal, dtype):
+    """Residue bands as parts of their own, reordered by residue class and merged with the rest
+    through the log-sum-exps, forward and backward."""
+    from sparsebench.backends import _triton
+
+    monkeypatch.setattr(_triton, "PARTS", "always")
+    pat, p = problem(name, params, dtype, causal, mode="backward", n=1000)
+    assert isinstance(BACKENDS.get("block_sparse")().prepare(p).plan, _triton.PartsPlan)
+    assert_forward_backward("block_sparse", pat, p)
+
+
 def test_dense_sdpa_bf16():
     pat, p = problem("dense", {}, torch.bfloat16)
     q, k, v = qkv(N, torch.bfloat16)

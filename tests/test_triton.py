@@ -53,6 +53,45 @@ def test_tile_plan_is_the_pattern(name, params, causal, block):
     assert torch.equal(plan.col.long()[by_key], kb)
 
 
+def parts_masks(pp: _triton.PartsPlan) -> list[torch.Tensor]:
+    """Each part's (n, n) mask in the natural order."""
+    masks = []
+    for part in pp.parts:
+        m = plan_mask(part.plan)
+        masks.append(m if part.inv is None else m[part.inv.cpu()][:, part.inv.cpu()])
+    return masks
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "name,params", [("strided", {"stride": 17}), ("strided", {"stride": 64}), ("dilated_window", {"window": 16, "dilation": 3})]
+)
+def test_residue_parts_are_the_pattern(monkeypatch, name, params, causal):
+    """Residue bands reordered by residue class, and the rest in order: disjoint, and together
+    the pattern."""
+    monkeypatch.setattr(_triton, "PARTS", "always")
+    pat = PATTERNS.get(name).from_params(params)
+    pp = _triton.build(pat, N, causal, 64, "cpu", 32)
+    assert isinstance(pp, _triton.PartsPlan) and any(p.perm is not None for p in pp.parts)
+    masks = parts_masks(pp)
+    total = torch.stack(masks).sum(0)
+    assert int(total.max()) == 1  # no pair twice
+    assert torch.equal(total.bool(), pat.mask(N, causal))
+
+
+def test_residue_parts_where_they_save_tiles():
+    """Strided columns cover nearly every tile in order but few by residue class; a dilated window
+    is a band either way; patterns without residue bands have one plan."""
+    n = 16384
+    strided = _triton.build(PATTERNS.get("strided").from_params({"stride": 128}), n, True, 64, "cpu", 64)
+    assert isinstance(strided, _triton.PartsPlan)
+    whole = PATTERNS.get("strided").from_params({"stride": 128}).block_layout(n, 64, True).nnz_blocks
+    assert strided.tiles * 10 < whole
+    dilated = _triton.build(PATTERNS.get("dilated_window").from_params({"window": 128, "dilation": 2}), n, True, 64, "cpu", 64)
+    assert isinstance(dilated, _triton.TilePlan)
+    assert isinstance(_triton.build(PATTERNS.get("sliding_window").from_params({"window": 256}), n, True, 64, "cpu", 64), _triton.TilePlan)
+
+
 def test_pack_bits_round_trip():
     m = torch.rand(3, 5, 64, generator=torch.Generator().manual_seed(0)) < 0.5
     words = _triton._pack_bits(m)

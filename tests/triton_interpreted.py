@@ -1,9 +1,10 @@
 """Run by tests/test_triton.py in a fresh process with TRITON_INTERPRET=1: the Triton kernels of
 block_sparse (forward and backward) on the CPU, every pattern of test_cuda.CASES and one with
 rows that have no keys, fp32 and fp16, causal and not, at a length that is not a multiple of the
-tile, tiles of 32, 64 and 128 taken whole or by halves, head sizes 16, 32 and 256, against
-float64 dense attention under the same mask. Prints one line per failure; exits 1 if any. (bf16
-products are wrong in Triton's interpreter, so bf16 is left to tests/test_cuda.py on a GPU.)"""
+tile, tiles of 32, 64 and 128 taken whole or by halves, head sizes 16, 32 and 256, residue bands
+as parts of their own (dilated windows, strided columns), against float64 dense attention under
+the same mask. Prints one line per failure; exits 1 if any. (bf16 products are wrong in Triton's
+interpreter, so bf16 is left to tests/test_cuda.py on a GPU.)"""
 
 import os
 import sys
@@ -63,6 +64,27 @@ def main() -> int:
                 if bad:
                     failures += 1
                     print(f"{pat} causal={causal} {dtype} block={block} sub={sub}: {bad}", flush=True)
+    # residue bands as parts of their own, reordered by residue class, merged with the rest
+    _triton.PARTS = "always"
+    for name, params in (CASES[2], CASES[3]):
+        pat = PATTERNS.get(name).from_params(params)
+        for causal in (True, False):
+            for dtype, block in ((torch.float32, 64), (torch.float16, 32)):
+                g = torch.Generator().manual_seed(0)
+                q, k, v = (torch.randn(1, 2, N, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
+                grad = torch.randn(q.shape, generator=g).to(dtype)
+                plan = _triton.build(pat, N, causal, D, "cpu", block)
+                assert isinstance(plan, _triton.PartsPlan)
+                out = _triton.attention_fn(plan)(q, k, v)
+                out.backward(grad)
+                ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+                ref = masked_softmax_attention(*ref_in, pat.mask(N, causal))
+                ref.backward(grad.double())
+                errs = [rel_err(out, ref)] + [rel_err(t.grad, r.grad) for t, r in zip((q, k, v), ref_in)]
+                if not max(errs) <= TOL[dtype]:
+                    failures += 1
+                    print(f"{pat} parts causal={causal} {dtype}: errors {errs}", flush=True)
+    _triton.PARTS = "auto"
     # other head sizes (16: the smallest product; 256: tiles of 64 at most), fp32, tiles of 128
     for name, params in (CASES[1], CASES[8]):
         pat = PATTERNS.get(name).from_params(params)

@@ -7,7 +7,10 @@ nothing but the output and one log-sum-exp per row is written. Full tiles need n
 partial tile (the diagonal, band edges, random keys, a short last block) has a bit mask of its
 pairs, evaluated once from the pattern at setup in chunks of tiles: memory proportional to the
 partial tiles, never n x n. Backward is FlashAttention-2's: dK and dV by key block over the query
-blocks that use it (the layout transposed), dQ by query block.
+blocks that use it (the layout transposed), dQ by query block. Residue bands (pairs i - j = m D:
+Child et al.'s strided columns) touch nearly every tile in order; where that saves tiles they run
+as a part of their own on the sequence reordered residue class by residue class (where they are
+diagonal bands again), merged with the rest through the log-sum-exps (``PartsPlan``).
 
 Tiles of 128, 64 or 32 (``tile_size``: the layout block rounded down to one of them, smaller for
 head sizes above 128); head sizes 16 to 256 that are powers of two; fp32 (IEEE products), bf16
@@ -46,6 +49,9 @@ DELTA_ROWS = 1 << 18
 MAX_GROUPS = 65535
 # Under the interpreter there is no autotuning: kernels take "half" tiles (from 64 up) or "whole".
 INTERPRET_SUB = "half"
+# Residue bands as parts of their own in residue order (see PartsPlan): "auto" where that halves
+# the tiles at least, "always" (tests), "never".
+PARTS = os.environ.get("SPARSEBENCH_TRITON_PARTS", "auto")
 _LOG2E = 1.4426950408889634
 
 
@@ -101,49 +107,142 @@ def _pack_bits(m: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
-def tile_masks(pattern, layout, causal: bool, tiles: torch.Tensor, device) -> torch.Tensor:
-    """Bit masks (len(tiles), B, B // 32) of the given tiles of ``layout``; pairs past the end
-    of the sequence are off."""
-    n, B = layout.n, layout.block
-    allowed = pattern.mask_fn(n, causal, device)
-    rows = layout.row_of_tiles()[tiles].to(device)
-    cols = layout.col[tiles].to(device)
+def tile_masks(allowed, n: int, B: int, rows: torch.Tensor, cols: torch.Tensor, device):
+    """Bit masks (T, B, B // 32) of the tiles (rows[t], cols[t]) under ``allowed(q, k)`` (index
+    tensors, broadcast), and their allowed pairs (T,); pairs past the end of the sequence are
+    off."""
+    rows, cols = rows.to(device), cols.to(device)
     ar = torch.arange(B, device=device)
-    out = torch.empty(len(tiles), B, B // 32, dtype=torch.int32, device=device)
+    bits = torch.empty(len(rows), B, B // 32, dtype=torch.int32, device=device)
+    counts = torch.empty(len(rows), dtype=torch.int64, device=device)
     step = max(1, MASK_CHUNK_ELEMS // (B * B))
-    for i in range(0, len(tiles), step):
+    for i in range(0, len(rows), step):
         qi = rows[i : i + step, None, None] * B + ar[:, None]
         ki = cols[i : i + step, None, None] * B + ar[None, :]
         m = allowed(qi.clamp(max=n - 1), ki.clamp(max=n - 1)) & (qi < n) & (ki < n)
-        out[i : i + step] = _pack_bits(m)
-    return out
+        bits[i : i + step] = _pack_bits(m)
+        counts[i : i + step] = m.sum((1, 2))
+    return bits, counts.cpu()
 
 
-def build(pattern, n: int, causal: bool, head_dim: int, device, block: int = DEFAULT_BLOCK) -> TilePlan:
-    """The tile plan of a pattern (setup work): layout, its transpose and the partial masks, at
-    tiles of ``tile_size(block, head_dim)``."""
-    block = tile_size(block, head_dim)
-    layout = pattern.block_layout(n, block, causal)
-    nb = layout.num_blocks
-    rows, cols = layout.row_of_tiles(), layout.col
-    full = layout.full.clone()
-    if n % block:  # the short last block is masked past the end
-        full &= (rows != nb - 1) & (cols != nb - 1)
-    partial = (~full).nonzero().flatten()
-    part = torch.full((cols.numel(),), -1, dtype=torch.int64)
-    part[partial] = torch.arange(partial.numel())
-    order = torch.argsort(cols, stable=True)
+def _tile_plan(n: int, B: int, scale: float, rows, cols, full, allowed, device) -> TilePlan:
+    """A tile plan from tiles (rows[t], cols[t]), in any order and possibly more than needed, with
+    those known to be full (every pair allowed) marked: the others are evaluated under
+    ``allowed``, dropped when they hold no pair and counted full when they hold them all (never
+    a tile of a short last block: the kernels mask past the end only in partial tiles)."""
+    nb = -(-n // B)
+    edge = ((rows == nb - 1) | (cols == nb - 1)) if n % B else torch.zeros_like(full)
+    full = full & ~edge
+    cand = (~full).nonzero().flatten()
+    bits, counts = tile_masks(allowed, n, B, rows[cand], cols[cand], device)
+    keep = counts > 0
+    now_full = (counts == B * B) & ~edge[cand]
+    partial = keep & ~now_full
+    rows = torch.cat([rows[full], rows[cand[keep]]])
+    cols = torch.cat([cols[full], cols[cand[keep]]])
+    part_c = torch.full((cand.numel(),), -1, dtype=torch.int64)
+    part_c[partial] = torch.arange(int(partial.sum()))
+    part = torch.cat([torch.full((int(full.sum()),), -1, dtype=torch.int64), part_c[keep]])
+    bits = bits[partial.to(bits.device)]
+    order = torch.argsort(rows * nb + cols)
+    rows, cols, part = rows[order], cols[order], part[order]
+    crow = torch.zeros(nb + 1, dtype=torch.int64)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=nb), 0)
+    by_key = torch.argsort(cols, stable=True)
     ccol = torch.zeros(nb + 1, dtype=torch.int64)
     ccol[1:] = torch.cumsum(torch.bincount(cols, minlength=nb), 0)
 
     def dev(t):
         return t.to(device=device, dtype=torch.int32)
 
-    return TilePlan(
-        n, block, 1.0 / math.sqrt(head_dim),
-        dev(layout.crow), dev(cols), dev(part), dev(ccol), dev(rows[order]), dev(order),
-        tile_masks(pattern, layout, causal, partial, device),
-    )  # fmt: skip
+    return TilePlan(n, B, scale, dev(crow), dev(cols), dev(part), dev(ccol), dev(rows[by_key]), dev(by_key), bits)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One exclusive share of the pattern's pairs as a tile plan, over the sequence in its own
+    order: ``perm[p]`` is the position at place p (None: the natural order), ``inv`` its inverse."""
+
+    plan: TilePlan
+    perm: torch.Tensor | None = None
+    inv: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PartsPlan:
+    """Disjoint parts whose outputs merge through their log-sum-exps: the residue bands of a
+    pattern (strided columns, dilated windows: pairs i - j = m D) run on the sequence reordered
+    residue class by residue class, where they are diagonal bands again; the rest in order."""
+
+    parts: tuple[Part, ...]
+
+    @property
+    def tiles(self) -> int:
+        return sum(p.plan.col.numel() for p in self.parts)
+
+
+def build(pattern, n: int, causal: bool, head_dim: int, device, block: int = DEFAULT_BLOCK) -> TilePlan | PartsPlan:
+    """The tile plan of a pattern (setup work), at tiles of ``tile_size(block, head_dim)``: its
+    block layout, transposed, with bit masks of the partial tiles; or, for patterns with residue
+    bands whose tiles would cover most of the square, a ``PartsPlan`` (PARTS: "auto", "always" for
+    such patterns, "never")."""
+    block = tile_size(block, head_dim)
+    scale = 1.0 / math.sqrt(head_dim)
+    layout = pattern.block_layout(n, block, causal)
+    parts = None if PARTS == "never" else _parts(pattern, n, causal, block, scale, device)
+    if parts is not None and (PARTS == "always" or 2 * parts.tiles < layout.nnz_blocks):
+        return parts
+    allowed = pattern.mask_fn(n, causal, device)
+    return _tile_plan(n, block, scale, layout.row_of_tiles(), layout.col, layout.full.clone(), allowed, device)
+
+
+def _parts(pattern, n: int, causal: bool, B: int, scale: float, device) -> PartsPlan | None:
+    """The pattern's residue bands (Band parts of step D > 1) reordered by residue class, one part
+    per step, and the rest of its structure in order; None without residue bands."""
+    from sparsebench.patterns.base import Band, Structure, structured_layout
+
+    st = pattern.structure(n, causal)
+    if st is None:
+        return None
+    residue = [p for p in st.parts if isinstance(p, Band) and p.step > 1]
+    rest = [p for p in st.parts if p not in residue]
+    if not residue:
+        return None
+
+    def covered(ps, q, k):
+        m = ps[0].covers(q, k)
+        for p in ps[1:]:
+            m = m | p.covers(q, k)
+        return m & (k <= q) if causal else m
+
+    out = []
+    if rest:
+        lay = structured_layout(pattern, Structure(n, causal, tuple(rest)), B)
+        if lay is None:
+            return None
+
+        def allowed_rest(q, k):
+            return covered(rest, q, k) & ~covered(residue, q, k)
+
+        full = torch.zeros(lay.nnz_blocks, dtype=torch.bool)  # parts may overlap: evaluate all
+        out.append(Part(_tile_plan(n, B, scale, lay.row_of_tiles(), lay.col, full, allowed_rest, device)))
+    for D in sorted({p.step for p in residue}):
+        bands = [p for p in residue if p.step == D]
+        i = torch.arange(n)
+        perm = torch.argsort((i % D) * n + i)  # residue class by residue class, in order
+        # in that order a residue band is the diagonal band lo..hi (within each class: a superset)
+        lay = structured_layout(pattern, Structure(n, causal, tuple(Band(p.lo, p.hi, 1) for p in bands)), B)
+        if lay is None:
+            return None
+        perm_d = perm.to(device)
+
+        def allowed_res(q, k, bands=bands, perm_d=perm_d):
+            return covered(bands, perm_d[q], perm_d[k])
+
+        full = torch.zeros(lay.nnz_blocks, dtype=torch.bool)
+        plan = _tile_plan(n, B, scale, lay.row_of_tiles(), lay.col, full, allowed_res, device)
+        out.append(Part(plan, perm_d, torch.argsort(perm).to(device)))
+    return PartsPlan(tuple(out))
 
 
 def _configs():
@@ -369,10 +468,57 @@ def backward(plan: TilePlan, q, k, v, out, lse, dout):
     return dq, dk, dv
 
 
+def _permuted(t: torch.Tensor, perm: torch.Tensor | None, dim: int = 2) -> torch.Tensor:
+    return t if perm is None else t.index_select(dim, perm)
+
+
+def parts_forward(pp: PartsPlan, q, k, v):
+    """Each part on its own order, merged through the log-sum-exps: (out, log2-sum-exp (B*H, n),
+    +inf for rows without keys)."""
+    B, H, n, D = q.shape
+    outs, lses = [], []
+    for part in pp.parts:
+        o, lse = forward(part.plan, *(_permuted(t, part.perm) for t in (q, k, v)))
+        outs.append(_permuted(o, part.inv))
+        lse = _permuted(lse, part.inv, dim=1)
+        lses.append(torch.where(torch.isposinf(lse), float("-inf"), lse))  # no keys: no weight
+    lse = torch.stack(lses)
+    top = lse.max(0).values
+    top = torch.where(torch.isneginf(top), 0.0, top)
+    w = torch.exp2(lse - top)
+    total = w.sum(0)
+    w = (w / torch.where(total > 0, total, 1.0)).view(len(outs), B, H, n, 1)
+    out = sum(o.float() * w[i] for i, o in enumerate(outs)).to(q.dtype)
+    merged = torch.where(total > 0, top + torch.log2(total), float("inf"))
+    return out, merged
+
+
+def parts_backward(pp: PartsPlan, q, k, v, out, lse, dout):
+    """Each part's FlashAttention-2 backward with the merged log-sum-exp (its probabilities are
+    its share of the whole softmax) and the merged output; the gradients summed."""
+    grads = None
+    for part in pp.parts:
+        args = [_permuted(t, part.perm) for t in (q, k, v, out)]
+        g = backward(part.plan, *args, _permuted(lse, part.perm, dim=1), _permuted(dout, part.perm))
+        g = [_permuted(t, part.inv) for t in g]
+        grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+    return grads
+
+
+def run_forward(plan, q, k, v):
+    return parts_forward(plan, q, k, v) if isinstance(plan, PartsPlan) else forward(plan, q, k, v)
+
+
+def run_backward(plan, q, k, v, out, lse, dout):
+    if isinstance(plan, PartsPlan):
+        return parts_backward(plan, q, k, v, out, lse, dout)
+    return backward(plan, q, k, v, out, lse, dout)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan):
-        out, lse = forward(plan, q, k, v)
+        out, lse = run_forward(plan, q, k, v)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -380,16 +526,16 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*backward(ctx.plan, q, k, v, out, lse, dout), None)
+        return (*run_backward(ctx.plan, q, k, v, out, lse, dout), None)
 
 
-def attention_fn(plan: TilePlan):
+def attention_fn(plan: TilePlan | PartsPlan):
     """fn(q, k, v) for a tile plan: differentiable when the inputs need gradients."""
 
     def fn(q, k, v):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _Attention.apply(q, k, v, plan)
-        return forward(plan, q, k, v)[0]
+        return run_forward(plan, q, k, v)[0]
 
     fn.plan = plan  # type: ignore[attr-defined]
     return fn

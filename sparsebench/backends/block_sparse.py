@@ -16,7 +16,8 @@ output gradient. Any sequence length works; fp32, bf16 and fp16.
 
 On CUDA with Triton (head sizes that are powers of two, 16 to 256) the plan is instead the
 pattern's block layout, run by the fused Triton kernels of ``_triton.py``: one online softmax per
-query block over its tiles, bit masks for partial tiles, FlashAttention-2 backward.
+query block over its tiles, bit masks for partial tiles, FlashAttention-2 backward; residue bands
+(strided columns) run as parts of their own on the sequence reordered by residue class.
 """
 
 from __future__ import annotations
@@ -105,13 +106,19 @@ class BlockSparse(Backend):
         """q, k, v and the output, plus what is not proportional to n: each call's output chunk,
         log-sum-exps and gathered keys (bounded by _plan.ROW_BUDGET rows). Merged calls add an
         fp32 accumulator in low precision; backward adds fp32 gradients of q, k, v. The Triton
-        kernels: a log-sum-exp per row (their bit masks are a few MiB); backward, gradients in
-        the input dtype, a delta per row and its chunk."""
+        kernels: a log-sum-exp per row (their bit masks are a few MiB), with residue bands their
+        reordered copies and merge; backward, gradients in the input dtype, a delta per row and its
+        chunk."""
         rows = p.batch * p.heads * p.seq_len
         if _use_triton(p):
             from sparsebench.backends import _triton
 
             extra = rows * 4
+            st = p.pattern.structure(p.seq_len, p.causal)
+            if st is not None and any(getattr(part, "step", 1) > 1 for part in st.parts):
+                # residue bands as parts (_triton.PartsPlan): reordered q, k, v, each part's output
+                # and the merge in fp32
+                extra += 2 * p.io_bytes
             if p.mode == "backward":
                 extra += 3 * p.io_bytes // 4 + rows * 4 + 3 * _triton.DELTA_ROWS * p.head_dim * 4
             return p.io_bytes + extra
