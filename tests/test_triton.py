@@ -9,6 +9,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ import torch
 from test_cuda import CASES
 
 from sparsebench.backends import _triton
-from sparsebench.patterns.base import PATTERNS
+from sparsebench.patterns.base import PATTERNS, Band, Pattern, Structure
 
 N = 300
 
@@ -76,6 +77,47 @@ def test_residue_parts_are_the_pattern(monkeypatch, name, params, causal):
     masks = parts_masks(pp)
     total = torch.stack(masks).sum(0)
     assert int(total.max()) == 1  # no pair twice
+    assert torch.equal(total.bool(), pat.mask(N, causal))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FarColumns(Pattern):
+    """Residue pairs i - j = mL, |m| >= 2, and nothing else: two residue bands of one step and
+    no rest part (tiles both bands touch are recounted in residue order)."""
+
+    name = "far_columns"
+
+    def _allowed(self, q, k, n, causal):
+        d = q - k
+        return (d % 40 == 0) & (d.abs() >= 80)
+
+    def structure(self, n, causal):
+        big = n // 40 + 1
+        return Structure(n, causal, (Band(2, big, 40), Band(-big, -2, 40)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TwoSteps(Pattern):
+    """Residue bands of steps 2 and 3 that meet (i - j = 6): each pair once."""
+
+    name = "two_steps"
+
+    def _allowed(self, q, k, n, causal):
+        d = (q - k).abs()
+        return ((d % 2 == 0) & (d <= 8)) | ((d % 3 == 0) & (d <= 9))
+
+    def structure(self, n, causal):
+        return Structure(n, causal, (Band(-4, 4, 2), Band(-3, 3, 3)))
+
+
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pat", [FarColumns(), TwoSteps()], ids=["far_columns", "two_steps"])
+def test_residue_parts_of_unusual_structures(monkeypatch, pat, causal, block):
+    monkeypatch.setattr(_triton, "PARTS", "always")
+    masks = parts_masks(_triton.build(pat, N, causal, 64, "cpu", block))
+    total = torch.stack(masks).sum(0)
+    assert int(total.max()) == 1
     assert torch.equal(total.bool(), pat.mask(N, causal))
 
 

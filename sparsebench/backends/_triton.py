@@ -189,16 +189,33 @@ def build(pattern, n: int, causal: bool, head_dim: int, device, block: int = DEF
     block = tile_size(block, head_dim)
     scale = 1.0 / math.sqrt(head_dim)
     layout = pattern.block_layout(n, block, causal)
-    parts = None if PARTS == "never" else _parts(pattern, n, causal, block, scale, device)
-    if parts is not None and (PARTS == "always" or 2 * parts.tiles < layout.nnz_blocks):
-        return parts
+    parts = None if PARTS == "never" else _parts(pattern, n, causal, block)
+    if parts is not None and (PARTS == "always" or 2 * sum(lay.nnz_blocks for lay, _, _ in parts) < layout.nnz_blocks):
+        out = []
+        for lay, allowed, perm in parts:
+            full = torch.zeros(lay.nnz_blocks, dtype=torch.bool)  # the candidates are evaluated
+            plan = _tile_plan(n, block, scale, lay.row_of_tiles(), lay.col, full, allowed(device), device)
+            out.append(Part(plan) if perm is None else Part(plan, perm.to(device), torch.argsort(perm).to(device)))
+        return PartsPlan(tuple(out))
     allowed = pattern.mask_fn(n, causal, device)
     return _tile_plan(n, block, scale, layout.row_of_tiles(), layout.col, layout.full.clone(), allowed, device)
 
 
-def _parts(pattern, n: int, causal: bool, B: int, scale: float, device) -> PartsPlan | None:
+class _Pairs:
+    """A predicate as structured_layout's pattern: it recounts the tiles two parts share."""
+
+    def __init__(self, allowed):
+        self._allowed = allowed
+
+    def allowed(self, q, k, n, causal):
+        return self._allowed(q, k)
+
+
+def _parts(pattern, n: int, causal: bool, B: int):
     """The pattern's residue bands (Band parts of step D > 1) reordered by residue class, one part
-    per step, and the rest of its structure in order; None without residue bands."""
+    per step, and the rest of its structure in order, each as (candidate tiles: a layout that
+    holds its pairs, its predicate on a device: device -> allowed(q, k) in the part's order, the
+    order: None or perm, perm[p] the position at place p); None without residue bands."""
     from sparsebench.patterns.base import Band, Structure, structured_layout
 
     st = pattern.structure(n, causal)
@@ -210,39 +227,42 @@ def _parts(pattern, n: int, causal: bool, B: int, scale: float, device) -> Parts
         return None
 
     def covered(ps, q, k):
-        m = ps[0].covers(q, k)
-        for p in ps[1:]:
+        m = torch.zeros(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q.device)
+        for p in ps:
             m = m | p.covers(q, k)
         return m & (k <= q) if causal else m
 
     out = []
     if rest:
-        lay = structured_layout(pattern, Structure(n, causal, tuple(rest)), B)
+        lay = structured_layout(pattern, Structure(n, causal, tuple(rest)), B)  # rest within pattern
         if lay is None:
             return None
-
-        def allowed_rest(q, k):
-            return covered(rest, q, k) & ~covered(residue, q, k)
-
-        full = torch.zeros(lay.nnz_blocks, dtype=torch.bool)  # parts may overlap: evaluate all
-        out.append(Part(_tile_plan(n, B, scale, lay.row_of_tiles(), lay.col, full, allowed_rest, device)))
+        out.append((lay, lambda device: lambda q, k: covered(rest, q, k) & ~covered(residue, q, k), None))
+    earlier: list = []  # bands of other steps counted already (exclusive parts never meet; in case)
     for D in sorted({p.step for p in residue}):
         bands = [p for p in residue if p.step == D]
         i = torch.arange(n)
         perm = torch.argsort((i % D) * n + i)  # residue class by residue class, in order
-        # in that order a residue band is the diagonal band lo..hi (within each class: a superset)
-        lay = structured_layout(pattern, Structure(n, causal, tuple(Band(p.lo, p.hi, 1) for p in bands)), B)
+
+        def allowed(device, bands=bands, before=tuple(earlier), perm=perm):
+            pd = perm.to(device)
+
+            def f(q, k):
+                a, b = pd[q], pd[k]
+                m = covered(bands, a, b)
+                return m & ~covered(before, a, b) if before else m
+
+            return f
+
+        # in that order a residue band is the diagonal band lo..hi (within each class, so a
+        # superset), tiles two bands share recounted under the part's own predicate
+        st_p = Structure(n, causal, tuple(Band(p.lo, p.hi, 1) for p in bands))
+        lay = structured_layout(_Pairs(allowed(torch.device("cpu"))), st_p, B)
         if lay is None:
             return None
-        perm_d = perm.to(device)
-
-        def allowed_res(q, k, bands=bands, perm_d=perm_d):
-            return covered(bands, perm_d[q], perm_d[k])
-
-        full = torch.zeros(lay.nnz_blocks, dtype=torch.bool)
-        plan = _tile_plan(n, B, scale, lay.row_of_tiles(), lay.col, full, allowed_res, device)
-        out.append(Part(plan, perm_d, torch.argsort(perm).to(device)))
-    return PartsPlan(tuple(out))
+        out.append((lay, allowed, perm))
+        earlier += bands
+    return out
 
 
 def _configs():
@@ -438,11 +458,11 @@ def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     return delta.view(B * H, n)
 
 
-def forward(plan: TilePlan, q, k, v):
-    """(out (B, H, n, D) in q's dtype, log2-sum-exp (B*H, n) fp32)."""
+def forward(plan: TilePlan, q, k, v, dtype: torch.dtype | None = None):
+    """(out (B, H, n, D) in ``dtype`` (default q's), log2-sum-exp (B*H, n) fp32)."""
     q, k, v = (t.contiguous() for t in (q, k, v))
     B, H, n, D = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, dtype=dtype or q.dtype)
     lse = torch.empty(B * H, n, dtype=torch.float32, device=q.device)
     grid, _, meta = _launch(q, plan)
     with _on(q):
@@ -450,11 +470,13 @@ def forward(plan: TilePlan, q, k, v):
     return out, lse
 
 
-def backward(plan: TilePlan, q, k, v, out, lse, dout):
+def backward(plan: TilePlan, q, k, v, out, lse, dout, delta=None, dtype: torch.dtype | None = None):
+    """(dq, dk, dv) in ``dtype`` (default q's); ``delta``, rowsum(dO * O), is made from out and
+    dout unless given."""
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
     n = q.shape[2]
-    delta = _delta(out, dout)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = _delta(out, dout) if delta is None else delta.contiguous()
+    dq, dk, dv = (torch.empty_like(t, dtype=dtype or t.dtype) for t in (q, k, v))
     _, grid, meta = _launch(q, plan)
     qk_scale = plan.scale * _LOG2E
     with _on(q):
@@ -473,12 +495,12 @@ def _permuted(t: torch.Tensor, perm: torch.Tensor | None, dim: int = 2) -> torch
 
 
 def parts_forward(pp: PartsPlan, q, k, v):
-    """Each part on its own order, merged through the log-sum-exps: (out, log2-sum-exp (B*H, n),
-    +inf for rows without keys)."""
+    """Each part on its own order, merged through the log-sum-exps in fp32: (out, log2-sum-exp
+    (B*H, n), +inf for rows without keys)."""
     B, H, n, D = q.shape
     outs, lses = [], []
     for part in pp.parts:
-        o, lse = forward(part.plan, *(_permuted(t, part.perm) for t in (q, k, v)))
+        o, lse = forward(part.plan, *(_permuted(t, part.perm) for t in (q, k, v)), dtype=torch.float32)
         outs.append(_permuted(o, part.inv))
         lse = _permuted(lse, part.inv, dim=1)
         lses.append(torch.where(torch.isposinf(lse), float("-inf"), lse))  # no keys: no weight
@@ -488,21 +510,27 @@ def parts_forward(pp: PartsPlan, q, k, v):
     w = torch.exp2(lse - top)
     total = w.sum(0)
     w = (w / torch.where(total > 0, total, 1.0)).view(len(outs), B, H, n, 1)
-    out = sum(o.float() * w[i] for i, o in enumerate(outs)).to(q.dtype)
+    out = outs[0].mul_(w[0])
+    for i, o in enumerate(outs[1:], 1):
+        out.add_(o.mul_(w[i]))
     merged = torch.where(total > 0, top + torch.log2(total), float("inf"))
-    return out, merged
+    return out.to(q.dtype), merged
 
 
 def parts_backward(pp: PartsPlan, q, k, v, out, lse, dout):
     """Each part's FlashAttention-2 backward with the merged log-sum-exp (its probabilities are
-    its share of the whole softmax) and the merged output; the gradients summed."""
+    its share of the whole softmax) and the merged output's delta; the gradients summed in fp32."""
+    delta = _delta(out, dout.contiguous())
     grads = None
     for part in pp.parts:
         args = [_permuted(t, part.perm) for t in (q, k, v, out)]
-        g = backward(part.plan, *args, _permuted(lse, part.perm, dim=1), _permuted(dout, part.perm))
+        g = backward(
+            part.plan, *args, _permuted(lse, part.perm, dim=1), _permuted(dout, part.perm),
+            delta=_permuted(delta, part.perm, dim=1), dtype=torch.float32,
+        )  # fmt: skip
         g = [_permuted(t, part.inv) for t in g]
-        grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-    return grads
+        grads = g if grads is None else [a.add_(b) for a, b in zip(grads, g)]
+    return [t.to(x.dtype) for t, x in zip(grads, (q, k, v))]
 
 
 def run_forward(plan, q, k, v):

@@ -116,9 +116,9 @@ class BlockSparse(Backend):
             extra = rows * 4
             st = p.pattern.structure(p.seq_len, p.causal)
             if st is not None and any(getattr(part, "step", 1) > 1 for part in st.parts):
-                # residue bands as parts (_triton.PartsPlan): reordered q, k, v, each part's output
-                # and the merge in fp32
-                extra += 2 * p.io_bytes
+                # residue bands as parts (_triton.PartsPlan, where chosen): reordered q, k, v and
+                # fp32 part outputs merged in place; backward, reordered inputs and fp32 gradients
+                extra += (2 if p.mode == "forward" else 5) * p.io_bytes
             if p.mode == "backward":
                 extra += 3 * p.io_bytes // 4 + rows * 4 + 3 * _triton.DELTA_ROWS * p.head_dim * 4
             return p.io_bytes + extra
