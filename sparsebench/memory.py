@@ -45,17 +45,11 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         import torch
 
-        _trim()
+        self.restart()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         elif self.device.type == "cpu":
-            try:
-                _CLEAR.write_text("5")  # reset VmHWM to the current RSS
-            except OSError:
-                pass
             self._base = (_status_kib("VmRSS") or 0) * 1024
         return self
 
@@ -71,7 +65,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.device.type == "cpu":
             try:
-                _CLEAR.write_text("5")
+                _CLEAR.write_text("5")  # reset VmHWM to the current RSS
             except OSError:
                 pass
 
