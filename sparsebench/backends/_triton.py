@@ -125,14 +125,15 @@ def tile_masks(allowed, n: int, B: int, rows: torch.Tensor, cols: torch.Tensor, 
     return bits, counts.cpu()
 
 
-def _tile_plan(n: int, B: int, scale: float, rows, cols, full, allowed, device) -> TilePlan:
-    """A tile plan from tiles (rows[t], cols[t]), in any order and possibly more than needed, with
-    those known to be full (every pair allowed) marked: the others are evaluated under
-    ``allowed``, dropped when they hold no pair and counted full when they hold them all (never
-    a tile of a short last block: the kernels mask past the end only in partial tiles)."""
-    nb = -(-n // B)
-    edge = ((rows == nb - 1) | (cols == nb - 1)) if n % B else torch.zeros_like(full)
-    full = full & ~edge
+def _tile_plan(layout, scale: float, allowed, device, known_full: bool = True) -> TilePlan:
+    """A tile plan from a layout's tiles, which may be more than needed: its full tiles are taken
+    as full where ``known_full`` (never a tile of a short last block: the kernels mask past the end
+    only in partial tiles), the others are evaluated under ``allowed``, dropped when they hold no
+    pair and counted full when they hold them all."""
+    n, B, nb = layout.n, layout.block, layout.num_blocks
+    rows, cols = layout.row_of_tiles(), layout.col
+    edge = layout.at_short_end()
+    full = layout.full & ~edge if known_full else torch.zeros_like(edge)
     cand = (~full).nonzero().flatten()
     bits, counts = tile_masks(allowed, n, B, rows[cand], cols[cand], device)
     keep = counts > 0
@@ -193,12 +194,19 @@ def build(pattern, n: int, causal: bool, head_dim: int, device, block: int = DEF
     if parts is not None and (PARTS == "always" or 2 * sum(lay.nnz_blocks for lay, _, _ in parts) < layout.nnz_blocks):
         out = []
         for lay, allowed, perm in parts:
-            full = torch.zeros(lay.nnz_blocks, dtype=torch.bool)  # the candidates are evaluated
-            plan = _tile_plan(n, block, scale, lay.row_of_tiles(), lay.col, full, allowed(device), device)
+            plan = _tile_plan(lay, scale, allowed(device), device, known_full=False)  # candidates
             out.append(Part(plan) if perm is None else Part(plan, perm.to(device), torch.argsort(perm).to(device)))
         return PartsPlan(tuple(out))
     allowed = pattern.mask_fn(n, causal, device)
-    return _tile_plan(n, block, scale, layout.row_of_tiles(), layout.col, layout.full.clone(), allowed, device)
+    return _tile_plan(layout, scale, allowed, device)
+
+
+def residue_bands(st) -> list:
+    """A structure's residue bands: its Band parts of step D > 1 (pairs i - j = m D); none
+    without a structure."""
+    from sparsebench.patterns.base import Band
+
+    return [] if st is None else [p for p in st.parts if isinstance(p, Band) and p.step > 1]
 
 
 class _Pairs:
@@ -219,12 +227,10 @@ def _parts(pattern, n: int, causal: bool, B: int):
     from sparsebench.patterns.base import Band, Structure, structured_layout
 
     st = pattern.structure(n, causal)
-    if st is None:
-        return None
-    residue = [p for p in st.parts if isinstance(p, Band) and p.step > 1]
-    rest = [p for p in st.parts if p not in residue]
+    residue = residue_bands(st)
     if not residue:
         return None
+    rest = [p for p in st.parts if p not in residue]
 
     def covered(ps, q, k):
         m = torch.zeros(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q.device)

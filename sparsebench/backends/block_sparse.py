@@ -114,8 +114,7 @@ class BlockSparse(Backend):
             from sparsebench.backends import _triton
 
             extra = rows * 4
-            st = p.pattern.structure(p.seq_len, p.causal)
-            if st is not None and any(getattr(part, "step", 1) > 1 for part in st.parts):
+            if _triton.residue_bands(p.pattern.structure(p.seq_len, p.causal)):
                 # residue bands as parts (_triton.PartsPlan, where chosen): reordered q, k, v and
                 # fp32 part outputs merged in place; backward, reordered inputs and fp32 gradients
                 extra += (2 if p.mode == "forward" else 5) * p.io_bytes

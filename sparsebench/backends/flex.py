@@ -35,9 +35,7 @@ def block_mask_from_layout(layout, mask_mod, device):
     from torch.nn.attention.flex_attention import BlockMask
 
     nb, rows, cols = layout.num_blocks, layout.row_of_tiles(), layout.col
-    full = layout.full.clone()
-    if layout.n % layout.block:
-        full &= (rows != nb - 1) & (cols != nb - 1)
+    full = layout.full & ~layout.at_short_end()
     part_num, part_idx = _kv_blocks(rows[~full], cols[~full], nb, device)
     full_num, full_idx = _kv_blocks(rows[full], cols[full], nb, device)
     return BlockMask.from_kv_blocks(

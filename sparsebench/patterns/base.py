@@ -87,6 +87,14 @@ class BlockLayout:
         counts = self.crow[1:] - self.crow[:-1]
         return torch.repeat_interleave(torch.arange(self.num_blocks), counts)
 
+    def at_short_end(self) -> torch.Tensor:
+        """(nnz_blocks,) bool: tiles in the short last block row or column (none when the block
+        divides n); kernels that pad that block must not count them full."""
+        if self.n % self.block == 0:
+            return torch.zeros(self.nnz_blocks, dtype=torch.bool)
+        last = self.num_blocks - 1
+        return (self.row_of_tiles() == last) | (self.col == last)
+
     def dense(self) -> torch.Tensor:
         """(num_blocks, num_blocks) int8 matrix of non-empty tiles (for display and tests)."""
         out = torch.zeros(self.num_blocks, self.num_blocks, dtype=torch.int8)
