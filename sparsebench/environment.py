@@ -82,6 +82,12 @@ def collect() -> dict[str, Any]:
             info[mod] = __import__(mod).__version__
         except Exception:
             info[mod] = None
+    from sparsebench import memory
+    from sparsebench.backends import _native
+
+    # timed CPU calls: freed blocks kept for the next call (memory.freed_memory_reused), or not
+    reuse = memory.allocator_policy() == "reuse" and _native.enabled()
+    info["cpu_allocator"] = "caching while timed" if reuse else "system"
     try:  # block_sparse's kernels on CUDA; its version without importing it
         info["triton"] = metadata.version("triton")
     except metadata.PackageNotFoundError:

@@ -1,6 +1,7 @@
 """Measure one case: build inputs, prepare the backend (setup, timed apart), warm up (the first
-call timed apart as compilation for compiled backends), time repeated calls with device syncs,
-measure peak memory, and check the output against dense attention under the same mask."""
+call timed apart as compilation for compiled backends), time repeated calls with device syncs
+(on the CPU with freed blocks kept for the next call, as a caching allocator does), measure peak
+memory, and check the output against dense attention under the same mask."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
-from sparsebench.memory import PeakMemory
+from sparsebench.memory import PeakMemory, freed_memory_reused
 from sparsebench.patterns.base import PATTERNS
 from sparsebench.scenario import Case
 
@@ -171,7 +172,7 @@ def run_case(case: Case) -> dict[str, Any]:
     backend = BACKENDS.get(case.backend)()
     fields: dict[str, Any] = {}
     before = probe(p.device)
-    with PeakMemory(p.device) as pm:
+    with PeakMemory(p.device) as pm, freed_memory_reused(p.device):
         backward = case.mode == "backward"
         q, k, v = inputs(p, requires_grad=backward)
         t0 = time.perf_counter()

@@ -1,16 +1,63 @@
 """Peak memory of one case, measured: the CUDA allocator's peak, or on CPU the process's peak
 resident set size (Linux VmHWM, reset per case through /proc/self/clear_refs) above the RSS
-just before the case."""
+just before the case; and the CPU allocator's policy while calls are timed (``freed_memory_reused``)."""
 
 from __future__ import annotations
 
 import ctypes
+import contextlib
 import gc
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
+
+# SPARSEBENCH_ALLOCATOR=system leaves glibc's allocator as it is while timing (freed_memory_reused).
+ALLOCATOR_ENV = "SPARSEBENCH_ALLOCATOR"
+
+
+def allocator_policy() -> str:
+    """How the CPU allocator runs during timed calls: "reuse" (``freed_memory_reused``) or
+    "system" (SPARSEBENCH_ALLOCATOR=system: PyTorch's own, as it is)."""
+    return "system" if os.environ.get(ALLOCATOR_ENV, "reuse").strip().lower() == "system" else "reuse"
+
+
+_cache = None  # the native module while its caching CPU allocator is on
+
+
+@contextlib.contextmanager
+def freed_memory_reused(device) -> Iterator[bool]:
+    """Within a case on the CPU, keep freed blocks of 1 MiB or more for the next request of the
+    same size, as a caching allocator (CUDA's, jemalloc, tcmalloc) does. glibc's default gives a
+    block of 32 MiB or more a mapping of its own, unmapped when freed, so every call that
+    returns a large output or gradient pays its page faults anew: about 8 ms per 32 MiB on a
+    2-core VM, a large part of a sparse kernel's 30-80 ms and noise for a dense one's 1.5 s.
+    Every backend runs the same way. The kept blocks are all dropped at the first request that
+    none of them fits, so the resident memory never exceeds what was in use at some moment:
+    peaks read the same as without it. The allocator is part of the native extension: without
+    it (no compiler, SPARSEBENCH_NATIVE=0) or with SPARSEBENCH_ALLOCATOR=system nothing
+    changes. Yields whether it is in force."""
+    global _cache
+    import torch
+
+    mod = None
+    if _cache is None and torch.device(device).type == "cpu" and allocator_policy() == "reuse":
+        from sparsebench.backends import _native
+
+        mod = _native.kernel()
+    if mod is not None:
+        mod.cache_cpu_allocations(True)
+        _cache = mod
+    try:
+        yield mod is not None
+    finally:
+        if mod is not None:
+            _cache = None
+            mod.cache_cpu_allocations(False)
+            _trim()
 
 
 def _status_kib(field: str) -> int | None:
@@ -56,9 +103,12 @@ class PeakMemory:
     def restart(self) -> None:
         """Forget the peak so far (not the baseline): what follows is measured on top of what is
         allocated now. On the CPU the peak restarts from the current RSS, after the allocator
-        has handed freed memory back (else what setup freed would still count)."""
+        has handed freed memory back (else what setup freed would still count), the blocks
+        ``freed_memory_reused`` keeps included."""
         import torch
 
+        if _cache is not None:
+            _cache.cache_cpu_allocations(True)  # already on: drops the kept blocks
         _trim()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -122,7 +122,8 @@ def test_show_draws_and_rejects_bad_values():
     assert res.exit_code == 2 and "unknown pattern" in res.output
 
 
-def test_env():
+def test_env(monkeypatch):
+    monkeypatch.delenv("SPARSEBENCH_ALLOCATOR", raising=False)
     res = CliRunner().invoke(app, ["env", "--json"])
     assert res.exit_code == 0
     info = json.loads(res.output)
@@ -130,6 +131,10 @@ def test_env():
     # Triton's version (block_sparse's CUDA kernels), or None where it is not installed
     expected = None if importlib.util.find_spec("triton") is None else importlib.metadata.version("triton")
     assert info["triton"] == expected
+    # how timed CPU calls allocate: caching unless switched off (or no native extension)
+    from sparsebench.backends import _native
+
+    assert info["cpu_allocator"] == ("caching while timed" if _native.enabled() else "system")
 
 
 def test_help_does_not_import_heavy_modules():

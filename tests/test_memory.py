@@ -67,3 +67,91 @@ def test_a_compiled_backends_first_call_scratch_is_not_its_peak(monkeypatch, com
         assert rec["peak_mem_bytes"] < 64 * MiB
     else:
         assert rec["peak_mem_bytes"] >= 256 * MiB
+
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page faults counted by getrusage")
+def test_a_case_reuses_a_freed_output_instead_of_faulting_it_in_again(monkeypatch):
+    """Inside freed_memory_reused a second 64 MiB output takes the first one's pages (glibc maps
+    and unmaps such a block: 16384 page faults each time, or 32 with huge pages); outside,
+    requests pass through again, and a block allocated inside and freed outside is freed."""
+    import resource
+
+    import torch
+
+    from sparsebench.backends import _native
+    from sparsebench.memory import freed_memory_reused
+
+    if _native.kernel() is None:
+        pytest.skip(f"the native extension is not available here: {_native.why_not()}")
+    monkeypatch.delenv("SPARSEBENCH_ALLOCATOR", raising=False)
+
+    def fresh_output(keep=None):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = torch.empty(16 * MiB, dtype=torch.float32).fill_(1.0)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        if keep is not None:
+            keep.append(t)
+        return faults
+
+    held = []
+    with freed_memory_reused("cpu") as on:
+        assert on
+        first = fresh_output()
+        second = fresh_output(keep=held)
+        third = fresh_output()  # the kept block is in use (held): a new one
+    assert first >= 32, first
+    assert second * 10 < first, f"{second} page faults for a kept 64 MiB block ({first} for a new one)"
+    assert third * 2 > first, third
+    assert float(held[0].sum()) == 16 * MiB  # allocated inside, still valid outside
+    held.clear()
+    after = [fresh_output() for _ in range(2)]
+    assert min(after) * 2 > first, f"{after} page faults: freed blocks are still kept"
+    monkeypatch.setenv("SPARSEBENCH_ALLOCATOR", "system")
+    with freed_memory_reused("cpu") as on:
+        assert not on
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc")
+def test_kept_blocks_never_raise_the_resident_memory_above_what_was_in_use(monkeypatch):
+    """A freed block is kept only until a request it does not fit: then every kept block goes
+    back before the new one is taken, so the peak reads as without the cache."""
+    import torch
+
+    from sparsebench.backends import _native
+    from sparsebench.memory import PeakMemory, freed_memory_reused
+
+    if _native.kernel() is None:
+        pytest.skip(f"the native extension is not available here: {_native.why_not()}")
+    monkeypatch.delenv("SPARSEBENCH_ALLOCATOR", raising=False)
+    with PeakMemory("cpu") as pm, freed_memory_reused("cpu"):
+        t = torch.ones(64 * MiB, dtype=torch.uint8)  # 64 MiB, freed (kept), then
+        del t
+        u = torch.ones(96 * MiB, dtype=torch.uint8)  # 96 MiB: the kept 64 MiB go first
+        del u
+    assert 88 * MiB <= pm.peak_bytes < 128 * MiB, pm.peak_bytes / MiB  # not 160 MiB
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_onednn_buffers_are_freed_through_the_caching_allocator(monkeypatch, dtype):
+    """oneDNN takes and frees its buffers through the CPU allocator's raw interface (bf16
+    matmuls, SDPA's backward): they must come back to the allocator that gave them."""
+    import torch
+    import torch.nn.functional as F
+
+    from sparsebench.backends import _native
+    from sparsebench.memory import freed_memory_reused
+
+    if _native.kernel() is None:
+        pytest.skip(f"the native extension is not available here: {_native.why_not()}")
+    monkeypatch.delenv("SPARSEBENCH_ALLOCATOR", raising=False)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    q, k, v = (torch.randn(1, 4, 512, 64, dtype=dt, requires_grad=True) for _ in range(3))
+    a = torch.randn(1024, 1024, dtype=dt)
+    with freed_memory_reused("cpu"):
+        for _ in range(2):
+            (a @ a).sum()
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        kept = a @ a  # taken inside, freed outside
+    del kept
+    assert torch.isfinite(q.grad.float()).all()

@@ -7,6 +7,8 @@
   over the tiles its keys touch (AVX-512 only). ``gather_forward``: the same with gathered keys
   (rows copied once, into the packed tiles). Given the plan's log-sum-exps of the rows, a call
   merges into what earlier calls wrote (no output chunk, no merge pass in PyTorch).
+* ``cache_cpu_allocations``: a caching CPU allocator, on while calls are timed (see
+  ``sparsebench.memory.freed_memory_reused``).
 * ``table_forward`` / ``table_backward``: per-query key tables (random attention), each query's R
   keys read in place. Gathering R rows per query (R = 64: 4 GiB at n = 16384, 8 heads) is slower
   than dense attention in PyTorch; reading the rows where they lie costs a fraction of that.
@@ -30,9 +32,13 @@ import threading
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 // q, k, v: (G, n, d) contiguous fp32. idx: (rows, R) int32 key indices of queries row0..row0+rows-1
@@ -1179,9 +1185,114 @@ void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
 }
 bool has_window() { return false; }
 #endif
+
+// A caching CPU allocator (sparsebench.memory.freed_memory_reused): blocks of 1 MiB or more
+// freed while it is on are kept, by exact size, for the next request of that size, as CUDA's
+// caching allocator does; glibc would unmap them and the next call would fault every page in
+// again. At the first request that no kept block fits, all kept blocks are freed first, so the
+// resident memory never exceeds what was in use at some earlier moment. Smaller blocks go
+// straight to the allocator it replaced. Installed at the first "on" and never uninstalled (a
+// block may be released through it at any later time); off, it passes every request through
+// and frees each of its blocks when released.
+namespace host_cache {
+constexpr size_t kMinBytes = size_t(1) << 20;
+
+struct Cache final : c10::Allocator {
+  c10::Allocator* base = nullptr;
+  std::mutex mu;
+  std::atomic<bool> on{false};
+  std::unordered_map<void*, std::pair<size_t, c10::DataPtr>> live;  // handed out by allocate
+  std::unordered_map<size_t, std::vector<c10::DataPtr>> kept;        // freed, for the next request
+  int64_t reused = 0;
+
+  static void release(void* p);
+
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kMinBytes || !on.load()) return base->allocate(n);
+    c10::DataPtr block;
+    std::unordered_map<size_t, std::vector<c10::DataPtr>> drop;  // freed outside the lock
+    {
+      std::lock_guard<std::mutex> g(mu);
+      auto it = kept.find(n);
+      if (it != kept.end() && !it->second.empty()) {
+        block = std::move(it->second.back());
+        it->second.pop_back();
+        ++reused;
+      } else {
+        drop.swap(kept);
+      }
+    }
+    drop.clear();
+    if (!block) block = base->allocate(n);
+    void* p = block.get();
+    std::lock_guard<std::mutex> g(mu);
+    const bool fresh = live.emplace(p, std::make_pair(n, std::move(block))).second;
+    TORCH_CHECK(fresh, "cache_cpu_allocations: a block handed out twice");
+    return {p, p, &Cache::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  // raw_allocate / raw_deallocate (oneDNN's buffers) free through this
+  c10::DeleterFnPtr raw_deleter() const override { return &Cache::release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: blocks may be released at exit
+  return *c;
+}
+
+void Cache::release(void* p) {
+  Cache& c = cache();
+  c10::DataPtr block;  // freed as it goes out of scope, after the lock, unless kept
+  c10::DeleterFnPtr other = nullptr;
+  {
+    std::lock_guard<std::mutex> g(c.mu);
+    auto it = c.live.find(p);
+    if (it == c.live.end()) {
+      other = c.base->raw_deleter();  // not ours: a small block, or one from before
+    } else {
+      const size_t n = it->second.first;
+      block = std::move(it->second.second);
+      c.live.erase(it);
+      if (c.on.load()) {
+        c.kept[n].push_back(std::move(block));
+        return;
+      }
+    }
+  }
+  if (other != nullptr) other(p);
+}
+}  // namespace host_cache
+
+// on: freed blocks are kept from now on (already on: the kept ones are freed); off: requests pass
+// through and the kept blocks are freed. Returns how many requests reused a kept block since it
+// was turned on.
+int64_t cache_cpu_allocations(bool on) {
+  using host_cache::cache;
+  auto& c = cache();
+  std::unordered_map<size_t, std::vector<c10::DataPtr>> drop;  // freed outside the lock
+  int64_t reused;
+  {
+    std::lock_guard<std::mutex> g(c.mu);
+    if (c.base == nullptr) {
+      c10::Allocator* current = c10::GetCPUAllocator();
+      TORCH_CHECK(current->raw_deleter() != nullptr, "cache_cpu_allocations: the CPU allocator has no raw deleter");
+      c.base = current;
+      c10::SetCPUAllocator(&c, 255);
+    }
+    if (on && !c.on.load()) c.reused = 0;
+    c.on.store(on);
+    drop.swap(c.kept);
+    reused = c.reused;
+  }
+  return reused;
+}
 """
 
-_VERSION = 10
+_VERSION = 11
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -1257,7 +1368,7 @@ def kernel():
                     cpp_sources=[_SOURCE],
                     functions=[
                         "window_forward", "gather_forward", "window_backward", "has_window", "table_forward", "table_backward",
-                        "table_forward_blocked", "table_backward_blocked",
+                        "table_forward_blocked", "table_backward_blocked", "cache_cpu_allocations",
                     ],
                     extra_cflags=_flags(),
                     extra_ldflags=["-fopenmp"],
