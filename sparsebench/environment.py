@@ -45,6 +45,9 @@ def _compiler() -> dict[str, Any]:
     return {"cxx_compiler": None, "cxx_compiler_version": None}
 
 
+CACHING = "caching (freed blocks of 1 MiB or more reused within a case)"
+
+
 def collect() -> dict[str, Any]:
     import torch
 
@@ -85,9 +88,9 @@ def collect() -> dict[str, Any]:
     from sparsebench import memory
     from sparsebench.backends import _native
 
-    # timed CPU calls: freed blocks kept for the next call (memory.freed_memory_reused), or not
+    # CPU cases: freed blocks kept for the next request (memory.freed_memory_reused), or not
     reuse = memory.allocator_policy() == "reuse" and _native.enabled()
-    info["cpu_allocator"] = "caching while timed" if reuse else "system"
+    info["cpu_allocator"] = CACHING if reuse else "system"
     try:  # block_sparse's kernels on CUDA; its version without importing it
         info["triton"] = metadata.version("triton")
     except metadata.PackageNotFoundError:

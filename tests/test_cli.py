@@ -133,8 +133,9 @@ def test_env(monkeypatch):
     assert info["triton"] == expected
     # how timed CPU calls allocate: caching unless switched off (or no native extension)
     from sparsebench.backends import _native
+    from sparsebench.environment import CACHING
 
-    assert info["cpu_allocator"] == ("caching while timed" if _native.enabled() else "system")
+    assert info["cpu_allocator"] == (CACHING if _native.enabled() else "system")
 
 
 def test_help_does_not_import_heavy_modules():
