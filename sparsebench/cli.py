@@ -133,6 +133,11 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     out.print(f"[bold]{sc.name}[/]: {len(plan.cases)} cases{rounds}{' (resuming)' if resume else ''}  [dim]{source}[/]")
     if not plan.cases:
         raise ScenarioError(f"{source}: no case can run here (every device is absent)")
+    if any(c.device == "cpu" for c in plan.cases):
+        from sparsebench.backends import _native
+
+        if _native.enabled() and not _native.built():
+            out.print("[dim]First run here: the first case builds the native CPU kernels (once, about a minute).[/]")
 
     progress = Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),

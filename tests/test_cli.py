@@ -64,6 +64,19 @@ def test_run_writes_a_complete_result_folder(tmp_path):
     assert pd.read_csv(out / "results.csv").shape[0] == len(df)
 
 
+def test_run_says_when_its_first_case_builds_the_native_kernels(tmp_path, monkeypatch):
+    from sparsebench.backends import _native
+
+    scen = tmp_path / "tiny.yaml"
+    scen.write_text(TINY.replace("seq_lens: [96, 160]", "seq_lens: [96]").replace("[sdpa, naive, block_sparse]", "[sdpa]"))
+    for built in (False, True):
+        monkeypatch.setattr(_native, "built", lambda built=built: built)
+        monkeypatch.setattr(_native, "enabled", lambda: True)
+        res = CliRunner().invoke(app, ["run", str(scen), "--output", str(tmp_path / f"res{built}"), "--no-plots"])
+        assert res.exit_code == 0, res.output
+        assert ("builds the native CPU kernels" in res.output) is not built, res.output
+
+
 def test_run_refuses_a_non_empty_output(tmp_path):
     scen = tmp_path / "tiny.yaml"
     scen.write_text(TINY)
