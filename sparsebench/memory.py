@@ -35,9 +35,9 @@ def freed_memory_reused(device) -> Iterator[bool]:
     block of 32 MiB or more a mapping of its own, unmapped when freed, so every call that
     returns a large output or gradient pays its page faults anew: about 8 ms per 32 MiB on a
     2-core VM, a large part of a sparse kernel's 30-80 ms and noise for a dense one's 1.5 s.
-    Every backend runs the same way. The kept blocks are all dropped at the first request that
-    none of them fits, so the resident memory never exceeds what was in use at some moment:
-    peaks read the same as without it. The allocator is part of the native extension: without
+    Every backend runs the same way. A request that no kept block fits first frees kept blocks
+    of at least its size (or all), so the resident memory never exceeds what was in use at
+    some moment: peaks read the same as without it. The allocator is part of the native extension: without
     it (no compiler, SPARSEBENCH_NATIVE=0) or with SPARSEBENCH_ALLOCATOR=system nothing
     changes. Yields whether it is in force."""
     global _cache

@@ -112,10 +112,13 @@ def test_a_case_reuses_a_freed_output_instead_of_faulting_it_in_again(monkeypatc
         assert not on
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS and page faults from /proc")
 def test_kept_blocks_never_raise_the_resident_memory_above_what_was_in_use(monkeypatch):
-    """A freed block is kept only until a request it does not fit: then every kept block goes
-    back before the new one is taken, so the peak reads as without the cache."""
+    """A request that no kept block fits first frees kept blocks of at least its size: the
+    smallest one that large, else the largest ones (or all), so the peak reads as without the
+    cache, and blocks of other sizes stay kept."""
+    import resource
+
     import torch
 
     from sparsebench.backends import _native
@@ -124,12 +127,24 @@ def test_kept_blocks_never_raise_the_resident_memory_above_what_was_in_use(monke
     if _native.kernel() is None:
         pytest.skip(f"the native extension is not available here: {_native.why_not()}")
     monkeypatch.delenv("SPARSEBENCH_ALLOCATOR", raising=False)
+
+    def faults_of(nbytes, keep):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        keep.append(torch.ones(nbytes, dtype=torch.uint8))
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    live: list = []
     with PeakMemory("cpu") as pm, freed_memory_reused("cpu"):
-        t = torch.ones(64 * MiB, dtype=torch.uint8)  # 64 MiB, freed (kept), then
-        del t
-        u = torch.ones(96 * MiB, dtype=torch.uint8)  # 96 MiB: the kept 64 MiB go first
-        del u
-    assert 88 * MiB <= pm.peak_bytes < 128 * MiB, pm.peak_bytes / MiB  # not 160 MiB
+        fresh = faults_of(8 * MiB, live)
+        faults_of(64 * MiB, live)
+        live.clear()  # 72 MiB in use, now kept
+        faults_of(32 * MiB, live)  # frees the kept 64 MiB block, not the 8 MiB one
+        kept = faults_of(8 * MiB, live)
+        live.clear()  # 40 MiB kept
+        faults_of(96 * MiB, live)  # frees both first
+        live.clear()
+    assert kept * 10 < fresh, f"{kept} page faults for the kept 8 MiB block ({fresh} for a new one)"
+    assert 88 * MiB <= pm.peak_bytes < 128 * MiB, pm.peak_bytes / MiB  # 136 MiB if nothing were freed
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

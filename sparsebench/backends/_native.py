@@ -36,6 +36,7 @@ _SOURCE = r"""
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
@@ -1189,8 +1190,9 @@ bool has_window() { return false; }
 // A caching CPU allocator (sparsebench.memory.freed_memory_reused): blocks of 1 MiB or more
 // freed while it is on are kept, by exact size, for the next request of that size, as CUDA's
 // caching allocator does; glibc would unmap them and the next call would fault every page in
-// again. At the first request that no kept block fits, all kept blocks are freed first, so the
-// resident memory never exceeds what was in use at some earlier moment. Smaller blocks go
+// again. A request that no kept block fits first frees kept blocks of at least its size (the
+// smallest block that large, else the largest ones), or all of them, so the resident memory
+// never exceeds what was in use at some earlier moment. Smaller blocks go
 // straight to the allocator it replaced. Installed at the first "on" and never uninstalled (a
 // block may be released through it at any later time); off, it passes every request through
 // and frees each of its blocks when released.
@@ -1202,24 +1204,37 @@ struct Cache final : c10::Allocator {
   std::mutex mu;
   std::atomic<bool> on{false};
   std::unordered_map<void*, std::pair<size_t, c10::DataPtr>> live;  // handed out by allocate
-  std::unordered_map<size_t, std::vector<c10::DataPtr>> kept;        // freed, for the next request
+  std::map<size_t, std::vector<c10::DataPtr>> kept;                  // freed, by size, for reuse
   int64_t reused = 0;
 
   static void release(void* p);
 
+  // one kept block of that size, out of the map (caller holds mu)
+  c10::DataPtr take(std::map<size_t, std::vector<c10::DataPtr>>::iterator it) {
+    c10::DataPtr block = std::move(it->second.back());
+    it->second.pop_back();
+    if (it->second.empty()) kept.erase(it);
+    return block;
+  }
+
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBytes || !on.load()) return base->allocate(n);
     c10::DataPtr block;
-    std::unordered_map<size_t, std::vector<c10::DataPtr>> drop;  // freed outside the lock
+    std::vector<c10::DataPtr> drop;  // freed outside the lock
     {
       std::lock_guard<std::mutex> g(mu);
       auto it = kept.find(n);
-      if (it != kept.end() && !it->second.empty()) {
-        block = std::move(it->second.back());
-        it->second.pop_back();
+      if (it != kept.end()) {
+        block = take(it);
         ++reused;
+      } else if (auto ge = kept.lower_bound(n); ge != kept.end()) {
+        drop.push_back(take(ge));  // one kept block of n bytes or more makes room
       } else {
-        drop.swap(kept);
+        for (size_t freed = 0; freed < n && !kept.empty();) {  // the largest ones first
+          auto last = std::prev(kept.end());
+          freed += last->first;
+          drop.push_back(take(last));
+        }
       }
     }
     drop.clear();
@@ -1273,7 +1288,7 @@ void Cache::release(void* p) {
 int64_t cache_cpu_allocations(bool on) {
   using host_cache::cache;
   auto& c = cache();
-  std::unordered_map<size_t, std::vector<c10::DataPtr>> drop;  // freed outside the lock
+  std::map<size_t, std::vector<c10::DataPtr>> drop;  // freed outside the lock
   int64_t reused;
   {
     std::lock_guard<std::mutex> g(c.mu);
@@ -1292,7 +1307,7 @@ int64_t cache_cpu_allocations(bool on) {
 }
 """
 
-_VERSION = 11
+_VERSION = 12
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
