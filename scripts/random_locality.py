@@ -1,0 +1,70 @@
+"""How much of random attention's CPU time is locality: the same kernel and pair count (65 keys per
+query, 8 heads, d 64, fp32, causal, n = 16384) with each query's keys drawn from all earlier
+positions (the `random` pattern), or only from the last 2048 or 512 (fewer chunk visits per row,
+K and V rows hot in L2).
+
+    python scripts/random_locality.py [--rounds 3]
+
+Prints the median forward time of each, per round, with dense SDPA's for the efficiency scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsebench.backends import _plan
+from sparsebench.memory import freed_memory_reused
+from sparsebench.patterns.base import Table
+
+N, H, D, R = 16384, 8, 64, 65
+
+
+def table(span: int, gen: torch.Generator) -> torch.Tensor:
+    """R keys per query i drawn from [i - span, i] (row i's first key is i itself; -1 pads)."""
+    i = torch.arange(N)[:, None]
+    lo = (i - span).clamp(min=0)
+    width = i - lo + 1
+    keys = (torch.rand(N, R, generator=gen) * width).long() + lo
+    keys[:, 0] = i[:, 0]
+    return torch.where(torch.arange(R)[None, :] < width, keys, -1)
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2] * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    plans = {}
+    for name, span in (("all earlier", N), ("last 2048", 2047), ("last 512", 511)):
+        bld = _plan._Builder(N, True, H, torch.device("cpu"), torch.float32, D)
+        bld.table(Table(table(span, gen)))
+        plans[name] = bld.finish(1.0 / math.sqrt(D))
+    q, k, v = (torch.randn(1, H, N, D) for _ in range(3))
+    with freed_memory_reused("cpu"):
+        for r in range(a.rounds):
+            dense = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 3)
+            ideal = dense / (N * (N + 1) / 2 / (N * R))  # the time at efficiency 1
+            cols = "  ".join(
+                f"{name} {ms:.1f} ms (eff {ideal / ms:.2f})"
+                for name, ms in ((name, median_ms(lambda p=p: _plan.run_forward(p, q, k, v), 7)) for name, p in plans.items())
+            )
+            print(f"round {r + 1}: dense {dense:.0f} ms  {cols}")
+
+
+if __name__ == "__main__":
+    main()
