@@ -1,7 +1,7 @@
 """Measure one case: build inputs, prepare the backend (setup, timed apart), warm up (the first
-call timed apart as compilation for compiled backends), time repeated calls with device syncs
-(on the CPU with freed blocks kept for the next call, as a caching allocator does), measure peak
-memory, and check the output against dense attention under the same mask."""
+call timed apart as compilation for compiled backends), time repeated calls with device syncs,
+measure peak memory (on the CPU all of it with freed blocks kept for the next call, as a caching
+allocator does), and check the output against dense attention under the same mask."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Peak memory of one case, measured: the CUDA allocator's peak, or on CPU the process's peak
 resident set size (Linux VmHWM, reset per case through /proc/self/clear_refs) above the RSS
-just before the case; and the CPU allocator's policy while calls are timed (``freed_memory_reused``)."""
+just before the case; and the CPU allocator's policy during a case (``freed_memory_reused``)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
 
-# SPARSEBENCH_ALLOCATOR=system leaves glibc's allocator as it is while timing (freed_memory_reused).
+# SPARSEBENCH_ALLOCATOR=system leaves PyTorch's CPU allocator as it is (freed_memory_reused).
 ALLOCATOR_ENV = "SPARSEBENCH_ALLOCATOR"
 
 
 def allocator_policy() -> str:
-    """How the CPU allocator runs during timed calls: "reuse" (``freed_memory_reused``) or
-    "system" (SPARSEBENCH_ALLOCATOR=system: PyTorch's own, as it is)."""
+    """How the CPU allocator runs during a case: "reuse" (``freed_memory_reused``) or "system"
+    (SPARSEBENCH_ALLOCATOR=system: PyTorch's own, as it is)."""
     return "system" if os.environ.get(ALLOCATOR_ENV, "reuse").strip().lower() == "system" else "reuse"
 
 
@@ -37,9 +37,9 @@ def freed_memory_reused(device) -> Iterator[bool]:
     2-core VM, a large part of a sparse kernel's 30-80 ms and noise for a dense one's 1.5 s.
     Every backend runs the same way. A request that no kept block fits first frees kept blocks
     of at least its size (or all), so the resident memory never exceeds what was in use at
-    some moment: peaks read the same as without it. The allocator is part of the native extension: without
-    it (no compiler, SPARSEBENCH_NATIVE=0) or with SPARSEBENCH_ALLOCATOR=system nothing
-    changes. Yields whether it is in force."""
+    some moment: peaks read the same as without it. The allocator is part of the native
+    extension: without it (no compiler, SPARSEBENCH_NATIVE=0) or with
+    SPARSEBENCH_ALLOCATOR=system nothing changes. Yields whether it is in force."""
     global _cache
     import torch
 

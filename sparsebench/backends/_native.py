@@ -7,7 +7,7 @@
   over the tiles its keys touch (AVX-512 only). ``gather_forward``: the same with gathered keys
   (rows copied once, into the packed tiles). Given the plan's log-sum-exps of the rows, a call
   merges into what earlier calls wrote (no output chunk, no merge pass in PyTorch).
-* ``cache_cpu_allocations``: a caching CPU allocator, on while calls are timed (see
+* ``cache_cpu_allocations``: a caching CPU allocator, on during a case (see
   ``sparsebench.memory.freed_memory_reused``).
 * ``table_forward`` / ``table_backward``: per-query key tables (random attention), each query's R
   keys read in place. Gathering R rows per query (R = 64: 4 GiB at n = 16384, 8 heads) is slower
@@ -1192,8 +1192,8 @@ bool has_window() { return false; }
 // caching allocator does; glibc would unmap them and the next call would fault every page in
 // again. A request that no kept block fits first frees kept blocks of at least its size (the
 // smallest block that large, else the largest ones), or all of them, so the resident memory
-// never exceeds what was in use at some earlier moment. Smaller blocks go
-// straight to the allocator it replaced. Installed at the first "on" and never uninstalled (a
+// never exceeds what was in use at some earlier moment. Smaller blocks go straight to the
+// allocator it replaced. Installed at the first "on" and never uninstalled (a
 // block may be released through it at any later time); off, it passes every request through
 // and frees each of its blocks when released.
 namespace host_cache {
@@ -1205,7 +1205,6 @@ struct Cache final : c10::Allocator {
   std::atomic<bool> on{false};
   std::unordered_map<void*, std::pair<size_t, c10::DataPtr>> live;  // handed out by allocate
   std::map<size_t, std::vector<c10::DataPtr>> kept;                  // freed, by size, for reuse
-  int64_t reused = 0;
 
   static void release(void* p);
 
@@ -1226,7 +1225,6 @@ struct Cache final : c10::Allocator {
       auto it = kept.find(n);
       if (it != kept.end()) {
         block = take(it);
-        ++reused;
       } else if (auto ge = kept.lower_bound(n); ge != kept.end()) {
         drop.push_back(take(ge));  // one kept block of n bytes or more makes room
       } else {
@@ -1283,13 +1281,11 @@ void Cache::release(void* p) {
 }  // namespace host_cache
 
 // on: freed blocks are kept from now on (already on: the kept ones are freed); off: requests pass
-// through and the kept blocks are freed. Returns how many requests reused a kept block since it
-// was turned on.
-int64_t cache_cpu_allocations(bool on) {
+// through and the kept blocks are freed.
+void cache_cpu_allocations(bool on) {
   using host_cache::cache;
   auto& c = cache();
   std::map<size_t, std::vector<c10::DataPtr>> drop;  // freed outside the lock
-  int64_t reused;
   {
     std::lock_guard<std::mutex> g(c.mu);
     if (c.base == nullptr) {
@@ -1298,16 +1294,13 @@ int64_t cache_cpu_allocations(bool on) {
       c.base = current;
       c10::SetCPUAllocator(&c, 255);
     }
-    if (on && !c.on.load()) c.reused = 0;
     c.on.store(on);
     drop.swap(c.kept);
-    reused = c.reused;
   }
-  return reused;
 }
 """
 
-_VERSION = 12
+_VERSION = 13
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
