@@ -46,6 +46,9 @@ def t975(dof: int) -> float:
 # data
 
 
+FIRST_CALL_TITLE = "First call"
+
+
 @dataclass(frozen=True)
 class Fit:
     """``log(y) = exponent * log(n) + intercept`` over ``sizes`` (those above the overhead
@@ -95,6 +98,24 @@ class Crossover:
 
 
 @dataclass(frozen=True)
+class FirstCall:
+    """What a series' first call cost at its largest measured n, apart from the steady state:
+    ``setup_s`` builds the pattern's layout or mask (before any call), ``first_call_s`` is the
+    first call (compilation, autotuning, a native kernel's load, first touch of fresh memory),
+    ``steady_s`` the median of the timed calls."""
+
+    seq_len: int
+    setup_s: float | None
+    first_call_s: float | None
+    steady_s: float
+
+    @property
+    def extra_s(self) -> float | None:
+        """The first call's time beyond a steady call."""
+        return None if self.first_call_s is None else max(0.0, self.first_call_s - self.steady_s)
+
+
+@dataclass(frozen=True)
 class Failure:
     seq_len: int
     status: str
@@ -119,6 +140,7 @@ class SeriesSummary:
     failure: Failure | None  # the first oom/timeout/crash/error
     sizes: tuple[int, ...] = ()  # all sizes with an ok measurement
     compile_s: float | None = None  # largest compile time seen (flex)
+    first_call: FirstCall | None = None  # at the largest ok n
     wrong_sizes: tuple[int, ...] = ()  # sizes whose output disagreed with the reference
 
     def problems(self) -> str:
@@ -191,10 +213,11 @@ class Analysis:
     # -- tables -------------------------------------------------------------------------------
     def tables(self, compact: bool = False) -> list[TableSpec]:
         """The summary tables; ``compact`` (for an 80-column terminal) drops the fit range and
-        the best speedup columns."""
+        the best speedup columns, and the first-call table."""
         out = self._tables()
         if not compact:
             return out
+        out = [t for t in out if t.title != FIRST_CALL_TITLE]
         drop = {"fit range", "best"}
         short = []
         for t in out:
@@ -259,6 +282,34 @@ class Analysis:
                     "median (same shape), ideal = nnz(dense) / nnz(pattern), efficiency = speedup / "
                     "ideal. best: the highest speedup and where.",
                     wrap=(0, 1, 6),
+                )
+            )
+        firsts = [s for s in self.series if s.first_call is not None
+                  and (s.first_call.setup_s is not None or s.first_call.first_call_s is not None)]
+        if firsts:
+            out.append(
+                TableSpec(
+                    FIRST_CALL_TITLE,
+                    ("series", "at n", "setup", "first call", "steady", "first call - steady"),
+                    tuple(
+                        (
+                            s.label + (" (baseline)" if s.is_baseline else ""),
+                            fmt_n(f.seq_len),
+                            fmt_time(f.setup_s),
+                            fmt_time(f.first_call_s),
+                            fmt_time(f.steady_s),
+                            fmt_time(f.extra_s),
+                        )
+                        for s in firsts
+                        for f in (s.first_call,)
+                    ),
+                    "At each series' largest measured n (its first round): setup builds the pattern's "
+                    "layout or mask before any call; the first call includes compilation and "
+                    "autotuning (flex, Triton), loading the native CPU kernels, and the first touch "
+                    "of fresh memory; steady is the median of the timed calls. None of the first "
+                    "call's extra time is in the steady-state figures above (records: setup_s, "
+                    "first_call_s, compile_s).",
+                    wrap=(0,),
                 )
             )
         return out
@@ -372,6 +423,11 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
         c = g["compile_s"].dropna()
         c = c[c.astype(float) > 0] if len(c) else c
         compile_s = float(c.max()) if len(c) else None
+    first_call = None
+    if len(ok) and ("setup_s" in ok or "first_call_s" in ok):
+        last = ok.iloc[-1]
+        first_call = FirstCall(int(last["seq_len"]), _num(last.get("setup_s")), _num(last.get("first_call_s")),
+                               float(last["time_median_s"]))
     return SeriesSummary(
         key=key,
         label=label,
@@ -389,6 +445,7 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
         failure=failure,
         sizes=sizes,
         compile_s=compile_s,
+        first_call=first_call,
         wrong_sizes=tuple(int(n) for n in g[g["status"] == "wrong"]["seq_len"]),
     )
 

@@ -110,6 +110,30 @@ def test_longest_n_before_oom_and_compile_time(analysis):
     assert analysis.find(SW, "flex").compile_s == pytest.approx(4.0)
 
 
+def test_first_call_table_separates_setup_first_call_and_steady_state():
+    """At each series' largest ok n: setup, the first call and the steady median side by side, the
+    first call's extra time as their difference; in summary.md, not in the compact terminal view."""
+    recs = make_records()
+    for r in recs:
+        if r["backend"] == "flex":
+            r["first_call_s"] = r["time_median_s"] + 4.0
+            r["setup_s"] = 0.25 if r["seq_len"] == max(SIZES) else 0.01
+    a = analyze(frame(recs))
+    f = a.find(SW, "flex").first_call
+    n = max(SIZES)
+    steady = 1e-5 + 8e-7 * n
+    assert f.seq_len == n and f.setup_s == pytest.approx(0.25)
+    assert f.steady_s == pytest.approx(steady) and f.extra_s == pytest.approx(4.0)
+    # an oom at the largest n: the last size that ran, and no first-call figure without a record of it
+    naive = a.find("dense", "naive").first_call
+    assert naive.seq_len == 4096 and naive.first_call_s is None and naive.extra_s is None
+    (table,) = [t for t in a.tables() if t.title == "First call"]
+    row = next(r for r in table.rows if r[0].startswith(SW) and "flex" in r[0])
+    assert row[1:] == (str(n), fmt_time(0.25), fmt_time(steady + 4.0), fmt_time(steady), fmt_time(4.0))
+    assert "## First call" in a.to_markdown()
+    assert all(t.title != "First call" for t in a.tables(compact=True))
+
+
 def test_wrong_results_are_flagged():
     recs = make_records()
     for r in recs:
