@@ -53,7 +53,13 @@ def compare(
     ),
     threshold: str = typer.Option("10%", "--threshold", help="Slower than this (and beyond the noise) is a regression: 10%, 0.1 or 10."),
     metric: str = typer.Option("median", "--metric", help="median or min."),
-    fail_on_regression: bool = typer.Option(False, "--fail-on-regression", help="Exit 1 when a case regressed."),
+    fail_on_regression: bool = typer.Option(
+        False, "--fail-on-regression",
+        help="Exit 1 when a case regressed, or when NEW did not measure a case of BASE (a partial run).",
+    ),
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="With --fail-on-regression: cases of BASE missing from NEW do not fail."
+    ),
     fmt: str = typer.Option("table", "--format", help="table, markdown, json or csv."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result to this file."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the ratio figure here (.png or .svg)."),
@@ -84,8 +90,8 @@ def compare(
         _fail(e)
     except OSError as e:
         _fail(ResultsError(f"{e.filename or ''}: {e.strerror or e}"))
-    if by is None and fail_on_regression and result.regressions():
-        _err().print(f"[red]error:[/red] {_escape(result.failure_message())}", soft_wrap=True)
+    if by is None and fail_on_regression and result.gate_failed(allow_missing):
+        _err().print(f"[red]error:[/red] {_escape(result.failure_message(allow_missing))}", soft_wrap=True)
         raise typer.Exit(1)
 
 

@@ -163,7 +163,8 @@ def beyond_noise(base: dict, new: dict) -> tuple[bool, str, float | None]:
     ib = _iqr(b, _f(new.get("time_median_s")), _f(new.get("time_iqr_s")))
     if ia is None or ib is None:
         return True, "no spread recorded", None
-    return (ia[1] < ib[0] or ib[1] < ia[0]), "IQR overlap", None
+    apart = ia[1] < ib[0] or ib[1] < ia[0]
+    return apart, "IQRs apart" if apart else "IQRs overlap", None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,14 +222,32 @@ class Comparison:
         return (f"{len(self.rows)} common cases ({', '.join(parts) or 'none'}); "
                 f"threshold {self.threshold:.0%} on the {self.metric}")
 
-    def failure_message(self) -> str:
+    def missing(self) -> list[tuple[Any, ...]]:
+        """Cases that BASE measured and NEW did not: absent from NEW, or skipped there."""
+        skipped = [r.key for r in self.rows if r.verdict == "skipped" and r.base_status == "ok"]
+        return sorted([*self.only_base, *skipped], key=_sort_key)
+
+    def gate_failed(self, allow_missing: bool = False) -> bool:
+        """Whether ``--fail-on-regression`` fails: a regression, no case in common, or (unless
+        ``allow_missing``) a case of BASE that NEW did not measure, so that an interrupted or
+        partial run cannot pass the gate."""
+        return bool(self.regressions()) or not self.rows or (not allow_missing and bool(self.missing()))
+
+    def failure_message(self, allow_missing: bool = False) -> str:
+        bits = []
         bad = self.regressions()
-        if not bad:
-            return "no regressions"
-        first = bad[0]
-        what = f"{case_label(first.key, self.shown_dims)}, n={first.get('seq_len')}"
-        return (f"{len(bad)} case(s) regressed beyond {self.threshold:.0%} and the noise "
-                f"(first: {what}, {_ratio_text(first)})")
+        if bad:
+            first = bad[0]
+            what = f"{case_label(first.key, self.shown_dims)}, n={first.get('seq_len')}"
+            bits.append(f"{len(bad)} case(s) regressed beyond {self.threshold:.0%} and the noise "
+                        f"(first: {what}, {_ratio_text(first)})")
+        if not self.rows:
+            bits.append(f"no case of {self.base_name} is in {self.new_name}: nothing was compared")
+        elif not allow_missing and self.missing():
+            gone = self.missing()
+            bits.append(f"{len(gone)} case(s) of {self.base_name} not measured in {self.new_name} "
+                        f"(first: {_key_text(gone[0], self.shown_dims)}; --allow-missing accepts that)")
+        return "; ".join(bits) or "no regressions"
 
     # -- renderers ----------------------------------------------------------------------------
     def table_spec(self) -> TableSpec:

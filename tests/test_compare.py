@@ -50,6 +50,13 @@ def folders(tmp_path_factory):
             root / "partial",
             make_records(where=lambda r: r["backend"] != "flex") + [record("dense", "sdpa", 16384, 0.4)],
         ),
+        # every case ran but the block-sparse ones were skipped (a memory budget, say)
+        "skips": write_result(
+            root / "skips",
+            [{**r, "status": "skipped", "reason": "over budget", "time_median_s": None, "times_s": None}
+             if r["backend"] == "block_sparse" else r for r in make_records()],
+        ),
+        "other": write_result(root / "other", [record("dense", "sdpa", 123, 0.1)]),
     }
 
 
@@ -122,7 +129,9 @@ def test_noise_decides():
     few_b = frame([noisy([1.0, 1.01, 0.99])])
     few_n = frame([noisy([1.5, 1.51, 1.49])])
     (row,) = compare(few_b, few_n).rows
-    assert row.test == "IQR overlap" and row.verdict == "slower"
+    assert row.test == "IQRs apart" and row.verdict == "slower"
+    (row,) = compare(few_b, frame([noisy([0.7, 1.2, 1.6])])).rows  # 1.2x, but within the noise
+    assert row.test == "IQRs overlap" and row.verdict == "same"
 
 
 def test_metric_min():
@@ -201,11 +210,32 @@ def test_cli_fifty_percent_slower_fails(folders):
 
 
 def test_cli_lists_one_sided_cases(folders):
-    res = run(folders["base"], folders["partial"], "--format", "markdown", "--fail-on-regression")
+    res = run(folders["base"], folders["partial"], "--format", "markdown", "--fail-on-regression", "--allow-missing")
     assert res.exit_code == 0, res.output
     assert "**Only in base** (6):" in res.stdout
     assert f"- {SW} · flex, n=256" in res.stdout
     assert "**Only in partial** (1):" in res.stdout and "dense · sdpa, n=16384" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "new,needle",
+    [
+        ("partial", f"6 case(s) of base not measured in partial (first: {SW} · flex, n=256"),
+        ("skips", "not measured in skips"),
+        ("other", "no case of base is in other: nothing was compared"),
+    ],
+)
+def test_cli_gate_fails_when_new_did_not_measure_what_base_did(folders, new, needle):
+    """An interrupted, partial or skipped run must not pass --fail-on-regression by measuring less."""
+    res = run(folders["base"], folders[new], "--fail-on-regression")
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], res.stderr
+    # reported, not gated, without the flag
+    assert run(folders["base"], folders[new]).exit_code == 0
+    # --allow-missing accepts the missing cases, but not an empty comparison
+    allowed = run(folders["base"], folders[new], "--fail-on-regression", "--allow-missing")
+    assert allowed.exit_code == (1 if new == "other" else 0), allowed.output
 
 
 def test_cli_warns_when_environments_differ(folders):
