@@ -197,7 +197,7 @@ def run_case(case: Case) -> dict[str, Any]:
         first = time.perf_counter() - t0
         if backend.compiled:  # compilation and autotuning scratch are first-call costs (compile_s)
             pm.restart()
-        for _ in range(max(0, case.warmup - 1)):
+        for _ in range(case.warmup):  # untimed calls after the first (which is timed apart)
             call()
         m = time_calls(call, p.device, repeats=case.repeats, min_time_s=case.min_time_s, max_repeats=case.max_repeats)
     fields["compile_s"] = max(0.0, first - m.median) if backend.compiled else 0.0

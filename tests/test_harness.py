@@ -1,0 +1,45 @@
+"""The timing protocol of a case: the first call timed apart, then ``warmup`` untimed calls, then
+the timed ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsebench import harness
+from sparsebench.backends.base import BACKENDS, Backend
+from sparsebench.scenario import Case
+
+
+def _case(warmup: int) -> Case:
+    return Case(scenario="protocol", pattern="dense", params={}, pattern_label="dense", backend="counting",
+                device="cpu", dtype="fp32", mode="forward", batch=1, heads=2, head_dim=16, seq_len=64, causal=True,
+                block=64, warmup=warmup, repeats=3, min_time_s=0.0, max_repeats=3, timeout_s=60,
+                memory_budget=None, check=False, exact_max_elems=0, sample_rows=4)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_warmup_counts_the_untimed_calls_after_the_first(monkeypatch, compiled):
+    calls: list[int] = []
+
+    class Counting(Backend):
+        name = "counting"
+
+        def prepare(self, p):
+            def fn(q, k, v):
+                calls.append(1)
+                return q.clone()
+
+            return fn
+
+    Counting.compiled = compiled
+    monkeypatch.setattr(BACKENDS, "get", lambda name: Counting)
+    counts = {}
+    for w in (0, 1, 3):
+        calls.clear()
+        rec = harness.run_case(_case(w))
+        assert rec.get("status", "ok") == "ok" and len(rec["times_s"]) == 3, rec
+        assert rec["first_call_s"] > 0
+        counts[w] = len(calls)
+    # warmup 0: the first call and the timed ones only; each warm-up call is one more, untimed
+    assert counts[1] - counts[0] == 1 and counts[3] - counts[0] == 3
+    assert counts[0] >= 1 + 3
