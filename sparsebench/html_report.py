@@ -48,7 +48,7 @@ th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right;vertical-align
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 tr.bad td{background:#fff4e5}
 figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{color:#555;font-size:13px}.note{color:#555;font-size:13px;max-width:60rem}
+figcaption{color:#555;font-size:13px}.note{color:#555;font-size:13px;max-width:60rem}.warn{color:#a15c00;max-width:60rem}
 nav a{margin-right:1rem}
 """
 
@@ -77,6 +77,10 @@ def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[
         body.append(html_table(t.columns, t.rows))
         if t.note:
             body.append(f"<p class=note>{_e(t.note)}</p>")
+    drift = analysis.drift_note()
+    if drift:  # as in summary.md: how far the machine's speed moved during the run
+        body.append("<h3>Machine speed</h3>")
+        body.append(f"<p{' class=warn' if analysis.drifted else ''}>{_e(drift)}</p>")
     body.append('<h2 id="figures">Figures</h2>')
     body += _figures(figures) or ["<p>No figures (run with plots, or <code>sparsebench plot</code>).</p>"]
     body.append('<h2 id="results">Results</h2>')
@@ -157,7 +161,11 @@ def _results_table(df) -> str:
     sort = [c for c in ("device", "dtype", "mode", "pattern_label", "backend", "seq_len") if c in df.columns]
     rows, classes = [], []
     for _, r in df.sort_values(sort).iterrows():
-        rows.append([_cell(r.get(c), f) for c, _, f in cols])
+        cells = [_cell(r.get(c), f) for c, _, f in cols]
+        noisy = r.get("noisy") == True  # noqa: E712 - a numpy bool, or NaN where not recorded
+        if noisy and r.get("status") == "ok" and "status" in [c for c, _, _ in cols]:
+            cells[[c for c, _, _ in cols].index("status")] = "ok (noisy)"  # as in summary.md
+        rows.append(cells)
         classes.append("" if r.get("status") == "ok" else "bad")
     return html_table([h for _, h, _ in cols], rows, classes)
 

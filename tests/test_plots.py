@@ -159,6 +159,22 @@ def test_render_all_and_report(tmp_path, df, analysis):
     assert "Against the dense baseline" in html and "oom" in html
 
 
+def test_report_states_noisy_cases_and_machine_speed_like_the_summary(tmp_path):
+    """report.html, the file people share, keeps summary.md's caveats: "ok (noisy)" on a case
+    whose spread is large, and how far the machine's speed moved during the run."""
+    recs = make_records()
+    for i, r in enumerate(recs):
+        r["probe_s"] = 0.010 if i % 2 else 0.021  # a 2.1x drift between cases
+    recs[0]["noisy"] = True
+    out = write_result(tmp_path / "n", recs)
+    frame = load_frame(out)
+    html = write_report(out, frame, analyze(frame), []).read_text()
+    assert html.count("ok (noisy)") == 1
+    assert "Machine speed varied during the run" in html and "(2.10x)" in html and "class=warn" in html
+    summary = analyze(frame).to_markdown()
+    assert "Machine speed varied during the run" in summary
+
+
 def test_single_size_and_no_data(tmp_path):
     single = load_frame(write_result(tmp_path / "one", make_records(sizes=(1024,))))
     fig = plots.fig_time_vs_seqlen(single)
