@@ -111,8 +111,8 @@ class FirstCall:
 
     @property
     def extra_s(self) -> float | None:
-        """The first call's time beyond a steady call."""
-        return None if self.first_call_s is None else max(0.0, self.first_call_s - self.steady_s)
+        """The first call's time beyond a steady call (negative: no slower, within the noise)."""
+        return None if self.first_call_s is None else self.first_call_s - self.steady_s
 
 
 @dataclass(frozen=True)
@@ -306,9 +306,12 @@ class Analysis:
                     "At each series' largest measured n (its first round): setup builds the pattern's "
                     "layout or mask before any call; the first call includes compilation and "
                     "autotuning (flex, Triton), loading the native CPU kernels, and the first touch "
-                    "of fresh memory; steady is the median of the timed calls. None of the first "
-                    "call's extra time is in the steady-state figures above (records: setup_s, "
-                    "first_call_s, compile_s).",
+                    "of fresh memory; steady is the median of the timed calls (a negative difference: "
+                    "the first call was no slower, within the noise). Setup and the first call's "
+                    "extra time are not in the steady-state figures above (records: setup_s, "
+                    "first_call_s, compile_s). Costs paid once per process (building or loading the "
+                    "native kernels, a cold compile cache) fall on the first case that needs them, "
+                    "which may be a smaller n: records.jsonl has every case's.",
                     wrap=(0,),
                 )
             )

@@ -131,6 +131,12 @@ def test_first_call_table_separates_setup_first_call_and_steady_state():
     row = next(r for r in table.rows if r[0].startswith(SW) and "flex" in r[0])
     assert row[1:] == (str(n), fmt_time(0.25), fmt_time(steady + 4.0), fmt_time(steady), fmt_time(4.0))
     assert "## First call" in a.to_markdown()
+    # a first call faster than the steady median (noise) shows as a negative difference, not 0
+    for r in recs:
+        if r["backend"] == "flex" and r["seq_len"] == n:
+            r["first_call_s"] = r["time_median_s"] - 0.002
+    f = analyze(frame(recs)).find(SW, "flex").first_call
+    assert f.extra_s == pytest.approx(-0.002) and fmt_time(f.extra_s) == "-2 ms"
     assert all(t.title != "First call" for t in a.tables(compact=True))
 
 
