@@ -37,6 +37,30 @@ def test_naive_shows_its_score_matrix_and_block_sparse_does_not():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
+@pytest.mark.parametrize("backend,pattern,params", [
+    ("naive", "sliding_window", {"window": 256}),
+    ("sdpa_masked", "sliding_window", {"window": 256}),
+    ("sdpa_masked", "strided", {"stride": 128}),
+])
+def test_the_masked_backends_estimates_hold_their_measured_peaks(backend, pattern, params):
+    """--max-memory and limits.memory skip cases by the estimate: the masked backends' estimates
+    (score matrices, the mask and its build) must not be far below what the case really takes."""
+    from sparsebench.backends.base import BACKENDS
+    from sparsebench.harness import make_problem
+
+    c = case(backend, pattern, params, n=2048)
+    est = BACKENDS.get(backend)().estimate_bytes(make_problem(c))
+    worker = Worker()
+    try:
+        rec = worker.run(c, 300)
+    finally:
+        worker.close()
+    assert rec.get("status", "ok") == "ok", rec
+    print(f"\n{backend} {pattern}: estimate {est / MiB:.0f} MiB, peak {rec['peak_mem_bytes'] / MiB:.0f} MiB")
+    assert 0.8 * rec["peak_mem_bytes"] <= est <= 2.0 * rec["peak_mem_bytes"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
 @pytest.mark.parametrize("compiled", [True, False])
 def test_a_compiled_backends_first_call_scratch_is_not_its_peak(monkeypatch, compiled):
     """Compilation or autotuning scratch of the first call (a 256 MiB buffer here, as Triton's

@@ -82,6 +82,22 @@ def _all_patterns():
     return out
 
 
+@pytest.mark.parametrize("name,params", _all_patterns() + [("ds_fixed", {"block": 8}), ("ds_bigbird", {"block": 8})])
+@pytest.mark.parametrize("causal", [True, False])
+def test_mask_built_in_bands_equals_the_whole_grid_rule(monkeypatch, name, params, causal):
+    """Pattern.mask builds a band of rows at a time (small temporaries); random scatters its key
+    table: either way the mask is allowed() evaluated on the whole n x n grid."""
+    from sparsebench.patterns import base
+
+    n = 53
+    pat = PATTERNS.get(name).from_params(params)
+    idx = torch.arange(n)
+    whole = pat.allowed(idx[:, None], idx[None, :], n, causal)
+    for chunk in (1, 3 * n + 1, base.MASK_CHUNK_ELEMENTS):  # one row, 3 rows, all rows per band
+        monkeypatch.setattr(base, "MASK_CHUNK_ELEMENTS", chunk)
+        assert torch.equal(pat.mask(n, causal), whole), (name, chunk)
+
+
 @pytest.mark.parametrize("name,params", _all_patterns())
 @pytest.mark.parametrize("n", [37, 101])
 @pytest.mark.parametrize("causal", [True, False])

@@ -30,6 +30,8 @@ from sparsebench.errors import PatternError
 from sparsebench.registry import Registry
 
 PATTERNS: Registry["Pattern"] = Registry("pattern", "sparsebench.patterns")
+# Mask elements built per band of rows by Pattern.mask (int64 temporaries: 8 bytes each).
+MASK_CHUNK_ELEMENTS = 1 << 20
 
 # Upper bound on tile elements evaluated at once while scanning blocks.
 _TILE_CHUNK = 1 << 22
@@ -172,9 +174,23 @@ class Pattern:
         return lambda q, k: self.allowed(q, k, n, causal)
 
     def mask(self, n: int, causal: bool, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The full (n, n) boolean mask. Only for small n (reference checks, drawings)."""
+        """The full (n, n) boolean mask. Only for small n (reference checks, drawings, the masked
+        backends). Built a band of rows at a time, so that its temporaries (index differences,
+        int64) stay a few MiB instead of several times the mask itself."""
         idx = torch.arange(n, device=device)
-        return self.allowed(idx[:, None], idx[None, :], n, causal)
+        out = torch.empty(n, n, dtype=torch.bool, device=device)
+        step = max(1, MASK_CHUNK_ELEMENTS // max(1, n))
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            out[r0:r1] = self.allowed(idx[r0:r1, None], idx[None, :], n, causal)
+        return out
+
+    @staticmethod
+    def mask_build_bytes(n: int) -> int:
+        """Peak temporaries of ``mask(n)`` beyond the mask itself: a few int64 index tensors of
+        one band of rows (an estimate for memory budgets)."""
+        band = min(n * n, max(n, MASK_CHUNK_ELEMENTS))
+        return 6 * 8 * band
 
     def rows(self, rows: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
         """(len(rows), n) mask of the given query rows."""

@@ -46,6 +46,18 @@ class Random(Pattern):
     def table(self, n: int, causal: bool) -> torch.Tensor:
         return random_table(self.keys, self.seed, n, causal)
 
+    def mask(self, n: int, causal: bool, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Scattered from the key table (n R writes), not R comparisons over the n x n grid."""
+        table = self.table(n, causal)
+        out = torch.zeros(n, n, dtype=torch.bool)
+        ok = table >= 0
+        rows = torch.arange(n)
+        out[rows[:, None].expand_as(table)[ok], table[ok]] = True
+        out[rows, rows] = True
+        if causal:
+            out.tril_()
+        return out.to(device)
+
     def _allowed(self, q, k, n, causal, table=None):
         if table is None:
             table = self.table(n, causal).to(q.device)
