@@ -202,7 +202,6 @@ def load_model_file(path: str | Path) -> ModelSpec:
 
 _TOKEN_UNITS = {"": 1, "k": 1024, "m": 1024**2}
 _BYTE_UNITS = {
-    "": 1,
     "b": 1,
     "kb": 10**3,
     "mb": 10**6,
@@ -243,7 +242,8 @@ def parse_tokens(text: str | int) -> int:
 
 
 def parse_bytes(text: str | int) -> int:
-    """A byte size: ``24GiB`` (2**30), ``80GB`` (10**9), MiB/MB, KiB/KB, TiB/TB, or plain bytes."""
+    """A byte size: ``24GiB`` (2**30), ``80GB`` (10**9), MiB/MB, KiB/KB, TiB/TB, ``1000B``; an
+    int is bytes. A number without a unit in text is refused (``--budget 24`` is not 24 bytes)."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = Decimal(text)
     else:
@@ -251,6 +251,10 @@ def parse_bytes(text: str | int) -> int:
         if parts is None:
             raise ScenarioError(f"invalid size {str(text)!r}: expected a number with a unit such as 24GiB or 80GB")
         number, unit = parts
+        if unit == "":
+            raise ScenarioError(
+                f"size {str(text)!r} has no unit: write {number}GiB (binary), {number}GB (decimal) or {number}B (bytes)"
+            )
         if unit in ("k", "m", "g", "t"):
             u = unit.upper()
             raise ScenarioError(

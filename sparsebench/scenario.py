@@ -198,22 +198,16 @@ def builtin_path(name: str = BUILTIN) -> Path:
 
 
 def parse_size(value: int | str) -> int:
-    """'8GiB', '512MB', 1000000 -> bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"size must be positive, got {value}")
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", str(value), flags=re.I)
-    if not m:
+    """'8GiB', '512MB', 1000000 -> bytes (the units of ``kvcache.parse_bytes``); ValueError with
+    its message otherwise (pydantic reports it against the field)."""
+    from sparsebench.kvcache import parse_bytes
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"not a size: {value!r} (try 8GiB or 512MB)")
-    num, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    out = int(num * mult[unit])
-    if out <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
-    return out
+    try:
+        return parse_bytes(value)
+    except ScenarioError as e:
+        raise ValueError(str(e)) from None
 
 
 def _line_index(text: str) -> dict[tuple, int]:
