@@ -207,11 +207,30 @@ def validate(
         plan = sc_mod.expand(sc, source)
         for dev, why in plan.skipped_devices.items():
             warn(f"{why}; its cases would be skipped")
-        _console().print(
-            f"{source}: ok, {len(plan.cases)} cases ({len(sc.lengths)} sequence lengths x "
-            f"{len(sc.patterns)} patterns x {len(sc.backends)} backends, baseline included)"
-            + (f", each measured in {sc.rounds} rounds" if sc.rounds > 1 else "")
-        )
+        _console().print(f"{source}: ok, {_case_count_text(plan)}" + (f", each measured in {sc.rounds} rounds" if sc.rounds > 1 else ""))
+
+
+def _plural(k: int, word: str) -> str:
+    return f"{k} {word}{'' if k == 1 else 's'}"
+
+
+def _case_count_text(plan) -> str:
+    """'36 cases (4 sequence lengths x 9 pattern-backend pairs; sdpa runs only dense, the
+    baseline)': how the count multiplies out."""
+    cases = plan.cases
+    lengths = {c.seq_len for c in cases}
+    pairs = {(c.pattern_label, c.backend) for c in cases}
+    setups = {(c.device, c.dtype, c.mode) for c in cases}
+    parts = [_plural(len(lengths), "sequence length"), _plural(len(pairs), "pattern-backend pair")]
+    if len(setups) > 1:
+        parts.append(_plural(len(setups), "device-dtype-mode combination"))
+    text = f"{_plural(len(cases), 'case')} ({' x '.join(parts)}"
+    if len(lengths) * len(pairs) * len(setups) != len(cases):
+        text += "; not every combination applies"
+    dense_only = sorted({c.backend for c in cases} - {c.backend for c in cases if c.pattern != "dense"})
+    if dense_only and any(c.pattern != "dense" for c in cases):
+        text += f"; {', '.join(dense_only)} {'runs' if len(dense_only) == 1 else 'run'} only dense, the baseline"
+    return text + ")"
 
 
 # -------------------------------------------------------------------------------------- list

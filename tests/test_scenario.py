@@ -132,7 +132,12 @@ def test_cli_validate_error_is_one_line_exit_2(tmp_path):
 def test_cli_validate_ok(tmp_path):
     res = CliRunner().invoke(app, ["validate", str(write(tmp_path, GOOD))])
     assert res.exit_code == 0, res.output
-    assert "4 cases" in res.output
+    # the count multiplies out, and says why sdpa adds fewer cases than the other backends
+    assert "4 cases (2 sequence lengths x 2 pattern-backend pairs; sdpa runs only dense, the baseline)" in res.output
+    one = write(tmp_path, GOOD.replace("[64, 128]", "[64]").replace("[block_sparse]", "[block_sparse]\nbaseline: false"), "one.yaml")
+    res = CliRunner().invoke(app, ["validate", str(one)])
+    assert res.exit_code == 0, res.output
+    assert "ok, 1 case (1 sequence length x 1 pattern-backend pair)" in res.output
 
 
 def test_shipped_scenarios_validate():
