@@ -234,6 +234,7 @@ def fig_memory_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | 
     fig, panels = _figure(ok, "Peak memory vs sequence length")
     for ax, sub, title in panels:
         any_est = False
+        drawn: set[tuple] = set()  # (colour, points) of the estimates drawn: equal ones once
         for key, g in _ordered_series(sub):
             g = g.sort_values("seq_len")
             s = fits.get(key)
@@ -243,7 +244,9 @@ def fig_memory_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | 
             style = styles.line(key[0], key[1], base)
             ax.plot(g["seq_len"], g["peak_mem_bytes"], label=label, gid=f"memory:{_short(key)}", **style)
             est = g[positive_mask(g, "est_mem_bytes")]
-            if len(est):
+            points = (style["color"], tuple(zip(est["seq_len"].tolist(), est["est_mem_bytes"].tolist())))
+            if len(est) and points not in drawn:
+                drawn.add(points)
                 ax.plot(est["seq_len"], est["est_mem_bytes"], color=style["color"], linestyle="--",
                         linewidth=1.2, alpha=0.85, zorder=2, label=f"{_short(key)} (estimate)",
                         gid=f"estimate:{_short(key)}")
@@ -253,7 +256,8 @@ def fig_memory_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | 
         if any_est:
             from matplotlib.lines import Line2D
 
-            extra.append(Line2D([], [], color=NEUTRAL, linestyle="--", label="dashed: analytic estimate"))
+            extra.append(Line2D([], [], color=NEUTRAL, linestyle="--", linewidth=1.2,
+                                label="dashed, no markers: analytic estimate\n(in its backend's colour)"))
         outside_legend(ax, extra, skip=("(estimate)",))
     return fig
 
@@ -638,7 +642,7 @@ def finish_axes(ax, title: str, xlabel: str, ylabel: str, y: str) -> None:
         ax.set_ylabel(f"{ylabel} (log scale)")
     elif y == "bytes":
         _pow2_axis(ax.yaxis, ax.get_ylim(), _bytes_text)
-        ax.set_ylabel(f"{ylabel} (bytes, log scale)")
+        ax.set_ylabel(f"{ylabel} (log scale)")  # the ticks carry their unit (KiB, MiB, GiB)
     else:
         _decade_axis(ax.yaxis, ax.get_ylim(), lambda v: f"{v:g}x")
         ax.set_ylabel(f"{ylabel}, log scale")
@@ -676,6 +680,15 @@ def _decade_axis(axis, lim, text) -> None:
         from matplotlib.ticker import MaxNLocator
 
         ticks = [t for t in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi and t > 0]
+    else:  # more than a factor 2 of axis without a label at either end: a 1-2-5 value there
+        nice = sorted(s * 10.0**k for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+                      for s in (1.0, 2.0, 5.0) if lo <= s * 10.0**k <= hi)
+        below = [t for t in nice if t < ticks[0] / 1.9]
+        if below and ticks[0] > 2 * lo:
+            ticks.insert(0, below[-1])
+        above = [t for t in nice if t > ticks[-1] * 1.9]
+        if above and hi > 2 * ticks[-1]:
+            ticks.append(above[0])
     axis.set_major_locator(FixedLocator(ticks))
     axis.set_minor_locator(NullLocator())
     axis.set_major_formatter(FuncFormatter(lambda v, _: text(v)))
