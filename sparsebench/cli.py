@@ -111,6 +111,8 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
         if scenario is not None or output is not None:
             raise ScenarioError("--resume takes the scenario and folder from RESULT; give no SCENARIO or --output")
         src = resume / "scenario.yaml"
+        if not resume.is_dir():
+            raise ScenarioError(f"{resume}: no such folder to resume")
         if not src.is_file():
             raise ScenarioError(f"{resume}: no scenario.yaml here; not a sparsebench result folder")
         text = sc_mod.read_text(src)

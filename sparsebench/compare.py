@@ -368,6 +368,8 @@ def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str 
     from sparsebench.results import load_frame
 
     base, new = Path(base), Path(new)
+    if base.resolve() == new.resolve() and warn is not None:
+        warn(f"BASE and NEW are the same folder ({base}): every case compares with itself")
     names = (base.name or str(base), new.name or str(new))
     if names[0] == names[1]:
         names = (str(base), str(new))

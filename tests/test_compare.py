@@ -196,6 +196,10 @@ def test_cli_identical_passes(folders):
     res = run(folders["base"], folders["same"], "--fail-on-regression")
     assert res.exit_code == 0, res.output
     assert "same" in res.stdout and "error" not in res.stderr
+    assert "same folder" not in res.stderr
+    # one folder twice: compared, with a warning that nothing can differ
+    twice = run(folders["base"], folders["base"])
+    assert twice.exit_code == 0 and "BASE and NEW are the same folder" in twice.stderr
 
 
 def test_cli_fifty_percent_slower_fails(folders):
