@@ -9,7 +9,7 @@ in ``tables()``) for summary.md and the terminal. numpy and rich are imported la
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 from sparsebench.results import BASELINE_BACKEND, BASELINE_PATTERN, CASE_KEY, SERIES_KEY
@@ -108,6 +108,10 @@ class FirstCall:
     setup_s: float | None
     first_call_s: float | None
     steady_s: float
+    # the largest first-call extra over all sizes, where it is at another n (a compile cache
+    # filled by a smaller n, the native kernels loaded by the first case of the process)
+    worst_extra_s: float | None = None
+    worst_n: int | None = None
 
     @property
     def extra_s(self) -> float | None:
@@ -292,7 +296,7 @@ class Analysis:
             out.append(
                 TableSpec(
                     FIRST_CALL_TITLE,
-                    ("series", "at n", "setup", "first call", "steady", "first call - steady"),
+                    ("series", "at n", "setup", "first call", "steady", "first call - steady", "most, at n"),
                     tuple(
                         (
                             s.label + (" (baseline)" if s.is_baseline else ""),
@@ -301,6 +305,7 @@ class Analysis:
                             fmt_time(f.first_call_s),
                             fmt_time(f.steady_s),
                             fmt_time(f.extra_s),
+                            f"{fmt_time(f.worst_extra_s)} at {fmt_n(f.worst_n)}" if f.worst_n else "-",
                         )
                         for s in firsts
                         for f in (s.first_call,)
@@ -311,9 +316,10 @@ class Analysis:
                     "of fresh memory; steady is the median of the timed calls (a negative difference: "
                     "the first call was no slower, within the noise). Setup and the first call's "
                     "extra time are not in the steady-state figures above (records: setup_s, "
-                    "first_call_s, compile_s). Costs paid once per process (building or loading the "
-                    "native kernels, a cold compile cache) fall on the first case that needs them, "
-                    "which may be a smaller n: records.jsonl has every case's.",
+                    "first_call_s, compile_s). most, at n: the largest first-call extra of the "
+                    "series where it fell on a smaller n and stands out (costs paid once per process, such as "
+                    "loading the native kernels or a cold compile cache, fall on the first case "
+                    "that needs them); records.jsonl has every case's.",
                     wrap=(0,),
                 )
             )
@@ -433,6 +439,15 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
         last = ok.iloc[-1]
         first_call = FirstCall(int(last["seq_len"]), _num(last.get("setup_s")), _num(last.get("first_call_s")),
                                float(last["time_median_s"]))
+        extras = [(f - float(r["time_median_s"]), int(r["seq_len"])) for _, r in ok.iterrows()
+                  if (f := _num(r.get("first_call_s"))) is not None]
+        if extras:
+            worst, n_worst = max(extras)
+            # named where it stands out of the noise: beyond the largest n's own extra by a tenth of
+            # that n's steady time
+            here = max(0.0, first_call.extra_s or 0.0)
+            if n_worst != first_call.seq_len and worst > here + 0.1 * first_call.steady_s:
+                first_call = replace(first_call, worst_extra_s=worst, worst_n=n_worst)
     return SeriesSummary(
         key=key,
         label=label,
