@@ -202,6 +202,7 @@ class Comparison:
     base_name: str = "base"
     new_name: str = "new"
     shown_dims: tuple[str, ...] = field(default=())  # case-key columns that vary (shown)
+    only_base_ok: tuple[tuple[Any, ...], ...] = ()  # those of only_base that BASE measured (ok)
 
     def regressions(self) -> list[CaseDiff]:
         return [r for r in self.rows if r.is_regression]
@@ -223,15 +224,21 @@ class Comparison:
                 f"threshold {self.threshold:.0%} on the {self.metric}")
 
     def missing(self) -> list[tuple[Any, ...]]:
-        """Cases that BASE measured and NEW did not: absent from NEW, or skipped there."""
+        """Cases that BASE measured (ok) and NEW did not: absent from NEW, or skipped there."""
         skipped = [r.key for r in self.rows if r.verdict == "skipped" and r.base_status == "ok"]
-        return sorted([*self.only_base, *skipped], key=_sort_key)
+        return sorted([*self.only_base_ok, *skipped], key=_sort_key)
+
+    def compared(self) -> list[CaseDiff]:
+        """The cases with a verdict from measurements: measured in both, or ok in one and failed
+        in the other."""
+        return [r for r in self.rows if r.verdict not in ("skipped", "failed in both")]
 
     def gate_failed(self, allow_missing: bool = False) -> bool:
-        """Whether ``--fail-on-regression`` fails: a regression, no case in common, or (unless
-        ``allow_missing``) a case of BASE that NEW did not measure, so that an interrupted or
-        partial run cannot pass the gate."""
-        return bool(self.regressions()) or not self.rows or (not allow_missing and bool(self.missing()))
+        """Whether ``--fail-on-regression`` fails: a regression, nothing compared, or (unless
+        ``allow_missing``) a case of BASE that NEW did not measure, so that an interrupted,
+        partial or skipped run cannot pass the gate."""
+        return (bool(self.regressions()) or not self.compared()
+                or (not allow_missing and bool(self.missing())))
 
     def failure_message(self, allow_missing: bool = False) -> str:
         bits = []
@@ -243,6 +250,8 @@ class Comparison:
                         f"(first: {what}, {_ratio_text(first)})")
         if not self.rows:
             bits.append(f"no case of {self.base_name} is in {self.new_name}: nothing was compared")
+        elif not self.compared():
+            bits.append(f"no case was measured in both {self.base_name} and {self.new_name}: nothing was compared")
         elif not allow_missing and self.missing():
             gone = self.missing()
             bits.append(f"{len(gone)} case(s) of {self.base_name} not measured in {self.new_name} "
@@ -279,9 +288,13 @@ class Comparison:
     def to_markdown(self) -> str:
         t = self.table_spec()
         bad = self.regressions()
-        head = "❌ " if bad else "✅ "
+        gone = self.missing()
+        head = "❌ " if bad or not self.compared() else ("⚠️ " if gone else "✅ ")
+        extra = f" {len(gone)} case(s) of {self.base_name} not measured in {self.new_name}." if gone else ""
+        if self.rows and not self.compared():
+            extra += " Nothing was measured in both."
         parts = [f"### sparsebench compare: {self.new_name} vs {self.base_name}\n",
-                 f"{head}{len(bad)} regression(s). {self.summary_line()}.\n"]
+                 f"{head}{len(bad)} regression(s).{extra} {self.summary_line()}.\n"]
         for w in self.warnings:
             parts.append(f"> **Warning:** {w}\n")
         rows = [tuple(f"**{v}**" if (i == len(r) - 2 and v in REGRESSIONS) else v for i, v in enumerate(r)) for r in t.rows]
@@ -302,6 +315,8 @@ class Comparison:
             "warnings": list(self.warnings),
             "counts": self.counts(),
             "regressions": len(self.regressions()),
+            "compared": len(self.compared()),
+            "missing": [dict(zip(CASE_KEY, k)) for k in self.missing()],
             "cases": [
                 {**dict(zip(CASE_KEY, r.key)), "base": r.base, "new": r.new, "ratio": r.ratio, "verdict": r.verdict,
                  "test": r.test, "p_value": r.p_value, "base_status": r.base_status, "new_status": r.new_status}
@@ -353,6 +368,7 @@ def compare(base_df, new_df, threshold: float = 0.10, metric: str = "median", ba
         rows.append(_judge(k, base[k], new[k], col, threshold))
     rows.sort(key=lambda r: _sort_key(r.key))
     only_base = tuple(sorted((k for k in base if k not in new), key=_sort_key))
+    base_measured = tuple(k for k in only_base if str(base[k].get("status")) == "ok")
     only_new = tuple(sorted((k for k in new if k not in base), key=_sort_key))
     import pandas as pd
 
@@ -361,7 +377,8 @@ def compare(base_df, new_df, threshold: float = 0.10, metric: str = "median", ba
     warnings = list(env_warnings(base_env, new_env, base_name, new_name))
     if not common:
         warnings.append(f"no case is in both {base_name} and {new_name}; is this the same scenario?")
-    return Comparison(tuple(rows), only_base, only_new, tuple(warnings), threshold, metric, base_name, new_name, shown)
+    return Comparison(tuple(rows), only_base, only_new, tuple(warnings), threshold, metric, base_name, new_name, shown,
+                      base_measured)
 
 
 def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str = "median", warn=None) -> Comparison:

@@ -57,6 +57,12 @@ def folders(tmp_path_factory):
              if r["backend"] == "block_sparse" else r for r in make_records()],
         ),
         "other": write_result(root / "other", [record("dense", "sdpa", 123, 0.1)]),
+        # a CI box without the device: every case skipped
+        "allskipped": write_result(
+            root / "allskipped",
+            [{**r, "status": "skipped", "reason": "no cuda", "time_median_s": None, "times_s": None}
+             for r in make_records()],
+        ),
     }
 
 
@@ -227,6 +233,7 @@ def test_cli_lists_one_sided_cases(folders):
         ("partial", f"6 case(s) of base not measured in partial (first: {SW} · flex, n=256"),
         ("skips", "not measured in skips"),
         ("other", "no case of base is in other: nothing was compared"),
+        ("allskipped", "no case was measured in both base and allskipped: nothing was compared"),
     ],
 )
 def test_cli_gate_fails_when_new_did_not_measure_what_base_did(folders, new, needle):
@@ -239,7 +246,20 @@ def test_cli_gate_fails_when_new_did_not_measure_what_base_did(folders, new, nee
     assert run(folders["base"], folders[new]).exit_code == 0
     # --allow-missing accepts the missing cases, but not an empty comparison
     allowed = run(folders["base"], folders[new], "--fail-on-regression", "--allow-missing")
-    assert allowed.exit_code == (1 if new == "other" else 0), allowed.output
+    assert allowed.exit_code == (1 if new in ("other", "allskipped") else 0), allowed.output
+    # markdown (a PR comment) and JSON say what the exit code says
+    md = run(folders["base"], folders[new], "--format", "markdown").stdout
+    assert "✅" not in md and f"not measured in {new}" in md, md
+    data = json.loads(run(folders["base"], folders[new], "--format", "json").stdout)
+    assert data["missing"] and data["missing"][0]["backend"]
+
+
+def test_a_case_base_did_not_measure_is_not_missing():
+    """Only cases BASE measured can be missing from NEW: an oom in BASE alone is no gap in NEW."""
+    base = make_records() + [record("dense", "naive", 99999, None, status="oom")]
+    c = compare(frame(base), frame(make_records()))
+    assert not c.missing() and not c.gate_failed()
+    assert c.only_base and "99999" in str(c.only_base[0])
 
 
 def test_cli_warns_when_environments_differ(folders):
