@@ -220,6 +220,8 @@ def _case_count_text(plan) -> str:
     """'36 cases (4 sequence lengths x 9 pattern-backend pairs; sdpa runs only dense, the
     baseline)': how the count multiplies out."""
     cases = plan.cases
+    if not cases and plan.skipped_devices:
+        return f"0 cases on this machine (absent: {', '.join(sorted(plan.skipped_devices))})"
     lengths = {c.seq_len for c in cases}
     pairs = {(c.pattern_label, c.backend) for c in cases}
     setups = {(c.device, c.dtype, c.mode) for c in cases}

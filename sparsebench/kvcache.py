@@ -213,10 +213,15 @@ _BYTE_UNITS = {
     "tib": 2**40,
 }
 _NUMBER = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+# commas in a number: thousands separators only (131,072 or 1,048,576)
+_GROUPED = re.compile(r"^\s*\d{1,3}(?:,\d{3})+(?:\.\d*)?\s*[A-Za-z]*\s*$")
 
 
 def _split(text: str) -> tuple[Decimal, str] | None:
-    m = _NUMBER.match(str(text).replace("_", "").replace(",", ""))
+    text = str(text)
+    if "," in text and not _GROUPED.match(text):  # "1,5GiB" is not 15 GiB
+        return None
+    m = _NUMBER.match(text.replace("_", "").replace(",", ""))
     if not m:
         return None
     try:

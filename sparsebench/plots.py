@@ -685,10 +685,10 @@ def _decade_axis(axis, lim, text) -> None:
                       for s in (1.0, 2.0, 5.0) if lo <= s * 10.0**k <= hi)
         below = [t for t in nice if t < ticks[0] / 1.9]
         if below and ticks[0] > 2 * lo:
-            ticks.insert(0, below[-1])
+            ticks.insert(0, below[0])  # the one nearest the end
         above = [t for t in nice if t > ticks[-1] * 1.9]
         if above and hi > 2 * ticks[-1]:
-            ticks.append(above[0])
+            ticks.append(above[-1])
     axis.set_major_locator(FixedLocator(ticks))
     axis.set_minor_locator(NullLocator())
     axis.set_major_formatter(FuncFormatter(lambda v, _: text(v)))

@@ -89,14 +89,14 @@ def _precheck(case: Case, static: dict[str, Any]) -> str | None:
         why = backend().unsupported(make_problem(case))
         if why:
             return why
+    from sparsebench.kvcache import format_bytes
+
     est = static.get("est_mem_bytes") or 0
     if case.memory_budget and est > case.memory_budget:
-        from sparsebench.kvcache import format_bytes
-
         return f"estimated {format_bytes(est)} exceeds the memory budget of {format_bytes(case.memory_budget)}"
     avail = available_bytes() if case.device == "cpu" else None
     if avail is not None and est > 0.9 * avail:
-        return f"estimated {est / 2**20:.0f} MiB exceeds 90% of the {avail / 2**20:.0f} MiB available"
+        return f"estimated {format_bytes(est)} exceeds 90% of the {format_bytes(avail)} available"
     return None
 
 

@@ -59,7 +59,7 @@ class SeqRange(_Model):
 
 class Limits(_Model):
     timeout_s: float = Field(default=600.0, gt=0, description="per-case wall-clock limit")
-    memory: Union[int, str, None] = Field(default=None, description="per-case memory budget, e.g. 8GiB")
+    memory: Union[int, float, str, None] = Field(default=None, description="per-case memory budget, e.g. 8GiB")
 
     @field_validator("memory")
     @classmethod
@@ -197,13 +197,22 @@ def builtin_path(name: str = BUILTIN) -> Path:
     return Path(__file__).parent / "scenarios" / f"{name}.yaml"
 
 
+# A memory budget given as a plain number is bytes; below this it is surely a forgotten unit.
+MIN_BUDGET_BYTES = 1 << 20
+
+
 def parse_size(value: int | str) -> int:
     """'8GiB', '512MB', 1000000 -> bytes (the units of ``kvcache.parse_bytes``); ValueError with
     its message otherwise (pydantic reports it against the field)."""
     from sparsebench.kvcache import parse_bytes
 
+    if isinstance(value, float) and value.is_integer():  # YAML reads 1.5e10 as a float
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"not a size: {value!r} (try 8GiB or 512MB)")
+    if isinstance(value, int) and 0 < value < MIN_BUDGET_BYTES:
+        # a plain number is bytes: 16 meant as 16 GiB would skip every case
+        raise ValueError(f"{value} bytes is too small for a memory budget; write {value}GiB, {value}GB or {value}MiB")
     try:
         return parse_bytes(value)
     except ScenarioError as e:

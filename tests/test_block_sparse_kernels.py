@@ -580,3 +580,23 @@ def test_big_column_masks_are_kept_as_ranges(monkeypatch, native):
     monkeypatch.setattr(_plan, "NATIVE_WINDOWS", native)  # at run time: native kernel or ATen
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 2, 32))
     assert_forward_backward(plan, pat, q, k, v, True)
+
+
+def test_a_missing_kernel_source_is_a_broken_install_not_a_failed_build(monkeypatch, tmp_path):
+    """Without csrc/native.cpp the kernels are off for this process with the reason, and no
+    BUILD_FAILED marker is left in the shared extension cache (a reinstall must bring them back)."""
+    import os
+    import shutil
+
+    from sparsebench.backends import _native
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: the source is never looked for")
+    monkeypatch.setenv("SPARSEBENCH_NATIVE", "1")
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_failed", None)
+    monkeypatch.setattr(_native, "_SOURCE_PATH", tmp_path / "missing.cpp")
+    monkeypatch.setattr(_native, "_marker", lambda: str(tmp_path / "cache" / "BUILD_FAILED"))
+    assert _native.kernel() is None
+    assert "missing.cpp is missing (reinstall sparsebench)" in _native.why_not()
+    assert not os.path.exists(tmp_path / "cache" / "BUILD_FAILED")

@@ -238,6 +238,10 @@ def test_parse_bytes_errors():
     # a forgotten unit is not read as bytes (--budget 24 would fit nothing)
     with pytest.raises(ScenarioError, match="size '24' has no unit: write 24GiB .*, 24GB .* or 24B"):
         parse_bytes("24")
+    # a comma groups thousands, and is never a decimal point
+    assert parse_bytes("1,048,576B") == 2**20
+    with pytest.raises(ScenarioError, match="invalid size '1,5GiB'"):
+        parse_bytes("1,5GiB")
 
 
 # -- budgets ------------------------------------------------------------------------------------

@@ -150,3 +150,25 @@ def test_shipped_scenarios_validate():
         sc, _, source = sc_mod.load(f)
         sc_mod.expand(sc, source)
     assert (root / "quickstart.yaml").read_text() == sc_mod.builtin_path().read_text()
+
+
+def test_memory_budget_values():
+    """limits.memory: text with a unit, or a plain integer of bytes (YAML may read 1.5e10 as a
+    float); a tiny plain number is a forgotten unit, refused with the fix."""
+    from sparsebench.scenario import parse_size
+
+    assert parse_size("8GiB") == 8 * 2**30 and parse_size(2**30) == 2**30 and parse_size(1.5e10) == 15 * 10**9
+    for bad, needle in ((16, "16 bytes is too small for a memory budget; write 16GiB"), ("16", "has no unit"),
+                        (1.5, "not a size"), (True, "not a size")):
+        with pytest.raises(ValueError, match=needle):
+            parse_size(bad)
+
+
+def test_cli_validate_counts_no_case_where_every_device_is_absent(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    p = write(tmp_path, GOOD + "devices: [cuda]\n")
+    res = CliRunner().invoke(app, ["validate", str(p)])
+    assert res.exit_code == 0, res.output
+    assert "0 cases on this machine (absent: cuda)" in res.output

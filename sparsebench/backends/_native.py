@@ -100,6 +100,9 @@ def kernel():
     if _module is not None or not enabled():
         return _module
     with _lock:
+        if _module is None and _failed is None and not _SOURCE_PATH.is_file():
+            # a broken install, not a failed build: no BUILD_FAILED marker, a reinstall fixes it
+            _failed = f"the kernel source {_SOURCE_PATH} is missing (reinstall sparsebench)"
         if _module is None and _failed is None:
             try:
                 from torch.utils.cpp_extension import load_inline

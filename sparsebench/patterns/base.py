@@ -185,8 +185,7 @@ class Pattern:
             out[r0:r1] = self.allowed(idx[r0:r1, None], idx[None, :], n, causal)
         return out
 
-    @staticmethod
-    def mask_build_bytes(n: int) -> int:
+    def mask_build_bytes(self, n: int) -> int:
         """Peak temporaries of ``mask(n)`` beyond the mask itself: a few int64 index tensors of
         one band of rows (an estimate for memory budgets)."""
         band = min(n * n, max(n, MASK_CHUNK_ELEMENTS))

@@ -46,6 +46,10 @@ class Random(Pattern):
     def table(self, n: int, causal: bool) -> torch.Tensor:
         return random_table(self.keys, self.seed, n, causal)
 
+    def mask_build_bytes(self, n: int) -> int:
+        """The key table and its row and validity indices (int64), not bands of the grid."""
+        return 4 * 8 * n * min(self.keys, n)
+
     def mask(self, n: int, causal: bool, device: str | torch.device = "cpu") -> torch.Tensor:
         """Scattered from the key table (n R writes), not R comparisons over the n x n grid."""
         table = self.table(n, causal)
