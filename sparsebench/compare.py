@@ -377,6 +377,10 @@ def compare(base_df, new_df, threshold: float = 0.10, metric: str = "median", ba
     warnings = list(env_warnings(base_env, new_env, base_name, new_name))
     if not common:
         warnings.append(f"no case is in both {base_name} and {new_name}; is this the same scenario?")
+    fewer = [k for k in common if (_f(new[k].get("rounds")) or 1) < (_f(base[k].get("rounds")) or 1)]
+    if fewer:  # an interrupted multi-round run: every case is there, with fewer rounds
+        warnings.append(f"{len(fewer)} case(s) measured in fewer rounds in {new_name} than in {base_name} "
+                        f"(first: {_key_text(fewer[0], ())}); was the run interrupted?")
     return Comparison(tuple(rows), only_base, only_new, tuple(warnings), threshold, metric, base_name, new_name, shown,
                       base_measured)
 

@@ -304,3 +304,11 @@ def test_cli_errors_are_one_line(folders, tmp_path, args, needle):
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+
+
+def test_fewer_rounds_in_new_is_warned():
+    """A multi-round run interrupted after its first round has every case, in fewer rounds."""
+    base = [dict(r, rounds=3) for r in make_records()]
+    c = compare(frame(base), frame([dict(r, rounds=1) for r in make_records()]))
+    assert any("measured in fewer rounds in new than in base" in w for w in c.warnings)
+    assert not any("fewer rounds" in w for w in compare(frame(base), frame(base)).warnings)
