@@ -443,10 +443,10 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
                   if (f := _num(r.get("first_call_s"))) is not None]
         if extras:
             worst, n_worst = max(extras)
-            # named where it stands out of the noise: beyond the largest n's own extra by a tenth of
-            # that n's steady time
+            # named where it stands out of the noise: beyond the largest n's own extra by half of
+            # that n's steady time and 10 ms
             here = max(0.0, first_call.extra_s or 0.0)
-            if n_worst != first_call.seq_len and worst > here + 0.1 * first_call.steady_s:
+            if n_worst != first_call.seq_len and worst > here + max(0.5 * first_call.steady_s, 0.01):
                 first_call = replace(first_call, worst_extra_s=worst, worst_n=n_worst)
     return SeriesSummary(
         key=key,
