@@ -32,6 +32,7 @@ def execute(case: Case) -> dict[str, Any]:
     """Run one case here; never raises for a case failure (returns status/reason instead)."""
     from sparsebench import harness
 
+    harness.warm_process()
     try:
         if case.mode == "decode":
             return harness.run_decode_case(case)

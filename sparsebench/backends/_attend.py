@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from sparsebench.shapes import broadcast_shape
+
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -143,7 +145,7 @@ def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     order of the sums, without the widened copies and on the tensor cores); other operands, or
     where that operator is missing, are widened to fp32."""
     if _tensor_cores(a) and _bmm_out_dtype_ok(a):
-        lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        lead = broadcast_shape(a.shape[:-2], b.shape[:-2])
         a3 = a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
         b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
         return torch.bmm(a3, b3, out_dtype=torch.float32).view(*lead, a.shape[-2], b.shape[-1])
@@ -179,7 +181,7 @@ def _pieces(q, k, causal) -> list[tuple[int, int, int]]:
     """(first row, end row, keys seen) of each piece of query rows, so that no piece's fp32 score
     matrix exceeds MATH_ELEMS (a causal piece sees only the keys before its end)."""
     L, S = q.shape[-2], k.shape[-2]
-    lead = math.prod(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+    lead = math.prod(broadcast_shape(q.shape[:-2], k.shape[:-2]))
     step = max(1, MATH_ELEMS // max(1, lead * S))
     return [(r0, min(L, r0 + step), min(S, r0 + step) if causal else S) for r0 in range(0, L, step)]
 
@@ -199,7 +201,7 @@ def _math_forward(q, k, v, mask, causal, scale):
     pieces = _pieces(q, k, causal)
     if len(pieces) == 1:
         return _forward_piece(q, k, v, mask, causal, scale, 0)
-    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    lead = broadcast_shape(q.shape[:-2], k.shape[:-2])
     out = q.new_empty(*lead, q.shape[-2], v.shape[-1])
     lse = torch.empty(*lead, q.shape[-2], dtype=torch.float32, device=q.device)
     for r0, r1, s1 in pieces:
@@ -223,7 +225,7 @@ def _math_backward(go, q, k, v, out, lse, mask, causal, scale):
     if len(pieces) == 1:
         dq, dk, dv = _backward_piece(go, q, k, v, out, lse, mask, causal, scale, 0)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    lead = broadcast_shape(q.shape[:-2], k.shape[:-2])
     dq = q.new_empty(*lead, *q.shape[-2:])
     dk = torch.zeros(*lead, *k.shape[-2:], dtype=torch.float32, device=k.device)
     dv = torch.zeros(*lead, *v.shape[-2:], dtype=torch.float32, device=v.device)

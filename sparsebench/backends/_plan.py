@@ -47,6 +47,7 @@ from sparsebench.patterns.base import (
     Structure,
     Table,
 )
+from sparsebench.shapes import broadcast_shape
 
 # Query rows (over all batch*heads sequences) per call: bounds every temporary to a few MiB.
 ROW_BUDGET = 1 << 15
@@ -406,7 +407,7 @@ class _Builder:
 
     # -- columns, rows, tables ----------------------------------------------------------------
     def _uncovered(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        m = torch.ones(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool)
+        m = torch.ones(broadcast_shape(i.shape, j.shape), dtype=torch.bool)
         for part in self.earlier:
             m &= ~part.covers(i, j)
         if self.causal:

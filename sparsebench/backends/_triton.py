@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsebench.shapes import broadcast_shape
+
 try:  # Triton comes with CUDA builds of PyTorch; CPU builds have none
     import triton
     import triton.language as tl
@@ -233,7 +235,7 @@ def _parts(pattern, n: int, causal: bool, B: int):
     rest = [p for p in st.parts if p not in residue]
 
     def covered(ps, q, k):
-        m = torch.zeros(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q.device)
+        m = torch.zeros(broadcast_shape(q.shape, k.shape), dtype=torch.bool, device=q.device)
         for p in ps:
             m = m | p.covers(q, k)
         return m & (k <= q) if causal else m
