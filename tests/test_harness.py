@@ -3,6 +3,8 @@ the timed ones."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sparsebench import harness
@@ -43,3 +45,26 @@ def test_warmup_counts_the_untimed_calls_after_the_first(monkeypatch, compiled):
     # warmup 0: the first call and the timed ones only; each warm-up call is one more, untimed
     assert counts[1] - counts[0] == 1 and counts[3] - counts[0] == 3
     assert counts[0] >= 1 + 3
+
+
+def test_a_failing_warm_up_does_not_fail_the_case(monkeypatch):
+    """harness.warm_process is best effort: whatever goes wrong there, the case still runs."""
+    import torch
+
+    from sparsebench.worker import execute
+
+    def broken():
+        raise RuntimeError("warm-up broke")
+
+    monkeypatch.setattr(harness, "_warmed", False)
+    monkeypatch.setattr(harness, "_warm", broken)
+    state = torch.random.get_rng_state()
+    c = dataclasses.replace(_case(0), backend="sdpa")
+    rec = execute(c)
+    assert rec.get("status", "ok") == "ok" and rec["times_s"], rec
+    assert harness._warmed
+    # and a working warm-up leaves the global random state alone
+    monkeypatch.undo()
+    torch.random.set_rng_state(state)
+    harness._warm()
+    assert torch.equal(torch.random.get_rng_state(), state)
