@@ -147,6 +147,11 @@ class SeriesSummary:
     first_call: FirstCall | None = None  # at the largest ok n
     wrong_sizes: tuple[int, ...] = ()  # sizes whose output disagreed with the reference
 
+    @property
+    def shown_label(self) -> str:
+        """The label in tables, the baseline named as such."""
+        return self.label + (" (baseline)" if self.is_baseline else "")
+
     def problems(self) -> str:
         bits = []
         if self.failure:
@@ -240,7 +245,7 @@ class Analysis:
         for s in self.series:
             scaling.append(
                 (
-                    s.label + (" (baseline)" if s.is_baseline else ""),
+                    s.shown_label,
                     s.time_fit.describe() if s.time_fit else _no_fit(s.sizes),
                     _fit_range(s.time_fit),
                     s.mem_fit.describe() if s.mem_fit else "-",
@@ -299,7 +304,7 @@ class Analysis:
                     ("series", "at n", "setup", "first call", "steady", "first call - steady", "most, at n"),
                     tuple(
                         (
-                            s.label + (" (baseline)" if s.is_baseline else ""),
+                            s.shown_label,
                             fmt_n(f.seq_len),
                             fmt_time(f.setup_s),
                             fmt_time(f.first_call_s),

@@ -252,8 +252,7 @@ class Comparison:
             bits.append(f"no case of {self.base_name} is in {self.new_name}: nothing was compared")
         elif not self.compared():
             bits.append(f"no case was measured in both {self.base_name} and {self.new_name}: nothing was compared")
-        elif not allow_missing and self.missing():
-            gone = self.missing()
+        elif not allow_missing and (gone := self.missing()):
             bits.append(f"{len(gone)} case(s) of {self.base_name} not measured in {self.new_name} "
                         f"(first: {_key_text(gone[0], self.shown_dims)}; --allow-missing accepts that)")
         return "; ".join(bits) or "no regressions"

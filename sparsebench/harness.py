@@ -120,8 +120,6 @@ def _warm() -> None:
         # the kernels' own first use: their OpenMP threads, and the caching allocator installed
         from sparsebench.backends import _plan
         from sparsebench.backends.block_sparse import attention_fn
-        from sparsebench.memory import freed_memory_reused
-        from sparsebench.patterns.base import PATTERNS
 
         plan = _plan.build(PATTERNS.get("sliding_window")(window=16), 64, True, groups=2, head_dim=32,
                            block=16, device=torch.device("cpu"), dtype=torch.float32)

@@ -159,12 +159,14 @@ def _results_table(df) -> str:
         return "<p>No records.</p>"
     cols = [c for c in RESULT_COLUMNS if c[0] in df.columns and df[c[0]].notna().any()]  # no empty columns
     sort = [c for c in ("device", "dtype", "mode", "pattern_label", "backend", "seq_len") if c in df.columns]
+    names = [c for c, _, _ in cols]
+    status_at = names.index("status") if "status" in names else None
     rows, classes = [], []
     for _, r in df.sort_values(sort).iterrows():
         cells = [_cell(r.get(c), f) for c, _, f in cols]
         noisy = r.get("noisy") == True  # noqa: E712 - a numpy bool, or NaN where not recorded
-        if noisy and r.get("status") == "ok" and "status" in [c for c, _, _ in cols]:
-            cells[[c for c, _, _ in cols].index("status")] = "ok (noisy)"  # as in summary.md
+        if noisy and r.get("status") == "ok" and status_at is not None:
+            cells[status_at] = "ok (noisy)"  # as in summary.md
         rows.append(cells)
         classes.append("" if r.get("status") == "ok" else "bad")
     return html_table([h for _, h, _ in cols], rows, classes)

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 
 def broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
-    """The shape the given shapes broadcast to (NumPy rules); ValueError where they do not."""
+    """The shape the given shapes broadcast to (NumPy rules); ValueError where they do not. Under
+    torch.compile (FlexAttention's mask_mod is traced) torch's own, which the compiler
+    understands (sympy is loaded there anyway)."""
+    if torch.compiler.is_compiling():
+        return torch.broadcast_shapes(*shapes)
     rank = max((len(s) for s in shapes), default=0)
     out = []
     for dims in zip(*[(1,) * (rank - len(s)) + tuple(s) for s in shapes]):
@@ -17,13 +23,3 @@ def broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
             raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
         out.append(sizes.pop() if sizes else 1)
     return tuple(out)
-
-
-def broadcast_shape_traceable(*shapes: Sequence[int]):
-    """``broadcast_shape``, or under torch.compile (FlexAttention's mask_mod is traced) torch's own,
-    which the compiler understands (sympy is loaded there anyway)."""
-    import torch
-
-    if torch.compiler.is_compiling():
-        return torch.broadcast_shapes(*shapes)
-    return broadcast_shape(*shapes)

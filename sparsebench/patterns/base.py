@@ -28,7 +28,7 @@ import torch
 
 from sparsebench.errors import PatternError
 from sparsebench.registry import Registry
-from sparsebench.shapes import broadcast_shape_traceable
+from sparsebench.shapes import broadcast_shape
 
 PATTERNS: Registry["Pattern"] = Registry("pattern", "sparsebench.patterns")
 # Mask elements built per band of rows by Pattern.mask (int64 temporaries: 8 bytes each).
@@ -164,7 +164,7 @@ class Pattern:
     def allowed(self, q: torch.Tensor, k: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
         """Bool tensor of broadcast(q, k) shape: may query q attend key k?"""
         m = self._allowed(q, k, n, causal)
-        shape = broadcast_shape_traceable(q.shape, k.shape)
+        shape = broadcast_shape(q.shape, k.shape)
         if m.shape != shape:
             m = m.expand(shape)
         return m & (k <= q) if causal else m
@@ -502,7 +502,7 @@ class Structure:
     parts: tuple
 
     def covers(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        m = torch.zeros(broadcast_shape_traceable(q.shape, k.shape), dtype=torch.bool, device=q.device)
+        m = torch.zeros(broadcast_shape(q.shape, k.shape), dtype=torch.bool, device=q.device)
         for part in self.parts:
             m |= part.covers(q, k)
         return m & (k <= q) if self.causal else m
