@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparsebench.backends import _plan
-from sparsebench.memory import freed_memory_reused
+from sparsebench.backends.block_sparse import plan as _plan
+from sparsebench.measure.memory import freed_memory_reused
 from sparsebench.patterns.base import Table
 
 N, H, D, R = 16384, 8, 64, 65

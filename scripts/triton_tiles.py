@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparsebench.backends import _triton
+from sparsebench.backends.block_sparse import triton as _triton
 from sparsebench.patterns.base import PATTERNS
 
 

@@ -1,3 +1,3 @@
-from sparsebench.cli import main
+from sparsebench.cli.app import main
 
 main()

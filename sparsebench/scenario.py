@@ -163,12 +163,12 @@ class Case:
     decode_tokens: int = 16
 
     def key(self) -> tuple:
-        from sparsebench.results import CASE_KEY
+        from sparsebench.results.folder import CASE_KEY
 
         return tuple(getattr(self, c) for c in CASE_KEY)
 
     def series(self) -> tuple:
-        from sparsebench.results import SERIES_KEY
+        from sparsebench.results.folder import SERIES_KEY
 
         return tuple(getattr(self, c) for c in SERIES_KEY)
 
@@ -204,7 +204,7 @@ MIN_BUDGET_BYTES = 1 << 20
 def parse_size(value: int | str) -> int:
     """'8GiB', '512MB', 1000000 -> bytes (the units of ``kvcache.parse_bytes``); ValueError with
     its message otherwise (pydantic reports it against the field)."""
-    from sparsebench.kvcache import parse_bytes
+    from sparsebench.kv.planner import parse_bytes
 
     if isinstance(value, float) and value.is_integer():  # YAML reads 1.5e10 as a float
         value = int(value)

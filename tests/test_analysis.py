@@ -16,8 +16,8 @@ from report_fixtures import (
     record,
     write_result,
 )
-from sparsebench.analysis import Fit, analyze, find_crossover, fit_power, fmt_bytes, fmt_time, t975
-from sparsebench.results import frame, load_frame
+from sparsebench.analysis.scaling import Fit, analyze, find_crossover, fit_power, fmt_bytes, fmt_time, t975
+from sparsebench.results.folder import frame, load_frame
 
 SW = "sliding_window(window=256)"
 
@@ -217,7 +217,7 @@ def test_formatters():
 def test_crossover_ignores_a_faster_then_slower_blip():
     import pandas as pd
 
-    from sparsebench.analysis import find_crossover
+    from sparsebench.analysis.scaling import find_crossover
 
     base = pd.DataFrame({"seq_len": [512, 1024, 2048, 4096], "time_median_s": [1.0, 2.0, 4.0, 8.0],
                          "status": ["ok"] * 4})

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from sparsebench.backends import _plan
+from sparsebench.backends.block_sparse import plan as _plan
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
 from sparsebench.backends.block_sparse import attention_fn
 from sparsebench.patterns.base import PATTERNS, _layout
@@ -196,7 +196,7 @@ def test_low_precision(dtype, tol, name, params):
 
 def test_plain_torch_path_matches_the_fused_one(monkeypatch):
     """The path CUDA (and any device without the CPU flash kernel) takes, forward and backward."""
-    from sparsebench.backends import _attend
+    from sparsebench.backends.block_sparse import attend as _attend
 
     pat = PATTERNS.get("longformer").from_params({"window": 12, "global_tokens": [0, 40]})
     n = 97
@@ -213,7 +213,7 @@ def test_plain_torch_path_matches_the_fused_one(monkeypatch):
 def test_plain_torch_path_by_pieces_of_rows(monkeypatch, name, params, causal):
     """Calls whose score matrix exceeds MATH_ELEMS run by pieces of query rows (a causal piece
     sees only the keys before its end): forward and backward unchanged."""
-    from sparsebench.backends import _attend
+    from sparsebench.backends.block_sparse import attend as _attend
 
     monkeypatch.setattr(_attend, "flash_ok", lambda t: False)
     monkeypatch.setattr(_attend, "MATH_ELEMS", 6 * 97 * 10)  # about 10 rows per piece
@@ -236,7 +236,7 @@ def test_plain_torch_path_by_pieces_of_rows(monkeypatch, name, params, causal):
 def test_plain_torch_path_in_low_precision(monkeypatch, dtype, tol):
     """CUDA's plain-PyTorch path for bf16 / fp16 (operands multiplied as they are, fp32 scores),
     taken here on the CPU: forward and backward against dense attention in float64."""
-    from sparsebench.backends import _attend
+    from sparsebench.backends.block_sparse import attend as _attend
 
     monkeypatch.setattr(_attend, "flash_ok", lambda t: False)
     monkeypatch.setattr(_attend, "_tensor_cores", lambda t: t.dtype in (torch.bfloat16, torch.float16))
@@ -300,7 +300,7 @@ def test_native_kernels_build_where_a_compiler_is():
     import os
     import shutil
 
-    from sparsebench.backends import _native
+    from sparsebench.backends.block_sparse import native as _native
 
     if os.environ.get("SPARSEBENCH_NATIVE", "1") == "0" or not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("no C++ compiler here, or SPARSEBENCH_NATIVE=0")
@@ -312,7 +312,7 @@ def test_native_kernels_build_where_a_compiler_is():
 def _native_or_skip():
     import os
 
-    from sparsebench.backends import _native
+    from sparsebench.backends.block_sparse import native as _native
 
     if not _native.built() and os.environ.get("SPARSEBENCH_NATIVE_TESTS") != "1":
         pytest.skip("native kernels not built yet (set SPARSEBENCH_NATIVE_TESTS=1 to build them here)")
@@ -565,7 +565,7 @@ def test_big_column_masks_are_kept_as_ranges(monkeypatch, native):
     """Key columns against many rows (fixed's summary columns) would keep an n x columns mask,
     growing like n^2; where each row is one key range it is kept as the ranges, which the native
     kernel reads and the ATen path turns back into booleans, forward and backward."""
-    from sparsebench.backends._attend import RangeMask
+    from sparsebench.backends.block_sparse.attend import RangeMask
 
     pat = PATTERNS.get("fixed").from_params({"stride": 64, "summary": 4})
     n = 2048
@@ -583,12 +583,12 @@ def test_big_column_masks_are_kept_as_ranges(monkeypatch, native):
 
 
 def test_a_missing_kernel_source_is_a_broken_install_not_a_failed_build(monkeypatch, tmp_path):
-    """Without csrc/native.cpp the kernels are off for this process with the reason, and no
+    """Without native/native.cpp the kernels are off for this process with the reason, and no
     BUILD_FAILED marker is left in the shared extension cache (a reinstall must bring them back)."""
     import os
     import shutil
 
-    from sparsebench.backends import _native
+    from sparsebench.backends.block_sparse import native as _native
 
     if not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("no C++ compiler: the source is never looked for")

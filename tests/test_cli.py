@@ -12,7 +12,7 @@ import sys
 import pandas as pd
 from typer.testing import CliRunner
 
-from sparsebench.cli import app
+from sparsebench.cli.app import app
 
 TINY = """\
 name: tiny
@@ -65,7 +65,7 @@ def test_run_writes_a_complete_result_folder(tmp_path):
 
 
 def test_run_says_when_its_first_case_builds_the_native_kernels(tmp_path, monkeypatch):
-    from sparsebench.backends import _native
+    from sparsebench.backends.block_sparse import native as _native
 
     scen = tmp_path / "tiny.yaml"
     scen.write_text(TINY.replace("seq_lens: [96, 160]", "seq_lens: [96]").replace("[sdpa, naive, block_sparse]", "[sdpa]"))
@@ -145,14 +145,14 @@ def test_env(monkeypatch):
     expected = None if importlib.util.find_spec("triton") is None else importlib.metadata.version("triton")
     assert info["triton"] == expected
     # how timed CPU calls allocate: caching unless switched off (or no native extension)
-    from sparsebench.backends import _native
-    from sparsebench.environment import CACHING
+    from sparsebench.backends.block_sparse import native as _native
+    from sparsebench.measure.environment import CACHING
 
     assert info["cpu_allocator"] == (CACHING if _native.enabled() else "system")
 
 
 def test_help_does_not_import_heavy_modules():
-    code = ("import sys; from sparsebench.cli import app; from typer.testing import CliRunner; "
+    code = ("import sys; from sparsebench.cli.app import app; from typer.testing import CliRunner; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "print(','.join(m for m in ('torch', 'pandas', 'matplotlib', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

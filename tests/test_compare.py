@@ -13,8 +13,8 @@ import typer
 from typer.testing import CliRunner
 
 from report_fixtures import ENV, make_records, record, write_result
-from sparsebench.cli_report import register
-from sparsebench.compare import (
+from sparsebench.cli.report import register
+from sparsebench.analysis.compare import (
     compare,
     compare_by,
     fig_ratio,
@@ -23,7 +23,7 @@ from sparsebench.compare import (
     parse_threshold,
 )
 from sparsebench.errors import ResultsError, ScenarioError
-from sparsebench.results import frame
+from sparsebench.results.folder import frame
 
 SW = "sliding_window(window=256)"
 

@@ -98,7 +98,8 @@ def test_block_sparse_backward_matches_dense_under_the_mask(name, params, dtype)
 def test_block_sparse_by_pieces_of_rows(monkeypatch, name, params, dtype):
     """Calls larger than MATH_ELEMS run by pieces of query rows, forward and backward (the
     plain PyTorch path of block_sparse, without Triton)."""
-    from sparsebench.backends import _attend, block_sparse
+    from sparsebench.backends import block_sparse
+    from sparsebench.backends.block_sparse import attend as _attend
 
     monkeypatch.setattr(block_sparse, "TRITON", False)
     monkeypatch.setattr(_attend, "MATH_ELEMS", 2 * N * 16)
@@ -106,7 +107,7 @@ def test_block_sparse_by_pieces_of_rows(monkeypatch, name, params, dtype):
 
 
 def test_block_sparse_runs_the_triton_kernels_on_cuda():
-    from sparsebench.backends import _triton
+    from sparsebench.backends.block_sparse import triton as _triton
 
     fn = BACKENDS.get("block_sparse")().prepare(problem("sliding_window", {"window": 40}, torch.bfloat16)[1])
     assert isinstance(fn.plan, _triton.TilePlan)
@@ -128,7 +129,7 @@ def test_block_sparse_tiles_of_128_large_heads(name, params, d, dtype):
 def test_block_sparse_residue_parts(monkeypatch, name, params, causal, dtype):
     """Residue bands as parts of their own, reordered by residue class and merged with the rest
     through the log-sum-exps, forward and backward."""
-    from sparsebench.backends import _triton
+    from sparsebench.backends.block_sparse import triton as _triton
 
     monkeypatch.setattr(_triton, "PARTS", "always")
     pat, p = problem(name, params, dtype, causal, mode="backward", n=1000)
@@ -164,8 +165,8 @@ def test_scenario_on_cuda_end_to_end(tmp_path):
     peak memory, a checked output and, in backward mode, checked gradients."""
     from typer.testing import CliRunner
 
-    from sparsebench.cli import app
-    from sparsebench.results import read_records
+    from sparsebench.cli.app import app
+    from sparsebench.results.folder import read_records
 
     path = tmp_path / "s.yaml"
     path.write_text(

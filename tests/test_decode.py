@@ -1,4 +1,4 @@
-"""Decode mode (sparsebench.decode): every generated token equals the row of full masked
+"""Decode mode (sparsebench.measure.decode): every generated token equals the row of full masked
 attention, ring caches stay bounded, and the record has what the runner needs."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsebench.decode import Decoder, DenseCache, RingCache, measure_decode
+from sparsebench.measure.decode import Decoder, DenseCache, RingCache, measure_decode
 from sparsebench.errors import ScenarioError
-from sparsebench.kvcache import make_pattern
+from sparsebench.kv.planner import make_pattern
 
 
 

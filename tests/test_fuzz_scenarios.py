@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from sparsebench import scenario as sc_mod
-from sparsebench.cli import app
+from sparsebench.cli.app import app
 from sparsebench.errors import ScenarioError
 
 GOOD = {

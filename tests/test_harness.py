@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from sparsebench import harness
+from sparsebench.measure import harness
 from sparsebench.backends.base import BACKENDS, Backend
 from sparsebench.scenario import Case
 
@@ -51,7 +51,7 @@ def test_a_failing_warm_up_does_not_fail_the_case(monkeypatch):
     """harness.warm_process is best effort: whatever goes wrong there, the case still runs."""
     import torch
 
-    from sparsebench.worker import execute
+    from sparsebench.measure.worker import execute
 
     def broken():
         raise RuntimeError("warm-up broke")

@@ -1,4 +1,4 @@
-"""KV-cache accounting (sparsebench.kvcache) and the ``sparsebench kv`` command."""
+"""KV-cache accounting (sparsebench.kv.planner) and the ``sparsebench kv`` command."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from sparsebench import kvcache
-from sparsebench.cli_kv import register
+from sparsebench.kv import planner as kvcache
+from sparsebench.cli.kv import register
 from sparsebench.errors import ScenarioError
-from sparsebench.kvcache import (
+from sparsebench.kv.planner import (
     ModelSpec,
     dtype_bytes,
     kv_bytes,
@@ -370,6 +370,6 @@ def test_cli_errors_one_line_exit_2(args, message):
 
 
 def test_cli_kv_module_does_not_import_torch():
-    code = "import sys, sparsebench.cli_kv, sparsebench.kvcache; print('torch' in sys.modules)"
+    code = "import sys, sparsebench.cli.kv, sparsebench.kv.planner; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from sparsebench.scenario import Case
-from sparsebench.worker import Worker
+from sparsebench.measure.worker import Worker
 
 MiB = 2**20
 
@@ -46,7 +46,7 @@ def test_the_masked_backends_estimates_hold_their_measured_peaks(backend, patter
     """--max-memory and limits.memory skip cases by the estimate: the masked backends' estimates
     (score matrices, the mask and its build) must not be far below what the case really takes."""
     from sparsebench.backends.base import BACKENDS
-    from sparsebench.harness import make_problem
+    from sparsebench.measure.harness import make_problem
 
     c = case(backend, pattern, params, n=2048)
     est = BACKENDS.get(backend)().estimate_bytes(make_problem(c))
@@ -68,7 +68,7 @@ def test_a_compiled_backends_first_call_scratch_is_not_its_peak(monkeypatch, com
     benchmark allocates) counts for a compiled backend's compile_s, not its peak memory."""
     import torch
 
-    from sparsebench import harness
+    from sparsebench.measure import harness
     from sparsebench.backends.base import BACKENDS, Backend
 
     class FirstCallScratch(Backend):
@@ -98,8 +98,8 @@ def test_a_compiled_backends_first_call_scratch_is_not_its_peak(monkeypatch, com
 _REUSE = """
 import json, os, resource
 import torch
-from sparsebench.backends import _native
-from sparsebench.memory import freed_memory_reused
+from sparsebench.backends.block_sparse import native as _native
+from sparsebench.measure.memory import freed_memory_reused
 
 MiB = 2**20
 if _native.kernel() is None:
@@ -164,8 +164,8 @@ def test_a_case_reuses_a_freed_output_instead_of_faulting_it_in_again():
 _KEPT_BLOCKS = """
 import json, resource
 import torch
-from sparsebench.backends import _native
-from sparsebench.memory import PeakMemory, freed_memory_reused
+from sparsebench.backends.block_sparse import native as _native
+from sparsebench.measure.memory import PeakMemory, freed_memory_reused
 
 MiB = 2**20
 if _native.kernel() is None:
@@ -207,8 +207,8 @@ def test_onednn_buffers_are_freed_through_the_caching_allocator(monkeypatch, dty
     import torch
     import torch.nn.functional as F
 
-    from sparsebench.backends import _native
-    from sparsebench.memory import freed_memory_reused
+    from sparsebench.backends.block_sparse import native as _native
+    from sparsebench.measure.memory import freed_memory_reused
 
     if _native.kernel() is None:
         pytest.skip(f"the native extension is not available here: {_native.why_not()}")
@@ -235,7 +235,7 @@ def test_masks_and_plans_do_not_import_sympy():
         "import sys, torch\n"
         "from sparsebench.patterns.base import PATTERNS\n"
         "from sparsebench.backends.block_sparse import attention_fn\n"
-        "from sparsebench.backends import _plan\n"
+        "from sparsebench.backends.block_sparse import plan as _plan\n"
         "for name, params in [('sliding_window', {'window': 16}), ('random', {'keys': 4}), ('longformer', {'window': 8, 'global_tokens': [0]})]:\n"
         "    pat = PATTERNS.get(name)(**params)\n"
         "    pat.mask(64, True)\n"

@@ -1,4 +1,4 @@
-"""Each pattern against its formula (../shared/design.md), written independently here as
+"""Each pattern against its formula (the README's pattern table), written independently here as
 plain Python on (i, j); analytic counts against counted ones; layouts against the mask."""
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ import typer
 from typer.testing import CliRunner
 
 from report_fixtures import SIZES, make_records, record, write_result
-from sparsebench import plots
-from sparsebench.analysis import analyze, fit_power
-from sparsebench.cli_report import register
-from sparsebench.html_report import write_report
-from sparsebench.results import load_frame
+from sparsebench.render import plots
+from sparsebench.analysis.scaling import analyze, fit_power
+from sparsebench.cli.report import register
+from sparsebench.render.html import write_report
+from sparsebench.results.folder import load_frame
 
 SW = "sliding_window(window=256)"
 

@@ -16,11 +16,11 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from sparsebench import results
-from sparsebench.cli import app
+from sparsebench.results import folder as results
+from sparsebench.cli.app import app
 from sparsebench.errors import ResultsError
 from sparsebench.scenario import Case
-from sparsebench.worker import Worker
+from sparsebench.measure.worker import Worker
 
 SLOW = """\
 name: slow
@@ -202,7 +202,7 @@ def test_plugin_only_with_explicit_flag(tmp_path):
     scen.write_text("name: p\nseq_lens: [64]\npatterns: [{name: my_diagonal}]\nbackends: [block_sparse]\n")
     res = CliRunner().invoke(app, ["validate", str(scen)])
     assert res.exit_code == 2 and "unknown pattern 'my_diagonal'" in res.output
-    code = ("from sparsebench.cli import app; from typer.testing import CliRunner; import sys; "
+    code = ("from sparsebench.cli.app import app; from typer.testing import CliRunner; import sys; "
             f"r = CliRunner().invoke(app, ['run', {str(scen)!r}, '--plugin', {str(plugin)!r}, '--output', "
             f"{str(tmp_path / 'out')!r}, '--no-plots']); print(r.output); sys.exit(r.exit_code)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -9,8 +9,8 @@ import statistics
 import pandas as pd
 from typer.testing import CliRunner
 
-from sparsebench.cli import app
-from sparsebench.results import merge_rounds
+from sparsebench.cli.app import app
+from sparsebench.results.folder import merge_rounds
 
 TINY = """\
 name: tiny-rounds

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sparsebench import scenario as sc_mod
-from sparsebench.cli import app
+from sparsebench.cli.app import app
 from sparsebench.errors import ScenarioError
 
 GOOD = """\

@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_cuda import CASES
 
-from sparsebench.backends import _triton
+from sparsebench.backends.block_sparse import triton as _triton
 from sparsebench.patterns.base import PATTERNS, Band, Pattern, Structure
 
 N = 300

@@ -1,7 +1,7 @@
 """What every attention pattern is: a frozen set of parameters plus four questions.
 
 * ``allowed(q, k, n, causal)``: which (query, key) pairs may attend, elementwise on broadcast
-  index tensors (the exact semantics of ../shared/design.md; causality is applied here, once).
+  index tensors (the semantics the README's pattern table states; causality is applied here, once).
 * ``key_intervals(n, block, causal)``: a cheap *superset* of the keys each query block may
   touch, as inclusive key ranges. From it ``block_layout`` finds the non-empty blocks by
   evaluating ``allowed`` on those tiles only, so building a layout costs time and memory in

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from sparsebench.backends import _plan
+from sparsebench.backends.block_sparse import plan as _plan
 from sparsebench.backends.base import BACKENDS, Backend, Problem
 
 
@@ -40,7 +40,7 @@ def _use_triton(p: Problem) -> bool:
     dtype and batch * heads they take)."""
     if not (TRITON and p.device.type == "cuda"):
         return False
-    from sparsebench.backends import _triton
+    from sparsebench.backends.block_sparse import triton as _triton
 
     return _triton.unavailable(p.device) is None and _triton.supports(p.head_dim, p.dtype, p.batch * p.heads)
 
@@ -87,7 +87,7 @@ class BlockSparse(Backend):
 
     def prepare(self, p: Problem):
         if _use_triton(p):
-            from sparsebench.backends import _triton
+            from sparsebench.backends.block_sparse import triton as _triton
 
             return _triton.attention_fn(_triton.build(p.pattern, p.seq_len, p.causal, p.head_dim, p.device, p.block))
         plan = _plan.build(
@@ -111,7 +111,7 @@ class BlockSparse(Backend):
         chunk."""
         rows = p.batch * p.heads * p.seq_len
         if _use_triton(p):
-            from sparsebench.backends import _triton
+            from sparsebench.backends.block_sparse import triton as _triton
 
             extra = rows * 4
             if _triton.residue_bands(p.pattern.structure(p.seq_len, p.causal)):

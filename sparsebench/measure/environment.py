@@ -85,8 +85,8 @@ def collect() -> dict[str, Any]:
             info[mod] = __import__(mod).__version__
         except Exception:
             info[mod] = None
-    from sparsebench import memory
-    from sparsebench.backends import _native
+    from sparsebench.measure import memory
+    from sparsebench.backends.block_sparse import native as _native
 
     # CPU cases: freed blocks kept for the next request (memory.freed_memory_reused), or not
     reuse = memory.allocator_policy() == "reuse" and _native.enabled()

@@ -30,7 +30,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 def execute(case: Case) -> dict[str, Any]:
     """Run one case here; never raises for a case failure (returns status/reason instead)."""
-    from sparsebench import harness
+    from sparsebench.measure import harness
 
     harness.warm_process()
     try:
@@ -46,7 +46,8 @@ def execute(case: Case) -> dict[str, Any]:
 
 def _serve(conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides on Ctrl-C
-    from sparsebench import harness, plugins  # noqa: F401 - import torch before the first case
+    from sparsebench import plugins
+    from sparsebench.measure import harness  # noqa: F401 - import torch before the first case
 
     plugins.load_from_env()
     conn.send(READY)

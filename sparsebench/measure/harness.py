@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
-from sparsebench.memory import PeakMemory, freed_memory_reused
+from sparsebench.measure.memory import PeakMemory, freed_memory_reused
 from sparsebench.patterns.base import PATTERNS
 from sparsebench.scenario import Case
 
@@ -109,7 +109,7 @@ def warm_process() -> None:
 def _warm() -> None:
     import torch.nn.functional as F
 
-    from sparsebench.backends import _native
+    from sparsebench.backends.block_sparse import native as _native
 
     q = torch.ones(1, 2, 64, 16)  # not randn: the global random state stays as it was
     mask = torch.ones(64, 64, dtype=torch.bool).tril()
@@ -118,7 +118,7 @@ def _warm() -> None:
         F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     if _native.enabled() and _native.built() and _native.kernel() is not None:
         # the kernels' own first use: their OpenMP threads, and the caching allocator installed
-        from sparsebench.backends import _plan
+        from sparsebench.backends.block_sparse import plan as _plan
         from sparsebench.backends.block_sparse import attention_fn
 
         plan = _plan.build(PATTERNS.get("sliding_window")(window=16), 64, True, groups=2, head_dim=32,
@@ -297,7 +297,7 @@ def judge(fields: dict[str, Any], dtype: str) -> dict[str, Any]:
 
 
 def run_decode_case(case: Case) -> dict[str, Any]:
-    from sparsebench.decode import measure_decode
+    from sparsebench.measure.decode import measure_decode
 
     p = make_problem(case)
     with PeakMemory(p.device) as pm:

@@ -45,7 +45,7 @@ def freed_memory_reused(device) -> Iterator[bool]:
 
     mod = None
     if _cache is None and torch.device(device).type == "cpu" and allocator_policy() == "reuse":
-        from sparsebench.backends import _native
+        from sparsebench.backends.block_sparse import native as _native
 
         mod = _native.kernel()
     if mod is not None:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
-from sparsebench.results import BASELINE_BACKEND, BASELINE_PATTERN, CASE_KEY, SERIES_KEY
+from sparsebench.results.folder import BASELINE_BACKEND, BASELINE_PATTERN, CASE_KEY, SERIES_KEY
 
 # Statuses that end a series: the largest n that ran is the one just below the first of these.
 FAILURES = ("oom", "timeout", "crashed", "error")
@@ -549,7 +549,7 @@ def find_crossover(ok, base) -> Crossover:
 
 def ensure_derived(df):
     if "speedup" not in df.columns:
-        from sparsebench.results import add_derived
+        from sparsebench.results.folder import add_derived
 
         df = add_derived(df)
     return df

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from sparsebench.analysis import (
+from sparsebench.analysis.scaling import (
     TableSpec,
     case_label,
     dim_text,
@@ -33,7 +33,7 @@ from sparsebench.analysis import (
 )
 from sparsebench.errors import ResultsError, ScenarioError
 from sparsebench.registry import unknown_choice
-from sparsebench.results import CASE_KEY, ENVIRONMENT
+from sparsebench.results.folder import CASE_KEY, ENVIRONMENT
 
 METRICS = {"median": "time_median_s", "min": "time_min_s"}
 FORMATS = ("table", "markdown", "json", "csv")
@@ -385,7 +385,7 @@ def compare(base_df, new_df, threshold: float = 0.10, metric: str = "median", ba
 
 
 def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str = "median", warn=None) -> Comparison:
-    from sparsebench.results import load_frame
+    from sparsebench.results.folder import load_frame
 
     base, new = Path(base), Path(new)
     if base.resolve() == new.resolve() and warn is not None:
@@ -644,8 +644,8 @@ def fig_ratio(cmp: Comparison, styles=None):
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from sparsebench.analysis import is_baseline_key
-    from sparsebench.plots import finish_axes, outside_legend, wrap_label, styles_for
+    from sparsebench.analysis.scaling import is_baseline_key
+    from sparsebench.render.plots import finish_axes, outside_legend, wrap_label, styles_for
 
     df = pd.DataFrame([{**dict(zip(CASE_KEY, r.key)), "ratio": r.ratio, "verdict": r.verdict} for r in rows])
     styles = styles or styles_for(df)

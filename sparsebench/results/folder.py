@@ -183,7 +183,7 @@ def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         merged = {k: v for k, v in (bad[0] if bad else recs[0]).items() if k != "round"}
         merged["rounds"] = len(recs)
         if not bad:
-            from sparsebench.harness import Measurement
+            from sparsebench.measure.harness import Measurement
 
             meds = [r["time_median_s"] for r in recs]
             every = Measurement(tuple(t for r in recs for t in (r.get("times_s") or [])))

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.backends import _attend, _native
-from sparsebench.backends._attend import Mask, RangeMask
+from sparsebench.backends.block_sparse import attend as _attend, native as _native
+from sparsebench.backends.block_sparse.attend import Mask, RangeMask
 from sparsebench.patterns.base import (
     Band,
     BlockBand,

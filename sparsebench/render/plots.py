@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sparsebench.analysis import (
+from sparsebench.analysis.scaling import (
     SHAPE_KEY,
     Analysis,
     iter_groups,
@@ -33,7 +33,7 @@ from sparsebench.analysis import (
     fit_power,
     is_baseline_key,
 )
-from sparsebench.results import BASELINE_PATTERN, SERIES_KEY
+from sparsebench.results.folder import BASELINE_PATTERN, SERIES_KEY
 
 FIGURES = ("time_vs_seqlen", "memory_vs_seqlen", "speedup_vs_seqlen", "kv_cache_vs_seqlen", "masks")
 # Figures drawn only when the frame holds decode records.

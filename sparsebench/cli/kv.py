@@ -29,7 +29,7 @@ def parse_param(text: str) -> tuple[str, Any]:
 
 
 def _model(name: str | None, path: Path | None):
-    from sparsebench import kvcache
+    from sparsebench.kv import planner as kvcache
 
     if (name is None) == (path is None):
         raise ScenarioError(
@@ -92,13 +92,13 @@ def register(app: typer.Typer) -> None:
 
 
 def _preset_names() -> tuple[str, ...]:
-    from sparsebench.kvcache import PRESETS
+    from sparsebench.kv.planner import PRESETS
 
     return PRESETS
 
 
 def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budget, page, as_json) -> None:
-    from sparsebench import kvcache
+    from sparsebench.kv import planner as kvcache
 
     spec = _model(model_name, model_file)
     n = kvcache.parse_tokens(context)

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sparsebench.analysis import Analysis, fmt_bytes, fmt_pct, fmt_ratio, fmt_time
-from sparsebench.results import ENVIRONMENT, META, atomic_write
+from sparsebench.analysis.scaling import Analysis, fmt_bytes, fmt_pct, fmt_ratio, fmt_time
+from sparsebench.results.folder import ENVIRONMENT, META, atomic_write
 
 REPORT = "report.html"
 
@@ -57,7 +57,7 @@ def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[
     """Write ``folder/report.html`` and return its path."""
     folder = Path(folder)
     if analysis is None:
-        from sparsebench.analysis import analyze
+        from sparsebench.analysis.scaling import analyze
 
         analysis = analyze(df)
     env = _read_json(folder / ENVIRONMENT)

@@ -103,8 +103,10 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sparsebench import report, runner, scenario as sc_mod
-    from sparsebench.results import merge_rounds
+    from sparsebench import scenario as sc_mod
+    from sparsebench.render import summary as report
+    from sparsebench.measure import runner
+    from sparsebench.results.folder import merge_rounds
     from sparsebench.errors import ScenarioError
 
     if resume is not None:
@@ -136,7 +138,7 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     if not plan.cases:
         raise ScenarioError(f"{source}: no case can run here (every device is absent)")
     if any(c.device == "cpu" for c in plan.cases):
-        from sparsebench.backends import _native
+        from sparsebench.backends.block_sparse import native as _native
 
         if _native.enabled() and not _native.built():
             out.print("[dim]First run here: the first case builds the native CPU kernels (once, about a minute).[/]")
@@ -182,7 +184,7 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
 
 
 def _read(folder):
-    from sparsebench.results import read_records
+    from sparsebench.results.folder import read_records
 
     try:
         return read_records(folder)
@@ -336,7 +338,7 @@ def show(
 def env(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Versions, CPU, threads, GPU and whether torch.compile has a compiler here."""
     with guarded():
-        from sparsebench.environment import collect
+        from sparsebench.measure.environment import collect
 
         info = collect()
         if as_json:
@@ -354,7 +356,7 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> No
 
 
 def _register_optional() -> None:
-    for mod in ("sparsebench.cli_report", "sparsebench.cli_kv"):
+    for mod in ("sparsebench.cli.report", "sparsebench.cli.kv"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ImportError:  # pragma: no cover

@@ -8,7 +8,7 @@
   (rows copied once, into the packed tiles). Given the plan's log-sum-exps of the rows, a call
   merges into what earlier calls wrote (no output chunk, no merge pass in PyTorch).
 * ``cache_cpu_allocations``: a caching CPU allocator, on during a case (see
-  ``sparsebench.memory.freed_memory_reused``).
+  ``sparsebench.measure.memory.freed_memory_reused``).
 * ``table_forward`` / ``table_backward``: per-query key tables (random attention), each query's R
   keys read in place. Gathering R rows per query (R = 64: 4 GiB at n = 16384, 8 heads) is slower
   than dense attention in PyTorch; reading the rows where they lie costs a fraction of that.
@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 
 # The C++ source: built on first use (load_inline; the build is cached by source and name).
-_SOURCE_PATH = Path(__file__).with_name("csrc") / "native.cpp"
+_SOURCE_PATH = Path(__file__).with_name("native.cpp")
 
 _VERSION = 14
 _lock = threading.Lock()

@@ -49,7 +49,7 @@ def row_cells(r: dict[str, Any]) -> list[str]:
 
 def with_speedup(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records plus the derived speedup column (records themselves stay as measured)."""
-    from sparsebench.results import frame
+    from sparsebench.results.folder import frame
 
     records = list(records)
     if not records:
@@ -122,7 +122,7 @@ def finalize(folder: Path, records: list[dict[str, Any]], *, plots: bool = True,
              warn: Callable[[str], None] | None = None, renderables: list | None = None) -> list[Path]:
     """Write results.csv, summary.md, and (when asked) plots/ and report.html. A failure in an
     optional report is a warning: the records are already safe on disk."""
-    from sparsebench import results
+    from sparsebench.results import folder as results
 
     folder = Path(folder)
     written: list[Path] = []
@@ -135,7 +135,7 @@ def finalize(folder: Path, records: list[dict[str, Any]], *, plots: bool = True,
     analysis = None
     analysis_md = ""
     try:
-        from sparsebench.analysis import analyze
+        from sparsebench.analysis.scaling import analyze
 
         analysis = analyze(df)
         analysis_md = analysis.to_markdown()
@@ -149,7 +149,7 @@ def finalize(folder: Path, records: list[dict[str, Any]], *, plots: bool = True,
     figures: list[Path] = []
     if plots:
         try:
-            from sparsebench.plots import render_all
+            from sparsebench.render.plots import render_all
 
             figures = render_all(folder, df, analysis=analysis)
             written += figures
@@ -157,7 +157,7 @@ def finalize(folder: Path, records: list[dict[str, Any]], *, plots: bool = True,
             if warn:
                 warn(f"plots skipped: {type(exc).__name__}: {exc}")
     try:
-        from sparsebench.html_report import write_report
+        from sparsebench.render.html import write_report
 
         written.append(write_report(folder, df, analysis, figures))
     except Exception as exc:  # noqa: BLE001

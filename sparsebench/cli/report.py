@@ -27,10 +27,10 @@ def plot(
 ) -> None:
     """Re-render the figures (into RESULT_DIR/plots) and report.html from the records."""
     try:
-        from sparsebench.analysis import analyze
-        from sparsebench.html_report import write_report
-        from sparsebench.plots import render_all
-        from sparsebench.results import load_frame
+        from sparsebench.analysis.scaling import analyze
+        from sparsebench.render.html import write_report
+        from sparsebench.render.plots import render_all
+        from sparsebench.results.folder import load_frame
 
         fmts = _plot_formats(formats)
         df = load_frame(result_dir, warn=_warn)
@@ -66,7 +66,7 @@ def compare(
 ) -> None:
     """Compare two result folders case by case (BASE NEW), or one along a dimension (BASE --by DIM)."""
     try:
-        from sparsebench import compare as cmp_mod
+        from sparsebench.analysis import compare as cmp_mod
 
         cmp_mod.check_choice("format", fmt, cmp_mod.FORMATS)
         cmp_mod.check_choice("metric", metric, tuple(cmp_mod.METRICS))
@@ -78,7 +78,7 @@ def compare(
         if by is not None:
             if fail_on_regression or plot_path is not None:
                 raise ScenarioError("--fail-on-regression and --plot need two result folders (BASE NEW)")
-            from sparsebench.results import load_frame
+            from sparsebench.results.folder import load_frame
 
             result = cmp_mod.compare_by(load_frame(base, warn=_warn), by=by, metric=metric)
         else:
@@ -103,7 +103,7 @@ def _emit(result, fmt: str, output: Optional[Path]) -> None:
         for w in getattr(result, "warnings", ()):
             _warn(w)
     if output is not None:
-        from sparsebench.results import atomic_write
+        from sparsebench.results.folder import atomic_write
 
         atomic_write(output, result.render(fmt))
         _err().print(f"wrote {output}")
@@ -116,8 +116,8 @@ def _emit(result, fmt: str, output: Optional[Path]) -> None:
 
 
 def _write_ratio_plot(result, path: Path) -> None:
-    from sparsebench.compare import fig_ratio
-    from sparsebench.plots import save
+    from sparsebench.analysis.compare import fig_ratio
+    from sparsebench.render.plots import save
 
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in PLOT_FORMATS:

@@ -45,7 +45,7 @@ class _Static:
         self._nnz: dict[tuple, int] = {}
 
     def fields(self, case: Case) -> dict[str, Any]:
-        from sparsebench.harness import make_problem
+        from sparsebench.measure.harness import make_problem
         from sparsebench.backends.base import BACKENDS
 
         p = make_problem(case)
@@ -61,7 +61,7 @@ class _Static:
         if case.mode == "decode":
             out.update(nnz=None, density=None, flops=None, est_mem_bytes=out["kv_cache_bytes"] + p.io_bytes // case.seq_len * 4)
         else:
-            from sparsebench.harness import flops
+            from sparsebench.measure.harness import flops
 
             backend = BACKENDS.get(case.backend)()
             out.update(
@@ -78,8 +78,8 @@ def _precheck(case: Case, static: dict[str, Any]) -> str | None:
     import torch
 
     from sparsebench.backends.base import BACKENDS
-    from sparsebench.harness import make_problem
-    from sparsebench.memory import available_bytes
+    from sparsebench.measure.harness import make_problem
+    from sparsebench.measure.memory import available_bytes
 
     if case.mode != "decode":
         backend = BACKENDS.get(case.backend)
@@ -89,7 +89,7 @@ def _precheck(case: Case, static: dict[str, Any]) -> str | None:
         why = backend().unsupported(make_problem(case))
         if why:
             return why
-    from sparsebench.kvcache import format_bytes
+    from sparsebench.kv.planner import format_bytes
 
     est = static.get("est_mem_bytes") or 0
     if case.memory_budget and est > case.memory_budget:
@@ -112,8 +112,9 @@ def run(
     warn: Callable[[str], None] | None = None,
     finalize: Callable[[Path, list[dict[str, Any]]], None] | None = None,
 ) -> RunResult:
-    from sparsebench import environment, results
-    from sparsebench.worker import Worker, execute
+    from sparsebench.measure import environment
+    from sparsebench.results import folder as results
+    from sparsebench.measure.worker import Worker, execute
 
     folder = Path(folder)
     done: dict[tuple[str, int], dict[str, Any]] = {}
@@ -199,7 +200,7 @@ _NULL_TIMES = ("time_median_s", "time_iqr_s", "time_min_s", "times_s", "tflops",
 
 
 def _identity(case: Case) -> dict[str, Any]:
-    from sparsebench.results import SCHEMA_VERSION
+    from sparsebench.results.folder import SCHEMA_VERSION
 
     return {
         "schema_version": SCHEMA_VERSION,
@@ -224,6 +225,6 @@ def _identity(case: Case) -> dict[str, Any]:
 def _derive(rec: dict[str, Any]) -> None:
     for k in _NULL_TIMES:
         rec.setdefault(k, None)
-    from sparsebench.results import tflops
+    from sparsebench.results.folder import tflops
 
     rec["tflops"] = tflops(rec)

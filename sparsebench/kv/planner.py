@@ -162,7 +162,7 @@ def _from_hf_config(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _preset_files() -> dict[str, Any]:
-    root = resources.files("sparsebench.models")
+    root = resources.files("sparsebench.kv.presets")
     return {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
 
 

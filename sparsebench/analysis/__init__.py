@@ -1,0 +1,1 @@
+"""Analysis of measured records: scaling fits, crossovers, comparisons (data, no rendering)."""

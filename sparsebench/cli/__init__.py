@@ -1,0 +1,1 @@
+"""The command line: the app and its one error handler, and one module per group of commands."""

@@ -1,0 +1,1 @@
+"""The KV-cache planner and its model presets."""

@@ -1,0 +1,1 @@
+"""Rendering: tables, summary.md, report.html and the figures."""

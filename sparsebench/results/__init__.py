@@ -1,0 +1,1 @@
+"""Result folders: the record schema and the files of a run."""
