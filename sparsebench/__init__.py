@@ -14,7 +14,7 @@ __all__ = ["__version__", "attention"]
 
 
 def attention(q, k, v, pattern: str = "dense", backend: str = "block_sparse", causal: bool = True,
-              block: int = 64, **params):
+              tile: int = 64, **params):
     """Attention of q, k, v (batch, heads, n, head_dim) under a named pattern, computed by a
     named backend. Raises sparsebench.errors.SparsebenchError for bad names or parameters."""
     import torch
@@ -32,7 +32,7 @@ def attention(q, k, v, pattern: str = "dense", backend: str = "block_sparse", ca
     be = BACKENDS.get(backend)
     why = be.unavailable(q.device)
     p = Problem(pat, n, causal, q.shape[0], q.shape[1], q.shape[3], q.dtype, q.device,
-                mode="backward" if torch.is_grad_enabled() and q.requires_grad else "forward", block=block)
+                mode="backward" if torch.is_grad_enabled() and q.requires_grad else "forward", tile=tile)
     why = why or be().unsupported(p)
     if why:
         from sparsebench.errors import BackendUnavailable

@@ -1,4 +1,4 @@
-"""The one domain exception family. Library code raises these; only ``cli.py`` turns them
+"""The one domain exception family. Library code raises these; only the CLI (``sparsebench.cli``) turns them
 into an exit code and one line of text."""
 
 from __future__ import annotations

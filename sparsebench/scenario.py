@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from sparsebench.errors import PatternError, ScenarioError
 
@@ -98,11 +98,17 @@ class Scenario(_Model):
     min_time_s: float = Field(default=0.0, ge=0, le=3600)
     max_repeats: int = Field(default=50, ge=1, le=100000)
     rounds: int = Field(default=1, ge=1, le=20)
-    block: int = Field(default=64, ge=8, le=4096)
+    tile: int = Field(default=64, ge=8, le=4096)
     decode_tokens: int = Field(default=16, ge=1, le=100000)
     baseline: bool = True
     limits: Limits = Field(default_factory=Limits)
     check: Check = Field(default_factory=Check)
+    # one line per renamed key read under its old name (``parse`` fills it; the CLI prints it)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._warnings)
 
     @field_validator("seq_lens")
     @classmethod
@@ -150,7 +156,7 @@ class Case:
     head_dim: int
     seq_len: int
     causal: bool
-    block: int
+    tile: int
     warmup: int
     repeats: int
     min_time_s: float
@@ -195,6 +201,10 @@ class Plan:
 
 def builtin_path(name: str = BUILTIN) -> Path:
     return Path(__file__).parent / "scenarios" / f"{name}.yaml"
+
+
+# Top-level keys renamed since they were first read: old -> new (the old name works, with a warning).
+RENAMED_KEYS = {"block": "tile"}  # the block_sparse tile size; a pattern's own `block` is a param
 
 
 # A memory budget given as a plain number is bytes; below this it is surely a forgotten unit.
@@ -299,8 +309,19 @@ def parse(text: str, source: str) -> Scenario:
     if not isinstance(raw, dict):
         raise ScenarioError(f"{source}: a scenario is a YAML mapping (name:, seq_lens:, patterns:, ...), got {type(raw).__name__}")
     index = _line_index(text)
+    warnings = []
+    for old, new in RENAMED_KEYS.items():
+        if old in raw:
+            if new in raw:
+                raise _fail(source, index, (old,), f"is the old name of '{new}'; give '{new}' only")
+            line = _line_of(index, (old,))
+            warnings.append(f"{source}{f':{line}' if line else ''}: field '{old}' is now '{new}' "
+                            f"(read as {new}: {raw[old]!r}); rename it")
+            raw = {(new if k == old else k): v for k, v in raw.items()}
     try:
-        return Scenario.model_validate(raw)
+        sc = Scenario.model_validate(raw)
+        sc._warnings.extend(warnings)
+        return sc
     except ValidationError as exc:
         err = exc.errors()[0]
         path = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("list[int]", "SeqRange", "str", "list[...]"))))
@@ -399,9 +420,9 @@ def expand(sc: Scenario, source: str) -> Plan:
             except PatternError as exc:
                 raise _fail(source, index, ("patterns", i, "params"), f"{exc} (seq_lens holds {n})") from None
         patterns.append((spec.label or pat.label(), pat))
-    if "block_sparse" in sc.backends and sc.block > sc.lengths[0]:
-        raise _fail(source, index, ("block",),
-                    f"block {sc.block} is larger than the shortest sequence length {sc.lengths[0]}")
+    if "block_sparse" in sc.backends and sc.tile > sc.lengths[0]:
+        raise _fail(source, index, ("tile",),
+                    f"tile {sc.tile} is larger than the shortest sequence length {sc.lengths[0]}")
     labels = [lab for lab, _ in patterns]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -460,7 +481,7 @@ def expand(sc: Scenario, source: str) -> Plan:
                                 head_dim=sc.head_dim,
                                 seq_len=n,
                                 causal=sc.causal,
-                                block=sc.block,
+                                tile=sc.tile,
                                 warmup=sc.warmup,
                                 repeats=sc.repeats,
                                 min_time_s=sc.min_time_s,

@@ -71,7 +71,7 @@ def record(pattern: str, backend: str, n: int, t: float | None, *, status: str =
         "head_dim": HEAD_DIM,
         "seq_len": n,
         "causal": True,
-        "block": 64 if backend in ("block_sparse", "flex") else None,
+        "tile": 64 if backend in ("block_sparse", "flex") else None,
         "status": status,
         "reason": "" if ok else f"synthetic {status}",
         "time_median_s": t,

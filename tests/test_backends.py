@@ -44,7 +44,7 @@ def reference(pat, q, k, v, causal):
 def test_backend_matches_reference(backend, name, params, n, causal):
     pat = PATTERNS.get(name).from_params(params)
     be = BACKENDS.get(backend)()
-    p = Problem(pat, n, causal, 2, 3, 16, torch.float32, torch.device("cpu"), block=32)
+    p = Problem(pat, n, causal, 2, 3, 16, torch.float32, torch.device("cpu"), tile=32)
     why = be.unsupported(p)
     if why:
         assert backend == "sdpa" and name != "dense"
@@ -59,7 +59,7 @@ def test_backend_matches_reference(backend, name, params, n, causal):
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
 def test_block_sparse_low_precision(dtype, tol):
     pat = PATTERNS.get("longformer").from_params({"window": 16, "global_tokens": [0]})
-    p = Problem(pat, 200, True, 1, 2, 32, dtype, torch.device("cpu"), block=64)
+    p = Problem(pat, 200, True, 1, 2, 32, dtype, torch.device("cpu"), tile=64)
     q, k, v = qkv(200, 1, 2, 32, dtype)
     out = BACKENDS.get("block_sparse")().prepare(p)(q, k, v)
     assert out.dtype == dtype
@@ -70,7 +70,7 @@ def test_block_sparse_low_precision(dtype, tol):
 def test_backward_gradients_match(backend):
     n = 70
     pat = PATTERNS.get("sliding_window").from_params({"window": 12})
-    p = Problem(pat, n, True, 1, 2, 16, torch.float32, torch.device("cpu"), mode="backward", block=16)
+    p = Problem(pat, n, True, 1, 2, 16, torch.float32, torch.device("cpu"), mode="backward", tile=16)
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 2, 16))
     grad = torch.randn(1, 2, n, 16)
     BACKENDS.get(backend)().prepare(p)(q, k, v).backward(grad)
@@ -103,9 +103,18 @@ def test_flex_backward_on_cpu_is_skipped_with_its_reason():
     assert BACKENDS.get("flex")().unsupported(Problem(pat, 64, True, 1, 2, 16, torch.float32, torch.device("cpu"))) is None
 
 
+def test_api_keywords_that_are_not_api_options_go_to_the_pattern():
+    q, k, v = qkv(24, 1, 2, 16)
+    out = sparsebench.attention(q, k, v, pattern="block_local", backend="naive", block=8)
+    pat = PATTERNS.get("block_local").from_params({"block": 8})
+    assert (out.double() - reference(pat, q, k, v, True)).abs().max().item() < 1e-5
+    both = sparsebench.attention(q, k, v, pattern="block_local", backend="block_sparse", block=8, tile=16)
+    assert (both.double() - reference(pat, q, k, v, True)).abs().max().item() < 1e-5
+
+
 def test_api_attention():
     q, k, v = qkv(77, 1, 2, 16)
-    out = sparsebench.attention(q, k, v, pattern="sliding_window", backend="block_sparse", window=8, block=16)
+    out = sparsebench.attention(q, k, v, pattern="sliding_window", backend="block_sparse", window=8, tile=16)
     pat = PATTERNS.get("sliding_window").from_params({"window": 8})
     assert (out.double() - reference(pat, q, k, v, True)).abs().max().item() < 1e-5
     with pytest.raises(ScenarioError, match="unknown backend"):

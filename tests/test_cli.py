@@ -29,7 +29,7 @@ heads: 2
 head_dim: 16
 warmup: 1
 repeats: 3
-block: 32
+tile: 32
 """
 
 REQUIRED = ("pattern", "params", "backend", "device", "dtype", "mode", "batch", "heads", "head_dim", "seq_len",
@@ -116,7 +116,7 @@ def test_list_names_patterns_and_backend_availability():
 
 def test_show_json():
     res = CliRunner().invoke(app, ["show", "longformer", "--seq-len", "12", "-p", "window=3", "-p",
-                                   "global_tokens=[0,7]", "--block", "4", "--json"])
+                                   "global_tokens=[0,7]", "--tile", "4", "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)
     assert info["keys_per_query"][5] == 4  # 3 window keys + global token 0
@@ -124,6 +124,28 @@ def test_show_json():
     assert abs(info["density"] - info["nnz"] / 144) < 1e-12
     assert info["kv_retained"] == 5
     assert len(info["block_layout"]) == 3 and info["block_layout"][0] == [1, 0, 0]
+
+
+def test_old_names_of_the_tile_size_still_work_with_a_warning(tmp_path):
+    res = CliRunner().invoke(app, ["show", "block_local", "--seq-len", "16", "-p", "block=8", "--block", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "--block is now --tile" in res.output
+    assert len(json.loads(res.output.splitlines()[-1])["block_layout"]) == 4
+    res = CliRunner().invoke(app, ["show", "dense", "--seq-len", "16", "--block", "4", "--tile", "4"])
+    assert res.exit_code == 2 and "give --tile only" in res.output
+    path = tmp_path / "old.yaml"
+    path.write_text("name: old\nseq_lens: [64]\npatterns: [{name: block_local, params: {block: 16}}]\n"
+                    "backends: [block_sparse]\nblock: 32\n")
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "field 'block' is now 'tile'" in res.output and "old.yaml:5" in res.output
+    from sparsebench import scenario as sc_mod
+
+    sc, _, source = sc_mod.load(path)
+    assert sc.tile == 32 and {c.tile for c in sc_mod.expand(sc, source).cases} == {32}
+    path.write_text(path.read_text() + "tile: 32\n")
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2 and "give 'tile' only" in res.output
 
 
 def test_show_draws_and_rejects_bad_values():

@@ -47,9 +47,9 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
 
 
-def problem(name, params, dtype, causal=True, mode="forward", n=N, d=64, block=64):
+def problem(name, params, dtype, causal=True, mode="forward", n=N, d=64, tile=64):
     pat = PATTERNS.get(name).from_params(params)
-    return pat, Problem(pat, n, causal, 1, 2, d, dtype, CUDA, mode=mode, block=block)
+    return pat, Problem(pat, n, causal, 1, 2, d, dtype, CUDA, mode=mode, tile=tile)
 
 
 def assert_forward_backward(backend, pat, p):
@@ -120,7 +120,7 @@ def test_block_sparse_tiles_of_128_large_heads(name, params, d, dtype):
     """The scenarios' GPU shape: layout blocks of 128 (tiles of 128 taken whole or by halves;
     of 64 for head_dim 256) and head_dim 128 or 256, at a length that is not a multiple of the
     tile, forward and backward."""
-    assert_forward_backward("block_sparse", *problem(name, params, dtype, mode="backward", n=1000, d=d, block=128))
+    assert_forward_backward("block_sparse", *problem(name, params, dtype, mode="backward", n=1000, d=d, tile=128))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -29,13 +29,13 @@ GOOD = {
     "mode": "forward",
     "warmup": 1,
     "repeats": 3,
-    "block": 32,
+    "tile": 32,
     "limits": {"timeout_s": 30, "memory": "1GiB"},
 }
 PATHS = [("name",), ("seq_lens",), ("seq_lens", 0), ("patterns",), ("patterns", 0), ("patterns", 0, "name"),
          ("patterns", 0, "params"), ("patterns", 0, "params", "window"), ("patterns", 1, "params", "window"),
          ("backends",), ("backends", 0), ("devices", 0), ("dtypes", 0), ("batch",), ("heads",), ("head_dim",),
-         ("causal",), ("mode",), ("warmup",), ("repeats",), ("block",), ("limits",), ("limits", "timeout_s"),
+         ("causal",), ("mode",), ("warmup",), ("repeats",), ("tile",), ("limits",), ("limits", "timeout_s"),
          ("limits", "memory")]
 
 junk = st.one_of(

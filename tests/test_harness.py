@@ -15,7 +15,7 @@ from sparsebench.scenario import Case
 def _case(warmup: int) -> Case:
     return Case(scenario="protocol", pattern="dense", params={}, pattern_label="dense", backend="counting",
                 device="cpu", dtype="fp32", mode="forward", batch=1, heads=2, head_dim=16, seq_len=64, causal=True,
-                block=64, warmup=warmup, repeats=3, min_time_s=0.0, max_repeats=3, timeout_s=60,
+                tile=64, warmup=warmup, repeats=3, min_time_s=0.0, max_repeats=3, timeout_s=60,
                 memory_budget=None, check=False, exact_max_elems=0, sample_rows=4)
 
 

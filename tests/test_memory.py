@@ -15,7 +15,7 @@ MiB = 2**20
 
 def case(backend, pattern, params, n=4096):
     return Case(scenario="mem", pattern=pattern, params=params, pattern_label=pattern, backend=backend, device="cpu",
-                dtype="fp32", mode="forward", batch=1, heads=8, head_dim=64, seq_len=n, causal=True, block=64,
+                dtype="fp32", mode="forward", batch=1, heads=8, head_dim=64, seq_len=n, causal=True, tile=64,
                 warmup=0, repeats=1, min_time_s=0.0, max_repeats=1, timeout_s=300, memory_budget=None, check=False,
                 exact_max_elems=0, sample_rows=8)
 

@@ -40,7 +40,7 @@ check: {exact_max_elems: 0, sample_rows: 4}
 
 def small_case(**kw):
     base = dict(scenario="t", pattern="dense", params={}, pattern_label="dense", backend="naive", device="cpu",
-                dtype="fp32", mode="forward", batch=1, heads=2, head_dim=16, seq_len=64, causal=True, block=32,
+                dtype="fp32", mode="forward", batch=1, heads=2, head_dim=16, seq_len=64, causal=True, tile=32,
                 warmup=0, repeats=2, min_time_s=0.0, max_repeats=2, timeout_s=60, memory_budget=None, check=True,
                 exact_max_elems=1 << 20, sample_rows=4)
     base.update(kw)

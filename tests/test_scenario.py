@@ -65,7 +65,7 @@ BAD = [
     ("params: {window: 16}", "params: {window: -3}", "patterns[0].params", "must be >= 1"),
     ("params: {window: 16}", "params: {widow: 16}", "patterns[0].params", "did you mean 'window'"),
     ("name: t\n", "", "name", "required field is missing"),
-    ("name: t", "name: t\nblock: 128", "block", "larger than the shortest sequence length 64"),
+    ("name: t", "name: t\ntile: 128", "tile", "larger than the shortest sequence length 64"),
 ]
 
 

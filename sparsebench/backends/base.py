@@ -33,7 +33,7 @@ class Problem:
     dtype: torch.dtype
     device: torch.device
     mode: str = "forward"
-    block: int = 64
+    tile: int = 64
 
     @property
     def elem_bytes(self) -> int:

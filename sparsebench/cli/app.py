@@ -123,6 +123,8 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     else:
         sc, text, source = sc_mod.load(scenario)
         folder = output or runner.default_folder(results_root, sc.name)
+    for line in sc.warnings:
+        warn(line)
     plan = sc_mod.expand(sc, source)
     if max_memory:
         try:
@@ -208,6 +210,8 @@ def validate(
         from sparsebench import scenario as sc_mod
 
         sc, _, source = sc_mod.load(scenario)
+        for line in sc.warnings:
+            warn(line)
         plan = sc_mod.expand(sc, source)
         for dev, why in plan.skipped_devices.items():
             warn(f"{why}; its cases would be skipped")
@@ -280,7 +284,8 @@ def show(
     pattern: str = typer.Argument(..., help="Pattern name (see `sparsebench list`)."),
     seq_len: int = typer.Option(..., "--seq-len", "-n", help="Sequence length."),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Pattern parameter key=value (repeatable).", metavar="KEY=VALUE"),
-    block: Optional[int] = typer.Option(None, "--block", help="Also show the block layout for this block size."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Also show the block layout for this tile size."),
+    old_block: Optional[int] = typer.Option(None, "--block", hidden=True, help="Old name of --tile."),
     bidirectional: bool = typer.Option(False, "--bidirectional", help="Non-causal pattern (default causal)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a drawing."),
 ) -> None:
@@ -291,8 +296,13 @@ def show(
 
         if seq_len < 1:
             raise ScenarioError(f"--seq-len must be >= 1, got {seq_len}")
-        if block is not None and block < 1:
-            raise ScenarioError(f"--block must be >= 1, got {block}")
+        if old_block is not None:
+            if tile is not None:
+                raise ScenarioError("--block is the old name of --tile; give --tile only")
+            warn("--block is now --tile (the tile size of the block layout); read as --tile")
+            tile = old_block
+        if tile is not None and tile < 1:
+            raise ScenarioError(f"--tile must be >= 1, got {tile}")
         causal = not bidirectional
         pat = PATTERNS.get(pattern).from_params(parse_params(param))
         pat.check(seq_len, causal)
@@ -307,7 +317,7 @@ def show(
             "density": nnz / seq_len**2,
             "kv_retained": pat.kv_retained(seq_len),
         }
-        layout = pat.block_layout(seq_len, block, causal) if block else None
+        layout = pat.block_layout(seq_len, tile, causal) if tile else None
         if layout is not None:
             info["block_layout"] = layout.dense().tolist()
         if as_json:
@@ -327,7 +337,7 @@ def show(
             f"nnz: {nnz}   density: {nnz / seq_len**2:.4f}   KV retained: {info['kv_retained']} of {seq_len} tokens"
         )
         if layout is not None:
-            out.print(f"block layout (block={block}, {layout.nnz_blocks} of {layout.num_blocks**2} tiles):")
+            out.print(f"block layout (tile={tile}, {layout.nnz_blocks} of {layout.num_blocks**2} tiles):")
             if layout.num_blocks <= 96:
                 for row in layout.dense().tolist():
                     out.print("".join("█" if x else "·" for x in row), highlight=False)

@@ -140,7 +140,7 @@ def make_problem(case: Case) -> Problem:
         dtype=TORCH_DTYPES[case.dtype],
         device=torch.device(case.device),
         mode=case.mode,
-        block=case.block,
+        tile=case.tile,
     )
 
 

@@ -218,7 +218,7 @@ def _identity(case: Case) -> dict[str, Any]:
         "head_dim": case.head_dim,
         "seq_len": case.seq_len,
         "causal": case.causal,
-        "block": case.block if case.backend == "block_sparse" else None,
+        "tile": case.tile if case.backend == "block_sparse" else None,
     }
 
 

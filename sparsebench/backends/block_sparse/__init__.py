@@ -89,14 +89,14 @@ class BlockSparse(Backend):
         if _use_triton(p):
             from sparsebench.backends.block_sparse import triton as _triton
 
-            return _triton.attention_fn(_triton.build(p.pattern, p.seq_len, p.causal, p.head_dim, p.device, p.block))
+            return _triton.attention_fn(_triton.build(p.pattern, p.seq_len, p.causal, p.head_dim, p.device, p.tile))
         plan = _plan.build(
             p.pattern,
             p.seq_len,
             p.causal,
             groups=p.batch * p.heads,
             head_dim=p.head_dim,
-            block=p.block,
+            block=p.tile,
             device=p.device,
             dtype=p.dtype,
         )
