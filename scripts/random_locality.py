@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from sparsebench.backends.block_sparse import plan as _plan
 from sparsebench.measure.memory import freed_memory_reused
-from sparsebench.patterns.base import Table
+from sparsebench.patterns.geometry import Table
 
 N, H, D, R = 16384, 8, 64, 65
 

@@ -35,7 +35,7 @@ class Registry(Generic[T]):
             return
         pkg = importlib.import_module(self.package)
         for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-            if not mod.name.startswith("_") and mod.name != "base":
+            if not mod.name.startswith("_") and mod.name not in ("base", "geometry"):  # shared code, no entries
                 importlib.import_module(f"{self.package}.{mod.name}")
         self._loaded = True
 

@@ -14,7 +14,8 @@ import torch
 from sparsebench.backends.block_sparse import plan as _plan
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
 from sparsebench.backends.block_sparse import attention_fn
-from sparsebench.patterns.base import PATTERNS, _layout
+from sparsebench.patterns.base import PATTERNS
+from sparsebench.patterns.geometry import scanned_layout
 
 # (pattern, params, the planner paths its structure must use)
 PATHS = [
@@ -155,7 +156,7 @@ def test_structured_layout_equals_scanned_layout(name, params, n):
     pat = PATTERNS.get(name).from_params(params)
     for causal in (True, False):
         for b in (8, 32):
-            fast, slow = pat.block_layout(n, b, causal), _layout(pat, n, b, causal)
+            fast, slow = pat.block_layout(n, b, causal), scanned_layout(pat, n, b, causal)
             for f in ("crow", "col", "count", "full"):
                 assert torch.equal(getattr(fast, f), getattr(slow, f)), (f, causal, b)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sparsebench.errors import PatternError
-from sparsebench.patterns.base import PATTERNS, _layout
+from sparsebench.patterns.base import PATTERNS
+from sparsebench.patterns.geometry import scanned_layout
 
 BI, UNI = "bidirectional", "unidirectional"
 
@@ -180,7 +181,7 @@ def test_consistency(name, params, n, causal):
         assert int(L.count.sum()) == int(m.sum())
         # the block-level fast path equals the framework's token-level scan (which also checks
         # that key_intervals is a superset of the allowed keys)
-        ref = _layout(pat, n, b, causal)
+        ref = scanned_layout(pat, n, b, causal)
         for field in ("crow", "col", "full", "count"):
             assert torch.equal(getattr(L, field), getattr(ref, field)), field
 

@@ -18,7 +18,8 @@ import torch
 from test_cuda import CASES
 
 from sparsebench.backends.block_sparse import triton as _triton
-from sparsebench.patterns.base import PATTERNS, Band, Pattern, Structure
+from sparsebench.patterns.base import PATTERNS, Pattern
+from sparsebench.patterns.geometry import Band, Structure
 
 N = 300
 

@@ -9,19 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.patterns.base import (
-    PATTERNS,
-    BlockBand,
-    BlockTable,
-    Intervals,
-    Keys,
-    Pattern,
-    Rows,
-    Structure,
-    param,
-    require_positive,
-    sample_distinct,
-)
+from sparsebench.patterns.base import PATTERNS, Pattern, param, require_positive, sample_distinct
+from sparsebench.patterns.geometry import BlockBand, BlockTable, Intervals, Keys, Rows, Structure
 from sparsebench.errors import PatternError
 
 

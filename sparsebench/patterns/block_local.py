@@ -6,16 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.patterns.base import (
-    PATTERNS,
-    BlockBand,
-    Intervals,
-    Pattern,
-    Structure,
-    param,
-    require_at_most_n,
-    require_positive,
-)
+from sparsebench.patterns.base import PATTERNS, Pattern, param, require_at_most_n, require_positive
+from sparsebench.patterns.geometry import BlockBand, Intervals, Structure
 
 
 @PATTERNS.register

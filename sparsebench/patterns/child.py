@@ -9,20 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from sparsebench.errors import PatternError
-from sparsebench.patterns.base import (
-    PATTERNS,
-    Band,
-    BlockBand,
-    Intervals,
-    Keys,
-    Structure,
-    Pattern,
-    all_keys_for,
-    band,
-    param,
-    require_at_most_n,
-    require_positive,
-)
+from sparsebench.patterns.base import PATTERNS, Pattern, param, require_at_most_n, require_positive
+from sparsebench.patterns.geometry import Band, BlockBand, Intervals, Keys, Structure, all_keys_for, band
 
 
 @PATTERNS.register

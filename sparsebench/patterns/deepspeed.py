@@ -44,15 +44,8 @@ from typing import ClassVar
 import torch
 
 from sparsebench.errors import PatternError
-from sparsebench.patterns.base import (
-    PATTERNS,
-    BlockLayout,
-    Intervals,
-    Pattern,
-    param,
-    require_positive,
-    sample_distinct,
-)
+from sparsebench.patterns.base import PATTERNS, Pattern, param, require_positive, sample_distinct
+from sparsebench.patterns.geometry import BlockLayout, Intervals
 
 _ATTENTION = ("auto", "bidirectional", "unidirectional")
 

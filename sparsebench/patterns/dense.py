@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.patterns.base import PATTERNS, Band, Pattern, Structure
+from sparsebench.patterns.base import PATTERNS, Pattern
+from sparsebench.patterns.geometry import Band, Structure
 
 
 @PATTERNS.register

@@ -10,21 +10,14 @@ import torch
 from sparsebench.errors import PatternError
 from sparsebench.patterns.base import (
     PATTERNS,
-    Band,
-    Intervals,
-    Keys,
-    Rows,
-    Structure,
     Pattern,
-    all_keys_for,
     any_equal,
-    band,
-    fixed_keys,
     param,
     require_at_most_n,
     require_positive,
     window_keys,
 )
+from sparsebench.patterns.geometry import Band, Intervals, Keys, Rows, Structure, all_keys_for, band, fixed_keys
 
 
 @PATTERNS.register

@@ -8,16 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.patterns.base import (
-    PATTERNS,
-    Pattern,
-    Structure,
-    Table,
-    key_list,
-    param,
-    require_positive,
-    sample_distinct,
-)
+from sparsebench.patterns.base import PATTERNS, Pattern, param, require_positive, sample_distinct
+from sparsebench.patterns.geometry import Structure, Table, key_list
 
 
 @functools.lru_cache(maxsize=8)

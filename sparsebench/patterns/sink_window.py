@@ -6,20 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.patterns.base import (
-    PATTERNS,
-    Band,
-    Intervals,
-    Keys,
-    Structure,
-    Pattern,
-    band,
-    fixed_keys,
-    param,
-    require_at_most_n,
-    require_positive,
-    window_keys,
-)
+from sparsebench.patterns.base import PATTERNS, Pattern, param, require_at_most_n, require_positive, window_keys
+from sparsebench.patterns.geometry import Band, Intervals, Keys, Structure, band, fixed_keys
 
 
 @PATTERNS.register

@@ -6,18 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsebench.patterns.base import (
-    PATTERNS,
-    Band,
-    Intervals,
-    Structure,
-    Pattern,
-    band,
-    param,
-    require_at_most_n,
-    require_positive,
-    window_keys,
-)
+from sparsebench.patterns.base import PATTERNS, Pattern, param, require_at_most_n, require_positive, window_keys
+from sparsebench.patterns.geometry import Band, Intervals, Structure, band
 
 
 @PATTERNS.register

@@ -36,17 +36,8 @@ import torch
 
 from sparsebench.backends.block_sparse import attend as _attend, native as _native
 from sparsebench.backends.block_sparse.attend import Mask, RangeMask
-from sparsebench.patterns.base import (
-    Band,
-    BlockBand,
-    BlockLayout,
-    BlockTable,
-    Keys,
-    Pattern,
-    Rows,
-    Structure,
-    Table,
-)
+from sparsebench.patterns.base import Pattern
+from sparsebench.patterns.geometry import Band, BlockBand, BlockLayout, BlockTable, Keys, Rows, Structure, Table
 from sparsebench.shapes import broadcast_shape
 
 # Query rows (over all batch*heads sequences) per call: bounds every temporary to a few MiB.

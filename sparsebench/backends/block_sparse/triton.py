@@ -206,7 +206,7 @@ def build(pattern, n: int, causal: bool, head_dim: int, device, block: int = DEF
 def residue_bands(st) -> list:
     """A structure's residue bands: its Band parts of step D > 1 (pairs i - j = m D); none
     without a structure."""
-    from sparsebench.patterns.base import Band
+    from sparsebench.patterns.geometry import Band
 
     return [] if st is None else [p for p in st.parts if isinstance(p, Band) and p.step > 1]
 
@@ -226,7 +226,7 @@ def _parts(pattern, n: int, causal: bool, B: int):
     per step, and the rest of its structure in order, each as (candidate tiles: a layout that
     holds its pairs, its predicate on a device: device -> allowed(q, k) in the part's order, the
     order: None or perm, perm[p] the position at place p); None without residue bands."""
-    from sparsebench.patterns.base import Band, Structure, structured_layout
+    from sparsebench.patterns.geometry import Band, Structure, structured_layout
 
     st = pattern.structure(n, causal)
     residue = residue_bands(st)
