@@ -1,5 +1,5 @@
 """Broadcasting of tensor shapes in plain Python: ``torch.broadcast_shapes`` imports sympy on
-first use (about 35 MiB of resident memory and half a second), which the first measured case of a
+first use (tens of MiB of resident memory and some time), which the first measured case of a
 process would otherwise pay."""
 
 from __future__ import annotations

@@ -583,9 +583,11 @@ def test_big_column_masks_are_kept_as_ranges(monkeypatch, native):
     assert_forward_backward(plan, pat, q, k, v, True)
 
 
-def test_a_missing_kernel_source_is_a_broken_install_not_a_failed_build(monkeypatch, tmp_path):
-    """Without native/native.cpp the kernels are off for this process with the reason, and no
-    BUILD_FAILED marker is left in the shared extension cache (a reinstall must bring them back)."""
+@pytest.mark.parametrize("source", ["native.cpp", "allocator.cpp"])
+def test_a_missing_kernel_source_is_a_broken_install_not_a_failed_build(monkeypatch, tmp_path, source):
+    """Without native/native.cpp (or native/allocator.cpp, built into the same module) the kernels
+    are off for this process with the reason, and no BUILD_FAILED marker is left in the shared
+    extension cache (a reinstall must bring them back)."""
     import os
     import shutil
 
@@ -596,7 +598,9 @@ def test_a_missing_kernel_source_is_a_broken_install_not_a_failed_build(monkeypa
     monkeypatch.setenv("SPARSEBENCH_NATIVE", "1")
     monkeypatch.setattr(_native, "_module", None)
     monkeypatch.setattr(_native, "_failed", None)
-    monkeypatch.setattr(_native, "_SOURCE_PATH", tmp_path / "missing.cpp")
+    sources = tuple(tmp_path / "missing.cpp" if path.name == source else path for path in _native._SOURCES)
+    assert sources != _native._SOURCES
+    monkeypatch.setattr(_native, "_SOURCES", sources)
     monkeypatch.setattr(_native, "_marker", lambda: str(tmp_path / "cache" / "BUILD_FAILED"))
     assert _native.kernel() is None
     assert "missing.cpp is missing (reinstall sparsebench)" in _native.why_not()

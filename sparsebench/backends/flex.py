@@ -2,9 +2,9 @@
 
 The BlockMask is made from the pattern's own block layout (``Pattern.block_layout``: its
 non-empty tiles, and which of them are full) with ``BlockMask.from_kv_blocks``, so no n x n mask
-is ever evaluated and nothing is compiled for it: ``create_block_mask`` evaluates the mask at
-every pair (8 s at n = 16384 on a 2-core CPU), and compiled it took 23-30 s per sequence length
-on an H100 and did not finish within 90 s at n = 16384. Partial tiles apply the pattern's
+is ever evaluated and nothing is compiled for it (``create_block_mask`` evaluates the mask at
+every one of the n^2 pairs, and compiled it adds a compilation per sequence length). Partial
+tiles apply the pattern's
 ``mask_fn`` as the mask_mod. Building it is setup (recorded as setup_s); the first compiled call
 is recorded as compile_s, apart from the steady state."""
 

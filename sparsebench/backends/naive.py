@@ -20,9 +20,9 @@ class Naive(Backend):
 
     def estimate_bytes(self, p: Problem) -> int:
         """Forward: three score-sized tensors alive at once (scores, masked scores, probabilities
-        and their cleaned copy overlap), measured 1.00-1.07x of this at n = 2048-4096; backward
-        (autograd keeps them, plus their gradients): five, and the gradients of q, k, v. Plus the
-        boolean mask and the temporaries of building it."""
+        and their cleaned copy overlap); backward (autograd keeps them, plus their gradients):
+        five, and the gradients of q, k, v. Plus the boolean mask and the temporaries of building
+        it."""
         scores = p.batch * p.heads * p.seq_len * p.seq_len * p.elem_bytes
         io, live = (3 * p.io_bytes, 5) if p.mode == "backward" else (p.io_bytes, 3)
         return io + live * scores + p.seq_len * p.seq_len + p.pattern.mask_build_bytes(p.seq_len)

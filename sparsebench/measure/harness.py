@@ -109,23 +109,17 @@ def warm_process() -> None:
 def _warm() -> None:
     import torch.nn.functional as F
 
-    from sparsebench.backends.block_sparse import native as _native
+    from sparsebench.backends import block_sparse
 
     q = torch.ones(1, 2, 64, 16)  # not randn: the global random state stays as it was
     mask = torch.ones(64, 64, dtype=torch.bool).tril()
     with torch.no_grad():
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
         F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
-    if _native.enabled() and _native.built() and _native.kernel() is not None:
+    if block_sparse.native_loaded():  # where already built: loading them builds nothing
         # the kernels' own first use: their OpenMP threads, and the caching allocator installed
-        from sparsebench.backends.block_sparse import plan as _plan
-        from sparsebench.backends.block_sparse import attention_fn
-
-        plan = _plan.build(PATTERNS.get("sliding_window")(window=16), 64, True, groups=2, head_dim=32,
-                           block=16, device=torch.device("cpu"), dtype=torch.float32)
-        x = torch.ones(1, 2, 64, 32)  # head_dim 32: the native window kernel's smallest
-        with torch.no_grad(), freed_memory_reused("cpu"):
-            attention_fn(plan)(x, x, x)
+        with freed_memory_reused("cpu"):
+            block_sparse.warm_up()
 
 
 def make_problem(case: Case) -> Problem:

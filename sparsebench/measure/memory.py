@@ -25,38 +25,34 @@ def allocator_policy() -> str:
     return "system" if os.environ.get(ALLOCATOR_ENV, "reuse").strip().lower() == "system" else "reuse"
 
 
-_cache = None  # the native module while its caching CPU allocator is on
+_caching = False  # whether block_sparse's caching CPU allocator is on (inside freed_memory_reused)
 
 
 @contextlib.contextmanager
 def freed_memory_reused(device) -> Iterator[bool]:
     """Within a case on the CPU, keep freed blocks of 1 MiB or more for the next request of the
     same size, as a caching allocator (CUDA's, jemalloc, tcmalloc) does. glibc's default gives a
-    block of 32 MiB or more a mapping of its own, unmapped when freed, so every call that
-    returns a large output or gradient pays its page faults anew: about 8 ms per 32 MiB on a
-    2-core VM, a large part of a sparse kernel's 30-80 ms and noise for a dense one's 1.5 s.
-    Every backend runs the same way. A request that no kept block fits first frees kept blocks
+    large block a mapping of its own, unmapped when freed, so every call that returns a large
+    output or gradient would pay its page faults anew: a cost that weighs on a fast sparse kernel
+    and hardly on a slow dense one. Every backend runs the same way. A request that no kept block fits first frees kept blocks
     of at least its size (or all), so the resident memory never exceeds what was in use at
     some moment: peaks read the same as without it. The allocator is part of the native
     extension: without it (no compiler, SPARSEBENCH_NATIVE=0) or with
     SPARSEBENCH_ALLOCATOR=system nothing changes. Yields whether it is in force."""
-    global _cache
+    global _caching
     import torch
 
-    mod = None
-    if _cache is None and torch.device(device).type == "cpu" and allocator_policy() == "reuse":
-        from sparsebench.backends.block_sparse import native as _native
+    on = False
+    if not _caching and torch.device(device).type == "cpu" and allocator_policy() == "reuse":
+        from sparsebench.backends import block_sparse
 
-        mod = _native.kernel()
-    if mod is not None:
-        mod.cache_cpu_allocations(True)
-        _cache = mod
+        on = _caching = block_sparse.cache_cpu_allocations(True)
     try:
-        yield mod is not None
+        yield on
     finally:
-        if mod is not None:
-            _cache = None
-            mod.cache_cpu_allocations(False)
+        if on:
+            _caching = False
+            block_sparse.cache_cpu_allocations(False)
             _trim()
 
 
@@ -107,8 +103,10 @@ class PeakMemory:
         ``freed_memory_reused`` keeps included."""
         import torch
 
-        if _cache is not None:
-            _cache.cache_cpu_allocations(True)  # already on: drops the kept blocks
+        if _caching:
+            from sparsebench.backends import block_sparse
+
+            block_sparse.cache_cpu_allocations(True)  # already on: frees the kept blocks
         _trim()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from sparsebench.backends.block_sparse import plan as _plan
+from sparsebench.backends.block_sparse import native as _native, plan as _plan
 from sparsebench.backends.base import BACKENDS, Backend, Problem
 
 
@@ -128,3 +128,56 @@ class BlockSparse(Backend):
         if p.mode == "backward":
             extra += 3 * rows * p.head_dim * 4 + p.io_bytes // 4  # fp32 grads, saved output
         return p.io_bytes + chunk + extra
+
+
+# ------------------------------------------------------------------------------------------
+# what the rest of sparsebench uses of block_sparse: the native CPU module's state, its warm-up
+# and its caching CPU allocator (native/allocator.cpp)
+
+
+def native_enabled() -> bool:
+    """Whether the native CPU kernels can be used here: a C++ compiler, not switched off
+    (SPARSEBENCH_NATIVE=0), no failed build of this version cached. Cheap: builds nothing."""
+    return _native.enabled()
+
+
+def native_built() -> bool:
+    """Whether the native CPU kernels are loaded or already built in the extension cache, so
+    that their first use does not wait for a build."""
+    return _native.built()
+
+
+def native_loaded() -> bool:
+    """Load the native CPU kernels where they are enabled and already built: whether they are
+    loaded. Never builds them (that is the first CPU case's cost)."""
+    return _native.enabled() and _native.built() and _native.kernel() is not None
+
+
+def warm_up() -> None:
+    """Run the native CPU kernels once on a tiny problem (a causal sliding window; head size
+    32, the window kernel's smallest), so that their one-time costs (their OpenMP threads, the
+    first allocations) fall before a measured case. Does nothing unless ``native_loaded()``:
+    builds nothing."""
+    if not native_loaded():
+        return
+    from sparsebench.patterns.base import PATTERNS
+
+    pattern = PATTERNS.get("sliding_window")(window=16)
+    plan = _plan.build(pattern, 64, True, groups=2, head_dim=32, block=16, device=torch.device("cpu"), dtype=torch.float32)
+    x = torch.ones(1, 2, 64, 32)  # not randn: the global random state stays as it was
+    with torch.no_grad():
+        attention_fn(plan)(x, x, x)
+
+
+def cache_cpu_allocations(on: bool) -> bool:
+    """Switch the caching CPU allocator of the native module on or off (see
+    ``sparsebench.measure.memory.freed_memory_reused``): on, freed blocks of 1 MiB or more are
+    kept for the next request of the same size (already on: the kept blocks are freed); off,
+    requests pass through and the kept blocks are freed. Returns whether the allocator is
+    there (False, and nothing changes, without the native module: no compiler,
+    SPARSEBENCH_NATIVE=0). Loads the module, building it on first use."""
+    mod = _native.kernel()
+    if mod is None:
+        return False
+    mod.cache_cpu_allocations(on)
+    return True

@@ -2,26 +2,30 @@
 
 * ``window_forward`` / ``window_backward``: attention of query blocks against key windows with
   one contiguous key range per row (bands, block bands). ATen's flash kernel runs such small units
-  through MKL calls at about half its large-matrix rate; this one packs each run of overlapping
+  through MKL calls made for large matrices; this one packs each run of overlapping
   windows' keys once into 32-key tiles and computes 8 x 32 register blocks, each 8-row block only
   over the tiles its keys touch (AVX-512 only). ``gather_forward``: the same with gathered keys
   (rows copied once, into the packed tiles). Given the plan's log-sum-exps of the rows, a call
   merges into what earlier calls wrote (no output chunk, no merge pass in PyTorch).
-* ``cache_cpu_allocations``: a caching CPU allocator, on during a case (see
-  ``sparsebench.measure.memory.freed_memory_reused``).
 * ``table_forward`` / ``table_backward``: per-query key tables (random attention), each query's R
   keys read in place. Gathering R rows per query (R = 64: 4 GiB at n = 16384, 8 heads) is slower
   than dense attention in PyTorch; reading the rows where they lie costs a fraction of that.
   ``table_forward_blocked`` (AVX-512): the keys sorted per query and taken chunk by chunk of K and
-  V rows that stay in L2, with an online softmax; about 2.5x faster than reading them from L3.
+  V rows that stay in L2, with an online softmax, instead of each query reading its rows from
+  wherever they lie.
 
 The AVX-512 kernels (windows, gathered keys, blocked tables, forward and backward) also take bf16
 and fp16 q, k, v, widened to fp32 as they are loaded (fp32 output and gradients); the others are
 fp32 only.
 
-Built on first use with torch.utils.cpp_extension (needs a C++ compiler; the build is cached,
-about 30-60 s the first time). ``kernel()`` returns None where it cannot be built or is switched
-off (SPARSEBENCH_NATIVE=0); callers then use PyTorch / ATen.
+The same module carries ``cache_cpu_allocations`` (allocator.cpp, a file of its own: it has
+nothing to do with the kernels): a caching CPU allocator, on during a case (see
+``sparsebench.measure.memory.freed_memory_reused``).
+
+Built on first use with torch.utils.cpp_extension from native.cpp and allocator.cpp (needs a C++
+compiler; the build is cached, so only the first use waits for it). ``kernel()`` returns None
+where it cannot be built or is switched off (SPARSEBENCH_NATIVE=0); callers then use PyTorch /
+ATen.
 """
 from __future__ import annotations
 
@@ -30,10 +34,12 @@ import shutil
 import threading
 from pathlib import Path
 
-# The C++ source: built on first use (load_inline; the build is cached by source and name).
-_SOURCE_PATH = Path(__file__).with_name("native.cpp")
+# The C++ sources, built into one module on first use (the build is cached by source and name):
+# the kernels (which also bind the module's functions) and the caching CPU allocator.
+_SOURCES = (Path(__file__).with_name("native.cpp"), Path(__file__).with_name("allocator.cpp"))
 
-_VERSION = 14
+# Part of the module's name: a new version never loads a cached build of older sources.
+_VERSION = 15
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -94,26 +100,24 @@ def enabled() -> bool:
 
 
 def kernel():
-    """The compiled module (``window_forward``, ``gather_forward``, ``has_window``,
-    ``table_forward``, ``table_backward``), or None where it cannot be built."""
+    """The compiled module (``window_forward``, ``gather_forward``, ``window_backward``,
+    ``has_window``, ``table_forward``, ``table_backward``, ``table_forward_blocked``,
+    ``table_backward_blocked``, ``cache_cpu_allocations``), or None where it cannot be built."""
     global _module, _failed
     if _module is not None or not enabled():
         return _module
     with _lock:
-        if _module is None and _failed is None and not _SOURCE_PATH.is_file():
+        missing = [str(path) for path in _SOURCES if not path.is_file()]
+        if _module is None and _failed is None and missing:
             # a broken install, not a failed build: no BUILD_FAILED marker, a reinstall fixes it
-            _failed = f"the kernel source {_SOURCE_PATH} is missing (reinstall sparsebench)"
+            _failed = f"the kernel source {missing[0]} is missing (reinstall sparsebench)"
         if _module is None and _failed is None:
             try:
-                from torch.utils.cpp_extension import load_inline
+                from torch.utils.cpp_extension import load
 
-                _module = load_inline(
+                _module = load(
                     name=_name(),
-                    cpp_sources=[_SOURCE_PATH.read_text(encoding="utf-8")],
-                    functions=[
-                        "window_forward", "gather_forward", "window_backward", "has_window", "table_forward", "table_backward",
-                        "table_forward_blocked", "table_backward_blocked", "cache_cpu_allocations",
-                    ],
+                    sources=[str(path) for path in _SOURCES],
                     extra_cflags=_flags(),
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
