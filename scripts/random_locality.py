@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparsebench.backends.block_sparse import plan as _plan
+from sparsebench.backends.block_sparse import execute as _execute, plan as _plan
 from sparsebench.measure.memory import freed_memory_reused
 from sparsebench.patterns.geometry import Table
 
@@ -54,7 +54,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     plans, pairs = {}, {}
     for name, span in (("all earlier", N), ("last 2048", 2047), ("last 512", 511), ("last 64", 63)):
-        bld = _plan._Builder(N, True, H, torch.device("cpu"), torch.float32, D)
+        bld = _plan.Planner(N, True, H, torch.device("cpu"), torch.float32, D)
         keys = table(span, gen)
         bld.table(Table(keys))
         plans[name] = bld.finish(1.0 / math.sqrt(D))
@@ -67,7 +67,7 @@ def main() -> None:
             ideal = dense / (N * (N + 1) / 2 / (N * R))  # the time at efficiency 1
             cols = [f"dense {dense:.0f} ms ({dense * per_pair / (H * N * (N + 1) / 2):.1f} ns/pair)"]
             for name, plan in plans.items():
-                ms = median_ms(lambda: _plan.run_forward(plan, q, k, v), 7)
+                ms = median_ms(lambda: _execute.run_forward(plan, q, k, v), 7)
                 cols.append(f"{name} {ms:.1f} ms (eff {ideal / ms:.2f}, {ms * per_pair / pairs[name]:.1f} ns/pair)")
             print(f"round {r + 1}: " + "  ".join(cols))
 

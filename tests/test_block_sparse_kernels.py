@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from sparsebench.backends.block_sparse import plan as _plan
+from sparsebench.backends.block_sparse import execute as _execute, plan as _plan
+from sparsebench.backends.block_sparse.views import Gather, Strided
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
 from sparsebench.backends.block_sparse import attention_fn
 from sparsebench.patterns.base import PATTERNS
@@ -106,7 +107,7 @@ def test_sliding_window_takes_the_band_path():
     kinds = [c.kind for c in plan.calls]
     assert kinds.count("band_window") >= 1 and set(kinds) <= {"band_window", "band_edge"}
     assert not plan.multi  # one call per row: written in place, nothing merged
-    assert all(isinstance(c.k, _plan.Strided) for c in plan.calls)  # views of K and V, no gathers
+    assert all(isinstance(c.k, Strided) for c in plan.calls)  # views of K and V, no gathers
     window = next(c for c in plan.calls if c.kind == "band_window")
     assert window.k.sm == window.q.R and window.k.R == 256 + window.q.R - 1  # overlapping windows
 
@@ -118,7 +119,7 @@ def test_million_token_plan_is_views_and_small_masks():
     plan = plan_for(pat, n, True, groups=8, head_dim=64)
     elapsed = time.perf_counter() - t0
     assert elapsed < 30
-    assert all(isinstance(c.q, _plan.Strided) and isinstance(c.k, _plan.Strided) for c in plan.calls)
+    assert all(isinstance(c.q, Strided) and isinstance(c.k, Strided) for c in plan.calls)
     assert sum(c.q.M * c.q.R for c in plan.calls) == n  # every row once
     assert max(c.mask.bool.numel() for c in plan.calls if c.mask is not None) <= 512 * 1024
 
@@ -271,7 +272,7 @@ def test_plain_torch_path_in_low_precision(monkeypatch, dtype, tol):
 )
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_matches_reference(monkeypatch, name, params, structured, causal):
-    monkeypatch.setattr(_plan, "BACKWARD_KEY_ROWS", 64)  # split window calls into small pieces
+    monkeypatch.setattr(_execute, "BACKWARD_KEY_ROWS", 64)  # split window calls into small pieces
     pat = PATTERNS.get(name).from_params(params)
     n = 150
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 2, 16))
@@ -360,7 +361,7 @@ def test_native_window_kernel(name, params, structured, causal):
     plan = _plan.build(pat, n, causal, groups=3, head_dim=64, block=32, device=CPU, dtype=torch.float32, structured=structured)
     assert any(c.ranges is not None for c in plan.calls)
     if name == "ds_fixed":  # the gathered keys of these windows are one shared index
-        assert any(isinstance(c.k, _plan.Gather) and c.k.shared and c.ranges is not None for c in plan.calls)
+        assert any(isinstance(c.k, Gather) and c.k.shared and c.ranges is not None for c in plan.calls)
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 3, 64))
     assert_forward_backward(plan, pat, q, k, v, causal)  # native forward and window backward
 
@@ -370,17 +371,17 @@ def test_native_window_kernel_gathered_query_rows(monkeypatch):
     n = 700) run forward and backward on the native kernel: their dq rows added at the index."""
     mod = _native_or_skip()
     seen = []
-    native_backward = _plan._native_window_backward
-    monkeypatch.setattr(_plan, "_native_window_backward", lambda call, *a: (seen.append(call), native_backward(call, *a)))
+    native_backward = _execute._native_window_backward
+    monkeypatch.setattr(_execute, "_native_window_backward", lambda call, *a: (seen.append(call), native_backward(call, *a)))
     if not mod.has_window():
         pytest.skip("the window kernel needs AVX-512")
     pat = PATTERNS.get("ds_bigbird").from_params({"block": 32, "num_random_blocks": 1})
     n = 700
     plan = _plan.build(pat, n, False, groups=2, head_dim=64, block=32, device=CPU, dtype=torch.float32, structured=False)
-    assert any(isinstance(c.q, _plan.Gather) and c.ranges is not None for c in plan.calls)
+    assert any(isinstance(c.q, Gather) and c.ranges is not None for c in plan.calls)
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 2, 64))
     assert_forward_backward(plan, pat, q, k, v, False)
-    assert any(isinstance(c.q, _plan.Gather) for c in seen)
+    assert any(isinstance(c.q, Gather) for c in seen)
 
 
 def test_native_window_merges_in_place():

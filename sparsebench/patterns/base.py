@@ -31,7 +31,14 @@ from typing import Any, ClassVar
 import torch
 
 from sparsebench.errors import PatternError
-from sparsebench.patterns.geometry import BlockLayout, Intervals, Structure, scan_tiles, scanned_layout, structured_layout
+from sparsebench.patterns.geometry import (
+    BlockLayout,
+    Intervals,
+    Structure,
+    scan_tiles,
+    scanned_layout,
+    structured_layout,
+)
 from sparsebench.registry import Registry
 from sparsebench.shapes import broadcast_shape
 

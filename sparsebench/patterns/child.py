@@ -10,7 +10,7 @@ import torch
 
 from sparsebench.errors import PatternError
 from sparsebench.patterns.base import PATTERNS, Pattern, param, require_at_most_n, require_positive
-from sparsebench.patterns.geometry import Band, BlockBand, Intervals, Keys, Structure, all_keys_for, band
+from sparsebench.patterns.geometry import Band, BlockBand, Intervals, Keys, Structure, all_keys_for
 
 
 @PATTERNS.register

@@ -413,7 +413,9 @@ def structured_layout(pattern: Pattern, st: Structure, block: int) -> BlockLayou
     return BlockLayout(n=n, block=block, causal=causal, crow=crow, col=kb, full=counts == rows * cols, count=counts)
 
 
-def _count_allowed(pattern: Pattern, qb: torch.Tensor, kb: torch.Tensor, n: int, block: int, causal: bool) -> torch.Tensor:
+def _count_allowed(
+    pattern: Pattern, qb: torch.Tensor, kb: torch.Tensor, n: int, block: int, causal: bool
+) -> torch.Tensor:
     """Allowed pairs in the given tiles, evaluated element by element."""
     ar = torch.arange(block)
     out = torch.empty(qb.numel(), dtype=torch.long)

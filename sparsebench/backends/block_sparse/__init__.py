@@ -1,32 +1,37 @@
 """Block-sparse attention: only the pattern's allowed pairs, up to block granularity, are
 computed, by fused attention calls on views of q, k and v.
 
-``prepare`` turns the pattern into a plan (``_plan.build``, setup work): a structured pattern
-(``Pattern.structure``) becomes diagonal bands read as overlapping key windows of one
-``as_strided`` view (no gather, no copy), block bands, key columns, query rows and key tables;
-any other pattern is planned from its block layout (its diagonal run of full tiles as a block
-band, the remaining tiles gathered). Each call is one fused attention kernel that also returns
-the log-sum-exp of its rows, so calls over different keys of the same queries merge exactly: on
-the CPU the native kernels of ``_native.py`` (key windows and key tables; fp32, and bf16 / fp16
-on AVX-512), otherwise ATen's CPU flash attention, or plain PyTorch on other devices (on CUDA
-that is correct but not fused: slower than dense flash attention and than ``flex``). The
-output is written in place, chunk by chunk: memory beyond q, k, v and the output is a few MiB of
-per-call temporaries, whatever n. Backward runs each call's backward with its share of the
-output gradient. Any sequence length works; fp32, bf16 and fp16.
+The package, one job per module:
 
-On CUDA with Triton (head sizes that are powers of two, 16 to 256) the plan is instead the
-pattern's block layout, run by the fused Triton kernels of ``_triton.py``: one online softmax per
-query block over its tiles, bit masks for partial tiles, FlashAttention-2 backward; residue bands
-(strided columns) run as parts of their own on the sequence reordered by residue class.
+* ``plan.py``: ``prepare`` turns the pattern into a plan (``plan.build``, setup work): a
+  structured pattern (``Pattern.structure``) becomes diagonal bands read as overlapping key
+  windows of one ``as_strided`` view (no gather, no copy), block bands, key columns, query rows
+  and key tables; any other pattern is planned from its block layout (its diagonal run of full
+  tiles as a block band, the remaining tiles gathered). ``views.py``: the views of q, k and v
+  that a call's operands are.
+* ``execute.py``: runs a plan. Each call is one fused attention kernel that also returns the
+  log-sum-exp of its rows, so calls over different keys of the same queries merge exactly: on
+  the CPU the native kernels of ``native/`` (key windows and key tables; fp32, and bf16 / fp16 on
+  AVX-512), otherwise ATen's CPU flash attention (``attend.py``), or plain PyTorch on other
+  devices (on CUDA that is correct but not fused: slower than dense flash attention and than
+  ``flex``). The output is written in place, chunk by chunk: memory beyond q, k, v and the
+  output is a few MiB of per-call temporaries, whatever n. Backward runs each call's backward
+  with its share of the output gradient. Any sequence length works; fp32, bf16 and fp16.
+* ``triton.py``: on CUDA with Triton (head sizes that are powers of two, 16 to 256) the plan is
+  instead the pattern's block layout, run by fused Triton kernels: one online softmax per query
+  block over its tiles, bit masks for partial tiles, FlashAttention-2 backward; residue bands
+  (strided columns) run as parts of their own on the sequence reordered by residue class.
+
+The rest of sparsebench uses only this module's names: the backend, ``attention_fn``, and the
+native module's state, warm-up and caching CPU allocator (at the end).
 """
-
 from __future__ import annotations
 
 import os
 
 import torch
 
-from sparsebench.backends.block_sparse import native as _native, plan as _plan
+from sparsebench.backends.block_sparse import execute as _execute, native as _native, plan as _plan
 from sparsebench.backends.base import BACKENDS, Backend, Problem
 
 
@@ -48,7 +53,7 @@ def _use_triton(p: Problem) -> bool:
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan):
-        out, lse, saved = _plan.run_forward(plan, q, k, v, keep=True)
+        out, lse, saved = _execute.run_forward(plan, q, k, v, keep=True)
         out = out.to(q.dtype)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, *([lse] if lse is not None else []), *saved)
@@ -59,7 +64,7 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, *rest = ctx.saved_tensors
         lse = rest.pop(0) if ctx.has_lse else None
-        dq, dk, dv = _plan.run_backward(ctx.plan, q, k, v, out, lse, rest, dout)
+        dq, dk, dv = _execute.run_backward(ctx.plan, q, k, v, out, lse, rest, dout)
         return dq, dk, dv, None
 
 
@@ -69,7 +74,7 @@ def attention_fn(plan: _plan.Plan):
     def fn(q, k, v):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _Attention.apply(q, k, v, plan)
-        out, _, _ = _plan.run_forward(plan, q, k, v)
+        out, _, _ = _execute.run_forward(plan, q, k, v)
         return out.to(q.dtype)
 
     fn.plan = plan  # type: ignore[attr-defined]
@@ -82,7 +87,7 @@ class BlockSparse(Backend):
     summary = "only the allowed tiles: native C++ kernels on CPU, fused Triton kernels on CUDA"
     sparse = True
     # fp32 on the CPU: the first call builds (once, then from the extension cache) and loads the
-    # native kernels of _native.py; that first-call cost is reported as compile_s
+    # native kernels of native/; that first-call cost is reported as compile_s
     compiled = True
 
     def prepare(self, p: Problem):
@@ -163,7 +168,8 @@ def warm_up() -> None:
     from sparsebench.patterns.base import PATTERNS
 
     pattern = PATTERNS.get("sliding_window")(window=16)
-    plan = _plan.build(pattern, 64, True, groups=2, head_dim=32, block=16, device=torch.device("cpu"), dtype=torch.float32)
+    cpu = torch.device("cpu")
+    plan = _plan.build(pattern, 64, True, groups=2, head_dim=32, block=16, device=cpu, dtype=torch.float32)
     x = torch.ones(1, 2, 64, 32)  # not randn: the global random state stays as it was
     with torch.no_grad():
         attention_fn(plan)(x, x, x)
