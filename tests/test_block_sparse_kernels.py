@@ -109,7 +109,7 @@ def test_sliding_window_takes_the_band_path():
     assert not plan.multi  # one call per row: written in place, nothing merged
     assert all(isinstance(c.k, Strided) for c in plan.calls)  # views of K and V, no gathers
     window = next(c for c in plan.calls if c.kind == "band_window")
-    assert window.k.sm == window.q.R and window.k.R == 256 + window.q.R - 1  # overlapping windows
+    assert window.k.window_stride == window.q.length and window.k.length == 256 + window.q.length - 1  # overlapping windows
 
 
 def test_million_token_plan_is_views_and_small_masks():
@@ -120,7 +120,7 @@ def test_million_token_plan_is_views_and_small_masks():
     elapsed = time.perf_counter() - t0
     assert elapsed < 30
     assert all(isinstance(c.q, Strided) and isinstance(c.k, Strided) for c in plan.calls)
-    assert sum(c.q.M * c.q.R for c in plan.calls) == n  # every row once
+    assert sum(c.q.windows * c.q.length for c in plan.calls) == n  # every row once
     assert max(c.mask.bool.numel() for c in plan.calls if c.mask is not None) <= 512 * 1024
 
 

@@ -24,25 +24,27 @@ NEG_INF = float("-inf")
 _NOTHING = torch.empty(0)
 
 
-def _write(call: Call, out, lse, o, l) -> None:
+def _write(call: Call, out, lse, call_out, call_lse) -> None:
+    """A call's output rows and log-sum-exps into ``out`` and ``lse``: written where the call
+    is the first to cover its rows, else merged with what is there."""
     if isinstance(call.q, Gather):
         if call.first or lse is None:
-            call.q.write(out, o)
+            call.q.write(out, call_out)
             if lse is not None:
-                call.q.write(lse, l)
+                call.q.write(lse, call_lse)
             return
-        ov, lv = call.q.data(out), call.q.rows(lse)
-        _attend.merge(ov, lv, o, l)
-        call.q.write(out, ov)
-        call.q.write(lse, lv)
+        out_rows, lse_rows = call.q.data(out), call.q.rows(lse)
+        _attend.merge(out_rows, lse_rows, call_out, call_lse)
+        call.q.write(out, out_rows)
+        call.q.write(lse, lse_rows)
         return
-    ov = call.q.data(out)
+    out_rows = call.q.data(out)
     if call.first or lse is None:
-        ov.copy_(o)
+        out_rows.copy_(call_out)
         if lse is not None:
-            call.q.rows(lse).copy_(l)
+            call.q.rows(lse).copy_(call_lse)
         return
-    _attend.merge(ov, call.q.rows(lse), o, l)
+    _attend.merge(out_rows, call.q.rows(lse), call_out, call_lse)
 
 
 def _native_ok(call: Call, qs: torch.Tensor) -> bool:
@@ -62,16 +64,19 @@ def _whole(plan: Plan) -> Call | None:
     """The call, when a plan is one ATen call over all rows of each sequence, in order."""
     if len(plan.calls) != 1 or plan.multi or plan.init:
         return None
-    c = plan.calls[0]
-    ok = isinstance(c.q, Strided) and c.q.M == 1 and c.q.offset == 0 and c.q.sr == 1 and c.q.R == plan.n
-    return c if ok and c.table is None and c.ranges is None and c.empty is None else None
+    call = plan.calls[0]
+    q = call.q
+    ok = isinstance(q, Strided) and q.windows == 1 and q.offset == 0 and q.row_stride == 1 and q.length == plan.n
+    return call if ok and call.table is None and call.ranges is None and call.empty is None else None
 
 
 def _native_window(qs: torch.Tensor) -> bool:
     """Whether window calls run on the native kernel: on a CPU with AVX-512, head_dim a multiple
     of 32, fp32, bf16 or fp16 (widened to fp32 as loaded; fp32 output and gradients); set
     _plan.NATIVE_WINDOWS = False to compare with ATen's kernel."""
-    if not (_plan.NATIVE_WINDOWS and qs.device.type == "cpu" and qs.dtype in _plan.NATIVE_DTYPES and qs.shape[-1] % 32 == 0):
+    if not (_plan.NATIVE_WINDOWS and qs.device.type == "cpu" and qs.dtype in _plan.NATIVE_DTYPES):
+        return False
+    if qs.shape[-1] % 32 != 0:
         return False
     mod = _native.kernel()
     return mod is not None and bool(mod.has_window())
@@ -82,32 +87,33 @@ def _runnable(call: Call, qs: torch.Tensor):
     if call.table is None or _native_ok(call, qs):
         yield 0, call
         return
-    yield from call.pieces(max(1, 8 * _plan.ROW_BUDGET // max(1, qs.shape[0] * call.k.R)))
+    yield from call.pieces(max(1, 8 * _plan.ROW_BUDGET // max(1, qs.shape[0] * call.k.length)))
 
 
 def run_forward(plan: Plan, q, k, v, keep: bool = False):
     """(out (B, H, n, d), merged lse (B*H, n) or None, per-call lse list if ``keep``). ``out``
     is fp32 when calls are merged, else q.dtype."""
     B, H, n, d = q.shape
-    G = B * H
-    qs, ks, vs = (t.reshape(G, n, d).contiguous() for t in (q, k, v))
+    seqs = B * H
+    qs, ks, vs = (t.reshape(seqs, n, d).contiguous() for t in (q, k, v))
     whole = _whole(plan)
     if whole is not None:  # one call computes every row in order: its output is the output
-        o, l = _attend.forward(whole.q.data(qs), whole.k.data(ks), whole.k.data(vs), whole.mask, whole.causal, plan.scale)
-        if o.is_contiguous():
-            return o.view(B, H, n, d), None, [l]
+        q_rows, k_rows, v_rows = whole.q.data(qs), whole.k.data(ks), whole.k.data(vs)
+        call_out, call_lse = _attend.forward(q_rows, k_rows, v_rows, whole.mask, whole.causal, plan.scale)
+        if call_out.is_contiguous():
+            return call_out.view(B, H, n, d), None, [call_lse]
         out = torch.empty(B, H, n, d, dtype=q.dtype, device=q.device)
-        out.view(G, 1, n, d).copy_(o)
-        return out, None, [l]
+        out.view(seqs, 1, n, d).copy_(call_out)
+        return out, None, [call_lse]
     # fp32 when calls are merged, or when the native kernel (fp32 output) serves low precision
     native_low = q.dtype != torch.float32 and _native_window(qs) and any(
         c.ranges is not None or _native_ok(c, qs) for c in plan.calls
     )
-    acc = torch.float32 if plan.multi or native_low else q.dtype
-    out = (torch.zeros if plan.init else torch.empty)(G, n, d, dtype=acc, device=q.device)
+    out_dtype = torch.float32 if plan.multi or native_low else q.dtype
+    out = (torch.zeros if plan.init else torch.empty)(seqs, n, d, dtype=out_dtype, device=q.device)
     lse = None
     if plan.multi:
-        lse = torch.full((G, n), NEG_INF, device=q.device) if plan.init else torch.empty(G, n, device=q.device)
+        lse = torch.full((seqs, n), NEG_INF, device=q.device) if plan.init else torch.empty(seqs, n, device=q.device)
     saved: list[torch.Tensor] = []
     for call in plan.calls:
         parts = []
@@ -119,94 +125,116 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
             if _native_ok(piece, qs):
                 into = out.narrow(1, piece.q.offset, piece.table.shape[0]) if inplace and piece.first else _NOTHING
                 if _blocked(piece, qs):
-                    o, l = _native.kernel().table_forward_blocked(
+                    call_out, call_lse = _native.kernel().table_forward_blocked(
                         qs, ks, vs, piece.table, piece.bounds, piece.q.offset, plan.scale, into
                     )  # fmt: skip
                 else:
-                    o, l = _native.kernel().table_forward(qs, ks, vs, piece.table, piece.q.offset, plan.scale, into)
-                o, l = o.unsqueeze(2), l.unsqueeze(2)
+                    call_out, call_lse = _native.kernel().table_forward(
+                        qs, ks, vs, piece.table, piece.q.offset, plan.scale, into
+                    )  # fmt: skip
+                call_out, call_lse = call_out.unsqueeze(2), call_lse.unsqueeze(2)
             elif piece.ranges is not None and _native_window(qs):
-                qv = piece.q.data(qs)
+                q_rows = piece.q.data(qs)
                 merge = inplace and not piece.first and lse is not None
                 into = piece.q.data(out) if inplace and (piece.first or merge) else _NOTHING
                 lse_in = piece.q.rows(lse) if merge else _NOTHING
                 if isinstance(piece.k, Gather):  # keys gathered while packed, no gathered copy
                     idx = piece.k.native_index()
-                    o, l = _native.kernel().gather_forward(qv, ks, vs, idx, *piece.ranges, plan.scale, into, lse_in)
+                    call_out, call_lse = _native.kernel().gather_forward(
+                        q_rows, ks, vs, idx, *piece.ranges, plan.scale, into, lse_in
+                    )  # fmt: skip
                 else:
-                    kv, vv = piece.k.data(ks), piece.k.data(vs)
-                    o, l = _native.kernel().window_forward(qv, kv, vv, *piece.ranges, plan.scale, into, lse_in)
+                    k_rows, v_rows = piece.k.data(ks), piece.k.data(vs)
+                    call_out, call_lse = _native.kernel().window_forward(
+                        q_rows, k_rows, v_rows, *piece.ranges, plan.scale, into, lse_in
+                    )  # fmt: skip
             else:
                 into = _NOTHING
-                o, l = _attend.forward(piece.q.data(qs), piece.k.data(ks), piece.k.data(vs), piece.mask, piece.causal, plan.scale)
+                q_rows, k_rows, v_rows = piece.q.data(qs), piece.k.data(ks), piece.k.data(vs)
+                call_out, call_lse = _attend.forward(q_rows, k_rows, v_rows, piece.mask, piece.causal, plan.scale)
             if piece.empty is not None:
-                l = l.masked_fill(piece.empty, NEG_INF)
+                call_lse = call_lse.masked_fill(piece.empty, NEG_INF)
             if not into.numel():
-                _write(piece, out, lse, o, l)
+                _write(piece, out, lse, call_out, call_lse)
             elif lse is not None and not merge:  # written in place: only the log-sum-exps to keep
-                piece.q.rows(lse).copy_(l)
-            parts.append(l)
+                piece.q.rows(lse).copy_(call_lse)
+            parts.append(call_lse)
         if keep:
             saved.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return out.view(B, H, n, d), lse, saved
 
 
-def _native_window_backward(call, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, scale) -> None:
-    """A window call's gradients from the native kernel, the key gradients added straight into gk
-    and gv: through views of K and V, or (gathered keys) at the rows of the call's index."""
-    go = call.q.data(dos)
-    lk = lw if call.empty is None else lw.masked_fill(call.empty, 0.0)
-    # merged calls: the kernel scales each row's go by this call's share, exp(lse - merged lse)
-    lm = call.q.rows(lse) if lse is not None else _NOTHING
-    qv, ov = call.q.data(qs), call.q.data(os_)
+def _native_window_backward(call, call_lse, lse, qs, ks, vs, outs, douts, dq, dk, dv, scale) -> None:
+    """A window call's gradients from the native kernel, the key gradients added straight into dk
+    and dv: through views of K and V, or (gathered keys) at the rows of the call's index.
+    ``call_lse``: the call's own log-sum-exps, ``lse``: the merged ones (None: not merged)."""
+    dout_rows = call.q.data(douts)
+    call_lse_kernel = call_lse if call.empty is None else call_lse.masked_fill(call.empty, 0.0)
+    # merged calls: the kernel scales each row's output gradient by this call's share, exp(lse - merged lse)
+    merged_lse = call.q.rows(lse) if lse is not None else _NOTHING
+    q_rows, out_rows = call.q.data(qs), call.q.data(outs)
     # gathered query rows: their gradients into a buffer of the call's rows, then added at the index
-    dqv = call.q.data(gq) if isinstance(call.q, Strided) else torch.zeros(go.shape, dtype=torch.float32, device=go.device)
+    if isinstance(call.q, Strided):
+        dq_rows = call.q.data(dq)
+    else:
+        dq_rows = torch.zeros(dout_rows.shape, dtype=torch.float32, device=dout_rows.device)
     if isinstance(call.k, Strided):
-        k, v, dk, dv, idx = call.k.data(ks), call.k.data(vs), call.k.data(gk), call.k.data(gv), _NOTHING
+        k_rows, v_rows, idx = call.k.data(ks), call.k.data(vs), _NOTHING
+        dk_rows, dv_rows = call.k.data(dk), call.k.data(dv)
     else:  # key rows read and their gradients added where they lie: no gathered copies
-        k, v, dk, dv, idx = ks, vs, gk, gv, call.k.native_index()
-    _native.kernel().window_backward(qv, k, v, *call.ranges, scale, go, ov, lk, dqv, dk, dv, idx, lm)
+        k_rows, v_rows, dk_rows, dv_rows, idx = ks, vs, dk, dv, call.k.native_index()
+    _native.kernel().window_backward(
+        q_rows, k_rows, v_rows, *call.ranges, scale, dout_rows, out_rows, call_lse_kernel, dq_rows, dk_rows, dv_rows,
+        idx, merged_lse,
+    )  # fmt: skip
     if not isinstance(call.q, Strided):
-        call.q.add_into(gq, dqv)
+        call.q.add_into(dq, dq_rows)
 
 
 def run_backward(plan: Plan, q, k, v, out, lse, saved, dout):
     """Gradients (dq, dk, dv) of the plan's attention; ``out`` is the merged output (q.dtype)."""
     B, H, n, d = q.shape
-    G = B * H
-    qs, ks, vs = (t.reshape(G, n, d).contiguous() for t in (q, k, v))
-    os_ = out.reshape(G, n, d).contiguous()
-    dos = dout.reshape(G, n, d).contiguous()
-    grads = [torch.zeros(G, n, d, dtype=torch.float32, device=q.device) for _ in range(3)]
-    gq, gk, gv = grads
-    for whole, lw in zip(plan.calls, saved):
-        native = _native_ok(whole, qs)
-        if whole.ranges is not None and _native_window(qs):
-            _native_window_backward(whole, lw, lse, qs, ks, vs, os_, dos, gq, gk, gv, plan.scale)
+    seqs = B * H
+    qs, ks, vs = (t.reshape(seqs, n, d).contiguous() for t in (q, k, v))
+    outs = out.reshape(seqs, n, d).contiguous()
+    douts = dout.reshape(seqs, n, d).contiguous()
+    grads = [torch.zeros(seqs, n, d, dtype=torch.float32, device=q.device) for _ in range(3)]
+    dq, dk, dv = grads
+    for call, call_lse in zip(plan.calls, saved):
+        native = _native_ok(call, qs)
+        if call.ranges is not None and _native_window(qs):
+            _native_window_backward(call, call_lse, lse, qs, ks, vs, outs, douts, dq, dk, dv, plan.scale)
             continue
-        M = whole.q.M
-        step = M if M == 1 or native else max(1, BACKWARD_KEY_ROWS // max(1, G * whole.k.R))
-        for m0, call in whole.pieces(step):
-            l = lw if call is whole else lw[:, m0 : m0 + call.q.M]
-            go = call.q.data(dos)
+        windows = call.q.windows
+        step = windows if windows == 1 or native else max(1, BACKWARD_KEY_ROWS // max(1, seqs * call.k.length))
+        for m0, piece in call.pieces(step):
+            piece_lse = call_lse if piece is call else call_lse[:, m0 : m0 + piece.q.windows]
+            dout_rows = piece.q.data(douts)
             if lse is not None:
-                lm = call.q.rows(lse)
-                w = torch.where(torch.isfinite(lm), torch.exp(l - lm), torch.zeros_like(lm))
-                go = (go.float() * w.unsqueeze(-1)).to(q.dtype)
+                merged_lse = piece.q.rows(lse)
+                share = torch.where(
+                    torch.isfinite(merged_lse), torch.exp(piece_lse - merged_lse), torch.zeros_like(merged_lse)
+                )  # fmt: skip
+                dout_rows = (dout_rows.float() * share.unsqueeze(-1)).to(q.dtype)
             if native:
                 args = (
-                    plan.scale, go.reshape(G, -1, d).float().contiguous(),
-                    call.q.data(os_).reshape(G, -1, d).float().contiguous(), l.reshape(G, -1).contiguous(), gq, gk, gv,
+                    plan.scale, dout_rows.reshape(seqs, -1, d).float().contiguous(),
+                    piece.q.data(outs).reshape(seqs, -1, d).float().contiguous(),
+                    piece_lse.reshape(seqs, -1).contiguous(), dq, dk, dv,
                 )  # fmt: skip
-                if _blocked(call, qs):
-                    _native.kernel().table_backward_blocked(qs, ks, vs, call.table, call.bounds, call.q.offset, *args)
+                if _blocked(piece, qs):
+                    bounds = piece.bounds
+                    _native.kernel().table_backward_blocked(qs, ks, vs, piece.table, bounds, piece.q.offset, *args)
                 else:
-                    _native.kernel().table_backward(qs, ks, vs, call.table, call.q.offset, *args)
+                    _native.kernel().table_backward(qs, ks, vs, piece.table, piece.q.offset, *args)
                 continue
-            qv, kv, vv = call.q.data(qs), call.k.data(ks), call.k.data(vs)
-            lk = l if call.empty is None else l.masked_fill(call.empty, 0.0)
-            dq_c, dk_c, dv_c = _attend.backward(go, qv, kv, vv, call.q.data(os_), lk, call.mask, call.causal, plan.scale)
-            call.q.add_into(gq, dq_c)
-            call.k.add_into(gk, dk_c)
-            call.k.add_into(gv, dv_c)
+            q_rows, k_rows, v_rows = piece.q.data(qs), piece.k.data(ks), piece.k.data(vs)
+            piece_lse_kernel = piece_lse if piece.empty is None else piece_lse.masked_fill(piece.empty, 0.0)
+            dq_piece, dk_piece, dv_piece = _attend.backward(
+                dout_rows, q_rows, k_rows, v_rows, piece.q.data(outs), piece_lse_kernel, piece.mask, piece.causal,
+                plan.scale,
+            )  # fmt: skip
+            piece.q.add_into(dq, dq_piece)
+            piece.k.add_into(dk, dk_piece)
+            piece.k.add_into(dv, dv_piece)
     return tuple(g.view(B, H, n, d).to(q.dtype) for g in grads)

@@ -1,13 +1,13 @@
 """From a pattern's structure (or, failing that, its block layout) to a list of fused attention
 calls over views of q, k and v (``views.py``); ``execute.py`` runs them forward and backward.
 
-Each part of a ``Structure`` becomes a few calls on 4-D views (X sequences, M windows, rows, d):
+Each part of a ``Structure`` becomes a few calls on 4-D views (X sequences, windows, rows, d):
 
 * ``Band`` (a diagonal band): query blocks of 32 rows against overlapping key windows of
   ``width + 31`` keys: one ``as_strided`` view of K and V for all blocks (no gather, no copy) and
   one shared mask, which is one key range per row; the few blocks at the sequence ends are
-  separate masked calls. Residue bands (step D > 1: dilated windows, strided columns) are the
-  same on views with a row stride of D, one residue class at a time (or all side by side when
+  separate masked calls. Residue bands (step > 1: dilated windows, strided columns) are the
+  same on views with that row stride, one residue class at a time (or all side by side when
   the band reaches back to the start). Wide causal bands (dense) are one causal call.
 * ``BlockBand`` (block-local windows): the same, with windows that start at block boundaries;
   for ATen, causal diagonal blocks are split into sub-blocks so that little above the diagonal is
@@ -61,14 +61,18 @@ RANGE_MASK_BYTES = 1 << 16
 
 @dataclass(eq=False)
 class Call:
+    """One fused attention call: query rows ``q`` against key (and value) rows ``k``, window by
+    window, under ``mask`` (None: every pair) or causal within each window. The planner sets
+    ``first``, ``table``, ``bounds`` and ``ranges`` (``Planner.finish``)."""
+
     q: View
     k: View
     mask: Mask | None
     causal: bool
-    empty: torch.Tensor | None  # bool, broadcastable to the (X, M, R) rows: rows with no key
+    empty: torch.Tensor | None  # bool, broadcastable to the (X, windows, rows) rows: rows with no key
     kind: str
     first: bool = True  # writes its rows (no earlier call did); else merges into them
-    table: torch.Tensor | None = None  # (rows, R) int32 keys per query row (-1: none): native kernel
+    table: torch.Tensor | None = None  # (rows, keys) int32 keys per query row (-1: none): native kernel
     bounds: torch.Tensor | None = None  # (rows, chunks + 1) int32: where each sorted row's key chunks begin
     ranges: tuple[torch.Tensor, torch.Tensor] | None = None  # per query row, its one key range (native)
 
@@ -86,15 +90,17 @@ class Call:
 
     def pieces(self, rows: int):
         """Sub-calls of at most ``rows`` windows (the call itself when it is small enough)."""
-        if self.q.M <= rows:
+        if self.q.windows <= rows:
             yield 0, self
             return
-        for m0 in range(0, self.q.M, rows):
-            yield m0, self.sub(m0, min(self.q.M, m0 + rows))
+        for m0 in range(0, self.q.windows, rows):
+            yield m0, self.sub(m0, min(self.q.windows, m0 + rows))
 
 
 @dataclass(eq=False)
 class Plan:
+    """The calls that compute attention under a pattern for sequences of n tokens."""
+
     n: int
     causal: bool
     scale: float
@@ -109,7 +115,12 @@ class Plan:
 
 
 class Planner:
-    def __init__(self, n: int, causal: bool, groups: int, device: torch.device, dtype: torch.dtype | None, head_dim: int):
+    """Collects the calls of a plan, part by part (``build`` drives it); ``finish`` makes the plan.
+    ``groups``: batch * heads sequences, which every call covers at once (its row budget)."""
+
+    def __init__(
+        self, n: int, causal: bool, groups: int, device: torch.device, dtype: torch.dtype | None, head_dim: int
+    ) -> None:
         self.n, self.causal, self.groups, self.device, self.dtype = n, causal, groups, device, dtype
         self.head_dim = head_dim
         # window calls will run on the native kernel (it computes each row's key range only)
@@ -122,9 +133,11 @@ class Planner:
         self.kinds: list[str] = []
 
     def mask(self, allowed: torch.Tensor) -> Mask:
+        """A call's mask on the plan's device."""
         return Mask(allowed.to(self.device))
 
     def chunk(self, rows_per_item: int) -> int:
+        """Windows per call whose query rows, over all sequences, stay within ROW_BUDGET."""
         return max(1, ROW_BUDGET // max(1, self.groups * rows_per_item))
 
     def add(self, q: View, k: View, m: torch.Tensor | None, causal: bool, kind: str) -> None:
@@ -138,54 +151,62 @@ class Planner:
         self.calls.append(Call(q, k, mask, causal, empty, kind))
 
     # -- ranges with explicit masks ----------------------------------------------------------
-    def range_calls(self, r0: int, nr: int, D: int, length: int, c0: int, c1: int, span, pred, kind: str) -> None:
-        """Masked calls for positions [c0, c1) of residues r0..r0+nr-1 (row = r + D * position;
-        D = 1: plain rows), each residue ``length`` positions long: ``span(a, b)`` gives the key
-        positions of query positions [a, b), ``pred(t, u)`` the allowed (query, key) positions."""
-        for a in range(c0, c1, RANGE_ROWS):
-            b_ = min(c1, a + RANGE_ROWS)
-            k0, k1 = span(a, b_)
-            k0, k1 = max(0, k0), min(length, k1)
-            if k1 <= k0:
+    def range_calls(
+        self, first_residue: int, residues: int, step: int, length: int, start: int, end: int, span, pred, kind: str
+    ) -> None:
+        """Masked calls for positions [start, end) of residues first_residue .. first_residue +
+        residues - 1 (row = residue + step * position; step 1: plain rows), each residue
+        ``length`` positions long: ``span(a, b)`` gives the key positions of query positions
+        [a, b), ``pred(t, u)`` the allowed (query, key) positions."""
+        for q_start in range(start, end, RANGE_ROWS):
+            q_end = min(end, q_start + RANGE_ROWS)
+            key_start, key_end = span(q_start, q_end)
+            key_start, key_end = max(0, key_start), min(length, key_end)
+            if key_end <= key_start:
                 continue
-            t = torch.arange(a, b_)[:, None]
-            u = torch.arange(k0, k1)[None, :]
-            m = pred(t, u).expand(b_ - a, k1 - k0)
+            t = torch.arange(q_start, q_end)[:, None]
+            u = torch.arange(key_start, key_end)[None, :]
+            m = pred(t, u).expand(q_end - q_start, key_end - key_start)
             if self.causal:
                 m = m & (u <= t)
             rows, cols = m.any(1), m.any(0)
             if not bool(rows.any()):
                 continue
-            rr, cc = torch.nonzero(rows).flatten(), torch.nonzero(cols).flatten()
-            q0, q1 = a + int(rr[0]), a + int(rr[-1]) + 1
-            j0, j1 = k0 + int(cc[0]), k0 + int(cc[-1]) + 1
-            m = m[q0 - a : q1 - a, j0 - k0 : j1 - k0]
-            qv = Strided(nr, q1 - q0, 1, r0 + D * q0, D)
-            kv = Strided(nr, j1 - j0, 1, r0 + D * j0, D)
+            row_idx, col_idx = torch.nonzero(rows).flatten(), torch.nonzero(cols).flatten()
+            first_row, end_row = q_start + int(row_idx[0]), q_start + int(row_idx[-1]) + 1
+            first_key, end_key = key_start + int(col_idx[0]), key_start + int(col_idx[-1]) + 1
+            m = m[first_row - q_start : end_row - q_start, first_key - key_start : end_key - key_start]
+            qv = Strided(residues, end_row - first_row, 1, first_residue + step * first_row, step)
+            kv = Strided(residues, end_key - first_key, 1, first_residue + step * first_key, step)
             self.add(qv, kv, m[None, None], False, kind)
 
     # -- bands -------------------------------------------------------------------------------
     def band(self, part: Band) -> None:
-        n, D = self.n, part.step
-        if D >= n:
-            D = n  # every residue class holds one position
+        n, step = self.n, part.step
+        if step >= n:
+            step = n  # every residue class holds one position
         # residues of equal length, as (first residue, count, length)
-        groups = [(0, D, n // D)] if n % D == 0 else [(0, n % D, n // D + 1), (n % D, D - n % D, n // D)]
+        if n % step == 0:
+            classes = [(0, step, n // step)]
+        else:
+            classes = [(0, n % step, n // step + 1), (n % step, step - n % step, n // step)]
         self.kinds.append("band" if part.step == 1 else "residue_band")
-        for r0, nr, L in groups:
-            if nr > 0 and L > 0:
-                self._band(part.lo, part.hi, r0, nr, D, L)
+        for first_residue, residues, length in classes:
+            if residues > 0 and length > 0:
+                self._band(part.lo, part.hi, first_residue, residues, step, length)
 
-    def _band(self, lo: int, hi: int, r0: int, nr: int, D: int, L: int) -> None:
+    def _band(self, lo: int, hi: int, first_residue: int, residues: int, step: int, length: int) -> None:
+        """The band lo <= t - u <= hi over positions t, u of residues first_residue ..
+        first_residue + residues - 1 (row = residue + step * position), each ``length`` long."""
         causal = self.causal
         if causal:
             lo = max(lo, 0)
-        lo, hi = max(lo, -(L - 1)), min(hi, L - 1)
+        lo, hi = max(lo, -(length - 1)), min(hi, length - 1)
         if lo > hi:
             return
         width = hi - lo + 1
-        b = BAND_ROWS
-        S = width + b - 1
+        block_rows = BAND_ROWS
+        window_keys = width + block_rows - 1  # keys of one query block's window
 
         def pred(t, u):
             return ((t - u) >= lo) & ((t - u) <= hi)
@@ -193,107 +214,109 @@ class Planner:
         def span(a, c):
             return a - hi, c - lo
 
-        if causal and hi == L - 1:  # every key at least lo back: causal attention, shifted by lo
-            rows = L - lo
+        def rows_at(rows: int, position: int) -> Strided:
+            """``rows`` consecutive positions from ``position`` on, in every residue."""
+            return Strided(residues, rows, 1, first_residue + step * position, step)
+
+        if causal and hi == length - 1:  # every key at least lo back: causal attention, shifted by lo
+            rows = length - lo
             if rows <= 0:
                 return
             if rows > 4 * KV_SPLIT:  # long: one causal call, the kernel skips key blocks past each row
-                qv = Strided(nr, rows, 1, r0 + D * lo, D)
-                kv = Strided(nr, rows, 1, r0, D)
-                self.calls.append(Call(qv, kv, None, True, None, "band_causal"))
+                self.calls.append(Call(rows_at(rows, lo), rows_at(rows, 0), None, True, None, "band_causal"))
                 return
             if self.native_windows:  # one call: the native kernel stops each row at its diagonal
                 tt = torch.arange(rows)[:, None]
-                qv = Strided(nr, rows, 1, r0 + D * lo, D)
-                kv = Strided(nr, rows, 1, r0, D)
-                self.add(qv, kv, (torch.arange(rows)[None, :] <= tt)[None, None], False, "band_causal")
+                self.add(rows_at(rows, lo), rows_at(rows, 0), (torch.arange(rows)[None, :] <= tt)[None, None], False,
+                         "band_causal")  # fmt: skip
                 return
             # short (ATen's kernel would compute the whole square): 32 rows at a time
-            for c in range(0, rows, b):
-                e = min(rows, c + b)
-                tt = torch.arange(c, e)[:, None]
-                uu = torch.arange(e)[None, :]
-                qv = Strided(nr, e - c, 1, r0 + D * (lo + c), D)
-                kv = Strided(nr, e, 1, r0, D)
-                self.add(qv, kv, (uu <= tt)[None, None], False, "band_causal")
+            for row_start in range(0, rows, block_rows):
+                row_end = min(rows, row_start + block_rows)
+                tt = torch.arange(row_start, row_end)[:, None]
+                uu = torch.arange(row_end)[None, :]
+                qv = rows_at(row_end - row_start, lo + row_start)
+                self.add(qv, rows_at(row_end, 0), (uu <= tt)[None, None], False, "band_causal")
             return
-        if not causal and lo == -(L - 1) and hi == L - 1:
-            qv = Strided(nr, L, 1, r0, D)
+        if not causal and lo == -(length - 1) and hi == length - 1:
+            qv = rows_at(length, 0)
             self.calls.append(Call(qv, qv, None, False, None, "band_full"))
             return
-        a0 = -(-hi // b) if hi > 0 else 0  # first query block whose window starts at key >= 0
-        a1 = min(L - S + hi, L - b) // b + 1  # first block whose window (or rows) passes the end
-        if S >= L or a1 <= a0:
-            self.range_calls(r0, nr, D, L, 0, L, span, pred, "band_edge")
+        first_block = -(-hi // block_rows) if hi > 0 else 0  # first query block whose window starts at key >= 0
+        # first block whose window (or rows) passes the end
+        end_block = min(length - window_keys + hi, length - block_rows) // block_rows + 1
+        if window_keys >= length or end_block <= first_block:
+            self.range_calls(first_residue, residues, step, length, 0, length, span, pred, "band_edge")
             return
-        tt = torch.arange(b)[:, None]
-        uu = torch.arange(S)[None, :]
+        tt = torch.arange(block_rows)[:, None]
+        uu = torch.arange(window_keys)[None, :]
         shared = self.mask(((uu >= tt) & (uu <= tt + (hi - lo)))[None, None])
-        step = self.chunk(b)
-        for r in range(r0, r0 + nr):  # windows use the M dimension: one residue at a time
-            for s in range(a0, a1, step):
-                m = min(step, a1 - s)
-                qv = Strided(m, b, D * b, r + D * s * b, D)
-                kv = Strided(m, S, D * b, r + D * (s * b - hi), D)
+        per_call = self.chunk(block_rows)
+        for residue in range(first_residue, first_residue + residues):  # windows take the windows dimension
+            for s in range(first_block, end_block, per_call):
+                windows = min(per_call, end_block - s)
+                qv = Strided(windows, block_rows, step * block_rows, residue + step * s * block_rows, step)
+                kv = Strided(windows, window_keys, step * block_rows, residue + step * (s * block_rows - hi), step)
                 self.calls.append(Call(qv, kv, shared, False, None, "band_window"))
-        if a0 > 0:
-            self.range_calls(r0, nr, D, L, 0, a0 * b, span, pred, "band_edge")
-        self.range_calls(r0, nr, D, L, a1 * b, L, span, pred, "band_edge")
+        edges = [(0, first_block * block_rows)] if first_block > 0 else []
+        for start, end in edges + [(end_block * block_rows, length)]:
+            self.range_calls(first_residue, residues, step, length, start, end, span, pred, "band_edge")
 
     def block_band(self, part: BlockBand) -> None:
-        n, causal, bb = self.n, self.causal, part.size
+        n, causal, size = self.n, self.causal, part.size
         lo, hi = part.lo, part.hi
         if causal:
             lo = max(lo, 0)
-        nA = -(-n // bb)
-        lo, hi = max(lo, -(nA - 1)), min(hi, nA - 1)
+        num_blocks = -(-n // size)
+        lo, hi = max(lo, -(num_blocks - 1)), min(hi, num_blocks - 1)
         if lo > hi:
             return
         self.kinds.append("block_band")
         diag = causal and lo == 0
-        b = bb
+        sub = size  # query rows per call window: the block, or a sub-block of it
         # causal diagonal blocks in sub-blocks, so that ATen's kernel computes less above the
         # diagonal (the native kernel stops each row block at its last key anyway, and one call
         # per block packs each key once)
-        if diag and bb > 32 and not self.native_windows:
-            b = next((c for c in (64, 32) if bb % c == 0 and c < bb), bb)
+        if diag and size > 32 and not self.native_windows:
+            sub = next((c for c in (64, 32) if size % c == 0 and c < size), size)
 
         def pred(i, j):
-            e = i // bb - j // bb
+            e = i // size - j // size
             return (e >= lo) & (e <= hi)
 
         def span(a, c):
-            return (a // bb - hi) * bb, ((c - 1) // bb - lo + 1) * bb
+            return (a // size - hi) * size, ((c - 1) // size - lo + 1) * size
 
-        A0 = max(hi, 0)
-        subs = []
-        A1 = n  # interior blocks A0 <= A < A1: every sub-block's queries and keys in range
-        for p in range(bb // b):
-            S = hi * bb + (p + 1) * b if diag else (hi - lo + 1) * bb
-            subs.append((p, S))
-            A1 = min(A1, (n - (p + 1) * b) // bb + 1, (n - S) // bb + hi + 1)
-        if A1 <= A0:
-            A1 = A0
-        step = self.chunk(b)
-        for p, S in subs:
-            if A1 <= A0:
+        first_block = max(hi, 0)
+        sub_blocks = []  # (index of the sub-block in its block, keys of its window)
+        end_block = n  # interior blocks first_block <= A < end_block: every sub-block's queries and keys in range
+        for p in range(size // sub):
+            window_keys = hi * size + (p + 1) * sub if diag else (hi - lo + 1) * size
+            sub_blocks.append((p, window_keys))
+            end_block = min(end_block, (n - (p + 1) * sub) // size + 1, (n - window_keys) // size + hi + 1)
+        if end_block <= first_block:
+            end_block = first_block
+        per_call = self.chunk(sub)
+        for p, window_keys in sub_blocks:
+            if end_block <= first_block:
                 break
             mask = None
             if diag:
-                tt = torch.arange(b)[:, None]
-                uu = torch.arange(S)[None, :]
-                mask = self.mask((uu <= hi * bb + p * b + tt)[None, None])
-            for s in range(A0, A1, step):
-                m = min(step, A1 - s)
-                qv = Strided(m, b, bb, s * bb + p * b)
-                kv = Strided(m, S, bb, (s - hi) * bb)
+                tt = torch.arange(sub)[:, None]
+                uu = torch.arange(window_keys)[None, :]
+                mask = self.mask((uu <= hi * size + p * sub + tt)[None, None])
+            for s in range(first_block, end_block, per_call):
+                windows = min(per_call, end_block - s)
+                qv = Strided(windows, sub, size, s * size + p * sub)
+                kv = Strided(windows, window_keys, size, (s - hi) * size)
                 self.calls.append(Call(qv, kv, mask, False, None, "block_band_window"))
-        if A0 > 0:
-            self.range_calls(0, 1, 1, n, 0, min(n, A0 * bb), span, pred, "block_band_edge")
-        self.range_calls(0, 1, 1, n, min(n, A1 * bb), n, span, pred, "block_band_edge")
+        if first_block > 0:
+            self.range_calls(0, 1, 1, n, 0, min(n, first_block * size), span, pred, "block_band_edge")
+        self.range_calls(0, 1, 1, n, min(n, end_block * size), n, span, pred, "block_band_edge")
 
     # -- columns, rows, tables ----------------------------------------------------------------
     def _uncovered(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Pairs (i, j) that no part planned so far covers (and, causal, j <= i)."""
         m = torch.ones(broadcast_shape(i.shape, j.shape), dtype=torch.bool)
         for part in self.earlier:
             m &= ~part.covers(i, j)
@@ -302,6 +325,8 @@ class Planner:
         return m
 
     def keys(self, part: Keys) -> None:
+        """Key columns: chunks of query rows against the columns (a view when they are
+        consecutive, else gathered), masked where earlier parts covered a pair."""
         keys = part.keys.cpu()
         keys = keys[keys < self.n]
         if keys.numel() == 0:
@@ -310,24 +335,25 @@ class Planner:
         n = self.n
         contiguous = keys.numel() == 1 or bool((keys[1:] - keys[:-1] == 1).all())
         rows_chunk = max(RANGE_ROWS, min(4096, (1 << 22) // keys.numel()))
-        for c0 in range(0, n, rows_chunk):
-            c1 = min(n, c0 + rows_chunk)
-            m = self._uncovered(torch.arange(c0, c1)[:, None], keys[None, :])
+        for chunk_start in range(0, n, rows_chunk):
+            chunk_end = min(n, chunk_start + rows_chunk)
+            m = self._uncovered(torch.arange(chunk_start, chunk_end)[:, None], keys[None, :])
             rows = m.any(1)
             if not bool(rows.any()):
                 continue
-            rr, cc = torch.nonzero(rows).flatten(), torch.nonzero(m.any(0)).flatten()
-            a0, a1 = c0 + int(rr[0]), c0 + int(rr[-1]) + 1
-            k0, k1 = int(cc[0]), int(cc[-1]) + 1
-            m = m[a0 - c0 : a1 - c0, k0:k1]
-            qv = Strided(1, a1 - a0, 1, a0)
+            row_idx, col_idx = torch.nonzero(rows).flatten(), torch.nonzero(m.any(0)).flatten()
+            first_row, end_row = chunk_start + int(row_idx[0]), chunk_start + int(row_idx[-1]) + 1
+            first_key, end_key = int(col_idx[0]), int(col_idx[-1]) + 1
+            m = m[first_row - chunk_start : end_row - chunk_start, first_key:end_key]
+            qv = Strided(1, end_row - first_row, 1, first_row)
             if contiguous:
-                kv: View = Strided(1, k1 - k0, 1, int(keys[k0]))
+                kv: View = Strided(1, end_key - first_key, 1, int(keys[first_key]))
             else:
-                kv = Gather(keys[k0:k1].to(self.device), 1, k1 - k0)
+                kv = Gather(keys[first_key:end_key].to(self.device), 1, end_key - first_key)
             self.add(qv, kv, m[None, None], False, "keys")
 
     def rows(self, part: Rows) -> None:
+        """Query rows against every key: the rows gathered, one call."""
         rows = part.rows.cpu()
         rows = rows[rows < self.n]
         if rows.numel() == 0:
@@ -338,130 +364,136 @@ class Planner:
         rows, m = rows[keep], m[keep]
         if rows.numel() == 0:
             return
-        cc = torch.nonzero(m.any(0)).flatten()
-        k0, k1 = int(cc[0]), int(cc[-1]) + 1
+        col_idx = torch.nonzero(m.any(0)).flatten()
+        first_key, end_key = int(col_idx[0]), int(col_idx[-1]) + 1
         qv = Gather(rows.to(self.device), 1, rows.numel())
-        self.add(qv, Strided(1, k1 - k0, 1, k0), m[None, None, :, k0:k1], False, "rows")
+        self.add(qv, Strided(1, end_key - first_key, 1, first_key), m[None, None, :, first_key:end_key], False, "rows")
 
     def table(self, part: Table) -> None:
+        """Per-query key tables: calls of single query rows against their gathered keys, which
+        carry the table itself for the native kernels (and, blocked, each row's chunk bounds)."""
         n = self.n
-        t = part.table[:n].cpu()
+        table = part.table[:n].cpu()
         self.kinds.append("table")
-        R = t.shape[1]
+        keys_per_row = table.shape[1]
         cpu = self.device.type == "cpu" and _native.enabled()
         # AVX-512: the cache-blocked kernel (fp32, bf16, fp16), chunks of keys whose K and V rows
         # fill ~1 MiB in fp32; while there are no more chunks than keys per query (beyond that,
         # the per-chunk bounds would outgrow the table itself, n^2 / chunk, and most visits would
         # find nothing)
         chunk = max(64, KEY_CHUNK_BYTES // (2 * 4 * self.head_dim))
-        blocked = cpu and self.native_windows and self.head_dim in (32, 64, 128) and -(-n // chunk) <= R
+        blocked = cpu and self.native_windows and self.head_dim in (32, 64, 128) and -(-n // chunk) <= keys_per_row
         native = cpu and (self.dtype == torch.float32 or blocked)
         # the native kernels read rows in place (large calls); gathering needs small ones
-        step = TABLE_ROWS if native else 8 * self.chunk(R)
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            tt = t[s:e]
-            ok = tt >= 0
+        rows_per_call = TABLE_ROWS if native else 8 * self.chunk(keys_per_row)
+        for start in range(0, n, rows_per_call):
+            end = min(n, start + rows_per_call)
+            row_keys = table[start:end]
+            ok = row_keys >= 0
             if self.causal:
-                ok &= tt <= torch.arange(s, e)[:, None]
-            qv = Strided(e - s, 1, 1, s)
-            kv = Gather(tt.clamp(min=0).flatten().to(self.device), e - s, R)
+                ok &= row_keys <= torch.arange(start, end)[:, None]
+            qv = Strided(end - start, 1, 1, start)
+            kv = Gather(row_keys.clamp(min=0).flatten().to(self.device), end - start, keys_per_row)
             self.add(qv, kv, ok[None, :, None, :], False, "table")
-            tab = torch.where(ok, tt, -1).to(torch.int32)
+            row_table = torch.where(ok, row_keys, -1).to(torch.int32)
             if blocked:  # keys sorted per row, and where each row's keys of each chunk begin
-                tab = tab.sort(dim=1).values
+                row_table = row_table.sort(dim=1).values
                 edges = torch.arange(0, n + chunk, chunk, dtype=torch.int32).clamp(max=n)
-                bounds = torch.searchsorted(tab, edges.expand(e - s, edges.numel()).contiguous())
+                bounds = torch.searchsorted(row_table, edges.expand(end - start, edges.numel()).contiguous())
                 self.calls[-1].bounds = bounds.to(torch.int32).contiguous()
-            self.calls[-1].table = tab.contiguous()
+            self.calls[-1].table = row_table.contiguous()
 
     def block_table(self, part: BlockTable) -> None:
-        n, bb = self.n, part.size
-        nA = -(-n // bb)
-        t = part.table[:nA].cpu()
+        """Per-query-block key-block tables: query blocks against their gathered key blocks."""
+        n, size = self.n, part.size
+        num_blocks = -(-n // size)
+        table = part.table[:num_blocks].cpu()
         self.kinds.append("block_table")
-        R = t.shape[1]
-        ar = torch.arange(bb)
-        step = self.chunk(bb)
+        blocks_per_row = table.shape[1]
+        ar = torch.arange(size)
+        per_call = self.chunk(size)
         # calls without a mask: blocks from the first whose slots are all used (and, causal,
         # before it); the first blocks and a short last one get calls of their own
-        full = n // bb
-        used = (t >= 0).all(1)
-        first = int(torch.nonzero(~used).max()) + 1 if bool((~used[:full]).any()) else 0
-        first = min(first, full)
-        bounds = [0, first] + list(range(first + step, full, step)) + [full, nA]
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            for a in range(s, e, step):
-                self._block_table_call(t, a, min(e, a + step), bb, R, ar)
+        full_blocks = n // size
+        used = (table >= 0).all(1)
+        first_used = int(torch.nonzero(~used).max()) + 1 if bool((~used[:full_blocks]).any()) else 0
+        first_used = min(first_used, full_blocks)
+        cuts = [0, first_used] + list(range(first_used + per_call, full_blocks, per_call)) + [full_blocks, num_blocks]
+        for cut_start, cut_end in zip(cuts[:-1], cuts[1:]):
+            for call_start in range(cut_start, cut_end, per_call):
+                call_end = min(cut_end, call_start + per_call)
+                self._block_table_call(table, call_start, call_end, size, blocks_per_row, ar)
 
-    def _block_table_call(self, t, s, e, bb, R, ar) -> None:
+    def _block_table_call(self, table, start, end, size, blocks_per_row, ar) -> None:
         n = self.n
-        m_ = e - s
-        blocks = t[s:e]  # (m, R)
-        keys = (blocks.clamp(min=0)[:, :, None] * bb + ar).reshape(m_, R * bb)
-        ok = (blocks >= 0)[:, :, None].expand(m_, R, bb).reshape(m_, R * bb) & (keys < n)
-        rows = min(bb, n - s * bb)
-        i = (torch.arange(s, e)[:, None] * bb + ar[:rows])[:, :, None]  # (m, rows, 1)
-        okm = ok[:, None, :].expand(m_, rows, R * bb)
+        windows = end - start
+        blocks = table[start:end]  # (windows, blocks_per_row)
+        keys_per_row = blocks_per_row * size
+        keys = (blocks.clamp(min=0)[:, :, None] * size + ar).reshape(windows, keys_per_row)
+        ok = (blocks >= 0)[:, :, None].expand(windows, blocks_per_row, size).reshape(windows, keys_per_row) & (keys < n)
+        rows = min(size, n - start * size)
+        i = (torch.arange(start, end)[:, None] * size + ar[:rows])[:, :, None]  # (windows, rows, 1)
+        okm = ok[:, None, :].expand(windows, rows, keys_per_row)
         if self.causal:
             okm = okm & (keys[:, None, :] <= i)
         if not bool(okm.any()):
             return
-        qv = Strided(m_, rows, bb, s * bb)
-        kv = Gather(keys.clamp(max=n - 1).flatten().to(self.device), m_, R * bb)
+        qv = Strided(windows, rows, size, start * size)
+        kv = Gather(keys.clamp(max=n - 1).flatten().to(self.device), windows, keys_per_row)
         self.add(qv, kv, okm[None], False, "block_table")
 
     # -- tiles of a block layout ---------------------------------------------------------------
     def tiles(self, pattern: Pattern, layout: BlockLayout, keep: torch.Tensor) -> None:
         """Gathered tiles (the generic path): query blocks grouped by their number of tiles."""
-        n, b = self.n, layout.block
+        n, block = self.n, layout.block
         rows_of = layout.row_of_tiles()[keep]
         cols = layout.col[keep]
         full = layout.full[keep]
         if cols.numel() == 0:
             return
         self.kinds.append("tiles")
-        nb = layout.num_blocks
-        per_row = torch.bincount(rows_of, minlength=nb)
+        num_blocks = layout.num_blocks
+        per_row = torch.bincount(rows_of, minlength=num_blocks)
         starts = torch.cumsum(per_row, 0) - per_row
-        ar = torch.arange(b)
-        short = n % b != 0
-        for c in torch.unique(per_row).tolist():
-            if c == 0:
+        ar = torch.arange(block)
+        short = n % block != 0
+        for count in torch.unique(per_row).tolist():
+            if count == 0:
                 continue
-            rows = torch.nonzero(per_row == c).flatten()
+            rows = torch.nonzero(per_row == count).flatten()
             if short:
-                rows = rows[rows != nb - 1]
-            step = self.chunk(b)
-            for s in range(0, rows.numel(), step):
-                self._tile_call(pattern, rows[s : s + step], starts, cols, full, c, b, ar)
-        if short and per_row[nb - 1] > 0:
-            self._tile_call(pattern, torch.tensor([nb - 1]), starts, cols, full, int(per_row[nb - 1]), b, ar)
+                rows = rows[rows != num_blocks - 1]
+            per_call = self.chunk(block)
+            for start in range(0, rows.numel(), per_call):
+                self._tile_call(pattern, rows[start : start + per_call], starts, cols, full, count, block, ar)
+        if short and per_row[num_blocks - 1] > 0:
+            last = num_blocks - 1
+            self._tile_call(pattern, torch.tensor([last]), starts, cols, full, int(per_row[last]), block, ar)
 
-    def _tile_call(self, pattern, r, starts, cols, full, c, b, ar) -> None:
+    def _tile_call(self, pattern, qblocks, starts, cols, full, count, block, ar) -> None:
         n = self.n
-        m_ = r.numel()
-        idx = starts[r][:, None] + torch.arange(c)
-        kb = cols[idx]  # (m, c)
-        keys = (kb[:, :, None] * b + ar).reshape(m_, c * b)
-        nrows = min(b, n - int(r[0]) * b)
+        windows = qblocks.numel()
+        idx = starts[qblocks][:, None] + torch.arange(count)
+        key_blocks = cols[idx]  # (windows, count)
+        keys = (key_blocks[:, :, None] * block + ar).reshape(windows, count * block)
+        nrows = min(block, n - int(qblocks[0]) * block)
         m = None
         if not bool(full[idx].all()) or bool((keys >= n).any()):
-            i = (r[:, None] * b + ar[:nrows])[:, :, None]
+            i = (qblocks[:, None] * block + ar[:nrows])[:, :, None]
             m = pattern.allowed(i.clamp(max=n - 1), keys.clamp(max=n - 1)[:, None, :], n, self.causal)
             m = (m & (keys < n)[:, None, :])[None]
-        if m_ == 1 or bool((r[1:] - r[:-1] == 1).all()):
-            qv: View = Strided(m_, nrows, b, int(r[0]) * b)
+        if windows == 1 or bool((qblocks[1:] - qblocks[:-1] == 1).all()):
+            qv: View = Strided(windows, nrows, block, int(qblocks[0]) * block)
         else:
-            qv = Gather((r[:, None] * b + ar).flatten().to(self.device), m_, b)
-        same = m_ == 1 or bool((kb == kb[:1]).all())
-        consecutive = c == 1 or bool((kb[0, 1:] - kb[0, :-1] == 1).all())
-        if same and consecutive and int(kb[0, -1]) * b + b <= n:
-            kv: View = Strided(m_, c * b, 0, int(kb[0, 0]) * b)  # one key range for all rows
+            qv = Gather((qblocks[:, None] * block + ar).flatten().to(self.device), windows, block)
+        same = windows == 1 or bool((key_blocks == key_blocks[:1]).all())
+        consecutive = count == 1 or bool((key_blocks[0, 1:] - key_blocks[0, :-1] == 1).all())
+        if same and consecutive and int(key_blocks[0, -1]) * block + block <= n:
+            kv: View = Strided(windows, count * block, 0, int(key_blocks[0, 0]) * block)  # one key range, all rows
         elif same:  # the same key blocks for all rows: gathered once
-            kv = Gather(keys[0].clamp(max=n - 1).to(self.device), m_, c * b, shared=True)
+            kv = Gather(keys[0].clamp(max=n - 1).to(self.device), windows, count * block, shared=True)
         else:
-            kv = Gather(keys.clamp(max=n - 1).flatten().to(self.device), m_, c * b)
+            kv = Gather(keys.clamp(max=n - 1).flatten().to(self.device), windows, count * block)
         self.add(qv, kv, m, False, "tiles")
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -483,7 +515,8 @@ class Planner:
                 # a mask of its own per row (key columns against many rows): kept as its ranges
                 lo, hi = call.ranges
                 if call.mask.bool.shape[2] == lo.numel():
-                    call.mask = RangeMask(lo.to(self.device, torch.int64), hi.to(self.device, torch.int64), call.k.R)
+                    lo, hi = lo.to(self.device, torch.int64), hi.to(self.device, torch.int64)
+                    call.mask = RangeMask(lo, hi, call.k.length)
         return Plan(self.n, self.causal, scale, self.calls, multi, init, tuple(dict.fromkeys(self.kinds)))
 
 
@@ -492,86 +525,88 @@ def _row_ranges(call: Call) -> tuple[torch.Tensor, torch.Tensor] | None:
     and all windows alike (a shared mask or none): the native window kernel's input."""
     if call.causal or call.table is not None:
         return None
-    L, S = call.q.R, call.k.R
+    rows, keys = call.q.length, call.k.length
     if call.mask is None:
-        lo = torch.zeros(L, dtype=torch.int32)
-        return lo, torch.full((L,), S - 1, dtype=torch.int32)
+        lo = torch.zeros(rows, dtype=torch.int32)
+        return lo, torch.full((rows,), keys - 1, dtype=torch.int32)
     m = call.mask.bool
     if m.dim() != 4 or m.shape[0] != 1 or m.shape[1] != 1:
         return None
-    m = m[0, 0].expand(L, S).cpu()
-    idx = torch.arange(S)
-    anyr = m.any(1)
-    lo = torch.where(m, idx, S).min(1).values
+    m = m[0, 0].expand(rows, keys).cpu()
+    idx = torch.arange(keys)
+    any_key = m.any(1)
+    lo = torch.where(m, idx, keys).min(1).values
     hi = torch.where(m, idx, -1).max(1).values
-    if not bool((m.sum(1) == torch.where(anyr, hi - lo + 1, 0)).all()):
+    if not bool((m.sum(1) == torch.where(any_key, hi - lo + 1, 0)).all()):
         return None
-    lo = torch.where(anyr, lo, 1)
-    hi = torch.where(anyr, hi, 0)
+    lo = torch.where(any_key, lo, 1)
+    hi = torch.where(any_key, hi, 0)
     return lo.to(torch.int32), hi.to(torch.int32)
 
 
 def _detect_band(layout: BlockLayout, keep_all: torch.Tensor) -> tuple[BlockBand | None, torch.Tensor]:
     """The longest diagonal run of full tiles (causal: and the diagonal triangle) present in
     every block row, as a BlockBand, and the tiles it does not cover."""
-    n, b, causal = layout.n, layout.block, layout.causal
-    nb = layout.num_blocks
+    n, block, causal = layout.n, layout.block, layout.causal
+    num_blocks = layout.num_blocks
     rows = layout.row_of_tiles()
     cols = layout.col
-    e = rows - cols
-    rq = torch.clamp(n - rows * b, max=b)
-    diag_full = rq * (rq + 1) // 2 if causal else rq * rq
-    good = layout.full | ((e == 0) & (layout.count == diag_full))
+    offset = rows - cols
+    block_rows = torch.clamp(n - rows * block, max=block)
+    diag_full = block_rows * (block_rows + 1) // 2 if causal else block_rows * block_rows
+    good = layout.full | ((offset == 0) & (layout.count == diag_full))
     cap = 8
     best, best_cover = None, 0
     candidates: list[BlockBand] = []
-    # diagonal runs at the layout's block size: offsets 0..h (and -f..-1 bidirectional)
-    back = torch.zeros(nb, cap + 1, dtype=torch.bool)
-    sel = good & (e >= 0) & (e <= cap)
-    back[rows[sel], e[sel]] = True
-    run = torch.where(back.all(1), cap + 1, torch.argmin(back.int(), dim=1))
-    reach = torch.arange(nb) + 1  # offsets available in row a: 0..a
+    # diagonal runs at the layout's block size: offsets 0..back (and -forward..-1 bidirectional)
+    back_tiles = torch.zeros(num_blocks, cap + 1, dtype=torch.bool)
+    sel = good & (offset >= 0) & (offset <= cap)
+    back_tiles[rows[sel], offset[sel]] = True
+    run = torch.where(back_tiles.all(1), cap + 1, torch.argmin(back_tiles.int(), dim=1))
+    reach = torch.arange(num_blocks) + 1  # offsets available in block row r: 0..r
     limited = run < torch.clamp(reach, max=cap + 1)
-    h = int(run[limited].min()) - 1 if bool(limited.any()) else cap
-    f = 0
-    if not causal and h >= 0:
-        fwd = torch.zeros(nb, cap + 1, dtype=torch.bool)
-        sel = good & (e <= 0) & (e >= -cap)
-        fwd[rows[sel], -e[sel]] = True
-        run_f = torch.where(fwd.all(1), cap + 1, torch.argmin(fwd.int(), dim=1))
-        reach_f = nb - torch.arange(nb)
-        lim = run_f < torch.clamp(reach_f, max=cap + 1)
-        f = int(run_f[lim].min()) - 1 if bool(lim.any()) else cap
-        f = max(f, 0)
-    if h >= 0:
-        candidates.append(BlockBand(b, -f, h))
-    # coarse block-diagonal windows (DeepSpeed local windows): blocks of s*b
-    for s in (16, 8, 4, 2):
-        if s * b >= n:
+    back = int(run[limited].min()) - 1 if bool(limited.any()) else cap
+    forward = 0
+    if not causal and back >= 0:
+        forward_tiles = torch.zeros(num_blocks, cap + 1, dtype=torch.bool)
+        sel = good & (offset <= 0) & (offset >= -cap)
+        forward_tiles[rows[sel], -offset[sel]] = True
+        run_f = torch.where(forward_tiles.all(1), cap + 1, torch.argmin(forward_tiles.int(), dim=1))
+        reach_f = num_blocks - torch.arange(num_blocks)
+        limited_f = run_f < torch.clamp(reach_f, max=cap + 1)
+        forward = int(run_f[limited_f].min()) - 1 if bool(limited_f.any()) else cap
+        forward = max(forward, 0)
+    if back >= 0:
+        candidates.append(BlockBand(block, -forward, back))
+    # coarse block-diagonal windows (DeepSpeed local windows): blocks of factor * block
+    for factor in (16, 8, 4, 2):
+        if factor * block >= n:
             continue
-        part = BlockBand(s * b, 0, 0)
-        inside = (rows // s) == (cols // s)
-        need = (torch.arange(nb) % s) + 1 if causal else torch.clamp(n - (torch.arange(nb) // s) * s * b, max=s * b)
-        if not causal:
-            need = -(-need // b)
-        have = torch.bincount(rows[inside & good], minlength=nb)
+        part = BlockBand(factor * block, 0, 0)
+        inside = (rows // factor) == (cols // factor)
+        if causal:
+            need = (torch.arange(num_blocks) % factor) + 1
+        else:
+            need = torch.clamp(n - (torch.arange(num_blocks) // factor) * factor * block, max=factor * block)
+            need = -(-need // block)
+        have = torch.bincount(rows[inside & good], minlength=num_blocks)
         if bool((have >= need).all()):
             candidates.append(part)
             break
     for part in candidates:
-        if part.size == b:
-            cov = (e >= part.lo) & (e <= part.hi)
+        if part.size == block:
+            covers = (offset >= part.lo) & (offset <= part.hi)
         else:
-            cov = (rows * b) // part.size == (cols * b) // part.size
-        total = int(cov.sum())
+            covers = (rows * block) // part.size == (cols * block) // part.size
+        total = int(covers.sum())
         if total > best_cover:
             best, best_cover = part, total
     if best is None:
         return None, keep_all
-    if best.size == b:
-        covered = (e >= best.lo) & (e <= best.hi)
+    if best.size == block:
+        covered = (offset >= best.lo) & (offset <= best.hi)
     else:
-        covered = (rows * b) // best.size == (cols * b) // best.size
+        covered = (rows * block) // best.size == (cols * block) // best.size
     return best, keep_all & ~covered
 
 

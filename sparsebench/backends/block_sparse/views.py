@@ -13,91 +13,115 @@ import torch
 
 @dataclass(frozen=True)
 class Strided:
-    """Rows ``offset + m*sm + r*sr`` (m < M, r < R) of every sequence of an (X, n, d) tensor, as
-    an (X, M, R, d) view: a block of consecutive rows (sr = 1), overlapping key windows
-    (0 < sm < R), one block repeated (sm = 0), or residue classes (sr = D)."""
+    """Rows ``offset + m * window_stride + r * row_stride`` (m < windows, r < length) of every
+    sequence of an (X, n, d) tensor, as an (X, windows, length, d) view: a block of consecutive
+    rows (row_stride 1), overlapping key windows (0 < window_stride < length), one block repeated
+    (window_stride 0), or residue classes (row_stride: the residue band's step)."""
 
-    M: int
-    R: int
-    sm: int
+    windows: int
+    length: int
+    window_stride: int
     offset: int
-    sr: int = 1
+    row_stride: int = 1
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
-        return t.as_strided((t.shape[0], self.M, self.R), (t.stride(0), self.sm, self.sr), t.storage_offset() + self.offset)
+        """The view's rows of an (X, n) tensor (per-row values: log-sum-exps)."""
+        return t.as_strided(
+            (t.shape[0], self.windows, self.length),
+            (t.stride(0), self.window_stride, self.row_stride),
+            t.storage_offset() + self.offset,
+        )
 
     def data(self, t: torch.Tensor) -> torch.Tensor:
+        """The view's rows of an (X, n, d) tensor (queries, keys, values, outputs, gradients)."""
         d = t.shape[-1]
         return t.as_strided(
-            (t.shape[0], self.M, self.R, d),
-            (t.stride(0), self.sm * d, self.sr * d, 1),
+            (t.shape[0], self.windows, self.length, d),
+            (t.stride(0), self.window_stride * d, self.row_stride * d, 1),
             t.storage_offset() + self.offset * d,
         )
 
-    def positions(self, length: int) -> torch.Tensor:
-        return (self.offset + self.sm * torch.arange(self.M)[:, None] + self.sr * torch.arange(self.R)).flatten()
+    def positions(self, n: int) -> torch.Tensor:
+        """The sequence positions of the view's rows, window by window."""
+        windows = self.window_stride * torch.arange(self.windows)[:, None]
+        return (self.offset + windows + self.row_stride * torch.arange(self.length)).flatten()
 
     def sub(self, m0: int, m1: int) -> "Strided":
-        return Strided(m1 - m0, self.R, self.sm, self.offset + m0 * self.sm, self.sr)
+        """Windows m0..m1-1 only."""
+        return Strided(m1 - m0, self.length, self.window_stride, self.offset + m0 * self.window_stride, self.row_stride)
 
     def add_into(self, t: torch.Tensor, g: torch.Tensor) -> None:
         """t[rows] += g, where rows of the view may repeat (overlapping windows, stride 0)."""
-        if self.M > 1 and self.sm == 0:
-            Strided(1, self.R, 0, self.offset, self.sr).data(t).add_(g.sum(1, keepdim=True))
-        elif self.M == 1 or self.sm >= self.R * self.sr or self.sr >= self.M * self.sm:
+        if self.windows > 1 and self.window_stride == 0:
+            Strided(1, self.length, 0, self.offset, self.row_stride).data(t).add_(g.sum(1, keepdim=True))
+        elif (
+            self.windows == 1
+            or self.window_stride >= self.length * self.row_stride
+            or self.row_stride >= self.windows * self.window_stride
+        ):
             self.data(t).add_(g)  # no row twice
         else:  # overlapping windows: add one slab of non-overlapping rows at a time
-            step = self.sm // self.sr
-            for j in range(0, self.R, step):
-                r = min(step, self.R - j)
-                Strided(self.M, r, self.sm, self.offset + j * self.sr, self.sr).data(t).add_(g[:, :, j : j + r])
+            slab = self.window_stride // self.row_stride
+            for j in range(0, self.length, slab):
+                rows = min(slab, self.length - j)
+                offset = self.offset + j * self.row_stride
+                slab_rows = Strided(self.windows, rows, self.window_stride, offset, self.row_stride)
+                slab_rows.data(t).add_(g[:, :, j : j + rows])
 
 
 @dataclass(frozen=True, eq=False)
 class Gather:
-    """Rows ``index`` of every sequence as an (X, M, R, d) copy: M*R positions, or, with
-    ``shared``, R positions gathered once and broadcast to all M (stride 0)."""
+    """Rows ``index`` of every sequence as an (X, windows, length, d) copy: windows * length
+    positions, or, with ``shared``, ``length`` positions gathered once and broadcast to all
+    windows (stride 0)."""
 
     index: torch.Tensor
-    M: int
-    R: int
+    windows: int
+    length: int
     shared: bool = False
 
     def native_index(self) -> torch.Tensor:
-        """(M or 1, R) int32 rows, for the native kernel (made once)."""
+        """(windows or 1, length) int32 rows, for the native kernel (made once)."""
         idx = self.__dict__.get("_native")
         if idx is None:
-            idx = self.index.view(1 if self.shared else self.M, self.R).to(torch.int32).contiguous()
+            idx = self.index.view(1 if self.shared else self.windows, self.length).to(torch.int32).contiguous()
             object.__setattr__(self, "_native", idx)
         return idx
 
     def _view(self, g: torch.Tensor) -> torch.Tensor:
         X, rest = g.shape[0], g.shape[2:]
         if self.shared:
-            return g.view((X, 1, self.R) + rest).expand((X, self.M, self.R) + rest)
-        return g.view((X, self.M, self.R) + rest)
+            return g.view((X, 1, self.length) + rest).expand((X, self.windows, self.length) + rest)
+        return g.view((X, self.windows, self.length) + rest)
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The gathered rows of an (X, n) tensor (per-row values: log-sum-exps)."""
         return self._view(t.index_select(1, self.index))
 
     def data(self, t: torch.Tensor) -> torch.Tensor:
+        """The gathered rows of an (X, n, d) tensor."""
         return self._view(t.index_select(1, self.index))
 
-    def positions(self, length: int) -> torch.Tensor:
+    def positions(self, n: int) -> torch.Tensor:
+        """The sequence positions of the rows, window by window."""
         return self.index.cpu()
 
     def sub(self, m0: int, m1: int) -> "Gather":
+        """Windows m0..m1-1 only."""
         if self.shared:
-            return Gather(self.index, m1 - m0, self.R, True)
-        return Gather(self.index.view(self.M, self.R)[m0:m1].reshape(-1), m1 - m0, self.R)
+            return Gather(self.index, m1 - m0, self.length, True)
+        return Gather(self.index.view(self.windows, self.length)[m0:m1].reshape(-1), m1 - m0, self.length)
 
     def add_into(self, t: torch.Tensor, g: torch.Tensor) -> None:
+        """t[rows] += g (rows that repeat add up)."""
         if self.shared:
             g = g.sum(1)
         t.index_add_(1, self.index, g.reshape(t.shape[0], -1, t.shape[-1]).to(t.dtype))
 
     def write(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        """t[rows] = value."""
         t.index_copy_(1, self.index, value.reshape(t.shape[0], -1, *t.shape[2:]).to(t.dtype))
 
 
+# The operand of a call: its query rows, or its key (and value) rows.
 View = Strided | Gather
