@@ -308,7 +308,7 @@ def test_native_kernels_build_where_a_compiler_is():
         pytest.skip("no C++ compiler here, or SPARSEBENCH_NATIVE=0")
     mod = _native.kernel()
     assert mod is not None, _native.why_not()
-    assert mod.has_window() == (_native._capability() == "AVX512")
+    assert mod.has_window() == (_native.capability() == "AVX512")
 
 
 def _native_or_skip():

@@ -25,6 +25,7 @@ The package, one job per module:
 The rest of sparsebench uses only this module's names: the backend, ``attention_fn``, and the
 native module's state, warm-up and caching CPU allocator (at the end).
 """
+
 from __future__ import annotations
 
 import os

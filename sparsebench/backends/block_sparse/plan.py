@@ -126,7 +126,7 @@ class Planner:
         # window calls will run on the native kernel (it computes each row's key range only)
         self.native_windows = (
             NATIVE_WINDOWS and device.type == "cpu" and dtype in NATIVE_DTYPES and head_dim % 32 == 0
-            and _native.enabled() and _native._capability() == "AVX512"
+            and _native.enabled() and _native.capability() == "AVX512"
         )  # fmt: skip
         self.calls: list[Call] = []
         self.earlier: list = []  # parts already planned (Keys / Rows compute what they left)
@@ -141,7 +141,8 @@ class Planner:
         return max(1, ROW_BUDGET // max(1, self.groups * rows_per_item))
 
     def add(self, q: View, k: View, m: torch.Tensor | None, causal: bool, kind: str) -> None:
-        """One call; ``m`` (bool, broadcastable to (1, M, R, S)) is dropped when all true."""
+        """One call; its mask ``m`` (bool, broadcastable to (1, windows, query rows, keys)) is
+        dropped when all true, and rows without any key are noted as ``empty``."""
         mask = empty = None
         if m is not None and not bool(m.all()):
             mask = self.mask(m)

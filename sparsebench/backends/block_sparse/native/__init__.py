@@ -45,7 +45,9 @@ _module = None
 _failed: str | None = None
 
 
-def _capability() -> str:
+def capability() -> str:
+    """The CPU's instruction set as PyTorch names it ("AVX512", "AVX2", "DEFAULT"...): the build
+    targets it, and the window kernels exist only on "AVX512"."""
     try:
         import torch
 
@@ -57,11 +59,11 @@ def _capability() -> str:
 def _name() -> str:
     """The module name carries the instruction set it is built for: a cached AVX-512 build is
     never loaded on a CPU without AVX-512 (the cache may be shared between machines)."""
-    return f"sparsebench_native_v{_VERSION}_{_capability().lower()}"
+    return f"sparsebench_native_v{_VERSION}_{capability().lower()}"
 
 
 def _flags() -> list[str]:
-    cap = _capability()
+    cap = capability()
     isa = {
         "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mavx2"],
         "AVX2": ["-mavx2", "-mfma"],
