@@ -225,6 +225,29 @@ def test_onednn_buffers_are_freed_through_the_caching_allocator(monkeypatch, dty
     assert torch.isfinite(q.grad.float()).all()
 
 
+def test_without_the_native_module_nothing_changes_and_nothing_is_built(monkeypatch):
+    """Where the native module is not there (no compiler, SPARSEBENCH_NATIVE=0) the caching
+    allocator is not in force, and the warm-up loads and builds nothing where the kernels are not
+    built yet (building them is the first CPU case's cost)."""
+    from sparsebench.backends import block_sparse
+    from sparsebench.backends.block_sparse import native as _native
+    from sparsebench.measure.memory import freed_memory_reused
+
+    monkeypatch.delenv("SPARSEBENCH_ALLOCATOR", raising=False)
+    monkeypatch.setattr(_native, "kernel", lambda: None)
+    assert block_sparse.cache_cpu_allocations(True) is False
+    with freed_memory_reused("cpu") as on:
+        assert on is False
+
+    def no_build():
+        raise AssertionError("the warm-up must not build the native kernels")
+
+    monkeypatch.setattr(_native, "kernel", no_build)
+    monkeypatch.setattr(_native, "built", lambda: False)
+    assert block_sparse.native_loaded() is False
+    block_sparse.warm_up()  # nothing to warm: returns without building
+
+
 def test_masks_and_plans_do_not_import_sympy():
     """torch.broadcast_shapes imports sympy on first use (about 35 MiB resident): the first case
     of every worker process measured it as its own peak. Masks, plans and the attention calls
