@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from sparsebench.analysis.scaling import case_label, iter_groups, varying_dims
+from sparsebench.analysis.scaling import case_label, finite_or_none, iter_groups, plain_value, varying_dims
 from sparsebench.errors import ResultsError, ScenarioError
 from sparsebench.registry import unknown_choice
 from sparsebench.results.folder import CASE_KEY, ENVIRONMENT
@@ -85,8 +85,8 @@ def beyond_noise(base: dict, new: dict) -> tuple[bool, str, float | None]:
     if a and b and min_p_value(len(a), len(b)) < ALPHA:
         p = mann_whitney(a, b)
         return p < ALPHA, "U test", p
-    ia = _quartile_bounds(a, _f(base.get("time_median_s")), _f(base.get("time_iqr_s")))
-    ib = _quartile_bounds(b, _f(new.get("time_median_s")), _f(new.get("time_iqr_s")))
+    ia = _quartile_bounds(a, finite_or_none(base.get("time_median_s")), finite_or_none(base.get("time_iqr_s")))
+    ib = _quartile_bounds(b, finite_or_none(new.get("time_median_s")), finite_or_none(new.get("time_iqr_s")))
     if ia is None or ib is None:
         return True, "no spread recorded", None
     apart = ia[1] < ib[0] or ib[1] < ia[0]
@@ -233,7 +233,7 @@ def compare(base_df, new_df, threshold: float = 0.10, metric: str = "median", ba
     warnings = list(env_warnings(base_env, new_env, base_name, new_name))
     if not common:
         warnings.append(f"no case is in both {base_name} and {new_name}; is this the same scenario?")
-    fewer = [k for k in common if (_f(new[k].get("rounds")) or 1) < (_f(base[k].get("rounds")) or 1)]
+    fewer = [k for k in common if (finite_or_none(new[k].get("rounds")) or 1) < (finite_or_none(base[k].get("rounds")) or 1)]
     if fewer:  # an interrupted multi-round run: every case is there, with fewer rounds
         warnings.append(f"{len(fewer)} case(s) measured in fewer rounds in {new_name} than in {base_name} "
                         f"(first: {key_text(fewer[0], ())}); was the run interrupted?")
@@ -285,7 +285,7 @@ def env_warnings(base_env: dict | None, new_env: dict | None, base_name: str = "
 
 def _judge(key, b: dict, n: dict, col: str, threshold: float) -> CaseDiff:
     bs, ns = str(b.get("status")), str(n.get("status"))
-    bv, nv = _f(b.get(col)), _f(n.get(col))
+    bv, nv = finite_or_none(b.get(col)), finite_or_none(n.get(col))
     if bs != "ok" or ns != "ok" or bv is None or nv is None:
         if bs == "ok" and ns in FAILED:
             verdict = "now failing"
@@ -314,7 +314,7 @@ def _latest(df) -> dict[tuple, dict]:
     if df is None or len(df) == 0:
         return out
     for rec in df.to_dict("records"):
-        out[tuple(_plain(rec.get(c)) for c in CASE_KEY)] = rec
+        out[tuple(plain_value(rec.get(c)) for c in CASE_KEY)] = rec
     return out
 
 
@@ -331,23 +331,7 @@ def _times(rec: dict) -> list[float]:
             return []
     if not isinstance(t, (list, tuple)):
         return []
-    return [float(x) for x in t if _f(x) is not None]
-
-
-def _f(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _plain(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
+    return [float(x) for x in t if finite_or_none(x) is not None]
 
 
 def ratio_text(r: CaseDiff) -> str:
@@ -413,7 +397,7 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
         dims.insert(0, "pattern_label")
     if by != "backend" and "backend" not in dims:
         dims.insert(1 if dims[0] == "pattern_label" else 0, "backend")
-    values = sorted({str(_plain(v)) for v in df[column]}, key=lambda v: (v != "sdpa", v))
+    values = sorted({str(plain_value(v)) for v in df[column]}, key=lambda v: (v != "sdpa", v))
     if len(values) < 2:
         raise ResultsError(f"only one {by} ({values[0] if values else 'none'}) in these results: nothing to put side by side")
     rows = []
@@ -421,7 +405,7 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
         cells = {}
         for rec in g.to_dict("records"):
             ok = rec.get("status") == "ok"
-            cells[str(_plain(rec.get(column)))] = (_f(rec.get(tcol)) if ok else None, str(rec.get("status")))
+            cells[str(plain_value(rec.get(column)))] = (finite_or_none(rec.get(tcol)) if ok else None, str(rec.get("status")))
         filled = tuple((v, *cells.get(v, (None, ""))) for v in values)
         if sum(1 for _, _, s in filled if s) < 2:
             continue  # nothing to compare on this row

@@ -211,11 +211,11 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
         if len(sp):
             last = sp.iloc[-1]
             largest_n = int(last["seq_len"])
-            speedup = _num(last["speedup"])
-            ideal = _num(last.get("ideal_speedup"))
-            eff = _num(last.get("efficiency"))
+            speedup = finite_or_none(last["speedup"])
+            ideal = finite_or_none(last.get("ideal_speedup"))
+            eff = finite_or_none(last.get("efficiency"))
             top = sp.loc[sp["speedup"].astype(float).idxmax()]
-            best, best_n = _num(top["speedup"]), int(top["seq_len"])
+            best, best_n = finite_or_none(top["speedup"]), int(top["seq_len"])
     compile_s = None
     if "compile_s" in g:
         c = g["compile_s"].dropna()
@@ -224,10 +224,10 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
     first_call = None
     if len(ok) and ("setup_s" in ok or "first_call_s" in ok):
         last = ok.iloc[-1]
-        first_call = FirstCall(int(last["seq_len"]), _num(last.get("setup_s")), _num(last.get("first_call_s")),
+        first_call = FirstCall(int(last["seq_len"]), finite_or_none(last.get("setup_s")), finite_or_none(last.get("first_call_s")),
                                float(last["time_median_s"]))
         extras = [(f - float(r["time_median_s"]), int(r["seq_len"])) for _, r in ok.iterrows()
-                  if (f := _num(r.get("first_call_s"))) is not None]
+                  if (f := finite_or_none(r.get("first_call_s"))) is not None]
         if extras:
             worst, n_worst = max(extras)
             # named where it stands out of the noise: beyond the largest n's own extra by half of
@@ -315,10 +315,11 @@ def iter_groups(df, keys: Sequence[str]):
     for key, g in df.groupby(list(keys), dropna=False, sort=False):
         if not isinstance(key, tuple):
             key = (key,)
-        yield tuple(_plain(k) for k in key), g
+        yield tuple(plain_value(k) for k in key), g
 
 
-def _plain(v: Any) -> Any:
+def plain_value(v: Any) -> Any:
+    """A numpy scalar as its Python value, NaN as None (a frame cell as a key or a record field)."""
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float) and math.isnan(v):
@@ -335,7 +336,8 @@ def positive_mask(g, col: str):
     return v.notna() & (v > 0)
 
 
-def _num(v: Any) -> float | None:
+def finite_or_none(v: Any) -> float | None:
+    """A finite float, or None for anything else (missing, NaN, inf, text)."""
     try:
         f = float(v)
     except (TypeError, ValueError):
