@@ -61,6 +61,7 @@ def parse_threshold(text: str | float) -> float:
 
 
 def check_choice(kind: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ScenarioError that lists them."""
     if value not in choices:
         raise ScenarioError(unknown_choice(kind, value, choices))
     return value

@@ -68,6 +68,8 @@ class FirstCall:
 
 @dataclass(frozen=True)
 class Failure:
+    """The first size at which a series did not run (oom, timeout, crashed, error), and why."""
+
     seq_len: int
     status: str
     reason: str = ""
@@ -75,6 +77,9 @@ class Failure:
 
 @dataclass(frozen=True)
 class SeriesSummary:
+    """One series (a pattern on a backend at one device, dtype, mode and shape) over its sizes:
+    its fits, how it stands against the dense baseline, how far it ran, its first call."""
+
     key: tuple[Any, ...]  # values of SERIES_KEY
     label: str  # display label, naming only the dimensions that vary in the frame
     is_baseline: bool
@@ -113,6 +118,8 @@ class SeriesSummary:
 
 @dataclass(frozen=True)
 class Analysis:
+    """Every series of a results frame (the baseline first), and the machine probe's spread."""
+
     series: tuple[SeriesSummary, ...] = field(default_factory=tuple)
     #: fastest and slowest time of the machine probe (harness.probe) over the run's cases
     probe: tuple[float, float] | None = None
