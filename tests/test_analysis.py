@@ -218,3 +218,17 @@ def test_machine_speed_drift_is_reported():
         r["probe_s"] = 0.001 if i % 2 else 0.003
         r["device"] = "cpu" if i % 2 else "cuda"
     assert drift_note(analyze(frame(recs))).startswith("Machine speed was steady")
+
+
+def test_compact_tables_leave_out_columns_and_their_explanations(analysis):
+    full, compact = tables(analysis), tables(analysis, compact=True)
+    assert [t.title for t in compact] == [t.title for t in full if t.title != "First call"]
+    for f, c in zip(full, compact):
+        assert "fit range" not in c.columns and "best" not in c.columns
+        assert len(c.wrap) <= len(f.wrap) and all(i < len(c.columns) for i in c.wrap)
+        assert all(len(r) == len(c.columns) for r in c.rows)
+    assert "over the fit range" in full[0].note and "over the fit range" not in compact[0].note
+    assert "best: the highest speedup" in full[1].note and "best:" not in compact[1].note
+    never = full[1].columns.index("crossover n")
+    assert "not within the measured range" in {r[never] for r in full[1].rows}
+    assert "not in range" in {r[compact[1].columns.index("crossover n")] for r in compact[1].rows}

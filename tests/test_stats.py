@@ -19,6 +19,7 @@ from sparsebench.stats import (
     u_distribution,
 )
 
+
 def test_overhead_floor_is_left_out_of_the_fit():
     ns = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
     ts = [1e-3 + 1e-11 * n * n for n in ns]  # flat until ~ 10K: overhead-dominated

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from sparsebench.analysis.scaling import case_label, finite_or_none, iter_groups, plain_value, varying_dims
+from sparsebench.analysis.scaling import (
+    case_label,
+    finite_or_none,
+    iter_groups,
+    plain_value,
+    varying_dims,
+)
 from sparsebench.errors import ResultsError, ScenarioError
 from sparsebench.registry import unknown_choice
 from sparsebench.results.folder import CASE_KEY, ENVIRONMENT
