@@ -214,7 +214,7 @@ MIN_BUDGET_BYTES = 1 << 20
 def parse_size(value: int | str) -> int:
     """'8GiB', '512MB', 1000000 -> bytes (the units of ``kvcache.parse_bytes``); ValueError with
     its message otherwise (pydantic reports it against the field)."""
-    from sparsebench.kv.planner import parse_bytes
+    from sparsebench.units import parse_bytes
 
     if isinstance(value, float) and value.is_integer():  # YAML reads 1.5e10 as a float
         value = int(value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
@@ -16,8 +15,10 @@ from report_fixtures import (
     record,
     write_result,
 )
-from sparsebench.analysis.scaling import Fit, analyze, find_crossover, fit_power, fmt_bytes, fmt_time, t975
+from sparsebench.analysis.scaling import analyze, find_crossover
+from sparsebench.render.analysis import crossover_text, drift_note, renderables, tables, to_markdown
 from sparsebench.results.folder import frame, load_frame
+from sparsebench.units import format_time
 
 SW = "sliding_window(window=256)"
 
@@ -45,37 +46,14 @@ def test_memory_exponents(analysis):
     assert analysis.find(SW, "block_sparse").mem_fit.exponent == pytest.approx(1.0, abs=0.15)
 
 
-def test_overhead_floor_is_left_out_of_the_fit():
-    ns = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-    ts = [1e-3 + 1e-11 * n * n for n in ns]  # flat until ~ 10K: overhead-dominated
-    fit = fit_power(ns, ts)
-    assert fit.excluded[:3] == (128, 256, 512)
-    assert fit.points >= 3 and fit.sizes[-1] == 16384
-    naive = fit_power(ns, ts, floor_slope=-math.inf)
-    assert naive.excluded == ()
-    assert fit.exponent > naive.exponent + 0.3
-
-
-def test_fit_edge_cases():
-    assert fit_power([256], [1.0]) is None
-    assert fit_power([], []) is None
-    two = fit_power([256, 512], [1.0, 4.0])
-    assert two.exponent == pytest.approx(2.0) and two.ci_low is None and "no CI" in two.describe()
-    exact = fit_power([1, 2, 4, 8], [3, 6, 12, 24])
-    assert exact.exponent == pytest.approx(1.0) and exact.ci_low == pytest.approx(1.0)
-    assert exact.predict(16) == pytest.approx(48)
-    assert isinstance(exact, Fit)
-    assert t975(1) == pytest.approx(12.706) and 1.96 < t975(1000) < 1.97 and t975(0) == math.inf
-
-
 def test_crossover_interpolated_and_absent(analysis):
     cross = analysis.find(SW, "block_sparse").crossover
     assert cross.n is not None and not cross.below_range
     assert 512 < cross.n < 1024
     assert cross.n == pytest.approx(approx_crossover(), rel=0.25)
-    assert cross.describe().startswith("~")
+    assert crossover_text(cross).startswith("~")
     never = analysis.find(SW, "sdpa_masked").crossover
-    assert never.n is None and never.describe() == "not within the measured range"
+    assert never.n is None and crossover_text(never) == "not within the measured range"
     # dense series are not sparse: no crossover
     assert analysis.find("dense", "naive").crossover is None
 
@@ -85,7 +63,7 @@ def test_crossover_below_range():
     recs += [record("sliding_window", "block_sparse", n, 1e-7 * n, params={"window": 256}) for n in SIZES]
     s = analyze(frame(recs)).find(SW, "block_sparse")
     assert s.crossover.below_range and s.crossover.n == 256
-    assert "faster at every measured n" in s.crossover.describe()
+    assert "faster at every measured n" in crossover_text(s.crossover)
     df = frame(recs)
     assert find_crossover(df[df.backend == "block_sparse"], None).compared == 0
 
@@ -127,16 +105,16 @@ def test_first_call_table_separates_setup_first_call_and_steady_state():
     # an oom at the largest n: the last size that ran, and no first-call figure without a record of it
     naive = a.find("dense", "naive").first_call
     assert naive.seq_len == 4096 and naive.first_call_s is None and naive.extra_s is None
-    (table,) = [t for t in a.tables() if t.title == "First call"]
+    (table,) = [t for t in tables(a) if t.title == "First call"]
     row = next(r for r in table.rows if r[0].startswith(SW) and "flex" in r[0])
-    assert row[1:] == (str(n), fmt_time(0.25), fmt_time(steady + 4.0), fmt_time(steady), fmt_time(4.0), "-")
-    assert "## First call" in a.to_markdown()
+    assert row[1:] == (str(n), format_time(0.25), format_time(steady + 4.0), format_time(steady), format_time(4.0), "-")
+    assert "## First call" in to_markdown(a)
     # a first call faster than the steady median (noise) shows as a negative difference, not 0
     for r in recs:
         if r["backend"] == "flex" and r["seq_len"] == n:
             r["first_call_s"] = r["time_median_s"] - 0.002
     f = analyze(frame(recs)).find(SW, "flex").first_call
-    assert f.extra_s == pytest.approx(-0.002) and fmt_time(f.extra_s) == "-2 ms"
+    assert f.extra_s == pytest.approx(-0.002) and format_time(f.extra_s) == "-2 ms"
     # where the largest first-call cost fell on a smaller n (a compile cache filled there), it is named
     smallest = min(SIZES)
     for r in recs:
@@ -145,10 +123,10 @@ def test_first_call_table_separates_setup_first_call_and_steady_state():
     a = analyze(frame(recs))
     f = a.find(SW, "flex").first_call
     assert f.worst_n == smallest and f.worst_extra_s == pytest.approx(9.0)
-    (table,) = [t for t in a.tables() if t.title == "First call"]
+    (table,) = [t for t in tables(a) if t.title == "First call"]
     row = next(r for r in table.rows if r[0].startswith(SW) and "flex" in r[0])
-    assert row[-1] == f"{fmt_time(9.0)} at {smallest}"
-    assert all(t.title != "First call" for t in a.tables(compact=True))
+    assert row[-1] == f"{format_time(9.0)} at {smallest}"
+    assert all(t.title != "First call" for t in tables(a, compact=True))
 
 
 def test_wrong_results_are_flagged():
@@ -159,11 +137,11 @@ def test_wrong_results_are_flagged():
     s = analyze(frame(recs)).find(SW, "flex")
     assert s.wrong_sizes == (1024,) and s.failure is None
     assert 1024 not in s.time_fit.sizes
-    assert "wrong result at 1024" in analyze(frame(recs)).to_markdown()
+    assert "wrong result at 1024" in to_markdown(analyze(frame(recs)))
 
 
 def test_markdown_and_rich(analysis):
-    md = analysis.to_markdown()
+    md = to_markdown(analysis)
     assert "## Scaling" in md and "## Against the dense baseline" in md
     assert "oom at 8192" in md
     assert "not within the measured range" in md
@@ -172,7 +150,7 @@ def test_markdown_and_rich(analysis):
 
     from rich.console import Console
 
-    tables = analysis.rich_renderables()
+    tables = renderables(analysis)
     assert len(tables) == 2
     console = Console(width=200, record=True, file=open("/dev/null", "w"))
     for t in tables:
@@ -186,9 +164,9 @@ def test_single_size_and_empty():
     a = analyze(frame(recs))
     s = a.find("dense", "sdpa")
     assert s.time_fit is None and s.sizes == (1024,)
-    assert "one size, no fit" in a.to_markdown()
+    assert "one size, no fit" in to_markdown(a)
     empty = analyze(frame([]))
-    assert empty.series == () and "no successful" in empty.to_markdown()
+    assert empty.series == () and "no successful" in to_markdown(empty)
 
 
 def test_from_a_result_folder(tmp_path):
@@ -209,11 +187,6 @@ def test_labels_name_varying_dims():
     assert back.time_fit.exponent == pytest.approx(2.0, abs=0.1)
 
 
-def test_formatters():
-    assert fmt_time(0.00123) == "1.23 ms" and fmt_time(2.0) == "2 s" and fmt_time(None) == "-"
-    assert fmt_bytes(3 * 2**30) == "3 GiB" and fmt_bytes(512) == "512 B"
-
-
 def test_crossover_ignores_a_faster_then_slower_blip():
     import pandas as pd
 
@@ -230,18 +203,32 @@ def test_crossover_ignores_a_faster_then_slower_blip():
 
 def test_machine_speed_drift_is_reported():
     recs = make_records()
-    assert analyze(frame(recs)).drift_note() is None  # no probes recorded: nothing said
+    assert drift_note(analyze(frame(recs))) is None  # no probes recorded: nothing said
     for i, r in enumerate(recs):
         r["probe_s"] = 0.001 * (1.0 + 0.05 * (i % 2))
     steady = analyze(frame(recs))
     assert steady.probe == pytest.approx((0.001, 0.00105))
-    assert steady.drift_note().startswith("Machine speed was steady")
+    assert drift_note(steady).startswith("Machine speed was steady")
     recs[3]["probe_s"] = 0.0016
     drift = analyze(frame(recs))
-    assert "varied during the run" in drift.drift_note() and "(1.60x)" in drift.drift_note()
-    assert "## Machine speed" in drift.to_markdown()
+    assert "varied during the run" in drift_note(drift) and "(1.60x)" in drift_note(drift)
+    assert "## Machine speed" in to_markdown(drift)
     # probes of two devices are different workloads: each device's spread on its own
     for i, r in enumerate(recs):
         r["probe_s"] = 0.001 if i % 2 else 0.003
         r["device"] = "cpu" if i % 2 else "cuda"
-    assert analyze(frame(recs)).drift_note().startswith("Machine speed was steady")
+    assert drift_note(analyze(frame(recs))).startswith("Machine speed was steady")
+
+
+def test_compact_tables_leave_out_columns_and_their_explanations(analysis):
+    full, compact = tables(analysis), tables(analysis, compact=True)
+    assert [t.title for t in compact] == [t.title for t in full if t.title != "First call"]
+    for f, c in zip(full, compact):
+        assert "fit range" not in c.columns and "best" not in c.columns
+        assert len(c.wrap) <= len(f.wrap) and all(i < len(c.columns) for i in c.wrap)
+        assert all(len(r) == len(c.columns) for r in c.rows)
+    assert "over the fit range" in full[0].note and "over the fit range" not in compact[0].note
+    assert "best: the highest speedup" in full[1].note and "best:" not in compact[1].note
+    never = full[1].columns.index("crossover n")
+    assert "not within the measured range" in {r[never] for r in full[1].rows}
+    assert "not in range" in {r[compact[1].columns.index("crossover n")] for r in compact[1].rows}

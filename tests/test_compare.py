@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 
 import pytest
 import typer
@@ -14,15 +13,9 @@ from typer.testing import CliRunner
 
 from report_fixtures import ENV, make_records, record, write_result
 from sparsebench.cli.report import register
-from sparsebench.analysis.compare import (
-    compare,
-    compare_by,
-    fig_ratio,
-    mann_whitney,
-    min_p_value,
-    parse_threshold,
-)
+from sparsebench.analysis.compare import compare, compare_by, parse_threshold
 from sparsebench.errors import ResultsError, ScenarioError
+from sparsebench.render.compare import fig_ratio, render, to_csv, to_json, to_markdown
 from sparsebench.results.folder import frame
 
 SW = "sliding_window(window=256)"
@@ -78,24 +71,6 @@ def test_parse_threshold(text, value):
 def test_parse_threshold_rejects_junk(text):
     with pytest.raises(ScenarioError, match="--threshold"):
         parse_threshold(text)
-
-
-def test_mann_whitney():
-    a = [1.0, 2.0, 3.0, 4.0]
-    b = [5.0, 6.0, 7.0, 8.0]
-    assert mann_whitney(a, b) == pytest.approx(2 / math.comb(8, 4))
-    assert mann_whitney(b, a) == pytest.approx(2 / math.comb(8, 4))
-    assert mann_whitney(a, a) == pytest.approx(1.0)  # all ties: normal approximation, p = 1
-    interleaved = [1.0, 3.0, 5.0, 7.0]
-    assert mann_whitney(interleaved, [2.0, 4.0, 6.0, 8.0]) > 0.5
-    # large samples: the normal approximation agrees with the obvious answer
-    big_a = [float(i) for i in range(40)]
-    assert mann_whitney(big_a, [x + 100 for x in big_a]) < 1e-10
-    assert mann_whitney(big_a, [x + 0.5 for x in big_a]) > 0.5
-    assert min_p_value(3, 3) == pytest.approx(0.1) and min_p_value(7, 7) < 0.001
-
-
-# -- the library ----------------------------------------------------------------------------
 
 
 def test_identical_is_same():
@@ -160,13 +135,13 @@ def test_new_failure_is_a_regression():
 
 def test_renderers():
     c = compare(frame(make_records()), frame(make_records(scale=1.5)), base_name="A", new_name="B")
-    md = c.to_markdown()
+    md = to_markdown(c)
     assert md.startswith("### sparsebench compare: B vs A") and "| case |" in md and "**slower**" in md
-    data = json.loads(c.to_json())
+    data = json.loads(to_json(c))
     assert data["regressions"] == len(c.regressions()) and data["cases"][0]["verdict"]
-    rows = list(csv.DictReader(io.StringIO(c.to_csv())))
+    rows = list(csv.DictReader(io.StringIO(to_csv(c))))
     assert len(rows) == len(c.rows) and {"ratio", "verdict", "seq_len"} <= set(rows[0])
-    text = c.render("table")
+    text = render(c, "table")
     assert "slower" in text and "1.50x" in text
 
 
@@ -184,11 +159,11 @@ def test_compare_by_backend():
     by = compare_by(frame(make_records()), by="backend")
     assert by.values[0] == "sdpa" and {"block_sparse", "flex", "sdpa_masked", "naive"} <= set(by.values)
     assert "seq_len" in by.dims and "backend" not in by.dims
-    md = by.to_markdown()
+    md = to_markdown(by)
     assert "| pattern | n | sdpa |" in md and "(best)" in md
     flex_row = next(cells for key, cells in by.rows if key[0] == SW and key[-1] == 8192)
     assert dict((v, t) for v, t, _ in flex_row)["flex"] == pytest.approx(1e-5 + 8e-7 * 8192, rel=0.05)
-    assert json.loads(by.to_json())["by"] == "backend"
+    assert json.loads(to_json(by))["by"] == "backend"
     with pytest.raises(ScenarioError, match="expected one of"):
         compare_by(frame(make_records()), by="colour")
     with pytest.raises(ResultsError, match="only one"):

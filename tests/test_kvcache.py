@@ -25,8 +25,6 @@ from sparsebench.kv.planner import (
     make_pattern,
     max_batch,
     max_context,
-    parse_bytes,
-    parse_tokens,
 )
 
 GiB, MiB = 2**30, 2**20
@@ -179,69 +177,6 @@ def test_hugging_face_config_json(tmp_path):
     spec = load_model_file(_write(tmp_path, json.dumps(config), "config.json"))
     assert spec.name == "mistral-7b-v0.1"
     assert dataclasses.replace(spec, name="mistral-7b") == load_preset("mistral-7b")
-
-
-# -- parsing ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text, value",
-    [
-        ("131072", 131072),
-        ("128k", 131072),
-        ("128K", 131072),
-        ("1m", 1048576),
-        ("1.5k", 1536),
-        (4096, 4096),
-        ("32_768", 32768),
-    ],
-)
-def test_parse_tokens(text, value):
-    assert parse_tokens(text) == value
-
-
-@pytest.mark.parametrize("text", ["abc", "0", "-5", "1.3k", "12g", "", "k"])
-def test_parse_tokens_errors(text):
-    with pytest.raises(ScenarioError, match="invalid token count"):
-        parse_tokens(text)
-
-
-@pytest.mark.parametrize(
-    "text, value",
-    [
-        ("24GiB", 24 * 2**30),
-        ("24 gib", 24 * 2**30),
-        ("80GB", 80 * 10**9),
-        ("512MiB", 512 * 2**20),
-        ("1.5GiB", 3 * 2**29),
-        ("2TiB", 2 * 2**40),
-        ("1TB", 10**12),
-        ("64KiB", 65536),
-        ("64KB", 64000),
-        ("1000B", 1000),
-        (4096, 4096),
-    ],
-)
-def test_parse_bytes(text, value):
-    assert parse_bytes(text) == value
-
-
-def test_parse_bytes_errors():
-    with pytest.raises(ScenarioError, match="ambiguous unit in size '24G': write 24GiB .* or 24GB"):
-        parse_bytes("24G")
-    with pytest.raises(ScenarioError, match="invalid size 'lots'"):
-        parse_bytes("lots")
-    with pytest.raises(ScenarioError, match="unknown unit 'xb'"):
-        parse_bytes("5XB")
-    with pytest.raises(ScenarioError, match="at least 1 byte"):
-        parse_bytes("0GiB")
-    # a forgotten unit is not read as bytes (--budget 24 would fit nothing)
-    with pytest.raises(ScenarioError, match="size '24' has no unit: write 24GiB .*, 24GB .* or 24B"):
-        parse_bytes("24")
-    # a comma groups thousands, and is never a decimal point
-    assert parse_bytes("1,048,576B") == 2**20
-    with pytest.raises(ScenarioError, match="invalid size '1,5GiB'"):
-        parse_bytes("1,5GiB")
 
 
 # -- budgets ------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ from typer.testing import CliRunner
 
 from report_fixtures import SIZES, make_records, record, write_result
 from sparsebench.render import plots
-from sparsebench.analysis.scaling import analyze, fit_power
+from sparsebench.analysis.scaling import analyze
+from sparsebench.stats import fit_power
 from sparsebench.cli.report import register
+from sparsebench.render.analysis import to_markdown
 from sparsebench.render.html import write_report
 from sparsebench.results.folder import load_frame
 
@@ -193,7 +195,7 @@ def test_report_states_noisy_cases_and_machine_speed_like_the_summary(tmp_path):
     html = write_report(out, frame, analyze(frame), []).read_text()
     assert html.count("ok (noisy)") == 1
     assert "Machine speed varied during the run" in html and "(2.10x)" in html and "class=warn" in html
-    summary = analyze(frame).to_markdown()
+    summary = to_markdown(analyze(frame))
     assert "Machine speed varied during the run" in summary
 
 

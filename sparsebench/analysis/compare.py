@@ -8,12 +8,13 @@ exceeds 1 + threshold AND the difference is beyond the noise; *faster* symmetric
 below 1 / (1 + threshold)).
 
 ``compare_by(df, "backend")`` puts one run side by side along one dimension.
+
+Both return frozen data; ``render.compare`` draws them as a table, Markdown, JSON, CSV or the
+ratio figure. The statistics are ``sparsebench.stats``'.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
@@ -22,25 +23,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sparsebench.analysis.scaling import (
-    TableSpec,
     case_label,
-    dim_text,
-    fmt_time,
+    finite_or_none,
     iter_groups,
-    markdown_table,
-    rich_table,
+    plain_value,
     varying_dims,
 )
 from sparsebench.errors import ResultsError, ScenarioError
 from sparsebench.registry import unknown_choice
 from sparsebench.results.folder import CASE_KEY, ENVIRONMENT
+from sparsebench.stats import mann_whitney, min_p_value, quartiles
 
 METRICS = {"median": "time_median_s", "min": "time_min_s"}
-FORMATS = ("table", "markdown", "json", "csv")
 BY_DIMENSIONS = {"backend": "backend", "pattern": "pattern_label", "device": "device", "dtype": "dtype",
                  "mode": "mode", "causal": "causal"}
 ALPHA = 0.05
-RING = "#000000"  # marks a regression in the ratio plot
 # environment.json keys whose difference makes timings hard to compare
 ENV_KEYS = ("gpu", "cpu", "torch", "threads", "python")
 REGRESSIONS = ("slower", "now failing")
@@ -70,87 +67,23 @@ def parse_threshold(text: str | float) -> float:
 
 
 def check_choice(kind: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ScenarioError that lists them."""
     if value not in choices:
         raise ScenarioError(unknown_choice(kind, value, choices))
     return value
 
 
 # ----------------------------------------------------------------------------------------------
-# statistics
+# the judgement
 
 
-def mann_whitney(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided p-value of the Mann-Whitney U test (exact without ties for m + n <= 50)."""
-    m, n = len(a), len(b)
-    if m == 0 or n == 0:
-        return 1.0
-    pooled = sorted([(v, 0) for v in a] + [(v, 1) for v in b])
-    ranks = [0.0] * len(pooled)
-    ties = []
-    i = 0
-    while i < len(pooled):
-        j = i
-        while j + 1 < len(pooled) and pooled[j + 1][0] == pooled[i][0]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[k] = (i + j) / 2 + 1
-        if j > i:
-            ties.append(j - i + 1)
-        i = j + 1
-    r1 = sum(r for r, (_, side) in zip(ranks, pooled) if side == 0)
-    u = r1 - m * (m + 1) / 2
-    if not ties and m + n <= 50:
-        dist = _u_distribution(m, n)
-        total = sum(dist)
-        k = int(round(u))
-        lower = sum(dist[: k + 1]) / total
-        upper = sum(dist[k:]) / total
-        return min(1.0, 2 * min(lower, upper))
-    mu = m * n / 2
-    tie_term = sum(t**3 - t for t in ties) / ((m + n) * (m + n - 1)) if ties else 0.0
-    var = m * n / 12 * ((m + n + 1) - tie_term)
-    if var <= 0:
-        return 1.0
-    z = (abs(u - mu) - 0.5) / math.sqrt(var)
-    return min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2)))
-
-
-def _u_distribution(m: int, n: int) -> list[int]:
-    """Counts of U = 0..m*n over all arrangements (the Gaussian binomial coefficient)."""
-    # f[j] for the current i: counts for (i, j) samples; f(i, j) = f(i-1, j) shifted by j + f(i, j-1)
-    prev = [[1] for _ in range(n + 1)]  # i = 0: U is 0
-    for i in range(1, m + 1):
-        cur = [[1]]  # j = 0: U is 0
-        for j in range(1, n + 1):
-            a = [0] * j + prev[j]  # the largest value is from sample 1: adds j
-            b = cur[j - 1]
-            size = max(len(a), len(b))
-            cur.append([(a[k] if k < len(a) else 0) + (b[k] if k < len(b) else 0) for k in range(size)])
-        prev = cur
-    return prev[n]
-
-
-def min_p_value(m: int, n: int) -> float:
-    """The smallest two-sided p-value the exact test can reach with samples of m and n."""
-    if m == 0 or n == 0:
-        return 1.0
-    return min(1.0, 2 / math.comb(m + n, m))
-
-
-def _iqr(times: Sequence[float] | None, median: float | None, iqr: float | None) -> tuple[float, float] | None:
+def _quartile_bounds(times: Sequence[float] | None, median: float | None, iqr: float | None) -> tuple[float, float] | None:
+    """(first, third) quartile of the raw times, else the median -+ half the recorded IQR."""
     if times and len(times) >= 2:
-        s = sorted(times)
-        return _quantile(s, 0.25), _quantile(s, 0.75)
+        return quartiles(times)
     if median is not None and iqr is not None:
         return median - iqr / 2, median + iqr / 2
     return None
-
-
-def _quantile(s: Sequence[float], q: float) -> float:
-    pos = (len(s) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def beyond_noise(base: dict, new: dict) -> tuple[bool, str, float | None]:
@@ -159,8 +92,8 @@ def beyond_noise(base: dict, new: dict) -> tuple[bool, str, float | None]:
     if a and b and min_p_value(len(a), len(b)) < ALPHA:
         p = mann_whitney(a, b)
         return p < ALPHA, "U test", p
-    ia = _iqr(a, _f(base.get("time_median_s")), _f(base.get("time_iqr_s")))
-    ib = _iqr(b, _f(new.get("time_median_s")), _f(new.get("time_iqr_s")))
+    ia = _quartile_bounds(a, finite_or_none(base.get("time_median_s")), finite_or_none(base.get("time_iqr_s")))
+    ib = _quartile_bounds(b, finite_or_none(new.get("time_median_s")), finite_or_none(new.get("time_iqr_s")))
     if ia is None or ib is None:
         return True, "no spread recorded", None
     apart = ia[1] < ib[0] or ib[1] < ia[0]
@@ -173,6 +106,9 @@ def beyond_noise(base: dict, new: dict) -> tuple[bool, str, float | None]:
 
 @dataclass(frozen=True)
 class CaseDiff:
+    """One case measured in both folders (or in one, and failed or skipped in the other) and
+    its verdict."""
+
     key: tuple[Any, ...]  # values of CASE_KEY
     base: float | None
     new: float | None
@@ -193,6 +129,9 @@ class CaseDiff:
 
 @dataclass(frozen=True)
 class Comparison:
+    """Two folders case by case: the common cases with their verdicts, the cases only one of
+    them has, and warnings about how comparable they are."""
+
     rows: tuple[CaseDiff, ...]
     only_base: tuple[tuple[Any, ...], ...] = ()
     only_new: tuple[tuple[Any, ...], ...] = ()
@@ -212,16 +151,6 @@ class Comparison:
         for r in self.rows:
             out[r.verdict] = out.get(r.verdict, 0) + 1
         return out
-
-    def summary_line(self) -> str:
-        c = self.counts()
-        parts = [f"{v} {k}" for k, v in sorted(c.items(), key=lambda kv: -kv[1])]
-        if self.only_base:
-            parts.append(f"{len(self.only_base)} only in {self.base_name}")
-        if self.only_new:
-            parts.append(f"{len(self.only_new)} only in {self.new_name}")
-        return (f"{len(self.rows)} common cases ({', '.join(parts) or 'none'}); "
-                f"threshold {self.threshold:.0%} on the {self.metric}")
 
     def missing(self) -> list[tuple[Any, ...]]:
         """Cases that BASE measured (ok) and NEW did not: absent from NEW, or skipped there."""
@@ -247,63 +176,26 @@ class Comparison:
             first = bad[0]
             what = f"{case_label(first.key, self.shown_dims)}, n={first.get('seq_len')}"
             bits.append(f"{len(bad)} case(s) regressed beyond {self.threshold:.0%} and the noise "
-                        f"(first: {what}, {_ratio_text(first)})")
+                        f"(first: {what}, {ratio_text(first)})")
         if not self.rows:
             bits.append(f"no case of {self.base_name} is in {self.new_name}: nothing was compared")
         elif not self.compared():
             bits.append(f"no case was measured in both {self.base_name} and {self.new_name}: nothing was compared")
         elif not allow_missing and (gone := self.missing()):
             bits.append(f"{len(gone)} case(s) of {self.base_name} not measured in {self.new_name} "
-                        f"(first: {_key_text(gone[0], self.shown_dims)}; --allow-missing accepts that)")
+                        f"(first: {key_text(gone[0], self.shown_dims)}; --allow-missing accepts that)")
         return "; ".join(bits) or "no regressions"
 
-    # -- renderers ----------------------------------------------------------------------------
-    def table_spec(self) -> TableSpec:
-        cols = ("case",) + tuple(self.shown_dims) + ("n", "base", "new", "ratio", "verdict", "noise")
-        rows = []
-        for r in self.rows:
-            rows.append(
-                (f"{r.get('pattern_label')} · {r.get('backend')}",)
-                + tuple(dim_text(c, r.get(c)) for c in self.shown_dims)
-                + (str(r.get("seq_len")), _side(r.base, r.base_status), _side(r.new, r.new_status),
-                   _ratio_text(r), r.verdict, _noise_text(r))
-            )
-        return TableSpec(f"{self.metric} time, new = {self.new_name} vs base = {self.base_name}", cols,
-                         tuple(rows), self.summary_line(), wrap=(0,))
+    # -- for cli/report.py, which renders through these two (render.compare draws them) ----------
+    def render(self, fmt: str) -> str:
+        from sparsebench.render.compare import render
+
+        return render(self, fmt)
 
     def rich_renderables(self) -> list:
-        from rich.text import Text
+        from sparsebench.render.compare import renderables
 
-        out: list = [Text(f"warning: {w}", style="yellow") for w in self.warnings]
-        colours = {"slower": "red", "now failing": "red", "faster": "green", "now ok": "green"}
-        out.append(rich_table(self.table_spec(), [colours.get(r.verdict) for r in self.rows]))
-        for title, keys in ((f"only in {self.base_name}", self.only_base), (f"only in {self.new_name}", self.only_new)):
-            if keys:
-                out.append(Text(f"{title} ({len(keys)}):", style="bold"))
-                for k in keys:
-                    out.append(Text(f"  {_key_text(k, self.shown_dims)}"))
-        return out
-
-    def to_markdown(self) -> str:
-        t = self.table_spec()
-        bad = self.regressions()
-        gone = self.missing()
-        head = "❌ " if bad or not self.compared() else ("⚠️ " if gone else "✅ ")
-        extra = f" {len(gone)} case(s) of {self.base_name} not measured in {self.new_name}." if gone else ""
-        if self.rows and not self.compared():
-            extra += " Nothing was measured in both."
-        parts = [f"### sparsebench compare: {self.new_name} vs {self.base_name}\n",
-                 f"{head}{len(bad)} regression(s).{extra} {self.summary_line()}.\n"]
-        for w in self.warnings:
-            parts.append(f"> **Warning:** {w}\n")
-        rows = [tuple(f"**{v}**" if (i == len(r) - 2 and v in REGRESSIONS) else v for i, v in enumerate(r)) for r in t.rows]
-        parts.append(markdown_table(t.columns, rows))
-        for title, keys in ((f"Only in {self.base_name}", self.only_base), (f"Only in {self.new_name}", self.only_new)):
-            if keys:
-                parts.append(f"\n**{title}** ({len(keys)}):\n")
-                parts += [f"- {_key_text(k, self.shown_dims)}" for k in keys]
-                parts.append("")
-        return "\n".join(parts).rstrip() + "\n"
+        return renderables(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -324,34 +216,6 @@ class Comparison:
             "only_base": [dict(zip(CASE_KEY, k)) for k in self.only_base],
             "only_new": [dict(zip(CASE_KEY, k)) for k in self.only_new],
         }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
-
-    def to_csv(self) -> str:
-        buf = io.StringIO()
-        fields = list(CASE_KEY) + ["side", "base", "new", "ratio", "verdict", "test", "p_value", "base_status", "new_status"]
-        w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        w.writeheader()
-        for r in self.rows:
-            w.writerow({**dict(zip(CASE_KEY, r.key)), "side": "both", "base": r.base, "new": r.new, "ratio": r.ratio,
-                        "verdict": r.verdict, "test": r.test, "p_value": r.p_value, "base_status": r.base_status,
-                        "new_status": r.new_status})
-        for side, keys in (("base only", self.only_base), ("new only", self.only_new)):
-            for k in keys:
-                w.writerow({**dict(zip(CASE_KEY, k)), "side": side})
-        return buf.getvalue()
-
-    def render(self, fmt: str) -> str:
-        """Text in one of FORMATS ('table' is the rich table as plain text)."""
-        fmt = check_choice("format", fmt, FORMATS)
-        if fmt == "markdown":
-            return self.to_markdown()
-        if fmt == "json":
-            return self.to_json()
-        if fmt == "csv":
-            return self.to_csv()
-        return render_plain(self.rich_renderables())
 
 
 def compare(base_df, new_df, threshold: float = 0.10, metric: str = "median", base_env: dict | None = None,
@@ -376,10 +240,10 @@ def compare(base_df, new_df, threshold: float = 0.10, metric: str = "median", ba
     warnings = list(env_warnings(base_env, new_env, base_name, new_name))
     if not common:
         warnings.append(f"no case is in both {base_name} and {new_name}; is this the same scenario?")
-    fewer = [k for k in common if (_f(new[k].get("rounds")) or 1) < (_f(base[k].get("rounds")) or 1)]
+    fewer = [k for k in common if (finite_or_none(new[k].get("rounds")) or 1) < (finite_or_none(base[k].get("rounds")) or 1)]
     if fewer:  # an interrupted multi-round run: every case is there, with fewer rounds
         warnings.append(f"{len(fewer)} case(s) measured in fewer rounds in {new_name} than in {base_name} "
-                        f"(first: {_key_text(fewer[0], ())}); was the run interrupted?")
+                        f"(first: {key_text(fewer[0], ())}); was the run interrupted?")
     return Comparison(tuple(rows), only_base, only_new, tuple(warnings), threshold, metric, base_name, new_name, shown,
                       base_measured)
 
@@ -428,7 +292,7 @@ def env_warnings(base_env: dict | None, new_env: dict | None, base_name: str = "
 
 def _judge(key, b: dict, n: dict, col: str, threshold: float) -> CaseDiff:
     bs, ns = str(b.get("status")), str(n.get("status"))
-    bv, nv = _f(b.get(col)), _f(n.get(col))
+    bv, nv = finite_or_none(b.get(col)), finite_or_none(n.get(col))
     if bs != "ok" or ns != "ok" or bv is None or nv is None:
         if bs == "ok" and ns in FAILED:
             verdict = "now failing"
@@ -457,7 +321,7 @@ def _latest(df) -> dict[tuple, dict]:
     if df is None or len(df) == 0:
         return out
     for rec in df.to_dict("records"):
-        out[tuple(_plain(rec.get(c)) for c in CASE_KEY)] = rec
+        out[tuple(plain_value(rec.get(c)) for c in CASE_KEY)] = rec
     return out
 
 
@@ -474,53 +338,19 @@ def _times(rec: dict) -> list[float]:
             return []
     if not isinstance(t, (list, tuple)):
         return []
-    return [float(x) for x in t if _f(x) is not None]
+    return [float(x) for x in t if finite_or_none(x) is not None]
 
 
-def _f(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _plain(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
-
-
-def _side(v: float | None, status: str) -> str:
-    return fmt_time(v) if status == "ok" and v is not None else status
-
-
-def _ratio_text(r: CaseDiff) -> str:
+def ratio_text(r: CaseDiff) -> str:
+    """"1.23x (+23%)", or "-" without a ratio."""
     if r.ratio is None:
         return "-"
     return f"{r.ratio:.2f}x ({(r.ratio - 1) * 100:+.0f}%)"
 
 
-def _noise_text(r: CaseDiff) -> str:
-    if r.p_value is not None:
-        return f"p={r.p_value:.2g} ({r.test})"
-    return r.test or "-"
-
-
-def _key_text(key: tuple, shown: Sequence[str]) -> str:
+def key_text(key: tuple, shown: Sequence[str]) -> str:
+    """A case: its series label with the ``shown`` dimensions, and its n."""
     return f"{case_label(key, shown)}, n={key[CASE_KEY.index('seq_len')]}"
-
-
-def render_plain(renderables: list, width: int = 160) -> str:
-    from rich.console import Console
-
-    buf = io.StringIO()
-    console = Console(file=buf, width=width, no_color=True, highlight=False, soft_wrap=False)
-    for r in renderables:
-        console.print(r)
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,41 +359,15 @@ def render_plain(renderables: list, width: int = 160) -> str:
 
 @dataclass(frozen=True)
 class ByComparison:
+    """One folder along one dimension: per row (the other case-key columns) each value's time,
+    or its status where it did not run ok."""
+
     by: str  # the user's word: backend, pattern, ...
     column: str  # the frame column
     values: tuple[str, ...]  # one table column each
     dims: tuple[str, ...]  # row columns (the case key less `column`, varying ones only)
     rows: tuple[tuple[tuple[Any, ...], tuple[tuple[str, float | None, str], ...]], ...]
     metric: str = "median"
-
-    def table_spec(self) -> TableSpec:
-        out = []
-        for key, cells in self.rows:
-            times = [t for _, t, _ in cells if t is not None]
-            best = min(times) if times else None
-            row = [dim_text(c, v) if c != "seq_len" else str(v) for c, v in zip(self.dims, key)]
-            for _, t, status in cells:
-                if t is None:
-                    row.append(status or "-")
-                elif best is not None and t == best:
-                    row.append(f"{fmt_time(t)} (best)" if len(times) > 1 else fmt_time(t))
-                else:
-                    row.append(f"{fmt_time(t)} ({t / best:.2f}x)")
-            out.append(tuple(row))
-        return TableSpec(
-            f"{self.metric} time by {self.by}",
-            tuple({"seq_len": "n", "pattern_label": "pattern"}.get(c, c) for c in self.dims) + self.values,
-            tuple(out),
-            "(best) marks the fastest in each row; (k x) is the time relative to it.",
-        )
-
-    def rich_renderables(self) -> list:
-        return [rich_table(self.table_spec())]
-
-    def to_markdown(self) -> str:
-        t = self.table_spec()
-        rows = [tuple(f"**{v}**" if v.endswith("(best)") else v for v in r) for r in t.rows]
-        return f"### {t.title}\n\n" + markdown_table(t.columns, rows) + f"\n{t.note}\n"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -575,26 +379,16 @@ class ByComparison:
             ],
         }
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
-
-    def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(list(self.dims) + list(self.values))
-        for key, cells in self.rows:
-            w.writerow(list(key) + [t if t is not None else s for _, t, s in cells])
-        return buf.getvalue()
-
+    # -- for cli/report.py, which renders through these two (render.compare draws them) ----------
     def render(self, fmt: str) -> str:
-        fmt = check_choice("format", fmt, FORMATS)
-        if fmt == "markdown":
-            return self.to_markdown()
-        if fmt == "json":
-            return self.to_json()
-        if fmt == "csv":
-            return self.to_csv()
-        return render_plain(self.rich_renderables())
+        from sparsebench.render.compare import render
+
+        return render(self, fmt)
+
+    def rich_renderables(self) -> list:
+        from sparsebench.render.compare import renderables
+
+        return renderables(self)
 
 
 def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
@@ -610,7 +404,7 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
         dims.insert(0, "pattern_label")
     if by != "backend" and "backend" not in dims:
         dims.insert(1 if dims[0] == "pattern_label" else 0, "backend")
-    values = sorted({str(_plain(v)) for v in df[column]}, key=lambda v: (v != "sdpa", v))
+    values = sorted({str(plain_value(v)) for v in df[column]}, key=lambda v: (v != "sdpa", v))
     if len(values) < 2:
         raise ResultsError(f"only one {by} ({values[0] if values else 'none'}) in these results: nothing to put side by side")
     rows = []
@@ -618,7 +412,7 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
         cells = {}
         for rec in g.to_dict("records"):
             ok = rec.get("status") == "ok"
-            cells[str(_plain(rec.get(column)))] = (_f(rec.get(tcol)) if ok else None, str(rec.get("status")))
+            cells[str(plain_value(rec.get(column)))] = (finite_or_none(rec.get(tcol)) if ok else None, str(rec.get("status")))
         filled = tuple((v, *cells.get(v, (None, ""))) for v in values)
         if sum(1 for _, _, s in filled if s) < 2:
             continue  # nothing to compare on this row
@@ -631,50 +425,12 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
 
 
 # ----------------------------------------------------------------------------------------------
-# figure
 
 
-def fig_ratio(cmp: Comparison, styles=None):
-    """new/base ratio against n per series (log-log), the threshold band shaded, slower cases
-    ringed. Returns a matplotlib Figure, or None when no case has a ratio."""
-    rows = [r for r in cmp.rows if r.ratio is not None and math.isfinite(r.ratio) and r.ratio > 0]
-    if not rows:
-        return None
-    import pandas as pd
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
+def __getattr__(name: str):
+    """FORMATS and fig_ratio, which cli/report.py takes from here, live in render.compare."""
+    if name in ("FORMATS", "fig_ratio"):
+        from sparsebench.render import compare as rendered
 
-    from sparsebench.analysis.scaling import is_baseline_key
-    from sparsebench.render.plots import finish_axes, outside_legend, wrap_label, styles_for
-
-    df = pd.DataFrame([{**dict(zip(CASE_KEY, r.key)), "ratio": r.ratio, "verdict": r.verdict} for r in rows])
-    styles = styles or styles_for(df)
-    fig = Figure(figsize=(11.5, 4.8), layout="constrained")
-    fig.suptitle(f"{cmp.metric} time ratio, {cmp.new_name} / {cmp.base_name}", fontweight="bold")
-    ax = fig.add_subplot()
-    t = cmp.threshold
-    ax.axhspan(1 / (1 + t), 1 + t, color="#eeeeee", zorder=0, label=f"within ±{t:.0%}")
-    ax.axhline(1.0, color="#777777", linewidth=1.5, zorder=1, label="no change")
-    keys = [c for c in CASE_KEY if c != "seq_len"]
-    for key, g in iter_groups(df, keys):
-        g = g.sort_values("seq_len")
-        row = dict(zip(keys, key))
-        label = f"{row['pattern_label']} · {row['backend']}"
-        extra = [dim_text(c, row[c]) for c in cmp.shown_dims]
-        if extra:
-            label += ", " + ", ".join(extra)
-        ax.plot(g["seq_len"], g["ratio"], label=wrap_label(label), gid=f"ratio:{label}",
-                **styles.line(row["pattern_label"], row["backend"], is_baseline_key(key)))
-        slow = g[g["verdict"] == "slower"]
-        if len(slow):
-            ax.plot(slow["seq_len"], slow["ratio"], linestyle="none", marker="o", markersize=13,
-                    markerfacecolor="none", markeredgecolor=RING, markeredgewidth=1.6,
-                    zorder=6, label="_slower")
-    finish_axes(ax, f"threshold {t:.0%}; a ring marks a case slower beyond the threshold and the noise",
-            "sequence length n (tokens)", f"{cmp.metric} time ratio (new / base)", y="ratio")
-    extra = []
-    if (df["verdict"] == "slower").any():
-        extra.append(Line2D([], [], linestyle="none", marker="o", markersize=10, markerfacecolor="none",
-                            markeredgecolor=RING, markeredgewidth=1.6, label="slower (regression)"))
-    outside_legend(ax, extra)
-    return fig
+        return getattr(rendered, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,14 +19,14 @@ This module imports no torch at import time (patterns are imported when first ne
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sparsebench import units
 from sparsebench.errors import ScenarioError
+from sparsebench.units import parse_bytes, parse_tokens  # noqa: F401 - planner.parse_* for cli/kv.py
 
 if TYPE_CHECKING:
     from sparsebench.patterns.base import Pattern
@@ -198,99 +198,20 @@ def load_model_file(path: str | Path) -> ModelSpec:
     return _spec_from_mapping(data, str(path), path.stem)
 
 
-# -- parsing sizes ------------------------------------------------------------------------------
-
-_TOKEN_UNITS = {"": 1, "k": 1024, "m": 1024**2}
-_BYTE_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_NUMBER = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
-# commas in a number: thousands separators only (131,072 or 1,048,576)
-_GROUPED = re.compile(r"^\s*\d{1,3}(?:,\d{3})+(?:\.\d*)?\s*[A-Za-z]*\s*$")
-
-
-def _split(text: str) -> tuple[Decimal, str] | None:
-    text = str(text)
-    if "," in text and not _GROUPED.match(text):  # "1,5GiB" is not 15 GiB
-        return None
-    m = _NUMBER.match(text.replace("_", "").replace(",", ""))
-    if not m:
-        return None
-    try:
-        return Decimal(m.group(1)), m.group(2).lower()
-    except InvalidOperation:
-        return None
-
-
-def parse_tokens(text: str | int) -> int:
-    """A token count: ``131072``, ``128k`` (k = 1024) or ``1m`` (m = 1024**2)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value: Decimal | int = text
-    else:
-        parts = _split(str(text))
-        if parts is None or parts[1] not in _TOKEN_UNITS:
-            raise ScenarioError(f"invalid token count {str(text)!r}: expected an integer such as 131072 or 128k")
-        value = parts[0] * _TOKEN_UNITS[parts[1]]
-        if value != int(value):
-            raise ScenarioError(f"invalid token count {str(text)!r}: not a whole number of tokens")
-    if int(value) < 1:
-        raise ScenarioError(f"invalid token count {str(text)!r}: must be at least 1")
-    return int(value)
-
-
-def parse_bytes(text: str | int) -> int:
-    """A byte size: ``24GiB`` (2**30), ``80GB`` (10**9), MiB/MB, KiB/KB, TiB/TB, ``1000B``; an
-    int is bytes. A number without a unit in text is refused (``--budget 24`` is not 24 bytes)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = Decimal(text)
-    else:
-        parts = _split(str(text))
-        if parts is None:
-            raise ScenarioError(f"invalid size {str(text)!r}: expected a number with a unit such as 24GiB or 80GB")
-        number, unit = parts
-        if unit == "":
-            raise ScenarioError(
-                f"size {str(text)!r} has no unit: write {number}GiB (binary), {number}GB (decimal) or {number}B (bytes)"
-            )
-        if unit in ("k", "m", "g", "t"):
-            u = unit.upper()
-            raise ScenarioError(
-                f"ambiguous unit in size {str(text)!r}: write {number}{u}iB (binary) or {number}{u}B (decimal)"
-            )
-        if unit not in _BYTE_UNITS:
-            raise ScenarioError(
-                f"invalid size {str(text)!r}: unknown unit {unit!r}; expected B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
-            )
-        value = number * _BYTE_UNITS[unit]
-    if value < 1:
-        raise ScenarioError(f"invalid size {str(text)!r}: must be at least 1 byte")
-    return int(value)
+# -- sizes and their text -----------------------------------------------------------------------
+# Parsing lives in sparsebench.units (parse_tokens, parse_bytes). The two formatters below are
+# the KV table's: they differ from units' table formats on purpose, as their docstrings say.
 
 
 def format_bytes(n: int | float) -> str:
-    """1536 -> '1.50 KiB'; binary units."""
-    n = float(n)
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
+    """1536 -> '1.50 KiB': binary units with two fixed decimals, so that the sizes of the KV
+    table line up in their column (units.format_bytes writes three significant digits)."""
+    return units.format_bytes(n, ".2f")
 
 
 def format_tokens(n: int) -> str:
-    """131072 -> '131072 (128k)'."""
-    if n >= 1024**2 and n % 1024**2 == 0:
-        return f"{n} ({n // 1024**2}m)"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n} ({n // 1024}k)"
-    return str(n)
+    """131072 -> '131072 (128k)': the exact count, and the short form ``--context`` takes."""
+    return units.format_tokens(n, short=True)
 
 
 # -- accounting ---------------------------------------------------------------------------------

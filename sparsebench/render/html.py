@@ -8,10 +8,13 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
-from sparsebench.analysis.scaling import Analysis, fmt_bytes, fmt_pct, fmt_ratio, fmt_time
+from sparsebench.analysis.scaling import Analysis
+from sparsebench.render import analysis as words
+from sparsebench.render.tables import html_table
 from sparsebench.results.folder import ENVIRONMENT, META, atomic_write
+from sparsebench.units import format_bytes, format_percent, format_ratio, format_time
 
 REPORT = "report.html"
 
@@ -24,15 +27,15 @@ RESULT_COLUMNS = (
     ("mode", "mode", str),
     ("seq_len", "n", lambda v: str(int(v))),
     ("status", "status", str),
-    ("time_median_s", "median", fmt_time),
-    ("time_iqr_s", "IQR", fmt_time),
+    ("time_median_s", "median", format_time),
+    ("time_iqr_s", "IQR", format_time),
     ("tflops", "TFLOP/s", lambda v: f"{v:.3g}"),
-    ("peak_mem_bytes", "peak mem", fmt_bytes),
-    ("est_mem_bytes", "est. mem", fmt_bytes),
-    ("kv_cache_bytes", "KV cache", fmt_bytes),
+    ("peak_mem_bytes", "peak mem", format_bytes),
+    ("est_mem_bytes", "est. mem", format_bytes),
+    ("kv_cache_bytes", "KV cache", format_bytes),
     ("density", "density", lambda v: f"{100 * v:.3g}%"),
-    ("speedup", "speedup", fmt_ratio),
-    ("efficiency", "efficiency", fmt_pct),
+    ("speedup", "speedup", format_ratio),
+    ("efficiency", "efficiency", format_percent),
     ("max_abs_err", "max |err|", lambda v: f"{v:.2g}"),
     ("grad_err", "grad err (rel.)", lambda v: f"{v:.2g}"),
     ("reason", "reason", str),
@@ -72,12 +75,12 @@ def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[
         _status_table(df),
         '<h2 id="analysis">Analysis</h2>',
     ]
-    for t in analysis.tables():
+    for t in words.tables(analysis):
         body.append(f"<h3>{_e(t.title)}</h3>")
         body.append(html_table(t.columns, t.rows))
         if t.note:
             body.append(f"<p class=note>{_e(t.note)}</p>")
-    drift = analysis.drift_note()
+    drift = words.drift_note(analysis)
     if drift:  # as in summary.md: how far the machine's speed moved during the run
         body.append("<h3>Machine speed</h3>")
         body.append(f"<p{' class=warn' if analysis.drifted else ''}>{_e(drift)}</p>")
@@ -102,16 +105,6 @@ def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[
     atomic_write(path, page)
     _readable(path)
     return path
-
-
-def html_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], row_classes: Sequence[str] | None = None) -> str:
-    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
-    out = [f"<table><thead><tr>{head}</tr></thead><tbody>"]
-    for i, r in enumerate(rows):
-        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        out.append(f"<tr{cls}>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
 
 
 # ----------------------------------------------------------------------------------------------

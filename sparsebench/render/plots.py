@@ -25,15 +25,16 @@ from typing import Any, Sequence
 from sparsebench.analysis.scaling import (
     SHAPE_KEY,
     Analysis,
-    iter_groups,
-    positive_mask,
     analyze,
     dim_text,
     ensure_derived,
-    fit_power,
     is_baseline_key,
+    iter_groups,
+    positive_mask,
 )
 from sparsebench.results.folder import BASELINE_PATTERN, SERIES_KEY
+from sparsebench.stats import fit_power
+from sparsebench.units import format_bytes, format_time
 
 FIGURES = ("time_vs_seqlen", "memory_vs_seqlen", "speedup_vs_seqlen", "kv_cache_vs_seqlen", "masks")
 # Figures drawn only when the frame holds decode records.
@@ -638,10 +639,10 @@ def finish_axes(ax, title: str, xlabel: str, ylabel: str, y: str) -> None:
     ax.set_axisbelow(True)
     _pow2_axis(ax.xaxis, ax.get_xlim(), _n_text)
     if y == "time":
-        _decade_axis(ax.yaxis, ax.get_ylim(), _time_text)
+        _decade_axis(ax.yaxis, ax.get_ylim(), format_time)
         ax.set_ylabel(f"{ylabel} (log scale)")
     elif y == "bytes":
-        _pow2_axis(ax.yaxis, ax.get_ylim(), _bytes_text)
+        _pow2_axis(ax.yaxis, ax.get_ylim(), format_bytes)
         ax.set_ylabel(f"{ylabel} (log scale)")  # the ticks carry their unit (KiB, MiB, GiB)
     else:
         _decade_axis(ax.yaxis, ax.get_ylim(), lambda v: f"{v:g}x")
@@ -695,25 +696,14 @@ def _decade_axis(axis, lim, text) -> None:
 
 
 def _n_text(v: float) -> str:
+    """n on an axis or in a legend: '512', '4K', '1.5K', '1M'. Compact and rounded to what a
+    glance needs, unlike units.short_tokens, which abbreviates whole multiples only (its text
+    must read back as the exact count)."""
     v = float(v)
     for suffix, scale in (("M", 2**20), ("K", 2**10)):
         if v >= scale:
             return f"{v / scale:g}{suffix}"
     return f"{v:g}"
-
-
-def _time_text(v: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
-        if v >= scale * 0.999:
-            return f"{v / scale:.3g} {unit}"
-    return f"{v:.1g} s"
-
-
-def _bytes_text(v: float) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if v >= scale:
-            return f"{v / scale:g} {unit}"
-    return f"{v:g} B"
 
 
 def outside_legend(ax, extra: Sequence[Any] = (), skip: Sequence[str] = ()) -> None:

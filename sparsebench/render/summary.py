@@ -70,11 +70,11 @@ def rich_table(records: list[dict[str, Any]], title: str | None = None):
     return table
 
 
-def markdown_table(records: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in with_speedup(records):
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row_cells(r)) + " |")
-    return "\n".join(lines)
+def results_markdown(records: list[dict[str, Any]]) -> str:
+    """The results table of summary.md, one row per record (no trailing newline)."""
+    from sparsebench.render.tables import markdown_table
+
+    return markdown_table(COLUMNS, [row_cells(r) for r in with_speedup(records)]).rstrip("\n")
 
 
 def _rounds_line(records: list[dict[str, Any]]) -> list[str]:
@@ -110,7 +110,7 @@ def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: s
         "",
         "## Results",
         "",
-        markdown_table(records),
+        results_markdown(records),
         "",
     ]
     if analysis_md:
@@ -136,11 +136,12 @@ def finalize(folder: Path, records: list[dict[str, Any]], *, plots: bool = True,
     analysis_md = ""
     try:
         from sparsebench.analysis.scaling import analyze
+        from sparsebench.render import analysis as words
 
         analysis = analyze(df)
-        analysis_md = analysis.to_markdown()
+        analysis_md = words.to_markdown(analysis)
         if renderables is not None:
-            renderables.extend(analysis.rich_renderables())
+            renderables.extend(words.renderables(analysis))
     except Exception as exc:  # noqa: BLE001 - reports must not lose a run
         if warn:
             warn(f"analysis skipped: {type(exc).__name__}: {exc}")

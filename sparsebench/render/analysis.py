@@ -1,0 +1,208 @@
+"""The analysis in words and tables: the scaling, baseline and first-call tables with their
+notes, and the machine-speed sentence, for summary.md (``to_markdown``), the terminal
+(``renderables``) and report.html (``tables``, ``drift_note``).
+
+``compact`` tables (an 80-column terminal) leave out the fit range and best-speedup columns
+and the first-call table; their notes leave out what explains the columns left out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from sparsebench.analysis.scaling import Analysis, Crossover, SeriesSummary
+from sparsebench.render.tables import TableSpec, markdown_table, rich_table
+from sparsebench.stats import FLOOR_SLOPE, Fit
+from sparsebench.units import format_percent, format_ratio, format_time, format_tokens
+
+FIRST_CALL_TITLE = "First call"
+BASELINE_TITLE = "Against the dense baseline (dense · sdpa)"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a series table: its header, its cell for one series, whether it may wrap
+    in a narrow terminal, and whether compact tables leave it out."""
+
+    name: str
+    cell: Callable[[SeriesSummary, bool], str]  # (series, compact) -> text
+    wrap: bool = False
+    full_only: bool = False
+
+
+def series_table(title: str, columns: Sequence[Column], series: Sequence[SeriesSummary], note: str,
+                 compact: bool = False) -> TableSpec:
+    """One row per series, the columns that the table's form (compact or not) shows."""
+    shown = [c for c in columns if not (compact and c.full_only)]
+    return TableSpec(
+        title,
+        tuple(c.name for c in shown),
+        tuple(tuple(c.cell(s, compact) for c in shown) for s in series),
+        note,
+        wrap=tuple(i for i, c in enumerate(shown) if c.wrap),
+    )
+
+
+# -- cells ----------------------------------------------------------------------------------------
+
+
+def crossover_text(c: Crossover, compact: bool = False) -> str:
+    """"~1234", "<= 256 (faster at every measured n)", or why there is no crossover."""
+    if c.compared == 0:
+        return "no common sizes with the baseline"
+    if c.n is None:
+        return "not in range" if compact else "not within the measured range"
+    if c.below_range:
+        return f"<= {format_tokens(c.n)} (faster at every measured n)"
+    return f"~{format_tokens(c.n)}"
+
+
+def problems_text(s: SeriesSummary) -> str:
+    """"oom at 8192; wrong result at 1024, 2048", or "-"."""
+    bits = []
+    if s.failure:
+        bits.append(f"{s.failure.status} at {format_tokens(s.failure.seq_len)}")
+    if s.wrong_sizes:
+        bits.append("wrong result at " + ", ".join(format_tokens(n) for n in s.wrong_sizes))
+    return "; ".join(bits) or "-"
+
+
+def _fit_text(fit: Fit | None, sizes: tuple[int, ...]) -> str:
+    if fit is not None:
+        return fit.describe()
+    if not sizes:
+        return "no ok measurement"
+    return "one size, no fit" if len(set(sizes)) == 1 else "-"
+
+
+def _fit_range(fit: Fit | None) -> str:
+    if fit is None:
+        return "-"
+    return f"{format_tokens(fit.sizes[0])}-{format_tokens(fit.sizes[-1])} ({fit.points})"
+
+
+def _at(value: str, n: int | None) -> str:
+    return f"{value} at {format_tokens(n)}"
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+SCALING_COLUMNS = (
+    Column("series", lambda s, _: s.shown_label, wrap=True),
+    Column("time exp.", lambda s, _: _fit_text(s.time_fit, s.sizes)),
+    Column("fit range", lambda s, _: _fit_range(s.time_fit), wrap=True, full_only=True),
+    Column("memory exp.", lambda s, _: s.mem_fit.describe() if s.mem_fit else "-"),
+    Column("max ok n", lambda s, _: format_tokens(s.max_ok_n) if s.max_ok_n else "-"),
+    Column("problems", lambda s, _: problems_text(s), wrap=True),
+)
+
+BASELINE_COLUMNS = (
+    Column("series", lambda s, _: s.label, wrap=True),
+    Column("crossover n", lambda s, compact: crossover_text(s.crossover, compact) if s.crossover else "- (dense)",
+           wrap=True),
+    Column("at n", lambda s, _: format_tokens(s.largest_n) if s.largest_n else "-"),
+    Column("speedup", lambda s, _: format_ratio(s.speedup)),
+    Column("ideal", lambda s, _: format_ratio(s.ideal_speedup)),
+    Column("efficiency", lambda s, _: format_percent(s.efficiency)),
+    Column("best", lambda s, _: _at(format_ratio(s.best_speedup), s.best_speedup_n) if s.best_speedup else "-",
+           wrap=True, full_only=True),
+)
+
+FIRST_CALL_COLUMNS = (
+    Column("series", lambda s, _: s.shown_label, wrap=True),
+    Column("at n", lambda s, _: format_tokens(s.first_call.seq_len)),
+    Column("setup", lambda s, _: format_time(s.first_call.setup_s)),
+    Column("first call", lambda s, _: format_time(s.first_call.first_call_s)),
+    Column("steady", lambda s, _: format_time(s.first_call.steady_s)),
+    Column("first call - steady", lambda s, _: format_time(s.first_call.extra_s)),
+    Column("most, at n", lambda s, _: (_at(format_time(s.first_call.worst_extra_s), s.first_call.worst_n)
+                                       if s.first_call.worst_n else "-")),
+)
+
+
+def scaling_note(compact: bool = False) -> str:
+    fit_range = "" if compact else ", over the fit range (sizes used)"
+    return ("Exponent k of time ∝ n^k (and of peak memory): least-squares slope of log(time) on "
+            f"log(n) ± its 95% confidence interval{fit_range}. Leading sizes "
+            f"whose time grows slower than n^{FLOOR_SLOPE} are overhead-dominated and left out. "
+            "Dense attention should read about 2, a sparse kernel about 1. max ok n: the longest "
+            "sequence that ran before the first oom/timeout/crash/error.")
+
+
+def baseline_note(compact: bool = False) -> str:
+    best = "" if compact else " best: the highest speedup and where."
+    return ("Crossover: the smallest n from which on the series beats dense sdpa at every measured size, "
+            "interpolated in log space. At the largest n both ran: speedup = dense sdpa median / series "
+            "median (same shape), ideal = nnz(dense) / nnz(pattern), efficiency = speedup / "
+            "ideal (above 100%: faster per allowed pair than dense sdpa is per pair, as a "
+            f"kernel faster than SDPA on the dense pattern itself reads).{best}")
+
+
+FIRST_CALL_NOTE = (
+    "At each series' largest measured n (its first round): setup builds the pattern's "
+    "layout or mask before any call; the first call includes compilation and "
+    "autotuning (flex, Triton), loading the native CPU kernels, and the first touch "
+    "of fresh memory; steady is the median of the timed calls (a negative difference: "
+    "the first call was no slower, within the noise). Setup and the first call's "
+    "extra time are not in the steady-state figures above (records: setup_s, "
+    "first_call_s, compile_s). most, at n: the largest first-call extra of the "
+    "series where it fell on a smaller n and stands out (costs paid once per process, such as "
+    "loading the native kernels or a cold compile cache, fall on the first case "
+    "that needs them); records.jsonl has every case's."
+)
+
+
+def tables(analysis: Analysis, compact: bool = False) -> list[TableSpec]:
+    """The summary tables; ``compact`` (for an 80-column terminal) drops the fit range and
+    the best speedup columns, and the first-call table."""
+    if not analysis.series:
+        return [TableSpec("Scaling", ("note",), (("no successful measurements to analyse",),))]
+    out = [series_table("Scaling", SCALING_COLUMNS, analysis.series, scaling_note(compact), compact)]
+    others = [s for s in analysis.series if not s.is_baseline]
+    if others:
+        out.append(series_table(BASELINE_TITLE, BASELINE_COLUMNS, others, baseline_note(compact), compact))
+    firsts = [s for s in analysis.series if s.first_call is not None
+              and (s.first_call.setup_s is not None or s.first_call.first_call_s is not None)]
+    if firsts and not compact:
+        out.append(series_table(FIRST_CALL_TITLE, FIRST_CALL_COLUMNS, firsts, FIRST_CALL_NOTE))
+    return out
+
+
+def drift_note(analysis: Analysis) -> str | None:
+    """One line on how the machine's speed moved during the run (None without probes)."""
+    if analysis.probe is None:
+        return None
+    lo, hi = analysis.probe
+    text = (f"a fixed matmul probe took {format_time(lo)} to {format_time(hi)} between cases "
+            f"({hi / lo:.2f}x)")
+    if analysis.drifted:
+        return (f"Machine speed varied during the run: {text}. A ratio of two cases measured at "
+                "different times (speedup, efficiency) includes that drift (a short probe "
+                "exaggerates it; long cases feel less); rerun, or compare runs, before trusting "
+                "a small difference.")
+    return f"Machine speed was steady during the run: {text}."
+
+
+def to_markdown(analysis: Analysis) -> str:
+    """The analysis section of summary.md: each table under its heading, then its note."""
+    parts = []
+    for t in tables(analysis):
+        parts.append(f"## {t.title}\n")
+        parts.append(markdown_table(t.columns, t.rows))
+        if t.note:
+            parts.append(f"\n{t.note}\n")
+    note = drift_note(analysis)
+    if note:
+        parts.append(f"## Machine speed\n\n{note}\n")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def renderables(analysis: Analysis) -> list:
+    """The compact tables and the machine-speed line, for the terminal (rich)."""
+    out: list = [rich_table(t) for t in tables(analysis, compact=True)]
+    note = drift_note(analysis)
+    if note:
+        from rich.text import Text
+
+        out.append(Text(note, style="yellow" if analysis.drifted else "dim"))
+    return out

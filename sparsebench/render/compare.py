@@ -1,0 +1,247 @@
+"""A comparison drawn: ``render(result, fmt)`` writes a ``Comparison`` (two folders) or a
+``ByComparison`` (one folder along a dimension) in one of FORMATS; ``renderables`` gives the
+rich objects of the terminal table; ``fig_ratio`` draws the new/base ratio figure.
+
+The comparison itself (verdicts, statistics) is ``analysis.compare``'s; nothing here judges."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any
+
+from sparsebench.analysis.compare import (
+    REGRESSIONS,
+    ByComparison,
+    CaseDiff,
+    Comparison,
+    check_choice,
+    key_text,
+    ratio_text,
+)
+from sparsebench.analysis.scaling import dim_text, iter_groups
+from sparsebench.render.tables import (
+    TableSpec,
+    markdown_table,
+    render_plain,
+    rich_table,
+)
+from sparsebench.results.folder import CASE_KEY
+from sparsebench.units import format_time
+
+FORMATS = ("table", "markdown", "json", "csv")
+RING = "#000000"  # marks a regression in the ratio plot
+VERDICT_COLOURS = {"slower": "red", "now failing": "red", "faster": "green", "now ok": "green"}
+
+Result = Comparison | ByComparison
+
+
+def render(result: Result, fmt: str) -> str:
+    """Text in one of FORMATS ('table' is the rich table as plain text)."""
+    fmt = check_choice("format", fmt, FORMATS)
+    if fmt == "markdown":
+        return to_markdown(result)
+    if fmt == "json":
+        return to_json(result)
+    if fmt == "csv":
+        return to_csv(result)
+    return render_plain(renderables(result))
+
+
+def table_spec(result: Result) -> TableSpec:
+    """The comparison's table: one row per case, or per row of a --by comparison."""
+    if isinstance(result, ByComparison):
+        return _by_table(result)
+    return _case_table(result)
+
+
+def renderables(result: Result) -> list:
+    """For the terminal: warnings, the table (slower cases red, faster green), the cases only
+    one folder has."""
+    if isinstance(result, ByComparison):
+        return [rich_table(_by_table(result))]
+    from rich.text import Text
+
+    c = result
+    out: list = [Text(f"warning: {w}", style="yellow") for w in c.warnings]
+    out.append(rich_table(_case_table(c), [VERDICT_COLOURS.get(r.verdict) for r in c.rows]))
+    for title, keys in ((f"only in {c.base_name}", c.only_base), (f"only in {c.new_name}", c.only_new)):
+        if keys:
+            out.append(Text(f"{title} ({len(keys)}):", style="bold"))
+            for k in keys:
+                out.append(Text(f"  {key_text(k, c.shown_dims)}"))
+    return out
+
+
+def to_markdown(result: Result) -> str:
+    """A Markdown section (a CI comment): a headline, the warnings, the table with
+    regressions (or the best of each row) in bold, the cases only one folder has."""
+    if isinstance(result, ByComparison):
+        t = _by_table(result)
+        rows = [tuple(f"**{v}**" if v.endswith("(best)") else v for v in r) for r in t.rows]
+        return f"### {t.title}\n\n" + markdown_table(t.columns, rows) + f"\n{t.note}\n"
+    c = result
+    t = _case_table(c)
+    bad = c.regressions()
+    gone = c.missing()
+    head = "❌ " if bad or not c.compared() else ("⚠️ " if gone else "✅ ")
+    extra = f" {len(gone)} case(s) of {c.base_name} not measured in {c.new_name}." if gone else ""
+    if c.rows and not c.compared():
+        extra += " Nothing was measured in both."
+    parts = [f"### sparsebench compare: {c.new_name} vs {c.base_name}\n",
+             f"{head}{len(bad)} regression(s).{extra} {summary_line(c)}.\n"]
+    for w in c.warnings:
+        parts.append(f"> **Warning:** {w}\n")
+    rows = [tuple(f"**{v}**" if (i == len(r) - 2 and v in REGRESSIONS) else v for i, v in enumerate(r)) for r in t.rows]
+    parts.append(markdown_table(t.columns, rows))
+    for title, keys in ((f"Only in {c.base_name}", c.only_base), (f"Only in {c.new_name}", c.only_new)):
+        if keys:
+            parts.append(f"\n**{title}** ({len(keys)}):\n")
+            parts += [f"- {key_text(k, c.shown_dims)}" for k in keys]
+            parts.append("")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def to_json(result: Result) -> str:
+    return json.dumps(result.to_dict(), indent=2, default=str) + "\n"
+
+
+def to_csv(result: Result) -> str:
+    """One line per case (side "both"), then the cases of one folder only; a --by comparison:
+    one line per row, a time (or a status) per value."""
+    buf = io.StringIO()
+    if isinstance(result, ByComparison):
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(list(result.dims) + list(result.values))
+        for key, cells in result.rows:
+            w.writerow(list(key) + [t if t is not None else s for _, t, s in cells])
+        return buf.getvalue()
+    c = result
+    fields = list(CASE_KEY) + ["side", "base", "new", "ratio", "verdict", "test", "p_value", "base_status", "new_status"]
+    dw = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    dw.writeheader()
+    for r in c.rows:
+        dw.writerow({**dict(zip(CASE_KEY, r.key)), "side": "both", "base": r.base, "new": r.new, "ratio": r.ratio,
+                     "verdict": r.verdict, "test": r.test, "p_value": r.p_value, "base_status": r.base_status,
+                     "new_status": r.new_status})
+    for side, keys in (("base only", c.only_base), ("new only", c.only_new)):
+        for k in keys:
+            dw.writerow({**dict(zip(CASE_KEY, k)), "side": side})
+    return buf.getvalue()
+
+
+def summary_line(c: Comparison) -> str:
+    """"12 same, 2 slower, 1 only in base; threshold 10% on the median"."""
+    counts = c.counts()
+    parts = [f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if c.only_base:
+        parts.append(f"{len(c.only_base)} only in {c.base_name}")
+    if c.only_new:
+        parts.append(f"{len(c.only_new)} only in {c.new_name}")
+    return (f"{len(c.rows)} common cases ({', '.join(parts) or 'none'}); "
+            f"threshold {c.threshold:.0%} on the {c.metric}")
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+def _case_table(c: Comparison) -> TableSpec:
+    cols = ("case",) + tuple(c.shown_dims) + ("n", "base", "new", "ratio", "verdict", "noise")
+    rows = []
+    for r in c.rows:
+        rows.append(
+            (f"{r.get('pattern_label')} · {r.get('backend')}",)
+            + tuple(dim_text(d, r.get(d)) for d in c.shown_dims)
+            + (str(r.get("seq_len")), _side(r.base, r.base_status), _side(r.new, r.new_status),
+               ratio_text(r), r.verdict, _noise_text(r))
+        )
+    return TableSpec(f"{c.metric} time, new = {c.new_name} vs base = {c.base_name}", cols,
+                     tuple(rows), summary_line(c), wrap=(0,))
+
+
+def _by_table(b: ByComparison) -> TableSpec:
+    out = []
+    for key, cells in b.rows:
+        times = [t for _, t, _ in cells if t is not None]
+        best = min(times) if times else None
+        row = [dim_text(c, v) if c != "seq_len" else str(v) for c, v in zip(b.dims, key)]
+        for _, t, status in cells:
+            if t is None:
+                row.append(status or "-")
+            elif best is not None and t == best:
+                row.append(f"{format_time(t)} (best)" if len(times) > 1 else format_time(t))
+            else:
+                row.append(f"{format_time(t)} ({t / best:.2f}x)")
+        out.append(tuple(row))
+    return TableSpec(
+        f"{b.metric} time by {b.by}",
+        tuple({"seq_len": "n", "pattern_label": "pattern"}.get(c, c) for c in b.dims) + b.values,
+        tuple(out),
+        "(best) marks the fastest in each row; (k x) is the time relative to it.",
+    )
+
+
+def _side(v: float | None, status: str) -> str:
+    return format_time(v) if status == "ok" and v is not None else status
+
+
+def _noise_text(r: CaseDiff) -> str:
+    if r.p_value is not None:
+        return f"p={r.p_value:.2g} ({r.test})"
+    return r.test or "-"
+
+
+# -- figure ---------------------------------------------------------------------------------------
+
+
+def fig_ratio(cmp: Comparison, styles: Any = None):
+    """new/base ratio against n per series (log-log), the threshold band shaded, slower cases
+    ringed. Returns a matplotlib Figure, or None when no case has a ratio."""
+    rows = [r for r in cmp.rows if r.ratio is not None and math.isfinite(r.ratio) and r.ratio > 0]
+    if not rows:
+        return None
+    import pandas as pd
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from sparsebench.analysis.scaling import is_baseline_key
+    from sparsebench.render.plots import (
+        finish_axes,
+        outside_legend,
+        styles_for,
+        wrap_label,
+    )
+
+    df = pd.DataFrame([{**dict(zip(CASE_KEY, r.key)), "ratio": r.ratio, "verdict": r.verdict} for r in rows])
+    styles = styles or styles_for(df)
+    fig = Figure(figsize=(11.5, 4.8), layout="constrained")
+    fig.suptitle(f"{cmp.metric} time ratio, {cmp.new_name} / {cmp.base_name}", fontweight="bold")
+    ax = fig.add_subplot()
+    t = cmp.threshold
+    ax.axhspan(1 / (1 + t), 1 + t, color="#eeeeee", zorder=0, label=f"within ±{t:.0%}")
+    ax.axhline(1.0, color="#777777", linewidth=1.5, zorder=1, label="no change")
+    keys = [c for c in CASE_KEY if c != "seq_len"]
+    for key, g in iter_groups(df, keys):
+        g = g.sort_values("seq_len")
+        row = dict(zip(keys, key))
+        label = f"{row['pattern_label']} · {row['backend']}"
+        extra = [dim_text(c, row[c]) for c in cmp.shown_dims]
+        if extra:
+            label += ", " + ", ".join(extra)
+        ax.plot(g["seq_len"], g["ratio"], label=wrap_label(label), gid=f"ratio:{label}",
+                **styles.line(row["pattern_label"], row["backend"], is_baseline_key(key)))
+        slow = g[g["verdict"] == "slower"]
+        if len(slow):
+            ax.plot(slow["seq_len"], slow["ratio"], linestyle="none", marker="o", markersize=13,
+                    markerfacecolor="none", markeredgecolor=RING, markeredgewidth=1.6,
+                    zorder=6, label="_slower")
+    finish_axes(ax, f"threshold {t:.0%}; a ring marks a case slower beyond the threshold and the noise",
+                "sequence length n (tokens)", f"{cmp.metric} time ratio (new / base)", y="ratio")
+    extra = []
+    if (df["verdict"] == "slower").any():
+        extra.append(Line2D([], [], linestyle="none", marker="o", markersize=10, markerfacecolor="none",
+                            markeredgecolor=RING, markeredgewidth=1.6, label="slower (regression)"))
+    outside_legend(ax, extra)
+    return fig
