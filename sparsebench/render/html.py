@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sparsebench.analysis.scaling import Analysis, fmt_bytes, fmt_pct, fmt_ratio, fmt_time
-from sparsebench.results.folder import ENVIRONMENT, META, atomic_write
+from sparsebench.results.folder import ENVIRONMENT, META, atomic_write, read_environment
 
 REPORT = "report.html"
 
@@ -53,14 +53,15 @@ nav a{margin-right:1rem}
 """
 
 
-def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[Path]) -> Path:
-    """Write ``folder/report.html`` and return its path."""
+def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[Path], warn=None) -> Path:
+    """Write ``folder/report.html`` and return its path (``warn``: told of an unreadable
+    environment.json)."""
     folder = Path(folder)
     if analysis is None:
         from sparsebench.analysis.scaling import analyze
 
         analysis = analyze(df)
-    env = _read_json(folder / ENVIRONMENT)
+    env = read_environment(folder, warn) or {}
     meta = _read_json(folder / META)
     name = str(meta.get("scenario") or _first(df, "scenario") or folder.name)
     body = [
