@@ -53,7 +53,7 @@ SWITCHES = {
     "SPARSEBENCH_NATIVE": "0: block_sparse's native CPU kernels off (PyTorch / ATen instead)",
     "SPARSEBENCH_TRITON": "0: block_sparse's Triton kernels off",
     "SPARSEBENCH_TRITON_TUNE": "0: the first fitting Triton launch setting, without autotuning",
-    "SPARSEBENCH_TRITON_PARTS": "how block_sparse's Triton kernels split a row (auto by default)",
+    "SPARSEBENCH_TRITON_PARTS": "auto, always or never: residue bands as parts of their own in the Triton kernels",
     "TRITON_INTERPRET": "1: Triton kernels run in the interpreter",
     "SPARSEBENCH_ALLOCATOR": "system: PyTorch's CPU allocator as it is (no reuse of freed blocks)",
 }

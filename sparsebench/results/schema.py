@@ -6,7 +6,7 @@ A record is one flat JSON object per case in records.jsonl. The runner, the harn
 fill the fields named here and nothing else (``check_names`` refuses any other name: a typo is a
 programming error, not a new column). Reading adds two kinds of column that are not stored:
 ``merged`` ones (the rounds of a case merged into one row) and ``derived`` ones (computed over a
-whole frame: the speedup over the baseline). This module imports nothing: it is data.
+whole frame: the speedup over the baseline). This module is data: it imports nothing of sparsebench.
 """
 
 from __future__ import annotations
@@ -143,13 +143,11 @@ def check_names(names: Iterable[str]) -> None:
 
 
 def identity(case: Any) -> dict[str, Any]:
-    """The fields of a record that come from its Case, in schema order."""
+    """The fields of a record that come from its Case (a sparsebench.scenario.Case), in schema order."""
     rec: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
     for f in FIELDS:
         if f.from_case:
             rec[f.name] = getattr(case, f.name)
-    if case.backend != "block_sparse":
-        rec["tile"] = None  # only block_sparse has tiles
     return rec
 
 
