@@ -157,6 +157,25 @@ def test_a_version_1_folder_is_read_compared_and_plotted(tmp_path):
     assert df[df["backend"] == "block_sparse"]["speedup"].notna().all()  # the baseline pairs as before
 
 
+def test_a_version_1_folder_is_resumed(real_run, tmp_path):
+    """--resume on a folder an older sparsebench began: what it measured is kept (migrated on
+    reading), only the missing cases run, and every record reads back under the new names."""
+    import shutil
+
+    folder = Path(shutil.copytree(real_run, tmp_path / "v1"))
+    recs = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    kept = [_v1(r) for r in recs[:-1]]
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "schema_version": 1}))
+    res = CliRunner().invoke(app, ["run", "--resume", str(folder), "--no-plots", "--in-process"])
+    assert res.exit_code == 0, res.output
+    again = results.read_records(folder)
+    assert [(r["case_id"], r["round"]) for r in again] == [(r["case_id"], r["round"]) for r in recs]
+    assert all("block" not in r and "tile" in r for r in again)
+    assert json.loads((folder / "records.jsonl").read_text().splitlines()[0]) == kept[0]  # the old lines stay
+
+
 def test_a_newer_schema_version_is_refused_in_one_line(tmp_path):
     folder = write_result(tmp_path / "future", make_records(sizes=(256,)))
     (folder / "meta.json").write_text(json.dumps({"schema_version": schema.SCHEMA_VERSION + 1}))
