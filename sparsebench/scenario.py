@@ -169,12 +169,12 @@ class Case:
     decode_tokens: int = 16
 
     def key(self) -> tuple:
-        from sparsebench.results.folder import CASE_KEY
+        from sparsebench.results.schema import CASE_KEY
 
         return tuple(getattr(self, c) for c in CASE_KEY)
 
     def series(self) -> tuple:
-        from sparsebench.results.folder import SERIES_KEY
+        from sparsebench.results.schema import SERIES_KEY
 
         return tuple(getattr(self, c) for c in SERIES_KEY)
 

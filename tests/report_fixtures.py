@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from sparsebench.results.schema import SCHEMA_VERSION
+
 SIZES = (256, 512, 1024, 2048, 4096, 8192)
 WINDOW = 256
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
@@ -125,7 +127,7 @@ def write_result(folder: Path, records: list[dict], env: dict | None = None) -> 
         for r in records:
             fh.write(json.dumps(r) + "\n")
     (folder / "environment.json").write_text(json.dumps(env if env is not None else ENV, indent=2))
-    (folder / "meta.json").write_text(json.dumps({"schema_version": 1, "scenario": "synthetic"}))
+    (folder / "meta.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "scenario": "synthetic"}))
     return folder
 
 

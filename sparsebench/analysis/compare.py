@@ -31,14 +31,15 @@ from sparsebench.analysis.scaling import (
 )
 from sparsebench.errors import ResultsError, ScenarioError
 from sparsebench.registry import unknown_choice
-from sparsebench.results.folder import CASE_KEY, ENVIRONMENT
+from sparsebench.results.folder import CASE_KEY, ENVIRONMENT, read_environment
 from sparsebench.stats import mann_whitney, min_p_value, quartiles
 
 METRICS = {"median": "time_median_s", "min": "time_min_s"}
 BY_DIMENSIONS = {"backend": "backend", "pattern": "pattern_label", "device": "device", "dtype": "dtype",
                  "mode": "mode", "causal": "causal"}
 ALPHA = 0.05
-# environment.json keys whose difference makes timings hard to compare
+# environment.json keys whose difference makes timings hard to compare (and every entry of its
+# "switches": the SPARSEBENCH_* variables that change which kernels run)
 ENV_KEYS = ("gpu", "cpu", "torch", "threads", "python")
 REGRESSIONS = ("slower", "now failing")
 FAILED = ("oom", "timeout", "error", "crashed", "wrong")
@@ -264,17 +265,6 @@ def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str 
     )
 
 
-def read_environment(folder: Path, warn=None) -> dict | None:
-    path = Path(folder) / ENVIRONMENT
-    if not path.exists():
-        return None
-    try:
-        env = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise ResultsError(f"{path}: not valid JSON") from None
-    return env if isinstance(env, dict) else None
-
-
 def env_warnings(base_env: dict | None, new_env: dict | None, base_name: str = "base", new_name: str = "new"):
     if base_env is None or new_env is None:
         missing = [n for n, e in ((base_name, base_env), (new_name, new_env)) if e is None]
@@ -286,6 +276,11 @@ def env_warnings(base_env: dict | None, new_env: dict | None, base_name: str = "
         a, b = base_env.get(k), new_env.get(k)
         if a != b:
             diffs.append(f"{k} {a if a is not None else 'none'} vs {b if b is not None else 'none'}")
+    a_sw, b_sw = base_env.get("switches"), new_env.get("switches")
+    if isinstance(a_sw, dict) and isinstance(b_sw, dict):  # older runs did not record them
+        for k in sorted(set(a_sw) | set(b_sw)):
+            if a_sw.get(k) != b_sw.get(k):
+                diffs.append(f"{k} {a_sw.get(k, 'unset')} vs {b_sw.get(k, 'unset')}")
     if diffs:
         yield "environments differ (" + "; ".join(diffs) + "): timings may not be comparable"
 

@@ -44,18 +44,14 @@ import torch
 import torch.nn.functional as F
 
 from sparsebench.errors import BackendUnavailable, ScenarioError
+from sparsebench.measure.device import TORCH_DTYPES, sync
+from sparsebench.results import spread
 
 if TYPE_CHECKING:
     from sparsebench.patterns.base import Pattern
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
+# torch's own names of the scenario's dtypes, also accepted by measure_decode
+_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # Score elements per chunk of the reference computation.
 _REF_CHUNK = 1 << 24
 # Timing defaults (see measure_decode): warm up for at least this long, aim for about
@@ -191,17 +187,13 @@ def plan(cache: DenseCache, pattern: "Pattern", context: int, n_total: int, want
 def _resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
+    name = str(dtype).lower()
     try:
-        return _DTYPES[str(dtype).lower()]
+        return TORCH_DTYPES[_DTYPE_ALIASES.get(name, name)]
     except KeyError:
         from sparsebench.registry import unknown_choice
 
-        raise ScenarioError(unknown_choice("decode dtype", dtype, _DTYPES)) from None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        raise ScenarioError(unknown_choice("decode dtype", dtype, [*TORCH_DTYPES, *_DTYPE_ALIASES])) from None
 
 
 @contextmanager
@@ -225,13 +217,6 @@ def _intra_op_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _iqr(times: list[float]) -> float:
-    if len(times) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")  # numpy's linear quantiles
-    return q3 - q1
 
 
 def reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -389,7 +374,7 @@ def measure_decode(
         retained = n_total  # a ring would drop keys a generated query needs: the whole cache is kept
     record: dict[str, Any] = {
         "time_median_s": statistics.median(times),
-        "time_iqr_s": _iqr(times),
+        "time_iqr_s": spread.iqr(times),
         "time_min_s": min(times),
         "times_s": times,
         "decode_tokens": tokens,
@@ -408,10 +393,10 @@ def measure_decode(
 
 
 def _timed_step(dec: Decoder, i: int, device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     dec.step(i)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

@@ -47,6 +47,22 @@ def _compiler() -> dict[str, Any]:
 
 CACHING = "caching (freed blocks of 1 MiB or more reused within a case)"
 
+# Environment variables that change which kernels run or how they are timed, with what they do;
+# environment.json records those set (its "switches"), and compare warns when two runs differ.
+SWITCHES = {
+    "SPARSEBENCH_NATIVE": "0: block_sparse's native CPU kernels off (PyTorch / ATen instead)",
+    "SPARSEBENCH_TRITON": "0: block_sparse's Triton kernels off",
+    "SPARSEBENCH_TRITON_TUNE": "0: the first fitting Triton launch setting, without autotuning",
+    "SPARSEBENCH_TRITON_PARTS": "auto, always or never: residue bands as parts of their own in the Triton kernels",
+    "TRITON_INTERPRET": "1: Triton kernels run in the interpreter",
+    "SPARSEBENCH_ALLOCATOR": "system: PyTorch's CPU allocator as it is (no reuse of freed blocks)",
+}
+
+
+def switches() -> dict[str, str]:
+    """The SWITCHES set in this process's environment, with their values."""
+    return {name: os.environ[name] for name in SWITCHES if name in os.environ}
+
 
 def collect() -> dict[str, Any]:
     import torch
@@ -91,6 +107,7 @@ def collect() -> dict[str, Any]:
     # CPU cases: freed blocks kept for the next request (memory.freed_memory_reused), or not
     reuse = memory.allocator_policy() == "reuse" and _native.enabled()
     info["cpu_allocator"] = CACHING if reuse else "system"
+    info["switches"] = switches()
     try:  # block_sparse's kernels on CUDA; its version without importing it
         info["triton"] = metadata.version("triton")
     except metadata.PackageNotFoundError:

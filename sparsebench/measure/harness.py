@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
+from sparsebench.measure.device import TORCH_DTYPES, sync
 from sparsebench.measure.memory import PeakMemory, freed_memory_reused
 from sparsebench.patterns.base import PATTERNS
+from sparsebench.results import spread
 from sparsebench.scenario import Case
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 2e-4, "fp16": 2e-2, "bf16": 6e-2}
 # backward mode: the largest gradient error relative to the largest reference gradient
 GRAD_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 6e-2}
-NOISY = 0.10
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,11 @@ class Measurement:
 
     @property
     def iqr(self) -> float:
-        if len(self.times) < 2:
-            return 0.0
-        q = statistics.quantiles(self.times, n=4, method="inclusive")
-        return q[2] - q[0]
+        return spread.iqr(self.times)
 
     @property
     def noisy(self) -> bool:
-        return self.median > 0 and self.iqr / self.median > NOISY
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":  # pragma: no cover
-        torch.mps.synchronize()
+        return spread.noisy(self.times)
 
 
 def time_calls(call: Callable[[], Any], device, *, repeats: int, min_time_s: float, max_repeats: int) -> Measurement:

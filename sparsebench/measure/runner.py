@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from sparsebench.errors import ScenarioError, SparsebenchError
+from sparsebench.results import schema
 from sparsebench.scenario import Case, Plan
 
 FAIL_STATUSES = ("oom", "timeout", "crashed")
@@ -137,7 +137,7 @@ def run(
     failed: dict[tuple, tuple[int, str]] = {}
     for rec in records:
         if rec.get("status") in FAIL_STATUSES and rec.get("round", 1) == 1:
-            key = tuple(rec.get(c) for c in results.SERIES_KEY)
+            key = schema.series_key(rec)
             failed[key] = min(failed.get(key, (rec["seq_len"], rec["status"])), (rec["seq_len"], rec["status"]))
     static = _Static()
     worker = Worker() if isolate else None
@@ -152,12 +152,14 @@ def run(
                     continue  # later rounds measure again only what the first measured
                 if on_start:
                     on_start(case, i, total)
-                rec = _identity(case)
+                rec = schema.identity(case)
+                if case.backend != "block_sparse":
+                    rec["tile"] = None  # the others have no tiles
                 if rounds > 1:
                     rec["round"] = r
                 info = static.fields(case)
                 rec.update(info)
-                series = case.series()
+                series = schema.series_key(rec)
                 why = None  # later rounds measure again what round 1 measured ok, whatever failed since
                 if r == 1 and series in failed and case.seq_len > failed[series][0]:
                     n0, st = failed[series]
@@ -170,7 +172,8 @@ def run(
                     rec.update(worker.run(case, case.timeout_s) if worker else execute(case))
                 rec.setdefault("status", "ok")
                 rec.setdefault("reason", "")
-                _derive(rec)
+                schema.complete(rec)  # null for what was not measured; no field the schema lacks
+                rec["tflops"] = results.tflops(rec)
                 rec["timestamp"] = _dt.datetime.now().isoformat(timespec="seconds")
                 writer.append(rec)
                 records.append(rec)
@@ -193,38 +196,3 @@ def run(
     if interrupted:
         raise Interrupted(f"interrupted: {kept} records kept in {folder}")
     return result
-
-
-_NULL_TIMES = ("time_median_s", "time_iqr_s", "time_min_s", "times_s", "tflops", "peak_mem_bytes",
-               "max_abs_err", "setup_s", "compile_s", "noisy", "check", "grad_err", "grad_check")
-
-
-def _identity(case: Case) -> dict[str, Any]:
-    from sparsebench.results.folder import SCHEMA_VERSION
-
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "scenario": case.scenario,
-        "case_id": case.case_id,
-        "pattern": case.pattern,
-        "pattern_label": case.pattern_label,
-        "params": case.params,
-        "backend": case.backend,
-        "device": case.device,
-        "dtype": case.dtype,
-        "mode": case.mode,
-        "batch": case.batch,
-        "heads": case.heads,
-        "head_dim": case.head_dim,
-        "seq_len": case.seq_len,
-        "causal": case.causal,
-        "tile": case.tile if case.backend == "block_sparse" else None,
-    }
-
-
-def _derive(rec: dict[str, Any]) -> None:
-    for k in _NULL_TIMES:
-        rec.setdefault(k, None)
-    from sparsebench.results.folder import tflops
-
-    rec["tflops"] = tflops(rec)

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 from sparsebench.analysis.scaling import Analysis
 from sparsebench.render import analysis as words
 from sparsebench.render.tables import html_table
-from sparsebench.results.folder import ENVIRONMENT, META, atomic_write
+from sparsebench.results.folder import ENVIRONMENT, META, atomic_write, read_environment
 from sparsebench.units import format_bytes, format_percent, format_ratio, format_time
 
 REPORT = "report.html"
@@ -56,14 +56,15 @@ nav a{margin-right:1rem}
 """
 
 
-def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[Path]) -> Path:
-    """Write ``folder/report.html`` and return its path."""
+def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[Path], warn=None) -> Path:
+    """Write ``folder/report.html`` and return its path (``warn``: told of an unreadable
+    environment.json)."""
     folder = Path(folder)
     if analysis is None:
         from sparsebench.analysis.scaling import analyze
 
         analysis = analyze(df)
-    env = _read_json(folder / ENVIRONMENT)
+    env = read_environment(folder, warn) or {}
     meta = _read_json(folder / META)
     name = str(meta.get("scenario") or _first(df, "scenario") or folder.name)
     body = [

@@ -3,7 +3,6 @@ hand-off to analysis, plots and report.html. Nothing here measures anything."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -86,12 +85,10 @@ def _rounds_line(records: list[dict[str, Any]]) -> list[str]:
     return [f"- rounds: {rounds}; a case's time is the median of its rounds' medians (records.jsonl keeps each round)"]
 
 
-def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: str = "") -> str:
-    env: dict[str, Any] = {}
-    try:
-        env = json.loads((Path(folder) / "environment.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        pass
+def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: str = "", warn=None) -> str:
+    from sparsebench.results.folder import read_environment
+
+    env = read_environment(folder, warn) or {}
     scen = records[0].get("scenario", "") if records else ""
     counts: dict[str, int] = {}
     for r in records:

@@ -1,5 +1,7 @@
 """Result folders: records.jsonl (one flat JSON object per case, appended as each case ends),
-results.csv, the scenario copy, environment.json and schema.json. Records <-> DataFrame."""
+results.csv, the scenario copy, environment.json and meta.json (the schema version). Records are
+read as the current schema has them (an older folder migrated, a newer one refused) and turned
+into DataFrames. The fields themselves are defined in results/schema.py."""
 
 from __future__ import annotations
 
@@ -8,34 +10,16 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from sparsebench.errors import ResultsError
+from sparsebench.results import schema, spread
+from sparsebench.results.schema import BASELINE_BACKEND, BASELINE_PATTERN, CASE_KEY, SCHEMA_VERSION
+from sparsebench.results.schema import SERIES_KEY  # noqa: F401 - re-exported for render/plots.py, analysis/scaling.py
 
-SCHEMA_VERSION = 1
 RECORDS = "records.jsonl"
 ENVIRONMENT = "environment.json"
 META = "meta.json"
-
-# The columns that identify a case: two records with equal keys measure the same thing.
-CASE_KEY = (
-    "pattern_label",
-    "backend",
-    "device",
-    "dtype",
-    "mode",
-    "batch",
-    "heads",
-    "head_dim",
-    "seq_len",
-    "causal",
-)
-# A series is a line on a plot: a case key without the sequence length.
-SERIES_KEY = tuple(c for c in CASE_KEY if c != "seq_len")
-BASELINE_BACKEND = "sdpa"
-BASELINE_PATTERN = "dense"
-
-STATUSES = ("ok", "wrong", "oom", "timeout", "error", "skipped", "crashed")
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -102,8 +86,9 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_records(folder: Path, warn=None) -> list[dict[str, Any]]:
-    """Records of a result folder. A truncated last line (an interrupted write) is skipped
-    with a warning; anything else malformed is a ResultsError."""
+    """Records of a result folder, as this schema version has them (a folder written by an older
+    version is migrated: see schema.migrate). A truncated last line (an interrupted write) is
+    skipped with a warning; anything else malformed is a ResultsError."""
     folder = Path(folder)
     if not folder.exists():
         raise ResultsError(f"{folder}: no such result folder")
@@ -112,7 +97,7 @@ def read_records(folder: Path, warn=None) -> list[dict[str, Any]]:
     path = folder / RECORDS
     if not path.exists():
         raise ResultsError(f"{folder}: no {RECORDS} here; is this a sparsebench result folder?")
-    check_schema(folder)
+    version = check_schema(folder)
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     out: list[dict[str, Any]] = []
     for no, line in enumerate(lines, 1):
@@ -128,22 +113,59 @@ def read_records(folder: Path, warn=None) -> list[dict[str, Any]]:
             raise ResultsError(f"{path}:{no}: not a JSON record") from None
         if not isinstance(rec, dict):
             raise ResultsError(f"{path}:{no}: not a JSON object")
-        out.append(rec)
+        out.append(schema.migrate(rec, _record_version(rec, version, f"{path}:{no}")))
     return out
 
 
-def check_schema(folder: Path) -> None:
+def _record_version(rec: dict[str, Any], folder_version: int, where: str) -> int:
+    """A record's own schema_version where it has one (a resumed folder may hold two), else its
+    folder's."""
+    version = rec.get("schema_version", folder_version)
+    _check_version(version, where)
+    return version
+
+
+def check_schema(folder: Path) -> int:
+    """The schema version of a result folder's meta.json (the current one where there is none).
+    An older version is read (migrated); a newer one, or none that can be read, is a ResultsError."""
     meta = Path(folder) / META
     if not meta.exists():
-        return
+        return SCHEMA_VERSION
     try:
         version = json.loads(meta.read_text(encoding="utf-8")).get("schema_version")
     except (json.JSONDecodeError, AttributeError):
         raise ResultsError(f"{meta}: unreadable meta.json") from None
-    if version != SCHEMA_VERSION:
-        raise ResultsError(
-            f"{folder}: result schema version {version!r}, this sparsebench reads version {SCHEMA_VERSION}"
-        )
+    _check_version(version, str(folder))
+    return version
+
+
+def _check_version(version: Any, where: str) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ResultsError(f"{where}: result schema version {version!r}, this sparsebench reads versions 1 to "
+                           f"{SCHEMA_VERSION}")
+    if version > SCHEMA_VERSION:
+        raise ResultsError(f"{where}: result schema version {version} is newer than this sparsebench reads "
+                           f"(1 to {SCHEMA_VERSION}); upgrade sparsebench to read it")
+
+
+def read_environment(folder: Path, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """A result folder's environment.json: None where there is none; where it cannot be read (not
+    JSON, not an object), a warning naming the file and None."""
+    path = Path(folder) / ENVIRONMENT
+    if not path.exists():
+        return None
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else f"unreadable ({exc})"
+        if warn:
+            warn(f"{path}: {why}; the environment is left out")
+        return None
+    if not isinstance(env, dict):
+        if warn:
+            warn(f"{path}: not a JSON object; the environment is left out")
+        return None
+    return env
 
 
 def load_frame(folder: Path, warn=None):
@@ -156,9 +178,13 @@ def load_frame(folder: Path, warn=None):
 
 
 def frame(records: Iterable[dict[str, Any]]):
+    """Records (as read_records returns them, or built in memory) as a DataFrame: rounds merged,
+    every case-key column present (a key field a record lacks: its schema default), and the
+    derived columns added."""
     import pandas as pd
 
-    return add_derived(pd.DataFrame.from_records(merge_rounds(records)))
+    rows = [schema.migrate(r, SCHEMA_VERSION) for r in merge_rounds(records)]
+    return add_derived(pd.DataFrame.from_records(rows))
 
 
 def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -183,18 +209,16 @@ def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         merged = {k: v for k, v in (bad[0] if bad else recs[0]).items() if k != "round"}
         merged["rounds"] = len(recs)
         if not bad:
-            from sparsebench.measure.harness import Measurement
-
             meds = [r["time_median_s"] for r in recs]
-            every = Measurement(tuple(t for r in recs for t in (r.get("times_s") or [])))
+            every = [t for r in recs for t in (r.get("times_s") or [])]
             merged.update(
                 time_median_s=statistics.median(meds),
                 time_min_s=min(r["time_min_s"] for r in recs),
-                times_s=list(every.times),
+                times_s=every,
                 round_medians_s=meds,
             )
-            if every.times:  # spread over every call of every round: rounds that disagree count
-                merged.update(time_iqr_s=every.iqr, noisy=every.noisy)
+            if every:  # spread over every call of every round: rounds that disagree count
+                merged.update(time_iqr_s=spread.iqr(every), noisy=spread.noisy(every))
             for k in ("peak_mem_bytes", "max_abs_err", "grad_err"):
                 vals = [r[k] for r in recs if r.get(k) is not None]
                 merged[k] = max(vals) if vals else None

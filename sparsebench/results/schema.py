@@ -1,0 +1,187 @@
+"""The record schema, defined once: every field of a record (name, type, unit, meaning), which of
+them identify a case (the case key), the statuses, the baseline, the schema version and how a
+record written by an older version is read.
+
+A record is one flat JSON object per case in records.jsonl. The runner, the harness and decode
+fill the fields named here and nothing else (``check_names`` refuses any other name: a typo is a
+programming error, not a new column). Reading adds two kinds of column that are not stored:
+``merged`` ones (the rounds of a case merged into one row) and ``derived`` ones (computed over a
+whole frame: the speedup over the baseline). This module is data: it imports nothing of sparsebench.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+# 2: the block_sparse tile size is the field ``tile`` (version 1 called it ``block``).
+SCHEMA_VERSION = 2
+
+STATUSES = ("ok", "wrong", "oom", "timeout", "error", "skipped", "crashed")
+BASELINE_BACKEND = "sdpa"
+BASELINE_PATTERN = "dense"
+
+# Where a column lives.
+RECORD = "record"  # written to records.jsonl
+MERGED = "merged"  # added when the rounds of a case are merged into one row (results.csv, tables)
+DERIVED = "derived"  # computed over a whole frame (results.csv, tables)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One column. ``type`` is its JSON type ("str", "int", "float", "bool", "list[float]",
+    "object"); ``unit`` is empty where it has none; ``always``: every record has it (null where it
+    does not apply), otherwise only the records it applies to; ``key``: it changes what is
+    measured, so it is part of the case key, and ``default`` is what a record lacking it (one
+    written before the field joined the key) is read with."""
+
+    name: str
+    type: str
+    unit: str
+    meaning: str
+    where: str = RECORD
+    always: bool = True
+    key: bool = False
+    default: Any = None
+    from_case: bool = False  # copied from the Case that was measured
+
+
+FIELDS: tuple[Field, ...] = (
+    # identity: what was measured (from the Case)
+    Field("schema_version", "int", "", "the record schema version the record was written with"),
+    Field("scenario", "str", "", "the scenario's name", from_case=True),
+    Field("case_id", "str", "", "the case key as text; the rounds of one case share it", from_case=True),
+    Field("pattern", "str", "", "the pattern's registered name", from_case=True),
+    Field("pattern_label", "str", "", "the pattern with its parameters, as tables and plots name it",
+          key=True, from_case=True),
+    Field("params", "object", "", "the pattern's parameters", from_case=True),
+    Field("backend", "str", "", "the attention implementation", key=True, from_case=True),
+    Field("device", "str", "", "cpu or cuda", key=True, from_case=True),
+    Field("dtype", "str", "", "fp32, fp16 or bf16", key=True, from_case=True),
+    Field("mode", "str", "", "forward, backward or decode", key=True, from_case=True),
+    Field("batch", "int", "", "batch size", key=True, from_case=True),
+    Field("heads", "int", "", "attention heads", key=True, from_case=True),
+    Field("head_dim", "int", "", "dimension of a head", key=True, from_case=True),
+    Field("seq_len", "int", "tokens", "sequence length n (the context in decode mode)", key=True, from_case=True),
+    Field("causal", "bool", "", "causal (true) or bidirectional attention", key=True, from_case=True),
+    Field("tile", "int", "tokens", "block_sparse's tile size (null for the other backends); version 1: block",
+          from_case=True),
+    Field("round", "int", "", "which round of a scenario with rounds: R (only then)", always=False),
+    # static: needs no measurement
+    Field("kv_retained", "int", "tokens", "keys a query may still need, so a KV cache keeps"),
+    Field("kv_cache_bytes", "int", "bytes", "KV cache of one layer: 2 x batch x heads x head_dim x bytes x kv_retained"),
+    Field("nnz", "int", "", "allowed (query, key) pairs of the mask (null in decode mode)"),
+    Field("density", "float", "", "nnz / n^2 (null in decode mode)"),
+    Field("flops", "float", "FLOP", "useful FLOPs of one call, from nnz (null in decode mode)"),
+    Field("est_mem_bytes", "int", "bytes", "analytic memory estimate, checked against the memory budget"),
+    # outcome
+    Field("status", "str", "", "one of " + ", ".join(STATUSES)),
+    Field("reason", "str", "", "why the status is not ok (empty when ok)"),
+    # measured (harness; decode fills the times too)
+    Field("time_median_s", "float", "s", "median time of a call (decode: of a generated token)"),
+    Field("time_iqr_s", "float", "s", "interquartile range of the times"),
+    Field("time_min_s", "float", "s", "fastest call"),
+    Field("times_s", "list[float]", "s", "every timed call, raw"),
+    Field("tflops", "float", "TFLOP/s", "useful FLOPs only, over the median time"),
+    Field("peak_mem_bytes", "int", "bytes",
+          "measured peak: CUDA allocator peak, or the process's peak RSS reset per case on Linux"),
+    Field("max_abs_err", "float", "", "largest absolute difference from fp32 dense attention under the same mask"),
+    Field("setup_s", "float", "s", "mask or layout build, before any call"),
+    Field("first_call_s", "float", "s",
+          "the first call: compilation, autotuning, loading native kernels, first touch of fresh memory",
+          always=False),
+    Field("compile_s", "float", "s",
+          "first_call_s beyond the steady median, for backends that compile or build on first use; 0 for the others"),
+    Field("noisy", "bool", "", "time_iqr_s / time_median_s above 10%"),
+    Field("check", "str", "", "how the output was checked: exact, sampled or none"),
+    Field("grad_err", "float", "",
+          "backward mode: the largest gradient error relative to the largest reference gradient"),
+    Field("grad_check", "str", "", "backward mode: how the gradients were checked: exact or sampled"),
+    Field("probe_s", "float", "s", "a fixed matmul timed around the case: how the machine's speed moved",
+          always=False),
+    # decode mode only
+    Field("decode_tokens", "int", "tokens", "tokens generated one at a time", always=False),
+    Field("decode_repeats", "int", "", "how often each generated position is stepped", always=False),
+    Field("decode_threads", "int", "", "intra-op threads of the steps (null on CUDA)", always=False),
+    Field("cache_policy", "str", "", "the KV cache: dense(N) or ring(pinned=P, ring=R)", always=False),
+    Field("cache_tokens", "int", "tokens", "slots the KV cache holds", always=False),
+    Field("cache_bytes_measured", "int", "bytes", "bytes of the K/V tensors allocated", always=False),
+    Field("timestamp", "str", "", "when the case ended (local time, ISO 8601)"),
+    # merged: the rounds of a case as one row
+    Field("rounds", "int", "", "rounds merged into the row", where=MERGED, always=False),
+    Field("round_medians_s", "list[float]", "s", "each round's median", where=MERGED, always=False),
+    # derived over the frame
+    Field("speedup", "float", "x", "baseline time / time, the baseline on the same device, dtype, mode and shape",
+          where=DERIVED),
+    Field("ideal_speedup", "float", "x", "baseline nnz / nnz: the speedup the sparsity alone would give",
+          where=DERIVED),
+    Field("efficiency", "float", "", "speedup / ideal_speedup", where=DERIVED),
+)
+
+BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.where == RECORD)
+
+# The columns that identify a case: two records with equal keys measure the same thing. The tile
+# size is not among them: it is a setting of one backend (null for the others, so the baseline
+# would not share it), a scenario has one, and comparing two runs with different tiles is how a
+# tile is tuned.
+CASE_KEY: tuple[str, ...] = tuple(f.name for f in FIELDS if f.key)
+KEY_DEFAULTS: dict[str, Any] = {f.name: f.default for f in FIELDS if f.key}
+# A series is a line on a plot: a case key without the sequence length.
+SERIES_KEY: tuple[str, ...] = tuple(c for c in CASE_KEY if c != "seq_len")
+
+# Renamed record fields, by the version that renamed them: {version: {old: new}}.
+RENAMED = {2: {"block": "tile"}}
+
+
+def check_names(names: Iterable[str]) -> None:
+    """Refuse a record field the schema does not name (a programming error: a typo or a field
+    added without its schema entry)."""
+    unknown = sorted(set(names) - set(RECORD_FIELDS))
+    if unknown:
+        raise KeyError(f"record fields not in the record schema (sparsebench/results/schema.py): {unknown}")
+
+
+def identity(case: Any) -> dict[str, Any]:
+    """The fields of a record that come from its Case (a sparsebench.scenario.Case), in schema order."""
+    rec: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+    for f in FIELDS:
+        if f.from_case:
+            rec[f.name] = getattr(case, f.name)
+    return rec
+
+
+def complete(rec: dict[str, Any]) -> dict[str, Any]:
+    """Give every field a record always has, and it lacks, null; refuse unknown fields."""
+    for f in FIELDS:
+        if f.where == RECORD and f.always:
+            rec.setdefault(f.name, None)
+    check_names(rec)
+    return rec
+
+
+def migrate(rec: dict[str, Any], version: int) -> dict[str, Any]:
+    """A record written by schema ``version`` (<= SCHEMA_VERSION) as this version reads it:
+    renamed fields under their new names and key fields it lacks given their defaults, so that a
+    stored baseline keeps pairing with new runs."""
+    if version < SCHEMA_VERSION:
+        rec = dict(rec)
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            for old, new in RENAMED.get(v, {}).items():
+                if old in rec:
+                    value = rec.pop(old)
+                    rec.setdefault(new, value)
+        if "schema_version" in rec:
+            rec["schema_version"] = SCHEMA_VERSION
+    for name, default in KEY_DEFAULTS.items():
+        if name not in rec:
+            rec = {**rec, name: default}
+    return rec
+
+
+def case_key(rec: dict[str, Any]) -> tuple:
+    return tuple(rec.get(c, KEY_DEFAULTS[c]) for c in CASE_KEY)
+
+
+def series_key(rec: dict[str, Any]) -> tuple:
+    return tuple(rec.get(c, KEY_DEFAULTS[c]) for c in SERIES_KEY)

@@ -1,0 +1,22 @@
+"""How a record's spread fields follow from its raw times: ``time_iqr_s`` (the interquartile
+range, numpy's linear quantiles) and ``noisy`` (IQR over median above NOISY). One definition for
+a case measured once, a decode case and the rounds of a case merged on reading."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+NOISY = 0.10
+
+
+def iqr(times: Sequence[float]) -> float:
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")  # numpy's linear quantiles
+    return q3 - q1
+
+
+def noisy(times: Sequence[float]) -> bool:
+    med = statistics.median(times)
+    return med > 0 and iqr(times) / med > NOISY
