@@ -38,33 +38,24 @@ check: {exact_max_elems: 0, sample_rows: 4}
 """
 
 
-def small_case(**kw):
-    base = dict(scenario="t", pattern="dense", params={}, pattern_label="dense", backend="naive", device="cpu",
-                dtype="fp32", mode="forward", batch=1, heads=2, head_dim=16, seq_len=64, causal=True, tile=32,
-                warmup=0, repeats=2, min_time_s=0.0, max_repeats=2, timeout_s=60, memory_budget=None, check=True,
-                exact_max_elems=1 << 20, sample_rows=4)
-    base.update(kw)
-    return Case(**base)
-
-
-def test_worker_survives_a_killed_case_and_a_timeout():
+def test_worker_survives_a_killed_case_and_a_timeout(make_case):
     w = Worker()
     try:
-        assert w.run(small_case(), 60).get("status", "ok") == "ok"
+        assert w.run(make_case(), 60).get("status", "ok") == "ok"
         pid = w.pid
         # a case that runs long; kill the worker with SIGKILL while it runs
         import threading
 
-        slow = small_case(seq_len=4096, heads=8, repeats=1000, max_repeats=1000)
+        slow = make_case(seq_len=4096, heads=8, repeats=1000, max_repeats=1000)
         threading.Timer(1.5, lambda: os.kill(pid, signal.SIGKILL)).start()
         rec = w.run(slow, 120)
         assert rec["status"] == "crashed" and "SIGKILL" in rec["reason"]
         # the next case gets a fresh worker
-        assert w.run(small_case(), 60).get("status", "ok") == "ok"
+        assert w.run(make_case(), 60).get("status", "ok") == "ok"
         assert w.pid != pid
         rec = w.run(slow, 1.0)
         assert rec["status"] == "timeout" and "worker killed" in rec["reason"]
-        assert w.run(small_case(), 60).get("status", "ok") == "ok"
+        assert w.run(make_case(), 60).get("status", "ok") == "ok"
     finally:
         w.close()
 
