@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import string
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -117,6 +118,7 @@ def _one_file(path, content, counts: dict[str, int]) -> None:
         signal.signal(signal.SIGALRM, old)
 
 
+@pytest.mark.slow
 def test_malformed_scenarios_end_in_one_clear_line(tmp_path):
     """The property over 300 malformed files, then its own counts: at least 200 tried, none ended wrong, most
     refused with a clear line. The counts belong to this test alone, so it passes or fails in any order."""

@@ -23,7 +23,7 @@ def protocol_case(make_case):
     return build
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_warmup_counts_the_untimed_calls_after_the_first(monkeypatch, compiled, protocol_case):
     calls: list[int] = []
 

@@ -27,6 +27,7 @@ def case(make_case):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
+@pytest.mark.slow
 def test_naive_shows_its_score_matrix_and_block_sparse_does_not(case):
     worker = Worker()  # a fresh process: no memory left over from other tests
     try:
@@ -48,6 +49,7 @@ def test_naive_shows_its_score_matrix_and_block_sparse_does_not(case):
     ("sdpa_masked", "sliding_window", {"window": 256}),
     ("sdpa_masked", "strided", {"stride": 128}),
 ])
+@pytest.mark.slow
 def test_the_masked_backends_estimates_hold_their_measured_peaks(backend, pattern, params, case):
     """--max-memory and limits.memory skip cases by the estimate: the masked backends' estimates
     (score matrices, the mask and its build) must not be far below what the case really takes."""
@@ -153,6 +155,7 @@ def _in_fresh_process(script: str) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page faults counted by getrusage")
+@pytest.mark.slow
 def test_a_case_reuses_a_freed_output_instead_of_faulting_it_in_again():
     """Inside freed_memory_reused a second 64 MiB output takes the first one's pages (glibc maps
     and unmaps such a block: 16384 page faults each time, or 32 with huge pages); outside,
@@ -267,6 +270,7 @@ def test_broadcast_shape_matches_torch(a, b):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
+@pytest.mark.slow
 def test_a_workers_first_case_does_not_carry_the_process_one_time_costs(case):
     """The first case of a worker process used to measure the process's one-time costs as its
     own peak (first attention calls, loading the native kernels, sympy: 10 and 42 MiB instead
