@@ -81,6 +81,7 @@ def test_backward_gradients_match(backend):
         assert (g.double() - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_flex_matches_reference():
     """One small compiled case (compilation takes seconds on a CPU)."""
     be = BACKENDS.get("flex")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from sparsebench.cli.app import app
@@ -37,6 +38,7 @@ REQUIRED = ("pattern", "params", "backend", "device", "dtype", "mode", "batch", 
             "est_mem_bytes", "nnz", "density", "kv_cache_bytes", "max_abs_err", "setup_s", "compile_s", "probe_s")
 
 
+@pytest.mark.slow
 def test_run_writes_a_complete_result_folder(tmp_path):
     scen = tmp_path / "tiny.yaml"
     scen.write_text(TINY)
@@ -64,6 +66,7 @@ def test_run_writes_a_complete_result_folder(tmp_path):
     assert pd.read_csv(out / "results.csv").shape[0] == len(df)
 
 
+@pytest.mark.slow
 def test_run_says_when_its_first_case_builds_the_native_kernels(tmp_path, monkeypatch):
     from sparsebench.backends.block_sparse import native as _native
 
@@ -86,6 +89,7 @@ def test_run_refuses_a_non_empty_output(tmp_path):
     assert res.exit_code == 2 and "not empty" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_failed_case_skips_larger_sizes_and_run_goes_on(tmp_path):
     scen = tmp_path / "t.yaml"
     scen.write_text(
@@ -195,6 +199,7 @@ def _run_with_plugin(tmp_path, plugin, fields: str):
     return pd.read_json(out / "records.jsonl", lines=True)
 
 
+@pytest.mark.slow
 def test_a_fast_but_wrong_backend_is_marked_wrong(tmp_path):
     plugin = tmp_path / "broken.py"
     plugin.write_text(
@@ -215,6 +220,7 @@ def test_a_fast_but_wrong_backend_is_marked_wrong(tmp_path):
     assert (df[df.backend != "broken_zero"].status == "ok").all()
 
 
+@pytest.mark.slow
 def test_a_backend_with_wrong_gradients_is_marked_wrong_in_backward_mode(tmp_path):
     """Backward mode checks the gradients too: a right output with a wrong key gradient is
     caught exactly at a small n; at a large n only query gradients are sampled (rows), so a

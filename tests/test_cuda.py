@@ -11,7 +11,7 @@ import torch
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
 from sparsebench.patterns.base import PATTERNS
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 CASES = [
     ("dense", {}),

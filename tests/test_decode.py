@@ -197,6 +197,7 @@ def test_errors():
         measure_decode(make_pattern("sliding_window", {"window": 100}), 16, tokens=4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_decode_matches_and_reports_peak_memory():
     rec = measure_decode(make_pattern("sink_window", {"sinks": 4, "window": 64}), 4096, tokens=16, device="cuda")

@@ -12,15 +12,19 @@ from sparsebench.backends.base import BACKENDS, Backend
 from sparsebench.scenario import Case
 
 
-def _case(warmup: int) -> Case:
-    return Case(scenario="protocol", pattern="dense", params={}, pattern_label="dense", backend="counting",
-                device="cpu", dtype="fp32", mode="forward", batch=1, heads=2, head_dim=16, seq_len=64, causal=True,
-                tile=64, warmup=warmup, repeats=3, min_time_s=0.0, max_repeats=3, timeout_s=60,
-                memory_budget=None, check=False, exact_max_elems=0, sample_rows=4)
+@pytest.fixture
+def protocol_case(make_case):
+    """``protocol_case(warmup)``: a dense case of the test's "counting" backend, timed three times, unchecked."""
+
+    def build(warmup: int) -> Case:
+        return make_case(scenario="protocol", backend="counting", tile=64, warmup=warmup, repeats=3, max_repeats=3,
+                         check=False, exact_max_elems=0)
+
+    return build
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_warmup_counts_the_untimed_calls_after_the_first(monkeypatch, compiled):
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_warmup_counts_the_untimed_calls_after_the_first(monkeypatch, compiled, protocol_case):
     calls: list[int] = []
 
     class Counting(Backend):
@@ -38,7 +42,7 @@ def test_warmup_counts_the_untimed_calls_after_the_first(monkeypatch, compiled):
     counts = {}
     for w in (0, 1, 3):
         calls.clear()
-        rec = harness.run_case(_case(w))
+        rec = harness.run_case(protocol_case(w))
         assert rec.get("status", "ok") == "ok" and len(rec["times_s"]) == 3, rec
         assert rec["first_call_s"] > 0
         counts[w] = len(calls)
@@ -47,7 +51,7 @@ def test_warmup_counts_the_untimed_calls_after_the_first(monkeypatch, compiled):
     assert counts[0] >= 1 + 3
 
 
-def test_a_failing_warm_up_does_not_fail_the_case(monkeypatch):
+def test_a_failing_warm_up_does_not_fail_the_case(monkeypatch, protocol_case):
     """harness.warm_process is best effort: whatever goes wrong there, the case still runs."""
     import torch
 
@@ -59,7 +63,7 @@ def test_a_failing_warm_up_does_not_fail_the_case(monkeypatch):
     monkeypatch.setattr(harness, "_warmed", False)
     monkeypatch.setattr(harness, "_warm", broken)
     state = torch.random.get_rng_state()
-    c = dataclasses.replace(_case(0), backend="sdpa")
+    c = dataclasses.replace(protocol_case(0), backend="sdpa")
     rec = execute(c)
     assert rec.get("status", "ok") == "ok" and rec["times_s"], rec
     assert harness._warmed

@@ -13,15 +13,22 @@ from sparsebench.measure.worker import Worker
 MiB = 2**20
 
 
-def case(backend, pattern, params, n=4096):
-    return Case(scenario="mem", pattern=pattern, params=params, pattern_label=pattern, backend=backend, device="cpu",
-                dtype="fp32", mode="forward", batch=1, heads=8, head_dim=64, seq_len=n, causal=True, tile=64,
-                warmup=0, repeats=1, min_time_s=0.0, max_repeats=1, timeout_s=300, memory_budget=None, check=False,
-                exact_max_elems=0, sample_rows=8)
+@pytest.fixture
+def case(make_case):
+    """``case(backend, pattern, params, n)``: one unchecked forward call of 8 heads of 64, large enough that
+    peaks show."""
+
+    def build(backend, pattern, params, n=4096) -> Case:
+        return make_case(scenario="mem", pattern=pattern, params=params, backend=backend, heads=8, head_dim=64,
+                         seq_len=n, tile=64, repeats=1, max_repeats=1, timeout_s=300, check=False, exact_max_elems=0,
+                         sample_rows=8)
+
+    return build
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
-def test_naive_shows_its_score_matrix_and_block_sparse_does_not():
+@pytest.mark.slow
+def test_naive_shows_its_score_matrix_and_block_sparse_does_not(case):
     worker = Worker()  # a fresh process: no memory left over from other tests
     try:
         naive = worker.run(case("naive", "dense", {}), 300)
@@ -42,7 +49,8 @@ def test_naive_shows_its_score_matrix_and_block_sparse_does_not():
     ("sdpa_masked", "sliding_window", {"window": 256}),
     ("sdpa_masked", "strided", {"stride": 128}),
 ])
-def test_the_masked_backends_estimates_hold_their_measured_peaks(backend, pattern, params):
+@pytest.mark.slow
+def test_the_masked_backends_estimates_hold_their_measured_peaks(backend, pattern, params, case):
     """--max-memory and limits.memory skip cases by the estimate: the masked backends' estimates
     (score matrices, the mask and its build) must not be far below what the case really takes."""
     from sparsebench.backends.base import BACKENDS
@@ -63,7 +71,7 @@ def test_the_masked_backends_estimates_hold_their_measured_peaks(backend, patter
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
 @pytest.mark.parametrize("compiled", [True, False])
-def test_a_compiled_backends_first_call_scratch_is_not_its_peak(monkeypatch, compiled):
+def test_a_compiled_backends_first_call_scratch_is_not_its_peak(monkeypatch, compiled, case):
     """Compilation or autotuning scratch of the first call (a 256 MiB buffer here, as Triton's
     benchmark allocates) counts for a compiled backend's compile_s, not its peak memory."""
     import torch
@@ -147,6 +155,7 @@ def _in_fresh_process(script: str) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page faults counted by getrusage")
+@pytest.mark.slow
 def test_a_case_reuses_a_freed_output_instead_of_faulting_it_in_again():
     """Inside freed_memory_reused a second 64 MiB output takes the first one's pages (glibc maps
     and unmaps such a block: 16384 page faults each time, or 32 with huge pages); outside,
@@ -284,7 +293,8 @@ def test_broadcast_shape_matches_torch(a, b):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
-def test_a_workers_first_case_does_not_carry_the_process_one_time_costs():
+@pytest.mark.slow
+def test_a_workers_first_case_does_not_carry_the_process_one_time_costs(case):
     """The first case of a worker process used to measure the process's one-time costs as its
     own peak (first attention calls, loading the native kernels, sympy: 10 and 42 MiB instead
     of 4 and 8 at n = 512); the worker pays them before its first case (harness.warm_process)."""

@@ -164,6 +164,7 @@ def test_styles_are_consistent_across_figures(df, analysis):
     assert t["dense · naive"].get_linestyle() != t[f"{SW} · block_sparse"].get_linestyle()
 
 
+@pytest.mark.slow
 def test_render_all_and_report(tmp_path, df, analysis):
     out = write_result(tmp_path / "r", make_records())
     paths = plots.render_all(out, df, analysis=analysis)
@@ -330,6 +331,7 @@ def test_kv_cache_measured_against_analytic(tmp_path):
     assert "measured and analytic" in fig.get_suptitle()
 
 
+@pytest.mark.slow
 def test_render_all_decode_run(tmp_path, decode_df):
     out = write_result(tmp_path / "r", decode_records())
     (out / "plots").mkdir()

@@ -38,33 +38,25 @@ check: {exact_max_elems: 0, sample_rows: 4}
 """
 
 
-def small_case(**kw):
-    base = dict(scenario="t", pattern="dense", params={}, pattern_label="dense", backend="naive", device="cpu",
-                dtype="fp32", mode="forward", batch=1, heads=2, head_dim=16, seq_len=64, causal=True, tile=32,
-                warmup=0, repeats=2, min_time_s=0.0, max_repeats=2, timeout_s=60, memory_budget=None, check=True,
-                exact_max_elems=1 << 20, sample_rows=4)
-    base.update(kw)
-    return Case(**base)
-
-
-def test_worker_survives_a_killed_case_and_a_timeout():
+@pytest.mark.slow
+def test_worker_survives_a_killed_case_and_a_timeout(make_case):
     w = Worker()
     try:
-        assert w.run(small_case(), 60).get("status", "ok") == "ok"
+        assert w.run(make_case(), 60).get("status", "ok") == "ok"
         pid = w.pid
         # a case that runs long; kill the worker with SIGKILL while it runs
         import threading
 
-        slow = small_case(seq_len=4096, heads=8, repeats=1000, max_repeats=1000)
+        slow = make_case(seq_len=4096, heads=8, repeats=1000, max_repeats=1000)
         threading.Timer(1.5, lambda: os.kill(pid, signal.SIGKILL)).start()
         rec = w.run(slow, 120)
         assert rec["status"] == "crashed" and "SIGKILL" in rec["reason"]
         # the next case gets a fresh worker
-        assert w.run(small_case(), 60).get("status", "ok") == "ok"
+        assert w.run(make_case(), 60).get("status", "ok") == "ok"
         assert w.pid != pid
         rec = w.run(slow, 1.0)
         assert rec["status"] == "timeout" and "worker killed" in rec["reason"]
-        assert w.run(small_case(), 60).get("status", "ok") == "ok"
+        assert w.run(make_case(), 60).get("status", "ok") == "ok"
     finally:
         w.close()
 
@@ -89,6 +81,7 @@ def _wait_for_records(out: Path, count: int, proc: subprocess.Popen, limit: floa
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     scen = tmp_path / "slow.yaml"
     scen.write_text(SLOW)
@@ -112,6 +105,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert (out / "summary.md").is_file() and (out / "results.csv").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_with_exit_130(tmp_path):
     scen = tmp_path / "slow.yaml"
     scen.write_text(SLOW)
@@ -129,6 +123,7 @@ def test_sigterm_stops_cleanly_with_exit_130(tmp_path):
     assert f"cases: {len(kept)}" in summary
 
 
+@pytest.mark.slow
 def test_truncated_last_record_is_skipped_with_a_warning(tmp_path):
     scen = tmp_path / "t.yaml"
     scen.write_text(SLOW.replace("[64, 128, 256, 512, 1024, 2048]", "[64, 128]").replace("repeats: 40", "repeats: 2").replace("min_time_s: 0.4", "min_time_s: 0"))
@@ -148,6 +143,7 @@ def test_truncated_last_record_is_skipped_with_a_warning(tmp_path):
     assert pd.read_json(path, lines=True).shape[0] == len(full.splitlines())
 
 
+@pytest.mark.slow
 def test_other_schema_version_is_refused(tmp_path):
     scen = tmp_path / "t.yaml"
     scen.write_text(SLOW.replace("[64, 128, 256, 512, 1024, 2048]", "[64]").replace("repeats: 40", "repeats: 2").replace("min_time_s: 0.4", "min_time_s: 0"))
@@ -189,6 +185,7 @@ def test_empty_records_file(tmp_path):
     assert res.exit_code == 2 and "no records" in res.output
 
 
+@pytest.mark.slow
 def test_plugin_only_with_explicit_flag(tmp_path):
     plugin = tmp_path / "my_pattern.py"
     plugin.write_text(

@@ -7,6 +7,7 @@ import json
 import statistics
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from sparsebench.cli.app import app
@@ -52,6 +53,7 @@ def test_merge_takes_the_median_of_round_medians():
     assert merge_rounds(plain) == plain
 
 
+@pytest.mark.slow
 def test_run_with_rounds_keeps_every_round_and_resumes_the_missing_ones(tmp_path):
     scen = tmp_path / "tiny.yaml"
     scen.write_text(TINY)

@@ -122,6 +122,7 @@ def test_residue_parts_of_unusual_structures(monkeypatch, pat, causal, block):
     assert torch.equal(total.bool(), pat.mask(N, causal))
 
 
+@pytest.mark.slow
 def test_residue_parts_where_they_save_tiles():
     """Strided columns cover nearly every tile in order but few by residue class; a dilated window
     is a band either way; patterns without residue bands have one plan."""
