@@ -62,9 +62,11 @@ def show(
     old_block: Optional[int] = typer.Option(None, "--block", hidden=True, help="Old name of --tile."),
     bidirectional: bool = typer.Option(False, "--bidirectional", help="Non-causal pattern (default causal)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a drawing."),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
 ) -> None:
     """Draw a pattern's mask (small n) with keys per query, nnz, density and KV retention."""
     with guarded():
+        load_plugins(plugin)
         from sparsebench.errors import ScenarioError
         from sparsebench.patterns.base import PATTERNS
 
