@@ -115,7 +115,7 @@ def prepare(
     heads: int,
     kv_heads: int | None = None,
     head_dim: int,
-    dtype: "torch.dtype | str | None" = None,
+    dtype: "torch.dtype | str" = "fp32",
     device: "torch.device | str" = "cpu",
     tile: int | None = None,
     **params: Any,
@@ -125,7 +125,7 @@ def prepare(
 
     ``pattern`` is a name, with its parameters as the other keywords (every keyword that is not
     an API option goes to the pattern), or a pattern object from ``sparsebench.pattern`` (then no
-    parameters here). ``dtype``: a torch dtype or fp32 / fp16 / bf16 (default fp32). ``tile``: the
+    parameters here). ``dtype``: a torch dtype or fp32 / fp16 / bf16. ``tile``: the
     block_sparse tile size (None: the backend's default, 64). ``kv_heads``: heads of k and v
     (None: ``heads``); fewer than ``heads`` (grouped-query attention) is not supported yet.
 
@@ -155,11 +155,12 @@ def prepare(
     dev = torch.device(device)
     extra = {} if tile is None else {"tile": tile}
     problem = Problem(pat, n, causal, batch, heads, head_dim, _torch_dtype(dtype), dev, mode="forward", **extra)
-    why = be.unavailable(dev) or be().unsupported(problem)
+    impl = be()
+    why = be.unavailable(dev) or impl.unsupported(problem)
     if why:
         raise BackendUnavailable(why)
-    no_backward = be().unsupported(replace(problem, mode="backward"))
-    return Attention(problem, backend, kv_heads, be().prepare(problem), no_backward)
+    no_backward = impl.unsupported(replace(problem, mode="backward"))
+    return Attention(problem, backend, kv_heads, impl.prepare(problem), no_backward)
 
 
 def attention(q, k, v, pattern: str = "dense", backend: str = "block_sparse", causal: bool = True,
@@ -208,14 +209,9 @@ def _torch_dtype(dtype):
 
     from sparsebench.backends.base import DTYPE_BYTES
 
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        resolved = getattr(torch, _DTYPE_NAMES.get(dtype, dtype), None)
-        if not isinstance(resolved, torch.dtype):
-            resolved = None
-        dtype = resolved if resolved is not None else dtype
-    if dtype not in DTYPE_BYTES:
+    if isinstance(dtype, str):  # "fp32" or torch's own name, "float32"
+        dtype = getattr(torch, _DTYPE_NAMES.get(dtype, dtype), dtype)
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPE_BYTES:
         from sparsebench.registry import unknown_choice
 
         raise ScenarioError(unknown_choice("dtype", str(dtype), _DTYPE_NAMES))
