@@ -1,8 +1,9 @@
 """The typer app and what every command shares: the one place where a SparsebenchError becomes
 one red line on stderr and an exit code (``guarded`` / ``fail``), warnings (``warn``), the
 consoles, the ``-p KEY=VALUE`` parser and ``--plugin``. The commands live in run.py (run,
-validate), inspect.py (list, show, env), report.py (plot, compare) and kv.py (kv); each adds
-itself with ``register(app)``, at the end of this module. Heavy imports (torch, pandas,
+validate), inspect.py (list, show, env), report.py (plot, compare) and kv.py (kv), which import
+their helpers from here; the package (``sparsebench/cli/__init__.py``, imported before this
+module) adds them to ``app``, so that no module imports in a circle. Heavy imports (torch, pandas,
 matplotlib) happen inside the commands, so that ``sparsebench --help`` stays instant."""
 
 from __future__ import annotations
@@ -93,18 +94,3 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
 
 def main() -> None:  # console script
     app()
-
-
-def _register_commands() -> None:
-    """Add every command to ``app``, in the order ``--help`` lists them."""
-    from sparsebench.cli import inspect, kv, report, run
-
-    for module in (run, inspect, report, kv):
-        module.register(app)
-
-
-_register_commands()
-
-
-if __name__ == "__main__":
-    main()
