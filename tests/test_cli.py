@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from sparsebench.cli.app import app
@@ -278,6 +279,7 @@ def _sparsebench(*args, cwd):
                           env={**os.environ, "COLUMNS": "200"})
 
 
+@pytest.mark.slow
 def test_the_example_plugin_is_listed_and_runs(tmp_path):
     """examples/plugin_example.py (the README's plugin example): its pattern and backend are
     listed, and a scenario with them runs, every case checked against dense attention."""
