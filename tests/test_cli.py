@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -271,3 +273,40 @@ def test_a_backend_with_wrong_gradients_is_marked_wrong_in_backward_mode(tmp_pat
         assert rec.status == "wrong" and "no gradient for q" in rec.reason and rec.time_median_s > 0
     ok = df.xs("block_sparse", level="backend")
     assert (ok.status == "ok").all() and (ok.grad_err < 1e-4).all()
+
+
+EXAMPLE_PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "plugin_example.py"
+
+
+def _sparsebench(*args, cwd):
+    """The command in a fresh process (a plugin registers into that process's registries only)."""
+    return subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.mark.slow
+def test_the_example_plugin_is_listed_and_runs(tmp_path):
+    """examples/plugin_example.py (the README's plugin example): its pattern and backend are
+    listed, and a scenario with them runs, every case checked against dense attention."""
+    res = _sparsebench("list", "--plugin", str(EXAMPLE_PLUGIN), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "dilated_sink" in res.stdout and "row_chunks" in res.stdout
+    scen = tmp_path / "plugin.yaml"
+    scen.write_text("name: plugin\nseq_lens: [100, 300]\n"
+                    "patterns: [{name: dilated_sink, params: {sinks: 2, window: 5, dilation: 3}}]\n"
+                    "backends: [naive, block_sparse, row_chunks]\nheads: 2\nhead_dim: 16\nrepeats: 2\nwarmup: 0\n"
+                    "tile: 32\n")
+    out = tmp_path / "r"
+    res = _sparsebench("run", str(scen), "--plugin", str(EXAMPLE_PLUGIN), "--output", str(out), "--no-plots",
+                       "--in-process", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip().splitlines()[-1] == str(out)
+    df = pd.read_json(out / "records.jsonl", lines=True)
+    assert (df.status == "ok").all(), df[["pattern", "backend", "seq_len", "status", "reason"]]
+    df = df[df.pattern == "dilated_sink"]  # (the run adds the dense baseline)
+    assert sorted(df.backend) == sorted(["naive", "block_sparse", "row_chunks"] * 2)
+    # i attends j < 2 and j = i - 3k (k < 5): the sinks it does not already reach, plus its window keys
+    nnz = {n: sum(len({j for j in range(2) if j <= i} | {i - 3 * k for k in range(5) if i - 3 * k >= 0}) for i in range(n))
+           for n in (100, 300)}
+    assert {n: set(df[df.seq_len == n].nnz) for n in nnz} == {n: {v} for n, v in nnz.items()}
+    assert set(df.kv_cache_bytes[df.seq_len == 300]) == {2 * 1 * 2 * 16 * 4 * (2 + 4 * 3 + 1)}

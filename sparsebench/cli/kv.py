@@ -6,26 +6,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from sparsebench.errors import ScenarioError, SparsebenchError
-
-
-def parse_param(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value read as a YAML scalar (``global_tokens=[0,7]`` is a list)."""
-    import yaml
-
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ScenarioError(f"pattern parameter {text!r} must look like key=value (e.g. -p window=4096)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        raise ScenarioError(f"pattern parameter {text!r}: the value is not a valid YAML scalar or list") from None
-    return key, value
+from sparsebench.cli.app import console, guarded, parse_params
+from sparsebench.errors import ScenarioError
 
 
 def _model(name: str | None, path: Path | None):
@@ -52,7 +38,6 @@ def _short(n: int) -> str:
         if n >= scale and n % scale == 0:
             return f"{n // scale}{unit}"
     return str(n)
-
 
 
 def _pattern_cell(row) -> str:
@@ -82,11 +67,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
     ) -> None:
         """KV-cache bytes per attention pattern (grouped-query attention counted by KV heads)."""
-        try:
+        with guarded():
             _run_kv(model, model_file, context, batch, dtype, pattern, params, budget, page, as_json)
-        except SparsebenchError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(e.exit_code)
 
     kv.__doc__ = (kv.__doc__ or "") + "\n\nPresets: " + ", ".join(_preset_names()) + "."
 
@@ -112,7 +94,7 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
         raise ScenarioError("-p/--param needs --pattern NAME")
     chosen = None
     if pattern is not None:
-        chosen = [kvcache.make_pattern(pattern, dict(parse_param(p) for p in params))]
+        chosen = [kvcache.make_pattern(pattern, parse_params(params))]
     rows = kvcache.kv_table(spec, n, chosen, batch=batch, dtype=dtype, page=page, budget=limit)
 
     notes = []
@@ -147,7 +129,6 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
         return
 
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
     title = f"KV cache: {spec.describe()}\ncontext {kvcache.format_tokens(n)}, batch {batch}, {dtype}"
@@ -169,7 +150,7 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
         if limit is not None:
             cells += [_fmt_context(r, kvcache), str(r.max_batch)]
         table.add_row(*cells)
-    console = Console()
-    console.print(table)
+    out = console()
+    out.print(table)
     for note in notes:
-        console.print(f"note: {note}")
+        out.print(f"note: {note}")

@@ -1,15 +1,16 @@
 """`sparsebench plot` and `sparsebench compare`: thin commands over plots, html_report and
 compare. Heavy modules (pandas, matplotlib, torch) are imported inside the command bodies so
-that `sparsebench --help` stays fast; a SparsebenchError becomes one red line and its exit code."""
+that `sparsebench --help` stays fast; errors and warnings go through cli/app.py's handler."""
 
 from __future__ import annotations
 
-import sys
+import contextlib
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
 
+from sparsebench.cli.app import console, fail, guarded, warn
 from sparsebench.errors import ResultsError, ScenarioError, SparsebenchError
 
 PLOT_FORMATS = ("png", "svg", "pdf")
@@ -26,23 +27,19 @@ def plot(
     formats: str = typer.Option("png,svg", "--formats", help="Comma-separated: png, svg, pdf."),
 ) -> None:
     """Re-render the figures (into RESULT_DIR/plots) and report.html from the records."""
-    try:
+    with guarded(), _files_as_results_errors(result_dir):
         from sparsebench.analysis.scaling import analyze
         from sparsebench.render.html import write_report
         from sparsebench.render.plots import render_all
         from sparsebench.results.folder import load_frame
 
         fmts = _plot_formats(formats)
-        df = load_frame(result_dir, warn=_warn)
+        df = load_frame(result_dir, warn=warn)
         analysis = analyze(df)
         paths = render_all(result_dir, df, formats=fmts, analysis=analysis)
         report = write_report(result_dir, df, analysis, paths)
-    except SparsebenchError as e:
-        _fail(e)
-    except OSError as e:
-        _fail(ResultsError(f"{e.filename or result_dir}: {e.strerror or e}"))
     names = sorted({p.stem for p in paths})
-    _out().print(f"wrote {len(names)} figures ({', '.join(fmts)}) to {Path(result_dir) / 'plots'} and {report}")
+    console().print(f"wrote {len(names)} figures ({', '.join(fmts)}) to {Path(result_dir) / 'plots'} and {report}")
 
 
 def compare(
@@ -65,7 +62,7 @@ def compare(
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the ratio figure here (.png or .svg)."),
 ) -> None:
     """Compare two result folders case by case (BASE NEW), or one along a dimension (BASE --by DIM)."""
-    try:
+    with guarded(), _files_as_results_errors(""):
         from sparsebench.analysis import compare as cmp_mod
 
         cmp_mod.check_choice("format", fmt, cmp_mod.FORMATS)
@@ -80,19 +77,14 @@ def compare(
                 raise ScenarioError("--fail-on-regression and --plot need two result folders (BASE NEW)")
             from sparsebench.results.folder import load_frame
 
-            result = cmp_mod.compare_by(load_frame(base, warn=_warn), by=by, metric=metric)
+            result = cmp_mod.compare_by(load_frame(base, warn=warn), by=by, metric=metric)
         else:
-            result = cmp_mod.compare_folders(base, new, threshold=limit, metric=metric, warn=_warn)
+            result = cmp_mod.compare_folders(base, new, threshold=limit, metric=metric, warn=warn)
         _emit(result, fmt, output)
         if plot_path is not None:
             _write_ratio_plot(result, plot_path)
-    except SparsebenchError as e:
-        _fail(e)
-    except OSError as e:
-        _fail(ResultsError(f"{e.filename or ''}: {e.strerror or e}"))
     if by is None and fail_on_regression and result.gate_failed(allow_missing):
-        _err().print(f"[red]error:[/red] {_escape(result.failure_message(allow_missing))}", soft_wrap=True)
-        raise typer.Exit(1)
+        fail(SparsebenchError(result.failure_message(allow_missing)))  # exit 1: a regression, not a usage error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,16 +93,16 @@ def compare(
 def _emit(result, fmt: str, output: Optional[Path]) -> None:
     if fmt != "table" or output is not None:
         for w in getattr(result, "warnings", ()):
-            _warn(w)
+            warn(w)
     if output is not None:
         from sparsebench.results.folder import atomic_write
 
         atomic_write(output, result.render(fmt))
-        _err().print(f"wrote {output}")
+        console(stderr=True).print(f"wrote {output}")
     elif fmt == "table":
-        console = _out()
+        out = console()
         for r in result.rich_renderables():
-            console.print(r)
+            out.print(r)
     else:
         typer.echo(result.render(fmt), nl=False)
 
@@ -124,10 +116,10 @@ def _write_ratio_plot(result, path: Path) -> None:
         raise ScenarioError(f"--plot {path}: the file name must end in one of: {', '.join('.' + f for f in PLOT_FORMATS)}")
     fig = fig_ratio(result)
     if fig is None:
-        _warn("no common case with a ratio: no ratio plot written")
+        warn("no common case with a ratio: no ratio plot written")
         return
     save(fig, path)
-    _err().print(f"wrote {path}")
+    console(stderr=True).print(f"wrote {path}")
 
 
 def _plot_formats(text: str) -> tuple[str, ...]:
@@ -142,31 +134,11 @@ def _plot_formats(text: str) -> tuple[str, ...]:
     return fmts
 
 
-def _out():
-    from rich.console import Console
-
-    import os
-
-    wide = sys.stdout.isatty() or os.environ.get("COLUMNS")
-    return Console(width=None if wide else 160, highlight=False)
-
-
-def _err():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
-def _warn(message: str) -> None:
-    _err().print(f"[yellow]warning:[/yellow] {_escape(message)}", soft_wrap=True)
-
-
-def _fail(e: SparsebenchError) -> NoReturn:
-    _err().print(f"[red]error:[/red] {_escape(str(e))}", soft_wrap=True)
-    raise typer.Exit(getattr(e, "exit_code", 1))
+@contextlib.contextmanager
+def _files_as_results_errors(folder):
+    """A file that cannot be read or written (OSError) is a ResultsError naming the file: one
+    line through the error handler, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise ResultsError(f"{e.filename or folder}: {e.strerror or e}") from None

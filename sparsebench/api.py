@@ -1,0 +1,228 @@
+"""The Python API: attention under a named pattern, computed by a named backend, with the two
+kept apart. ``pattern`` says which (query, key) pairs attend; ``backend`` says how they are
+computed. Every keyword that is not one of the API options below goes to the pattern, always:
+``attention(q, k, v, pattern="block_local", block=8)`` is block_local's ``block``, never the
+backend's tile size (that is ``tile``).
+
+* ``pattern(name, **params)``: the pattern object (mask, block layout, keys per query, nnz,
+  KV retention) for scripts and notebooks.
+* ``prepare(pattern, n, batch=..., heads=..., head_dim=...)``: a callable ``fn(q, k, v)`` that
+  keeps what does not depend on the inputs (the backend's plan or compiled kernel) across calls,
+  so that a model's forward can call it every step.
+* ``attention(q, k, v, ...)``: one call; ``prepare`` for the shapes of q, k, v, then the call.
+
+Torch is imported inside the functions, so that ``import sparsebench`` stays light. Errors are
+``sparsebench.errors.SparsebenchError``: ``ScenarioError`` for a bad name, parameter or shape,
+``BackendUnavailable`` for a backend that cannot run the problem here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+from sparsebench.errors import BackendUnavailable, ScenarioError
+
+if TYPE_CHECKING:
+    import torch
+
+    from sparsebench.backends.base import Problem
+    from sparsebench.patterns.base import Pattern
+
+__all__ = ["Attention", "attention", "pattern", "prepare"]
+
+# Names a scenario uses for dtypes, accepted here too.
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def pattern(name: str, **params: Any) -> "Pattern":
+    """The pattern ``name`` with its parameters, validated (sizes >= 1 ...; checks against a
+    sequence length come with ``check(n, causal)``). Its methods answer the questions a script
+    asks: ``mask(n, causal)``, ``block_layout(n, tile, causal)``, ``keys_per_query(n, causal)``,
+    ``nnz(n, causal)``, ``kv_retained(n)``, ``label()``."""
+    from sparsebench.patterns.base import PATTERNS
+
+    return PATTERNS.get(name).from_params(params)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """A prepared attention: call it as ``fn(q, k, v)`` with q of shape (batch, heads, n,
+    head_dim) and k, v of shape (batch, kv_heads, n, head_dim), in the dtype and on the device it
+    was prepared for.
+
+    What does not depend on the inputs is built once, in ``prepare``: the backend's plan (block
+    layout, key tables, mask, compiled kernel) is ``static``. Each call checks the shapes (one
+    ``ScenarioError`` naming what was prepared and what came) and runs ``for_inputs(q, k)``,
+    the one place where per-call work belongs: for the patterns of today it returns ``static``
+    unchanged; a pattern whose keys depend on q and k (planned: content-selected patterns) will
+    rebuild there only its key selection, per call, and reuse the rest.
+
+    ``kv_heads`` is in the shapes so that k and v may later have fewer heads than q (grouped-query
+    attention); today ``prepare`` refuses a value other than ``heads``."""
+
+    problem: "Problem"
+    backend: str
+    kv_heads: int
+    static: Callable = field(repr=False)
+    #: why the backend cannot run backward on this problem (None: it can); raised on a call that
+    #: needs gradients, so a forward-only user never pays for the question
+    no_backward: str | None
+
+    @property
+    def pattern(self) -> "Pattern":
+        return self.problem.pattern
+
+    def expected_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(q's shape, k's and v's shape)."""
+        p = self.problem
+        return (p.batch, p.heads, p.seq_len, p.head_dim), (p.batch, self.kv_heads, p.seq_len, p.head_dim)
+
+    def check(self, q, k, v) -> None:
+        """One ScenarioError when q, k, v are not the shapes, dtype and device prepared for."""
+        p = self.problem
+        q_shape, kv_shape = self.expected_shapes()
+        shapes_ok = tuple(q.shape) == q_shape and tuple(k.shape) == kv_shape and tuple(v.shape) == kv_shape
+        same = all(t.dtype == p.dtype and _on(t.device, p.device) for t in (q, k, v))
+        if not (shapes_ok and same):
+            raise ScenarioError(
+                f"prepared for q {q_shape}, k and v {kv_shape}, {_dtype_name(p.dtype)} on {p.device}; got "
+                f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                f"{', '.join(sorted({_dtype_name(t.dtype) for t in (q, k, v)}))} "
+                f"on {', '.join(sorted({str(t.device) for t in (q, k, v)}))}"
+            )
+
+    def for_inputs(self, q, k) -> Callable:
+        """The backend's callable for these inputs: the static plan (see the class docstring)."""
+        return self.static
+
+    def __call__(self, q, k, v):
+        import torch
+
+        self.check(q, k, v)
+        if self.no_backward and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise BackendUnavailable(self.no_backward)
+        return self.for_inputs(q, k)(q, k, v)
+
+
+def prepare(
+    pattern: "str | Pattern",
+    n: int,
+    *,
+    backend: str = "block_sparse",
+    causal: bool = True,
+    batch: int,
+    heads: int,
+    kv_heads: int | None = None,
+    head_dim: int,
+    dtype: "torch.dtype | str" = "fp32",
+    device: "torch.device | str" = "cpu",
+    tile: int | None = None,
+    **params: Any,
+) -> Attention:
+    """Prepare attention over n tokens for repeated calls: ``fn = prepare("sliding_window", 4096,
+    window=256, batch=1, heads=8, head_dim=64)``, then ``fn(q, k, v)`` every step.
+
+    ``pattern`` is a name, with its parameters as the other keywords (every keyword that is not
+    an API option goes to the pattern), or a pattern object from ``sparsebench.pattern`` (then no
+    parameters here). ``dtype``: a torch dtype or fp32 / fp16 / bf16. ``tile``: the
+    block_sparse tile size (None: the backend's default, 64). ``kv_heads``: heads of k and v
+    (None: ``heads``); fewer than ``heads`` (grouped-query attention) is not supported yet.
+
+    The backend's ``prepare`` (plan, mask, kernel) runs here, once. Raises ScenarioError for a bad
+    name, parameter or size, BackendUnavailable when the backend cannot run this problem here."""
+    import torch
+
+    from sparsebench.backends.base import BACKENDS, Problem
+
+    pat = _pattern_of(pattern, params)
+    for name, value in (("n", n), ("batch", batch), ("heads", heads), ("head_dim", head_dim)):
+        _require_positive(name, value)
+    if kv_heads is None:
+        kv_heads = heads
+    _require_positive("kv_heads", kv_heads)
+    if kv_heads > heads or heads % kv_heads:
+        raise ScenarioError(f"kv_heads={kv_heads} must divide heads={heads} (each key/value head serves a group of query heads)")
+    if kv_heads != heads:
+        raise ScenarioError(
+            f"kv_heads={kv_heads} with heads={heads}: k and v with fewer heads than q (grouped-query attention) "
+            "is not supported yet; repeat k and v to heads (k.repeat_interleave(heads // kv_heads, dim=1))"
+        )
+    if tile is not None:
+        _require_positive("tile", tile)
+    pat.check(n, causal)
+    be = BACKENDS.get(backend)
+    dev = torch.device(device)
+    extra = {} if tile is None else {"tile": tile}
+    problem = Problem(pat, n, causal, batch, heads, head_dim, _torch_dtype(dtype), dev, mode="forward", **extra)
+    impl = be()
+    why = be.unavailable(dev) or impl.unsupported(problem)
+    if why:
+        raise BackendUnavailable(why)
+    no_backward = impl.unsupported(replace(problem, mode="backward"))
+    return Attention(problem, backend, kv_heads, impl.prepare(problem), no_backward)
+
+
+def attention(q, k, v, pattern: str = "dense", backend: str = "block_sparse", causal: bool = True,
+              tile: int | None = None, **params: Any):
+    """Attention of q, k, v (batch, heads, n, head_dim) under a named pattern, computed by a named
+    backend: ``prepare`` for their shapes, then the call. Every keyword that is not an API option
+    goes to the pattern (``window=256``, ``block=8``); ``tile`` is the block_sparse tile size
+    (None: 64). For many calls of one shape, ``prepare`` once instead. Raises
+    sparsebench.errors.SparsebenchError for bad names, parameters or shapes."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ScenarioError(f"q, k, v must be 4-D (batch, heads, n, head_dim); got {tuple(q.shape)}, "
+                            f"{tuple(k.shape)}, {tuple(v.shape)}")
+    batch, heads, n, head_dim = q.shape
+    fn = prepare(pattern, n, backend=backend, causal=causal, batch=batch, heads=heads, kv_heads=k.shape[1],
+                 head_dim=head_dim, dtype=q.dtype, device=q.device, tile=tile, **params)
+    return fn(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _pattern_of(pattern, params: dict) -> "Pattern":
+    from sparsebench.patterns.base import Pattern
+
+    if isinstance(pattern, Pattern):
+        if params:
+            raise ScenarioError(
+                f"pattern {pattern.label()} is already built; give its parameters to sparsebench.pattern(), "
+                f"not here ({', '.join(sorted(params))})"
+            )
+        return pattern
+    if not isinstance(pattern, str):
+        raise ScenarioError(f"pattern must be a name or a sparsebench.pattern(...) object, got {type(pattern).__name__}")
+    from sparsebench.patterns.base import PATTERNS
+
+    return PATTERNS.get(pattern).from_params(params)
+
+
+def _require_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ScenarioError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    from sparsebench.backends.base import DTYPE_BYTES
+
+    if isinstance(dtype, str):  # "fp32" or torch's own name, "float32"
+        dtype = getattr(torch, _DTYPE_NAMES.get(dtype, dtype), dtype)
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPE_BYTES:
+        from sparsebench.registry import unknown_choice
+
+        raise ScenarioError(unknown_choice("dtype", str(dtype), _DTYPE_NAMES))
+    return dtype
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    return {v: k for k, v in _DTYPE_NAMES.items()}.get(name, name)
+
+
+def _on(actual, prepared) -> bool:
+    """Whether a tensor on ``actual`` is on the prepared device ("cuda" matches any "cuda:i")."""
+    return actual.type == prepared.type and (prepared.index is None or actual.index == prepared.index)

@@ -1,0 +1,140 @@
+"""``sparsebench list``, ``show`` and ``env``: what is registered and available here, one
+pattern's mask and numbers, and the machine. ``register(app)`` adds the commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from sparsebench.cli.app import PLUGIN_HELP, console, guarded, load_plugins, parse_params, warn
+
+
+def register(app: typer.Typer) -> None:
+    app.command("list")(list_cmd)
+    app.command()(show)
+    app.command()(env)
+
+
+# -------------------------------------------------------------------------------------- list
+def list_cmd(plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py")) -> None:
+    """Patterns (with their parameters) and backends (available here, or why not)."""
+    with guarded():
+        load_plugins(plugin)
+        import dataclasses
+
+        from rich.table import Table
+
+        from sparsebench.backends.base import BACKENDS
+        from sparsebench.patterns.base import PATTERNS
+
+        t = Table(title="patterns", header_style="bold")
+        for c in ("pattern", "allowed (i, j)", "parameters"):
+            t.add_column(c, overflow="fold")
+        for name, cls in PATTERNS.items():
+            params = []
+            for f in cls.parameters():
+                default = "" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING else (
+                    f" = {f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
+                )
+                params.append(f"{f.name}{default}: {f.metadata.get('help', '')}")
+            t.add_row(name, cls.rule, "\n".join(params) or "-")
+        b = Table(title="backends", header_style="bold")
+        for c in ("backend", "what", "here"):
+            b.add_column(c, overflow="fold")
+        for name, cls in BACKENDS.items():
+            why = cls.unavailable()
+            b.add_row(name, cls.summary, "[green]available[/]" if why is None else f"[yellow]{why}[/]")
+        out = console()
+        out.print(t)
+        out.print(b)
+
+
+# -------------------------------------------------------------------------------------- show
+def show(
+    pattern: str = typer.Argument(..., help="Pattern name (see `sparsebench list`)."),
+    seq_len: int = typer.Option(..., "--seq-len", "-n", help="Sequence length."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Pattern parameter key=value (repeatable).", metavar="KEY=VALUE"),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Also show the block layout for this tile size."),
+    old_block: Optional[int] = typer.Option(None, "--block", hidden=True, help="Old name of --tile."),
+    bidirectional: bool = typer.Option(False, "--bidirectional", help="Non-causal pattern (default causal)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a drawing."),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
+) -> None:
+    """Draw a pattern's mask (small n) with keys per query, nnz, density and KV retention."""
+    with guarded():
+        load_plugins(plugin)
+        from sparsebench.errors import ScenarioError
+        from sparsebench.patterns.base import PATTERNS
+
+        if seq_len < 1:
+            raise ScenarioError(f"--seq-len must be >= 1, got {seq_len}")
+        if old_block is not None:
+            if tile is not None:
+                raise ScenarioError("--block is the old name of --tile; give --tile only")
+            warn("--block is now --tile (the tile size of the block layout); read as --tile")
+            tile = old_block
+        if tile is not None and tile < 1:
+            raise ScenarioError(f"--tile must be >= 1, got {tile}")
+        causal = not bidirectional
+        pat = PATTERNS.get(pattern).from_params(parse_params(param))
+        pat.check(seq_len, causal)
+        kpq = pat.keys_per_query(seq_len, causal)
+        nnz = int(kpq.sum())
+        info: dict[str, Any] = {
+            "pattern": pat.label(),
+            "seq_len": seq_len,
+            "causal": causal,
+            "keys_per_query": kpq.tolist(),
+            "nnz": nnz,
+            "density": nnz / seq_len**2,
+            "kv_retained": pat.kv_retained(seq_len),
+        }
+        layout = pat.block_layout(seq_len, tile, causal) if tile else None
+        if layout is not None:
+            info["block_layout"] = layout.dense().tolist()
+        if as_json:
+            sys.stdout.write(json.dumps(info) + "\n")
+            return
+        out = console()
+        out.print(f"[bold]{pat.label()}[/]  n={seq_len}  {'causal' if causal else 'bidirectional'}")
+        if seq_len <= 96:
+            m = pat.mask(seq_len, causal)
+            for i in range(seq_len):
+                out.print("".join("█" if x else "·" for x in m[i].tolist()), highlight=False)
+        else:
+            out.print("[dim](mask drawn for n <= 96)[/]")
+        kf = kpq.double()
+        out.print(
+            f"keys per query: min {int(kpq.min())}, mean {float(kf.mean()):.2f}, max {int(kpq.max())}\n"
+            f"nnz: {nnz}   density: {nnz / seq_len**2:.4f}   KV retained: {info['kv_retained']} of {seq_len} tokens"
+        )
+        if layout is not None:
+            out.print(f"block layout (tile={tile}, {layout.nnz_blocks} of {layout.num_blocks**2} tiles):")
+            if layout.num_blocks <= 96:
+                for row in layout.dense().tolist():
+                    out.print("".join("█" if x else "·" for x in row), highlight=False)
+
+
+# --------------------------------------------------------------------------------------- env
+def env(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Versions, CPU, threads, GPU and whether torch.compile has a compiler here."""
+    with guarded():
+        from sparsebench.measure.environment import collect
+
+        info = collect()
+        if as_json:
+            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+            return
+        from rich.table import Table
+
+        t = Table(show_header=False)
+        t.add_column("key", style="bold")
+        t.add_column("value")
+        for k, v in info.items():
+            t.add_row(k, "-" if v is None else str(v))
+        t.add_row("torch.compile on CPU", "yes" if info.get("cxx_compiler") else "no (no C++ compiler on PATH)")
+        console().print(t)

@@ -1,0 +1,181 @@
+"""``sparsebench run`` and ``sparsebench validate``: a scenario measured into a result folder, or
+only checked and counted. ``register(app)`` adds the commands."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sparsebench.cli.app import PLUGIN_HELP, console, guarded, load_plugins, warn
+from sparsebench.errors import SparsebenchError
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)
+    app.command()(validate)
+
+
+# --------------------------------------------------------------------------------------- run
+def run(
+    scenario: Optional[Path] = typer.Argument(None, help="Scenario YAML. Omitted: the built-in quickstart."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result folder (default results/<timestamp>-<name>)."),
+    results_root: Path = typer.Option(Path("results"), "--results-root", help="Where default result folders go."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run in this result folder."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Skip the plots (records, tables and summary still written)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run cases in this process instead of an isolated worker."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Skip cases whose estimate exceeds this (e.g. 8GiB)."),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
+) -> None:
+    """Run a scenario: every case timed, memory-measured and checked against dense attention.
+
+    Records are appended to RESULT/records.jsonl as each case ends; results.csv, summary.md, plots/ and report.html follow. The last line printed is the result folder."""
+    with guarded():
+        load_plugins(plugin)
+        _run(scenario, output, results_root, resume, no_plots, in_process, max_memory)
+
+
+def _run(scenario, output, results_root, resume, no_plots, in_process, max_memory) -> None:
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sparsebench import scenario as sc_mod
+    from sparsebench.render import summary as report
+    from sparsebench.measure import runner
+    from sparsebench.results.folder import merge_rounds
+    from sparsebench.errors import ScenarioError
+
+    if resume is not None:
+        if scenario is not None or output is not None:
+            raise ScenarioError("--resume takes the scenario and folder from RESULT; give no SCENARIO or --output")
+        src = resume / "scenario.yaml"
+        if not resume.is_dir():
+            raise ScenarioError(f"{resume}: no such folder to resume")
+        if not src.is_file():
+            raise ScenarioError(f"{resume}: no scenario.yaml here; not a sparsebench result folder")
+        text = sc_mod.read_text(src)
+        sc, source = sc_mod.parse(text, str(src)), str(src)
+        folder = resume
+    else:
+        sc, text, source = sc_mod.load(scenario)
+        folder = output or runner.default_folder(results_root, sc.name)
+    for line in sc.warnings:
+        warn(line)
+    plan = sc_mod.expand(sc, source)
+    if max_memory:
+        try:
+            budget = sc_mod.parse_size(max_memory)
+        except ValueError as exc:
+            raise ScenarioError(f"--max-memory: {exc}") from None
+        plan = replace(plan, cases=[replace(c, memory_budget=min(budget, c.memory_budget or budget)) for c in plan.cases])
+    out = console()
+    for dev, why in plan.skipped_devices.items():
+        warn(f"{why}; its cases are skipped")
+    rounds = f" x {sc.rounds} rounds" if sc.rounds > 1 else ""
+    out.print(f"[bold]{sc.name}[/]: {len(plan.cases)} cases{rounds}{' (resuming)' if resume else ''}  [dim]{source}[/]")
+    if not plan.cases:
+        raise ScenarioError(f"{source}: no case can run here (every device is absent)")
+    if any(c.device == "cpu" for c in plan.cases):
+        from sparsebench.backends.block_sparse import native as _native
+
+        if _native.enabled() and not _native.built():
+            out.print("[dim]First run here: the first case builds the native CPU kernels (once, about a minute).[/]")
+
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=out, transient=True,
+    )
+    task = progress.add_task("starting", total=len(plan.cases) * sc.rounds)
+
+    def on_start(case, i, total):
+        where = f" (round {i // len(plan.cases) + 1}/{sc.rounds})" if sc.rounds > 1 else ""
+        progress.update(task, completed=i, description=f"{case.pattern_label} {case.backend} n={case.seq_len}{where}")
+
+    def on_record(rec, i, total):
+        progress.update(task, completed=i + 1)
+        if rec["status"] not in ("ok", "skipped"):
+            progress.console.print(f"[red]{rec['status']}[/] {rec['pattern_label']} {rec['backend']} n={rec['seq_len']}: {rec['reason']}")
+
+    extra: list = []
+
+    def finalize(folder, records):
+        progress.stop()
+        report.finalize(folder, records, plots=not no_plots, warn=warn, renderables=extra)
+
+    prev = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        with progress:
+            result = runner.run(plan, folder, scenario_text=text, isolate=not in_process, resume=resume is not None,
+                                on_start=on_start, on_record=on_record, warn=warn, finalize=finalize)
+    except runner.Interrupted as exc:
+        out.print(report.rich_table(merge_rounds(_read(folder)), title="finished before the interrupt"))
+        out.print(f"[yellow]{exc}[/]")
+        out.print(str(folder))
+        raise typer.Exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+    out.print(report.rich_table(result.records, title=f"{sc.name}: {len(result.records)} cases"))
+    for r in extra:
+        out.print(r)
+    out.print(str(result.folder))
+
+
+def _read(folder):
+    from sparsebench.results.folder import read_records
+
+    try:
+        return read_records(folder)
+    except SparsebenchError:
+        return []
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------------- validate
+def validate(
+    scenario: Path = typer.Argument(..., help="Scenario YAML to check."),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
+) -> None:
+    """Check a scenario file and print how many cases it expands to."""
+    with guarded():
+        load_plugins(plugin)
+        from sparsebench import scenario as sc_mod
+
+        sc, _, source = sc_mod.load(scenario)
+        for line in sc.warnings:
+            warn(line)
+        plan = sc_mod.expand(sc, source)
+        for dev, why in plan.skipped_devices.items():
+            warn(f"{why}; its cases would be skipped")
+        console().print(f"{source}: ok, {_case_count_text(plan)}" + (f", each measured in {sc.rounds} rounds" if sc.rounds > 1 else ""))
+
+
+def _plural(k: int, word: str) -> str:
+    return f"{k} {word}{'' if k == 1 else 's'}"
+
+
+def _case_count_text(plan) -> str:
+    """'36 cases (4 sequence lengths x 9 pattern-backend pairs; sdpa runs only dense, the
+    baseline)': how the count multiplies out."""
+    cases = plan.cases
+    if not cases and plan.skipped_devices:
+        return f"0 cases on this machine (absent: {', '.join(sorted(plan.skipped_devices))})"
+    lengths = {c.seq_len for c in cases}
+    pairs = {(c.pattern_label, c.backend) for c in cases}
+    setups = {(c.device, c.dtype, c.mode) for c in cases}
+    parts = [_plural(len(lengths), "sequence length"), _plural(len(pairs), "pattern-backend pair")]
+    if len(setups) > 1:
+        parts.append(_plural(len(setups), "device-dtype-mode combination"))
+    text = f"{_plural(len(cases), 'case')} ({' x '.join(parts)}"
+    if len(lengths) * len(pairs) * len(setups) != len(cases):
+        text += "; not every combination applies"
+    dense_only = sorted({c.backend for c in cases} - {c.backend for c in cases if c.pattern != "dense"})
+    if dense_only and any(c.pattern != "dense" for c in cases):
+        text += f"; {', '.join(dense_only)} {'runs' if len(dense_only) == 1 else 'run'} only dense, the baseline"
+    return text + ")"
