@@ -28,11 +28,14 @@ def load(paths: list[Path] | tuple[Path, ...]) -> None:
         if spec is None or spec.loader is None:
             raise ScenarioError(f"--plugin {raw}: cannot be imported")
         module = importlib.util.module_from_spec(spec)
+        # registered before it runs, as an import does: a dataclass under `from __future__ import
+        # annotations` looks its module up in sys.modules while the class is being made
+        sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - a broken plugin is the user's one-line error
+            del sys.modules[name]
             raise ScenarioError(f"--plugin {raw}: {type(exc).__name__}: {exc}") from None
-        sys.modules[name] = module
         loaded.append(str(path))
     if loaded:
         os.environ[ENV] = os.pathsep.join(loaded)

@@ -15,8 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from sparsebench.errors import PatternError, ScenarioError
+from sparsebench.units import COMPUTE_DTYPES
 
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = tuple(COMPUTE_DTYPES)
 MODES = ("forward", "backward", "decode")
 MAX_ALIASES = 64
 MAX_BYTES = 1 << 20
@@ -87,7 +88,7 @@ class Scenario(_Model):
     patterns: list[PatternSpec] = Field(min_length=1)
     backends: list[str] = Field(min_length=1)
     devices: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
-    dtypes: list[Literal["fp32", "fp16", "bf16"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    dtypes: list[Literal[DTYPES]] = Field(default_factory=lambda: ["fp32"], min_length=1)
     batch: int = Field(default=1, ge=1, le=4096)
     heads: int = Field(default=8, ge=1, le=1024)
     head_dim: int = Field(default=64, ge=1, le=1024)
@@ -173,11 +174,6 @@ class Case:
 
         return tuple(getattr(self, c) for c in CASE_KEY)
 
-    def series(self) -> tuple:
-        from sparsebench.results.schema import SERIES_KEY
-
-        return tuple(getattr(self, c) for c in SERIES_KEY)
-
     @property
     def case_id(self) -> str:
         return "|".join(str(x) for x in self.key())
@@ -212,7 +208,7 @@ MIN_BUDGET_BYTES = 1 << 20
 
 
 def parse_size(value: int | str) -> int:
-    """'8GiB', '512MB', 1000000 -> bytes (the units of ``kvcache.parse_bytes``); ValueError with
+    """'8GiB', '512MB', 1000000 -> bytes (the units of ``units.parse_bytes``); ValueError with
     its message otherwise (pydantic reports it against the field)."""
     from sparsebench.units import parse_bytes
 

@@ -199,11 +199,12 @@ def dtype_bytes(name: str) -> float:
     return dtype_bits(name) / 8
 
 
-def torch_dtype(name: str):
-    """The torch dtype of a compute dtype name ('bf16' or 'bfloat16' -> torch.bfloat16)."""
+def torch_dtype(name: str, kind: str = "dtype"):
+    """The torch dtype of a compute dtype name ('bf16' or 'bfloat16' -> torch.bfloat16); another
+    name is a ScenarioError naming ``kind``."""
     import torch
 
-    return getattr(torch, COMPUTE_DTYPES[canonical_dtype(name, "dtype", COMPUTE_DTYPES)])
+    return getattr(torch, COMPUTE_DTYPES[canonical_dtype(name, kind, COMPUTE_DTYPES)])
 
 
 def _finite(v: Any) -> bool:

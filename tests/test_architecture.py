@@ -1,7 +1,8 @@
 """The package's architecture, checked from its source: no import cycle between sparsebench's
 modules or between its subpackages, the result storage (results/) independent of measuring and of
 torch, and no module reaching into another subpackage's private (``_``) modules. Imports are read
-with ``ast``, at module level and inside functions alike: a lazy import is still a dependency."""
+with ``ast``, at module level and inside functions alike: a lazy import is still a dependency. An
+import under ``if TYPE_CHECKING:`` is not (it names a type for annotations and never runs)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,15 @@ def _resolve(name: str) -> str:
     return name
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``)."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def _imports(module: str) -> dict[str, set[str]]:
     """{imported name: ...} of one module: every ``sparsebench`` module it imports (resolved to
     modules) and, under the key "", every outside top-level package it imports."""
@@ -38,7 +48,12 @@ def _imports(module: str) -> dict[str, set[str]]:
     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     inside: set[str] = set()
     outside: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -106,7 +121,9 @@ def _edges_within(cycle: list[str], graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_walker_sees_lazy_and_relative_imports():
     assert "sparsebench.results.folder" in GRAPH["sparsebench.measure.runner"]  # imported inside run()
-    assert "sparsebench.backends.block_sparse.native" in GRAPH["sparsebench.measure.environment"]
+    assert "sparsebench.backends.block_sparse" in GRAPH["sparsebench.measure.environment"]  # inside collect()
+    # a name imported under `if TYPE_CHECKING:` (for annotations only) is no dependency
+    assert "sparsebench.patterns.base" not in GRAPH["sparsebench.patterns.geometry"]
     assert "sparsebench.scenario" in GRAPH["sparsebench.measure.harness"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

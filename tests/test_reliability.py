@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from sparsebench.results import folder as results
 from sparsebench.cli.app import app
 from sparsebench.errors import ResultsError
-from sparsebench.scenario import Case
 from sparsebench.measure.worker import Worker
 
 SLOW = """\

@@ -214,10 +214,13 @@ def test_environment_json_has_one_reader_and_one_policy(tmp_path):
     assert "- machine: ?" in summary_markdown(folder, recs, warn=warned.append)
     assert len(warned) == 1 and "environment.json: not a JSON object" in warned.pop()
     html = write_report(folder, results.frame(recs), None, [], warn=warned.append).read_text()
-    assert "No environment.json" in html and len(warned) == 1 and "environment.json" in warned.pop()
+    assert "environment.json could not be read" in html and len(warned) == 1 and "environment.json" in warned.pop()
     res = CliRunner().invoke(app, ["compare", str(folder), str(folder)])
     assert res.exit_code == 0, res.output
     assert "environment.json: not a JSON object" in res.output
+    (folder / "environment.json").unlink()
+    html = write_report(folder, results.frame(recs), None, [], warn=warned.append).read_text()
+    assert "No environment.json in the result folder" in html and not warned
 
 
 def test_switches_are_recorded(monkeypatch):
@@ -270,14 +273,14 @@ def test_measuring_has_one_sync_one_iqr_and_one_dtype_table():
 
     from sparsebench.measure import decode, device, harness
     from sparsebench.patterns.base import PATTERNS
-    from sparsebench.results import spread
+    from sparsebench import stats
 
     assert harness.sync is device.sync and decode.sync is device.sync
     assert harness.TORCH_DTYPES is device.TORCH_DTYPES
     assert not hasattr(decode, "_sync") and not hasattr(decode, "_iqr") and not hasattr(decode, "_DTYPES")
     times = (1.0, 1.2, 1.1, 3.0, 0.9)
-    assert harness.Measurement(times).iqr == spread.iqr(times) and harness.Measurement(times).noisy
+    assert harness.Measurement(times).iqr == stats.iqr(times) and harness.Measurement(times).noisy
     rec = decode.measure_decode(PATTERNS.get("sliding_window")(window=8), 16, tokens=2, heads=1, head_dim=8,
                                 dtype="bfloat16", warmup_s=0, min_time_s=0)
-    assert rec["time_iqr_s"] == spread.iqr(rec["times_s"])
+    assert rec["time_iqr_s"] == stats.iqr(rec["times_s"])
     assert decode._resolve_dtype("fp16") is torch.float16

@@ -31,7 +31,8 @@ from sparsebench.analysis.scaling import (
 )
 from sparsebench.errors import ResultsError, ScenarioError
 from sparsebench.registry import unknown_choice
-from sparsebench.results.folder import CASE_KEY, ENVIRONMENT, read_environment
+from sparsebench.results.folder import ENVIRONMENT, read_environment
+from sparsebench.results.schema import CASE_KEY
 from sparsebench.stats import mann_whitney, min_p_value, quartiles
 
 METRICS = {"median": "time_median_s", "min": "time_min_s"}
@@ -186,17 +187,6 @@ class Comparison:
             bits.append(f"{len(gone)} case(s) of {self.base_name} not measured in {self.new_name} "
                         f"(first: {key_text(gone[0], self.shown_dims)}; --allow-missing accepts that)")
         return "; ".join(bits) or "no regressions"
-
-    # -- for cli/report.py, which renders through these two (render.compare draws them) ----------
-    def render(self, fmt: str) -> str:
-        from sparsebench.render.compare import render
-
-        return render(self, fmt)
-
-    def rich_renderables(self) -> list:
-        from sparsebench.render.compare import renderables
-
-        return renderables(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -374,17 +364,6 @@ class ByComparison:
             ],
         }
 
-    # -- for cli/report.py, which renders through these two (render.compare draws them) ----------
-    def render(self, fmt: str) -> str:
-        from sparsebench.render.compare import render
-
-        return render(self, fmt)
-
-    def rich_renderables(self) -> list:
-        from sparsebench.render.compare import renderables
-
-        return renderables(self)
-
 
 def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
     """One run side by side along ``by`` (backend, pattern, device, dtype, mode, causal)."""
@@ -419,13 +398,3 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
     return ByComparison(by, column, tuple(values), tuple(dims), tuple(rows), metric)
 
 
-# ----------------------------------------------------------------------------------------------
-
-
-def __getattr__(name: str):
-    """FORMATS and fig_ratio, which cli/report.py takes from here, live in render.compare."""
-    if name in ("FORMATS", "fig_ratio"):
-        from sparsebench.render import compare as rendered
-
-        return getattr(rendered, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

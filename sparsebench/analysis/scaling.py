@@ -11,12 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-from sparsebench.results.folder import (
-    BASELINE_BACKEND,
-    BASELINE_PATTERN,
-    CASE_KEY,
-    SERIES_KEY,
-)
+from sparsebench.results.schema import BASELINE_BACKEND, BASELINE_PATTERN, CASE_KEY, SERIES_KEY
 from sparsebench.stats import FLOOR_SLOPE, MIN_FIT_POINTS, Fit, fit_power
 
 # Statuses that end a series: the largest n that ran is the one just below the first of these.

@@ -12,12 +12,14 @@ import torch
 
 from sparsebench.patterns.base import Pattern
 from sparsebench.registry import Registry
+from sparsebench.units import COMPUTE_DTYPES, dtype_bytes
 
 BACKENDS: Registry["Backend"] = Registry("backend", "sparsebench.backends")
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+# the compute dtypes, by torch dtype, with their bytes per element
+DTYPE_BYTES = {getattr(torch, t): int(dtype_bytes(name)) for name, t in COMPUTE_DTYPES.items()}
 
 
 @dataclass(frozen=True)

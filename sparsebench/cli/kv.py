@@ -29,15 +29,9 @@ def _fmt_context(row, kvcache) -> str:
         return "unbounded"
     if row.max_context == 0:
         return "none"
-    return _short(row.max_context)
+    from sparsebench.units import short_tokens
 
-
-def _short(n: int) -> str:
-    """131072 -> '128k', 4100 -> '4100'."""
-    for unit, scale in (("m", 1024**2), ("k", 1024)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{unit}"
-    return str(n)
+    return short_tokens(row.max_context)
 
 
 def _pattern_cell(row) -> str:
@@ -80,16 +74,17 @@ def _preset_names() -> tuple[str, ...]:
 
 
 def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budget, page, as_json) -> None:
+    from sparsebench import units
     from sparsebench.kv import planner as kvcache
 
     spec = _model(model_name, model_file)
-    n = kvcache.parse_tokens(context)
+    n = units.parse_tokens(context)
     dtype = kvcache.canonical_dtype(dtype)
     if batch < 1:
         raise ScenarioError(f"--batch must be at least 1, got {batch}")
     if page is not None and page < 1:
         raise ScenarioError(f"--page must be at least 1, got {page}")
-    limit = kvcache.parse_bytes(budget) if budget is not None else None
+    limit = units.parse_bytes(budget) if budget is not None else None
     if params and pattern is None:
         raise ScenarioError("-p/--param needs --pattern NAME")
     chosen = None

@@ -37,7 +37,7 @@ def plot(
         df = load_frame(result_dir, warn=warn)
         analysis = analyze(df)
         paths = render_all(result_dir, df, formats=fmts, analysis=analysis)
-        report = write_report(result_dir, df, analysis, paths)
+        report = write_report(result_dir, df, analysis, paths, warn=warn)
     names = sorted({p.stem for p in paths})
     console().print(f"wrote {len(names)} figures ({', '.join(fmts)}) to {Path(result_dir) / 'plots'} and {report}")
 
@@ -64,8 +64,9 @@ def compare(
     """Compare two result folders case by case (BASE NEW), or one along a dimension (BASE --by DIM)."""
     with guarded(), _files_as_results_errors(""):
         from sparsebench.analysis import compare as cmp_mod
+        from sparsebench.render.compare import FORMATS
 
-        cmp_mod.check_choice("format", fmt, cmp_mod.FORMATS)
+        cmp_mod.check_choice("format", fmt, FORMATS)
         cmp_mod.check_choice("metric", metric, tuple(cmp_mod.METRICS))
         limit = cmp_mod.parse_threshold(threshold)
         if new is not None and by is not None:
@@ -91,24 +92,26 @@ def compare(
 
 
 def _emit(result, fmt: str, output: Optional[Path]) -> None:
+    from sparsebench.render.compare import render, renderables
+
     if fmt != "table" or output is not None:
         for w in getattr(result, "warnings", ()):
             warn(w)
     if output is not None:
         from sparsebench.results.folder import atomic_write
 
-        atomic_write(output, result.render(fmt))
+        atomic_write(output, render(result, fmt))
         console(stderr=True).print(f"wrote {output}")
     elif fmt == "table":
         out = console()
-        for r in result.rich_renderables():
+        for r in renderables(result):
             out.print(r)
     else:
-        typer.echo(result.render(fmt), nl=False)
+        typer.echo(render(result, fmt), nl=False)
 
 
 def _write_ratio_plot(result, path: Path) -> None:
-    from sparsebench.analysis.compare import fig_ratio
+    from sparsebench.render.compare import fig_ratio
     from sparsebench.render.plots import save
 
     suffix = path.suffix.lower().lstrip(".")

@@ -79,9 +79,9 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     if not plan.cases:
         raise ScenarioError(f"{source}: no case can run here (every device is absent)")
     if any(c.device == "cpu" for c in plan.cases):
-        from sparsebench.backends.block_sparse import native as _native
+        from sparsebench.backends import block_sparse
 
-        if _native.enabled() and not _native.built():
+        if block_sparse.native_enabled() and not block_sparse.native_built():
             out.print("[dim]First run here: the first case builds the native CPU kernels (once, about a minute).[/]")
 
     progress = Progress(

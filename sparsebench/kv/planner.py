@@ -18,7 +18,6 @@ This module imports no torch at import time (patterns are imported when first ne
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,30 +25,20 @@ from typing import TYPE_CHECKING, Any
 
 from sparsebench import units
 from sparsebench.errors import ScenarioError
-from sparsebench.units import parse_bytes, parse_tokens  # noqa: F401 - planner.parse_* for cli/kv.py
 
 if TYPE_CHECKING:
     from sparsebench.patterns.base import Pattern
 
 # -- dtypes ------------------------------------------------------------------------------------
 
-DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4}
-_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float8": "fp8"}
-
-
 def canonical_dtype(name: str) -> str:
-    key = str(name).strip().lower()
-    key = _DTYPE_ALIASES.get(key, key)
-    if key not in DTYPE_BITS:
-        from sparsebench.registry import unknown_choice
-
-        raise ScenarioError(unknown_choice("KV-cache dtype", name, DTYPE_BITS))
-    return key
+    """A KV-cache dtype's name ('bfloat16' -> 'bf16'; every width of ``units.DTYPE_BITS``)."""
+    return units.canonical_dtype(name, "KV-cache dtype")
 
 
 def dtype_bytes(name: str) -> float:
     """Bytes per cached element: fp32 4, fp16/bf16 2, fp8/int8 1, int4 0.5."""
-    return DTYPE_BITS[canonical_dtype(name)] / 8
+    return units.dtype_bytes(canonical_dtype(name))
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -247,7 +236,7 @@ def retained_tokens(model: ModelSpec, pattern: "Pattern | None", context: int, p
 
 
 def _bits_per_sequence(model: ModelSpec, retained: int, dtype: str) -> int:
-    return 2 * model.layers * model.kv_heads * model.head_dim * DTYPE_BITS[canonical_dtype(dtype)] * retained
+    return 2 * model.layers * model.kv_heads * model.head_dim * units.dtype_bits(canonical_dtype(dtype)) * retained
 
 
 def kv_bytes(

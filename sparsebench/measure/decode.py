@@ -44,14 +44,13 @@ import torch
 import torch.nn.functional as F
 
 from sparsebench.errors import BackendUnavailable, ScenarioError
-from sparsebench.measure.device import TORCH_DTYPES, sync
-from sparsebench.results import spread
+from sparsebench.measure.device import sync
+from sparsebench import stats
+from sparsebench.units import torch_dtype
 
 if TYPE_CHECKING:
     from sparsebench.patterns.base import Pattern
 
-# torch's own names of the scenario's dtypes, also accepted by measure_decode
-_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # Score elements per chunk of the reference computation.
 _REF_CHUNK = 1 << 24
 # Timing defaults (see measure_decode): warm up for at least this long, aim for about
@@ -187,13 +186,7 @@ def plan(cache: DenseCache, pattern: "Pattern", context: int, n_total: int, want
 def _resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    name = str(dtype).lower()
-    try:
-        return TORCH_DTYPES[_DTYPE_ALIASES.get(name, name)]
-    except KeyError:
-        from sparsebench.registry import unknown_choice
-
-        raise ScenarioError(unknown_choice("decode dtype", dtype, [*TORCH_DTYPES, *_DTYPE_ALIASES])) from None
+    return torch_dtype(dtype, "decode dtype")
 
 
 @contextmanager
@@ -374,7 +367,7 @@ def measure_decode(
         retained = n_total  # a ring would drop keys a generated query needs: the whole cache is kept
     record: dict[str, Any] = {
         "time_median_s": statistics.median(times),
-        "time_iqr_s": spread.iqr(times),
+        "time_iqr_s": stats.iqr(times),
         "time_min_s": min(times),
         "times_s": times,
         "decode_tokens": tokens,

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from sparsebench.units import COMPUTE_DTYPES
+
+# a scenario's dtype names -> torch dtypes
+TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in COMPUTE_DTYPES.items()}
 
 
 def sync(device: torch.device) -> None:

@@ -102,10 +102,10 @@ def collect() -> dict[str, Any]:
         except Exception:
             info[mod] = None
     from sparsebench.measure import memory
-    from sparsebench.backends.block_sparse import native as _native
+    from sparsebench.backends import block_sparse
 
     # CPU cases: freed blocks kept for the next request (memory.freed_memory_reused), or not
-    reuse = memory.allocator_policy() == "reuse" and _native.enabled()
+    reuse = memory.allocator_policy() == "reuse" and block_sparse.native_enabled()
     info["cpu_allocator"] = CACHING if reuse else "system"
     info["switches"] = switches()
     try:  # block_sparse's kernels on CUDA; its version without importing it

@@ -16,6 +16,7 @@ from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attentio
 from sparsebench.measure.device import TORCH_DTYPES, sync
 from sparsebench.measure.memory import PeakMemory, freed_memory_reused
 from sparsebench.patterns.base import PATTERNS
+from sparsebench import stats
 from sparsebench.results import spread
 from sparsebench.scenario import Case
 
@@ -36,7 +37,7 @@ class Measurement:
 
     @property
     def iqr(self) -> float:
-        return spread.iqr(self.times)
+        return stats.iqr(self.times)
 
     @property
     def noisy(self) -> bool:

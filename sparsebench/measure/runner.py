@@ -89,7 +89,7 @@ def _precheck(case: Case, static: dict[str, Any]) -> str | None:
         why = backend().unsupported(make_problem(case))
         if why:
             return why
-    from sparsebench.kv.planner import format_bytes
+    from sparsebench.kv.planner import format_bytes  # the KV table's two decimals
 
     est = static.get("est_mem_bytes") or 0
     if case.memory_budget and est > case.memory_budget:

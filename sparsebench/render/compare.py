@@ -28,7 +28,7 @@ from sparsebench.render.tables import (
     render_plain,
     rich_table,
 )
-from sparsebench.results.folder import CASE_KEY
+from sparsebench.results.schema import CASE_KEY
 from sparsebench.units import format_time
 
 FORMATS = ("table", "markdown", "json", "csv")

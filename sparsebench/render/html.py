@@ -90,8 +90,12 @@ def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[
     body.append('<h2 id="results">Results</h2>')
     body.append(_results_table(df))
     body.append('<h2 id="environment">Environment</h2>')
-    body.append(html_table(("key", "value"), [(k, _value(v)) for k, v in env.items()]) if env
-                else f"<p>No {ENVIRONMENT} in the result folder.</p>")
+    if env:
+        body.append(html_table(("key", "value"), [(k, _value(v)) for k, v in env.items()]))
+    elif (folder / ENVIRONMENT).exists():
+        body.append(f"<p>The result folder's {ENVIRONMENT} could not be read.</p>")
+    else:
+        body.append(f"<p>No {ENVIRONMENT} in the result folder.</p>")
     if meta:
         body.append("<h3>Run</h3>")
         body.append(html_table(("key", "value"), [(k, _value(v)) for k, v in meta.items()]))

@@ -32,7 +32,7 @@ from sparsebench.analysis.scaling import (
     iter_groups,
     positive_mask,
 )
-from sparsebench.results.folder import BASELINE_PATTERN, SERIES_KEY
+from sparsebench.results.schema import BASELINE_PATTERN, SERIES_KEY
 from sparsebench.stats import fit_power
 from sparsebench.units import format_bytes, format_time
 

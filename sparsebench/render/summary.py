@@ -124,7 +124,7 @@ def finalize(folder: Path, records: list[dict[str, Any]], *, plots: bool = True,
     folder = Path(folder)
     written: list[Path] = []
     if not records:
-        results.atomic_write(folder / "summary.md", summary_markdown(folder, records))
+        results.atomic_write(folder / "summary.md", summary_markdown(folder, records, warn=warn))
         return [folder / "summary.md"]
     df = results.frame(records)
     results.write_csv(folder, df)
@@ -142,7 +142,7 @@ def finalize(folder: Path, records: list[dict[str, Any]], *, plots: bool = True,
     except Exception as exc:  # noqa: BLE001 - reports must not lose a run
         if warn:
             warn(f"analysis skipped: {type(exc).__name__}: {exc}")
-    results.atomic_write(folder / "summary.md", summary_markdown(folder, records, analysis_md))
+    results.atomic_write(folder / "summary.md", summary_markdown(folder, records, analysis_md, warn=warn))
     written.append(folder / "summary.md")
     figures: list[Path] = []
     if plots:

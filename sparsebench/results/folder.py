@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from sparsebench.errors import ResultsError
+from sparsebench import stats
 from sparsebench.results import schema, spread
 from sparsebench.results.schema import BASELINE_BACKEND, BASELINE_PATTERN, CASE_KEY, SCHEMA_VERSION
-from sparsebench.results.schema import SERIES_KEY  # noqa: F401 - re-exported for render/plots.py, analysis/scaling.py
 
 RECORDS = "records.jsonl"
 ENVIRONMENT = "environment.json"
@@ -218,7 +218,7 @@ def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 round_medians_s=meds,
             )
             if every:  # spread over every call of every round: rounds that disagree count
-                merged.update(time_iqr_s=spread.iqr(every), noisy=spread.noisy(every))
+                merged.update(time_iqr_s=stats.iqr(every), noisy=spread.noisy(every))
             for k in ("peak_mem_bytes", "max_abs_err", "grad_err"):
                 vals = [r[k] for r in recs if r.get(k) is not None]
                 merged[k] = max(vals) if vals else None

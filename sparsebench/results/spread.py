@@ -7,14 +7,9 @@ from __future__ import annotations
 import statistics
 from typing import Sequence
 
+from sparsebench.stats import iqr
+
 NOISY = 0.10
-
-
-def iqr(times: Sequence[float]) -> float:
-    if len(times) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")  # numpy's linear quantiles
-    return q3 - q1
 
 
 def noisy(times: Sequence[float]) -> bool:
