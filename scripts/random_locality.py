@@ -19,7 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparsebench.backends.block_sparse import execute as _execute, plan as _plan
+from sparsebench.backends.block_sparse import execute as _execute
+from sparsebench.backends.block_sparse import plan as _plan
 from sparsebench.measure.memory import freed_memory_reused
 from sparsebench.patterns.geometry import Table
 

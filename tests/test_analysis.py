@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-
 import pytest
-
 from report_fixtures import (
     SIZES,
     approx_crossover,
@@ -15,6 +13,7 @@ from report_fixtures import (
     record,
     write_result,
 )
+
 from sparsebench.analysis.scaling import analyze, find_crossover
 from sparsebench.render.analysis import crossover_text, drift_note, renderables, tables, to_markdown
 from sparsebench.results.folder import frame, load_frame

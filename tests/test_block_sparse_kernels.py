@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
-from sparsebench.backends.block_sparse import execute as _execute, plan as _plan
-from sparsebench.backends.block_sparse.views import Gather, Strided
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
 from sparsebench.backends.block_sparse import attention_fn
+from sparsebench.backends.block_sparse import execute as _execute
+from sparsebench.backends.block_sparse import plan as _plan
+from sparsebench.backends.block_sparse.views import Gather, Strided
 from sparsebench.patterns.base import PATTERNS
 from sparsebench.patterns.geometry import scanned_layout
 

@@ -9,11 +9,11 @@ import json
 
 import pytest
 import typer
+from report_fixtures import ENV, make_records, record, write_result
 from typer.testing import CliRunner
 
-from report_fixtures import ENV, make_records, record, write_result
-from sparsebench.cli.report import register
 from sparsebench.analysis.compare import compare, compare_by, parse_threshold
+from sparsebench.cli.report import register
 from sparsebench.errors import ResultsError, ScenarioError
 from sparsebench.render.compare import fig_ratio, render, to_csv, to_json, to_markdown
 from sparsebench.results.folder import frame

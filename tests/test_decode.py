@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsebench.measure.decode import Decoder, DenseCache, RingCache, measure_decode
 from sparsebench.errors import ScenarioError
 from sparsebench.kv.planner import make_pattern
-
+from sparsebench.measure.decode import Decoder, DenseCache, RingCache, measure_decode
 
 
 @pytest.fixture(autouse=True)

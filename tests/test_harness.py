@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from sparsebench.measure import harness
 from sparsebench.backends.base import BACKENDS, Backend
+from sparsebench.measure import harness
 from sparsebench.scenario import Case
 
 

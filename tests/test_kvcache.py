@@ -12,9 +12,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from sparsebench.kv import planner as kvcache
 from sparsebench.cli.kv import register
 from sparsebench.errors import ScenarioError
+from sparsebench.kv import planner as kvcache
 from sparsebench.kv.planner import (
     ModelSpec,
     dtype_bytes,

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from sparsebench.scenario import Case
 from sparsebench.measure.worker import Worker
+from sparsebench.scenario import Case
 
 MiB = 2**20
 
@@ -76,8 +76,8 @@ def test_a_compiled_backends_first_call_scratch_is_not_its_peak(monkeypatch, com
     benchmark allocates) counts for a compiled backend's compile_s, not its peak memory."""
     import torch
 
-    from sparsebench.measure import harness
     from sparsebench.backends.base import BACKENDS, Backend
+    from sparsebench.measure import harness
 
     class FirstCallScratch(Backend):
         name = "scratch"

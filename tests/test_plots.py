@@ -8,16 +8,16 @@ import re
 
 import pytest
 import typer
+from report_fixtures import SIZES, make_records, record, write_result
 from typer.testing import CliRunner
 
-from report_fixtures import SIZES, make_records, record, write_result
-from sparsebench.render import plots
 from sparsebench.analysis.scaling import analyze
-from sparsebench.stats import fit_power
 from sparsebench.cli.report import register
+from sparsebench.render import plots
 from sparsebench.render.analysis import to_markdown
 from sparsebench.render.html import write_report
 from sparsebench.results.folder import load_frame
+from sparsebench.stats import fit_power
 
 SW = "sliding_window(window=256)"
 

@@ -16,10 +16,10 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from sparsebench.results import folder as results
 from sparsebench.cli.app import app
 from sparsebench.errors import ResultsError
 from sparsebench.measure.worker import Worker
+from sparsebench.results import folder as results
 
 SLOW = """\
 name: slow

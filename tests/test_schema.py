@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from report_fixtures import ENV, make_records, write_result
 from typer.testing import CliRunner
 
-from report_fixtures import ENV, make_records, write_result
 from sparsebench.analysis.compare import env_warnings
 from sparsebench.cli.app import app
 from sparsebench.errors import ResultsError
@@ -271,9 +271,9 @@ def test_compare_cli_warns_when_switches_differ(tmp_path):
 def test_measuring_has_one_sync_one_iqr_and_one_dtype_table():
     import torch
 
+    from sparsebench import stats
     from sparsebench.measure import decode, device, harness
     from sparsebench.patterns.base import PATTERNS
-    from sparsebench import stats
 
     assert harness.sync is device.sync and decode.sync is device.sync
     assert harness.TORCH_DTYPES is device.TORCH_DTYPES

@@ -17,8 +17,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from test_cuda import CASES  # noqa: E402
 
-from sparsebench.backends.block_sparse import triton as _triton  # noqa: E402
 from sparsebench.backends.base import masked_softmax_attention  # noqa: E402
+from sparsebench.backends.block_sparse import triton as _triton  # noqa: E402
 from sparsebench.patterns.base import PATTERNS, Pattern  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}

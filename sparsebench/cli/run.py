@@ -43,10 +43,10 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sparsebench import scenario as sc_mod
-    from sparsebench.render import summary as report
-    from sparsebench.measure import runner
-    from sparsebench.results.folder import merge_rounds
     from sparsebench.errors import ScenarioError
+    from sparsebench.measure import runner
+    from sparsebench.render import summary as report
+    from sparsebench.results.folder import merge_rounds
 
     if resume is not None:
         if scenario is not None or output is not None:

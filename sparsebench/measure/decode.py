@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from sparsebench import stats
 from sparsebench.errors import BackendUnavailable, ScenarioError
 from sparsebench.measure.device import sync
-from sparsebench import stats
 from sparsebench.units import torch_dtype
 
 if TYPE_CHECKING:

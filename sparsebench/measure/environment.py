@@ -101,8 +101,8 @@ def collect() -> dict[str, Any]:
             info[mod] = __import__(mod).__version__
         except Exception:
             info[mod] = None
-    from sparsebench.measure import memory
     from sparsebench.backends import block_sparse
+    from sparsebench.measure import memory
 
     # CPU cases: freed blocks kept for the next request (memory.freed_memory_reused), or not
     reuse = memory.allocator_policy() == "reuse" and block_sparse.native_enabled()

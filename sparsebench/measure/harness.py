@@ -12,11 +12,11 @@ from typing import Any, Callable
 
 import torch
 
+from sparsebench import stats
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
 from sparsebench.measure.device import TORCH_DTYPES, sync
 from sparsebench.measure.memory import PeakMemory, freed_memory_reused
 from sparsebench.patterns.base import PATTERNS
-from sparsebench import stats
 from sparsebench.results import spread
 from sparsebench.scenario import Case
 
@@ -82,11 +82,11 @@ _warmed = False
 
 def warm_process() -> None:
     """Pay this process's one-time costs before its first case is measured: the first CPU
-    attention calls (oneDNN and thread-pool buffers, about 6 MiB resident) and, where they are
-    already built, loading and first running the native kernels (another 6 MiB: the library, its
-    threads, the caching allocator installed). The first case of a worker would
-    otherwise carry them in its peak memory: 10 MiB instead of 4 for SDPA at n = 512. Building
-    the kernels, compiling (flex, Triton) and autotuning stay the first call's cost."""
+    attention calls (oneDNN and thread-pool buffers) and, where they are already built, loading
+    and first running the native kernels (the library, its threads, the caching allocator
+    installed). The first case of a worker would otherwise carry them in its peak memory (the
+    README's "Performance on a CPU" gives the figures). Building the kernels, compiling (flex,
+    Triton) and autotuning stay the first call's cost."""
     global _warmed
     if _warmed:
         return

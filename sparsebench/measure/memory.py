@@ -4,8 +4,8 @@ just before the case; and the CPU allocator's policy during a case (``freed_memo
 
 from __future__ import annotations
 
-import ctypes
 import contextlib
+import ctypes
 import gc
 import os
 import sys

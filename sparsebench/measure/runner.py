@@ -45,8 +45,8 @@ class _Static:
         self._nnz: dict[tuple, int] = {}
 
     def fields(self, case: Case) -> dict[str, Any]:
-        from sparsebench.measure.harness import make_problem
         from sparsebench.backends.base import BACKENDS
+        from sparsebench.measure.harness import make_problem
 
         p = make_problem(case)
         key = (case.pattern_label, case.seq_len, case.causal)
@@ -113,8 +113,8 @@ def run(
     finalize: Callable[[Path, list[dict[str, Any]]], None] | None = None,
 ) -> RunResult:
     from sparsebench.measure import environment
-    from sparsebench.results import folder as results
     from sparsebench.measure.worker import Worker, execute
+    from sparsebench.results import folder as results
 
     folder = Path(folder)
     done: dict[tuple[str, int], dict[str, Any]] = {}

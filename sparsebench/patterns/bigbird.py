@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsebench.errors import PatternError
 from sparsebench.patterns.base import PATTERNS, Pattern, param, require_positive, sample_distinct
 from sparsebench.patterns.geometry import BlockBand, BlockTable, Intervals, Keys, Rows, Structure
-from sparsebench.errors import PatternError
 
 
 @functools.lru_cache(maxsize=8)

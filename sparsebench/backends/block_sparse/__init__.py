@@ -32,9 +32,10 @@ import os
 
 import torch
 
-from sparsebench.backends.block_sparse import execute as _execute, native as _native, plan as _plan
 from sparsebench.backends.base import BACKENDS, Backend, Problem
-
+from sparsebench.backends.block_sparse import execute as _execute
+from sparsebench.backends.block_sparse import native as _native
+from sparsebench.backends.block_sparse import plan as _plan
 
 # On CUDA, the fused Triton kernels where they apply (else plain PyTorch calls of the plan);
 # SPARSEBENCH_TRITON=0 turns them off.

@@ -205,11 +205,11 @@ def _math_forward(q, k, v, mask, causal, scale):
     out = q.new_empty(*lead, q.shape[-2], v.shape[-1])
     lse = torch.empty(*lead, q.shape[-2], dtype=torch.float32, device=q.device)
     for r0, r1, s1 in pieces:
-        o, l = _forward_piece(
+        o, piece_lse = _forward_piece(
             q[..., r0:r1, :], k[..., :s1, :], v[..., :s1, :], _piece_mask(mask, r0, r1, s1), causal, scale, r0
         )
         out[..., r0:r1, :] = o
-        lse[..., r0:r1] = l
+        lse[..., r0:r1] = piece_lse
     return out, lse
 
 
@@ -249,13 +249,14 @@ def _backward_piece(go, q, k, v, out, lse, mask, causal, scale, row0):
     return _mm(ds, k, q), _mm(ds.transpose(-1, -2), q, q), dv
 
 
-def merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
-    """In place: (out, lse) <- the attention over the union of both key sets: weights from the
-    row log-sum-exps, then one pass over the outputs (out + share * (o - out))."""
-    m = torch.maximum(lse, l)
+def merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, o_lse: torch.Tensor) -> None:
+    """In place: (out, lse) <- the attention over the union of both key sets (out's and o's, whose
+    row log-sum-exp is ``o_lse``): weights from the row log-sum-exps, then one pass over the outputs
+    (out + share * (o - out))."""
+    m = torch.maximum(lse, o_lse)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     wa = torch.exp(lse - m)
-    wb = torch.exp(l - m)
+    wb = torch.exp(o_lse - m)
     s = wa + wb
     lse.copy_(m + torch.log(s))
     share = torch.where(s > 0, wb / s, torch.zeros_like(s))  # of the new part; the rest stays

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from sparsebench.backends.block_sparse import attend as _attend, native as _native, plan as _plan
+from sparsebench.backends.block_sparse import attend as _attend
+from sparsebench.backends.block_sparse import native as _native
+from sparsebench.backends.block_sparse import plan as _plan
 from sparsebench.backends.block_sparse.plan import Call, Plan
 from sparsebench.backends.block_sparse.views import Gather, Strided
 

@@ -337,7 +337,7 @@ if triton is not None:
     @_tuned
     @triton.jit
     def _forward(
-        Q, K, V, O, LSE, crow, col, part, bits, n, qk_scale,
+        Q, K, V, Out, LSE, crow, col, part, bits, n, qk_scale,
         BLOCK: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
     ):  # fmt: skip
         """One query block against its tiles' keys, SUB keys at a time, online softmax."""
@@ -367,7 +367,7 @@ if triton is not None:
                 m_i = m_new
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-        _put_rows(O, base, rows, n, acc, D)
+        _put_rows(Out, base, rows, n, acc, D)
         # log2-sum-exp; +inf for rows without keys, so that backward's probabilities are 0
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(LSE + g * n + rows, lse, mask=rows < n)
