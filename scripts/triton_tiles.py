@@ -44,7 +44,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, sliding_window {args.window}, causal, bf16")
     for n in args.n:
         g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        q, k, v = (
+            torch.randn(1, args.heads, n, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+            for _ in range(3)
+        )
         do = torch.randn_like(q)
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
@@ -69,10 +72,22 @@ def main() -> None:
                 fn(*leaves).backward(do)
 
             fwd, both = timed(lambda: fn(q, k, v)), timed(fb)
-            err = ((out.float() - F.scaled_dot_product_attention(q, k, v, attn_mask=pat.mask(n, True, "cuda")).float()).abs().max()).item() if n <= 16384 else float("nan")
-            best = {name: str(getattr(getattr(_triton, name), "best_config", None)) for name in ("_forward", "_backward_kv", "_backward_q")}
+            err = (
+                (
+                    (out.float() - F.scaled_dot_product_attention(q, k, v, attn_mask=pat.mask(n, True, "cuda")).float())
+                    .abs()
+                    .max()
+                ).item()
+                if n <= 16384
+                else float("nan")
+            )
+            best = {
+                name: str(getattr(getattr(_triton, name), "best_config", None))
+                for name in ("_forward", "_backward_kv", "_backward_q")
+            }
             print(
-                f"  block {block}: setup {setup:.3f} s, first call {first:.1f} s, forward {fwd:.3f} ms ({dense / fwd:.2f}x dense), "
+                f"  block {block}: setup {setup:.3f} s, first call {first:.1f} s, "
+                f"forward {fwd:.3f} ms ({dense / fwd:.2f}x dense), "
                 f"forward+backward {both:.3f} ms ({dense_b / both:.2f}x), max err {err:.1e}, tiles {plan.col.numel()}, "
                 f"partial {plan.bits.shape[0]}; configs {best}"
             )  # fmt: skip

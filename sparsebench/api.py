@@ -142,7 +142,9 @@ def prepare(
         kv_heads = heads
     _require_positive("kv_heads", kv_heads)
     if kv_heads > heads or heads % kv_heads:
-        raise ScenarioError(f"kv_heads={kv_heads} must divide heads={heads} (each key/value head serves a group of query heads)")
+        raise ScenarioError(
+            f"kv_heads={kv_heads} must divide heads={heads} (each key/value head serves a group of query heads)"
+        )
     if kv_heads != heads:
         raise ScenarioError(
             f"kv_heads={kv_heads} with heads={heads}: k and v with fewer heads than q (grouped-query attention) "
@@ -163,19 +165,40 @@ def prepare(
     return Attention(problem, backend, kv_heads, impl.prepare(problem), no_backward)
 
 
-def attention(q, k, v, pattern: str = "dense", backend: str = "block_sparse", causal: bool = True,
-              tile: int | None = None, **params: Any):
+def attention(
+    q,
+    k,
+    v,
+    pattern: str = "dense",
+    backend: str = "block_sparse",
+    causal: bool = True,
+    tile: int | None = None,
+    **params: Any,
+):
     """Attention of q, k, v (batch, heads, n, head_dim) under a named pattern, computed by a named
     backend: ``prepare`` for their shapes, then the call. Every keyword that is not an API option
     goes to the pattern (``window=256``, ``block=8``); ``tile`` is the block_sparse tile size
     (None: 64). For many calls of one shape, ``prepare`` once instead. Raises
     sparsebench.errors.SparsebenchError for bad names, parameters or shapes."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ScenarioError(f"q, k, v must be 4-D (batch, heads, n, head_dim); got {tuple(q.shape)}, "
-                            f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ScenarioError(
+            f"q, k, v must be 4-D (batch, heads, n, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     batch, heads, n, head_dim = q.shape
-    fn = prepare(pattern, n, backend=backend, causal=causal, batch=batch, heads=heads, kv_heads=k.shape[1],
-                 head_dim=head_dim, dtype=q.dtype, device=q.device, tile=tile, **params)
+    fn = prepare(
+        pattern,
+        n,
+        backend=backend,
+        causal=causal,
+        batch=batch,
+        heads=heads,
+        kv_heads=k.shape[1],
+        head_dim=head_dim,
+        dtype=q.dtype,
+        device=q.device,
+        tile=tile,
+        **params,
+    )
     return fn(q, k, v)
 
 
@@ -193,7 +216,9 @@ def _pattern_of(pattern, params: dict) -> "Pattern":
             )
         return pattern
     if not isinstance(pattern, str):
-        raise ScenarioError(f"pattern must be a name or a sparsebench.pattern(...) object, got {type(pattern).__name__}")
+        raise ScenarioError(
+            f"pattern must be a name or a sparsebench.pattern(...) object, got {type(pattern).__name__}"
+        )
     from sparsebench.patterns.base import PATTERNS
 
     return PATTERNS.get(pattern).from_params(params)

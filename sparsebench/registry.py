@@ -56,7 +56,7 @@ class Registry(Generic[T]):
 
 
 def unknown_choice(kind: str, value: object, choices) -> str:
-    """"unknown pattern 'x' (did you mean 'y'?); expected one of: a, b, c"."""
+    """ "unknown pattern 'x' (did you mean 'y'?); expected one of: a, b, c"."""
     choices = list(choices)
     hint = difflib.get_close_matches(str(value), choices, n=1)
     did = f" (did you mean {hint[0]!r}?)" if hint else ""

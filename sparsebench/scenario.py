@@ -293,7 +293,9 @@ def parse(text: str, source: str) -> Scenario:
     try:
         aliases = sum(1 for ev in yaml.parse(text, Loader=yaml.SafeLoader) if isinstance(ev, yaml.AliasEvent))
         if aliases > MAX_ALIASES:
-            raise ScenarioError(f"{source}: {aliases} YAML aliases (limit {MAX_ALIASES}); refusing a possible alias bomb")
+            raise ScenarioError(
+                f"{source}: {aliases} YAML aliases (limit {MAX_ALIASES}); refusing a possible alias bomb"
+            )
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -303,7 +305,9 @@ def parse(text: str, source: str) -> Scenario:
     if raw is None:
         raise ScenarioError(f"{source}: empty scenario file")
     if not isinstance(raw, dict):
-        raise ScenarioError(f"{source}: a scenario is a YAML mapping (name:, seq_lens:, patterns:, ...), got {type(raw).__name__}")
+        raise ScenarioError(
+            f"{source}: a scenario is a YAML mapping (name:, seq_lens:, patterns:, ...), got {type(raw).__name__}"
+        )
     index = _line_index(text)
     warnings = []
     for old, new in RENAMED_KEYS.items():
@@ -311,8 +315,10 @@ def parse(text: str, source: str) -> Scenario:
             if new in raw:
                 raise _fail(source, index, (old,), f"is the old name of '{new}'; give '{new}' only")
             line = _line_of(index, (old,))
-            warnings.append(f"{source}{f':{line}' if line else ''}: field '{old}' is now '{new}' "
-                            f"(read as {new}: {raw[old]!r}); rename it")
+            warnings.append(
+                f"{source}{f':{line}' if line else ''}: field '{old}' is now '{new}' "
+                f"(read as {new}: {raw[old]!r}); rename it"
+            )
             raw = {(new if k == old else k): v for k, v in raw.items()}
     try:
         sc = Scenario.model_validate(raw)
@@ -320,7 +326,11 @@ def parse(text: str, source: str) -> Scenario:
         return sc
     except ValidationError as exc:
         err = exc.errors()[0]
-        path = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("list[int]", "SeqRange", "str", "list[...]"))))
+        path = tuple(
+            p
+            for p in err["loc"]
+            if not (isinstance(p, str) and ("[" in p or p in ("list[int]", "SeqRange", "str", "list[...]")))
+        )
         if err["type"] == "extra_forbidden":
             import difflib
 
@@ -333,7 +343,11 @@ def parse(text: str, source: str) -> Scenario:
             msg = "required field is missing"
         else:
             msg = err["msg"]
-            if "input" in err and err["type"] not in ("string_pattern_mismatch",) and not isinstance(err["input"], (dict, list)):
+            if (
+                "input" in err
+                and err["type"] not in ("string_pattern_mismatch",)
+                and not isinstance(err["input"], (dict, list))
+            ):
                 msg += f" (got {err['input']!r})"
             if err["type"] == "string_pattern_mismatch" and path == ("name",):
                 msg = "must be 1-64 letters, digits, '.', '_' or '-' (it names the result folder)"
@@ -417,8 +431,9 @@ def expand(sc: Scenario, source: str) -> Plan:
                 raise _fail(source, index, ("patterns", i, "params"), f"{exc} (seq_lens holds {n})") from None
         patterns.append((spec.label or pat.label(), pat))
     if "block_sparse" in sc.backends and sc.tile > sc.lengths[0]:
-        raise _fail(source, index, ("tile",),
-                    f"tile {sc.tile} is larger than the shortest sequence length {sc.lengths[0]}")
+        raise _fail(
+            source, index, ("tile",), f"tile {sc.tile} is larger than the shortest sequence length {sc.lengths[0]}"
+        )
     labels = [lab for lab, _ in patterns]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:

@@ -158,14 +158,15 @@ class Fit:
         return (self.ci_high - self.ci_low) / 2
 
     def describe(self) -> str:
-        """"1.98 ± 0.07", or "2.00 (2 sizes, no CI)"."""
+        """ "1.98 ± 0.07", or "2.00 (2 sizes, no CI)"."""
         if self.half_width is None:
             return f"{self.exponent:.2f} (2 sizes, no CI)"
         return f"{self.exponent:.2f} ± {self.half_width:.2f}"
 
 
-def fit_power(ns: Iterable[float], ys: Iterable[float], floor_slope: float = FLOOR_SLOPE,
-              min_points: int = MIN_FIT_POINTS) -> Fit | None:
+def fit_power(
+    ns: Iterable[float], ys: Iterable[float], floor_slope: float = FLOOR_SLOPE, min_points: int = MIN_FIT_POINTS
+) -> Fit | None:
     """Least-squares power law through (n, y) above the overhead floor; None for < 2 sizes.
 
     Duplicate sizes are averaged in log space. Leading sizes are dropped while the local slope

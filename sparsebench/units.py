@@ -39,7 +39,7 @@ _GROUPED = re.compile(r"^\s*\d{1,3}(?:,\d{3})+(?:\.\d*)?\s*[A-Za-z]*\s*$")
 
 
 def _split(text: str) -> tuple[Decimal, str] | None:
-    """"24 GiB" -> (Decimal(24), "gib"); None when it is not a number with an optional unit."""
+    """ "24 GiB" -> (Decimal(24), "gib"); None when it is not a number with an optional unit."""
     text = str(text)
     if "," in text and not _GROUPED.match(text):  # "1,5GiB" is not 15 GiB
         return None

@@ -47,9 +47,20 @@ def nnz_window(n: int, w: int = WINDOW) -> int:
     return w * (w + 1) // 2 + (n - w) * w
 
 
-def record(pattern: str, backend: str, n: int, t: float | None, *, status: str = "ok",
-           params: dict | None = None, label: str | None = None, mem: float | None = None,
-           compile_s: float = 0.0, scale: float = 1.0, **extra: Any) -> dict[str, Any]:
+def record(
+    pattern: str,
+    backend: str,
+    n: int,
+    t: float | None,
+    *,
+    status: str = "ok",
+    params: dict | None = None,
+    label: str | None = None,
+    mem: float | None = None,
+    compile_s: float = 0.0,
+    scale: float = 1.0,
+    **extra: Any,
+) -> dict[str, Any]:
     params = params or {}
     label = label or (pattern if not params else f"{pattern}(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")")
     nnz = nnz_dense(n) if pattern == "dense" else nnz_window(n, params.get("window", WINDOW))
@@ -111,10 +122,26 @@ def make_records(scale: float = 1.0, sizes=SIZES, where: Callable[[dict], bool] 
             out.append(record("dense", "naive", n, None, status="oom"))
         else:
             out.append(record("dense", "naive", n, 3 * d, mem=1e6 + 4 * HEADS * n * n, scale=scale))
-        out.append(record("sliding_window", "block_sparse", n, 3e-5 + 1e-6 * n, params=sw, mem=1e6 + 3 * qkv * n, scale=scale))
-        out.append(record("sliding_window", "sdpa_masked", n, 1.3 * d, params=sw, mem=1e6 + 4 * HEADS * n * n + n * n, scale=scale))
-        out.append(record("sliding_window", "flex", n, 1e-5 + 8e-7 * n, params=sw, mem=1e6 + 2.5 * qkv * n,
-                          compile_s=4.0, scale=scale))
+        out.append(
+            record("sliding_window", "block_sparse", n, 3e-5 + 1e-6 * n, params=sw, mem=1e6 + 3 * qkv * n, scale=scale)
+        )
+        out.append(
+            record(
+                "sliding_window", "sdpa_masked", n, 1.3 * d, params=sw, mem=1e6 + 4 * HEADS * n * n + n * n, scale=scale
+            )
+        )
+        out.append(
+            record(
+                "sliding_window",
+                "flex",
+                n,
+                1e-5 + 8e-7 * n,
+                params=sw,
+                mem=1e6 + 2.5 * qkv * n,
+                compile_s=4.0,
+                scale=scale,
+            )
+        )
     if where:
         out = [r for r in out if where(r)]
     return out

@@ -191,8 +191,9 @@ def test_crossover_ignores_a_faster_then_slower_blip():
 
     from sparsebench.analysis.scaling import find_crossover
 
-    base = pd.DataFrame({"seq_len": [512, 1024, 2048, 4096], "time_median_s": [1.0, 2.0, 4.0, 8.0],
-                         "status": ["ok"] * 4})
+    base = pd.DataFrame(
+        {"seq_len": [512, 1024, 2048, 4096], "time_median_s": [1.0, 2.0, 4.0, 8.0], "status": ["ok"] * 4}
+    )
     blip = pd.DataFrame({"seq_len": [512, 1024, 2048, 4096], "time_median_s": [0.8, 3.0, 5.0, 10.0]})
     assert find_crossover(blip, base).n is None  # faster only at 512: never pays within range
     late = pd.DataFrame({"seq_len": [512, 1024, 2048, 4096], "time_median_s": [0.8, 3.0, 2.0, 1.0]})

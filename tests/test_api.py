@@ -75,10 +75,14 @@ def test_prepare_equals_attention_and_dense_reference(backend):
     fn = sparsebench.prepare(pat, n, backend=backend, batch=2, heads=3, head_dim=16, tile=16)
     out = fn(q, k, v)
     assert max_err(out, dense_reference(pat, q, k, v)) < 1e-5
-    same = sparsebench.attention(q, k, v, pattern="longformer", backend=backend, tile=16, window=6, global_tokens=[0, 31])
+    same = sparsebench.attention(
+        q, k, v, pattern="longformer", backend=backend, tile=16, window=6, global_tokens=[0, 31]
+    )
     assert torch.equal(out, same)
     # bidirectional, by name with its parameters
-    fn = sparsebench.prepare("sliding_window", n, backend=backend, causal=False, batch=2, heads=3, head_dim=16, window=5)
+    fn = sparsebench.prepare(
+        "sliding_window", n, backend=backend, causal=False, batch=2, heads=3, head_dim=16, window=5
+    )
     assert max_err(fn(q, k, v), dense_reference(fn.pattern, q, k, v, causal=False)) < 1e-5
 
 
@@ -130,13 +134,16 @@ def test_a_backend_without_backward_refuses_only_calls_that_need_gradients(monke
         fn(q, k, v)
 
 
-@pytest.mark.parametrize("q_shape, k_shape", [
-    ((1, 2, 49, 16), (1, 2, 50, 16)),  # another n
-    ((1, 3, 50, 16), (1, 3, 50, 16)),  # another number of heads
-    ((2, 2, 50, 16), (2, 2, 50, 16)),  # another batch
-    ((1, 2, 50, 8), (1, 2, 50, 8)),  # another head_dim
-    ((1, 2, 50, 16), (1, 1, 50, 16)),  # k with fewer heads than prepared for
-])
+@pytest.mark.parametrize(
+    "q_shape, k_shape",
+    [
+        ((1, 2, 49, 16), (1, 2, 50, 16)),  # another n
+        ((1, 3, 50, 16), (1, 3, 50, 16)),  # another number of heads
+        ((2, 2, 50, 16), (2, 2, 50, 16)),  # another batch
+        ((1, 2, 50, 8), (1, 2, 50, 8)),  # another head_dim
+        ((1, 2, 50, 16), (1, 1, 50, 16)),  # k with fewer heads than prepared for
+    ],
+)
 def test_prepared_call_refuses_other_shapes_in_one_line(q_shape, k_shape):
     fn = sparsebench.prepare("sliding_window", 50, batch=1, heads=2, head_dim=16, window=8)
     q, k = torch.randn(q_shape), torch.randn(k_shape)
@@ -194,6 +201,10 @@ def test_prepare_refuses_bad_values_before_any_work():
     with pytest.raises(BackendUnavailable, match="dense attention only"):
         sparsebench.prepare("sliding_window", 16, backend="sdpa", batch=1, heads=2, head_dim=16, window=4)
     with pytest.raises(ScenarioError, match="already built; give its parameters to sparsebench.pattern"):
-        sparsebench.prepare(sparsebench.pattern("sliding_window", window=4), 16, batch=1, heads=2, head_dim=16, window=8)
+        sparsebench.prepare(
+            sparsebench.pattern("sliding_window", window=4), 16, batch=1, heads=2, head_dim=16, window=8
+        )
     with pytest.raises(PatternError, match="parameter for pattern 'dense'"):
-        sparsebench.prepare("dense", 16, batch=1, heads=2, head_dim=16, window=8)  # a typo'd option is a pattern parameter
+        sparsebench.prepare(
+            "dense", 16, batch=1, heads=2, head_dim=16, window=8
+        )  # a typo'd option is a pattern parameter

@@ -38,7 +38,8 @@ def _is_type_checking(node: ast.AST) -> bool:
         return False
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(module: str) -> dict[str, set[str]]:
@@ -49,8 +50,9 @@ def _imports(module: str) -> dict[str, set[str]]:
     inside: set[str] = set()
     outside: set[str] = set()
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
-                   for stmt in block.body for n in ast.walk(stmt)}
+    typing_only = {
+        id(n) for block in ast.walk(tree) if _is_type_checking(block) for stmt in block.body for n in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
         if id(node) in typing_only:
             continue
@@ -153,8 +155,11 @@ def test_results_depend_on_neither_measuring_nor_torch():
     that measures, no backend or pattern, and not torch."""
     for module in (m for m in MODULES if m.startswith("sparsebench.results")):
         imports = _imports(module)
-        bad = sorted(t for t in imports["sparsebench"]
-                     if t.startswith(("sparsebench.measure", "sparsebench.backends", "sparsebench.patterns")))
+        bad = sorted(
+            t
+            for t in imports["sparsebench"]
+            if t.startswith(("sparsebench.measure", "sparsebench.backends", "sparsebench.patterns"))
+        )
         assert not bad, f"{module} imports {bad}"
         assert "torch" not in imports[""], f"{module} imports torch"
 

@@ -101,7 +101,9 @@ def test_flex_backward_on_cpu_is_skipped_with_its_reason():
     pat = PATTERNS.get("sliding_window").from_params({"window": 8})
     p = Problem(pat, 64, True, 1, 2, 16, torch.float32, torch.device("cpu"), mode="backward")
     assert "no backward pass on CPU" in BACKENDS.get("flex")().unsupported(p)
-    assert BACKENDS.get("flex")().unsupported(Problem(pat, 64, True, 1, 2, 16, torch.float32, torch.device("cpu"))) is None
+    assert (
+        BACKENDS.get("flex")().unsupported(Problem(pat, 64, True, 1, 2, 16, torch.float32, torch.device("cpu"))) is None
+    )
 
 
 def test_api_keywords_that_are_not_api_options_go_to_the_pattern():

@@ -110,7 +110,9 @@ def test_sliding_window_takes_the_band_path():
     assert not plan.multi  # one call per row: written in place, nothing merged
     assert all(isinstance(c.k, Strided) for c in plan.calls)  # views of K and V, no gathers
     window = next(c for c in plan.calls if c.kind == "band_window")
-    assert window.k.window_stride == window.q.length and window.k.length == 256 + window.q.length - 1  # overlapping windows
+    assert (
+        window.k.window_stride == window.q.length and window.k.length == 256 + window.q.length - 1
+    )  # overlapping windows
 
 
 def test_million_token_plan_is_views_and_small_masks():
@@ -222,6 +224,7 @@ def test_plain_torch_path_by_pieces_of_rows(monkeypatch, name, params, causal):
     monkeypatch.setattr(_attend, "MATH_ELEMS", 6 * 97 * 10)  # about 10 rows per piece
     pieces = []
     piece = _attend._forward_piece
+
     def counted(q_, k_, *rest):  # fp32 score elements of each piece
         pieces.append(math.prod(torch.broadcast_shapes(q_.shape[:-2], k_.shape[:-2])) * q_.shape[-2] * k_.shape[-2])
         return piece(q_, k_, *rest)
@@ -359,7 +362,9 @@ def test_native_window_kernel(name, params, structured, causal):
         pytest.skip("the window kernel needs AVX-512")
     pat = PATTERNS.get(name).from_params(params)
     n = 333
-    plan = _plan.build(pat, n, causal, groups=3, head_dim=64, block=32, device=CPU, dtype=torch.float32, structured=structured)
+    plan = _plan.build(
+        pat, n, causal, groups=3, head_dim=64, block=32, device=CPU, dtype=torch.float32, structured=structured
+    )
     assert any(c.ranges is not None for c in plan.calls)
     if name == "ds_fixed":  # the gathered keys of these windows are one shared index
         assert any(isinstance(c.k, Gather) and c.k.shared and c.ranges is not None for c in plan.calls)
@@ -373,12 +378,16 @@ def test_native_window_kernel_gathered_query_rows(monkeypatch):
     mod = _native_or_skip()
     seen = []
     native_backward = _execute._native_window_backward
-    monkeypatch.setattr(_execute, "_native_window_backward", lambda call, *a: (seen.append(call), native_backward(call, *a)))
+    monkeypatch.setattr(
+        _execute, "_native_window_backward", lambda call, *a: (seen.append(call), native_backward(call, *a))
+    )
     if not mod.has_window():
         pytest.skip("the window kernel needs AVX-512")
     pat = PATTERNS.get("ds_bigbird").from_params({"block": 32, "num_random_blocks": 1})
     n = 700
-    plan = _plan.build(pat, n, False, groups=2, head_dim=64, block=32, device=CPU, dtype=torch.float32, structured=False)
+    plan = _plan.build(
+        pat, n, False, groups=2, head_dim=64, block=32, device=CPU, dtype=torch.float32, structured=False
+    )
     assert any(isinstance(c.q, Gather) and c.ranges is not None for c in plan.calls)
     q, k, v = (t.requires_grad_(True) for t in qkv(n, 1, 2, 64))
     assert_forward_backward(plan, pat, q, k, v, False)
@@ -552,7 +561,9 @@ def test_native_low_precision_forward_is_the_fp32_kernel_on_widened_inputs(dtype
     if all(c.ranges is not None or c.bounds is not None for c in plan.calls):  # every call native
         assert torch.equal(low, wide.to(dtype))
     else:  # a call left to ATen's kernel computes in the low precision itself
-        assert (low.double() - reference(pat, q, k, v, True)).abs().max().item() < (3e-2 if dtype == torch.bfloat16 else 4e-3)
+        assert (low.double() - reference(pat, q, k, v, True)).abs().max().item() < (
+            3e-2 if dtype == torch.bfloat16 else 4e-3
+        )
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     g = torch.randn(q.shape).to(dtype)
     attention_fn(plan)(q, k, v).backward(g)

@@ -35,9 +35,34 @@ repeats: 3
 tile: 32
 """
 
-REQUIRED = ("pattern", "params", "backend", "device", "dtype", "mode", "batch", "heads", "head_dim", "seq_len",
-            "causal", "status", "reason", "time_median_s", "time_iqr_s", "times_s", "tflops", "peak_mem_bytes",
-            "est_mem_bytes", "nnz", "density", "kv_cache_bytes", "max_abs_err", "setup_s", "compile_s", "probe_s")
+REQUIRED = (
+    "pattern",
+    "params",
+    "backend",
+    "device",
+    "dtype",
+    "mode",
+    "batch",
+    "heads",
+    "head_dim",
+    "seq_len",
+    "causal",
+    "status",
+    "reason",
+    "time_median_s",
+    "time_iqr_s",
+    "times_s",
+    "tflops",
+    "peak_mem_bytes",
+    "est_mem_bytes",
+    "nnz",
+    "density",
+    "kv_cache_bytes",
+    "max_abs_err",
+    "setup_s",
+    "compile_s",
+    "probe_s",
+)
 
 
 @pytest.mark.slow
@@ -73,7 +98,9 @@ def test_run_says_when_its_first_case_builds_the_native_kernels(tmp_path, monkey
     from sparsebench.backends.block_sparse import native as _native
 
     scen = tmp_path / "tiny.yaml"
-    scen.write_text(TINY.replace("seq_lens: [96, 160]", "seq_lens: [96]").replace("[sdpa, naive, block_sparse]", "[sdpa]"))
+    scen.write_text(
+        TINY.replace("seq_lens: [96, 160]", "seq_lens: [96]").replace("[sdpa, naive, block_sparse]", "[sdpa]")
+    )
     for built in (False, True):
         monkeypatch.setattr(_native, "built", lambda built=built: built)
         monkeypatch.setattr(_native, "enabled", lambda: True)
@@ -101,8 +128,9 @@ def test_failed_case_skips_larger_sizes_and_run_goes_on(tmp_path):
     )
     out = tmp_path / "r"
     # a memory budget between the small cases and naive at 4096 (its scores alone are 128 MiB)
-    res = CliRunner().invoke(app, ["run", str(scen), "--output", str(out), "--no-plots", "--in-process",
-                                   "--max-memory", "100MiB"])
+    res = CliRunner().invoke(
+        app, ["run", str(scen), "--output", str(out), "--no-plots", "--in-process", "--max-memory", "100MiB"]
+    )
     assert res.exit_code == 0, res.output
     df = pd.read_json(out / "records.jsonl", lines=True)
     big_naive = df[(df.backend == "naive") & (df.seq_len == 4096)]
@@ -121,8 +149,22 @@ def test_list_names_patterns_and_backend_availability():
 
 
 def test_show_json():
-    res = CliRunner().invoke(app, ["show", "longformer", "--seq-len", "12", "-p", "window=3", "-p",
-                                   "global_tokens=[0,7]", "--tile", "4", "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "show",
+            "longformer",
+            "--seq-len",
+            "12",
+            "-p",
+            "window=3",
+            "-p",
+            "global_tokens=[0,7]",
+            "--tile",
+            "4",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)
     assert info["keys_per_query"][5] == 4  # 3 window keys + global token 0
@@ -140,8 +182,10 @@ def test_old_names_of_the_tile_size_still_work_with_a_warning(tmp_path):
     res = CliRunner().invoke(app, ["show", "dense", "--seq-len", "16", "--block", "4", "--tile", "4"])
     assert res.exit_code == 2 and "give --tile only" in res.output
     path = tmp_path / "old.yaml"
-    path.write_text("name: old\nseq_lens: [64]\npatterns: [{name: block_local, params: {block: 16}}]\n"
-                    "backends: [block_sparse]\nblock: 32\n")
+    path.write_text(
+        "name: old\nseq_lens: [64]\npatterns: [{name: block_local, params: {block: 16}}]\n"
+        "backends: [block_sparse]\nblock: 32\n"
+    )
     res = CliRunner().invoke(app, ["validate", str(path)])
     assert res.exit_code == 0, res.output
     assert "field 'block' is now 'tile'" in res.output and "old.yaml:5" in res.output
@@ -180,9 +224,11 @@ def test_env(monkeypatch):
 
 
 def test_help_does_not_import_heavy_modules():
-    code = ("import sys; from sparsebench.cli.app import app; from typer.testing import CliRunner; "
-            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
-            "print(','.join(m for m in ('torch', 'pandas', 'matplotlib', 'numpy') if m in sys.modules))")
+    code = (
+        "import sys; from sparsebench.cli.app import app; from typer.testing import CliRunner; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "print(','.join(m for m in ('torch', 'pandas', 'matplotlib', 'numpy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -191,12 +237,16 @@ def _run_with_plugin(tmp_path, plugin, fields: str):
     """Records of a small sliding-window scenario (n = 64: checked exactly; n = 300: sampled rows)
     run in-process with a plugin backend; ``fields``: the scenario's backends (and mode)."""
     scen = tmp_path / "s.yaml"
-    scen.write_text("name: w\nseq_lens: [64, 300]\npatterns: [{name: sliding_window, params: {window: 8}}]\n"
-                    + fields + "heads: 2\nhead_dim: 16\nrepeats: 2\nblock: 32\n"
-                    "check: {exact_max_elems: 10000, sample_rows: 8}\n")
+    scen.write_text(
+        "name: w\nseq_lens: [64, 300]\npatterns: [{name: sliding_window, params: {window: 8}}]\n"
+        + fields
+        + "heads: 2\nhead_dim: 16\nrepeats: 2\nblock: 32\n"
+        "check: {exact_max_elems: 10000, sample_rows: 8}\n"
+    )
     out = tmp_path / "r"
-    res = CliRunner().invoke(app, ["run", str(scen), "--plugin", str(plugin), "--output", str(out), "--no-plots",
-                                   "--in-process"])
+    res = CliRunner().invoke(
+        app, ["run", str(scen), "--plugin", str(plugin), "--output", str(out), "--no-plots", "--in-process"]
+    )
     assert res.exit_code == 0, res.output
     return pd.read_json(out / "records.jsonl", lines=True)
 
@@ -280,8 +330,13 @@ EXAMPLE_PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "plugin_e
 
 def _sparsebench(*args, cwd):
     """The command in a fresh process (a plugin registers into that process's registries only)."""
-    return subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "sparsebench", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 @pytest.mark.slow
@@ -292,13 +347,24 @@ def test_the_example_plugin_is_listed_and_runs(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "dilated_sink" in res.stdout and "row_chunks" in res.stdout
     scen = tmp_path / "plugin.yaml"
-    scen.write_text("name: plugin\nseq_lens: [100, 300]\n"
-                    "patterns: [{name: dilated_sink, params: {sinks: 2, window: 5, dilation: 3}}]\n"
-                    "backends: [naive, block_sparse, row_chunks]\nheads: 2\nhead_dim: 16\nrepeats: 2\nwarmup: 0\n"
-                    "tile: 32\n")
+    scen.write_text(
+        "name: plugin\nseq_lens: [100, 300]\n"
+        "patterns: [{name: dilated_sink, params: {sinks: 2, window: 5, dilation: 3}}]\n"
+        "backends: [naive, block_sparse, row_chunks]\nheads: 2\nhead_dim: 16\nrepeats: 2\nwarmup: 0\n"
+        "tile: 32\n"
+    )
     out = tmp_path / "r"
-    res = _sparsebench("run", str(scen), "--plugin", str(EXAMPLE_PLUGIN), "--output", str(out), "--no-plots",
-                       "--in-process", cwd=tmp_path)
+    res = _sparsebench(
+        "run",
+        str(scen),
+        "--plugin",
+        str(EXAMPLE_PLUGIN),
+        "--output",
+        str(out),
+        "--no-plots",
+        "--in-process",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip().splitlines()[-1] == str(out)
     df = pd.read_json(out / "records.jsonl", lines=True)
@@ -306,7 +372,9 @@ def test_the_example_plugin_is_listed_and_runs(tmp_path):
     df = df[df.pattern == "dilated_sink"]  # (the run adds the dense baseline)
     assert sorted(df.backend) == sorted(["naive", "block_sparse", "row_chunks"] * 2)
     # i attends j < 2 and j = i - 3k (k < 5): the sinks it does not already reach, plus its window keys
-    nnz = {n: sum(len({j for j in range(2) if j <= i} | {i - 3 * k for k in range(5) if i - 3 * k >= 0}) for i in range(n))
-           for n in (100, 300)}
+    nnz = {
+        n: sum(len({j for j in range(2) if j <= i} | {i - 3 * k for k in range(5) if i - 3 * k >= 0}) for i in range(n))
+        for n in (100, 300)
+    }
     assert {n: set(df[df.seq_len == n].nnz) for n in nnz} == {n: {v} for n, v in nnz.items()}
     assert set(df.kv_cache_bytes[df.seq_len == 300]) == {2 * 1 * 2 * 16 * 4 * (2 + 4 * 3 + 1)}

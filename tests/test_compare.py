@@ -46,15 +46,21 @@ def folders(tmp_path_factory):
         # every case ran but the block-sparse ones were skipped (a memory budget, say)
         "skips": write_result(
             root / "skips",
-            [{**r, "status": "skipped", "reason": "over budget", "time_median_s": None, "times_s": None}
-             if r["backend"] == "block_sparse" else r for r in make_records()],
+            [
+                {**r, "status": "skipped", "reason": "over budget", "time_median_s": None, "times_s": None}
+                if r["backend"] == "block_sparse"
+                else r
+                for r in make_records()
+            ],
         ),
         "other": write_result(root / "other", [record("dense", "sdpa", 123, 0.1)]),
         # a CI box without the device: every case skipped
         "allskipped": write_result(
             root / "allskipped",
-            [{**r, "status": "skipped", "reason": "no cuda", "time_median_s": None, "times_s": None}
-             for r in make_records()],
+            [
+                {**r, "status": "skipped", "reason": "no cuda", "time_median_s": None, "times_s": None}
+                for r in make_records()
+            ],
         ),
     }
 
@@ -62,7 +68,9 @@ def folders(tmp_path_factory):
 # -- options and statistics ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,value", [("10%", 0.10), ("0.1", 0.10), ("10", 0.10), ("2.5%", 0.025), (" 5 % ", 0.05), ("0", 0.0)])
+@pytest.mark.parametrize(
+    "text,value", [("10%", 0.10), ("0.1", 0.10), ("10", 0.10), ("2.5%", 0.025), (" 5 % ", 0.05), ("0", 0.0)]
+)
 def test_parse_threshold(text, value):
     assert parse_threshold(text) == pytest.approx(value)
 
@@ -97,6 +105,7 @@ def test_threshold_decides():
 
 def test_noise_decides():
     """A 30% slower median with wildly overlapping samples is not a regression."""
+
     def noisy(times):
         r = record("dense", "sdpa", 1024, 1.0)
         s = sorted(times)
@@ -148,11 +157,20 @@ def test_renderers():
 def test_ratio_plot():
     c = compare(frame(make_records()), frame(make_records(scale=1.5)))
     fig = fig_ratio(c)
-    lines = {ln.get_gid().split(":", 1)[1]: ln for ln in fig.axes[0].get_lines() if (ln.get_gid() or "").startswith("ratio:")}
+    lines = {
+        ln.get_gid().split(":", 1)[1]: ln for ln in fig.axes[0].get_lines() if (ln.get_gid() or "").startswith("ratio:")
+    }
     assert f"{SW} · block_sparse" in lines and "dense · sdpa" in lines
     assert all(y == pytest.approx(1.5) for y in lines["dense · sdpa"].get_ydata())
-    assert fig_ratio(compare(frame([record("dense", "sdpa", 256, None, status="oom")]),
-                             frame([record("dense", "sdpa", 256, None, status="oom")]))) is None
+    assert (
+        fig_ratio(
+            compare(
+                frame([record("dense", "sdpa", 256, None, status="oom")]),
+                frame([record("dense", "sdpa", 256, None, status="oom")]),
+            )
+        )
+        is None
+    )
 
 
 def test_compare_by_backend():
@@ -240,7 +258,11 @@ def test_a_case_base_did_not_measure_is_not_missing():
 def test_cli_warns_when_environments_differ(folders):
     res = run(folders["base"], folders["env"], "--format", "json")
     assert res.exit_code == 0
-    assert "environments differ" in res.stderr and "threads 16 vs 8" in res.stderr and "torch 2.13.0 vs 2.12.0" in res.stderr
+    assert (
+        "environments differ" in res.stderr
+        and "threads 16 vs 8" in res.stderr
+        and "torch 2.13.0 vs 2.12.0" in res.stderr
+    )
     assert json.loads(res.stdout)["warnings"]
     table = run(folders["base"], folders["env"])
     assert "environments differ" in table.stdout

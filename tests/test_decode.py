@@ -148,13 +148,15 @@ def test_timing_repeats_warmup_and_threads():
     torch.set_num_threads(2)  # the fixture restores the count it found
     rec = measure_decode(pattern, 40, tokens=7, heads=2, head_dim=16, warmup=0, warmup_s=0.0, min_time_s=0.0)
     assert rec["decode_repeats"] == 1 and len(rec["times_s"]) == 7  # no warm-up, no repeats
-    rec = measure_decode(pattern, 40, tokens=7, heads=2, head_dim=16, warmup=2, warmup_s=0.01,
-                         min_time_s=10.0, max_repeats=5)
+    rec = measure_decode(
+        pattern, 40, tokens=7, heads=2, head_dim=16, warmup=2, warmup_s=0.01, min_time_s=10.0, max_repeats=5
+    )
     assert rec["decode_repeats"] == 5 and len(rec["times_s"]) == 35  # capped at max_repeats
     assert rec["decode_threads"] == 1 and torch.get_num_threads() == 2
     assert rec["max_abs_err"] < 1e-5  # repeated steps are idempotent
-    rec = measure_decode(pattern, 40, tokens=7, heads=2, head_dim=16, warmup=1, warmup_s=0.0,
-                         min_time_s=0.0, threads=None)
+    rec = measure_decode(
+        pattern, 40, tokens=7, heads=2, head_dim=16, warmup=1, warmup_s=0.0, min_time_s=0.0, threads=None
+    )
     assert rec["decode_threads"] == 2 and torch.get_num_threads() == 2
     with pytest.raises(ScenarioError, match="decode threads"):
         _quick(pattern, 40, threads=0)

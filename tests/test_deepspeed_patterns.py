@@ -107,8 +107,14 @@ def test_bigbird_window_and_global():
 @pytest.mark.parametrize("attention", [BI, UNI])
 def test_bigbird_random_count(attention):
     nb = 40
-    pat = make("ds_bigbird", block=1, attention=attention, num_random_blocks=2, num_sliding_window_blocks=1,
-               num_global_blocks=0)
+    pat = make(
+        "ds_bigbird",
+        block=1,
+        attention=attention,
+        num_random_blocks=2,
+        num_sliding_window_blocks=1,
+        num_global_blocks=0,
+    )
     lay = pat.ds_layout(nb, attention == UNI)
     assert torch.all(torch.diagonal(lay) == 1)
     off = (lay - torch.eye(nb, dtype=torch.int64)).sum(1)

@@ -17,8 +17,16 @@ def protocol_case(make_case):
     """``protocol_case(warmup)``: a dense case of the test's "counting" backend, timed three times, unchecked."""
 
     def build(warmup: int) -> Case:
-        return make_case(scenario="protocol", backend="counting", tile=64, warmup=warmup, repeats=3, max_repeats=3,
-                         check=False, exact_max_elems=0)
+        return make_case(
+            scenario="protocol",
+            backend="counting",
+            tile=64,
+            warmup=warmup,
+            repeats=3,
+            max_repeats=3,
+            check=False,
+            exact_max_elems=0,
+        )
 
     return build
 

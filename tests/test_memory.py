@@ -19,9 +19,22 @@ def case(make_case):
     peaks show."""
 
     def build(backend, pattern, params, n=4096) -> Case:
-        return make_case(scenario="mem", pattern=pattern, params=params, backend=backend, heads=8, head_dim=64,
-                         seq_len=n, tile=64, repeats=1, max_repeats=1, timeout_s=300, check=False, exact_max_elems=0,
-                         sample_rows=8)
+        return make_case(
+            scenario="mem",
+            pattern=pattern,
+            params=params,
+            backend=backend,
+            heads=8,
+            head_dim=64,
+            seq_len=n,
+            tile=64,
+            repeats=1,
+            max_repeats=1,
+            timeout_s=300,
+            check=False,
+            exact_max_elems=0,
+            sample_rows=8,
+        )
 
     return build
 
@@ -38,17 +51,22 @@ def test_naive_shows_its_score_matrix_and_block_sparse_does_not(case):
     assert naive.get("status", "ok") == "ok", naive
     assert sparse.get("status", "ok") == "ok", sparse
     scores = 8 * 4096 * 4096 * 4  # 512 MiB of fp32 scores
-    print(f"\npeak: naive {naive['peak_mem_bytes'] / MiB:.0f} MiB, block_sparse {sparse['peak_mem_bytes'] / MiB:.0f} MiB")
+    print(
+        f"\npeak: naive {naive['peak_mem_bytes'] / MiB:.0f} MiB, block_sparse {sparse['peak_mem_bytes'] / MiB:.0f} MiB"
+    )
     assert naive["peak_mem_bytes"] >= scores
     assert sparse["peak_mem_bytes"] < scores / 4
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
-@pytest.mark.parametrize("backend,pattern,params", [
-    ("naive", "sliding_window", {"window": 256}),
-    ("sdpa_masked", "sliding_window", {"window": 256}),
-    ("sdpa_masked", "strided", {"stride": 128}),
-])
+@pytest.mark.parametrize(
+    "backend,pattern,params",
+    [
+        ("naive", "sliding_window", {"window": 256}),
+        ("sdpa_masked", "sliding_window", {"window": 256}),
+        ("sdpa_masked", "strided", {"stride": 128}),
+    ],
+)
 @pytest.mark.slow
 def test_the_masked_backends_estimates_hold_their_measured_peaks(backend, pattern, params, case):
     """--max-memory and limits.memory skip cases by the estimate: the masked backends' estimates
@@ -100,7 +118,6 @@ def test_a_compiled_backends_first_call_scratch_is_not_its_peak(monkeypatch, com
         assert rec["peak_mem_bytes"] < 64 * MiB
     else:
         assert rec["peak_mem_bytes"] >= 256 * MiB
-
 
 
 _REUSE = """
@@ -268,10 +285,12 @@ def test_masks_and_plans_do_not_import_sympy():
         "from sparsebench.patterns.base import PATTERNS\n"
         "from sparsebench.backends.block_sparse import attention_fn\n"
         "from sparsebench.backends.block_sparse import plan as _plan\n"
-        "for name, params in [('sliding_window', {'window': 16}), ('random', {'keys': 4}), ('longformer', {'window': 8, 'global_tokens': [0]})]:\n"
+        "for name, params in [('sliding_window', {'window': 16}), ('random', {'keys': 4}),\n"
+        "                     ('longformer', {'window': 8, 'global_tokens': [0]})]:\n"
         "    pat = PATTERNS.get(name)(**params)\n"
         "    pat.mask(64, True)\n"
-        "    plan = _plan.build(pat, 64, True, groups=2, head_dim=32, block=16, device=torch.device('cpu'), dtype=torch.float32)\n"
+        "    plan = _plan.build(pat, 64, True, groups=2, head_dim=32, block=16, device=torch.device('cpu'),\n"
+        "                       dtype=torch.float32)\n"
         "    q = torch.randn(1, 2, 64, 32)\n"
         "    attention_fn(plan)(q, q, q)\n"
         "print('sympy' in sys.modules)\n"
@@ -301,8 +320,11 @@ def test_a_workers_first_case_does_not_carry_the_process_one_time_costs(case):
     worker = Worker()
     try:
         peaks = {}
-        for backend, pattern, params in (("sdpa", "dense", {}), ("block_sparse", "sliding_window", {"window": 64}),
-                                         ("sdpa_masked", "sliding_window", {"window": 64})):
+        for backend, pattern, params in (
+            ("sdpa", "dense", {}),
+            ("block_sparse", "sliding_window", {"window": 64}),
+            ("sdpa_masked", "sliding_window", {"window": 64}),
+        ):
             first, second = (worker.run(case(backend, pattern, params, n=512), 300) for _ in range(2))
             assert first.get("status", "ok") == "ok" and second.get("status", "ok") == "ok", (first, second)
             peaks[backend] = (first["peak_mem_bytes"] / MiB, second["peak_mem_bytes"] / MiB)

@@ -22,11 +22,15 @@ FORMULAS = {
     "sliding_window": ({"window": 5}, lambda i, j, n, c, p: window(i, j, p["window"], c)),
     "dilated_window": (
         {"window": 3, "dilation": 4},
-        lambda i, j, n, c, p: any(j == i - k * p["dilation"] or (not c and j == i + k * p["dilation"]) for k in range(p["window"])),
+        lambda i, j, n, c, p: any(
+            j == i - k * p["dilation"] or (not c and j == i + k * p["dilation"]) for k in range(p["window"])
+        ),
     ),
     "strided": (
         {"stride": 6},
-        lambda i, j, n, c, p: (max(0, i - p["stride"]) <= j <= i if c else abs(i - j) <= p["stride"]) or (i - j) % p["stride"] == 0,
+        lambda i, j, n, c, p: (
+            (max(0, i - p["stride"]) <= j <= i if c else abs(i - j) <= p["stride"]) or (i - j) % p["stride"] == 0
+        ),
     ),
     "fixed": (
         {"stride": 7, "summary": 2},
@@ -126,7 +130,10 @@ def test_seeds_question_four_pairs_at_position_500():
     """Token i (1-indexed, i > 3) attends token 1, itself and the two preceding tokens:
     4 key-value pairs at position 500, whatever the sequence length."""
     for n in (500, 777, 4096, 65536):
-        for name, params in (("sink_window", {"sinks": 1, "window": 3}), ("longformer", {"window": 3, "global_tokens": [0]})):
+        for name, params in (
+            ("sink_window", {"sinks": 1, "window": 3}),
+            ("longformer", {"window": 3, "global_tokens": [0]}),
+        ):
             pat = PATTERNS.get(name).from_params(params)
             kpq = pat.keys_per_query(n, True)
             assert int(kpq[499]) == 4, (name, n)
@@ -157,9 +164,23 @@ def test_sliding_window_retention_is_what_a_decoder_needs():
 
 def test_every_pattern_module_registered_something():
     names = PATTERNS.names()
-    for expected in ("dense", "sliding_window", "dilated_window", "strided", "fixed", "block_local",
-                     "longformer", "sink_window", "random", "bigbird", "ds_fixed", "ds_variable",
-                     "ds_bigbird", "ds_bslongformer", "ds_sliding_window"):
+    for expected in (
+        "dense",
+        "sliding_window",
+        "dilated_window",
+        "strided",
+        "fixed",
+        "block_local",
+        "longformer",
+        "sink_window",
+        "random",
+        "bigbird",
+        "ds_fixed",
+        "ds_variable",
+        "ds_bigbird",
+        "ds_bslongformer",
+        "ds_sliding_window",
+    ):
         assert expected in names
 
 

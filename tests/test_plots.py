@@ -38,8 +38,12 @@ def analysis(df):
 
 
 def lines_by_gid(fig, prefix: str) -> dict:
-    return {ln.get_gid().split(":", 1)[1]: ln for ax in fig.axes for ln in ax.get_lines()
-            if (ln.get_gid() or "").startswith(prefix + ":")}
+    return {
+        ln.get_gid().split(":", 1)[1]: ln
+        for ax in fig.axes
+        for ln in ax.get_lines()
+        if (ln.get_gid() or "").startswith(prefix + ":")
+    }
 
 
 def legend_texts(fig) -> list[str]:
@@ -49,7 +53,13 @@ def legend_texts(fig) -> list[str]:
 def test_time_vs_seqlen(df, analysis):
     fig = plots.fig_time_vs_seqlen(df, analysis)
     lines = lines_by_gid(fig, "time")
-    assert set(lines) == {"dense · sdpa", "dense · naive", f"{SW} · block_sparse", f"{SW} · flex", f"{SW} · sdpa_masked"}
+    assert set(lines) == {
+        "dense · sdpa",
+        "dense · naive",
+        f"{SW} · block_sparse",
+        f"{SW} · flex",
+        f"{SW} · sdpa_masked",
+    }
     assert list(lines["dense · sdpa"].get_xdata()) == list(SIZES)
     assert list(lines["dense · naive"].get_xdata()) == list(SIZES[:-1])  # OOM at the largest n
     base = lines["dense · sdpa"]
@@ -147,12 +157,21 @@ def test_masks_gallery(df):
 
 
 def test_styles_are_consistent_across_figures(df, analysis):
-    figs = [plots.fig_time_vs_seqlen(df, analysis), plots.fig_memory_vs_seqlen(df, analysis),
-            plots.fig_speedup_vs_seqlen(df, analysis)]
+    figs = [
+        plots.fig_time_vs_seqlen(df, analysis),
+        plots.fig_memory_vs_seqlen(df, analysis),
+        plots.fig_speedup_vs_seqlen(df, analysis),
+    ]
     prefixes = ["time", "memory", "speedup"]
     key = f"{SW} · flex"
-    styles = {(lines_by_gid(f, p)[key].get_color(), lines_by_gid(f, p)[key].get_linestyle(),
-               lines_by_gid(f, p)[key].get_marker()) for f, p in zip(figs, prefixes)}
+    styles = {
+        (
+            lines_by_gid(f, p)[key].get_color(),
+            lines_by_gid(f, p)[key].get_linestyle(),
+            lines_by_gid(f, p)[key].get_marker(),
+        )
+        for f, p in zip(figs, prefixes)
+    }
     assert len(styles) == 1
     colour, *_ = styles.pop()
     assert colour == plots.BACKEND_COLOURS["flex"]
@@ -259,8 +278,21 @@ def decode_records(sizes=DECODE_SIZES, measured_scale: float = 1.0) -> list[dict
     for n in sizes:
         flat = WINDOW_TIMES[DECODE_SIZES.index(n)] if n in DECODE_SIZES else 3e-4
         for pattern, params, t in (("dense", {}, 2e-5 + 6e-8 * n), ("sliding_window", {"window": 4096}, flat)):
-            r = record(pattern, "kv_cache", n, t, params=params, mem=1e7 + n * 1e3, mode="decode", block=None,
-                       nnz=None, density=None, flops=None, tflops=None, decode_tokens=16)
+            r = record(
+                pattern,
+                "kv_cache",
+                n,
+                t,
+                params=params,
+                mem=1e7 + n * 1e3,
+                mode="decode",
+                block=None,
+                nnz=None,
+                density=None,
+                flops=None,
+                tflops=None,
+                decode_tokens=16,
+            )
             r["cache_bytes_measured"] = int(r["kv_cache_bytes"] * measured_scale)
             r["cache_policy"] = "dense(%d)" % n if pattern == "dense" else "ring(pinned=0, ring=4096)"
             out.append(r)
@@ -349,8 +381,11 @@ def test_render_all_decode_run(tmp_path, decode_df):
 
 def test_kv_cache_panel_keeps_patterns_without_a_measurement(tmp_path):
     recs = make_records() + decode_records()
-    failed = [dict(r, status="error", time_median_s=None, cache_bytes_measured=None)
-              for r in decode_records(sizes=(4096, 8192)) if r["pattern"] == "dense"]
+    failed = [
+        dict(r, status="error", time_median_s=None, cache_bytes_measured=None)
+        for r in decode_records(sizes=(4096, 8192))
+        if r["pattern"] == "dense"
+    ]
     df = load_frame(write_result(tmp_path / "m", recs + [dict(r, pattern_label="dense-failed") for r in failed]))
     fig = plots.fig_kv_cache_vs_seqlen(df)
     measured, analytic = lines_by_gid(fig, "kv_measured"), lines_by_gid(fig, "kv")

@@ -68,8 +68,12 @@ def _records(folder: Path) -> list[dict]:
 
 
 def _start_run(scen: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sparsebench", "run", str(scen), "--output", str(out), "--no-plots"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparsebench", "run", str(scen), "--output", str(out), "--no-plots"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for_records(out: Path, count: int, proc: subprocess.Popen, limit: float = 120) -> None:
@@ -125,9 +129,15 @@ def test_sigterm_stops_cleanly_with_exit_130(tmp_path):
 @pytest.mark.slow
 def test_truncated_last_record_is_skipped_with_a_warning(tmp_path):
     scen = tmp_path / "t.yaml"
-    scen.write_text(SLOW.replace("[64, 128, 256, 512, 1024, 2048]", "[64, 128]").replace("repeats: 40", "repeats: 2").replace("min_time_s: 0.4", "min_time_s: 0"))
+    scen.write_text(
+        SLOW.replace("[64, 128, 256, 512, 1024, 2048]", "[64, 128]")
+        .replace("repeats: 40", "repeats: 2")
+        .replace("min_time_s: 0.4", "min_time_s: 0")
+    )
     out = tmp_path / "r"
-    assert CliRunner().invoke(app, ["run", str(scen), "--output", str(out), "--no-plots", "--in-process"]).exit_code == 0
+    assert (
+        CliRunner().invoke(app, ["run", str(scen), "--output", str(out), "--no-plots", "--in-process"]).exit_code == 0
+    )
     path = out / "records.jsonl"
     full = path.read_text()
     path.write_text(full + full.splitlines()[0][:40])  # a record cut short by a kill
@@ -145,9 +155,15 @@ def test_truncated_last_record_is_skipped_with_a_warning(tmp_path):
 @pytest.mark.slow
 def test_other_schema_version_is_refused(tmp_path):
     scen = tmp_path / "t.yaml"
-    scen.write_text(SLOW.replace("[64, 128, 256, 512, 1024, 2048]", "[64]").replace("repeats: 40", "repeats: 2").replace("min_time_s: 0.4", "min_time_s: 0"))
+    scen.write_text(
+        SLOW.replace("[64, 128, 256, 512, 1024, 2048]", "[64]")
+        .replace("repeats: 40", "repeats: 2")
+        .replace("min_time_s: 0.4", "min_time_s: 0")
+    )
     out = tmp_path / "r"
-    assert CliRunner().invoke(app, ["run", str(scen), "--output", str(out), "--no-plots", "--in-process"]).exit_code == 0
+    assert (
+        CliRunner().invoke(app, ["run", str(scen), "--output", str(out), "--no-plots", "--in-process"]).exit_code == 0
+    )
     meta = json.loads((out / "meta.json").read_text())
     meta["schema_version"] = 99
     (out / "meta.json").write_text(json.dumps(meta))
@@ -159,18 +175,21 @@ def test_other_schema_version_is_refused(tmp_path):
         assert "schema version 99" in res.output and "Traceback" not in res.output
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["compare", "/nonexistent/a", "/nonexistent/b"], "no such result folder"),
-    (["plot", "/nonexistent/a"], "no such result folder"),
-    (["run", "/nonexistent.yaml"], "no such scenario file"),
-    (["run", "--resume", "/nonexistent"], "/nonexistent: no such folder to resume"),
-    (["run", "--resume", "/"], "no scenario.yaml"),
-    (["kv", "--model", "gpt2", "--context", "4k", "--budget", "24"], "size '24' has no unit"),
-    (["show", "sliding_window", "--seq-len", "0", "-p", "window=2"], "--seq-len"),
-    (["show", "sliding_window", "--seq-len", "9", "-p", "window"], "key=value"),
-    (["kv", "--model", "llama-9", "--context", "4k"], "llama"),
-    (["kv", "--model", "gpt2", "--context", "lots"], "lots"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["compare", "/nonexistent/a", "/nonexistent/b"], "no such result folder"),
+        (["plot", "/nonexistent/a"], "no such result folder"),
+        (["run", "/nonexistent.yaml"], "no such scenario file"),
+        (["run", "--resume", "/nonexistent"], "/nonexistent: no such folder to resume"),
+        (["run", "--resume", "/"], "no scenario.yaml"),
+        (["kv", "--model", "gpt2", "--context", "4k", "--budget", "24"], "size '24' has no unit"),
+        (["show", "sliding_window", "--seq-len", "0", "-p", "window=2"], "--seq-len"),
+        (["show", "sliding_window", "--seq-len", "9", "-p", "window"], "key=value"),
+        (["kv", "--model", "llama-9", "--context", "4k"], "llama"),
+        (["kv", "--model", "gpt2", "--context", "lots"], "lots"),
+    ],
+)
 def test_bad_arguments_are_one_line(args, msg):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output
@@ -198,9 +217,11 @@ def test_plugin_only_with_explicit_flag(tmp_path):
     scen.write_text("name: p\nseq_lens: [64]\npatterns: [{name: my_diagonal}]\nbackends: [block_sparse]\n")
     res = CliRunner().invoke(app, ["validate", str(scen)])
     assert res.exit_code == 2 and "unknown pattern 'my_diagonal'" in res.output
-    code = ("from sparsebench.cli.app import app; from typer.testing import CliRunner; import sys; "
-            f"r = CliRunner().invoke(app, ['run', {str(scen)!r}, '--plugin', {str(plugin)!r}, '--output', "
-            f"{str(tmp_path / 'out')!r}, '--no-plots']); print(r.output); sys.exit(r.exit_code)")
+    code = (
+        "from sparsebench.cli.app import app; from typer.testing import CliRunner; import sys; "
+        f"r = CliRunner().invoke(app, ['run', {str(scen)!r}, '--plugin', {str(plugin)!r}, '--output', "
+        f"{str(tmp_path / 'out')!r}, '--no-plots']); print(r.output); sys.exit(r.exit_code)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     df = pd.read_json(tmp_path / "out" / "records.jsonl", lines=True)

@@ -30,15 +30,32 @@ check: {exact_max_elems: 0, sample_rows: 4}
 
 
 def _rec(case_id, rnd, med, status="ok", **kw):
-    rec = dict(case_id=case_id, round=rnd, status=status, time_median_s=med, time_min_s=med * 0.9,
-               time_iqr_s=0.01 * rnd, times_s=[med, med], noisy=False, peak_mem_bytes=100 * rnd, max_abs_err=1e-7 * rnd,
-               probe_s=0.004, flops=2e9)
+    rec = dict(
+        case_id=case_id,
+        round=rnd,
+        status=status,
+        time_median_s=med,
+        time_min_s=med * 0.9,
+        time_iqr_s=0.01 * rnd,
+        times_s=[med, med],
+        noisy=False,
+        peak_mem_bytes=100 * rnd,
+        max_abs_err=1e-7 * rnd,
+        probe_s=0.004,
+        flops=2e9,
+    )
     rec.update(kw)
     return rec
 
 
 def test_merge_takes_the_median_of_round_medians():
-    recs = [_rec("a", 1, 1.0), _rec("b", 1, 5.0), _rec("a", 2, 9.0), _rec("b", 2, 5.0, status="wrong"), _rec("a", 3, 2.0)]
+    recs = [
+        _rec("a", 1, 1.0),
+        _rec("b", 1, 5.0),
+        _rec("a", 2, 9.0),
+        _rec("b", 2, 5.0, status="wrong"),
+        _rec("a", 3, 2.0),
+    ]
     merged = {r["case_id"]: r for r in merge_rounds(recs)}
     a = merged["a"]
     assert a["time_median_s"] == 2.0  # a burst in round 2 (9 s) is outvoted

@@ -36,8 +36,12 @@ def load_plan(path):
 def test_good_scenario_expands_with_baseline(tmp_path):
     plan = load_plan(write(tmp_path, GOOD))
     pairs = {(c.pattern, c.backend, c.seq_len) for c in plan.cases}
-    assert pairs == {("dense", "sdpa", 64), ("dense", "sdpa", 128), ("sliding_window", "block_sparse", 64),
-                     ("sliding_window", "block_sparse", 128)}
+    assert pairs == {
+        ("dense", "sdpa", 64),
+        ("dense", "sdpa", 128),
+        ("sliding_window", "block_sparse", 64),
+        ("sliding_window", "block_sparse", 128),
+    }
     assert [c.seq_len for c in plan.cases] == sorted(c.seq_len for c in plan.cases)
 
 
@@ -93,7 +97,10 @@ def test_line_numbers_where_known(tmp_path):
         ("", "empty scenario"),
         ("- just\n- a list\n", "YAML mapping"),
         (b"name: \xff\xfe", "not UTF-8"),
-        ("a: &a [1,1,1,1,1,1,1,1,1]\n" + "".join(f"b{i}: &b{i} [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n" for i in range(9)), "alias"),
+        (
+            "a: &a [1,1,1,1,1,1,1,1,1]\n" + "".join(f"b{i}: &b{i} [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n" for i in range(9)),
+            "alias",
+        ),
     ],
 )
 def test_unreadable_files(tmp_path, content, msg):
@@ -134,7 +141,11 @@ def test_cli_validate_ok(tmp_path):
     assert res.exit_code == 0, res.output
     # the count multiplies out, and says why sdpa adds fewer cases than the other backends
     assert "4 cases (2 sequence lengths x 2 pattern-backend pairs; sdpa runs only dense, the baseline)" in res.output
-    one = write(tmp_path, GOOD.replace("[64, 128]", "[64]").replace("[block_sparse]", "[block_sparse]\nbaseline: false"), "one.yaml")
+    one = write(
+        tmp_path,
+        GOOD.replace("[64, 128]", "[64]").replace("[block_sparse]", "[block_sparse]\nbaseline: false"),
+        "one.yaml",
+    )
     res = CliRunner().invoke(app, ["validate", str(one)])
     assert res.exit_code == 0, res.output
     assert "ok, 1 case (1 sequence length x 1 pattern-backend pair)" in res.output
@@ -158,8 +169,12 @@ def test_memory_budget_values():
     from sparsebench.scenario import parse_size
 
     assert parse_size("8GiB") == 8 * 2**30 and parse_size(2**30) == 2**30 and parse_size(1.5e10) == 15 * 10**9
-    for bad, needle in ((16, "16 bytes is too small for a memory budget; write 16GiB"), ("16", "has no unit"),
-                        (1.5, "not a size"), (True, "not a size")):
+    for bad, needle in (
+        (16, "16 bytes is too small for a memory budget; write 16GiB"),
+        ("16", "has no unit"),
+        (1.5, "not a size"),
+        (True, "not a size"),
+    ):
         with pytest.raises(ValueError, match=needle):
             parse_size(bad)
 

@@ -85,8 +85,18 @@ def test_a_field_the_schema_does_not_name_is_refused():
 
 
 def test_the_case_key_has_defaults_and_the_series_key_follows_from_it():
-    assert schema.CASE_KEY == ("pattern_label", "backend", "device", "dtype", "mode", "batch", "heads",
-                               "head_dim", "seq_len", "causal")
+    assert schema.CASE_KEY == (
+        "pattern_label",
+        "backend",
+        "device",
+        "dtype",
+        "mode",
+        "batch",
+        "heads",
+        "head_dim",
+        "seq_len",
+        "causal",
+    )
     assert schema.SERIES_KEY == tuple(c for c in schema.CASE_KEY if c != "seq_len")
     assert set(schema.KEY_DEFAULTS) == set(schema.CASE_KEY)
     assert all(schema.BY_NAME[c].where == schema.RECORD for c in schema.CASE_KEY)
@@ -258,8 +268,9 @@ def test_compare_warns_when_switches_differ():
 
 def test_compare_cli_warns_when_switches_differ(tmp_path):
     a = write_result(tmp_path / "a", make_records(sizes=(256, 512)), env={**ENV, "switches": {}})
-    b = write_result(tmp_path / "b", make_records(sizes=(256, 512)),
-                     env={**ENV, "switches": {"SPARSEBENCH_TRITON": "0"}})
+    b = write_result(
+        tmp_path / "b", make_records(sizes=(256, 512)), env={**ENV, "switches": {"SPARSEBENCH_TRITON": "0"}}
+    )
     res = CliRunner().invoke(app, ["compare", str(a), str(b)])
     assert res.exit_code == 0, res.output
     assert "SPARSEBENCH_TRITON unset vs 0" in res.output
@@ -280,7 +291,15 @@ def test_measuring_has_one_sync_one_iqr_and_one_dtype_table():
     assert not hasattr(decode, "_sync") and not hasattr(decode, "_iqr") and not hasattr(decode, "_DTYPES")
     times = (1.0, 1.2, 1.1, 3.0, 0.9)
     assert harness.Measurement(times).iqr == stats.iqr(times) and harness.Measurement(times).noisy
-    rec = decode.measure_decode(PATTERNS.get("sliding_window")(window=8), 16, tokens=2, heads=1, head_dim=8,
-                                dtype="bfloat16", warmup_s=0, min_time_s=0)
+    rec = decode.measure_decode(
+        PATTERNS.get("sliding_window")(window=8),
+        16,
+        tokens=2,
+        heads=1,
+        head_dim=8,
+        dtype="bfloat16",
+        warmup_s=0,
+        min_time_s=0,
+    )
     assert rec["time_iqr_s"] == stats.iqr(rec["times_s"])
     assert decode._resolve_dtype("fp16") is torch.float16

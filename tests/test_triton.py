@@ -66,7 +66,8 @@ def parts_masks(pp: _triton.PartsPlan) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
-    "name,params", [("strided", {"stride": 17}), ("strided", {"stride": 64}), ("dilated_window", {"window": 16, "dilation": 3})]
+    "name,params",
+    [("strided", {"stride": 17}), ("strided", {"stride": 64}), ("dilated_window", {"window": 16, "dilation": 3})],
 )
 def test_residue_parts_are_the_pattern(monkeypatch, name, params, causal):
     """Residue bands reordered by residue class, and the rest in order: disjoint, and together
@@ -131,9 +132,14 @@ def test_residue_parts_where_they_save_tiles():
     assert isinstance(strided, _triton.PartsPlan)
     whole = PATTERNS.get("strided").from_params({"stride": 128}).block_layout(n, 64, True).nnz_blocks
     assert strided.tiles * 10 < whole
-    dilated = _triton.build(PATTERNS.get("dilated_window").from_params({"window": 128, "dilation": 2}), n, True, 64, "cpu", 64)
+    dilated = _triton.build(
+        PATTERNS.get("dilated_window").from_params({"window": 128, "dilation": 2}), n, True, 64, "cpu", 64
+    )
     assert isinstance(dilated, _triton.TilePlan)
-    assert isinstance(_triton.build(PATTERNS.get("sliding_window").from_params({"window": 256}), n, True, 64, "cpu", 64), _triton.TilePlan)
+    assert isinstance(
+        _triton.build(PATTERNS.get("sliding_window").from_params({"window": 256}), n, True, 64, "cpu", 64),
+        _triton.TilePlan,
+    )
 
 
 def test_pack_bits_round_trip():
@@ -178,7 +184,9 @@ def test_launch_refuses_a_plan_of_another_length():
     assert not _triton.supports(96, torch.float32) and not _triton.supports(64, torch.float64)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of PyTorch have none)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of PyTorch have none)"
+)
 def test_kernels_under_the_interpreter():
     script = Path(__file__).with_name("triton_interpreted.py")
     env = dict(os.environ, TRITON_INTERPRET="1")

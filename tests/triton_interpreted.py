@@ -43,7 +43,12 @@ def rel_err(got, ref):
 def main() -> int:
     failures = 0
     patterns = [(name, PATTERNS.get(name).from_params(params)) for name, params in CASES] + [("holes", Holes())]
-    runs = ((torch.float32, 64, "half"), (torch.float16, 32, "whole"), (torch.float32, 128, "half"), (torch.float32, 128, "whole"))
+    runs = (
+        (torch.float32, 64, "half"),
+        (torch.float16, 32, "whole"),
+        (torch.float32, 128, "half"),
+        (torch.float32, 128, "whole"),
+    )
     for name, pat in patterns:
         for causal in (True, False):
             mask = pat.mask(N, causal)

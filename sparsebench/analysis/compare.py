@@ -36,8 +36,14 @@ from sparsebench.results.schema import CASE_KEY
 from sparsebench.stats import mann_whitney, min_p_value, quartiles
 
 METRICS = {"median": "time_median_s", "min": "time_min_s"}
-BY_DIMENSIONS = {"backend": "backend", "pattern": "pattern_label", "device": "device", "dtype": "dtype",
-                 "mode": "mode", "causal": "causal"}
+BY_DIMENSIONS = {
+    "backend": "backend",
+    "pattern": "pattern_label",
+    "device": "device",
+    "dtype": "dtype",
+    "mode": "mode",
+    "causal": "causal",
+}
 ALPHA = 0.05
 # environment.json keys whose difference makes timings hard to compare (and every entry of its
 # "switches": the SPARSEBENCH_* variables that change which kernels run)
@@ -51,15 +57,13 @@ FAILED = ("oom", "timeout", "error", "crashed", "wrong")
 
 
 def parse_threshold(text: str | float) -> float:
-    """"10%" -> 0.10; "0.1" -> 0.10 (a fraction below 1); "10" -> 0.10 (a percentage)."""
+    """ "10%" -> 0.10; "0.1" -> 0.10 (a fraction below 1); "10" -> 0.10 (a percentage)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value, pct = float(text), False
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%?)\s*", str(text))
         if not m:
-            raise ScenarioError(
-                f"--threshold: expected a percentage like 10% or a fraction like 0.1, got {text!r}"
-            )
+            raise ScenarioError(f"--threshold: expected a percentage like 10% or a fraction like 0.1, got {text!r}")
         value, pct = float(m.group(1)), bool(m.group(2))
     if pct or value >= 1:
         value /= 100.0
@@ -79,7 +83,9 @@ def check_choice(kind: str, value: str, choices: Sequence[str]) -> str:
 # the judgement
 
 
-def _quartile_bounds(times: Sequence[float] | None, median: float | None, iqr: float | None) -> tuple[float, float] | None:
+def _quartile_bounds(
+    times: Sequence[float] | None, median: float | None, iqr: float | None
+) -> tuple[float, float] | None:
     """(first, third) quartile of the raw times, else the median -+ half the recorded IQR."""
     if times and len(times) >= 2:
         return quartiles(times)
@@ -168,8 +174,7 @@ class Comparison:
         """Whether ``--fail-on-regression`` fails: a regression, nothing compared, or (unless
         ``allow_missing``) a case of BASE that NEW did not measure, so that an interrupted,
         partial or skipped run cannot pass the gate."""
-        return (bool(self.regressions()) or not self.compared()
-                or (not allow_missing and bool(self.missing())))
+        return bool(self.regressions()) or not self.compared() or (not allow_missing and bool(self.missing()))
 
     def failure_message(self, allow_missing: bool = False) -> str:
         bits = []
@@ -177,15 +182,19 @@ class Comparison:
         if bad:
             first = bad[0]
             what = f"{case_label(first.key, self.shown_dims)}, n={first.get('seq_len')}"
-            bits.append(f"{len(bad)} case(s) regressed beyond {self.threshold:.0%} and the noise "
-                        f"(first: {what}, {ratio_text(first)})")
+            bits.append(
+                f"{len(bad)} case(s) regressed beyond {self.threshold:.0%} and the noise "
+                f"(first: {what}, {ratio_text(first)})"
+            )
         if not self.rows:
             bits.append(f"no case of {self.base_name} is in {self.new_name}: nothing was compared")
         elif not self.compared():
             bits.append(f"no case was measured in both {self.base_name} and {self.new_name}: nothing was compared")
         elif not allow_missing and (gone := self.missing()):
-            bits.append(f"{len(gone)} case(s) of {self.base_name} not measured in {self.new_name} "
-                        f"(first: {key_text(gone[0], self.shown_dims)}; --allow-missing accepts that)")
+            bits.append(
+                f"{len(gone)} case(s) of {self.base_name} not measured in {self.new_name} "
+                f"(first: {key_text(gone[0], self.shown_dims)}; --allow-missing accepts that)"
+            )
         return "; ".join(bits) or "no regressions"
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,8 +209,17 @@ class Comparison:
             "compared": len(self.compared()),
             "missing": [dict(zip(CASE_KEY, k)) for k in self.missing()],
             "cases": [
-                {**dict(zip(CASE_KEY, r.key)), "base": r.base, "new": r.new, "ratio": r.ratio, "verdict": r.verdict,
-                 "test": r.test, "p_value": r.p_value, "base_status": r.base_status, "new_status": r.new_status}
+                {
+                    **dict(zip(CASE_KEY, r.key)),
+                    "base": r.base,
+                    "new": r.new,
+                    "ratio": r.ratio,
+                    "verdict": r.verdict,
+                    "test": r.test,
+                    "p_value": r.p_value,
+                    "base_status": r.base_status,
+                    "new_status": r.new_status,
+                }
                 for r in self.rows
             ],
             "only_base": [dict(zip(CASE_KEY, k)) for k in self.only_base],
@@ -209,8 +227,16 @@ class Comparison:
         }
 
 
-def compare(base_df, new_df, threshold: float = 0.10, metric: str = "median", base_env: dict | None = None,
-            new_env: dict | None = None, base_name: str = "base", new_name: str = "new") -> Comparison:
+def compare(
+    base_df,
+    new_df,
+    threshold: float = 0.10,
+    metric: str = "median",
+    base_env: dict | None = None,
+    new_env: dict | None = None,
+    base_name: str = "base",
+    new_name: str = "new",
+) -> Comparison:
     """Join two results frames on the case key and judge each common case."""
     check_choice("metric", metric, tuple(METRICS))
     col = METRICS[metric]
@@ -231,12 +257,17 @@ def compare(base_df, new_df, threshold: float = 0.10, metric: str = "median", ba
     warnings = list(env_warnings(base_env, new_env, base_name, new_name))
     if not common:
         warnings.append(f"no case is in both {base_name} and {new_name}; is this the same scenario?")
-    fewer = [k for k in common if (finite_or_none(new[k].get("rounds")) or 1) < (finite_or_none(base[k].get("rounds")) or 1)]
+    fewer = [
+        k for k in common if (finite_or_none(new[k].get("rounds")) or 1) < (finite_or_none(base[k].get("rounds")) or 1)
+    ]
     if fewer:  # an interrupted multi-round run: every case is there, with fewer rounds
-        warnings.append(f"{len(fewer)} case(s) measured in fewer rounds in {new_name} than in {base_name} "
-                        f"(first: {key_text(fewer[0], ())}); was the run interrupted?")
-    return Comparison(tuple(rows), only_base, only_new, tuple(warnings), threshold, metric, base_name, new_name, shown,
-                      base_measured)
+        warnings.append(
+            f"{len(fewer)} case(s) measured in fewer rounds in {new_name} than in {base_name} "
+            f"(first: {key_text(fewer[0], ())}); was the run interrupted?"
+        )
+    return Comparison(
+        tuple(rows), only_base, only_new, tuple(warnings), threshold, metric, base_name, new_name, shown, base_measured
+    )
 
 
 def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str = "median", warn=None) -> Comparison:
@@ -249,9 +280,14 @@ def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str 
     if names[0] == names[1]:
         names = (str(base), str(new))
     return compare(
-        load_frame(base, warn=warn), load_frame(new, warn=warn), threshold=threshold, metric=metric,
-        base_env=read_environment(base, warn), new_env=read_environment(new, warn),
-        base_name=names[0], new_name=names[1],
+        load_frame(base, warn=warn),
+        load_frame(new, warn=warn),
+        threshold=threshold,
+        metric=metric,
+        base_env=read_environment(base, warn),
+        new_env=read_environment(new, warn),
+        base_name=names[0],
+        new_name=names[1],
     )
 
 
@@ -287,8 +323,9 @@ def _judge(key, b: dict, n: dict, col: str, threshold: float) -> CaseDiff:
             verdict = "failed in both"
         else:
             verdict = "skipped"
-        return CaseDiff(key, bv if bs == "ok" else None, nv if ns == "ok" else None, None, verdict,
-                        base_status=bs, new_status=ns)
+        return CaseDiff(
+            key, bv if bs == "ok" else None, nv if ns == "ok" else None, None, verdict, base_status=bs, new_status=ns
+        )
     ratio = nv / bv if bv > 0 else math.inf
     different, test, p = beyond_noise(b, n)
     if ratio > 1 + threshold and different:
@@ -327,7 +364,7 @@ def _times(rec: dict) -> list[float]:
 
 
 def ratio_text(r: CaseDiff) -> str:
-    """"1.23x (+23%)", or "-" without a ratio."""
+    """ "1.23x (+23%)", or "-" without a ratio."""
     if r.ratio is None:
         return "-"
     return f"{r.ratio:.2f}x ({(r.ratio - 1) * 100:+.0f}%)"
@@ -380,13 +417,18 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
         dims.insert(1 if dims[0] == "pattern_label" else 0, "backend")
     values = sorted({str(plain_value(v)) for v in df[column]}, key=lambda v: (v != "sdpa", v))
     if len(values) < 2:
-        raise ResultsError(f"only one {by} ({values[0] if values else 'none'}) in these results: nothing to put side by side")
+        raise ResultsError(
+            f"only one {by} ({values[0] if values else 'none'}) in these results: nothing to put side by side"
+        )
     rows = []
     for key, g in iter_groups(df, rest):
         cells = {}
         for rec in g.to_dict("records"):
             ok = rec.get("status") == "ok"
-            cells[str(plain_value(rec.get(column)))] = (finite_or_none(rec.get(tcol)) if ok else None, str(rec.get("status")))
+            cells[str(plain_value(rec.get(column)))] = (
+                finite_or_none(rec.get(tcol)) if ok else None,
+                str(rec.get("status")),
+            )
         filled = tuple((v, *cells.get(v, (None, ""))) for v in values)
         if sum(1 for _, _, s in filled if s) < 2:
             continue  # nothing to compare on this row
@@ -396,5 +438,3 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
         raise ResultsError(f"no case was measured with two different {by} values")
     rows.sort(key=lambda r: _sort_key(r[0]))
     return ByComparison(by, column, tuple(values), tuple(dims), tuple(rows), metric)
-
-

@@ -126,8 +126,10 @@ class Analysis:
 
     def find(self, pattern_label: str, backend: str, **dims: Any) -> SeriesSummary | None:
         for s in self.series:
-            if s.pattern_label == pattern_label and s.backend == backend and all(
-                s.get(k) == v for k, v in dims.items()
+            if (
+                s.pattern_label == pattern_label
+                and s.backend == backend
+                and all(s.get(k) == v for k, v in dims.items())
             ):
                 return s
         return None
@@ -177,7 +179,7 @@ def _probe_spread(df) -> tuple[float, float] | None:
 
     ok = df[positive_mask(df, "probe_s")]
     worst = None
-    for _, g in (ok.groupby("device") if "device" in ok else [(None, ok)]):
+    for _, g in ok.groupby("device") if "device" in ok else [(None, ok)]:
         p = pd.to_numeric(g["probe_s"], errors="coerce")
         if len(p) >= 2 and (worst is None or p.max() / p.min() > worst[1] / worst[0]):
             worst = (float(p.min()), float(p.max()))
@@ -226,10 +228,17 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
     first_call = None
     if len(ok) and ("setup_s" in ok or "first_call_s" in ok):
         last = ok.iloc[-1]
-        first_call = FirstCall(int(last["seq_len"]), finite_or_none(last.get("setup_s")), finite_or_none(last.get("first_call_s")),
-                               float(last["time_median_s"]))
-        extras = [(f - float(r["time_median_s"]), int(r["seq_len"])) for _, r in ok.iterrows()
-                  if (f := finite_or_none(r.get("first_call_s"))) is not None]
+        first_call = FirstCall(
+            int(last["seq_len"]),
+            finite_or_none(last.get("setup_s")),
+            finite_or_none(last.get("first_call_s")),
+            float(last["time_median_s"]),
+        )
+        extras = [
+            (f - float(r["time_median_s"]), int(r["seq_len"]))
+            for _, r in ok.iterrows()
+            if (f := finite_or_none(r.get("first_call_s"))) is not None
+        ]
         if extras:
             worst, n_worst = max(extras)
             # named where it stands out of the noise: beyond the largest n's own extra by half of
@@ -297,7 +306,10 @@ def ensure_derived(df):
 
 
 def is_baseline_key(key: Sequence[Any]) -> bool:
-    return key[SERIES_KEY.index("pattern_label")] == BASELINE_PATTERN and key[SERIES_KEY.index("backend")] == BASELINE_BACKEND
+    return (
+        key[SERIES_KEY.index("pattern_label")] == BASELINE_PATTERN
+        and key[SERIES_KEY.index("backend")] == BASELINE_BACKEND
+    )
 
 
 def is_baseline_row(row) -> bool:
@@ -368,7 +380,7 @@ def dim_text(column: str, value: Any) -> str:
 
 
 def series_labels(df) -> dict[tuple[Any, ...], str]:
-    """"pattern_label · backend", plus the other series dimensions that vary in the frame."""
+    """ "pattern_label · backend", plus the other series dimensions that vary in the frame."""
     extra = varying_dims(df, SERIES_KEY[2:])
     out = {}
     for key, _ in iter_groups(df, SERIES_KEY):

@@ -20,7 +20,9 @@ def register(app: typer.Typer) -> None:
 
 
 # -------------------------------------------------------------------------------------- list
-def list_cmd(plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py")) -> None:
+def list_cmd(
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
+) -> None:
     """Patterns (with their parameters) and backends (available here, or why not)."""
     with guarded():
         load_plugins(plugin)
@@ -37,8 +39,10 @@ def list_cmd(plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=
         for name, cls in PATTERNS.items():
             params = []
             for f in cls.parameters():
-                default = "" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING else (
-                    f" = {f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
+                default = (
+                    ""
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                    else (f" = {f.default if f.default is not dataclasses.MISSING else f.default_factory()}")
                 )
                 params.append(f"{f.name}{default}: {f.metadata.get('help', '')}")
             t.add_row(name, cls.rule, "\n".join(params) or "-")
@@ -57,7 +61,9 @@ def list_cmd(plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=
 def show(
     pattern: str = typer.Argument(..., help="Pattern name (see `sparsebench list`)."),
     seq_len: int = typer.Option(..., "--seq-len", "-n", help="Sequence length."),
-    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Pattern parameter key=value (repeatable).", metavar="KEY=VALUE"),
+    param: Optional[List[str]] = typer.Option(
+        None, "--param", "-p", help="Pattern parameter key=value (repeatable).", metavar="KEY=VALUE"
+    ),
     tile: Optional[int] = typer.Option(None, "--tile", help="Also show the block layout for this tile size."),
     old_block: Optional[int] = typer.Option(None, "--block", hidden=True, help="Old name of --tile."),
     bidirectional: bool = typer.Option(False, "--bidirectional", help="Non-causal pattern (default causal)."),

@@ -18,9 +18,7 @@ def _model(name: str | None, path: Path | None):
     from sparsebench.kv import planner as kvcache
 
     if (name is None) == (path is None):
-        raise ScenarioError(
-            f"give exactly one of --model NAME ({', '.join(kvcache.PRESETS)}) or --model-file FILE"
-        )
+        raise ScenarioError(f"give exactly one of --model NAME ({', '.join(kvcache.PRESETS)}) or --model-file FILE")
     return kvcache.load_preset(name) if name is not None else kvcache.load_model_file(path)  # type: ignore[arg-type]
 
 

@@ -48,10 +48,13 @@ def compare(
     by: Optional[str] = typer.Option(
         None, "--by", help="Put one run side by side along: backend, pattern, device, dtype, mode, causal."
     ),
-    threshold: str = typer.Option("10%", "--threshold", help="Slower than this (and beyond the noise) is a regression: 10%, 0.1 or 10."),
+    threshold: str = typer.Option(
+        "10%", "--threshold", help="Slower than this (and beyond the noise) is a regression: 10%, 0.1 or 10."
+    ),
     metric: str = typer.Option("median", "--metric", help="median or min."),
     fail_on_regression: bool = typer.Option(
-        False, "--fail-on-regression",
+        False,
+        "--fail-on-regression",
         help="Exit 1 when a case regressed, or when NEW did not measure a case of BASE (a partial run).",
     ),
     allow_missing: bool = typer.Option(
@@ -72,7 +75,9 @@ def compare(
         if new is not None and by is not None:
             raise ScenarioError("give either NEW (a second result folder) or --by DIM (one folder), not both")
         if new is None and by is None:
-            raise ScenarioError("compare needs NEW (a second result folder) or --by DIM to compare one run along a dimension")
+            raise ScenarioError(
+                "compare needs NEW (a second result folder) or --by DIM to compare one run along a dimension"
+            )
         if by is not None:
             if fail_on_regression or plot_path is not None:
                 raise ScenarioError("--fail-on-regression and --plot need two result folders (BASE NEW)")
@@ -116,7 +121,9 @@ def _write_ratio_plot(result, path: Path) -> None:
 
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in PLOT_FORMATS:
-        raise ScenarioError(f"--plot {path}: the file name must end in one of: {', '.join('.' + f for f in PLOT_FORMATS)}")
+        raise ScenarioError(
+            f"--plot {path}: the file name must end in one of: {', '.join('.' + f for f in PLOT_FORMATS)}"
+        )
     fig = fig_ratio(result)
     if fig is None:
         warn("no common case with a ratio: no ratio plot written")

@@ -21,17 +21,26 @@ def register(app: typer.Typer) -> None:
 # --------------------------------------------------------------------------------------- run
 def run(
     scenario: Optional[Path] = typer.Argument(None, help="Scenario YAML. Omitted: the built-in quickstart."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result folder (default results/<timestamp>-<name>)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Result folder (default results/<timestamp>-<name>)."
+    ),
     results_root: Path = typer.Option(Path("results"), "--results-root", help="Where default result folders go."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run in this result folder."),
-    no_plots: bool = typer.Option(False, "--no-plots", help="Skip the plots (records, tables and summary still written)."),
-    in_process: bool = typer.Option(False, "--in-process", help="Run cases in this process instead of an isolated worker."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Skip cases whose estimate exceeds this (e.g. 8GiB)."),
+    no_plots: bool = typer.Option(
+        False, "--no-plots", help="Skip the plots (records, tables and summary still written)."
+    ),
+    in_process: bool = typer.Option(
+        False, "--in-process", help="Run cases in this process instead of an isolated worker."
+    ),
+    max_memory: Optional[str] = typer.Option(
+        None, "--max-memory", help="Skip cases whose estimate exceeds this (e.g. 8GiB)."
+    ),
     plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
 ) -> None:
     """Run a scenario: every case timed, memory-measured and checked against dense attention.
 
-    Records are appended to RESULT/records.jsonl as each case ends; results.csv, summary.md, plots/ and report.html follow. The last line printed is the result folder."""
+    Records are appended to RESULT/records.jsonl as each case ends; results.csv, summary.md, plots/ and
+    report.html follow. The last line printed is the result folder."""
     with guarded():
         load_plugins(plugin)
         _run(scenario, output, results_root, resume, no_plots, in_process, max_memory)
@@ -70,7 +79,9 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
             budget = sc_mod.parse_size(max_memory)
         except ValueError as exc:
             raise ScenarioError(f"--max-memory: {exc}") from None
-        plan = replace(plan, cases=[replace(c, memory_budget=min(budget, c.memory_budget or budget)) for c in plan.cases])
+        plan = replace(
+            plan, cases=[replace(c, memory_budget=min(budget, c.memory_budget or budget)) for c in plan.cases]
+        )
     out = console()
     for dev, why in plan.skipped_devices.items():
         warn(f"{why}; its cases are skipped")
@@ -85,8 +96,12 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
             out.print("[dim]First run here: the first case builds the native CPU kernels (once, about a minute).[/]")
 
     progress = Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=out, transient=True,
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=out,
+        transient=True,
     )
     task = progress.add_task("starting", total=len(plan.cases) * sc.rounds)
 
@@ -97,7 +112,9 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     def on_record(rec, i, total):
         progress.update(task, completed=i + 1)
         if rec["status"] not in ("ok", "skipped"):
-            progress.console.print(f"[red]{rec['status']}[/] {rec['pattern_label']} {rec['backend']} n={rec['seq_len']}: {rec['reason']}")
+            progress.console.print(
+                f"[red]{rec['status']}[/] {rec['pattern_label']} {rec['backend']} n={rec['seq_len']}: {rec['reason']}"
+            )
 
     extra: list = []
 
@@ -109,8 +126,17 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         with progress:
-            result = runner.run(plan, folder, scenario_text=text, isolate=not in_process, resume=resume is not None,
-                                on_start=on_start, on_record=on_record, warn=warn, finalize=finalize)
+            result = runner.run(
+                plan,
+                folder,
+                scenario_text=text,
+                isolate=not in_process,
+                resume=resume is not None,
+                on_start=on_start,
+                on_record=on_record,
+                warn=warn,
+                finalize=finalize,
+            )
     except runner.Interrupted as exc:
         out.print(report.rich_table(merge_rounds(_read(folder)), title="finished before the interrupt"))
         out.print(f"[yellow]{exc}[/]")
@@ -153,7 +179,10 @@ def validate(
         plan = sc_mod.expand(sc, source)
         for dev, why in plan.skipped_devices.items():
             warn(f"{why}; its cases would be skipped")
-        console().print(f"{source}: ok, {_case_count_text(plan)}" + (f", each measured in {sc.rounds} rounds" if sc.rounds > 1 else ""))
+        console().print(
+            f"{source}: ok, {_case_count_text(plan)}"
+            + (f", each measured in {sc.rounds} rounds" if sc.rounds > 1 else "")
+        )
 
 
 def _plural(k: int, word: str) -> str:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 # -- dtypes ------------------------------------------------------------------------------------
 
+
 def canonical_dtype(name: str) -> str:
     """A KV-cache dtype's name ('bfloat16' -> 'bf16'; every width of ``units.DTYPE_BITS``)."""
     return units.canonical_dtype(name, "KV-cache dtype")

@@ -393,8 +393,9 @@ def _timed_step(dec: Decoder, i: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _time_steps(dec: Decoder, tokens: int, device: torch.device, warmup: int, warmup_s: float,
-                min_time_s: float, max_repeats: int) -> tuple[list[float], int]:
+def _time_steps(
+    dec: Decoder, tokens: int, device: torch.device, warmup: int, warmup_s: float, min_time_s: float, max_repeats: int
+) -> tuple[list[float], int]:
     """Warm up, pick the repeat count, then time every position ``repeats`` times in a row.
 
     Stepping a position again right away is idempotent (its K/V go to the same slot, the same

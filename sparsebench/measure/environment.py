@@ -38,7 +38,9 @@ def _compiler() -> dict[str, Any]:
         path = shutil.which(name)
         if path:
             try:
-                ver = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=5).stdout.splitlines()[0]
+                ver = subprocess.run(
+                    [path, "--version"], capture_output=True, text=True, timeout=5
+                ).stdout.splitlines()[0]
             except (OSError, subprocess.SubprocessError, IndexError):
                 ver = ""
             return {"cxx_compiler": path, "cxx_compiler_version": ver}

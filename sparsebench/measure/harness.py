@@ -214,6 +214,7 @@ def run_case(case: Case) -> dict[str, Any]:
                 q.grad = k.grad = v.grad = None
                 fn(q, k, v).backward(grad)
         else:
+
             def call():
                 with torch.no_grad():
                     return fn(q, k, v)

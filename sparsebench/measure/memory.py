@@ -34,8 +34,8 @@ def freed_memory_reused(device) -> Iterator[bool]:
     same size, as a caching allocator (CUDA's, jemalloc, tcmalloc) does. glibc's default gives a
     large block a mapping of its own, unmapped when freed, so every call that returns a large
     output or gradient would pay its page faults anew: a cost that weighs on a fast sparse kernel
-    and hardly on a slow dense one. Every backend runs the same way. A request that no kept block fits first frees kept blocks
-    of at least its size (or all), so the resident memory never exceeds what was in use at
+    and hardly on a slow dense one. Every backend runs the same way. A request that no kept block
+    fits first frees kept blocks of at least its size (or all), so the resident memory never exceeds what was in use at
     some moment: peaks read the same as without it. The allocator is part of the native
     extension: without it (no compiler, SPARSEBENCH_NATIVE=0) or with
     SPARSEBENCH_ALLOCATOR=system nothing changes. Yields whether it is in force."""

@@ -59,7 +59,9 @@ class _Static:
             "kv_cache_bytes": 2 * case.batch * case.heads * case.head_dim * p.elem_bytes * retained,
         }
         if case.mode == "decode":
-            out.update(nnz=None, density=None, flops=None, est_mem_bytes=out["kv_cache_bytes"] + p.io_bytes // case.seq_len * 4)
+            out.update(
+                nnz=None, density=None, flops=None, est_mem_bytes=out["kv_cache_bytes"] + p.io_bytes // case.seq_len * 4
+            )
         else:
             from sparsebench.measure.harness import flops
 
@@ -129,8 +131,12 @@ def run(
         results.atomic_write(folder / results.ENVIRONMENT, json.dumps(environment.collect(), indent=2) + "\n")
         results.write_meta(
             folder,
-            {"scenario": plan.scenario.name, "source": plan.source, "skipped_devices": plan.skipped_devices,
-             "started": _dt.datetime.now().isoformat(timespec="seconds")},
+            {
+                "scenario": plan.scenario.name,
+                "source": plan.source,
+                "skipped_devices": plan.skipped_devices,
+                "started": _dt.datetime.now().isoformat(timespec="seconds"),
+            },
         )
 
     records: list[dict[str, Any]] = list(done.values())

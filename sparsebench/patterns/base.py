@@ -83,9 +83,7 @@ class Pattern:
         missing = [
             f.name
             for f in valid.values()
-            if f.name not in params
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+            if f.name not in params and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
         ]
         if missing:
             raise PatternError(f"pattern {cls.name!r} needs parameter(s): {', '.join(missing)}")

@@ -24,7 +24,11 @@ def random_blocks(nblocks: int, random: int, window: int, glob: int, seed: int, 
     lo_w = torch.clamp(qb - half, min=glob)
     hi_w = torch.clamp(qb + half, max=nblocks - 1)
     left = torch.clamp(lo_w - glob, min=0)
-    right = torch.zeros_like(left) if causal else torch.clamp(nblocks - 1 - torch.maximum(hi_w, torch.tensor(glob - 1)), min=0)
+    right = (
+        torch.zeros_like(left)
+        if causal
+        else torch.clamp(nblocks - 1 - torch.maximum(hi_w, torch.tensor(glob - 1)), min=0)
+    )
     draw = sample_distinct(left + right, random, g)
     pick = torch.where(draw < left[:, None], draw + glob, draw - left[:, None] + hi_w[:, None] + 1)
     out = torch.where(draw >= 0, pick, torch.tensor(-1))
@@ -50,7 +54,9 @@ class BigBird(Pattern):
 
     def check(self, n, causal):
         if self.block > n:
-            raise PatternError(f"pattern 'bigbird' parameter 'block'={self.block} is larger than the sequence length {n}")
+            raise PatternError(
+                f"pattern 'bigbird' parameter 'block'={self.block} is larger than the sequence length {n}"
+            )
 
     def _table(self, n, causal):
         nbl = math.ceil(n / self.block)

@@ -65,9 +65,7 @@ class Fixed(Pattern):
     def validate(self):
         require_positive(self, "stride", "summary")
         if self.summary > self.stride:
-            raise PatternError(
-                f"pattern 'fixed' parameter 'summary'={self.summary} must be <= stride {self.stride}"
-            )
+            raise PatternError(f"pattern 'fixed' parameter 'summary'={self.summary} must be <= stride {self.stride}")
 
     def check(self, n, causal):
         require_at_most_n(self, n, "stride")

@@ -111,9 +111,7 @@ class _DeepSpeed(Pattern):
         if self.block > n:
             raise self._err("block", f"={self.block} is larger than the sequence length {n}")
         if self.horizontal and self.horizontal_global_attention and self.unidirectional(causal):
-            raise self._err(
-                "horizontal_global_attention", "needs a bidirectional layout (set attention=bidirectional)"
-            )
+            raise self._err("horizontal_global_attention", "needs a bidirectional layout (set attention=bidirectional)")
         self._check_blocks(math.ceil(n / self.block))
 
     def _need_blocks(self, nb: int, name: str) -> None:

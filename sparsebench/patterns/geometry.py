@@ -95,7 +95,6 @@ class BlockLayout:
         return out
 
 
-
 def band(n: int, block: int, before: int, after: int) -> Intervals:
     """Each query block may touch keys from ``before`` positions before its first query to
     ``after`` positions after its last."""

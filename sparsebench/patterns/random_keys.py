@@ -64,8 +64,8 @@ class Random(Pattern):
 
     def mask_fn(self, n, causal, device="cpu"):
         table = self.table(n, causal).t().contiguous().t().to(device)  # column-major: cheap columns
-        return lambda q, k: self._allowed(q, k, n, causal, table) & (k <= q) if causal else self._allowed(
-            q, k, n, causal, table
+        return lambda q, k: (
+            self._allowed(q, k, n, causal, table) & (k <= q) if causal else self._allowed(q, k, n, causal, table)
         )
 
     def key_intervals(self, n, block, causal):

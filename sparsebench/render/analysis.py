@@ -30,8 +30,9 @@ class Column:
     full_only: bool = False
 
 
-def series_table(title: str, columns: Sequence[Column], series: Sequence[SeriesSummary], note: str,
-                 compact: bool = False) -> TableSpec:
+def series_table(
+    title: str, columns: Sequence[Column], series: Sequence[SeriesSummary], note: str, compact: bool = False
+) -> TableSpec:
     """One row per series, the columns that the table's form (compact or not) shows."""
     shown = [c for c in columns if not (compact and c.full_only)]
     return TableSpec(
@@ -47,7 +48,7 @@ def series_table(title: str, columns: Sequence[Column], series: Sequence[SeriesS
 
 
 def crossover_text(c: Crossover, compact: bool = False) -> str:
-    """"~1234", "<= 256 (faster at every measured n)", or why there is no crossover."""
+    """ "~1234", "<= 256 (faster at every measured n)", or why there is no crossover."""
     if c.compared == 0:
         return "no common sizes with the baseline"
     if c.n is None:
@@ -58,7 +59,7 @@ def crossover_text(c: Crossover, compact: bool = False) -> str:
 
 
 def problems_text(s: SeriesSummary) -> str:
-    """"oom at 8192; wrong result at 1024, 2048", or "-"."""
+    """ "oom at 8192; wrong result at 1024, 2048", or "-"."""
     bits = []
     if s.failure:
         bits.append(f"{s.failure.status} at {format_tokens(s.failure.seq_len)}")
@@ -98,14 +99,21 @@ SCALING_COLUMNS = (
 
 BASELINE_COLUMNS = (
     Column("series", lambda s, _: s.label, wrap=True),
-    Column("crossover n", lambda s, compact: crossover_text(s.crossover, compact) if s.crossover else "- (dense)",
-           wrap=True),
+    Column(
+        "crossover n",
+        lambda s, compact: crossover_text(s.crossover, compact) if s.crossover else "- (dense)",
+        wrap=True,
+    ),
     Column("at n", lambda s, _: format_tokens(s.largest_n) if s.largest_n else "-"),
     Column("speedup", lambda s, _: format_ratio(s.speedup)),
     Column("ideal", lambda s, _: format_ratio(s.ideal_speedup)),
     Column("efficiency", lambda s, _: format_percent(s.efficiency)),
-    Column("best", lambda s, _: _at(format_ratio(s.best_speedup), s.best_speedup_n) if s.best_speedup else "-",
-           wrap=True, full_only=True),
+    Column(
+        "best",
+        lambda s, _: _at(format_ratio(s.best_speedup), s.best_speedup_n) if s.best_speedup else "-",
+        wrap=True,
+        full_only=True,
+    ),
 )
 
 FIRST_CALL_COLUMNS = (
@@ -115,27 +123,35 @@ FIRST_CALL_COLUMNS = (
     Column("first call", lambda s, _: format_time(s.first_call.first_call_s)),
     Column("steady", lambda s, _: format_time(s.first_call.steady_s)),
     Column("first call - steady", lambda s, _: format_time(s.first_call.extra_s)),
-    Column("most, at n", lambda s, _: (_at(format_time(s.first_call.worst_extra_s), s.first_call.worst_n)
-                                       if s.first_call.worst_n else "-")),
+    Column(
+        "most, at n",
+        lambda s, _: (
+            _at(format_time(s.first_call.worst_extra_s), s.first_call.worst_n) if s.first_call.worst_n else "-"
+        ),
+    ),
 )
 
 
 def scaling_note(compact: bool = False) -> str:
     fit_range = "" if compact else ", over the fit range (sizes used)"
-    return ("Exponent k of time ∝ n^k (and of peak memory): least-squares slope of log(time) on "
-            f"log(n) ± its 95% confidence interval{fit_range}. Leading sizes "
-            f"whose time grows slower than n^{FLOOR_SLOPE} are overhead-dominated and left out. "
-            "Dense attention should read about 2, a sparse kernel about 1. max ok n: the longest "
-            "sequence that ran before the first oom/timeout/crash/error.")
+    return (
+        "Exponent k of time ∝ n^k (and of peak memory): least-squares slope of log(time) on "
+        f"log(n) ± its 95% confidence interval{fit_range}. Leading sizes "
+        f"whose time grows slower than n^{FLOOR_SLOPE} are overhead-dominated and left out. "
+        "Dense attention should read about 2, a sparse kernel about 1. max ok n: the longest "
+        "sequence that ran before the first oom/timeout/crash/error."
+    )
 
 
 def baseline_note(compact: bool = False) -> str:
     best = "" if compact else " best: the highest speedup and where."
-    return ("Crossover: the smallest n from which on the series beats dense sdpa at every measured size, "
-            "interpolated in log space. At the largest n both ran: speedup = dense sdpa median / series "
-            "median (same shape), ideal = nnz(dense) / nnz(pattern), efficiency = speedup / "
-            "ideal (above 100%: faster per allowed pair than dense sdpa is per pair, as a "
-            f"kernel faster than SDPA on the dense pattern itself reads).{best}")
+    return (
+        "Crossover: the smallest n from which on the series beats dense sdpa at every measured size, "
+        "interpolated in log space. At the largest n both ran: speedup = dense sdpa median / series "
+        "median (same shape), ideal = nnz(dense) / nnz(pattern), efficiency = speedup / "
+        "ideal (above 100%: faster per allowed pair than dense sdpa is per pair, as a "
+        f"kernel faster than SDPA on the dense pattern itself reads).{best}"
+    )
 
 
 FIRST_CALL_NOTE = (
@@ -161,8 +177,11 @@ def tables(analysis: Analysis, compact: bool = False) -> list[TableSpec]:
     others = [s for s in analysis.series if not s.is_baseline]
     if others:
         out.append(series_table(BASELINE_TITLE, BASELINE_COLUMNS, others, baseline_note(compact), compact))
-    firsts = [s for s in analysis.series if s.first_call is not None
-              and (s.first_call.setup_s is not None or s.first_call.first_call_s is not None)]
+    firsts = [
+        s
+        for s in analysis.series
+        if s.first_call is not None and (s.first_call.setup_s is not None or s.first_call.first_call_s is not None)
+    ]
     if firsts and not compact:
         out.append(series_table(FIRST_CALL_TITLE, FIRST_CALL_COLUMNS, firsts, FIRST_CALL_NOTE))
     return out
@@ -173,13 +192,14 @@ def drift_note(analysis: Analysis) -> str | None:
     if analysis.probe is None:
         return None
     lo, hi = analysis.probe
-    text = (f"a fixed matmul probe took {format_time(lo)} to {format_time(hi)} between cases "
-            f"({hi / lo:.2f}x)")
+    text = f"a fixed matmul probe took {format_time(lo)} to {format_time(hi)} between cases ({hi / lo:.2f}x)"
     if analysis.drifted:
-        return (f"Machine speed varied during the run: {text}. A ratio of two cases measured at "
-                "different times (speedup, efficiency) includes that drift (a short probe "
-                "exaggerates it; long cases feel less); rerun, or compare runs, before trusting "
-                "a small difference.")
+        return (
+            f"Machine speed varied during the run: {text}. A ratio of two cases measured at "
+            "different times (speedup, efficiency) includes that drift (a short probe "
+            "exaggerates it; long cases feel less); rerun, or compare runs, before trusting "
+            "a small difference."
+        )
     return f"Machine speed was steady during the run: {text}."
 
 

@@ -90,8 +90,10 @@ def to_markdown(result: Result) -> str:
     extra = f" {len(gone)} case(s) of {c.base_name} not measured in {c.new_name}." if gone else ""
     if c.rows and not c.compared():
         extra += " Nothing was measured in both."
-    parts = [f"### sparsebench compare: {c.new_name} vs {c.base_name}\n",
-             f"{head}{len(bad)} regression(s).{extra} {summary_line(c)}.\n"]
+    parts = [
+        f"### sparsebench compare: {c.new_name} vs {c.base_name}\n",
+        f"{head}{len(bad)} regression(s).{extra} {summary_line(c)}.\n",
+    ]
     for w in c.warnings:
         parts.append(f"> **Warning:** {w}\n")
     rows = [tuple(f"**{v}**" if (i == len(r) - 2 and v in REGRESSIONS) else v for i, v in enumerate(r)) for r in t.rows]
@@ -119,13 +121,34 @@ def to_csv(result: Result) -> str:
             w.writerow(list(key) + [t if t is not None else s for _, t, s in cells])
         return buf.getvalue()
     c = result
-    fields = list(CASE_KEY) + ["side", "base", "new", "ratio", "verdict", "test", "p_value", "base_status", "new_status"]
+    fields = list(CASE_KEY) + [
+        "side",
+        "base",
+        "new",
+        "ratio",
+        "verdict",
+        "test",
+        "p_value",
+        "base_status",
+        "new_status",
+    ]
     dw = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     dw.writeheader()
     for r in c.rows:
-        dw.writerow({**dict(zip(CASE_KEY, r.key)), "side": "both", "base": r.base, "new": r.new, "ratio": r.ratio,
-                     "verdict": r.verdict, "test": r.test, "p_value": r.p_value, "base_status": r.base_status,
-                     "new_status": r.new_status})
+        dw.writerow(
+            {
+                **dict(zip(CASE_KEY, r.key)),
+                "side": "both",
+                "base": r.base,
+                "new": r.new,
+                "ratio": r.ratio,
+                "verdict": r.verdict,
+                "test": r.test,
+                "p_value": r.p_value,
+                "base_status": r.base_status,
+                "new_status": r.new_status,
+            }
+        )
     for side, keys in (("base only", c.only_base), ("new only", c.only_new)):
         for k in keys:
             dw.writerow({**dict(zip(CASE_KEY, k)), "side": side})
@@ -133,15 +156,14 @@ def to_csv(result: Result) -> str:
 
 
 def summary_line(c: Comparison) -> str:
-    """"12 same, 2 slower, 1 only in base; threshold 10% on the median"."""
+    """ "12 same, 2 slower, 1 only in base; threshold 10% on the median"."""
     counts = c.counts()
     parts = [f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
     if c.only_base:
         parts.append(f"{len(c.only_base)} only in {c.base_name}")
     if c.only_new:
         parts.append(f"{len(c.only_new)} only in {c.new_name}")
-    return (f"{len(c.rows)} common cases ({', '.join(parts) or 'none'}); "
-            f"threshold {c.threshold:.0%} on the {c.metric}")
+    return f"{len(c.rows)} common cases ({', '.join(parts) or 'none'}); threshold {c.threshold:.0%} on the {c.metric}"
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -154,11 +176,18 @@ def _case_table(c: Comparison) -> TableSpec:
         rows.append(
             (f"{r.get('pattern_label')} · {r.get('backend')}",)
             + tuple(dim_text(d, r.get(d)) for d in c.shown_dims)
-            + (str(r.get("seq_len")), _side(r.base, r.base_status), _side(r.new, r.new_status),
-               ratio_text(r), r.verdict, _noise_text(r))
+            + (
+                str(r.get("seq_len")),
+                _side(r.base, r.base_status),
+                _side(r.new, r.new_status),
+                ratio_text(r),
+                r.verdict,
+                _noise_text(r),
+            )
         )
-    return TableSpec(f"{c.metric} time, new = {c.new_name} vs base = {c.base_name}", cols,
-                     tuple(rows), summary_line(c), wrap=(0,))
+    return TableSpec(
+        f"{c.metric} time, new = {c.new_name} vs base = {c.base_name}", cols, tuple(rows), summary_line(c), wrap=(0,)
+    )
 
 
 def _by_table(b: ByComparison) -> TableSpec:
@@ -230,18 +259,48 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
         extra = [dim_text(c, row[c]) for c in cmp.shown_dims]
         if extra:
             label += ", " + ", ".join(extra)
-        ax.plot(g["seq_len"], g["ratio"], label=wrap_label(label), gid=f"ratio:{label}",
-                **styles.line(row["pattern_label"], row["backend"], is_baseline_key(key)))
+        ax.plot(
+            g["seq_len"],
+            g["ratio"],
+            label=wrap_label(label),
+            gid=f"ratio:{label}",
+            **styles.line(row["pattern_label"], row["backend"], is_baseline_key(key)),
+        )
         slow = g[g["verdict"] == "slower"]
         if len(slow):
-            ax.plot(slow["seq_len"], slow["ratio"], linestyle="none", marker="o", markersize=13,
-                    markerfacecolor="none", markeredgecolor=RING, markeredgewidth=1.6,
-                    zorder=6, label="_slower")
-    finish_axes(ax, f"threshold {t:.0%}; a ring marks a case slower beyond the threshold and the noise",
-                "sequence length n (tokens)", f"{cmp.metric} time ratio (new / base)", y="ratio")
+            ax.plot(
+                slow["seq_len"],
+                slow["ratio"],
+                linestyle="none",
+                marker="o",
+                markersize=13,
+                markerfacecolor="none",
+                markeredgecolor=RING,
+                markeredgewidth=1.6,
+                zorder=6,
+                label="_slower",
+            )
+    finish_axes(
+        ax,
+        f"threshold {t:.0%}; a ring marks a case slower beyond the threshold and the noise",
+        "sequence length n (tokens)",
+        f"{cmp.metric} time ratio (new / base)",
+        y="ratio",
+    )
     extra = []
     if (df["verdict"] == "slower").any():
-        extra.append(Line2D([], [], linestyle="none", marker="o", markersize=10, markerfacecolor="none",
-                            markeredgecolor=RING, markeredgewidth=1.6, label="slower (regression)"))
+        extra.append(
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                marker="o",
+                markersize=10,
+                markerfacecolor="none",
+                markeredgecolor=RING,
+                markeredgewidth=1.6,
+                label="slower (regression)",
+            )
+        )
     outside_legend(ax, extra)
     return fig

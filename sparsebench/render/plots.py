@@ -61,8 +61,15 @@ BACKEND_COLOURS = {
 }
 SPARE_COLOURS = (OKABE_ITO["orange"], "#7F7F7F", OKABE_ITO["yellow"])
 # Decode figures: one colour per (non-dense) pattern, in this order.
-PATTERN_COLOURS = (OKABE_ITO["blue"], OKABE_ITO["vermillion"], OKABE_ITO["bluish_green"],
-                   OKABE_ITO["reddish_purple"], OKABE_ITO["orange"], OKABE_ITO["sky_blue"], "#7F7F7F")
+PATTERN_COLOURS = (
+    OKABE_ITO["blue"],
+    OKABE_ITO["vermillion"],
+    OKABE_ITO["bluish_green"],
+    OKABE_ITO["reddish_purple"],
+    OKABE_ITO["orange"],
+    OKABE_ITO["sky_blue"],
+    "#7F7F7F",
+)
 BASELINE_COLOUR = OKABE_ITO["black"]
 NEUTRAL = "#555555"
 # "--" is kept for estimates and ideals; patterns get the others, each with its own marker.
@@ -105,8 +112,9 @@ class Styles:
         ls, marker = self.pattern(label)
         if label.startswith(BASELINE_PATTERN):
             return dict(color=BASELINE_COLOUR, linestyle="-", marker="o", linewidth=3.0, markersize=6, zorder=4)
-        return dict(color=self.pattern_colour(label), linestyle=ls, marker=marker, linewidth=1.8, markersize=6,
-                    zorder=3)
+        return dict(
+            color=self.pattern_colour(label), linestyle=ls, marker=marker, linewidth=1.8, markersize=6, zorder=3
+        )
 
     def pattern(self, label: str) -> tuple[Any, str]:
         return self.patterns.get(label, PATTERN_STYLES[0])
@@ -166,9 +174,17 @@ def fig_time_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | No
             excluded = set(s.time_fit.excluded) if s and s.time_fit else set()
             if excluded:
                 e = g[g["seq_len"].isin(excluded)]
-                ax.plot(e["seq_len"], e["time_median_s"], linestyle="none", marker=style["marker"],
-                        markersize=style["markersize"] + 1, markerfacecolor="white",
-                        markeredgecolor=style["color"], zorder=style["zorder"] + 1, label="_floor")
+                ax.plot(
+                    e["seq_len"],
+                    e["time_median_s"],
+                    linestyle="none",
+                    marker=style["marker"],
+                    markersize=style["markersize"] + 1,
+                    markerfacecolor="white",
+                    markeredgecolor=style["color"],
+                    zorder=style["zorder"] + 1,
+                    label="_floor",
+                )
                 floor_shown = True
         _guides(ax, sub)
         finish_axes(ax, title, _xlabel(sub), "median time per call", y="time")
@@ -176,8 +192,17 @@ def fig_time_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | No
         if floor_shown:
             from matplotlib.lines import Line2D
 
-            extra.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white",
-                                markeredgecolor=NEUTRAL, label="hollow: overhead floor, not fitted"))
+            extra.append(
+                Line2D(
+                    [],
+                    [],
+                    linestyle="none",
+                    marker="o",
+                    markerfacecolor="white",
+                    markeredgecolor=NEUTRAL,
+                    label="hollow: overhead floor, not fitted",
+                )
+            )
         outside_legend(ax, extra)
     return fig
 
@@ -218,8 +243,17 @@ def fig_per_token_latency_vs_context(df, analysis: Analysis | None = None, style
         finish_axes(ax, title, _xlabel(sub), "median time per generated token", y="time")
         from matplotlib.lines import Line2D
 
-        outside_legend(ax, [Line2D([], [], linestyle="none", label="n: tokens in the KV cache before the step\n"
-                                   "exponent fitted over every n [95% CI]")])
+        outside_legend(
+            ax,
+            [
+                Line2D(
+                    [],
+                    [],
+                    linestyle="none",
+                    label="n: tokens in the KV cache before the step\nexponent fitted over every n [95% CI]",
+                )
+            ],
+        )
     return fig
 
 
@@ -248,17 +282,33 @@ def fig_memory_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | 
             points = (style["color"], tuple(zip(est["seq_len"].tolist(), est["est_mem_bytes"].tolist())))
             if len(est) and points not in drawn:
                 drawn.add(points)
-                ax.plot(est["seq_len"], est["est_mem_bytes"], color=style["color"], linestyle="--",
-                        linewidth=1.2, alpha=0.85, zorder=2, label=f"{_short(key)} (estimate)",
-                        gid=f"estimate:{_short(key)}")
+                ax.plot(
+                    est["seq_len"],
+                    est["est_mem_bytes"],
+                    color=style["color"],
+                    linestyle="--",
+                    linewidth=1.2,
+                    alpha=0.85,
+                    zorder=2,
+                    label=f"{_short(key)} (estimate)",
+                    gid=f"estimate:{_short(key)}",
+                )
                 any_est = True
         finish_axes(ax, title, _xlabel(sub), "peak memory", y="bytes")
         extra = []
         if any_est:
             from matplotlib.lines import Line2D
 
-            extra.append(Line2D([], [], color=NEUTRAL, linestyle="--", linewidth=1.2,
-                                label="dashed, no markers: analytic estimate\n(in its backend's colour)"))
+            extra.append(
+                Line2D(
+                    [],
+                    [],
+                    color=NEUTRAL,
+                    linestyle="--",
+                    linewidth=1.2,
+                    label="dashed, no markers: analytic estimate\n(in its backend's colour)",
+                )
+            )
         outside_legend(ax, extra, skip=("(estimate)",))
     return fig
 
@@ -275,21 +325,37 @@ def fig_speedup_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles |
     styles = styles or styles_for(df)
     fig, panels = _figure(ok, "Speedup over dense sdpa vs sequence length")
     for ax, sub, title in panels:
-        ax.axhline(1.0, color=BASELINE_COLOUR, linewidth=2.5, zorder=4, label="dense · sdpa baseline (= 1x)",
-                   gid="baseline")
+        ax.axhline(
+            1.0, color=BASELINE_COLOUR, linewidth=2.5, zorder=4, label="dense · sdpa baseline (= 1x)", gid="baseline"
+        )
         for key, g in _ordered_series(sub):
             g = g.sort_values("seq_len")
-            ax.plot(g["seq_len"], g["speedup"], label=wrap_label(_short(key)), gid=f"speedup:{_short(key)}",
-                    **styles.line(key[0], key[1]))
+            ax.plot(
+                g["seq_len"],
+                g["speedup"],
+                label=wrap_label(_short(key)),
+                gid=f"speedup:{_short(key)}",
+                **styles.line(key[0], key[1]),
+            )
         for lab, g in sub.groupby("pattern_label", sort=True):
             if str(lab).startswith(BASELINE_PATTERN):
                 continue
             g = g.drop_duplicates("seq_len").sort_values("seq_len")
             g = g[np.isfinite(g["ideal_speedup"].astype(float))]
             if len(g):
-                ax.plot(g["seq_len"], g["ideal_speedup"], color=NEUTRAL, linestyle="--", linewidth=1.2,
-                        marker=styles.pattern(str(lab))[1], markersize=3, alpha=0.9, zorder=2,
-                        label=wrap_label(f"ideal (nnz): {lab}"), gid=f"ideal:{lab}")
+                ax.plot(
+                    g["seq_len"],
+                    g["ideal_speedup"],
+                    color=NEUTRAL,
+                    linestyle="--",
+                    linewidth=1.2,
+                    marker=styles.pattern(str(lab))[1],
+                    markersize=3,
+                    alpha=0.9,
+                    zorder=2,
+                    label=wrap_label(f"ideal (nnz): {lab}"),
+                    gid=f"ideal:{lab}",
+                )
         finish_axes(ax, title, _xlabel(sub), "speedup over dense sdpa (x)", y="ratio")
         outside_legend(ax)
     return fig
@@ -312,10 +378,13 @@ def fig_kv_cache_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles 
 
     groups = list(iter_groups(kv, dims))
     measured_any = bool(positive_mask(kv, "cache_bytes_measured").any())
-    fig = Figure(figsize=(WIDTH, sum(_panel_height(sub, "pattern_label") for _, sub in groups) + 0.3),
-                 layout="constrained")
-    fig.suptitle("KV-cache a decoder must keep vs context length" + (": measured and analytic" if measured_any else ""),
-                 fontweight="bold")
+    fig = Figure(
+        figsize=(WIDTH, sum(_panel_height(sub, "pattern_label") for _, sub in groups) + 0.3), layout="constrained"
+    )
+    fig.suptitle(
+        "KV-cache a decoder must keep vs context length" + (": measured and analytic" if measured_any else ""),
+        fontweight="bold",
+    )
     axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
     for ax, (key, sub) in zip(axes, groups):
         row = dict(zip(dims, key))
@@ -326,13 +395,26 @@ def fig_kv_cache_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles 
             finish_axes(ax, title + " · one layer", "context length (tokens)", "K/V cache size", y="bytes")
             from matplotlib.lines import Line2D
 
-            extra = [Line2D([], [], color=NEUTRAL, linestyle="-", linewidth=4, alpha=0.35, marker="o",
-                            markerfacecolor=NEUTRAL, markeredgecolor=NEUTRAL,
-                            label="markers on a band: measured (K/V tensors allocated)"),
-                     Line2D([], [], color=NEUTRAL, linestyle="--", label="dashed: analytic (2·B·H·D·bytes·kept tokens)")]
+            extra = [
+                Line2D(
+                    [],
+                    [],
+                    color=NEUTRAL,
+                    linestyle="-",
+                    linewidth=4,
+                    alpha=0.35,
+                    marker="o",
+                    markerfacecolor=NEUTRAL,
+                    markeredgecolor=NEUTRAL,
+                    label="markers on a band: measured (K/V tensors allocated)",
+                ),
+                Line2D([], [], color=NEUTRAL, linestyle="--", label="dashed: analytic (2·B·H·D·bytes·kept tokens)"),
+            ]
             outside_legend(ax, extra, skip=("(analytic)",))
             continue
-        labels = sorted(sub["pattern_label"].astype(str).unique(), key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab))
+        labels = sorted(
+            sub["pattern_label"].astype(str).unique(), key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab)
+        )
         drawn: list[tuple[str, Any]] = []
         for lab in labels:
             g = sub[sub["pattern_label"] == lab].drop_duplicates("seq_len").sort_values("seq_len")
@@ -344,10 +426,20 @@ def fig_kv_cache_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles 
             under = _coinciding(g, drawn)
             text = _kv_text(lab, g) + (f"; on the line of {under.split('(')[0]}" if under else "")
             # a line drawn over an equal one gets open, larger markers: both stay visible
-            ax.plot(g["seq_len"], g["kv_cache_bytes"], label=wrap_label(text, width=72), gid=f"kv:{lab}",
-                    color=BASELINE_COLOUR if dense else styles.pattern_colour(lab), linestyle=ls, marker=marker,
-                    markersize=10 if under else 6, markerfacecolor="none" if under else None,
-                    markeredgewidth=1.6 if under else None, linewidth=3.0 if dense else 1.8, zorder=2 if dense else 3)
+            ax.plot(
+                g["seq_len"],
+                g["kv_cache_bytes"],
+                label=wrap_label(text, width=72),
+                gid=f"kv:{lab}",
+                color=BASELINE_COLOUR if dense else styles.pattern_colour(lab),
+                linestyle=ls,
+                marker=marker,
+                markersize=10 if under else 6,
+                markerfacecolor="none" if under else None,
+                markeredgewidth=1.6 if under else None,
+                linewidth=3.0 if dense else 1.8,
+                zorder=2 if dense else 3,
+            )
             drawn.append((lab, g))
         finish_axes(ax, title, "context length (tokens)", "KV-cache size", y="bytes")
         outside_legend(ax)
@@ -387,7 +479,9 @@ def _kv_measured_panel(ax, sub, measured, styles: Styles) -> None:
     measured record (no decode run, or its decode failed) keeps its analytic line."""
     from matplotlib.colors import to_rgba
 
-    labels = sorted(sub["pattern_label"].astype(str).unique(), key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab))
+    labels = sorted(
+        sub["pattern_label"].astype(str).unique(), key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab)
+    )
     for lab in labels:
         g = measured[measured["pattern_label"] == lab].drop_duplicates("seq_len").sort_values("seq_len")
         colour = styles.pattern_colour(lab)
@@ -397,22 +491,47 @@ def _kv_measured_panel(ax, sub, measured, styles: Styles) -> None:
             a = sub[(sub["pattern_label"] == lab) & positive_mask(sub, "kv_cache_bytes")]
             a = a.drop_duplicates("seq_len").sort_values("seq_len")
             if len(a):
-                ax.plot(a["seq_len"], a["kv_cache_bytes"], color=colour, linestyle="--", linewidth=1.3, zorder=4,
-                        label=wrap_label(_kv_text(lab, a) + "; analytic only, nothing measured", width=60),
-                        gid=f"kv:{lab}")
+                ax.plot(
+                    a["seq_len"],
+                    a["kv_cache_bytes"],
+                    color=colour,
+                    linestyle="--",
+                    linewidth=1.3,
+                    zorder=4,
+                    label=wrap_label(_kv_text(lab, a) + "; analytic only, nothing measured", width=60),
+                    gid=f"kv:{lab}",
+                )
             continue
         policy = ""
         if "cache_policy" in g and g["cache_policy"].notna().any():
             policy = str(g["cache_policy"].dropna().iloc[-1]).split(" (")[0]
         text = _kv_text(lab, g) + (f"; cache {policy}" if policy else "")
-        ax.plot(g["seq_len"], g["cache_bytes_measured"], label=wrap_label(text, width=60), gid=f"kv_measured:{lab}",
-                color=to_rgba(colour, 0.35), linestyle="-", linewidth=6.0 if dense else 4.0, marker=marker,
-                markersize=10 if dense else 7, markerfacecolor=colour, markeredgecolor=colour,
-                zorder=2 if dense else 3)  # dense larger and below: a pattern that equals it leaves a rim
+        ax.plot(
+            g["seq_len"],
+            g["cache_bytes_measured"],
+            label=wrap_label(text, width=60),
+            gid=f"kv_measured:{lab}",
+            color=to_rgba(colour, 0.35),
+            linestyle="-",
+            linewidth=6.0 if dense else 4.0,
+            marker=marker,
+            markersize=10 if dense else 7,
+            markerfacecolor=colour,
+            markeredgecolor=colour,
+            zorder=2 if dense else 3,
+        )  # dense larger and below: a pattern that equals it leaves a rim
         a = g[positive_mask(g, "kv_cache_bytes")]
         if len(a):
-            ax.plot(a["seq_len"], a["kv_cache_bytes"], color=colour, linestyle="--", linewidth=1.3, zorder=4,
-                    label=f"{lab} (analytic)", gid=f"kv:{lab}")
+            ax.plot(
+                a["seq_len"],
+                a["kv_cache_bytes"],
+                color=colour,
+                linestyle="--",
+                linewidth=1.3,
+                zorder=4,
+                label=f"{lab} (analytic)",
+                gid=f"kv:{lab}",
+            )
 
 
 def fig_masks(df, analysis: Analysis | None = None, styles: Styles | None = None, n: int | None = None):
@@ -441,10 +560,11 @@ def fig_masks(df, analysis: Analysis | None = None, styles: Styles | None = None
     cols = min(4, len(labels))
     rows = math.ceil(len(labels) / cols)
     fig = Figure(figsize=(3.0 * cols + 0.6, 3.35 * rows + 0.6), layout="constrained")
-    fig.suptitle(f"Attention masks ({'causal' if causal else 'bidirectional'}; black = query attends key)",
-                 fontweight="bold")
+    fig.suptitle(
+        f"Attention masks ({'causal' if causal else 'bidirectional'}; black = query attends key)", fontweight="bold"
+    )
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[len(labels):]:
+    for ax in axes[len(labels) :]:
         ax.set_axis_off()
     # one n for the whole gallery, so dense and sparse are drawn at the same size
     built: dict[str, Any] = {}
@@ -468,13 +588,26 @@ def fig_masks(df, analysis: Analysis | None = None, styles: Styles | None = None
             density = pat.density(size, causal)
         except SparsebenchError as e:
             ax.set_title(title, fontsize=9)
-            ax.text(0.5, 0.5, "\n".join(textwrap.wrap(f"cannot draw: {e}", 32)), ha="center", va="center",
-                    fontsize=8, transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "\n".join(textwrap.wrap(f"cannot draw: {e}", 32)),
+                ha="center",
+                va="center",
+                fontsize=8,
+                transform=ax.transAxes,
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             continue
-        ax.imshow(mask.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="antialiased",
-                  extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+        ax.imshow(
+            mask.numpy(),
+            cmap="Greys",
+            vmin=0,
+            vmax=1,
+            interpolation="antialiased",
+            extent=(-0.5, size - 0.5, size - 0.5, -0.5),
+        )
         ax.set_title(f"{title}\ndensity {density:.1%} at n={size}", fontsize=9)
         ax.set_xlabel("key j", fontsize=8)
         ax.set_ylabel("query i", fontsize=8)
@@ -496,7 +629,9 @@ FIGURE_FUNCTIONS = {
 }
 
 
-def render_all(folder: Path, df, formats: Sequence[str] = ("png", "svg"), analysis: Analysis | None = None) -> list[Path]:
+def render_all(
+    folder: Path, df, formats: Sequence[str] = ("png", "svg"), analysis: Analysis | None = None
+) -> list[Path]:
     """Write every figure that has data to ``folder/plots`` in each format; return the paths.
 
     A figure with nothing to draw is not written, and a file of that name left in ``plots/``
@@ -569,14 +704,25 @@ def wrap_label(text: str, suffix: str = "", width: int = 44) -> str:
 def _ordered_series(sub):
     """Series of a panel, the baseline first, then by pattern and backend."""
     items = list(iter_groups(sub, SERIES_KEY))
-    items.sort(key=lambda kg: (not is_baseline_key(kg[0]), not str(kg[0][0]).startswith(BASELINE_PATTERN),
-                               str(kg[0][0]), str(kg[0][1])))
+    items.sort(
+        key=lambda kg: (
+            not is_baseline_key(kg[0]),
+            not str(kg[0][0]).startswith(BASELINE_PATTERN),
+            str(kg[0][0]),
+            str(kg[0][1]),
+        )
+    )
     return items
 
 
 def _panel_title(row: dict) -> str:
-    bits = [str(row["device"]), str(row["dtype"]), str(row["mode"]), dim_text("causal", row["causal"]),
-            f"B={row['batch']} H={row['heads']} D={row['head_dim']}"]
+    bits = [
+        str(row["device"]),
+        str(row["dtype"]),
+        str(row["mode"]),
+        dim_text("causal", row["causal"]),
+        f"B={row['batch']} H={row['heads']} D={row['head_dim']}",
+    ]
     return " · ".join(bits)
 
 
@@ -625,9 +771,18 @@ def _guides(ax, sub, guides: Sequence[tuple[float, str, Any]] = GUIDES) -> None:
     for power, text, ls in guides:
         y = y0 * (x / ns[0]) ** power
         ax.plot(x, y, color="#999999", linestyle=ls, linewidth=1.3, zorder=1, label=text, gid=f"guide:{text}")
-        ax.annotate(text.replace(" guide", ""), (x[-1], y[-1]), xytext=(-6, -2), textcoords="offset points",
-                    fontsize=8, color="#666666", ha="right", va="top", zorder=6,
-                    bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.8))
+        ax.annotate(
+            text.replace(" guide", ""),
+            (x[-1], y[-1]),
+            xytext=(-6, -2),
+            textcoords="offset points",
+            fontsize=8,
+            color="#666666",
+            ha="right",
+            va="top",
+            zorder=6,
+            bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.8),
+        )
 
 
 def finish_axes(ax, title: str, xlabel: str, ylabel: str, y: str) -> None:
@@ -680,10 +835,16 @@ def _decade_axis(axis, lim, text) -> None:
     if len(ticks) < 3:  # a narrow range: plain "nice" values
         from matplotlib.ticker import MaxNLocator
 
-        ticks = [t for t in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi and t > 0]
+        ticks = [
+            t for t in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi and t > 0
+        ]
     else:  # more than a factor 2 of axis without a label at either end: a 1-2-5 value there
-        nice = sorted(s * 10.0**k for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
-                      for s in (1.0, 2.0, 5.0) if lo <= s * 10.0**k <= hi)
+        nice = sorted(
+            s * 10.0**k
+            for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+            for s in (1.0, 2.0, 5.0)
+            if lo <= s * 10.0**k <= hi
+        )
         below = [t for t in nice if t < ticks[0] / 1.9]
         if below and ticks[0] > 2 * lo:
             ticks.insert(0, below[0])  # the one nearest the end
@@ -713,8 +874,16 @@ def outside_legend(ax, extra: Sequence[Any] = (), skip: Sequence[str] = ()) -> N
     keep += [(h, h.get_label()) for h in extra]
     if not keep:
         return
-    ax.legend([h for h, _ in keep], [lab for _, lab in keep], loc="upper left", bbox_to_anchor=(1.02, 1.0),
-              borderaxespad=0.0, fontsize=LEGEND_FONT, frameon=False, handlelength=3.2)
+    ax.legend(
+        [h for h, _ in keep],
+        [lab for _, lab in keep],
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        borderaxespad=0.0,
+        fontsize=LEGEND_FONT,
+        frameon=False,
+        handlelength=3.2,
+    )
 
 
 def _mask_size(pat, params: dict, causal: bool) -> int:
@@ -722,8 +891,9 @@ def _mask_size(pat, params: dict, causal: bool) -> int:
     integer parameter, capped at 1024) and that the pattern accepts."""
     from sparsebench.errors import SparsebenchError
 
-    biggest = max([int(v) for k, v in params.items() if k != "seed" and isinstance(v, int)
-                   and not isinstance(v, bool)] or [0])
+    biggest = max(
+        [int(v) for k, v in params.items() if k != "seed" and isinstance(v, int) and not isinstance(v, bool)] or [0]
+    )
     size = 128
     while size < min(2 * biggest, 1024):
         size *= 2

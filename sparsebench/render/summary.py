@@ -9,8 +9,15 @@ from typing import Any, Callable, Iterable
 
 COLUMNS = ("pattern", "backend", "n", "median ms", "TFLOP/s", "peak MiB", "density", "speedup", "max err", "status")
 
-STATUS_STYLE = {"ok": "green", "wrong": "bold red", "oom": "red", "timeout": "red", "error": "red",
-                "crashed": "bold red", "skipped": "dim"}
+STATUS_STYLE = {
+    "ok": "green",
+    "wrong": "bold red",
+    "oom": "red",
+    "timeout": "red",
+    "error": "red",
+    "crashed": "bold red",
+    "skipped": "dim",
+}
 
 
 def _num(v: Any) -> float | None:
@@ -33,8 +40,10 @@ def row_cells(r: dict[str, Any]) -> list[str]:
         status = f"{status}: {r['reason']}"
     return [
         str(r.get("pattern_label", "")),
-        str(r.get("backend", "")) + ("" if r.get("dtype") in (None, "fp32") else f" {r['dtype']}")
-        + ("" if r.get("mode") in (None, "forward") else f" {r['mode']}") + ("" if r.get("device") in (None, "cpu") else f" @{r['device']}"),
+        str(r.get("backend", ""))
+        + ("" if r.get("dtype") in (None, "fp32") else f" {r['dtype']}")
+        + ("" if r.get("mode") in (None, "forward") else f" {r['mode']}")
+        + ("" if r.get("device") in (None, "cpu") else f" @{r['device']}"),
         str(r.get("seq_len", "")),
         "" if med is None else f"{med * 1e3:.2f}",
         "" if tf is None else f"{tf:.3f}",
@@ -62,8 +71,12 @@ def rich_table(records: list[dict[str, Any]], title: str | None = None):
 
     table = Table(title=title, header_style="bold", show_lines=False)
     for c in COLUMNS:
-        table.add_column(c, justify="left" if c in ("pattern", "backend", "status") else "right",
-                         overflow="fold", max_width=48 if c == "status" else None)
+        table.add_column(
+            c,
+            justify="left" if c in ("pattern", "backend", "status") else "right",
+            overflow="fold",
+            max_width=48 if c == "status" else None,
+        )
     for r in with_speedup(records):
         table.add_row(*row_cells(r), style=STATUS_STYLE.get(r.get("status"), None) if r.get("status") != "ok" else None)
     return table
@@ -99,8 +112,10 @@ def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: s
         f"- cases: {len(records)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})",
         *_rounds_line(records),
         f"- machine: {env.get('cpu', '?')}, {env.get('threads', '?')} threads, GPU: {env.get('gpu') or 'none'}",
-        f"- software: sparsebench {env.get('sparsebench', '?')}, torch {env.get('torch', '?')}, python {env.get('python', '?')}",
-        f"- commit: {env.get('git_commit') or 'n/a'} (sparsebench source: {env.get('sparsebench_commit') or 'installed package'})",
+        f"- software: sparsebench {env.get('sparsebench', '?')}, torch {env.get('torch', '?')}, "
+        f"python {env.get('python', '?')}",
+        f"- commit: {env.get('git_commit') or 'n/a'} "
+        f"(sparsebench source: {env.get('sparsebench_commit') or 'installed package'})",
         "",
         "Speedup is over dense `sdpa` on the same device, dtype, mode and shape; max err is the",
         "largest absolute difference from dense attention under the same mask.",
@@ -115,8 +130,14 @@ def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: s
     return "\n".join(parts)
 
 
-def finalize(folder: Path, records: list[dict[str, Any]], *, plots: bool = True,
-             warn: Callable[[str], None] | None = None, renderables: list | None = None) -> list[Path]:
+def finalize(
+    folder: Path,
+    records: list[dict[str, Any]],
+    *,
+    plots: bool = True,
+    warn: Callable[[str], None] | None = None,
+    renderables: list | None = None,
+) -> list[Path]:
     """Write results.csv, summary.md, and (when asked) plots/ and report.html. A failure in an
     optional report is a warning: the records are already safe on disk."""
     from sparsebench.results import folder as results

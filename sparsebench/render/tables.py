@@ -39,12 +39,23 @@ def rich_table(t: TableSpec, row_styles: Sequence[str | None] | None = None):
     from rich import box
     from rich.table import Table
 
-    table = Table(title=t.title, caption=t.note or None, caption_justify="left", title_justify="left",
-                  box=box.SIMPLE_HEAD, title_style="bold")
+    table = Table(
+        title=t.title,
+        caption=t.note or None,
+        caption_justify="left",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        title_style="bold",
+    )
     for i, c in enumerate(t.columns):
         wraps = i in t.wrap
-        table.add_column(c, justify="left" if i == 0 else "right", no_wrap=not wraps,
-                         overflow="fold" if wraps else "ellipsis", min_width=16 if i == 0 else None)
+        table.add_column(
+            c,
+            justify="left" if i == 0 else "right",
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+            min_width=16 if i == 0 else None,
+        )
     for i, r in enumerate(t.rows):
         table.add_row(*[str(v) for v in r], style=row_styles[i] if row_styles else None)
     return table

@@ -108,8 +108,10 @@ def run_forward(plan: Plan, q, k, v, keep: bool = False):
         out.view(seqs, 1, n, d).copy_(call_out)
         return out, None, [call_lse]
     # fp32 when calls are merged, or when the native kernel (fp32 output) serves low precision
-    native_low = q.dtype != torch.float32 and _native_window(qs) and any(
-        c.ranges is not None or _native_ok(c, qs) for c in plan.calls
+    native_low = (
+        q.dtype != torch.float32
+        and _native_window(qs)
+        and any(c.ranges is not None or _native_ok(c, qs) for c in plan.calls)
     )
     out_dtype = torch.float32 if plan.multi or native_low else q.dtype
     out = (torch.zeros if plan.init else torch.empty)(seqs, n, d, dtype=out_dtype, device=q.device)

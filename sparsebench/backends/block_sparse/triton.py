@@ -302,6 +302,7 @@ STAGES = (2, 3)
 
 if triton is not None:
     if INTERPRET:
+
         def _tuned(fn):
             return fn
     else:
@@ -326,7 +327,9 @@ if triton is not None:
 
     @triton.jit
     def _put_rows(X, base, rows, n, x, D: tl.constexpr):
-        tl.store(X + base + rows[:, None] * D + tl.arange(0, D)[None, :], x.to(X.dtype.element_ty), mask=rows[:, None] < n)
+        tl.store(
+            X + base + rows[:, None] * D + tl.arange(0, D)[None, :], x.to(X.dtype.element_ty), mask=rows[:, None] < n
+        )
 
     @triton.jit
     def _row_stats(LSE, DELTA, g, n, rows):
@@ -489,8 +492,8 @@ def backward(plan: TilePlan, q, k, v, out, lse, dout, delta=None, dtype: torch.d
     qk_scale = plan.scale * _LOG2E
     with _on(q):
         _backward_kv[grid](
-            q, k, v, dout, lse, delta, dk, dv, plan.ccol, plan.row, plan.tile, plan.part, plan.bits, n, qk_scale, plan.scale,
-            **meta,
+            q, k, v, dout, lse, delta, dk, dv, plan.ccol, plan.row, plan.tile, plan.part, plan.bits, n, qk_scale,
+            plan.scale, **meta,
         )  # fmt: skip
         _backward_q[grid](
             q, k, v, dout, lse, delta, dq, plan.crow, plan.col, plan.part, plan.bits, n, qk_scale, plan.scale, **meta

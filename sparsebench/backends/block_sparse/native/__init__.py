@@ -27,6 +27,7 @@ compiler; the build is cached, so only the first use waits for it). ``kernel()``
 where it cannot be built or is switched off (SPARSEBENCH_NATIVE=0); callers then use PyTorch /
 ATen.
 """
+
 from __future__ import annotations
 
 import os
