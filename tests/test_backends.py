@@ -115,6 +115,12 @@ def test_api_keywords_that_are_not_api_options_go_to_the_pattern():
     assert (both.double() - reference(pat, q, k, v, True)).abs().max().item() < 1e-5
 
 
+def test_problem_block_is_the_old_name_of_tile():
+    p = Problem(PATTERNS.get("dense")(), 64, True, 1, 2, 16, torch.float32, torch.device("cpu"), tile=32)
+    with pytest.warns(DeprecationWarning, match="Problem.tile"):
+        assert p.block == 32
+
+
 def test_api_attention():
     q, k, v = qkv(77, 1, 2, 16)
     out = sparsebench.attention(q, k, v, pattern="sliding_window", backend="block_sparse", window=8, tile=16)

@@ -38,6 +38,14 @@ class Problem:
     tile: int = 64
 
     @property
+    def block(self) -> int:
+        """The old name of ``tile`` (the block_sparse tile size); read with a warning, for one version."""
+        import warnings
+
+        warnings.warn("Problem.block is now Problem.tile", DeprecationWarning, stacklevel=2)
+        return self.tile
+
+    @property
     def elem_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
