@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from sparsebench.analysis.scaling import (
     case_label,
@@ -127,8 +127,23 @@ class CaseDiff:
     base_status: str = "ok"
     new_status: str = "ok"
 
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "base",
+        "new",
+        "ratio",
+        "verdict",
+        "test",
+        "p_value",
+        "base_status",
+        "new_status",
+    )
+
     def get(self, column: str) -> Any:
         return self.key[CASE_KEY.index(column)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The case key's columns, then the measured fields (FIELDS), flat: one JSON case or CSV row."""
+        return {**dict(zip(CASE_KEY, self.key)), **{f: getattr(self, f) for f in self.FIELDS}}
 
     @property
     def is_regression(self) -> bool:
@@ -208,20 +223,7 @@ class Comparison:
             "regressions": len(self.regressions()),
             "compared": len(self.compared()),
             "missing": [dict(zip(CASE_KEY, k)) for k in self.missing()],
-            "cases": [
-                {
-                    **dict(zip(CASE_KEY, r.key)),
-                    "base": r.base,
-                    "new": r.new,
-                    "ratio": r.ratio,
-                    "verdict": r.verdict,
-                    "test": r.test,
-                    "p_value": r.p_value,
-                    "base_status": r.base_status,
-                    "new_status": r.new_status,
-                }
-                for r in self.rows
-            ],
+            "cases": [r.to_dict() for r in self.rows],
             "only_base": [dict(zip(CASE_KEY, k)) for k in self.only_base],
             "only_new": [dict(zip(CASE_KEY, k)) for k in self.only_new],
         }

@@ -121,34 +121,11 @@ def to_csv(result: Result) -> str:
             w.writerow(list(key) + [t if t is not None else s for _, t, s in cells])
         return buf.getvalue()
     c = result
-    fields = list(CASE_KEY) + [
-        "side",
-        "base",
-        "new",
-        "ratio",
-        "verdict",
-        "test",
-        "p_value",
-        "base_status",
-        "new_status",
-    ]
+    fields = [*CASE_KEY, "side", *CaseDiff.FIELDS]
     dw = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     dw.writeheader()
     for r in c.rows:
-        dw.writerow(
-            {
-                **dict(zip(CASE_KEY, r.key)),
-                "side": "both",
-                "base": r.base,
-                "new": r.new,
-                "ratio": r.ratio,
-                "verdict": r.verdict,
-                "test": r.test,
-                "p_value": r.p_value,
-                "base_status": r.base_status,
-                "new_status": r.new_status,
-            }
-        )
+        dw.writerow({**r.to_dict(), "side": "both"})
     for side, keys in (("base only", c.only_base), ("new only", c.only_new)):
         for k in keys:
             dw.writerow({**dict(zip(CASE_KEY, k)), "side": side})
