@@ -17,16 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from sparsebench.backends.base import BACKENDS, Backend, Problem, masked_softmax_attention
-from sparsebench.patterns.base import (
-    PATTERNS,
-    Intervals,
-    Pattern,
-    band,
-    fixed_keys,
-    param,
-    require_at_most_n,
-    require_positive,
-)
+from sparsebench.patterns.base import PATTERNS, Pattern, param, require_at_most_n, require_positive
+from sparsebench.patterns.geometry import Intervals, band, fixed_keys
 
 
 @PATTERNS.register

@@ -216,3 +216,12 @@ def test_layout_cost_is_proportional_to_blocks_not_n_squared():
     assert layout.nnz_blocks == 3 * (n // 128) - 3  # rows 0 and 1 have 1 and 2 tiles
     assert elapsed < 30
     assert pat.nnz(n, True) == sum(min(i + 1, 256) for i in range(n))
+
+
+def test_geometry_names_still_found_in_base_with_a_warning():
+    from sparsebench.patterns import base, geometry
+
+    with pytest.warns(DeprecationWarning, match="sparsebench.patterns.geometry.band"):
+        assert base.band is geometry.band
+    with pytest.raises(AttributeError):
+        base.no_such_name  # noqa: B018

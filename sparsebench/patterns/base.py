@@ -270,3 +270,34 @@ def window_keys(n: int, window: int, causal: bool) -> torch.Tensor:
     if causal:
         return torch.clamp(i + 1, max=window)
     return torch.minimum(i, torch.tensor(window - 1)) + torch.minimum(n - 1 - i, torch.tensor(window - 1)) + 1
+
+
+# Tile geometry that lived in this module until the geometry module was split off: still found
+# here for one version, with a warning that names the new place.
+_MOVED_TO_GEOMETRY = (
+    "band",
+    "fixed_keys",
+    "key_list",
+    "all_keys_for",
+    "Band",
+    "BlockBand",
+    "Keys",
+    "Rows",
+    "Table",
+    "BlockTable",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_GEOMETRY:
+        import warnings
+
+        from sparsebench.patterns import geometry
+
+        warnings.warn(
+            f"sparsebench.patterns.base.{name} is now sparsebench.patterns.geometry.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(geometry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
