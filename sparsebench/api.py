@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparsebench.errors import BackendUnavailable, ScenarioError
+from sparsebench.units import COMPUTE_DTYPES  # the names a scenario uses for dtypes, accepted here too
 
 if TYPE_CHECKING:
     import torch
@@ -30,9 +31,6 @@ if TYPE_CHECKING:
     from sparsebench.patterns.base import Pattern
 
 __all__ = ["Attention", "attention", "pattern", "prepare"]
-
-# Names a scenario uses for dtypes, accepted here too.
-_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def pattern(name: str, **params: Any) -> "Pattern":
@@ -235,17 +233,17 @@ def _torch_dtype(dtype):
     from sparsebench.backends.base import DTYPE_BYTES
 
     if isinstance(dtype, str):  # "fp32" or torch's own name, "float32"
-        dtype = getattr(torch, _DTYPE_NAMES.get(dtype, dtype), dtype)
+        dtype = getattr(torch, COMPUTE_DTYPES.get(dtype, dtype), dtype)
     if not isinstance(dtype, torch.dtype) or dtype not in DTYPE_BYTES:
         from sparsebench.registry import unknown_choice
 
-        raise ScenarioError(unknown_choice("dtype", str(dtype), _DTYPE_NAMES))
+        raise ScenarioError(unknown_choice("dtype", str(dtype), COMPUTE_DTYPES))
     return dtype
 
 
 def _dtype_name(dtype) -> str:
     name = str(dtype).removeprefix("torch.")
-    return {v: k for k, v in _DTYPE_NAMES.items()}.get(name, name)
+    return {v: k for k, v in COMPUTE_DTYPES.items()}.get(name, name)
 
 
 def _on(actual, prepared) -> bool:
