@@ -1,6 +1,7 @@
 """The statistics sparsebench uses, as pure functions of numbers (no scipy; numpy only inside
 ``fit_power``): quantiles and the interquartile range, the two-sided Mann-Whitney U test, the
-least-squares power law ``y = a * n**k`` with its 95% interval, and Student's t quantiles.
+least-squares power law ``y = a * n**k`` with its 95% interval, Student's t distribution, and the
+confidence interval of a ratio of two timed cases (``ratio_interval``, used by compare and history).
 """
 
 from __future__ import annotations
@@ -104,22 +105,69 @@ def min_p_value(m: int, n: int) -> float:
 
 # -- Student's t --------------------------------------------------------------------------------
 
-# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (scipy is not a
-# dependency); beyond 30 the normal-ish tail below is within 1% of the exact value.
-_T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # fmt: skip
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-14:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1) / (a + b + 2):
+        return math.exp(ln) * _betacf(a, b, x) / a
+    return 1 - math.exp(ln) * _betacf(b, a, 1 - x) / b
+
+
+def t_cdf(x: float, dof: float) -> float:
+    """P(T <= x) for Student's t with ``dof`` degrees of freedom."""
+    tail = 0.5 * _betainc(dof / 2, 0.5, dof / (dof + x * x))
+    return 1 - tail if x > 0 else tail
+
+
+def t_quantile(p: float, dof: float) -> float:
+    """The ``p`` quantile (0 < p < 1) of Student's t with ``dof`` >= 1 degrees of freedom
+    (bisection on ``t_cdf``; scipy is not a dependency)."""
+    if not 0 < p < 1:
+        raise ValueError(f"quantile of p={p}")
+    if p < 0.5:
+        return -t_quantile(1 - p, dof)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, dof) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if t_cdf(mid, dof) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return (lo + hi) / 2
 
 
 def t975(dof: int) -> float:
     """The 97.5% quantile of Student's t with ``dof`` degrees of freedom (inf below 1)."""
     if dof < 1:
         return math.inf
-    if dof <= len(_T975):
-        return _T975[dof - 1]
-    return 1.95996 + 2.37 / dof
+    return t_quantile(0.975, dof)
 
 
 # -- the power law ------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from sparsebench import stats
 from sparsebench.errors import BackendUnavailable, ScenarioError
+from sparsebench.measure import slowdown
 from sparsebench.measure.device import sync
 from sparsebench.units import torch_dtype
 
@@ -385,11 +386,12 @@ def measure_decode(
     return record
 
 
-def _timed_step(dec: Decoder, i: int, device: torch.device) -> float:
+def _timed_step(dec: Decoder, i: int, device: torch.device, f: float = 1.0) -> float:
     sync(device)
     t0 = time.perf_counter()
     dec.step(i)
     sync(device)
+    slowdown.stretch(t0, f)  # SPARSEBENCH_TEST_SLOWDOWN: 1.0 unless set
     return time.perf_counter() - t0
 
 
@@ -411,7 +413,8 @@ def _time_steps(
         est = max(min(warm[-5:]), 1e-7)
         repeats = max(1, min(max_repeats, math.ceil(min_time_s / (tokens * est))))
     times = []
+    f = slowdown.factor()
     for i in range(tokens):
         for _ in range(repeats):
-            times.append(_timed_step(dec, i, device))
+            times.append(_timed_step(dec, i, device, f))
     return times, repeats

@@ -21,16 +21,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit(cwd: Path | None = None) -> str | None:
+def _git(args: list[str], cwd: Path | None = None) -> str | None:
+    """``git ARGS`` in ``cwd``: its output, or None outside a repository or without git."""
     if not shutil.which("git"):
         return None
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
-        )
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _git_commit(cwd: Path | None = None) -> str | None:
+    return _git(["rev-parse", "HEAD"], cwd)
+
+
+def _git_commit_date(cwd: Path | None = None) -> str | None:
+    """The committer date of HEAD (ISO 8601 with its offset): ``sparsebench history``'s order."""
+    return _git(["log", "-1", "--format=%cI"], cwd)
 
 
 def _compiler() -> dict[str, Any]:
@@ -58,6 +66,7 @@ SWITCHES = {
     "SPARSEBENCH_TRITON_PARTS": "auto, always or never: residue bands as parts of their own in the Triton kernels",
     "TRITON_INTERPRET": "1: Triton kernels run in the interpreter",
     "SPARSEBENCH_ALLOCATOR": "system: PyTorch's CPU allocator as it is (no reuse of freed blocks)",
+    "SPARSEBENCH_TEST_SLOWDOWN": "F (test only): timed calls take F times as long (extra work), the probe as it is",
 }
 
 
@@ -85,7 +94,9 @@ def collect() -> dict[str, Any]:
         "gpu": None,
         "gpu_count": 0,
         "git_commit": _git_commit(),  # of the folder the run started in
+        "git_commit_date": _git_commit_date(),
         "sparsebench_commit": _git_commit(Path(sparsebench.__file__).resolve().parent),  # editable installs
+        "sparsebench_commit_date": _git_commit_date(Path(sparsebench.__file__).resolve().parent),
     }
     try:
         import psutil

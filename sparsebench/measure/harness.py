@@ -14,6 +14,7 @@ import torch
 
 from sparsebench import stats
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
+from sparsebench.measure import slowdown
 from sparsebench.measure.device import TORCH_DTYPES, sync
 from sparsebench.measure.memory import PeakMemory, freed_memory_reused
 from sparsebench.patterns.base import PATTERNS
@@ -45,13 +46,17 @@ class Measurement:
 
 
 def time_calls(call: Callable[[], Any], device, *, repeats: int, min_time_s: float, max_repeats: int) -> Measurement:
+    """Time ``call`` (synced before and after) ``repeats`` times, and more while the total is
+    under ``min_time_s`` (up to ``max_repeats``). ``SPARSEBENCH_TEST_SLOWDOWN`` stretches each."""
     times: list[float] = []
     total = 0.0
+    f = slowdown.factor()
     while len(times) < repeats or (total < min_time_s and len(times) < max_repeats):
         sync(device)
         t0 = time.perf_counter()
         call()
         sync(device)
+        slowdown.stretch(t0, f)
         dt = time.perf_counter() - t0
         times.append(dt)
         total += dt

@@ -114,10 +114,11 @@ def run(
     warn: Callable[[str], None] | None = None,
     finalize: Callable[[Path, list[dict[str, Any]]], None] | None = None,
 ) -> RunResult:
-    from sparsebench.measure import environment
+    from sparsebench.measure import environment, slowdown
     from sparsebench.measure.worker import Worker, execute
     from sparsebench.results import folder as results
 
+    slowdown.factor()  # a bad SPARSEBENCH_TEST_SLOWDOWN stops the run before it starts
     folder = Path(folder)
     done: dict[tuple[str, int], dict[str, Any]] = {}
     if resume:

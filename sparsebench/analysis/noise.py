@@ -1,0 +1,156 @@
+"""How far a timed case can be trusted: its samples, the run's typical spread, and the confidence
+interval of a case's time or of the ratio of two cases' times.
+
+The samples of a case are what its reported time is the median of, as far as they are
+independent: each round's median where the case ran in rounds (``round_medians_s``), else the
+medians of up to ``BLOCKS`` blocks of consecutive calls. Calls of one round are not independent
+samples (they share the machine's state of that moment), so pooling every call, as a rank test
+over raw times does, makes two runs of the same program look different.
+
+Spread is measured on log times (a slowdown is a factor). Two or three samples cannot show a
+case's spread on their own, so a case's standard deviation is its own or the run's typical one
+(``Noise``: pooled over every case of the runs compared), whichever is larger, with the pooled
+degrees of freedom. An interval is Student's t on the log of the ratio, around the reported
+ratio: ``exp(log(new / base) +- t * sd * sqrt(1/n_base + 1/n_new))``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from sparsebench.stats import t_quantile
+
+BLOCKS = 5  # a case measured in one round: its calls in up to this many consecutive blocks
+
+
+def _floats(value: Any) -> list[float]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return []
+    if not isinstance(value, (list, tuple)):
+        return []
+    out = []
+    for v in value:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f) and f > 0:
+            out.append(f)
+    return out
+
+
+def samples(rec: dict[str, Any]) -> list[float]:
+    """A case's samples of its time: the rounds' medians (two rounds or more), else the medians
+    of up to BLOCKS blocks of consecutive calls (single calls when there are fewer)."""
+    meds = _floats(rec.get("round_medians_s"))
+    if len(meds) >= 2:
+        return meds
+    times = _floats(rec.get("times_s"))
+    k = min(BLOCKS, len(times))
+    if k == 0:
+        return []
+    size, extra = divmod(len(times), k)
+    out, i = [], 0
+    for b in range(k):
+        j = i + size + (1 if b < extra else 0)
+        out.append(statistics.median(times[i:j]))
+        i = j
+    return out
+
+
+def _log_var(values: Sequence[float]) -> tuple[float, int]:
+    """(sample variance of log values, degrees of freedom); (0, 0) for fewer than two."""
+    if len(values) < 2:
+        return 0.0, 0
+    return statistics.variance([math.log(v) for v in values]), len(values) - 1
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The typical spread of a case's log-time samples in the runs it was pooled over: the
+    variance pooled over cases (each weighted by its degrees of freedom), as a standard deviation,
+    with its degrees of freedom and the number of cases that gave it."""
+
+    sd: float
+    dof: int
+    cases: int
+
+    @classmethod
+    def of(cls, records: Iterable[dict[str, Any]]) -> "Noise":
+        """Pooled over the ok records given (one run's, or two runs' together)."""
+        total, dof, cases = 0.0, 0, 0
+        for rec in records:
+            if rec.get("status") != "ok":
+                continue
+            var, d = _log_var(samples(rec))
+            if d:
+                total += var * d
+                dof += d
+                cases += 1
+        return cls(math.sqrt(total / dof) if dof else 0.0, dof, cases)
+
+    def case_sd(self, *sample_sets: Sequence[float]) -> tuple[float, int]:
+        """(sd, dof) for a case with these samples (of one run, or of each of two runs): the
+        case's own pooled spread or the typical one, whichever is larger, with the typical one's
+        degrees of freedom (the case's own where it has more)."""
+        total, own_dof = 0.0, 0
+        for s in sample_sets:
+            var, d = _log_var(s)
+            total += var * d
+            own_dof += d
+        own = math.sqrt(total / own_dof) if own_dof else 0.0
+        if own > self.sd or not self.dof:
+            return own, own_dof
+        return self.sd, max(self.dof, own_dof)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A confidence interval of a positive quantity (a time, or a ratio of times)."""
+
+    low: float
+    high: float
+    level: float  # e.g. 0.95; for a family of cases, each one's level
+
+    def text(self, digits: int = 2) -> str:
+        return f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+def _half_width(sd: float, dof: int, level: float, scale: float) -> float:
+    if dof < 1:
+        return math.inf
+    return t_quantile(1 - (1 - level) / 2, dof) * sd * scale
+
+
+def ratio_interval(
+    base: dict[str, Any], new: dict[str, Any], ratio: float, noise: Noise, level: float
+) -> Interval | None:
+    """The ``level`` interval of ``ratio`` (new / base, as reported) from the two records'
+    samples; None where either has none."""
+    a, b = samples(base), samples(new)
+    if not a or not b or not (ratio > 0) or not math.isfinite(ratio):
+        return None
+    sd, dof = noise.case_sd(a, b)
+    hw = _half_width(sd, dof, level, math.sqrt(1 / len(a) + 1 / len(b)))
+    if not math.isfinite(hw):
+        return Interval(0.0, math.inf, level)
+    return Interval(ratio * math.exp(-hw), ratio * math.exp(hw), level)
+
+
+def time_interval(rec: dict[str, Any], time: float, noise: Noise, level: float = 0.95) -> Interval | None:
+    """The ``level`` interval of a case's reported ``time`` from its samples; None without."""
+    s = samples(rec)
+    if not s or not (time > 0):
+        return None
+    sd, dof = noise.case_sd(s)
+    hw = _half_width(sd, dof, level, math.sqrt(1 / len(s)))
+    if not math.isfinite(hw):
+        return Interval(0.0, math.inf, level)
+    return Interval(time * math.exp(-hw), time * math.exp(hw), level)
