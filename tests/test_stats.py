@@ -40,7 +40,7 @@ def test_fit_edge_cases():
     assert exact.exponent == pytest.approx(1.0) and exact.ci_low == pytest.approx(1.0)
     assert exact.predict(16) == pytest.approx(48)
     assert isinstance(exact, Fit)
-    assert t975(1) == pytest.approx(12.706) and 1.96 < t975(1000) < 1.97 and t975(0) == math.inf
+    assert t975(1) == pytest.approx(12.706, abs=1e-3) and 1.96 < t975(1000) < 1.97 and t975(0) == math.inf
 
 
 def test_mann_whitney():
@@ -79,3 +79,17 @@ def test_quantiles_and_iqr():
     assert iqr([1.0]) == 0.0 and iqr([]) == 0.0
     with pytest.raises(ValueError):
         quantile([], 0.5)
+
+
+def test_t_distribution_matches_published_quantiles():
+    from sparsebench.stats import t_cdf, t_quantile
+
+    # two-sided 95% and 99.9% quantiles from printed tables
+    assert t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+    assert t_quantile(0.975, 30) == pytest.approx(2.042, abs=1e-3)
+    assert t_quantile(0.9995, 10) == pytest.approx(4.587, abs=1e-3)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776, abs=1e-3)
+    assert t_quantile(0.975, 10**6) == pytest.approx(1.960, abs=1e-3)
+    assert t_cdf(0.0, 7) == pytest.approx(0.5) and t_cdf(2.365, 7) == pytest.approx(0.975, abs=1e-4)
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 3)
