@@ -1,27 +1,32 @@
 """Compare two result folders case by case, or one folder along one dimension.
 
-``compare(base_df, new_df)`` joins on ``CASE_KEY`` and gives each case a verdict from the raw
-times, not from one number: a two-sided Mann-Whitney U test (exact for small samples, normal
-approximation with tie correction otherwise; no scipy) where the samples are large enough for
-it to reach the significance level, else IQR overlap. A case is *slower* only when its ratio
-exceeds 1 + threshold AND the difference is beyond the noise; *faster* symmetrically (ratio
-below 1 / (1 + threshold)).
+``compare(base_df, new_df)`` joins on ``CASE_KEY`` and gives each case measured in both the
+ratio new / base of its reported time (the median of its rounds' medians) with a confidence
+interval, and a verdict from the interval against the threshold: *slower* when the whole
+interval lies above 1 + threshold, *faster* when it lies below 1 / (1 + threshold), else *same*
+(within the noise). The interval is ``analysis.noise``'s: Student's t on the log ratio of the
+case's samples (its rounds' medians, or blocks of its calls with one round), never the pooled
+calls. The false alarms of a whole comparison are controlled family-wise: with m cases compared,
+each interval is at level 1 - FAMILY_ALPHA / m (Bonferroni), so two runs of the same program
+raise a false alarm anywhere with a chance of at most FAMILY_ALPHA, as far as the noise model
+holds. Where the machine-speed probe moved between the two runs by more than the threshold can
+absorb, the case's verdict is *withheld* (the machine, not the program, may have changed).
 
 ``compare_by(df, "backend")`` puts one run side by side along one dimension.
 
 Both return frozen data; ``render.compare`` draws them as a table, Markdown, JSON, CSV or the
-ratio figure. The statistics are ``sparsebench.stats``'.
+ratio figure.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from sparsebench.analysis.noise import Interval, Noise, ratio_interval
 from sparsebench.analysis.scaling import (
     case_label,
     finite_or_none,
@@ -33,7 +38,6 @@ from sparsebench.errors import ResultsError, ScenarioError
 from sparsebench.registry import unknown_choice
 from sparsebench.results.folder import ENVIRONMENT, read_environment
 from sparsebench.results.schema import CASE_KEY
-from sparsebench.stats import mann_whitney, min_p_value, quartiles
 
 METRICS = {"median": "time_median_s", "min": "time_min_s"}
 BY_DIMENSIONS = {
@@ -44,11 +48,12 @@ BY_DIMENSIONS = {
     "mode": "mode",
     "causal": "causal",
 }
-ALPHA = 0.05
+FAMILY_ALPHA = 0.05  # the chance of any false alarm over a whole comparison (Bonferroni)
 # environment.json keys whose difference makes timings hard to compare (and every entry of its
 # "switches": the SPARSEBENCH_* variables that change which kernels run)
 ENV_KEYS = ("gpu", "cpu", "torch", "threads", "python")
 REGRESSIONS = ("slower", "now failing")
+WITHHELD = "withheld"
 FAILED = ("oom", "timeout", "error", "crashed", "wrong")
 
 
@@ -80,35 +85,6 @@ def check_choice(kind: str, value: str, choices: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# the judgement
-
-
-def _quartile_bounds(
-    times: Sequence[float] | None, median: float | None, iqr: float | None
-) -> tuple[float, float] | None:
-    """(first, third) quartile of the raw times, else the median -+ half the recorded IQR."""
-    if times and len(times) >= 2:
-        return quartiles(times)
-    if median is not None and iqr is not None:
-        return median - iqr / 2, median + iqr / 2
-    return None
-
-
-def beyond_noise(base: dict, new: dict) -> tuple[bool, str, float | None]:
-    """(different?, which test, p-value or None) from the raw times of two ok records."""
-    a, b = _times(base), _times(new)
-    if a and b and min_p_value(len(a), len(b)) < ALPHA:
-        p = mann_whitney(a, b)
-        return p < ALPHA, "U test", p
-    ia = _quartile_bounds(a, finite_or_none(base.get("time_median_s")), finite_or_none(base.get("time_iqr_s")))
-    ib = _quartile_bounds(b, finite_or_none(new.get("time_median_s")), finite_or_none(new.get("time_iqr_s")))
-    if ia is None or ib is None:
-        return True, "no spread recorded", None
-    apart = ia[1] < ib[0] or ib[1] < ia[0]
-    return apart, "IQRs apart" if apart else "IQRs overlap", None
-
-
-# ----------------------------------------------------------------------------------------------
 # two folders
 
 
@@ -121,9 +97,11 @@ class CaseDiff:
     base: float | None
     new: float | None
     ratio: float | None  # new / base
-    verdict: str  # faster | slower | same | now failing | now ok | failed in both | skipped
-    test: str = ""
-    p_value: float | None = None
+    # faster | slower | same | withheld | now failing | now ok | failed in both | skipped
+    verdict: str
+    low: float | None = None  # the ratio's confidence interval (at Comparison.level)
+    high: float | None = None
+    probe_ratio: float | None = None  # the machine-speed probe's time, new / base
     base_status: str = "ok"
     new_status: str = "ok"
 
@@ -131,9 +109,10 @@ class CaseDiff:
         "base",
         "new",
         "ratio",
+        "low",
+        "high",
         "verdict",
-        "test",
-        "p_value",
+        "probe_ratio",
         "base_status",
         "new_status",
     )
@@ -148,6 +127,13 @@ class CaseDiff:
     @property
     def is_regression(self) -> bool:
         return self.verdict in REGRESSIONS
+
+    @property
+    def interval(self) -> str:
+        """ "[1.18, 1.45]", or "" without one."""
+        if self.low is None or self.high is None:
+            return ""
+        return Interval(self.low, self.high, 0).text()
 
 
 @dataclass(frozen=True)
@@ -165,9 +151,14 @@ class Comparison:
     new_name: str = "new"
     shown_dims: tuple[str, ...] = field(default=())  # case-key columns that vary (shown)
     only_base_ok: tuple[tuple[Any, ...], ...] = ()  # those of only_base that BASE measured (ok)
+    level: float = 1 - FAMILY_ALPHA  # each interval's confidence level
+    noise: Noise | None = None  # the typical spread of a case's samples, both runs pooled
 
     def regressions(self) -> list[CaseDiff]:
         return [r for r in self.rows if r.is_regression]
+
+    def withheld(self) -> list[CaseDiff]:
+        return [r for r in self.rows if r.verdict == WITHHELD]
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -185,21 +176,52 @@ class Comparison:
         in the other."""
         return [r for r in self.rows if r.verdict not in ("skipped", "failed in both")]
 
-    def gate_failed(self, allow_missing: bool = False) -> bool:
-        """Whether ``--fail-on-regression`` fails: a regression, nothing compared, or (unless
-        ``allow_missing``) a case of BASE that NEW did not measure, so that an interrupted,
-        partial or skipped run cannot pass the gate."""
-        return bool(self.regressions()) or not self.compared() or (not allow_missing and bool(self.missing()))
+    @property
+    def family(self) -> int:
+        """The cases judged by an interval (measured ok in both): the family of the control."""
+        return sum(1 for r in self.rows if r.low is not None)
 
-    def failure_message(self, allow_missing: bool = False) -> str:
+    @property
+    def control(self) -> str:
+        """How the false alarms are controlled, in words."""
+        return (
+            f"{1 - FAMILY_ALPHA:.0%} family-wise over {self.family} case(s) (Bonferroni: each interval "
+            f"at {_percent(self.level)}); slower or faster only when the whole interval is beyond the threshold"
+        )
+
+    def unstable_message(self) -> str | None:
+        """ "machine unstable: verdict withheld for N cases (...)", or None."""
+        held = self.withheld()
+        if not held:
+            return None
+        worst = max(held, key=lambda r: abs(math.log(r.probe_ratio or 1.0)))
+        return (
+            f"machine unstable: verdict withheld for {len(held)} case(s): the machine-speed probe moved "
+            f"by more than the {self.threshold:.0%} threshold between the two runs "
+            f"(up to {worst.probe_ratio:.2f}x at {key_text(worst.key, self.shown_dims)}); rerun on a quiet machine"
+        )
+
+    def gate_failed(self, allow_missing: bool = False, fail_on_unstable: bool = False) -> bool:
+        """Whether ``--fail-on-regression`` fails: a regression, nothing compared, (unless
+        ``allow_missing``) a case of BASE that NEW did not measure, so that an interrupted,
+        partial or skipped run cannot pass the gate, or (with ``fail_on_unstable``) a withheld
+        verdict."""
+        return (
+            bool(self.regressions())
+            or not self.compared()
+            or (not allow_missing and bool(self.missing()))
+            or (fail_on_unstable and bool(self.withheld()))
+        )
+
+    def failure_message(self, allow_missing: bool = False, fail_on_unstable: bool = False) -> str:
         bits = []
         bad = self.regressions()
         if bad:
-            first = bad[0]
+            first = max(bad, key=lambda r: r.ratio or 0.0)
             what = f"{case_label(first.key, self.shown_dims)}, n={first.get('seq_len')}"
             bits.append(
                 f"{len(bad)} case(s) regressed beyond {self.threshold:.0%} and the noise "
-                f"(first: {what}, {ratio_text(first)})"
+                f"(worst: {what}, {ratio_text(first)} {first.interval})"
             )
         if not self.rows:
             bits.append(f"no case of {self.base_name} is in {self.new_name}: nothing was compared")
@@ -210,6 +232,8 @@ class Comparison:
                 f"{len(gone)} case(s) of {self.base_name} not measured in {self.new_name} "
                 f"(first: {key_text(gone[0], self.shown_dims)}; --allow-missing accepts that)"
             )
+        if fail_on_unstable and self.withheld():
+            bits.append(f"{self.unstable_message()} (--fail-on-unstable)")
         return "; ".join(bits) or "no regressions"
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,15 +242,26 @@ class Comparison:
             "new": self.new_name,
             "metric": self.metric,
             "threshold": self.threshold,
+            "control": self.control,
+            "interval_level": self.level,
+            "family": self.family,
+            "noise_sd": self.noise.sd if self.noise else None,
             "warnings": list(self.warnings),
             "counts": self.counts(),
             "regressions": len(self.regressions()),
+            "withheld": len(self.withheld()),
             "compared": len(self.compared()),
             "missing": [dict(zip(CASE_KEY, k)) for k in self.missing()],
             "cases": [r.to_dict() for r in self.rows],
             "only_base": [dict(zip(CASE_KEY, k)) for k in self.only_base],
             "only_new": [dict(zip(CASE_KEY, k)) for k in self.only_new],
         }
+
+
+def _percent(level: float) -> str:
+    """0.95 -> "95%", 0.99861 -> "99.86%"."""
+    text = f"{level * 100:.2f}".rstrip("0").rstrip(".")
+    return f"{text}%"
 
 
 def compare(
@@ -245,9 +280,10 @@ def compare(
     base = _latest(base_df)
     new = _latest(new_df)
     common = [k for k in base if k in new]
-    rows = []
-    for k in common:
-        rows.append(_judge(k, base[k], new[k], col, threshold))
+    both_ok = [k for k in common if _ok(base[k], col) and _ok(new[k], col)]
+    level = 1 - FAMILY_ALPHA / max(1, len(both_ok))
+    noise = Noise.of([*base.values(), *new.values()])
+    rows = [_judge(k, base[k], new[k], col, threshold, noise, level) for k in common]
     rows.sort(key=lambda r: _sort_key(r.key))
     only_base = tuple(sorted((k for k in base if k not in new), key=_sort_key))
     base_measured = tuple(k for k in only_base if str(base[k].get("status")) == "ok")
@@ -267,9 +303,24 @@ def compare(
             f"{len(fewer)} case(s) measured in fewer rounds in {new_name} than in {base_name} "
             f"(first: {key_text(fewer[0], ())}); was the run interrupted?"
         )
-    return Comparison(
-        tuple(rows), only_base, only_new, tuple(warnings), threshold, metric, base_name, new_name, shown, base_measured
+    result = Comparison(
+        tuple(rows),
+        only_base,
+        only_new,
+        tuple(warnings),
+        threshold,
+        metric,
+        base_name,
+        new_name,
+        shown,
+        base_measured,
+        level,
+        noise,
     )
+    unstable = result.unstable_message()
+    if unstable:
+        return replace(result, warnings=(*result.warnings, unstable))
+    return result
 
 
 def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str = "median", warn=None) -> Comparison:
@@ -313,7 +364,11 @@ def env_warnings(base_env: dict | None, new_env: dict | None, base_name: str = "
         yield "environments differ (" + "; ".join(diffs) + "): timings may not be comparable"
 
 
-def _judge(key, b: dict, n: dict, col: str, threshold: float) -> CaseDiff:
+def _ok(rec: dict, col: str) -> bool:
+    return str(rec.get("status")) == "ok" and finite_or_none(rec.get(col)) is not None
+
+
+def _judge(key, b: dict, n: dict, col: str, threshold: float, noise: Noise, level: float) -> CaseDiff:
     bs, ns = str(b.get("status")), str(n.get("status"))
     bv, nv = finite_or_none(b.get(col)), finite_or_none(n.get(col))
     if bs != "ok" or ns != "ok" or bv is None or nv is None:
@@ -329,14 +384,18 @@ def _judge(key, b: dict, n: dict, col: str, threshold: float) -> CaseDiff:
             key, bv if bs == "ok" else None, nv if ns == "ok" else None, None, verdict, base_status=bs, new_status=ns
         )
     ratio = nv / bv if bv > 0 else math.inf
-    different, test, p = beyond_noise(b, n)
-    if ratio > 1 + threshold and different:
+    iv = ratio_interval(b, n, ratio, noise, level)
+    pb, pn = finite_or_none(b.get("probe_s")), finite_or_none(n.get("probe_s"))
+    probe = pn / pb if pb and pn and pb > 0 else None
+    if probe is not None and not (1 / (1 + threshold) <= probe <= 1 + threshold):
+        verdict = WITHHELD  # the machine's speed moved by more than the threshold can absorb
+    elif iv is not None and iv.low > 1 + threshold:
         verdict = "slower"
-    elif ratio < 1 / (1 + threshold) and different:
+    elif iv is not None and iv.high < 1 / (1 + threshold):
         verdict = "faster"
     else:
         verdict = "same"
-    return CaseDiff(key, bv, nv, ratio, verdict, test, p, bs, ns)
+    return CaseDiff(key, bv, nv, ratio, verdict, iv.low if iv else None, iv.high if iv else None, probe, bs, ns)
 
 
 def _latest(df) -> dict[tuple, dict]:
@@ -351,18 +410,6 @@ def _latest(df) -> dict[tuple, dict]:
 
 def _sort_key(key: tuple) -> tuple:
     return tuple((0, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, str(v)) for v in key)
-
-
-def _times(rec: dict) -> list[float]:
-    t = rec.get("times_s")
-    if isinstance(t, str):
-        try:
-            t = json.loads(t)
-        except json.JSONDecodeError:
-            return []
-    if not isinstance(t, (list, tuple)):
-        return []
-    return [float(x) for x in t if finite_or_none(x) is not None]
 
 
 def ratio_text(r: CaseDiff) -> str:

@@ -8,10 +8,12 @@ samples (they share the machine's state of that moment), so pooling every call, 
 over raw times does, makes two runs of the same program look different.
 
 Spread is measured on log times (a slowdown is a factor). Two or three samples cannot show a
-case's spread on their own, so a case's standard deviation is its own or the run's typical one
-(``Noise``: pooled over every case of the runs compared), whichever is larger, with the pooled
-degrees of freedom. An interval is Student's t on the log of the ratio, around the reported
-ratio: ``exp(log(new / base) +- t * sd * sqrt(1/n_base + 1/n_new))``.
+case's spread on their own, and the run's typical spread (``Noise``: pooled over every case of
+the runs compared) misses a case that is noisier than the rest, so a case's variance is the two
+combined, the typical one weighing as much as PRIOR_DOF degrees of freedom of the case's own
+(the "moderated" variance of empirical Bayes), with PRIOR_DOF plus the case's own degrees of
+freedom. An interval is Student's t on the log of the ratio, around the reported ratio:
+``exp(log(new / base) +- t * sd * sqrt(1/n_base + 1/n_new))``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Iterable, Sequence
 from sparsebench.stats import t_quantile
 
 BLOCKS = 5  # a case measured in one round: its calls in up to this many consecutive blocks
+PRIOR_DOF = 8  # how much the run's typical spread weighs in a case's (in degrees of freedom)
 
 
 def _floats(value: Any) -> list[float]:
@@ -97,18 +100,17 @@ class Noise:
         return cls(math.sqrt(total / dof) if dof else 0.0, dof, cases)
 
     def case_sd(self, *sample_sets: Sequence[float]) -> tuple[float, int]:
-        """(sd, dof) for a case with these samples (of one run, or of each of two runs): the
-        case's own pooled spread or the typical one, whichever is larger, with the typical one's
-        degrees of freedom (the case's own where it has more)."""
-        total, own_dof = 0.0, 0
+        """(sd, dof) for a case with these samples (of one run, or of each of two runs): its own
+        spread and the typical one combined, the typical one weighing min(PRIOR_DOF, its dof)."""
+        total, dof = 0.0, 0
         for s in sample_sets:
             var, d = _log_var(s)
             total += var * d
-            own_dof += d
-        own = math.sqrt(total / own_dof) if own_dof else 0.0
-        if own > self.sd or not self.dof:
-            return own, own_dof
-        return self.sd, max(self.dof, own_dof)
+            dof += d
+        prior = min(PRIOR_DOF, self.dof)
+        total += prior * self.sd**2
+        dof += prior
+        return (math.sqrt(total / dof) if dof else 0.0), dof
 
 
 @dataclass(frozen=True)

@@ -49,13 +49,20 @@ def compare(
         None, "--by", help="Put one run side by side along: backend, pattern, device, dtype, mode, causal."
     ),
     threshold: str = typer.Option(
-        "10%", "--threshold", help="Slower than this (and beyond the noise) is a regression: 10%, 0.1 or 10."
+        "10%",
+        "--threshold",
+        help="A regression is a case whose whole confidence interval of new/base lies above 1 + this: 10%, 0.1 or 10.",
     ),
     metric: str = typer.Option("median", "--metric", help="median or min."),
     fail_on_regression: bool = typer.Option(
         False,
         "--fail-on-regression",
         help="Exit 1 when a case regressed, or when NEW did not measure a case of BASE (a partial run).",
+    ),
+    fail_on_unstable: bool = typer.Option(
+        False,
+        "--fail-on-unstable",
+        help="With --fail-on-regression: a verdict withheld because the machine's speed moved also fails.",
     ),
     allow_missing: bool = typer.Option(
         False, "--allow-missing", help="With --fail-on-regression: cases of BASE missing from NEW do not fail."
@@ -64,7 +71,13 @@ def compare(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result to this file."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the ratio figure here (.png or .svg)."),
 ) -> None:
-    """Compare two result folders case by case (BASE NEW), or one along a dimension (BASE --by DIM)."""
+    """Compare two result folders case by case (BASE NEW), or one along a dimension (BASE --by DIM).
+
+    Each case gets the ratio new/base of its time with a confidence interval from its rounds
+    (or blocks of its calls), family-wise at 95% over all cases (Bonferroni); "slower" or
+    "faster" only when the whole interval is beyond the threshold, else "same within noise".
+    Where the machine-speed probe moved by more than the threshold between the runs, the verdict
+    is withheld (machine unstable), which fails the gate only with --fail-on-unstable."""
     with guarded(), _files_as_results_errors(""):
         from sparsebench.analysis import compare as cmp_mod
         from sparsebench.render.compare import FORMATS
@@ -89,8 +102,9 @@ def compare(
         _emit(result, fmt, output)
         if plot_path is not None:
             _write_ratio_plot(result, plot_path)
-    if by is None and fail_on_regression and result.gate_failed(allow_missing):
-        fail(SparsebenchError(result.failure_message(allow_missing)))  # exit 1: a regression, not a usage error
+    if by is None and fail_on_regression and result.gate_failed(allow_missing, fail_on_unstable):
+        # exit 1: a regression, not a usage error
+        fail(SparsebenchError(result.failure_message(allow_missing, fail_on_unstable)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 
 from sparsebench.analysis.compare import (
     REGRESSIONS,
+    WITHHELD,
     ByComparison,
     CaseDiff,
     Comparison,
@@ -33,7 +34,9 @@ from sparsebench.units import format_time
 
 FORMATS = ("table", "markdown", "json", "csv")
 RING = "#000000"  # marks a regression in the ratio plot
-VERDICT_COLOURS = {"slower": "red", "now failing": "red", "faster": "green", "now ok": "green"}
+VERDICT_COLOURS = {"slower": "red", "now failing": "red", "faster": "green", "now ok": "green", WITHHELD: "yellow"}
+# how a verdict reads in a table (the JSON and CSV keep the short word)
+VERDICT_TEXT = {"same": "same within noise", WITHHELD: "withheld: machine unstable"}
 
 Result = Comparison | ByComparison
 
@@ -66,7 +69,7 @@ def renderables(result: Result) -> list:
 
     c = result
     out: list = [Text(f"warning: {w}", style="yellow") for w in c.warnings]
-    out.append(rich_table(_case_table(c), [VERDICT_COLOURS.get(r.verdict) for r in c.rows]))
+    out.append(rich_table(_case_table(c), [VERDICT_COLOURS.get(r.verdict) for r in _ordered(c)]))
     for title, keys in ((f"only in {c.base_name}", c.only_base), (f"only in {c.new_name}", c.only_new)):
         if keys:
             out.append(Text(f"{title} ({len(keys)}):", style="bold"))
@@ -88,6 +91,8 @@ def to_markdown(result: Result) -> str:
     gone = c.missing()
     head = "❌ " if bad or not c.compared() else ("⚠️ " if gone else "✅ ")
     extra = f" {len(gone)} case(s) of {c.base_name} not measured in {c.new_name}." if gone else ""
+    if c.withheld():
+        extra += f" ⚠️ Machine unstable: verdict withheld for {len(c.withheld())} case(s)."
     if c.rows and not c.compared():
         extra += " Nothing was measured in both."
     parts = [
@@ -96,8 +101,9 @@ def to_markdown(result: Result) -> str:
     ]
     for w in c.warnings:
         parts.append(f"> **Warning:** {w}\n")
-    rows = [tuple(f"**{v}**" if (i == len(r) - 2 and v in REGRESSIONS) else v for i, v in enumerate(r)) for r in t.rows]
+    rows = [tuple(f"**{v}**" if (i == len(r) - 1 and v in REGRESSIONS) else v for i, v in enumerate(r)) for r in t.rows]
     parts.append(markdown_table(t.columns, rows))
+    parts.append(f"\n{_explanation(c)}\n")
     for title, keys in ((f"Only in {c.base_name}", c.only_base), (f"Only in {c.new_name}", c.only_new)):
         if keys:
             parts.append(f"\n**{title}** ({len(keys)}):\n")
@@ -133,9 +139,9 @@ def to_csv(result: Result) -> str:
 
 
 def summary_line(c: Comparison) -> str:
-    """ "12 same, 2 slower, 1 only in base; threshold 10% on the median"."""
+    """ "12 common cases (10 same, 2 slower, 1 only in base); threshold 10% on the median"."""
     counts = c.counts()
-    parts = [f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
+    parts = [f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: (kv[0] not in REGRESSIONS, -kv[1]))]
     if c.only_base:
         parts.append(f"{len(c.only_base)} only in {c.base_name}")
     if c.only_new:
@@ -146,10 +152,15 @@ def summary_line(c: Comparison) -> str:
 # -- tables ---------------------------------------------------------------------------------------
 
 
+def _ordered(c: Comparison) -> list[CaseDiff]:
+    """The regressions first, then the other cases, each in case order."""
+    return [r for r in c.rows if r.is_regression] + [r for r in c.rows if not r.is_regression]
+
+
 def _case_table(c: Comparison) -> TableSpec:
-    cols = ("case",) + tuple(c.shown_dims) + ("n", "base", "new", "ratio", "verdict", "noise")
+    cols = ("case",) + tuple(c.shown_dims) + ("n", "base", "new", "ratio", "interval", "verdict")
     rows = []
-    for r in c.rows:
+    for r in _ordered(c):
         rows.append(
             (f"{r.get('pattern_label')} · {r.get('backend')}",)
             + tuple(dim_text(d, r.get(d)) for d in c.shown_dims)
@@ -158,13 +169,32 @@ def _case_table(c: Comparison) -> TableSpec:
                 _side(r.base, r.base_status),
                 _side(r.new, r.new_status),
                 ratio_text(r),
-                r.verdict,
-                _noise_text(r),
+                r.interval or "-",
+                VERDICT_TEXT.get(r.verdict, r.verdict),
             )
         )
     return TableSpec(
-        f"{c.metric} time, new = {c.new_name} vs base = {c.base_name}", cols, tuple(rows), summary_line(c), wrap=(0,)
+        f"{c.metric} time, new = {c.new_name} vs base = {c.base_name}",
+        cols,
+        tuple(rows),
+        f"{summary_line(c)}. {_explanation(c)}",
+        wrap=(0,),
     )
+
+
+def _explanation(c: Comparison) -> str:
+    """What the ratio, the interval and the verdicts mean (the table's note)."""
+    text = (
+        f"ratio = new / base of the {c.metric} time (the median of the rounds' medians); interval: {c.control}. "
+        "The interval comes from each case's rounds (or blocks of its calls with one round), with the runs' "
+        "typical spread where a case's own is smaller."
+    )
+    if c.withheld():
+        text += (
+            f" withheld: the machine-speed probe moved by more than {c.threshold:.0%} between the two runs, so "
+            "the machine may have changed, not the program (--fail-on-unstable fails the gate on them)."
+        )
+    return text
 
 
 def _by_table(b: ByComparison) -> TableSpec:
@@ -193,12 +223,6 @@ def _side(v: float | None, status: str) -> str:
     return format_time(v) if status == "ok" and v is not None else status
 
 
-def _noise_text(r: CaseDiff) -> str:
-    if r.p_value is not None:
-        return f"p={r.p_value:.2g} ({r.test})"
-    return r.test or "-"
-
-
 # -- figure ---------------------------------------------------------------------------------------
 
 
@@ -220,7 +244,12 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
         wrap_label,
     )
 
-    df = pd.DataFrame([{**dict(zip(CASE_KEY, r.key)), "ratio": r.ratio, "verdict": r.verdict} for r in rows])
+    df = pd.DataFrame(
+        [
+            {**dict(zip(CASE_KEY, r.key)), "ratio": r.ratio, "verdict": r.verdict, "low": r.low, "high": r.high}
+            for r in rows
+        ]
+    )
     styles = styles or styles_for(df)
     fig = Figure(figsize=(11.5, 4.8), layout="constrained")
     fig.suptitle(f"{cmp.metric} time ratio, {cmp.new_name} / {cmp.base_name}", fontweight="bold")
@@ -236,13 +265,22 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
         extra = [dim_text(c, row[c]) for c in cmp.shown_dims]
         if extra:
             label += ", " + ", ".join(extra)
-        ax.plot(
-            g["seq_len"],
-            g["ratio"],
-            label=wrap_label(label),
-            gid=f"ratio:{label}",
-            **styles.line(row["pattern_label"], row["backend"], is_baseline_key(key)),
-        )
+        style = styles.line(row["pattern_label"], row["backend"], is_baseline_key(key))
+        ax.plot(g["seq_len"], g["ratio"], label=wrap_label(label), gid=f"ratio:{label}", **style)
+        bars = g.dropna(subset=["low", "high"])
+        bars = bars[bars["high"].map(math.isfinite)]
+        if len(bars):  # the interval of each ratio
+            ax.errorbar(
+                bars["seq_len"],
+                bars["ratio"],
+                yerr=[bars["ratio"] - bars["low"], bars["high"] - bars["ratio"]],
+                linestyle="none",
+                ecolor=style.get("color"),
+                elinewidth=1.0,
+                capsize=3,
+                alpha=0.7,
+                label="_interval",
+            )
         slow = g[g["verdict"] == "slower"]
         if len(slow):
             ax.plot(
@@ -259,7 +297,8 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
             )
     finish_axes(
         ax,
-        f"threshold {t:.0%}; a ring marks a case slower beyond the threshold and the noise",
+        f"threshold {t:.0%}; bars: each ratio's interval ({cmp.control.split(';')[0]}); "
+        "a ring marks a case whose whole interval is above the threshold",
         "sequence length n (tokens)",
         f"{cmp.metric} time ratio (new / base)",
         y="ratio",

@@ -1,0 +1,126 @@
+"""Measure the regression gate on this machine: how often two runs of the same program fail it
+(false alarms), and how much of a real slowdown it catches.
+
+    python scripts/gate_check.py [SCENARIO] [--pairs 10] [--slowdown 1.3] [--threshold 10%] [--out DIR]
+
+Runs the scenario (default: the built-in quickstart, as `sparsebench run` runs it) 2 * pairs + 1
+times, in this order: B0, S1, B1, S2, B2, ...; S runs have SPARSEBENCH_TEST_SLOWDOWN set, so
+every timed call takes that factor longer while the machine-speed probe does not. Then:
+
+* A/A pairs (B(i-1), B(i)): any case called slower is a false alarm; a pair whose gate fails on
+  a regression is a false alarm of the gate.
+* slowdown pairs (B(i-1), S(i)): the share of compared cases called slower (caught). A case
+  whose verdict is withheld (machine unstable) or that was not measured counts as not caught,
+  and is counted apart.
+
+Prints one line per pair and a summary, and writes gate_check.json in --out. Each run takes as
+long as the scenario does (the quickstart: about two minutes on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_once(scenario: str | None, out: Path, slowdown: float | None) -> Path:
+    env = dict(os.environ)
+    env.pop("SPARSEBENCH_TEST_SLOWDOWN", None)
+    if slowdown is not None:
+        env["SPARSEBENCH_TEST_SLOWDOWN"] = str(slowdown)
+    cmd = [sys.executable, "-m", "sparsebench", "run", *([scenario] if scenario else []), "--output", str(out)]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-2000:]}")
+    print(f"  ran {out.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def judge(base: Path, new: Path, threshold: float) -> dict:
+    from sparsebench.analysis.compare import compare_folders
+
+    c = compare_folders(base, new, threshold=threshold)
+    counts = c.counts()
+    compared = [r for r in c.rows if r.base_status == "ok"]
+    return {
+        "base": base.name,
+        "new": new.name,
+        "cases": len(compared),
+        "slower": counts.get("slower", 0),
+        "faster": counts.get("faster", 0),
+        "same": counts.get("same", 0),
+        "withheld": counts.get("withheld", 0),
+        "missing": len(c.missing()),
+        "gate_failed": c.gate_failed(),
+        "worst_ratio": max((r.ratio for r in c.rows if r.ratio), default=None),
+        "noise_sd": c.noise.sd if c.noise else None,
+        "control": c.control,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scenario", nargs="?", default=None, help="a scenario file (default: the built-in quickstart)")
+    ap.add_argument("--pairs", type=int, default=10)
+    ap.add_argument("--slowdown", type=float, default=1.3)
+    ap.add_argument("--threshold", default="10%", help="compare's --threshold (default: compare's default)")
+    ap.add_argument("--out", type=Path, default=Path("gate-check"))
+    args = ap.parse_args()
+    from sparsebench.analysis.compare import parse_threshold
+
+    threshold = parse_threshold(args.threshold)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = [run_once(args.scenario, args.out / "B0", None)]
+    aa, slow = [], []
+    for i in range(1, args.pairs + 1):
+        s = run_once(args.scenario, args.out / f"S{i}", args.slowdown)
+        slow.append(judge(runs[-1], s, threshold))
+        b = run_once(args.scenario, args.out / f"B{i}", None)
+        aa.append(judge(runs[-1], b, threshold))
+        runs.append(b)
+        a, d = aa[-1], slow[-1]
+        print(
+            f"pair {i}: A/A {a['slower']} slower, {a['faster']} faster, {a['withheld']} withheld of {a['cases']}"
+            f" (gate {'FAILS' if a['gate_failed'] else 'passes'}); {args.slowdown}x: {d['slower']} caught,"
+            f" {d['withheld']} withheld, {d['missing']} missing of {d['cases']}",
+            flush=True,
+        )
+    cases = sum(d["cases"] for d in slow)
+    summary = {
+        "scenario": args.scenario or "quickstart (built in)",
+        "threshold": threshold,
+        "slowdown": args.slowdown,
+        "pairs": args.pairs,
+        "aa_pairs_gate_failed": sum(a["gate_failed"] for a in aa),
+        "aa_false_alarm_cases": sum(a["slower"] for a in aa),
+        "aa_faster_cases": sum(a["faster"] for a in aa),
+        "aa_withheld_cases": sum(a["withheld"] for a in aa),
+        "aa_cases": sum(a["cases"] for a in aa),
+        "slowdown_caught": sum(d["slower"] for d in slow),
+        "slowdown_withheld": sum(d["withheld"] for d in slow),
+        "slowdown_missing": sum(d["missing"] for d in slow),
+        "slowdown_cases": cases,
+        "caught_share": sum(d["slower"] for d in slow) / cases if cases else None,
+        "aa": aa,
+        "slow": slow,
+    }
+    (args.out / "gate_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"\nA/A: {summary['aa_pairs_gate_failed']} of {args.pairs} pairs failed the gate "
+        f"({summary['aa_false_alarm_cases']} slower and {summary['aa_faster_cases']} faster cases of "
+        f"{summary['aa_cases']}; {summary['aa_withheld_cases']} withheld)\n"
+        f"{args.slowdown}x: {summary['slowdown_caught']} of {cases} cases caught "
+        f"({(summary['caught_share'] or 0):.0%}); {summary['slowdown_withheld']} withheld and "
+        f"{summary['slowdown_missing']} missing, counted as not caught\n"
+        f"control: {aa[0]['control'] if aa else '-'}\nwrote {args.out / 'gate_check.json'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

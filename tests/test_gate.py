@@ -1,0 +1,61 @@
+"""The test-only slowdown switch that ``scripts/gate_check.py`` measures the gate with:
+``SPARSEBENCH_TEST_SLOWDOWN=F`` stretches every timed call by real extra work, leaves the
+machine-speed probe alone, is recorded in environment.json, and a bad value is one clear line."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sparsebench.cli.app import app
+from sparsebench.errors import ScenarioError
+from sparsebench.measure import environment, harness, slowdown
+
+
+def test_factor_reads_the_variable(monkeypatch):
+    monkeypatch.delenv(slowdown.VARIABLE, raising=False)
+    assert slowdown.factor() == 1.0
+    monkeypatch.setenv(slowdown.VARIABLE, "1.3")
+    assert slowdown.factor() == pytest.approx(1.3)
+    for bad in ("0.5", "abc", "inf", "-2"):
+        monkeypatch.setenv(slowdown.VARIABLE, bad)
+        with pytest.raises(ScenarioError, match=slowdown.VARIABLE):
+            slowdown.factor()
+
+
+def test_every_timed_call_takes_f_times_as_long(monkeypatch):
+    """A call that sleeps 5 ms is timed at 15 ms or more with F = 3 (a lower bound: a loaded
+    machine can only make it longer; no upper bound is asserted, that would be a timing test).
+    The extra time was spent, not a number multiplied: the wall clock says so."""
+    monkeypatch.setenv(slowdown.VARIABLE, "3")
+    t0 = time.perf_counter()
+    m = harness.time_calls(lambda: time.sleep(0.005), torch.device("cpu"), repeats=4, min_time_s=0.0, max_repeats=4)
+    wall = time.perf_counter() - t0
+    assert len(m.times) == 4 and min(m.times) >= 0.015
+    assert wall >= sum(m.times)  # the recorded times were spent, not multiplied
+
+
+def test_the_probe_and_the_untimed_calls_are_left_alone(monkeypatch, make_case):
+    stretched = []
+    monkeypatch.setattr(slowdown, "stretch", lambda t0, f: stretched.append(f))
+    monkeypatch.setenv(slowdown.VARIABLE, "1.5")
+    fields = harness.run_case(make_case(repeats=3, max_repeats=3, warmup=2))
+    assert len(fields["times_s"]) == 3 and stretched == [1.5] * 3  # the timed calls only, not the probe
+
+
+def test_environment_records_the_switch(monkeypatch):
+    monkeypatch.setenv(slowdown.VARIABLE, "1.3")
+    assert environment.switches()[slowdown.VARIABLE] == "1.3"
+    assert slowdown.VARIABLE in environment.SWITCHES
+
+
+def test_a_bad_value_stops_the_run_with_one_line(tmp_path, monkeypatch):
+    scen = tmp_path / "s.yaml"
+    scen.write_text("name: s\nseq_lens: [64]\npatterns: [{name: dense}]\nbackends: [naive]\nheads: 1\nhead_dim: 8\n")
+    monkeypatch.setenv(slowdown.VARIABLE, "fast")
+    res = CliRunner().invoke(app, ["run", str(scen), "--output", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "SPARSEBENCH_TEST_SLOWDOWN='fast'" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
