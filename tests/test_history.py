@@ -132,6 +132,10 @@ def test_start_time_orders_without_commit_dates_and_repeated_commits_are_numbere
     h = history_of([second, first], 0.10)
     assert [(f.name, f.label) for f in h.folders] == [("r1", "abcdef0#1"), ("r2", "abcdef0#2")]
     assert not h.steps  # the same records: nothing changed
+    # a folder without a commit date goes by its start time among the others, and the order says so
+    h = history_of([second, late, first], 0.10)
+    assert [f.name for f in h.folders] == ["r1", "r2", "late"]
+    assert h.order.endswith("without a commit date, by start time: late")
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -198,6 +202,9 @@ def test_table_markdown_json_csv_show_the_step(hist):
     assert "| case | 1111111 | 2222222 | 3333333 |" in md
     data = json.loads(render(hist, "json"))
     assert [f["label"] for f in data["folders"]] == ["1111111", "2222222", "3333333"]
+    assert [(c["at"], c["cases"]) for c in data["compared"]] == [("2222222", 12), ("3333333", 12)]
+    assert all(0.02 < c["noise_sd"] < 0.5 for c in data["compared"])  # pooled: the noisy case lifts it
+    assert "12 cases, noise ±" in table
     assert {(s["case"], s["direction"], s["at"]) for s in data["steps"]} == {
         ("sliding_window(window=256) · block_sparse, n=1024", "slower", "3333333"),
         ("dense · sdpa, n=256", "faster", "2222222"),

@@ -143,6 +143,7 @@ class History:
     order: str  # how the folders were ordered, in words
     shown_dims: tuple[str, ...] = ()  # case-key columns that vary (named in the labels)
     compared: tuple[int, ...] = ()  # per pair (folder i-1, i), i >= 1: cases judged for a step
+    noise: tuple[float, ...] = ()  # per pair: the typical sd of a case's log-time samples, pooled
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     def step_at(self, key: tuple, index: int) -> Step | None:
@@ -160,8 +161,8 @@ class History:
             "family_alpha": ALPHA,
             "folders": [f.to_dict() for f in self.folders],
             "compared": [
-                {"after": self.folders[i].label, "at": self.folders[i + 1].label, "cases": m}
-                for i, m in enumerate(self.compared)
+                {"after": self.folders[i].label, "at": self.folders[i + 1].label, "cases": m, "noise_sd": sd}
+                for i, (m, sd) in enumerate(zip(self.compared, self.noise))
             ],
             "cases": [
                 {
@@ -408,13 +409,15 @@ def build(runs: Sequence[Run], threshold: float, order: str = "in the order give
 
     steps: list[Step] = []
     compared: list[int] = []
+    pooled: list[float] = []
     for i in range(1, len(runs)):
         old, new = runs[i - 1], runs[i]
         pair = [k for k in keys if comparable(old.records.get(k)) and comparable(new.records.get(k))]
+        noise = Noise.of([*old.records.values(), *new.records.values()])
         compared.append(len(pair))
+        pooled.append(noise.sd)
         if not pair:
             continue
-        noise = Noise.of([*old.records.values(), *new.records.values()])
         level = family_level(len(pair))
         for k in pair:
             found = judge_step(old.records[k], new.records[k], noise, threshold, level)
@@ -432,6 +435,7 @@ def build(runs: Sequence[Run], threshold: float, order: str = "in the order give
         order=order,
         shown_dims=shown,
         compared=tuple(compared),
+        noise=tuple(pooled),
         warnings=tuple(env_warnings(runs)),
     )
 

@@ -22,6 +22,8 @@ MARKS = {SLOWER: "▲", FASTER: "▼"}
 ABSENT = "-"
 PANEL_COLUMNS = 3
 PANEL_HEIGHT = 2.7
+# A line per sequence length: Okabe-Ito colours other than the steps' vermillion and green.
+SIZE_COLOURS = ("blue", "reddish_purple", "sky_blue", "black", "orange", "yellow")
 
 
 def render(h: History, fmt: str) -> str:
@@ -70,7 +72,8 @@ def step_line(h: History, s: Step) -> str:
 def rule_text(h: History) -> str:
     """What a cell and a step mean, in one line."""
     return (
-        f"median time per call ±{TIME_LEVEL:.0%} interval; ▲/▼: a step, the ratio to the folder before "
+        f"median time per call, ± its {TIME_LEVEL:.0%} interval (the upper side); "
+        "▲/▼: a step, the ratio to the folder before "
         f"beyond {h.threshold:.0%} (above {1 + h.threshold:.2f}x or below {1 / (1 + h.threshold):.2f}x) "
         f"with its interval, at {1 - ALPHA:.0%} confidence over the cases of each pair (Bonferroni)"
     )
@@ -89,15 +92,24 @@ def table_spec(h: History) -> TableSpec:
 def folders_spec(h: History) -> TableSpec:
     """The folders in order: the label that heads their column, the folder, commit date, start."""
     rows = [
-        (f.label, f.path, f.commit_date or "-", f.started or "-", "" if i == 0 else str(h.compared[i - 1]))
+        (f.label, f.path, f.commit_date or "-", f.started or "-", "" if i == 0 else _pair_text(h, i - 1))
         for i, f in enumerate(h.folders)
     ]
     return TableSpec(
         f"{len(h.folders)} folders, {h.order}",
-        ("label", "folder", "commit date", "started", "cases compared"),
+        ("label", "folder", "commit date", "started", "vs the folder before"),
         tuple(rows),
+        "noise: the typical spread of a case's samples (rounds) in the two folders, pooled over their cases",
         wrap=(1,),
     )
+
+
+def _pair_text(h: History, i: int) -> str:
+    """ "9 cases, noise ±12%": the cases judged between folders i and i + 1 and their noise."""
+    text = f"{h.compared[i]} cases"
+    if i < len(h.noise) and h.noise[i] > 0:
+        text += f", noise ±{math.expm1(h.noise[i]) * 100:.0f}%"
+    return text
 
 
 def steps_heading(h: History) -> str:
@@ -212,7 +224,7 @@ def fig_history(h: History):
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from sparsebench.render.plots import NEUTRAL, OKABE_ITO, PATTERN_COLOURS, PATTERN_STYLES, WIDTH, _decade_axis
+    from sparsebench.render.plots import NEUTRAL, OKABE_ITO, PATTERN_STYLES, WIDTH, _decade_axis, wrap_label
 
     panels = _panels(h)
     ncols = min(PANEL_COLUMNS, len(panels))
@@ -221,17 +233,16 @@ def fig_history(h: History):
     fig = Figure(figsize=(WIDTH, PANEL_HEIGHT * nrows + 1.3), layout="constrained")
     title = f"History of {h.scenario}" if h.scenario else "History"
     fig.suptitle(
-        f"{title}: median time per call with its {TIME_LEVEL:.0%} interval, {len(h.folders)} folders "
-        f"{h.order.split(';')[0]}",
+        f"{title}: median time per call over {len(h.folders)} folders, with its {TIME_LEVEL:.0%} interval",
         fontweight="bold",
-        fontsize=11,
     )
     axes = fig.subplots(nrows, ncols, squeeze=False)
     sizes: list[str] = []
     for c in h.cases:
         if _size_text(c) not in sizes:
             sizes.append(_size_text(c))
-    colour = {s: PATTERN_COLOURS[i % len(PATTERN_COLOURS)] for i, s in enumerate(sizes)}
+    palette = [OKABE_ITO[c] for c in SIZE_COLOURS]
+    colour = {s: palette[i % len(palette)] for i, s in enumerate(sizes)}
     marker = {s: PATTERN_STYLES[i % len(PATTERN_STYLES)][1] for i, s in enumerate(sizes)}
     steps = {(s.key, s.index): s for s in h.steps}
     step_colour = {SLOWER: OKABE_ITO["vermillion"], FASTER: OKABE_ITO["bluish_green"]}
@@ -290,7 +301,7 @@ def fig_history(h: History):
                     zorder=6,
                     bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.8),
                 )
-        ax.set_title(ptitle, fontsize=9, loc="left")
+        ax.set_title(wrap_label(ptitle, width=48), fontsize=9, loc="left")
         ax.set_yscale("log")
         lo_y, hi_y = ax.get_ylim()
         ax.set_ylim(lo_y / 1.15, hi_y * 1.15)
@@ -306,7 +317,7 @@ def fig_history(h: History):
             ha="right" if k > 4 else "center",
         )
         if last_row:
-            ax.set_xlabel("folder (commit), oldest first", fontsize=8)
+            ax.set_xlabel(f"commit, {h.order.split(';')[0].split(' (')[0]}", fontsize=8)
         ax.grid(True, which="major", color="#dddddd", linewidth=0.8)
         ax.set_axisbelow(True)
     for ax in list(axes.flat)[len(panels) :]:
@@ -330,5 +341,5 @@ def fig_history(h: History):
         if any(s.direction == d for s in h.steps)
     ]
     handles.append(Line2D([], [], color=NEUTRAL, marker="|", markersize=8, linestyle="none", label="95% interval"))
-    fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
     return fig
