@@ -20,6 +20,7 @@ ratio figure.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -281,7 +282,7 @@ def compare(
     new = _latest(new_df)
     common = [k for k in base if k in new]
     both_ok = [k for k in common if _ok(base[k], col) and _ok(new[k], col)]
-    level = 1 - FAMILY_ALPHA / max(1, len(both_ok))
+    level = family_level(len(both_ok))
     noise = Noise.of([*base.values(), *new.values()])
     rows = [_judge(k, base[k], new[k], col, threshold, noise, level) for k in common]
     rows.sort(key=lambda r: _sort_key(r.key))
@@ -345,23 +346,63 @@ def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str 
 
 
 def env_warnings(base_env: dict | None, new_env: dict | None, base_name: str = "base", new_name: str = "new"):
-    if base_env is None or new_env is None:
-        missing = [n for n, e in ((base_name, base_env), (new_name, new_env)) if e is None]
-        if missing:
-            yield f"no {ENVIRONMENT} in {', '.join(missing)}: cannot check that the environments match"
-        return
-    diffs = []
+    """The warnings about two runs' environments (``env_differences`` of the two)."""
+    yield from env_differences([(base_name, base_env), (new_name, new_env)])
+
+
+def env_differences(named: Sequence[tuple[str, dict | None]]) -> list[str]:
+    """One warning naming what differs between the environments (ENV_KEYS and every switch,
+    "a vs b" for two runs, "a in X, b in Y, ..." for more), and one for runs without one."""
+    out = []
+    missing = [name for name, env in named if env is None]
+    if missing:
+        out.append(f"no {ENVIRONMENT} in {', '.join(missing)}: cannot check that the environments match")
+        if len(named) == 2:
+            return out
+    envs = [(name, env) for name, env in named if env is not None]
+    if len(envs) < 2:
+        return out
+
+    def differ(what: str, values: list) -> None:
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1:
+            if len(values) == 2:
+                diffs.append(f"{what} {values[0]} vs {values[1]}")
+            else:
+                diffs.append(f"{what} " + ", ".join(f"{v} in {name}" for (name, _), v in zip(envs, values)))
+
+    diffs: list[str] = []
     for k in ENV_KEYS:
-        a, b = base_env.get(k), new_env.get(k)
-        if a != b:
-            diffs.append(f"{k} {a if a is not None else 'none'} vs {b if b is not None else 'none'}")
-    a_sw, b_sw = base_env.get("switches"), new_env.get("switches")
-    if isinstance(a_sw, dict) and isinstance(b_sw, dict):  # older runs did not record them
-        for k in sorted(set(a_sw) | set(b_sw)):
-            if a_sw.get(k) != b_sw.get(k):
-                diffs.append(f"{k} {a_sw.get(k, 'unset')} vs {b_sw.get(k, 'unset')}")
+        differ(k, [env.get(k) if env.get(k) is not None else "none" for _, env in envs])
+    if all(isinstance(env.get("switches"), dict) for _, env in envs):  # older runs did not record them
+        for k in sorted({k for _, env in envs for k in env["switches"]}):
+            differ(k, [env["switches"].get(k, "unset") for _, env in envs])
     if diffs:
-        yield "environments differ (" + "; ".join(diffs) + "): timings may not be comparable"
+        out.append("environments differ (" + "; ".join(diffs) + "): timings may not be comparable")
+    return out
+
+
+def family_level(cases: int) -> float:
+    """Each case's interval level so that a comparison of ``cases`` cases raises any false alarm
+    with a chance of at most FAMILY_ALPHA (Bonferroni)."""
+    return 1 - FAMILY_ALPHA / max(1, cases)
+
+
+def judge_ratio(
+    base: dict, new: dict, ratio: float, threshold: float, noise: Noise, level: float
+) -> tuple[str, Interval | None, float | None]:
+    """(verdict, the ratio's interval, the probe's ratio) for a case measured ok in both:
+    withheld where the machine-speed probe moved by more than the threshold can absorb, slower
+    or faster where the whole ``level`` interval is beyond the threshold, else same."""
+    iv = ratio_interval(base, new, ratio, noise, level)
+    pb, pn = finite_or_none(base.get("probe_s")), finite_or_none(new.get("probe_s"))
+    probe = pn / pb if pb and pn and pb > 0 else None
+    if probe is not None and not (1 / (1 + threshold) <= probe <= 1 + threshold):
+        return WITHHELD, iv, probe
+    if iv is not None and iv.low > 1 + threshold:
+        return "slower", iv, probe
+    if iv is not None and iv.high < 1 / (1 + threshold):
+        return "faster", iv, probe
+    return "same", iv, probe
 
 
 def _ok(rec: dict, col: str) -> bool:
@@ -384,17 +425,7 @@ def _judge(key, b: dict, n: dict, col: str, threshold: float, noise: Noise, leve
             key, bv if bs == "ok" else None, nv if ns == "ok" else None, None, verdict, base_status=bs, new_status=ns
         )
     ratio = nv / bv if bv > 0 else math.inf
-    iv = ratio_interval(b, n, ratio, noise, level)
-    pb, pn = finite_or_none(b.get("probe_s")), finite_or_none(n.get("probe_s"))
-    probe = pn / pb if pb and pn and pb > 0 else None
-    if probe is not None and not (1 / (1 + threshold) <= probe <= 1 + threshold):
-        verdict = WITHHELD  # the machine's speed moved by more than the threshold can absorb
-    elif iv is not None and iv.low > 1 + threshold:
-        verdict = "slower"
-    elif iv is not None and iv.high < 1 / (1 + threshold):
-        verdict = "faster"
-    else:
-        verdict = "same"
+    verdict, iv, probe = judge_ratio(b, n, ratio, threshold, noise, level)
     return CaseDiff(key, bv, nv, ratio, verdict, iv.low if iv else None, iv.high if iv else None, probe, bs, ns)
 
 

@@ -9,7 +9,7 @@ start time, one with neither keeps its place on the command line, after the othe
 
 Statistics are ``analysis.noise``'s: a case's time in one folder has the 95% interval of its samples
 with the folder's pooled noise; a step is judged by ``judge_step`` on the ratio new / old of two
-consecutive folders, each case of a pair at the Bonferroni level ``1 - ALPHA / m`` (m cases compared
+consecutive folders, each case of a pair at the Bonferroni level ``1 - FAMILY_ALPHA / m`` (m cases compared
 in that pair), the noise pooled over both folders. pandas is imported (by ``load_frame``) only when
 folders are read."""
 
@@ -21,15 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sparsebench.analysis.noise import Interval, Noise, ratio_interval, time_interval
+from sparsebench.analysis.compare import FAMILY_ALPHA, env_differences, family_level, judge_ratio
+from sparsebench.analysis.noise import Interval, Noise, time_interval
 from sparsebench.analysis.scaling import case_label, finite_or_none, plain_value
 from sparsebench.errors import ResultsError
 from sparsebench.results.schema import CASE_KEY, KEY_DEFAULTS, SERIES_KEY
 
-ALPHA = 0.05  # family-wise error rate of the steps of one pair of folders
 TIME_LEVEL = 0.95  # the interval of a case's time in one folder
-# environment.json keys whose difference makes timings hard to compare (and every "switches" entry)
-ENV_KEYS = ("gpu", "cpu", "torch", "threads", "python")
 SLOWER, FASTER = "slower", "faster"
 
 
@@ -158,7 +156,7 @@ class History:
             "order": self.order,
             "threshold": self.threshold,
             "time_level": TIME_LEVEL,
-            "family_alpha": ALPHA,
+            "family_alpha": FAMILY_ALPHA,
             "folders": [f.to_dict() for f in self.folders],
             "compared": [
                 {"after": self.folders[i].label, "at": self.folders[i + 1].label, "cases": m, "noise_sd": sd}
@@ -191,30 +189,21 @@ class Run:
 # the step rule
 
 
-def family_level(cases: int) -> float:
-    """Each case's interval level so that the steps of one pair of folders are wrong with
-    probability at most ALPHA together (Bonferroni)."""
-    return 1 - ALPHA / max(cases, 1)
-
-
 def judge_step(
     old: dict[str, Any], new: dict[str, Any], noise: Noise, threshold: float, level: float
 ) -> tuple[str, float, Interval] | None:
-    """(SLOWER or FASTER, ratio new / old, its interval) where the ratio's ``level`` interval lies
-    entirely above 1 + threshold or entirely below 1 / (1 + threshold); None otherwise (within the
-    threshold or the noise, or a case without a time or samples on either side)."""
+    """(SLOWER or FASTER, ratio new / old, its interval) where compare would call the case slower
+    or faster (``compare.judge_ratio``: the whole ``level`` interval beyond the threshold, the
+    machine-speed probe steady); None otherwise (within the threshold or the noise, withheld, or
+    a case without a time or samples on either side)."""
     a, b = finite_or_none(old.get("time_median_s")), finite_or_none(new.get("time_median_s"))
     if old.get("status") != "ok" or new.get("status") != "ok" or not a or not b or a <= 0 or b <= 0:
         return None
     ratio = b / a
-    iv = ratio_interval(old, new, ratio, noise, level)
-    if iv is None:
+    verdict, iv, _ = judge_ratio(old, new, ratio, threshold, noise, level)
+    if iv is None or verdict not in (SLOWER, FASTER):
         return None
-    if iv.low > 1 + threshold:
-        return SLOWER, ratio, iv
-    if iv.high < 1 / (1 + threshold):
-        return FASTER, ratio, iv
-    return None
+    return verdict, ratio, iv
 
 
 def comparable(rec: dict[str, Any] | None) -> bool:
@@ -451,29 +440,9 @@ def _point(rec: dict[str, Any] | None, noise: Noise) -> Point:
 
 
 def env_warnings(runs: Sequence[Run]) -> list[str]:
-    """One warning naming what differs between the folders' environments (machine, versions,
-    the SPARSEBENCH_* switches), folder by folder; and one for folders without environment.json."""
-    out = []
-    missing = [r.folder.label for r in runs if r.env is None]
-    if missing:
-        out.append(f"no environment.json in {', '.join(missing)}: cannot check that the environments match")
-    envs = [(r.folder.label, r.env) for r in runs if r.env is not None]
-    if len(envs) < 2:
-        return out
-    diffs = []
-    for k in ENV_KEYS:
-        values = [e.get(k) for _, e in envs]
-        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1:
-            diffs.append(f"{k} " + ", ".join(f"{_none(v)} in {lab}" for (lab, _), v in zip(envs, values)))
-    switches = [(lab, e.get("switches")) for lab, e in envs if isinstance(e.get("switches"), dict)]
-    names = sorted({n for _, s in switches for n in s})
-    for n in names:
-        values = [s.get(n, "unset") for _, s in switches]
-        if len(set(map(str, values))) > 1:
-            diffs.append(f"{n} " + ", ".join(f"{v} in {lab}" for (lab, _), v in zip(switches, values)))
-    if diffs:
-        out.append("environments differ (" + "; ".join(diffs) + "): timings may not be comparable")
-    return out
+    """What differs between the folders' environments (machine, versions, the SPARSEBENCH_*
+    switches), folder by folder, as compare says it; and folders without environment.json."""
+    return env_differences([(r.folder.label, r.env) for r in runs])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,10 +469,6 @@ def _sortable(v: Any) -> tuple:
 
 def _text(v: Any) -> str | None:
     return str(v).strip() or None if v is not None else None
-
-
-def _none(v: Any) -> str:
-    return "none" if v is None else str(v)
 
 
 def _finite(v: float) -> float | None:

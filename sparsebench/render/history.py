@@ -11,7 +11,8 @@ import io
 import json
 import math
 
-from sparsebench.analysis.history import ALPHA, FASTER, SLOWER, TIME_LEVEL, CaseHistory, History, Point, Step
+from sparsebench.analysis.compare import FAMILY_ALPHA
+from sparsebench.analysis.history import FASTER, SLOWER, TIME_LEVEL, CaseHistory, History, Point, Step
 from sparsebench.analysis.scaling import dim_text
 from sparsebench.render.tables import TableSpec, markdown_table, render_plain, rich_table
 from sparsebench.results.schema import CASE_KEY, SERIES_KEY
@@ -75,7 +76,7 @@ def rule_text(h: History) -> str:
         f"median time per call, ± its {TIME_LEVEL:.0%} interval (the upper side); "
         "▲/▼: a step, the ratio to the folder before "
         f"beyond {h.threshold:.0%} (above {1 + h.threshold:.2f}x or below {1 / (1 + h.threshold):.2f}x) "
-        f"with its interval, at {1 - ALPHA:.0%} confidence over the cases of each pair (Bonferroni)"
+        f"with its interval, at {1 - FAMILY_ALPHA:.0%} confidence over the cases of each pair (Bonferroni)"
     )
 
 
