@@ -94,10 +94,15 @@ def yardstick_text(gemm_fraction: Any, bandwidth_fraction: Any) -> str:
     cache read per second over a copy's bandwidth), or "-"."""
     gemm, bw = finite_or_none(gemm_fraction), finite_or_none(bandwidth_fraction)
     if gemm is not None:
-        return f"GEMM {format_percent(gemm)}"
+        return f"GEMM {_percent(gemm)}"
     if bw is not None:
-        return f"copy {format_percent(bw)}"
+        return f"copy {_percent(bw)}"
     return EMPTY
+
+
+def _percent(f: float) -> str:
+    """71%, 213%; below 10% two digits (7.1%, 0.42%), so that a small share does not read 0%."""
+    return f"{100 * f:.2g}%" if abs(f) < 0.1 else format_percent(f)
 
 
 # Each series' yardstick cell by n: {series key (as analyze has it): {n: "GEMM 71%"}}.
@@ -183,9 +188,10 @@ def baseline_note(compact: bool = False, yardstick: str | None = None) -> str:
     ys = ""
     if yardstick is not None:
         ys = (
-            " yardstick: the series' useful FLOP/s as a share of this machine's own torch GEMM rate "
-            "for the dtype (GEMM: a fixed square matmul, measured once per run), in decode the KV "
-            "cache it reads per second as a share of a large tensor copy's bandwidth (copy); both "
+            " yardstick (at n, or where named): the series' useful FLOP/s as a share of this "
+            "machine's own torch GEMM rate for the dtype (GEMM: a fixed square matmul, measured once "
+            "per run), in decode the KV cache it reads per second as a share of a large tensor "
+            "copy's bandwidth (copy); both "
             "are the library's rates on this machine, not the hardware's peak, so a kernel can "
             "exceed 100%." + (f" The baseline itself: {yardstick}." if yardstick else "")
         )
@@ -204,8 +210,19 @@ def baseline_columns(yard: Yardsticks) -> tuple[Column, ...]:
     if not yard:
         return BASELINE_COLUMNS
     at = [c.name for c in BASELINE_COLUMNS].index("efficiency") + 1
-    col = Column("yardstick", lambda s, _: yard.get(s.key, {}).get(s.largest_n, EMPTY))
+    col = Column("yardstick", lambda s, _: _yardstick_cell(s, yard.get(s.key, {})))
     return BASELINE_COLUMNS[:at] + (col,) + BASELINE_COLUMNS[at:]
+
+
+def _yardstick_cell(s: SeriesSummary, cells: Mapping[int, str]) -> str:
+    """The series' yardstick at its ``at n``; where it has none (no size in common with the
+    baseline: a decode series), at its own largest n, which the cell names."""
+    if s.largest_n is not None:
+        return cells.get(s.largest_n, EMPTY)
+    if not cells:
+        return EMPTY
+    n = max(cells)
+    return f"{cells[n]} at {format_tokens(n)}"
 
 
 def baselines_yardstick(analysis: Analysis, yard: Yardsticks) -> str:
