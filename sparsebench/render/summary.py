@@ -117,11 +117,13 @@ def yardstick_lines(env: dict[str, Any]) -> list[str]:
         if not isinstance(y, dict):
             continue
         gemm, bw = _num(y.get("gemm_tflops")), _num(y.get("copy_bytes_per_s"))
+        if gemm is None and bw is None:
+            continue
         size, gt, ct = y.get("gemm_size"), y.get("gemm_threads"), y.get("copy_threads")
-        gemm_text = "?" if gemm is None else f"{gemm:.3g} TFLOP/s ({size}x{size}"
-        gemm_text += f", {gt} threads)" if gt else ")"
-        bw_text = "?" if bw is None else f"{format_bytes(bw)}/s"
-        bw_text += f" ({ct} thread{'' if ct == 1 else 's'})" if ct else ""
+        threads = f", {gt} threads" if gt else ""
+        gemm_text = "?" if gemm is None else f"{gemm:.3g} TFLOP/s ({size}x{size}{threads})"
+        threads = f" ({ct} thread{'' if ct == 1 else 's'})" if ct else ""
+        bw_text = "?" if bw is None else f"{format_bytes(bw)}/s{threads}"
         bits.append(f"{name} GEMM {gemm_text}, copy {bw_text}")
     return [f"- yardstick (this machine's own torch rates): {'; '.join(bits)}"] if bits else []
 
