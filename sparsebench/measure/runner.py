@@ -1,6 +1,7 @@
-"""Run a plan: each case isolated in a worker, each record appended to records.jsonl as soon as
-its case ends, failed series skip their larger sizes, and the reports written at the end (also
-after Ctrl-C, for what finished)."""
+"""Run a plan: first the machine's yardstick (its own GEMM and copy rates) once per device and
+dtype, then each case isolated in a worker, each record (with its share of the yardstick)
+appended to records.jsonl as soon as its case ends, failed series skip their larger sizes, and
+the reports written at the end (also after Ctrl-C, for what finished)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sparsebench.results import schema
 from sparsebench.scenario import Case, Plan
 
 FAIL_STATUSES = ("oom", "timeout", "crashed")
+YARDSTICK_TIMEOUT_S = 120.0  # measuring one device and dtype takes about a second
 
 
 class Interrupted(SparsebenchError):
@@ -102,6 +104,35 @@ def _precheck(case: Case, static: dict[str, Any]) -> str | None:
     return None
 
 
+def measure_yardsticks(
+    pairs: list[tuple[str, str]], worker: Any, folder: Path, warn: Callable[[str], None] | None = None
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """The yardstick (measure/yardstick.py) of each (device, dtype), measured where the cases run:
+    in ``worker`` (a worker.Worker), or here where it is None. Each is added to environment.json's
+    "yardstick" under "device/dtype" unless that already has it (a resumed run keeps the first
+    run's there; its new records carry their own). One that fails is a warning, and null."""
+    from sparsebench.measure import worker as workers
+    from sparsebench.measure import yardstick
+    from sparsebench.results import folder as results
+
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for device, dtype in pairs:
+        got = worker.yardstick(device, dtype, YARDSTICK_TIMEOUT_S) if worker else workers.yardstick(device, dtype)
+        if "gemm_tflops" in got:
+            out[(device, dtype)] = got
+        elif warn:
+            why = got.get("error") or f"{got.get('status')}: {got.get('reason')}"
+            warn(f"yardstick of {yardstick.key(device, dtype)} not measured ({why}); its fractions stay null")
+    env = results.read_environment(folder, warn)
+    if env is not None and out:
+        stored = env.get("yardstick") if isinstance(env.get("yardstick"), dict) else {}
+        new = {yardstick.key(*k): v for k, v in out.items() if yardstick.key(*k) not in stored}
+        if new:
+            env["yardstick"] = {**stored, **new}
+            results.atomic_write(folder / results.ENVIRONMENT, json.dumps(env, indent=2) + "\n")
+    return out
+
+
 def run(
     plan: Plan,
     folder: Path,
@@ -153,6 +184,11 @@ def run(
     first_ok = {cid for (cid, r), rec in done.items() if r == 1 and rec.get("status") == "ok"}
     interrupted = False
     try:
+        # the machine's own GEMM and copy rates, once per device and dtype still to measure
+        pairs = sorted(
+            {(c.device, c.dtype) for c in plan.cases if any((c.case_id, r) not in done for r in range(1, rounds + 1))}
+        )
+        yardsticks = measure_yardsticks(pairs, worker, folder, warn)
         with results.RecordWriter(folder, warn=warn) as writer:
             for i, (r, case) in enumerate((r, c) for r in range(1, rounds + 1) for c in plan.cases):
                 if (case.case_id, r) in done or (r > 1 and case.case_id not in first_ok):
@@ -179,8 +215,11 @@ def run(
                     rec.update(worker.run(case, case.timeout_s) if worker else execute(case))
                 rec.setdefault("status", "ok")
                 rec.setdefault("reason", "")
+                ys = yardsticks.get((case.device, case.dtype), {})
+                rec.update(gemm_tflops=ys.get("gemm_tflops"), copy_bytes_per_s=ys.get("copy_bytes_per_s"))
                 schema.complete(rec)  # null for what was not measured; no field the schema lacks
                 rec["tflops"] = results.tflops(rec)
+                rec.update(results.fractions(rec))
                 rec["timestamp"] = _dt.datetime.now().isoformat(timespec="seconds")
                 writer.append(rec)
                 records.append(rec)

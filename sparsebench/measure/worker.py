@@ -12,6 +12,7 @@ from typing import Any
 from sparsebench.scenario import Case
 
 READY = "ready"
+YARDSTICK = "yardstick"  # a request for the yardstick (measure/yardstick.py), not a case
 START_GRACE_S = 120.0  # a fresh worker imports torch before its first case
 
 
@@ -44,6 +45,28 @@ def execute(case: Case) -> dict[str, Any]:
         return {"status": status, "reason": reason}
 
 
+def yardstick(device: str, dtype: str) -> dict[str, Any]:
+    """Measure the yardstick of ``device`` and ``dtype`` here (measure/yardstick.py), after the
+    process's warm-up, as a case would run; never raises (``{"error": ...}`` instead)."""
+    from sparsebench.measure import harness
+    from sparsebench.measure import yardstick as ys
+
+    harness.warm_process()
+    try:
+        return ys.measure(device, dtype)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a run goes on without its yardstick
+        return {"error": classify(exc)[1]}
+
+
+def _handle(msg: Any) -> dict[str, Any]:
+    """A request: a case (its fields), or ``(YARDSTICK, device, dtype)``."""
+    if isinstance(msg, tuple) and msg and msg[0] == YARDSTICK:
+        return yardstick(*msg[1:])
+    return execute(Case(**msg))
+
+
 def _serve(conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides on Ctrl-C
     from sparsebench import plugins
@@ -59,7 +82,7 @@ def _serve(conn) -> None:
         if msg is None:
             return
         try:
-            result = execute(Case(**msg))
+            result = _handle(msg)
         except BaseException:  # pragma: no cover - last resort
             result = {"status": "error", "reason": traceback.format_exc().splitlines()[-1]}
         conn.send(result)
@@ -81,6 +104,14 @@ class Worker:
         self._conn = parent
 
     def run(self, case: Case, timeout: float) -> dict[str, Any]:
+        return self._request(case.as_dict(), timeout)
+
+    def yardstick(self, device: str, dtype: str, timeout: float) -> dict[str, Any]:
+        """The yardstick of ``device`` and ``dtype``, measured in the worker (so with the threads
+        its cases run with), or ``{"status": ..., "reason": ...}`` where the worker failed."""
+        return self._request((YARDSTICK, device, dtype), timeout, "yardstick")
+
+    def _request(self, msg: Any, timeout: float, what: str = "case") -> dict[str, Any]:
         if self._proc is None or not self._proc.is_alive():
             self._start()
             assert self._conn is not None
@@ -93,7 +124,7 @@ class Worker:
                 return self._died()
         assert self._conn is not None and self._proc is not None
         try:
-            self._conn.send(case.as_dict())
+            self._conn.send(msg)
         except (BrokenPipeError, OSError):
             return self._died()
         if self._conn.poll(timeout):
@@ -104,7 +135,7 @@ class Worker:
         if not self._proc.is_alive():
             return self._died()
         self.kill()
-        return {"status": "timeout", "reason": f"no result within the {timeout:g} s case limit; worker killed"}
+        return {"status": "timeout", "reason": f"no result within the {timeout:g} s {what} limit; worker killed"}
 
     @property
     def pid(self) -> int | None:

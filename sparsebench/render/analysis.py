@@ -3,17 +3,20 @@ notes, and the machine-speed sentence, for summary.md (``to_markdown``), the ter
 (``renderables``) and report.html (``tables``, ``drift_note``).
 
 ``compact`` tables (an 80-column terminal) leave out the fit range and best-speedup columns
-and the first-call table; their notes leave out what explains the columns left out."""
+and the first-call table; their notes leave out what explains the columns left out. Given the
+results frame, the baseline table also shows each series' share of the machine's yardstick (its
+own GEMM rate, or in decode its copy bandwidth: measure/yardstick.py) beside the efficiency."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from sparsebench.analysis.scaling import Analysis, Crossover, SeriesSummary
+from sparsebench.analysis.scaling import Analysis, Crossover, SeriesSummary, finite_or_none, iter_groups
 from sparsebench.render.tables import TableSpec, markdown_table, rich_table
+from sparsebench.results.schema import SERIES_KEY
 from sparsebench.stats import FLOOR_SLOPE, Fit
-from sparsebench.units import format_percent, format_ratio, format_time, format_tokens
+from sparsebench.units import EMPTY, format_percent, format_ratio, format_time, format_tokens
 
 FIRST_CALL_TITLE = "First call"
 BASELINE_TITLE = "Against the dense baseline (dense · sdpa)"
@@ -86,6 +89,41 @@ def _at(value: str, n: int | None) -> str:
     return f"{value} at {format_tokens(n)}"
 
 
+def yardstick_text(gemm_fraction: Any, bandwidth_fraction: Any) -> str:
+    """ "GEMM 71%" (useful FLOP/s over the machine's own GEMM rate), "copy 40%" (decode: the KV
+    cache read per second over a copy's bandwidth), or "-"."""
+    gemm, bw = finite_or_none(gemm_fraction), finite_or_none(bandwidth_fraction)
+    if gemm is not None:
+        return f"GEMM {_percent(gemm)}"
+    if bw is not None:
+        return f"copy {_percent(bw)}"
+    return EMPTY
+
+
+def _percent(f: float) -> str:
+    """71%, 213%; below 10% two digits (7.1%, 0.42%), so that a small share does not read 0%."""
+    return f"{100 * f:.2g}%" if abs(f) < 0.1 else format_percent(f)
+
+
+# Each series' yardstick cell by n: {series key (as analyze has it): {n: "GEMM 71%"}}.
+Yardsticks = Mapping[tuple, Mapping[int, str]]
+
+
+def yardsticks(df) -> dict[tuple, dict[int, str]]:
+    """The yardstick cells of a results frame (rounds merged), by series and n; empty where no
+    record has a fraction (a run from before the yardstick, or one that could not measure it)."""
+    cols = [c for c in ("gemm_fraction", "bandwidth_fraction") if df is not None and c in df.columns]
+    if not cols or not df[cols].notna().any().any():
+        return {}
+    out: dict[tuple, dict[int, str]] = {}
+    for key, g in iter_groups(df, SERIES_KEY):
+        for _, r in g.iterrows():
+            text = yardstick_text(r.get("gemm_fraction"), r.get("bandwidth_fraction"))
+            if text != EMPTY:
+                out.setdefault(key, {})[int(r["seq_len"])] = text
+    return out
+
+
 # -- tables ---------------------------------------------------------------------------------------
 
 SCALING_COLUMNS = (
@@ -143,15 +181,59 @@ def scaling_note(compact: bool = False) -> str:
     )
 
 
-def baseline_note(compact: bool = False) -> str:
+def baseline_note(compact: bool = False, yardstick: str | None = None) -> str:
+    """The baseline table's note; ``yardstick`` (where the table has that column): what the
+    baselines themselves reached ("" where they have no figure)."""
     best = "" if compact else " best: the highest speedup and where."
+    ys = ""
+    if yardstick is not None:
+        ys = (
+            " yardstick (at n, or where named): the series' useful FLOP/s as a share of this "
+            "machine's own torch GEMM rate for the dtype (GEMM: a fixed square matmul, measured once "
+            "per run), in decode the KV cache it reads per second as a share of a large tensor "
+            "copy's bandwidth (copy); both "
+            "are the library's rates on this machine, not the hardware's peak, so a kernel can "
+            "exceed 100%." + (f" The baseline itself: {yardstick}." if yardstick else "")
+        )
     return (
         "Crossover: the smallest n from which on the series beats dense sdpa at every measured size, "
         "interpolated in log space. At the largest n both ran: speedup = dense sdpa median / series "
         "median (same shape), ideal = nnz(dense) / nnz(pattern), efficiency = speedup / "
         "ideal (above 100%: faster per allowed pair than dense sdpa is per pair, as a "
-        f"kernel faster than SDPA on the dense pattern itself reads).{best}"
+        f"kernel faster than SDPA on the dense pattern itself reads).{best}{ys}"
     )
+
+
+def baseline_columns(yard: Yardsticks) -> tuple[Column, ...]:
+    """BASELINE_COLUMNS, with the yardstick at the series' ``at n`` after the efficiency where
+    ``yard`` has any."""
+    if not yard:
+        return BASELINE_COLUMNS
+    at = [c.name for c in BASELINE_COLUMNS].index("efficiency") + 1
+    col = Column("yardstick", lambda s, _: _yardstick_cell(s, yard.get(s.key, {})))
+    return BASELINE_COLUMNS[:at] + (col,) + BASELINE_COLUMNS[at:]
+
+
+def _yardstick_cell(s: SeriesSummary, cells: Mapping[int, str]) -> str:
+    """The series' yardstick at its ``at n``; where it has none (no size in common with the
+    baseline: a decode series), at its own largest n, which the cell names."""
+    if s.largest_n is not None:
+        return cells.get(s.largest_n, EMPTY)
+    if not cells:
+        return EMPTY
+    n = max(cells)
+    return f"{cells[n]} at {format_tokens(n)}"
+
+
+def baselines_yardstick(analysis: Analysis, yard: Yardsticks) -> str:
+    """ "dense · sdpa GEMM 75% at 16K" for each baseline series, at its largest n with a figure."""
+    bits = []
+    for s in analysis.series:
+        cells = yard.get(s.key, {})
+        if s.is_baseline and cells:
+            n = max(cells)
+            bits.append(f"{s.label} {cells[n]} at {format_tokens(n)}")
+    return "; ".join(bits)
 
 
 FIRST_CALL_NOTE = (
@@ -168,15 +250,18 @@ FIRST_CALL_NOTE = (
 )
 
 
-def tables(analysis: Analysis, compact: bool = False) -> list[TableSpec]:
+def tables(analysis: Analysis, compact: bool = False, df=None) -> list[TableSpec]:
     """The summary tables; ``compact`` (for an 80-column terminal) drops the fit range and
-    the best speedup columns, and the first-call table."""
+    the best speedup columns, and the first-call table; ``df`` (the frame ``analysis`` came
+    from) adds the yardstick column to the baseline table."""
     if not analysis.series:
         return [TableSpec("Scaling", ("note",), (("no successful measurements to analyse",),))]
     out = [series_table("Scaling", SCALING_COLUMNS, analysis.series, scaling_note(compact), compact)]
     others = [s for s in analysis.series if not s.is_baseline]
     if others:
-        out.append(series_table(BASELINE_TITLE, BASELINE_COLUMNS, others, baseline_note(compact), compact))
+        yard = yardsticks(df)
+        note = baseline_note(compact, baselines_yardstick(analysis, yard) if yard else None)
+        out.append(series_table(BASELINE_TITLE, baseline_columns(yard), others, note, compact))
     firsts = [
         s
         for s in analysis.series
@@ -203,10 +288,11 @@ def drift_note(analysis: Analysis) -> str | None:
     return f"Machine speed was steady during the run: {text}."
 
 
-def to_markdown(analysis: Analysis) -> str:
-    """The analysis section of summary.md: each table under its heading, then its note."""
+def to_markdown(analysis: Analysis, df=None) -> str:
+    """The analysis section of summary.md: each table under its heading, then its note (``df``:
+    as for ``tables``)."""
     parts = []
-    for t in tables(analysis):
+    for t in tables(analysis, df=df):
         parts.append(f"## {t.title}\n")
         parts.append(markdown_table(t.columns, t.rows))
         if t.note:
@@ -217,9 +303,10 @@ def to_markdown(analysis: Analysis) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def renderables(analysis: Analysis) -> list:
-    """The compact tables and the machine-speed line, for the terminal (rich)."""
-    out: list = [rich_table(t) for t in tables(analysis, compact=True)]
+def renderables(analysis: Analysis, df=None) -> list:
+    """The compact tables and the machine-speed line, for the terminal (rich; ``df``: as for
+    ``tables``)."""
+    out: list = [rich_table(t) for t in tables(analysis, compact=True, df=df)]
     note = drift_note(analysis)
     if note:
         from rich.text import Text

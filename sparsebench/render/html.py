@@ -36,6 +36,8 @@ RESULT_COLUMNS = (
     ("density", "density", lambda v: f"{100 * v:.3g}%"),
     ("speedup", "speedup", format_ratio),
     ("efficiency", "efficiency", format_percent),
+    ("gemm_fraction", "of GEMM", format_percent),  # the yardstick: measure/yardstick.py
+    ("bandwidth_fraction", "of copy bw", format_percent),
     ("max_abs_err", "max |err|", lambda v: f"{v:.2g}"),
     ("grad_err", "grad err (rel.)", lambda v: f"{v:.2g}"),
     ("reason", "reason", str),
@@ -76,7 +78,7 @@ def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[
         _status_table(df),
         '<h2 id="analysis">Analysis</h2>',
     ]
-    for t in words.tables(analysis):
+    for t in words.tables(analysis, df=df):
         body.append(f"<h3>{_e(t.title)}</h3>")
         body.append(html_table(t.columns, t.rows))
         if t.note:
@@ -167,7 +169,15 @@ def _results_table(df) -> str:
             cells[status_at] = "ok (noisy)"  # as in summary.md
         rows.append(cells)
         classes.append("" if r.get("status") == "ok" else "bad")
-    return html_table([h for _, h, _ in cols], rows, classes)
+    table = html_table([h for _, h, _ in cols], rows, classes)
+    if {"gemm_fraction", "bandwidth_fraction"} & set(names):
+        table += (
+            "<p class=note>of GEMM: the case's useful FLOP/s over this machine's own torch GEMM rate "
+            "for the dtype (a fixed square matmul, measured once per run); of copy bw (decode): its "
+            "KV cache read per second over a large tensor copy's bandwidth. Both yardsticks are the "
+            "library's own on this machine, so a kernel can exceed 100%.</p>"
+        )
+    return table
 
 
 def _cell(v: Any, f) -> str:

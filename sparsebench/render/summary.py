@@ -7,7 +7,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-COLUMNS = ("pattern", "backend", "n", "median ms", "TFLOP/s", "peak MiB", "density", "speedup", "max err", "status")
+COLUMNS = (
+    "pattern", "backend", "n", "median ms", "TFLOP/s", "peak MiB", "density", "speedup", "yardstick", "max err",
+    "status",
+)  # fmt: skip
 
 STATUS_STYLE = {
     "ok": "green",
@@ -31,6 +34,9 @@ def _num(v: Any) -> float | None:
 
 
 def row_cells(r: dict[str, Any]) -> list[str]:
+    from sparsebench.render.analysis import yardstick_text
+
+    ys = yardstick_text(r.get("gemm_fraction"), r.get("bandwidth_fraction"))
     med, tf, peak = _num(r.get("time_median_s")), _num(r.get("tflops")), _num(r.get("peak_mem_bytes"))
     dens, sp, err = _num(r.get("density")), _num(r.get("speedup")), _num(r.get("max_abs_err"))
     status = r.get("status", "")
@@ -50,6 +56,7 @@ def row_cells(r: dict[str, Any]) -> list[str]:
         "" if peak is None else f"{peak / 2**20:.0f}",
         "" if dens is None else f"{dens:.4f}",
         "" if sp is None else f"{sp:.2f}x",
+        "" if ys == "-" else ys,
         "" if err is None else f"{err:.1e}",
         status,
     ]
@@ -98,6 +105,29 @@ def _rounds_line(records: list[dict[str, Any]]) -> list[str]:
     return [f"- rounds: {rounds}; a case's time is the median of its rounds' medians (records.jsonl keeps each round)"]
 
 
+def yardstick_lines(env: dict[str, Any]) -> list[str]:
+    """summary.md's line on the machine's yardstick (environment.json's "yardstick"), if any."""
+    from sparsebench.units import format_bytes
+
+    ys = env.get("yardstick")
+    if not isinstance(ys, dict) or not ys:
+        return []
+    bits = []
+    for name, y in ys.items():
+        if not isinstance(y, dict):
+            continue
+        gemm, bw = _num(y.get("gemm_tflops")), _num(y.get("copy_bytes_per_s"))
+        if gemm is None and bw is None:
+            continue
+        size, gt, ct = y.get("gemm_size"), y.get("gemm_threads"), y.get("copy_threads")
+        threads = f", {gt} threads" if gt else ""
+        gemm_text = "?" if gemm is None else f"{gemm:.3g} TFLOP/s ({size}x{size}{threads})"
+        threads = f" ({ct} thread{'' if ct == 1 else 's'})" if ct else ""
+        bw_text = "?" if bw is None else f"{format_bytes(bw)}/s{threads}"
+        bits.append(f"{name} GEMM {gemm_text}, copy {bw_text}")
+    return [f"- yardstick (this machine's own torch rates): {'; '.join(bits)}"] if bits else []
+
+
 def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: str = "", warn=None) -> str:
     from sparsebench.results.folder import read_environment
 
@@ -116,9 +146,12 @@ def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: s
         f"python {env.get('python', '?')}",
         f"- commit: {env.get('git_commit') or 'n/a'} "
         f"(sparsebench source: {env.get('sparsebench_commit') or 'installed package'})",
+        *yardstick_lines(env),
         "",
         "Speedup is over dense `sdpa` on the same device, dtype, mode and shape; max err is the",
-        "largest absolute difference from dense attention under the same mask.",
+        "largest absolute difference from dense attention under the same mask. yardstick: the",
+        "useful FLOP/s as a share of the machine's own GEMM rate for the dtype (GEMM), in decode the",
+        "KV cache read per second as a share of a tensor copy's bandwidth (copy); a kernel can exceed 100%.",
         "",
         "## Results",
         "",
@@ -157,9 +190,9 @@ def finalize(
         from sparsebench.render import analysis as words
 
         analysis = analyze(df)
-        analysis_md = words.to_markdown(analysis)
+        analysis_md = words.to_markdown(analysis, df)
         if renderables is not None:
-            renderables.extend(words.renderables(analysis))
+            renderables.extend(words.renderables(analysis, df))
     except Exception as exc:  # noqa: BLE001 - reports must not lose a run
         if warn:
             warn(f"analysis skipped: {type(exc).__name__}: {exc}")

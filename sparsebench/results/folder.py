@@ -222,10 +222,12 @@ def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             for k in ("peak_mem_bytes", "max_abs_err", "grad_err"):
                 vals = [r[k] for r in recs if r.get(k) is not None]
                 merged[k] = max(vals) if vals else None
-            probes = [r["probe_s"] for r in recs if r.get("probe_s") is not None]
-            if probes:
-                merged["probe_s"] = statistics.median(probes)
+            for k in ("probe_s", "gemm_tflops", "copy_bytes_per_s"):  # a resumed round measured its own
+                vals = [r[k] for r in recs if r.get(k) is not None]
+                if vals:
+                    merged[k] = statistics.median(vals)
             merged["tflops"] = tflops(merged)
+            merged.update(fractions(merged))
         out.append(merged)
     return out
 
@@ -234,6 +236,20 @@ def tflops(rec: dict[str, Any]) -> float | None:
     """Useful TFLOP/s of an ok record: its useful FLOPs over its median time."""
     med, fl = rec.get("time_median_s"), rec.get("flops")
     return fl / med / 1e12 if (med and fl and rec.get("status") == "ok") else None
+
+
+def fractions(rec: dict[str, Any]) -> dict[str, float | None]:
+    """An ok record's share of the yardstick (its gemm_tflops and copy_bytes_per_s): gemm_fraction
+    = tflops / gemm_tflops (forward, backward), bandwidth_fraction = kv_cache_bytes per median
+    step time / copy_bytes_per_s (decode); None where it does not apply or was not measured."""
+    ok = rec.get("status") == "ok"
+    tf, gemm = rec.get("tflops"), rec.get("gemm_tflops")
+    med, kv, bw = rec.get("time_median_s"), rec.get("kv_cache_bytes"), rec.get("copy_bytes_per_s")
+    decode = rec.get("mode") == "decode"
+    return {
+        "gemm_fraction": tf / gemm if (ok and not decode and tf and gemm) else None,
+        "bandwidth_fraction": kv / med / bw if (ok and decode and kv and med and bw) else None,
+    }
 
 
 def add_derived(df):

@@ -99,6 +99,21 @@ FIELDS: tuple[Field, ...] = (
     Field("grad_check", "str", "", "backward mode: how the gradients were checked: exact or sampled"),
     Field("probe_s", "float", "s", "a fixed matmul timed around the case: how the machine's speed moved",
           always=False),
+    # the yardstick (measure/yardstick.py): the machine's own rates, measured once per run per
+    # device and dtype (environment.json: "yardstick"), and the case's share of them
+    Field("gemm_tflops", "float", "TFLOP/s",
+          "the device's own torch GEMM rate for the dtype: the best of a few square matmuls, measured "
+          "once per run with the threads of the forward and backward cases"),
+    Field("copy_bytes_per_s", "float", "bytes/s",
+          "the device's copy bandwidth: bytes read + written per second by a large tensor copy "
+          "(STREAM's copy), on the CPU with the threads of the decode steps"),
+    Field("gemm_fraction", "float", "",
+          "forward and backward: tflops / gemm_tflops, the share of the machine's own GEMM rate that the "
+          "useful FLOPs reach (the yardstick is the library's, so a kernel can exceed 1)"),
+    Field("bandwidth_fraction", "float", "",
+          "decode: kv_cache_bytes / time_median_s / copy_bytes_per_s, the KV cache a step reads per "
+          "second as a share of the copy bandwidth (a pattern that attends only some of the keys it "
+          "keeps reads less than that; can exceed 1)"),
     # decode mode only
     Field("decode_tokens", "int", "tokens", "tokens generated one at a time", always=False),
     Field("decode_repeats", "int", "", "how often each generated position is stepped", always=False),
