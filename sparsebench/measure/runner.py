@@ -5,6 +5,7 @@ the reports written at the end (also after Ctrl-C, for what finished)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 from dataclasses import dataclass
@@ -212,7 +213,10 @@ def run(
                 if why:
                     rec.update(status="skipped", reason=why)
                 else:
-                    rec.update(worker.run(case, case.timeout_s) if worker else execute(case))
+                    # round 1 checked the output against dense attention; later rounds only time it
+                    # (the same inputs, the same kernel): a round costs the calls, not the check
+                    job = case if r == 1 else dataclasses.replace(case, check=False)
+                    rec.update(worker.run(job, job.timeout_s) if worker else execute(job))
                 rec.setdefault("status", "ok")
                 rec.setdefault("reason", "")
                 ys = yardsticks.get((case.device, case.dtype), {})
