@@ -2,6 +2,7 @@
 (false alarms), and how much of a real slowdown it catches.
 
     python scripts/gate_check.py [SCENARIO] [--pairs 10] [--slowdown 1.3] [--threshold 10%] [--out DIR]
+    python scripts/gate_check.py --judge DIR     # judge the runs already in DIR again (no run)
 
 Runs the scenario (default: the built-in quickstart, as `sparsebench run` runs it) 2 * pairs + 1
 times, in this order: B0, S1, B1, S2, B2, ...; S runs have SPARSEBENCH_TEST_SLOWDOWN set, so
@@ -71,17 +72,22 @@ def main() -> None:
     ap.add_argument("--slowdown", type=float, default=1.3)
     ap.add_argument("--threshold", default="10%", help="compare's --threshold (default: compare's default)")
     ap.add_argument("--out", type=Path, default=Path("gate-check"))
+    ap.add_argument("--judge", type=Path, default=None, help="judge the runs already in this folder again")
     args = ap.parse_args()
     from sparsebench.analysis.compare import parse_threshold
 
     threshold = parse_threshold(args.threshold)
+    if args.judge is not None:
+        args.out = args.judge
+        done = lambda name: (args.out / name / "summary.md").exists()  # noqa: E731 - a finished run
+        args.pairs = max((i for i in range(1, 1000) if done(f"B{i}") and done(f"S{i}")), default=0)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [run_once(args.scenario, args.out / "B0", None)]
+    runs = [args.out / "B0" if args.judge else run_once(args.scenario, args.out / "B0", None)]
     aa, slow = [], []
     for i in range(1, args.pairs + 1):
-        s = run_once(args.scenario, args.out / f"S{i}", args.slowdown)
+        s = args.out / f"S{i}" if args.judge else run_once(args.scenario, args.out / f"S{i}", args.slowdown)
         slow.append(judge(runs[-1], s, threshold))
-        b = run_once(args.scenario, args.out / f"B{i}", None)
+        b = args.out / f"B{i}" if args.judge else run_once(args.scenario, args.out / f"B{i}", None)
         aa.append(judge(runs[-1], b, threshold))
         runs.append(b)
         a, d = aa[-1], slow[-1]

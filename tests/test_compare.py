@@ -95,7 +95,7 @@ def test_fifty_percent_slower_is_a_regression():
     c = compare(frame(make_records()), frame(make_records(scale=1.5)))
     ok = [r for r in c.rows if r.ratio is not None]
     assert ok and all(r.verdict == "slower" and r.ratio == pytest.approx(1.5) for r in ok)
-    assert all(1.1 < r.low < 1.5 < r.high for r in ok)  # the whole interval above the threshold
+    assert all(1.1 < r.low <= r.ratio <= r.high for r in ok)  # the whole interval above the threshold
     assert len(c.regressions()) == len(ok)
     faster = compare(frame(make_records(scale=1.5)), frame(make_records()))
     assert {r.verdict for r in faster.rows if r.ratio} == {"faster"} and not faster.regressions()
@@ -122,11 +122,15 @@ def test_noise_decides():
     apart are; the verdict rests on the interval of the ratio, not on a test of pooled calls."""
     base = frame([_case([1.0, 0.5, 2.0, 0.7, 1.6, 0.9, 1.4])])
     new = frame([_case([1.3, 0.6, 2.1, 0.8, 1.9, 1.2, 1.5])])
-    (row,) = compare(base, new).rows
+    (row,) = compare(base, new, metric="median").rows
     assert row.ratio == pytest.approx(1.3) and row.verdict == "same" and row.low < 1.1 < 1.3 < row.high
-    (row,) = compare(frame([_case(rounds=[1.0, 1.01, 0.99])]), frame([_case(rounds=[1.5, 1.51, 1.49])])).rows
+    (row,) = compare(
+        frame([_case(rounds=[1.0, 1.01, 0.99])]), frame([_case(rounds=[1.5, 1.51, 1.49])]), metric="median"
+    ).rows
     assert row.verdict == "slower" and row.low > 1.1
-    (row,) = compare(frame([_case(rounds=[1.0, 1.01, 0.99])]), frame([_case(rounds=[0.7, 1.2, 1.6])])).rows
+    (row,) = compare(
+        frame([_case(rounds=[1.0, 1.01, 0.99])]), frame([_case(rounds=[0.7, 1.2, 1.6])]), metric="median"
+    ).rows
     assert row.ratio == pytest.approx(1.2) and row.verdict == "same"  # 1.2x, but within the noise
 
 
@@ -136,7 +140,7 @@ def test_rounds_not_pooled_calls_are_the_samples():
     calls = [1.0 + 0.001 * i for i in range(10)] + [1.3 + 0.001 * i for i in range(10)]
     base = dict(_case(rounds=[1.0, 1.3]), times_s=calls)
     new = dict(_case(rounds=[1.3, 1.45]), times_s=[t * 1.15 for t in calls])
-    (row,) = compare(frame([base]), frame([new])).rows
+    (row,) = compare(frame([base]), frame([new]), metric="median").rows
     assert row.verdict == "same" and row.low < 1.1
     assert samples(base) == [1.0, 1.3]
     one_round = dict(record("dense", "sdpa", 1024, 1.0), times_s=[float(i) for i in range(1, 11)])
@@ -157,7 +161,7 @@ def test_a_tight_case_gets_the_runs_typical_spread():
     sd_wild, _ = noise.case_sd(samples(wild), samples(wild))
     assert sd_wild > 2 * noise.sd
     c = compare(frame([*noisy, tight]), frame([*noisy, dict(tight, round_medians_s=[1.3, 1.3001, 1.2999],
-                                                             time_median_s=1.3)]))  # fmt: skip
+                                                             time_median_s=1.3)]), metric="median")  # fmt: skip
     row = next(r for r in c.rows if r.get("seq_len") == 1024)
     assert row.ratio == pytest.approx(1.3) and row.verdict == "same" and row.low < 1.1
 
@@ -197,7 +201,10 @@ def test_a_moving_machine_withholds_the_verdict(tmp_path):
     assert (
         res.exit_code == 1 and "1 case(s) regressed" in res.output and "withheld" not in res.output.split("error")[-1]
     )
-    new_ok = [dict(r, time_median_s=1.0, round_medians_s=[1.0, 1.01, 0.99]) if r["seq_len"] == 1024 else r for r in new]
+    new_ok = [
+        dict(r, time_median_s=1.0, time_min_s=0.99, round_medians_s=[1.0, 1.01, 0.99]) if r["seq_len"] == 1024 else r
+        for r in new
+    ]
     b2 = write_result(tmp_path / "b2", new_ok)
     assert run(a, b2, "--fail-on-regression").exit_code == 0  # withheld alone does not fail the gate
     res = run(a, b2, "--fail-on-regression", "--fail-on-unstable")

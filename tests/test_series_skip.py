@@ -138,3 +138,26 @@ def test_a_real_out_of_memory_in_process_skips_the_larger_sizes(tmp_path, monkey
     assert series[FAILING][128]["reason"] == "this series ended with oom at n=64"
     for n, rec in series[("window", "block_sparse")].items():
         assert rec["status"] == "ok" and rec["time_median_s"] > 0, (n, rec)
+
+
+def test_each_round_runs_in_a_fresh_worker(tmp_path, monkeypatch):
+    """What a worker process settles into (where its memory lies, its threads) is not repeated
+    across the rounds of a case: the runner closes its worker between rounds."""
+    events: list[str] = []
+
+    class CountingWorker:
+        def run(self, case, timeout):
+            events.append("run")
+            return dict(MEASURED)
+
+        def yardstick(self, device, dtype, timeout):
+            return {"gemm_tflops": 1.0, "copy_bytes_per_s": 1e10}
+
+        def close(self):
+            events.append("close")
+
+    monkeypatch.setattr(worker_mod, "Worker", CountingWorker)
+    runner.run(_plan(SCENARIO + "rounds: 3\n"), tmp_path / "run", scenario_text=SCENARIO)
+    cases = len(_plan().cases)
+    rounds = "".join("c" if e == "close" else "r" for e in events).split("c")
+    assert [len(r) for r in rounds] == [cases, cases, cases, 0]  # three rounds, then the final close

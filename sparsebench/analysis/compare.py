@@ -1,16 +1,25 @@
 """Compare two result folders case by case, or one folder along one dimension.
 
 ``compare(base_df, new_df)`` joins on ``CASE_KEY`` and gives each case measured in both the
-ratio new / base of its reported time (the median of its rounds' medians) with a confidence
-interval, and a verdict from the interval against the threshold: *slower* when the whole
-interval lies above 1 + threshold, *faster* when it lies below 1 / (1 + threshold), else *same*
-(within the noise). The interval is ``analysis.noise``'s: Student's t on the log ratio of the
-case's samples (its rounds' medians, or blocks of its calls with one round), never the pooled
-calls. The false alarms of a whole comparison are controlled family-wise: with m cases compared,
-each interval is at level 1 - FAMILY_ALPHA / m (Bonferroni), so two runs of the same program
-raise a false alarm anywhere with a chance of at most FAMILY_ALPHA, as far as the noise model
-holds. Where the machine-speed probe moved between the two runs by more than the threshold can
-absorb, the case's verdict is *withheld* (the machine, not the program, may have changed).
+ratio new / base of its reported time with a confidence interval, and a verdict from the interval
+against the threshold: *slower* when the whole interval lies above 1 + threshold, *faster* when
+it lies below 1 / (1 + threshold), else *same* (within the noise).
+
+The time compared is, by default, each case's fastest call over all its rounds (``GATE_METRIC``;
+interference on a shared machine only ever adds time), or with ``metric="median"`` the median of
+its rounds' medians. The noise is read from the comparison itself (``noise.Spread``): how the
+cases' log ratios scatter around their common shift, a robust standard deviation that a minority
+of changed cases does not move, while a change common to all (a slower build) still counts
+against 1. For the median, a case whose own rounds scatter more is judged by its own spread
+(``noise.robust_se``). With fewer than ``noise.MIN_CASES`` cases, each case is judged from its
+own samples (its rounds, or blocks of its calls with one round; never the pooled calls).
+
+The false alarms of a whole comparison are controlled family-wise: with m cases compared, each
+interval is at level 1 - FAMILY_ALPHA / m (Bonferroni), so two runs of the same program raise an
+alarm anywhere with a chance of about FAMILY_ALPHA at threshold 0, far less at the default 10%.
+Where the machine-speed probe moved between the two runs by more than PROBE_SLACK times the
+threshold (as factors), the case's verdict is *withheld*: the machine, not the program, may have
+changed.
 
 ``compare_by(df, "backend")`` puts one run side by side along one dimension.
 
@@ -27,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from sparsebench.analysis.noise import Interval, Noise, ratio_interval
+from sparsebench.analysis.noise import Interval, Noise, Spread, ratio_interval, robust_se, samples
 from sparsebench.analysis.scaling import (
     case_label,
     finite_or_none,
@@ -41,6 +50,10 @@ from sparsebench.results.folder import ENVIRONMENT, read_environment
 from sparsebench.results.schema import CASE_KEY
 
 METRICS = {"median": "time_median_s", "min": "time_min_s"}
+# Two runs are compared on their fastest calls by default: interference on a shared machine only
+# ever adds time, so the fastest call over the rounds moves least between two runs of the same
+# program (the README gives the figures: the scatter of 36 cases' ratios was half the medians').
+GATE_METRIC = "min"
 BY_DIMENSIONS = {
     "backend": "backend",
     "pattern": "pattern_label",
@@ -50,6 +63,7 @@ BY_DIMENSIONS = {
     "causal": "causal",
 }
 FAMILY_ALPHA = 0.05  # the chance of any false alarm over a whole comparison (Bonferroni)
+PROBE_SLACK = 2  # a case's verdict is withheld where the probe moved by more than (1 + threshold) ** this
 # environment.json keys whose difference makes timings hard to compare (and every entry of its
 # "switches": the SPARSEBENCH_* variables that change which kernels run)
 ENV_KEYS = ("gpu", "cpu", "torch", "threads", "python")
@@ -147,13 +161,14 @@ class Comparison:
     only_new: tuple[tuple[Any, ...], ...] = ()
     warnings: tuple[str, ...] = ()
     threshold: float = 0.10
-    metric: str = "median"
+    metric: str = GATE_METRIC
     base_name: str = "base"
     new_name: str = "new"
     shown_dims: tuple[str, ...] = field(default=())  # case-key columns that vary (shown)
     only_base_ok: tuple[tuple[Any, ...], ...] = ()  # those of only_base that BASE measured (ok)
     level: float = 1 - FAMILY_ALPHA  # each interval's confidence level
     noise: Noise | None = None  # the typical spread of a case's samples, both runs pooled
+    spread: Spread | None = None  # how the cases' ratios scatter (None: judged from their samples)
 
     def regressions(self) -> list[CaseDiff]:
         return [r for r in self.rows if r.is_regression]
@@ -190,6 +205,16 @@ class Comparison:
             f"at {_percent(self.level)}); slower or faster only when the whole interval is beyond the threshold"
         )
 
+    @property
+    def noise_text(self) -> str:
+        """Where the intervals' noise comes from, in words."""
+        if self.spread is not None:
+            return (
+                f"the noise is the spread of the {self.spread.cases} cases' ratios around their common shift "
+                f"(robust sd {self.spread.sd:.1%})"
+            )
+        return "the noise is each case's spread over its rounds (or blocks of its calls), with the runs' typical spread"
+
     def unstable_message(self) -> str | None:
         """ "machine unstable: verdict withheld for N cases (...)", or None."""
         held = self.withheld()
@@ -198,7 +223,7 @@ class Comparison:
         worst = max(held, key=lambda r: abs(math.log(r.probe_ratio or 1.0)))
         return (
             f"machine unstable: verdict withheld for {len(held)} case(s): the machine-speed probe moved "
-            f"by more than the {self.threshold:.0%} threshold between the two runs "
+            f"by more than {(1 + self.threshold) ** PROBE_SLACK - 1:.0%} between the two runs "
             f"(up to {worst.probe_ratio:.2f}x at {key_text(worst.key, self.shown_dims)}); rerun on a quiet machine"
         )
 
@@ -246,7 +271,8 @@ class Comparison:
             "control": self.control,
             "interval_level": self.level,
             "family": self.family,
-            "noise_sd": self.noise.sd if self.noise else None,
+            "noise": self.noise_text,
+            "ratio_spread_sd": self.spread.sd if self.spread else None,
             "warnings": list(self.warnings),
             "counts": self.counts(),
             "regressions": len(self.regressions()),
@@ -269,7 +295,7 @@ def compare(
     base_df,
     new_df,
     threshold: float = 0.10,
-    metric: str = "median",
+    metric: str = GATE_METRIC,
     base_env: dict | None = None,
     new_env: dict | None = None,
     base_name: str = "base",
@@ -277,14 +303,14 @@ def compare(
 ) -> Comparison:
     """Join two results frames on the case key and judge each common case."""
     check_choice("metric", metric, tuple(METRICS))
-    col = METRICS[metric]
     base = _latest(base_df)
     new = _latest(new_df)
     common = [k for k in base if k in new]
-    both_ok = [k for k in common if _ok(base[k], col) and _ok(new[k], col)]
-    level = family_level(len(both_ok))
-    noise = Noise.of([*base.values(), *new.values()])
-    rows = [_judge(k, base[k], new[k], col, threshold, noise, level) for k in common]
+    ratios = case_ratios(base, new, metric)
+    level = family_level(len(ratios))
+    noise = Noise.of([*base.values(), *new.values()], metric)
+    spread = Spread.of(ratios.values())
+    rows = [_judge(k, base[k], new[k], metric, threshold, noise, level, spread) for k in common]
     rows.sort(key=lambda r: _sort_key(r.key))
     only_base = tuple(sorted((k for k in base if k not in new), key=_sort_key))
     base_measured = tuple(k for k in only_base if str(base[k].get("status")) == "ok")
@@ -317,6 +343,7 @@ def compare(
         base_measured,
         level,
         noise,
+        spread,
     )
     unstable = result.unstable_message()
     if unstable:
@@ -324,7 +351,7 @@ def compare(
     return result
 
 
-def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str = "median", warn=None) -> Comparison:
+def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str = GATE_METRIC, warn=None) -> Comparison:
     from sparsebench.results.folder import load_frame
 
     base, new = Path(base), Path(new)
@@ -387,16 +414,45 @@ def family_level(cases: int) -> float:
     return 1 - FAMILY_ALPHA / max(1, cases)
 
 
+def case_ratios(base: dict[tuple, dict], new: dict[tuple, dict], metric: str) -> dict[tuple, float]:
+    """new / base of ``metric`` for the cases measured ok in both (records by case key)."""
+    col = METRICS[metric]
+    out = {}
+    for k, b in base.items():
+        n = new.get(k)
+        if n is not None and _ok(b, col) and _ok(n, col) and float(b[col]) > 0:
+            out[k] = float(n[col]) / float(b[col])
+    return out
+
+
 def judge_ratio(
-    base: dict, new: dict, ratio: float, threshold: float, noise: Noise, level: float
+    base: dict,
+    new: dict,
+    ratio: float,
+    threshold: float,
+    noise: Noise,
+    level: float,
+    metric: str = "median",
+    spread: Spread | None = None,
 ) -> tuple[str, Interval | None, float | None]:
     """(verdict, the ratio's interval, the probe's ratio) for a case measured ok in both:
-    withheld where the machine-speed probe moved by more than the threshold can absorb, slower
-    or faster where the whole ``level`` interval is beyond the threshold, else same."""
-    iv = ratio_interval(base, new, ratio, noise, level)
+    withheld where the machine-speed probe moved by more than the threshold can absorb (PROBE_SLACK
+    times the threshold: the probe is a short measurement with noise of its own), slower or faster
+    where the whole ``level`` interval is beyond the threshold, else same. The interval is from
+    the comparison's ``spread`` where it has one (MIN_CASES cases or more; for the median, the
+    case's own spread where that is larger), else from the case's own samples and the runs'
+    ``noise``."""
+    if spread is not None:
+        # a case's own rounds count for the median (its samples); a slow round does not move the
+        # fastest call over all rounds, so for the min they would overstate its noise
+        own = robust_se(samples(base, metric), samples(new, metric)) if metric == "median" else 0.0
+        iv = spread.interval(ratio, level, own)
+    else:
+        iv = ratio_interval(base, new, ratio, noise, level, metric)
     pb, pn = finite_or_none(base.get("probe_s")), finite_or_none(new.get("probe_s"))
     probe = pn / pb if pb and pn and pb > 0 else None
-    if probe is not None and not (1 / (1 + threshold) <= probe <= 1 + threshold):
+    slack = (1 + threshold) ** PROBE_SLACK
+    if probe is not None and not (1 / slack <= probe <= slack):
         return WITHHELD, iv, probe
     if iv is not None and iv.low > 1 + threshold:
         return "slower", iv, probe
@@ -409,7 +465,10 @@ def _ok(rec: dict, col: str) -> bool:
     return str(rec.get("status")) == "ok" and finite_or_none(rec.get(col)) is not None
 
 
-def _judge(key, b: dict, n: dict, col: str, threshold: float, noise: Noise, level: float) -> CaseDiff:
+def _judge(
+    key, b: dict, n: dict, metric: str, threshold: float, noise: Noise, level: float, spread: Spread | None
+) -> CaseDiff:
+    col = METRICS[metric]
     bs, ns = str(b.get("status")), str(n.get("status"))
     bv, nv = finite_or_none(b.get(col)), finite_or_none(n.get(col))
     if bs != "ok" or ns != "ok" or bv is None or nv is None:
@@ -425,7 +484,7 @@ def _judge(key, b: dict, n: dict, col: str, threshold: float, noise: Noise, leve
             key, bv if bs == "ok" else None, nv if ns == "ok" else None, None, verdict, base_status=bs, new_status=ns
         )
     ratio = nv / bv if bv > 0 else math.inf
-    verdict, iv, probe = judge_ratio(b, n, ratio, threshold, noise, level)
+    verdict, iv, probe = judge_ratio(b, n, ratio, threshold, noise, level, metric, spread)
     return CaseDiff(key, bv, nv, ratio, verdict, iv.low if iv else None, iv.high if iv else None, probe, bs, ns)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sparsebench.analysis.compare import FAMILY_ALPHA, env_differences, family_level, judge_ratio
-from sparsebench.analysis.noise import Interval, Noise, time_interval
+from sparsebench.analysis.noise import Interval, Noise, Spread, time_interval
 from sparsebench.analysis.scaling import case_label, finite_or_none, plain_value
 from sparsebench.errors import ResultsError
 from sparsebench.results.schema import CASE_KEY, KEY_DEFAULTS, SERIES_KEY
@@ -190,7 +190,7 @@ class Run:
 
 
 def judge_step(
-    old: dict[str, Any], new: dict[str, Any], noise: Noise, threshold: float, level: float
+    old: dict[str, Any], new: dict[str, Any], noise: Noise, threshold: float, level: float, spread: Spread | None = None
 ) -> tuple[str, float, Interval] | None:
     """(SLOWER or FASTER, ratio new / old, its interval) where compare would call the case slower
     or faster (``compare.judge_ratio``: the whole ``level`` interval beyond the threshold, the
@@ -200,7 +200,7 @@ def judge_step(
     if old.get("status") != "ok" or new.get("status") != "ok" or not a or not b or a <= 0 or b <= 0:
         return None
     ratio = b / a
-    verdict, iv, _ = judge_ratio(old, new, ratio, threshold, noise, level)
+    verdict, iv, _ = judge_ratio(old, new, ratio, threshold, noise, level, "median", spread)
     if iv is None or verdict not in (SLOWER, FASTER):
         return None
     return verdict, ratio, iv
@@ -403,13 +403,15 @@ def build(runs: Sequence[Run], threshold: float, order: str = "in the order give
         old, new = runs[i - 1], runs[i]
         pair = [k for k in keys if comparable(old.records.get(k)) and comparable(new.records.get(k))]
         noise = Noise.of([*old.records.values(), *new.records.values()])
+        # compare's rule: with enough cases, the noise is how their ratios scatter
+        spread = Spread.of(new.records[k]["time_median_s"] / old.records[k]["time_median_s"] for k in pair)
         compared.append(len(pair))
-        pooled.append(noise.sd)
+        pooled.append(spread.sd if spread is not None else noise.sd)
         if not pair:
             continue
         level = family_level(len(pair))
         for k in pair:
-            found = judge_step(old.records[k], new.records[k], noise, threshold, level)
+            found = judge_step(old.records[k], new.records[k], noise, threshold, level, spread)
             if found:
                 direction, ratio, iv = found
                 steps.append(Step(k, labels[k], i, direction, ratio, iv))

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 from sparsebench.stats import t_quantile
 
+MIN_CASES = 8  # a comparison of fewer cases judges each from its own samples (``ratio_interval``)
 BLOCKS = 5  # a case measured in one round: its calls in up to this many consecutive blocks
 PRIOR_DOF = 8  # how much the run's typical spread weighs in a case's (in degrees of freedom)
 
@@ -49,21 +50,23 @@ def _floats(value: Any) -> list[float]:
     return out
 
 
-def samples(rec: dict[str, Any]) -> list[float]:
-    """A case's samples of its time: the rounds' medians (two rounds or more), else the medians
-    of up to BLOCKS blocks of consecutive calls (single calls when there are fewer)."""
-    meds = _floats(rec.get("round_medians_s"))
-    if len(meds) >= 2:
-        return meds
+def samples(rec: dict[str, Any], metric: str = "median") -> list[float]:
+    """A case's samples of its time: with ``metric`` "median" the rounds' medians (two rounds or
+    more), else the medians of up to BLOCKS blocks of consecutive calls (single calls when there
+    are fewer); with "min" the rounds' fastest calls, or the blocks' fastest."""
+    per_round = _floats(rec.get("round_mins_s" if metric == "min" else "round_medians_s"))
+    if len(per_round) >= 2:
+        return per_round
     times = _floats(rec.get("times_s"))
     k = min(BLOCKS, len(times))
     if k == 0:
         return []
+    of = min if metric == "min" else statistics.median
     size, extra = divmod(len(times), k)
     out, i = [], 0
     for b in range(k):
         j = i + size + (1 if b < extra else 0)
-        out.append(statistics.median(times[i:j]))
+        out.append(of(times[i:j]))
         i = j
     return out
 
@@ -86,13 +89,14 @@ class Noise:
     cases: int
 
     @classmethod
-    def of(cls, records: Iterable[dict[str, Any]]) -> "Noise":
-        """Pooled over the ok records given (one run's, or two runs' together)."""
+    def of(cls, records: Iterable[dict[str, Any]], metric: str = "median") -> "Noise":
+        """Pooled over the ok records given (one run's, or two runs' together), of ``samples``
+        for ``metric``."""
         total, dof, cases = 0.0, 0, 0
         for rec in records:
             if rec.get("status") != "ok":
                 continue
-            var, d = _log_var(samples(rec))
+            var, d = _log_var(samples(rec, metric))
             if d:
                 total += var * d
                 dof += d
@@ -114,6 +118,57 @@ class Noise:
 
 
 @dataclass(frozen=True)
+class Spread:
+    """How the log ratios new / base of a comparison's cases scatter around their common shift
+    (their median): 1.4826 times their median absolute deviation, a standard deviation that a
+    minority of changed cases does not move, with ``cases - 1`` degrees of freedom.
+
+    This is the comparison's noise as the two runs show it, whatever its source (the machine,
+    the rounds, the kernels); a change common to every case (a slower machine, a slower library)
+    moves the median, not the spread, and is still judged against 1. A case's own rounds would
+    overstate the noise of its reported time where the noise is one-sided: a slow round (another
+    tenant, a descheduled thread) moves its round's figure but not the fastest call of the run."""
+
+    sd: float
+    dof: int
+    cases: int
+
+    @classmethod
+    def of(cls, ratios: Iterable[float]) -> "Spread | None":
+        """From the cases' ratios; None for fewer than MIN_CASES (judge from samples instead)."""
+        logs = [math.log(r) for r in ratios if r > 0 and math.isfinite(r)]
+        if len(logs) < MIN_CASES:
+            return None
+        mid = statistics.median(logs)
+        return cls(1.4826 * statistics.median(abs(v - mid) for v in logs), len(logs) - 1, len(logs))
+
+    def interval(self, ratio: float, level: float, own: float = 0.0) -> Interval:
+        """The ``level`` interval of ``ratio``: its log +- t * sd, where sd is the spread or the
+        case's ``own`` standard error (``robust_se``) where that is larger: a case noisier than
+        the rest is not judged by the rest's noise."""
+        hw = _half_width(max(self.sd, own), self.dof, level, 1.0)
+        return Interval(ratio * math.exp(-hw), ratio * math.exp(hw), level)
+
+
+def robust_se(a: Sequence[float], b: Sequence[float]) -> float:
+    """A case's own standard error of the log ratio of its two runs' medians, from its samples,
+    robust to one bad sample (a round that met a burst of load): 1.4826 times the median absolute
+    deviation of the log samples from their run's median (the median itself left out), times
+    1.2533 (a median is less efficient than a mean) and sqrt(1/n_a + 1/n_b). 0 without spread."""
+    devs = []
+    for s in (a, b):
+        logs = [math.log(v) for v in s]
+        if len(logs) < 2:
+            continue
+        mid = statistics.median(logs)
+        d = sorted(abs(v - mid) for v in logs)
+        devs += d[1:] if len(d) % 2 else d  # an odd sample's median deviates by 0 from itself
+    if not devs or not a or not b:
+        return 0.0
+    return 1.4826 * statistics.median(devs) * 1.2533 * math.sqrt(1 / len(a) + 1 / len(b))
+
+
+@dataclass(frozen=True)
 class Interval:
     """A confidence interval of a positive quantity (a time, or a ratio of times)."""
 
@@ -132,11 +187,11 @@ def _half_width(sd: float, dof: int, level: float, scale: float) -> float:
 
 
 def ratio_interval(
-    base: dict[str, Any], new: dict[str, Any], ratio: float, noise: Noise, level: float
+    base: dict[str, Any], new: dict[str, Any], ratio: float, noise: Noise, level: float, metric: str = "median"
 ) -> Interval | None:
-    """The ``level`` interval of ``ratio`` (new / base, as reported) from the two records'
-    samples; None where either has none."""
-    a, b = samples(base), samples(new)
+    """The ``level`` interval of ``ratio`` (new / base of ``metric``, as reported) from the two
+    records' samples for that metric; None where either has none."""
+    a, b = samples(base, metric), samples(new, metric)
     if not a or not b or not (ratio > 0) or not math.isfinite(ratio):
         return None
     sd, dof = noise.case_sd(a, b)

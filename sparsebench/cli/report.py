@@ -53,7 +53,11 @@ def compare(
         "--threshold",
         help="A regression is a case whose whole confidence interval of new/base lies above 1 + this: 10%, 0.1 or 10.",
     ),
-    metric: str = typer.Option("median", "--metric", help="median or min."),
+    metric: Optional[str] = typer.Option(
+        None,
+        "--metric",
+        help="min (each case's fastest call over its rounds; the default for BASE NEW) or median (default with --by).",
+    ),
     fail_on_regression: bool = typer.Option(
         False,
         "--fail-on-regression",
@@ -83,6 +87,7 @@ def compare(
         from sparsebench.render.compare import FORMATS
 
         cmp_mod.check_choice("format", fmt, FORMATS)
+        metric = metric or ("median" if by is not None else cmp_mod.GATE_METRIC)
         cmp_mod.check_choice("metric", metric, tuple(cmp_mod.METRICS))
         limit = cmp_mod.parse_threshold(threshold)
         if new is not None and by is not None:

@@ -191,9 +191,15 @@ def run(
         )
         yardsticks = measure_yardsticks(pairs, worker, folder, warn)
         with results.RecordWriter(folder, warn=warn) as writer:
+            in_round = 1
             for i, (r, case) in enumerate((r, c) for r in range(1, rounds + 1) for c in plan.cases):
                 if (case.case_id, r) in done or (r > 1 and case.case_id not in first_ok):
                     continue  # later rounds measure again only what the first measured
+                if worker and r != in_round:
+                    # each round in a fresh worker process: what a process settles into (where its
+                    # memory lies, its threads) is not repeated across the rounds of a case
+                    worker.close()
+                in_round = r
                 if on_start:
                     on_start(case, i, total)
                 rec = schema.identity(case)

@@ -184,11 +184,8 @@ def _case_table(c: Comparison) -> TableSpec:
 
 def _explanation(c: Comparison) -> str:
     """What the ratio, the interval and the verdicts mean (the table's note)."""
-    text = (
-        f"ratio = new / base of the {c.metric} time (the median of the rounds' medians); interval: {c.control}. "
-        "The interval comes from each case's rounds (or blocks of its calls with one round), with the runs' "
-        "typical spread where a case's own is smaller."
-    )
+    what = "the fastest call over the rounds" if c.metric == "min" else "the median of the rounds' medians"
+    text = f"ratio = new / base of the {c.metric} time ({what}); interval: {c.control}; {c.noise_text}."
     if c.withheld():
         text += (
             f" withheld: the machine-speed probe moved by more than {c.threshold:.0%} between the two runs, so "

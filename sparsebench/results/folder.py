@@ -191,7 +191,7 @@ def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per case: the rounds of a scenario with ``rounds: R`` (records with the same
     case_id and a ``round`` field) merged. The case's time is the median of its rounds' medians,
     so a burst of load during one round is outvoted by the others; times_s holds every call,
-    round_medians_s each round's median, time_iqr_s and noisy the spread of every call, the
+    round_medians_s each round's median, round_mins_s each round's fastest call, time_iqr_s and noisy the spread of every call, the
     memory and error figures their worst. A round that did not end ok (wrong, error, ...) stands
     for the case as it is."""
     groups: dict[Any, list[dict[str, Any]]] = {}
@@ -216,6 +216,7 @@ def merge_rounds(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 time_min_s=min(r["time_min_s"] for r in recs),
                 times_s=every,
                 round_medians_s=meds,
+                round_mins_s=[r["time_min_s"] for r in recs],
             )
             if every:  # spread over every call of every round: rounds that disagree count
                 merged.update(time_iqr_s=stats.iqr(every), noisy=spread.noisy(every))

@@ -125,6 +125,7 @@ FIELDS: tuple[Field, ...] = (
     # merged: the rounds of a case as one row
     Field("rounds", "int", "", "rounds merged into the row", where=MERGED, always=False),
     Field("round_medians_s", "list[float]", "s", "each round's median", where=MERGED, always=False),
+    Field("round_mins_s", "list[float]", "s", "each round's fastest call", where=MERGED, always=False),
     # derived over the frame
     Field("speedup", "float", "x", "baseline time / time, the baseline on the same device, dtype, mode and shape",
           where=DERIVED),
