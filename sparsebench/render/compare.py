@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from sparsebench.analysis.compare import (
+    PROBE_SLACK,
     REGRESSIONS,
     WITHHELD,
     ByComparison,
@@ -188,7 +189,8 @@ def _explanation(c: Comparison) -> str:
     text = f"ratio = new / base of the {c.metric} time ({what}); interval: {c.control}; {c.noise_text}."
     if c.withheld():
         text += (
-            f" withheld: the machine-speed probe moved by more than {c.threshold:.0%} between the two runs, so "
+            f" withheld: the machine-speed probe moved by more than {(1 + c.threshold) ** PROBE_SLACK - 1:.0%} between"
+            " the two runs, so "
             "the machine may have changed, not the program (--fail-on-unstable fails the gate on them)."
         )
     return text
