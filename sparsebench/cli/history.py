@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from sparsebench.cli.app import console, guarded, warn
-from sparsebench.cli.report import PLOT_FORMATS, _files_as_results_errors
+from sparsebench.cli.report import PLOT_FORMATS, _emit, _files_as_results_errors
 from sparsebench.errors import ScenarioError
 
 
@@ -48,21 +48,7 @@ def history(
                 f"--plot {plot_path}: the file name must end in one of: {', '.join('.' + f for f in PLOT_FORMATS)}"
             )
         h = history_of(dirs, limit, warn=warn)
-        if output is not None:
-            from sparsebench.results.folder import atomic_write
-
-            for w in h.warnings:
-                warn(w)
-            atomic_write(output, render(h, fmt))
-            console(stderr=True).print(f"wrote {output}")
-        elif fmt == "table":
-            out = console()
-            for r in renderables(h):
-                out.print(r)
-        else:
-            for w in h.warnings:
-                warn(w)
-            typer.echo(render(h, fmt), nl=False)
+        _emit(h, fmt, output, render, renderables)
         if plot_path is not None:
             _write_plot(h, plot_path)
 

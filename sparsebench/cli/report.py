@@ -115,8 +115,11 @@ def compare(
 # ----------------------------------------------------------------------------------------------
 
 
-def _emit(result, fmt: str, output: Optional[Path]) -> None:
-    from sparsebench.render.compare import render, renderables
+def _emit(result, fmt: str, output: Optional[Path], render=None, renderables=None) -> None:
+    """``result`` (a comparison, or a history with ``render``/``renderables`` of its own) to
+    ``output`` or the terminal; its warnings to stderr where the table does not show them."""
+    if render is None or renderables is None:
+        from sparsebench.render.compare import render, renderables
 
     if fmt != "table" or output is not None:
         for w in getattr(result, "warnings", ()):

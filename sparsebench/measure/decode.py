@@ -21,7 +21,7 @@ runs one query of attention.
 
 Timing (``measure_decode``): a step is tens of microseconds of latency-bound work, so the
 clock is easily dominated by the machine rather than the step. The steps run on one intra-op
-thread (see ``_intra_op_threads``), after a warm-up of at least ``warmup`` steps and
+thread (see the note above ``reference_rows``), after a warm-up of at least ``warmup`` steps and
 ``warmup_s`` seconds, and each generated position is stepped ``repeats`` times back to back
 (a step is idempotent: the same slot gets the same K/V and the same slots are read), with
 ``repeats`` chosen so that the timed steps add up to about ``min_time_s``. ``times_s`` holds
@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 from sparsebench import stats
 from sparsebench.errors import BackendUnavailable, ScenarioError
 from sparsebench.measure import slowdown
-from sparsebench.measure.device import sync
+from sparsebench.measure.device import intra_op_threads, sync
 from sparsebench.units import torch_dtype
 
 if TYPE_CHECKING:
@@ -190,27 +189,13 @@ def _resolve_dtype(dtype) -> torch.dtype:
     return torch_dtype(dtype, "decode dtype")
 
 
-@contextmanager
-def _intra_op_threads(n: int | None):
-    """Run the block with ``n`` intra-op threads and restore the previous count afterwards.
-
-    Why one thread for decode: a step is one query row, two matrix-vector products and a
-    softmax over the cached keys, a few small ops that are bound by memory latency, not by
-    arithmetic. ATen splits each op over its OpenMP threads and joins them at a barrier; on a
-    shared machine (here 2 cores under load) a worker the OS has descheduled holds that
-    barrier for a whole scheduler slice, so a 50 us step reads 8-12 ms. One thread measures
-    the step and not the scheduler. (A second thread could add a little memory bandwidth to a
-    very long dense cache; stable numbers are worth more. ``None`` keeps torch's setting.)
-    """
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# Why decode steps run on one intra-op thread by default (``device.intra_op_threads``): a step is
+# one query row, two matrix-vector products and a softmax over the cached keys, a few small ops
+# bound by memory latency, not by arithmetic. ATen splits each op over its OpenMP threads and
+# joins them at a barrier; on a shared machine (here 2 cores under load) a worker the OS has
+# descheduled holds that barrier for a whole scheduler slice, so a 50 us step reads 8-12 ms. One
+# thread measures the step and not the scheduler. (A second thread could add a little memory
+# bandwidth to a very long dense cache; stable numbers are worth more. ``None`` keeps torch's.)
 
 
 def reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -357,7 +342,7 @@ def measure_decode(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dec = Decoder(pattern, context, q, k, v)
-    with _intra_op_threads(threads if device.type == "cpu" else None):
+    with intra_op_threads(threads, device):
         used_threads = torch.get_num_threads() if device.type == "cpu" else None
         times, repeats = _time_steps(dec, tokens, device, warmup, warmup_s, min_time_s, max_repeats)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -27,12 +27,11 @@ the hardware's peak.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
-from sparsebench.measure.device import TORCH_DTYPES, sync
+from sparsebench.measure.device import TORCH_DTYPES, intra_op_threads, sync
 
 ROUNDS = 5
 MIN_ROUNDS = 3
@@ -54,20 +53,6 @@ def decode_threads() -> int | None:
     from sparsebench.measure.decode import measure_decode
 
     return inspect.signature(measure_decode).parameters["threads"].default
-
-
-@contextmanager
-def _threads(n: int | None, device: torch.device) -> Iterator[None]:
-    """``n`` intra-op threads on the CPU within the block (None, or another device: as set)."""
-    if n is None or device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _time(call: Callable[[], Any], device: torch.device) -> float:
@@ -117,7 +102,7 @@ def copy(device: str | torch.device, dtype: str, threads: int | None = None, rou
     nbytes = COPY_BYTES.get(dev.type, COPY_BYTES_OTHER)
     src = torch.ones(nbytes // torch.empty((), dtype=tdtype).element_size(), dtype=tdtype, device=dev)
     dst = torch.empty_like(src)
-    with _threads(threads, dev):
+    with intra_op_threads(threads, dev):
         dst.copy_(src)  # untimed: first touch of dst
         best = _best(lambda: dst.copy_(src), dev, rounds)
     return 2.0 * src.nbytes / best, src.nbytes
