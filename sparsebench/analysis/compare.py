@@ -202,7 +202,7 @@ class Comparison:
         """How the false alarms are controlled, in words."""
         return (
             f"{1 - FAMILY_ALPHA:.0%} family-wise over {self.family} case(s) (Bonferroni: each interval "
-            f"at {_percent(self.level)}); slower or faster only when the whole interval is beyond the threshold"
+            f"at {level_text(self.level)}); slower or faster only when the whole interval is beyond the threshold"
         )
 
     @property
@@ -285,7 +285,7 @@ class Comparison:
         }
 
 
-def _percent(level: float) -> str:
+def level_text(level: float) -> str:
     """0.95 -> "95%", 0.99861 -> "99.86%"."""
     text = f"{level * 100:.2f}".rstrip("0").rstrip(".")
     return f"{text}%"

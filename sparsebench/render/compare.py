@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from sparsebench.analysis.compare import (
+    FAMILY_ALPHA,
     PROBE_SLACK,
     REGRESSIONS,
     WITHHELD,
@@ -21,6 +22,7 @@ from sparsebench.analysis.compare import (
     Comparison,
     check_choice,
     key_text,
+    level_text,
     ratio_text,
 )
 from sparsebench.analysis.scaling import dim_text, iter_groups
@@ -296,8 +298,8 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
             )
     finish_axes(
         ax,
-        f"threshold {t:.0%}; bars: each ratio's interval ({cmp.control.split(';')[0]}); "
-        "a ring marks a case whose whole interval is above the threshold",
+        f"threshold {t:.0%}; bars: intervals, {1 - FAMILY_ALPHA:.0%} family-wise (each at {level_text(cmp.level)}); "
+        "ring: the whole interval above the threshold",
         "sequence length n (tokens)",
         f"{cmp.metric} time ratio (new / base)",
         y="ratio",
