@@ -16,7 +16,6 @@ folders are read."""
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -84,7 +83,7 @@ class Point:
             "status": self.status,
             "time_median_s": self.time,
             "low_s": iv.low if iv else None,
-            "high_s": _finite(iv.high) if iv else None,
+            "high_s": finite_or_none(iv.high) if iv else None,
         }
 
 
@@ -123,7 +122,7 @@ class Step:
             "direction": self.direction,
             "ratio": self.ratio,
             "low": self.interval.low,
-            "high": _finite(self.interval.high),
+            "high": finite_or_none(self.interval.high),
             "level": self.interval.level,
             "at": folders[self.index].label,
             "after": folders[self.index - 1].label,
@@ -231,7 +230,7 @@ def history_of(paths: Sequence[Path], threshold: float, warn: Callable[[str], No
 
 def read_run(path: Path, warn: Callable[[str], None] | None = None) -> Run:
     """A result folder's records (load_frame: migrated, rounds merged), environment and meta."""
-    from sparsebench.results.folder import load_frame, read_environment
+    from sparsebench.results.folder import load_frame, read_environment, read_meta
 
     path = Path(path)
     df = load_frame(path, warn=warn)  # a folder that is not a result folder: ResultsError
@@ -248,23 +247,6 @@ def read_run(path: Path, warn: Callable[[str], None] | None = None) -> Run:
         warn(f"{path}: {dups} case(s) recorded twice; the last record of each is used")
     scenario = meta.get("scenario") or next((r.get("scenario") for r in records.values() if r.get("scenario")), None)
     return Run(folder_info(path, env, meta, scenario), records, env)
-
-
-def read_meta(folder: Path, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """meta.json as a dict ({} where there is none or it is not an object); its schema version is
-    checked by results.folder (read_records, through load_frame)."""
-    path = Path(folder) / "meta.json"
-    if not path.exists():
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ResultsError(f"{path}: unreadable meta.json") from None
-    if not isinstance(meta, dict):
-        if warn:
-            warn(f"{path}: not a JSON object; the run's scenario and start time are unknown")
-        return {}
-    return meta
 
 
 def folder_info(path: Path, env: dict[str, Any] | None, meta: dict[str, Any], scenario: str | None) -> Folder:
@@ -471,7 +453,3 @@ def _sortable(v: Any) -> tuple:
 
 def _text(v: Any) -> str | None:
     return str(v).strip() or None if v is not None else None
-
-
-def _finite(v: float) -> float | None:
-    return v if v == v and v not in (float("inf"), float("-inf")) else None

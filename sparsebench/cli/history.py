@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from sparsebench.cli.app import console, guarded, warn
-from sparsebench.cli.report import PLOT_FORMATS, _emit, _files_as_results_errors
+from sparsebench.cli.app import guarded, warn
+from sparsebench.cli.report import _check_plot_path, _emit, _files_as_results_errors, _write_figure
 from sparsebench.errors import ScenarioError
 
 
@@ -43,10 +43,8 @@ def history(
         if fmt not in FORMATS:
             raise ScenarioError(unknown_choice("format", fmt, FORMATS))
         limit = parse_threshold(threshold)
-        if plot_path is not None and plot_path.suffix.lower().lstrip(".") not in PLOT_FORMATS:
-            raise ScenarioError(
-                f"--plot {plot_path}: the file name must end in one of: {', '.join('.' + f for f in PLOT_FORMATS)}"
-            )
+        if plot_path is not None:
+            _check_plot_path(plot_path)
         h = history_of(dirs, limit, warn=warn)
         _emit(h, fmt, output, render, renderables)
         if plot_path is not None:
@@ -55,11 +53,5 @@ def history(
 
 def _write_plot(h, path: Path) -> None:
     from sparsebench.render.history import fig_history
-    from sparsebench.render.plots import save
 
-    fig = fig_history(h)
-    if fig is None:
-        warn("no case has a time: no history figure written")
-        return
-    save(fig, path)
-    console(stderr=True).print(f"wrote {path}")
+    _write_figure(fig_history(h), path, "no case has a time: no history figure written")

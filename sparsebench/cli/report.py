@@ -137,21 +137,30 @@ def _emit(result, fmt: str, output: Optional[Path], render=None, renderables=Non
         typer.echo(render(result, fmt), nl=False)
 
 
-def _write_ratio_plot(result, path: Path) -> None:
-    from sparsebench.render.compare import fig_ratio
-    from sparsebench.render.plots import save
-
-    suffix = path.suffix.lower().lstrip(".")
-    if suffix not in PLOT_FORMATS:
+def _check_plot_path(path: Path) -> None:
+    """A --plot file name must end in one of PLOT_FORMATS (checked before any work is done)."""
+    if path.suffix.lower().lstrip(".") not in PLOT_FORMATS:
         raise ScenarioError(
             f"--plot {path}: the file name must end in one of: {', '.join('.' + f for f in PLOT_FORMATS)}"
         )
-    fig = fig_ratio(result)
+
+
+def _write_figure(fig, path: Path, empty: str) -> None:
+    """Save ``fig`` to ``path`` and say so; where there is no figure, warn ``empty``."""
+    from sparsebench.render.plots import save
+
     if fig is None:
-        warn("no common case with a ratio: no ratio plot written")
+        warn(empty)
         return
     save(fig, path)
     console(stderr=True).print(f"wrote {path}")
+
+
+def _write_ratio_plot(result, path: Path) -> None:
+    from sparsebench.render.compare import fig_ratio
+
+    _check_plot_path(path)
+    _write_figure(fig_ratio(result), path, "no common case with a ratio: no ratio plot written")
 
 
 def _plot_formats(text: str) -> tuple[str, ...]:

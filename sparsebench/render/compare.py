@@ -37,6 +37,7 @@ from sparsebench.units import format_time
 
 FORMATS = ("table", "markdown", "json", "csv")
 RING = "#000000"  # marks a regression in the ratio plot
+RING_MARKER = dict(linestyle="none", marker="o", markerfacecolor="none", markeredgecolor=RING, markeredgewidth=1.6)
 VERDICT_COLOURS = {"slower": "red", "now failing": "red", "faster": "green", "now ok": "green", WITHHELD: "yellow"}
 # how a verdict reads in a table (the JSON and CSV keep the short word)
 VERDICT_TEXT = {"same": "same within noise", WITHHELD: "withheld: machine unstable"}
@@ -284,18 +285,7 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
             )
         slow = g[g["verdict"] == "slower"]
         if len(slow):
-            ax.plot(
-                slow["seq_len"],
-                slow["ratio"],
-                linestyle="none",
-                marker="o",
-                markersize=13,
-                markerfacecolor="none",
-                markeredgecolor=RING,
-                markeredgewidth=1.6,
-                zorder=6,
-                label="_slower",
-            )
+            ax.plot(slow["seq_len"], slow["ratio"], markersize=13, zorder=6, label="_slower", **RING_MARKER)
     finish_axes(
         ax,
         f"threshold {t:.0%}; bars: intervals, {1 - FAMILY_ALPHA:.0%} family-wise (each at {level_text(cmp.level)}); "
@@ -306,18 +296,6 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
     )
     extra = []
     if (df["verdict"] == "slower").any():
-        extra.append(
-            Line2D(
-                [],
-                [],
-                linestyle="none",
-                marker="o",
-                markersize=10,
-                markerfacecolor="none",
-                markeredgecolor=RING,
-                markeredgewidth=1.6,
-                label="slower (regression)",
-            )
-        )
+        extra.append(Line2D([], [], markersize=10, label="slower (regression)", **RING_MARKER))
     outside_legend(ax, extra)
     return fig

@@ -148,6 +148,23 @@ def _check_version(version: Any, where: str) -> None:
                            f"(1 to {SCHEMA_VERSION}); upgrade sparsebench to read it")
 
 
+def read_meta(folder: Path, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """A result folder's meta.json as a dict ({} where there is none; where it is not an object, a
+    warning and {}); JSON that cannot be read is a ResultsError, as in ``check_schema``."""
+    path = Path(folder) / META
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ResultsError(f"{path}: unreadable meta.json") from None
+    if not isinstance(meta, dict):
+        if warn:
+            warn(f"{path}: not a JSON object; the run's scenario and start time are unknown")
+        return {}
+    return meta
+
+
 def read_environment(folder: Path, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """A result folder's environment.json: None where there is none; where it cannot be read (not
     JSON, not an object), a warning naming the file and None."""
