@@ -232,3 +232,27 @@ def test_compact_tables_leave_out_columns_and_their_explanations(analysis):
     never = full[1].columns.index("crossover n")
     assert "not within the measured range" in {r[never] for r in full[1].rows}
     assert "not in range" in {r[compact[1].columns.index("crossover n")] for r in compact[1].rows}
+
+
+def test_a_series_above_its_ideal_is_explained_in_the_baseline_table():
+    from report_fixtures import above_ideal_records
+
+    from sparsebench.render.analysis import BASELINE_TITLE
+
+    a = analyze(frame(above_ideal_records()))
+    s = a.find(SW, "block_sparse")
+    assert s.efficiency == pytest.approx(2.5, rel=0.02) and s.above_ideal
+    assert s.dense_path_speedup == pytest.approx(2.5) and s.own_dense_efficiency == pytest.approx(1.0, rel=0.02)
+    assert not a.find("dense", "block_sparse").above_ideal  # the dense path is the reason, not a case of it
+    for compact in (False, True):
+        note = next(t for t in tables(a, compact=compact) if t.title == BASELINE_TITLE).note
+        assert note.startswith(f"Above the ideal speedup (efficiency over 100%): {SW} · block_sparse 251% (100% ")
+        assert "slower per pair than block_sparse's own dense path" in note
+        assert "dense · block_sparse runs at 2.50x dense · sdpa's speed at 8192" in note
+        assert "dense · block_sparse 250%" not in note
+    # without the dense path measured, the table says what is missing
+    a = analyze(frame(above_ideal_records(dense_path=False)))
+    note = next(t for t in tables(a) if t.title == BASELINE_TITLE).note
+    assert f"{SW} · block_sparse 251%." in note and "did not run dense · block_sparse" in note
+    # nothing above its ideal: nothing said
+    assert "Above the ideal" not in to_markdown(analyze(frame(make_records())))

@@ -156,6 +156,35 @@ def test_masks_gallery(df):
     assert img.shape == (n, n) and img[n - 1, n - 1] and not img[n - 1, 0] and not img[0, n - 1]
 
 
+def test_speedup_above_the_ideal_is_said_on_the_figure():
+    from report_fixtures import above_ideal_records
+
+    from sparsebench.results.folder import frame
+
+    df = frame(above_ideal_records())
+    fig = plots.fig_speedup_vs_seqlen(df, analyze(df))
+    lines = lines_by_gid(fig, "speedup")
+    # the sparse kernel's own dense path is drawn, named as such
+    assert "dense · block_sparse" in lines
+    assert "block_sparse's own dense path" in lines["dense · block_sparse"].get_label().replace("\n", " ")
+    # a ring on each point above the ideal, the legend explaining it
+    rings = lines_by_gid(fig, "above_ideal")
+    assert set(rings) == {f"{SW} · block_sparse"}
+    ideal = dict(zip(*lines_by_gid(fig, "ideal")[SW].get_data()))
+    ringed = dict(zip(*rings[f"{SW} · block_sparse"].get_data()))
+    assert ringed and all(v > ideal[n] for n, v in ringed.items())
+    assert "ring: above its ideal speedup" in legend_texts(fig)
+    # and in words, on the figure
+    notes = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "above_ideal_note"]
+    assert len(notes) == 1
+    text = notes[0].replace("\n", " ")
+    assert f"{SW} · block_sparse 251%" in text and "slower per pair than block_sparse's own dense path" in text
+    # nothing above the ideal: no ring, no note
+    plain = plots.fig_speedup_vs_seqlen(frame(make_records()))
+    assert not lines_by_gid(plain, "above_ideal")
+    assert not [t for ax in plain.axes for t in ax.texts if t.get_gid() == "above_ideal_note"]
+
+
 def test_styles_are_consistent_across_figures(df, analysis):
     figs = [
         plots.fig_time_vs_seqlen(df, analysis),

@@ -20,10 +20,31 @@ FAILURES = ("oom", "timeout", "crashed", "error")
 SHAPE_KEY = tuple(c for c in SERIES_KEY if c not in ("pattern_label", "backend"))
 # a probe spread above this is reported as machine-speed drift
 DRIFT = 1.15
+# An exponent is a finding only where its 95% interval is narrower than +-FINDING_HALF_WIDTH
+# and at least FINDING_SIZES sizes lie above the overhead floor; otherwise every renderer shows
+# it with its ``fit_status`` beside the value and the analysis text does not cite it.
+FINDING_HALF_WIDTH = 0.25
+FINDING_SIZES = 3
+FINDING = "finding"
+TOO_FEW_SIZES = "too few sizes"
+TOO_NOISY = "too noisy"
 
 
 # ----------------------------------------------------------------------------------------------
 # data
+
+
+def fit_status(fit: Fit | None) -> str | None:
+    """What an exponent may be read as: FINDING, TOO_FEW_SIZES (fewer than FINDING_SIZES sizes
+    above the overhead floor, or no interval) or TOO_NOISY (its 95% interval is as wide as
+    +-FINDING_HALF_WIDTH or wider); None without a fit. The one place this is decided."""
+    if fit is None:
+        return None
+    if fit.points < FINDING_SIZES or fit.half_width is None:
+        return TOO_FEW_SIZES
+    if not fit.half_width < FINDING_HALF_WIDTH:
+        return TOO_NOISY
+    return FINDING
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,33 @@ class SeriesSummary:
     compile_s: float | None = None  # largest compile time seen (flex)
     first_call: FirstCall | None = None  # at the largest ok n
     wrong_sizes: tuple[int, ...] = ()  # sizes whose output disagreed with the reference
+    # speedup over the baseline of dense attention on this series' own backend (its dense path)
+    # at largest_n; None where the scenario did not run dense on that backend
+    dense_path_speedup: float | None = None
+
+    @property
+    def time_status(self) -> str | None:
+        """``fit_status`` of the time exponent."""
+        return fit_status(self.time_fit)
+
+    @property
+    def mem_status(self) -> str | None:
+        """``fit_status`` of the memory exponent."""
+        return fit_status(self.mem_fit)
+
+    @property
+    def above_ideal(self) -> bool:
+        """Whether a sparse series beat its ideal speedup at largest_n (efficiency above 100%):
+        faster per allowed pair than the dense baseline is per pair."""
+        return self.pattern_label != BASELINE_PATTERN and self.efficiency is not None and self.efficiency > 1.0
+
+    @property
+    def own_dense_efficiency(self) -> float | None:
+        """The efficiency against the series' own backend's dense path instead of the baseline:
+        speedup / (ideal x dense_path_speedup); None without that path."""
+        if self.efficiency is None or not self.dense_path_speedup:
+            return None
+        return self.efficiency / self.dense_path_speedup
 
     @property
     def shown_label(self) -> str:
@@ -154,18 +202,25 @@ def analyze(df, floor_slope: float = FLOOR_SLOPE, min_points: int = MIN_FIT_POIN
     df = ensure_derived(df)
     labels = series_labels(df)
     baselines = {}
+    dense_paths = {}  # (shape, backend) -> the dense series on that backend
     groups = []
     for key, g in iter_groups(df, SERIES_KEY):
         g = g.sort_values("seq_len")
         groups.append((key, g))
         if is_baseline_key(key):
             baselines[_shape_of(key)] = g
+        if key[SERIES_KEY.index("pattern_label")] == BASELINE_PATTERN:
+            dense_paths[(_shape_of(key), key[SERIES_KEY.index("backend")])] = g
     out = []
     for key, g in groups:
         base = baselines.get(_shape_of(key))
         # a decode window's per-token latency is flat by design: no overhead floor to drop
         floor = float("-inf") if dict(zip(SERIES_KEY, key)).get("mode") == "decode" else floor_slope
-        out.append(_summarise(key, g, labels[key], base, floor, min_points))
+        s = _summarise(key, g, labels[key], base, floor, min_points)
+        path = dense_paths.get((_shape_of(key), key[SERIES_KEY.index("backend")]))
+        if s.largest_n is not None and path is not None and not s.is_baseline:
+            s = replace(s, dense_path_speedup=_speedup_at(path, s.largest_n))
+        out.append(s)
     out.sort(key=lambda s: (not s.is_baseline, s.get("device"), s.get("dtype"), s.get("mode"), s.label))
     return Analysis(tuple(out), _probe_spread(df))
 
@@ -266,6 +321,14 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
         first_call=first_call,
         wrong_sizes=tuple(int(n) for n in g[g["status"] == "wrong"]["seq_len"]),
     )
+
+
+def _speedup_at(g, n: int) -> float | None:
+    """The ok speedup of series rows ``g`` at n, or None."""
+    if "speedup" not in g:
+        return None
+    at = g[(g["status"] == "ok") & (g["seq_len"] == n)]["speedup"]
+    return finite_or_none(at.iloc[-1]) if len(at) else None
 
 
 def find_crossover(ok, base) -> Crossover:

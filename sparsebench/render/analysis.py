@@ -12,7 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from sparsebench.analysis.scaling import Analysis, Crossover, SeriesSummary, finite_or_none, iter_groups
+from sparsebench.analysis.scaling import (
+    FINDING,
+    FINDING_HALF_WIDTH,
+    FINDING_SIZES,
+    Analysis,
+    Crossover,
+    SeriesSummary,
+    finite_or_none,
+    fit_status,
+    iter_groups,
+)
 from sparsebench.render.tables import TableSpec, markdown_table, rich_table
 from sparsebench.results.schema import SERIES_KEY
 from sparsebench.stats import FLOOR_SLOPE, Fit
@@ -71,9 +81,25 @@ def problems_text(s: SeriesSummary) -> str:
     return "; ".join(bits) or "-"
 
 
+def exponent_text(fit: Fit) -> str:
+    """ "1.98 ± 0.07" where the exponent is a finding; otherwise the value with why it is not:
+    "1.66 ± 1.11 (too noisy)", "1.66 (too few sizes: 2)"."""
+    status = fit_status(fit)
+    value = f"{fit.exponent:.2f}" + (f" ± {fit.half_width:.2f}" if fit.half_width is not None else "")
+    if status == FINDING:
+        return value
+    return value + f" ({status}" + (f": {fit.points})" if fit.points < FINDING_SIZES else ")")
+
+
+def exponent_caveat(fit: Fit | None) -> str:
+    """ "" for a finding (or no fit), else "too noisy" / "too few sizes" (legends)."""
+    status = fit_status(fit)
+    return "" if status in (None, FINDING) else status
+
+
 def _fit_text(fit: Fit | None, sizes: tuple[int, ...]) -> str:
     if fit is not None:
-        return fit.describe()
+        return exponent_text(fit)
     if not sizes:
         return "no ok measurement"
     return "one size, no fit" if len(set(sizes)) == 1 else "-"
@@ -130,7 +156,7 @@ SCALING_COLUMNS = (
     Column("series", lambda s, _: s.shown_label, wrap=True),
     Column("time exp.", lambda s, _: _fit_text(s.time_fit, s.sizes)),
     Column("fit range", lambda s, _: _fit_range(s.time_fit), wrap=True, full_only=True),
-    Column("memory exp.", lambda s, _: s.mem_fit.describe() if s.mem_fit else "-"),
+    Column("memory exp.", lambda s, _: exponent_text(s.mem_fit) if s.mem_fit else "-"),
     Column("max ok n", lambda s, _: format_tokens(s.max_ok_n) if s.max_ok_n else "-"),
     Column("problems", lambda s, _: problems_text(s), wrap=True),
 )
@@ -176,9 +202,34 @@ def scaling_note(compact: bool = False) -> str:
         "Exponent k of time ∝ n^k (and of peak memory): least-squares slope of log(time) on "
         f"log(n) ± its 95% confidence interval{fit_range}. Leading sizes "
         f"whose time grows slower than n^{FLOOR_SLOPE} are overhead-dominated and left out. "
-        "Dense attention should read about 2, a sparse kernel about 1. max ok n: the longest "
-        "sequence that ran before the first oom/timeout/crash/error."
+        "Dense attention should read about 2, a sparse kernel about 1. An exponent is a finding only "
+        f"where its interval is narrower than ±{FINDING_HALF_WIDTH} over at least {FINDING_SIZES} sizes; "
+        '"too few sizes" or "too noisy" beside a value: it cannot say more than its interval. '
+        "max ok n: the longest sequence that ran before the first oom/timeout/crash/error."
     )
+
+
+def scaling_findings(analysis: Analysis) -> str:
+    """The exponents that are findings, in one sentence, and how many are not ("" without fits):
+    what the analysis text may cite."""
+    found, withheld = [], 0
+    for s in analysis.series:
+        bits = []
+        for what, fit in (("time", s.time_fit), ("memory", s.mem_fit)):
+            if fit is None:
+                continue
+            if fit_status(fit) == FINDING:
+                bits.append(f"{what} n^{fit.exponent:.2f} ± {fit.half_width:.2f}")
+            else:
+                withheld += 1
+        if bits:
+            found.append(f"{s.shown_label}: {', '.join(bits)}")
+    if not found and not withheld:
+        return ""
+    text = ("Findings: " + "; ".join(found) + ".") if found else "No exponent is a finding."
+    if withheld:
+        text += f" {withheld} exponent{'s' if withheld > 1 else ''} marked too few sizes or too noisy: not findings."
+    return text
 
 
 def baseline_note(compact: bool = False, yardstick: str | None = None) -> str:
@@ -202,6 +253,45 @@ def baseline_note(compact: bool = False, yardstick: str | None = None) -> str:
         "ideal (above 100%: faster per allowed pair than dense sdpa is per pair, as a "
         f"kernel faster than SDPA on the dense pattern itself reads).{best}{ys}"
     )
+
+
+def above_ideal_text(series: Sequence[SeriesSummary]) -> str:
+    """Says, per backend, which series beat their ideal speedup at their largest n and why ("" where
+    none did): the baseline is slower per pair than that backend's own dense path where the
+    scenario ran dense on it (with each series' efficiency against that path), or the kernel is
+    faster per pair on the pattern than on dense where that path is no faster than the baseline."""
+    by_backend: dict[str, list[SeriesSummary]] = {}
+    for s in series:
+        if s.above_ideal:
+            by_backend.setdefault(s.backend, []).append(s)
+    parts = []
+    for backend, group in by_backend.items():
+        path = f"dense · {backend}"
+        names = []
+        for s in group:
+            own = s.own_dense_efficiency
+            against = f" ({format_percent(own)} against {backend}'s dense path)" if own is not None else ""
+            names.append(f"{s.label} {format_percent(s.efficiency)}{against}")
+        with_path = [s for s in group if s.dense_path_speedup is not None]
+        if with_path and all(s.dense_path_speedup > 1.0 for s in with_path):
+            s0 = with_path[0]
+            why = (
+                f"The dense sdpa baseline is slower per pair than {backend}'s own dense path: {path} runs at "
+                f"{format_ratio(s0.dense_path_speedup)} dense · sdpa's speed at {format_tokens(s0.largest_n)}."
+            )
+        elif with_path:
+            why = (
+                f"{backend}'s own dense path is no faster than the baseline ({path}: "
+                f"{format_ratio(with_path[0].dense_path_speedup)}): the kernel is faster per allowed pair on "
+                "the pattern than on dense attention."
+            )
+        else:
+            why = (
+                f"The dense sdpa baseline is slower per pair than this kernel (the scenario did not run "
+                f"{path}, which would show {backend}'s own dense path)."
+            )
+        parts.append(f"Above the ideal speedup (efficiency over 100%): {', '.join(names)}. {why}")
+    return " ".join(parts)
 
 
 def baseline_columns(yard: Yardsticks) -> tuple[Column, ...]:
@@ -256,11 +346,16 @@ def tables(analysis: Analysis, compact: bool = False, df=None) -> list[TableSpec
     from) adds the yardstick column to the baseline table."""
     if not analysis.series:
         return [TableSpec("Scaling", ("note",), (("no successful measurements to analyse",),))]
-    out = [series_table("Scaling", SCALING_COLUMNS, analysis.series, scaling_note(compact), compact)]
+    note = scaling_note(compact)
+    if not compact:
+        note = " ".join(t for t in (note, scaling_findings(analysis)) if t)
+    out = [series_table("Scaling", SCALING_COLUMNS, analysis.series, note, compact)]
     others = [s for s in analysis.series if not s.is_baseline]
     if others:
         yard = yardsticks(df)
         note = baseline_note(compact, baselines_yardstick(analysis, yard) if yard else None)
+        above = above_ideal_text(others)
+        note = f"{above} {note}" if above else note
         out.append(series_table(BASELINE_TITLE, baseline_columns(yard), others, note, compact))
     firsts = [
         s

@@ -32,6 +32,7 @@ from sparsebench.analysis.scaling import (
     iter_groups,
     positive_mask,
 )
+from sparsebench.render.analysis import above_ideal_text, exponent_caveat
 from sparsebench.results.schema import BASELINE_PATTERN, SERIES_KEY
 from sparsebench.stats import fit_power
 from sparsebench.units import format_bytes, format_time
@@ -161,9 +162,7 @@ def fig_time_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | No
             base = is_baseline_key(key)
             suffix = ""
             if s and s.time_fit:
-                suffix += f"  $\\propto n^{{{s.time_fit.exponent:.2f}}}$"
-                if s.time_fit.ci_low is not None:
-                    suffix += f" [{s.time_fit.ci_low:.2f}, {s.time_fit.ci_high:.2f}]"
+                suffix += exponent_legend(s.time_fit)
             elif s and len(set(s.sizes)) == 1:
                 suffix += "  (one size: no fit)"
             if s and s.failure:
@@ -230,9 +229,7 @@ def fig_per_token_latency_vs_context(df, analysis: Analysis | None = None, style
             name = _decode_name(key)
             suffix = ""
             if fit:
-                suffix += f"  $\\propto n^{{{fit.exponent:.2f}}}$"
-                if fit.ci_low is not None:
-                    suffix += f" [{fit.ci_low:.2f}, {fit.ci_high:.2f}]"
+                suffix += exponent_legend(fit)
             elif g["seq_len"].nunique() == 1:
                 suffix += "  (one size: no fit)"
             if s and s.failure:
@@ -274,7 +271,7 @@ def fig_memory_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | 
             g = g.sort_values("seq_len")
             s = fits.get(key)
             base = is_baseline_key(key)
-            suffix = f"  $\\propto n^{{{s.mem_fit.exponent:.2f}}}$" if s and s.mem_fit else ""
+            suffix = exponent_legend(s.mem_fit) if s and s.mem_fit else ""
             label = wrap_label(_short(key) + (" (baseline)" if base else ""), suffix)
             style = styles.line(key[0], key[1], base)
             ax.plot(g["seq_len"], g["peak_mem_bytes"], label=label, gid=f"memory:{_short(key)}", **style)
@@ -322,21 +319,38 @@ def fig_speedup_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles |
     ok = ok[[not is_baseline_key(k) for k in _keys(ok)]] if len(ok) else ok
     if ok.empty:
         return None
+    analysis = analysis or analyze(df)
+    summaries = analysis.by_key()
     styles = styles or styles_for(df)
     fig, panels = _figure(ok, "Speedup over dense sdpa vs sequence length")
     for ax, sub, title in panels:
         ax.axhline(
             1.0, color=BASELINE_COLOUR, linewidth=2.5, zorder=4, label="dense · sdpa baseline (= 1x)", gid="baseline"
         )
+        above_shown = False
         for key, g in _ordered_series(sub):
             g = g.sort_values("seq_len")
-            ax.plot(
-                g["seq_len"],
-                g["speedup"],
-                label=wrap_label(_short(key)),
-                gid=f"speedup:{_short(key)}",
-                **styles.line(key[0], key[1]),
-            )
+            dense_path = str(key[0]) == BASELINE_PATTERN
+            name = _short(key) + (f" ({key[1]}'s own dense path)" if dense_path else "")
+            style = styles.line(key[0], key[1])
+            ax.plot(g["seq_len"], g["speedup"], label=wrap_label(name), gid=f"speedup:{_short(key)}", **style)
+            # a ring on every point above the pattern's ideal speedup
+            above = g[g["speedup"].astype(float) > g["ideal_speedup"].astype(float)] if not dense_path else g.iloc[0:0]
+            if len(above):
+                above_shown = True
+                ax.plot(
+                    above["seq_len"],
+                    above["speedup"],
+                    linestyle="none",
+                    marker="o",
+                    markersize=13,
+                    markerfacecolor="none",
+                    markeredgecolor=OKABE_ITO["vermillion"],
+                    markeredgewidth=1.6,
+                    zorder=6,
+                    label="_above",
+                    gid=f"above_ideal:{_short(key)}",
+                )
         for lab, g in sub.groupby("pattern_label", sort=True):
             if str(lab).startswith(BASELINE_PATTERN):
                 continue
@@ -357,7 +371,36 @@ def fig_speedup_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles |
                     gid=f"ideal:{lab}",
                 )
         finish_axes(ax, title, _xlabel(sub), "speedup over dense sdpa (x)", y="ratio")
-        outside_legend(ax)
+        extra = []
+        if above_shown:
+            from matplotlib.lines import Line2D
+
+            extra.append(
+                Line2D(
+                    [],
+                    [],
+                    linestyle="none",
+                    marker="o",
+                    markersize=9,
+                    markerfacecolor="none",
+                    markeredgecolor=OKABE_ITO["vermillion"],
+                    label="ring: above its ideal speedup",
+                )
+            )
+        outside_legend(ax, extra)
+        text = above_ideal_text([summaries[k] for k, _ in _ordered_series(sub) if k in summaries])
+        if text:  # said in words under the panel, where it happens
+            ax.text(
+                0.0,
+                -0.16,
+                "\n".join(textwrap.wrap(text, 150)),
+                transform=ax.transAxes,
+                ha="left",
+                va="top",
+                fontsize=8,
+                color=OKABE_ITO["vermillion"],
+                gid="above_ideal_note",
+            )
     return fig
 
 
@@ -688,6 +731,16 @@ def _keys(df) -> list[tuple]:
 
 def _short(key: Sequence[Any]) -> str:
     return f"{key[0]} · {key[1]}"
+
+
+def exponent_legend(fit) -> str:
+    """A legend's exponent: "  ∝ n^1.98 [1.91, 2.05]" (mathtext), and beside it why it is not a
+    finding where it is not ("too noisy", "too few sizes": scaling.fit_status decides)."""
+    text = f"  $\\propto n^{{{fit.exponent:.2f}}}$"
+    if fit.ci_low is not None:
+        text += f" [{fit.ci_low:.2f}, {fit.ci_high:.2f}]"
+    caveat = exponent_caveat(fit)
+    return text + (f" {caveat}" if caveat else "")
 
 
 def wrap_label(text: str, suffix: str = "", width: int = 44) -> str:
