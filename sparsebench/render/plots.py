@@ -10,6 +10,8 @@ style + marker = pattern, the dense sdpa baseline thick black; dashed = an analy
 or an ideal, never a measurement. Decode figures have one implementation (the KV cache), so
 there colour = pattern as well, dense thick black.
 
+The masks figure is ``render.masks`` (its length, its marks); ``fig_masks`` is re-exported here.
+
 Decode records (mode "decode") are drawn by ``per_token_latency_vs_context`` and left out of
 ``time_vs_seqlen`` (a decode step is one generated token, not one call over n tokens).
 """
@@ -33,6 +35,7 @@ from sparsebench.analysis.scaling import (
     positive_mask,
 )
 from sparsebench.render.analysis import above_ideal_text, exponent_caveat
+from sparsebench.render.masks import fig_masks
 from sparsebench.results.schema import BASELINE_PATTERN, SERIES_KEY
 from sparsebench.stats import fit_power
 from sparsebench.units import format_bytes, format_time
@@ -577,91 +580,6 @@ def _kv_measured_panel(ax, sub, measured, styles: Styles) -> None:
             )
 
 
-def fig_masks(df, analysis: Analysis | None = None, styles: Styles | None = None, n: int | None = None):
-    """Every pattern's attention matrix at a small n, dense first, titled with its density."""
-    import json
-
-    if "pattern" not in df or df.empty:
-        return None
-    seen: dict[str, tuple[str, dict]] = {}
-    for _, r in df.iterrows():
-        lab = str(r.get("pattern_label") or r["pattern"])
-        params = r.get("params")
-        if isinstance(params, str):
-            params = json.loads(params or "{}")
-        if not isinstance(params, dict):
-            params = {}
-        seen.setdefault(lab, (str(r["pattern"]), params))
-    causal_values = set(bool(c) for c in df["causal"].dropna()) if "causal" in df else {True}
-    causal = True if len(causal_values) != 1 else causal_values.pop()
-    labels = sorted(seen, key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab))
-    from matplotlib.figure import Figure
-
-    from sparsebench.errors import SparsebenchError
-    from sparsebench.patterns.base import PATTERNS
-
-    cols = min(4, len(labels))
-    rows = math.ceil(len(labels) / cols)
-    fig = Figure(figsize=(3.0 * cols + 0.6, 3.35 * rows + 0.6), layout="constrained")
-    fig.suptitle(
-        f"Attention masks ({'causal' if causal else 'bidirectional'}; black = query attends key)", fontweight="bold"
-    )
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[len(labels) :]:
-        ax.set_axis_off()
-    # one n for the whole gallery, so dense and sparse are drawn at the same size
-    built: dict[str, Any] = {}
-    for lab in labels:
-        name, params = seen[lab]
-        try:
-            pat = PATTERNS.get(name).from_params(params)
-            built[lab] = (pat, _mask_size(pat, params, causal))
-        except SparsebenchError as e:
-            built[lab] = e
-    sizes = [v[1] for v in built.values() if isinstance(v, tuple)]
-    size = n or (max(sizes) if sizes else 128)
-    for ax, lab in zip(axes, labels):
-        title = "\n".join(textwrap.wrap(lab, 30))
-        try:
-            if isinstance(built[lab], Exception):
-                raise built[lab]
-            pat = built[lab][0]
-            pat.check(size, causal)
-            mask = pat.mask(size, causal)
-            density = pat.density(size, causal)
-        except SparsebenchError as e:
-            ax.set_title(title, fontsize=9)
-            ax.text(
-                0.5,
-                0.5,
-                "\n".join(textwrap.wrap(f"cannot draw: {e}", 32)),
-                ha="center",
-                va="center",
-                fontsize=8,
-                transform=ax.transAxes,
-            )
-            ax.set_xticks([])
-            ax.set_yticks([])
-            continue
-        ax.imshow(
-            mask.numpy(),
-            cmap="Greys",
-            vmin=0,
-            vmax=1,
-            interpolation="antialiased",
-            extent=(-0.5, size - 0.5, size - 0.5, -0.5),
-        )
-        ax.set_title(f"{title}\ndensity {density:.1%} at n={size}", fontsize=9)
-        ax.set_xlabel("key j", fontsize=8)
-        ax.set_ylabel("query i", fontsize=8)
-        ticks = [0, size // 2, size - 1]
-        ax.set_xticks(ticks)
-        ax.set_yticks(ticks)
-        ax.tick_params(labelsize=7)
-        ax.set_gid(f"mask:{lab}")
-    return fig
-
-
 FIGURE_FUNCTIONS = {
     "time_vs_seqlen": fig_time_vs_seqlen,
     "per_token_latency_vs_context": fig_per_token_latency_vs_context,
@@ -937,24 +855,3 @@ def outside_legend(ax, extra: Sequence[Any] = (), skip: Sequence[str] = ()) -> N
         frameon=False,
         handlelength=3.2,
     )
-
-
-def _mask_size(pat, params: dict, causal: bool) -> int:
-    """The smallest power of two >= 128 that shows the pattern's structure (2x its largest
-    integer parameter, capped at 1024) and that the pattern accepts."""
-    from sparsebench.errors import SparsebenchError
-
-    biggest = max(
-        [int(v) for k, v in params.items() if k != "seed" and isinstance(v, int) and not isinstance(v, bool)] or [0]
-    )
-    size = 128
-    while size < min(2 * biggest, 1024):
-        size *= 2
-    for _ in range(6):
-        try:
-            pat.check(size, causal)
-            return size
-        except SparsebenchError:
-            size *= 2
-    pat.check(size, causal)
-    return size

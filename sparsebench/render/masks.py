@@ -1,0 +1,424 @@
+"""The masks figure: every pattern of a run drawn at a length the run measured, so that what it
+shows is the structure the run timed.
+
+* The length: the run's smallest n at which every pattern fits and no two patterns draw the same
+  (at n = 256 a BigBird of 64-token blocks covers every causal pair, as dense does: a run that
+  also measured 512 is drawn at 512). Above ``FULL_MAX`` tokens a panel shows the first ``ZOOM``
+  of them (computed at the run's n, so random and global tokens are the run's) and says so.
+* A panel has at most ``CELLS`` cells a side; a cell of several tokens is shaded by the share of
+  its pairs that attend (black: all; grey: some, never lighter than ``FLOOR``), so a one-token
+  diagonal stays visible.
+* What one pixel cannot show is marked from the pattern's structure: keys every query attends
+  (global tokens, sinks, summary columns) by vermillion triangles above the panel, queries that
+  attend every key by triangles on its right, random keys by blue dots. The panel's label says
+  which.
+
+``mask_panels`` returns the data of each panel (tests read it), ``fig_masks`` draws them.
+torch, numpy and matplotlib are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from sparsebench.results.schema import BASELINE_PATTERN
+
+CELLS = 512  # at most this many cells a side
+FULL_MAX = 16384  # longer runs are drawn zoomed onto their first ZOOM tokens
+ZOOM = 4096
+FLOOR = 0.3  # the lightest grey of a cell with any allowed pair
+SEARCH = 4  # lengths tried, smallest first, for one at which no two patterns draw the same
+MAX_DOTS = 6000  # random keys drawn as dots; more: every k-th query's
+MARK = "#D55E00"  # Okabe-Ito vermillion: global keys/queries, sinks
+RANDOM = "#0072B2"  # Okabe-Ito blue: random keys
+
+
+@dataclass(frozen=True, eq=False)
+class MaskPanel:
+    """One pattern as drawn: ``image`` (cells x cells, the share of each cell's pairs allowed)
+    over the first ``shown`` tokens of a run of ``n``, ``cell`` tokens a side per cell; the key
+    columns every query attends (``keys``) and the queries that attend every key (``rows``) as
+    inclusive runs; random (query, key) pairs as dots (``dots``, every ``dot_step``-th query)."""
+
+    label: str
+    n: int
+    causal: bool
+    shown: int = 0
+    cell: int = 1
+    image: Any = None  # numpy (cells, cells) float32
+    density: float = 0.0
+    keys: tuple[tuple[int, int], ...] = ()
+    rows: tuple[tuple[int, int], ...] = ()
+    dots: Any = None  # numpy (m, 2) int64: (query, key)
+    dot_step: int = 1
+    error: str = ""
+
+    @property
+    def zoomed(self) -> bool:
+        return self.shown < self.n
+
+    def signature(self) -> tuple:
+        """The pairs the panel draws (its marks aside: a pattern that allows what dense allows
+        draws as dense, whatever its parts are called)."""
+        import numpy as np
+
+        img = b"" if self.image is None else np.asarray(self.image, dtype=np.float32).tobytes()
+        return (self.shown, self.cell, img)
+
+
+def _patterns(df) -> dict[str, tuple[str, dict, bool, list[int]]]:
+    """label -> (pattern name, params, causal, the run's lengths for it), dense first."""
+    seen: dict[str, tuple[str, dict, bool, list[int]]] = {}
+    for _, r in df.iterrows():
+        lab = str(r.get("pattern_label") or r["pattern"])
+        params = r.get("params")
+        if isinstance(params, str):
+            params = json.loads(params or "{}")
+        if not isinstance(params, dict):
+            params = {}
+        causal = r.get("causal")
+        causal = True if causal is None or (isinstance(causal, float) and math.isnan(causal)) else bool(causal)
+        entry = seen.setdefault(lab, (str(r["pattern"]), params, causal, []))
+        n = r.get("seq_len")
+        if n is not None and not (isinstance(n, float) and math.isnan(n)) and int(n) > 0:
+            entry[3].append(int(n))
+    order = sorted(seen, key=lambda lab: (not lab.startswith(BASELINE_PATTERN), lab))
+    return {lab: (seen[lab][0], seen[lab][1], seen[lab][2], sorted(set(seen[lab][3]))) for lab in order}
+
+
+def mask_panels(df, n: int | None = None) -> list[MaskPanel]:
+    """The panels of the run's patterns (dense first), at the length the module docstring says;
+    ``n`` draws every pattern at that length instead."""
+    from sparsebench.errors import SparsebenchError
+    from sparsebench.patterns.base import PATTERNS
+
+    if df is None or "pattern" not in df or len(df) == 0:
+        return []
+    info = _patterns(df)
+    built: dict[str, Any] = {}
+    for lab, (name, params, causal, _) in info.items():
+        try:
+            built[lab] = PATTERNS.get(name).from_params(params)
+        except SparsebenchError as e:
+            built[lab] = e
+
+    def fits(lab: str, size: int) -> bool:
+        pat = built[lab]
+        if isinstance(pat, Exception):
+            return False
+        try:
+            pat.check(size, info[lab][2])
+            return True
+        except SparsebenchError:
+            return False
+
+    def panel(lab: str, size: int) -> MaskPanel:
+        pat, causal = built[lab], info[lab][2]
+        if isinstance(pat, Exception):
+            return MaskPanel(lab, size, causal, error=f"cannot draw: {pat}")
+        try:
+            pat.check(size, causal)
+        except SparsebenchError as e:
+            return MaskPanel(lab, size, causal, error=f"cannot draw: {e}")
+        return draw_data(lab, pat, size, causal)
+
+    labels = list(info)
+    if n is not None:
+        return [panel(lab, n) for lab in labels]
+    lengths = sorted({m for v in info.values() for m in v[3]}) or [256]
+    common = [m for m in lengths if all(fits(lab, m) for lab in labels if not isinstance(built[lab], Exception))]
+    first = None
+    for m in common[:SEARCH]:  # the smallest length at which no two patterns draw the same
+        panels = [panel(lab, m) for lab in labels]
+        first = first or panels
+        sigs = [p.signature() for p in panels if not p.error]
+        if len(set(sigs)) == len(sigs):
+            return panels
+    if first is not None:
+        return first
+    # no length fits every pattern: each at its own smallest length that fits
+    out = []
+    for lab in labels:
+        own = [m for m in (info[lab][3] or lengths) if fits(lab, m)]
+        out.append(panel(lab, own[0] if own else (info[lab][3] or lengths)[0]))
+    return out
+
+
+def draw_data(label: str, pat, n: int, causal: bool) -> MaskPanel:
+    """One pattern's panel at the run's length n."""
+    import numpy as np
+
+    shown = n if n <= FULL_MAX else ZOOM
+    cell = 1
+    while shown / cell > CELLS:
+        cell *= 2
+    image = _image(pat, n, shown, cell, causal)
+    keys, rows, dots, step = _marks(pat, n, shown, causal)
+    return MaskPanel(
+        label,
+        n,
+        causal,
+        shown=shown,
+        cell=cell,
+        image=image.astype(np.float32),
+        density=pat.density(n, causal),
+        keys=keys,
+        rows=rows,
+        dots=dots,
+        dot_step=step,
+    )
+
+
+def _image(pat, n: int, shown: int, cell: int, causal: bool):
+    """(ceil(shown / cell),) x 2 share of allowed pairs per cell over the first ``shown`` tokens."""
+    import numpy as np
+    import torch
+
+    cells = math.ceil(shown / cell)
+    if shown == n and cell > 1:
+        try:  # the pattern's own tile counts: cost in proportion to its non-empty tiles
+            lay = pat.block_layout(n, cell, causal)
+            img = np.zeros((cells, cells), dtype=np.float64)
+            r, c = lay.row_of_tiles().numpy(), lay.col.numpy()
+            sizes = np.minimum(n - np.arange(cells) * cell, cell)
+            img[r, c] = lay.count.numpy() / (sizes[r] * sizes[c])
+            return img
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    idx = torch.arange(shown)
+    out = torch.zeros(cells, cells, dtype=torch.float64)
+    band = max(cell, (1 << 22) // max(1, shown) // cell * cell)
+    for r0 in range(0, shown, band):
+        r1 = min(shown, r0 + band)
+        m = pat.allowed(idx[r0:r1, None], idx[None, :], n, causal).to(torch.float64)
+        pad_r, pad_c = (-(r1 - r0)) % cell, (-shown) % cell
+        m = torch.nn.functional.pad(m, (0, pad_c, 0, pad_r))
+        out[r0 // cell : r0 // cell + m.shape[0] // cell] = m.reshape(m.shape[0] // cell, cell, cells, cell).sum((1, 3))
+    sizes = torch.clamp(shown - torch.arange(cells) * cell, max=cell).to(torch.float64)
+    return (out / (sizes[:, None] * sizes[None, :])).numpy()
+
+
+def _runs(values) -> tuple[tuple[int, int], ...]:
+    """Sorted distinct ints as inclusive runs: [0, 1, 2, 7] -> ((0, 2), (7, 7))."""
+    out: list[list[int]] = []
+    for v in sorted(set(int(x) for x in values)):
+        if out and v == out[-1][1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return tuple((a, b) for a, b in out)
+
+
+def _marks(pat, n: int, shown: int, causal: bool):
+    """(key runs, row runs, random dots (query, key), dot step) from the pattern's structure."""
+    import numpy as np
+    import torch
+
+    from sparsebench.patterns.geometry import BlockTable, Keys, Rows, Table
+
+    st = pat.structure(n, causal)
+    if st is None:
+        return (), (), None, 1
+    keys: list[int] = []
+    rows: list[int] = []
+    pairs = []
+    for part in st.parts:
+        if isinstance(part, Keys):
+            keys += [int(k) for k in part.keys if k < shown]
+        elif isinstance(part, Rows):
+            rows += [int(q) for q in part.rows if q < shown]
+        elif isinstance(part, Table):
+            t = part.table[:shown]
+            q = torch.arange(t.shape[0])[:, None].expand_as(t)
+            ok = (t >= 0) & (t < shown) & (t != q)  # the query itself is the diagonal, not random
+            if causal:
+                ok &= t <= q
+            pairs.append(torch.stack([q[ok], t[ok]], 1))
+        elif isinstance(part, BlockTable):  # random blocks: the centre of each, where a block is small
+            t = part.table
+            b = part.size
+            if b * CELLS >= 3 * shown:  # a block at least ~3 cells: visible on its own
+                continue
+            qb = torch.arange(t.shape[0])[:, None].expand_as(t)
+            ok = (t >= 0) & (t * b < shown) & (qb * b < shown)
+            if causal:
+                ok &= t <= qb
+            centre = lambda x: torch.clamp(x * b + b // 2, max=shown - 1)  # noqa: E731
+            pairs.append(torch.stack([centre(qb[ok]), centre(t[ok])], 1))
+    dots, step = None, 1
+    if pairs:
+        d = torch.cat(pairs).numpy().astype(np.int64)
+        if len(d) > MAX_DOTS:
+            step = math.ceil(len(d) / MAX_DOTS)
+            qs = np.unique(d[:, 0])
+            keep = np.isin(d[:, 0], qs[::step])
+            d = d[keep]
+        dots = d if len(d) else None
+    return _runs(keys), _runs(rows), dots, step
+
+
+def _runs_text(runs: Sequence[tuple[int, int]]) -> str:
+    if len(runs) > 4:
+        total = sum(b - a + 1 for a, b in runs)
+        return f"{total} in {len(runs)} runs"
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def marks_text(p: MaskPanel) -> str:
+    """The panel's legend of its marks ("" without marks)."""
+    bits = []
+    if p.keys:
+        bits.append(f"▼ keys every query attends: {_runs_text(p.keys)}")
+    if p.rows:
+        every = "every earlier key" if p.causal else "every key"
+        bits.append(f"◀ queries attending {every}: {_runs_text(p.rows)}")
+    if p.dots is not None:
+        bits.append("• random keys" + (f" (of one query in {p.dot_step})" if p.dot_step > 1 else ""))
+    return "\n".join(bits)
+
+
+def panel_title(p: MaskPanel) -> str:
+    """The pattern, its density at the run's n, and the zoom and cell size where they apply."""
+    from sparsebench.units import short_tokens
+
+    title = "\n".join(textwrap.wrap(p.label, 30))
+    if p.error:
+        return title
+    density = f"{p.density:.1%}" if p.density >= 0.01 else f"{100 * p.density:.2g}%"
+    lines = [title, f"density {density} at n={short_tokens(p.n)}"]
+    how = []
+    if p.zoomed:
+        how.append(f"zoom: its first {short_tokens(p.shown)} tokens")
+    if p.cell > 1:
+        how.append(f"cell {p.cell}x{p.cell} tokens")
+    if how:
+        lines.append("; ".join(how))
+    return "\n".join(lines)
+
+
+def fig_masks(df, analysis=None, styles=None, n: int | None = None):
+    """Every pattern's attention matrix at the run's length (``mask_panels``), dense first,
+    titled with its density, its marks named under it."""
+    import numpy as np
+
+    panels = mask_panels(df, n)
+    if not panels:
+        return None
+    from matplotlib.figure import Figure
+
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.6 * cols + 0.6, 4.3 * rows + 0.7), layout="constrained")
+    smallest = int(df["seq_len"].min()) if n is None and "seq_len" in df and df["seq_len"].notna().any() else None
+    fig.suptitle(_suptitle(panels, smallest), fontweight="bold")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    for ax, p in zip(axes, panels):
+        ax.set_title(panel_title(p), fontsize=9)
+        if p.error:
+            ax.text(
+                0.5,
+                0.5,
+                "\n".join(textwrap.wrap(p.error, 32)),
+                ha="center",
+                va="center",
+                fontsize=8,
+                transform=ax.transAxes,
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        shade = np.where(p.image > 0, FLOOR + (1 - FLOOR) * p.image, 0.0)
+        s = p.shown
+        ax.imshow(
+            shade, cmap="Greys", vmin=0, vmax=1, interpolation="antialiased", extent=(-0.5, s - 0.5, s - 0.5, -0.5)
+        )
+        _draw_marks(ax, p)
+        marks = marks_text(p)
+        ax.set_xlabel("key j" + (f"\n{marks}" if marks else ""), fontsize=8)
+        ax.set_ylabel("query i", fontsize=8)
+        ticks = [0, s // 2, s - 1]
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.tick_params(labelsize=7)
+        ax.set_xlim(-0.5, s - 0.5)
+        ax.set_ylim(s - 0.5, -0.5)
+        ax.set_gid(f"mask:{p.label}")
+    return fig
+
+
+def _suptitle(panels: Sequence[MaskPanel], smallest: int | None) -> str:
+    """The length drawn, and why where it is not the run's smallest."""
+    from sparsebench.units import short_tokens
+
+    drawn = [p for p in panels if not p.error]
+    causal = {p.causal for p in drawn}
+    how = "causal" if causal == {True} else ("bidirectional" if causal == {False} else "causal and bidirectional")
+    ns = sorted({p.n for p in drawn})
+    if len(ns) != 1:
+        at = "each at its own smallest n that fits it"
+    elif smallest is None or ns[0] == smallest:
+        at = f"at n={short_tokens(ns[0])}, the run's smallest length"
+    else:
+        at = (
+            f"at n={short_tokens(ns[0])} (at the run's smallest, n={short_tokens(smallest)}, "
+            "two patterns draw the same or one does not fit)"
+        )
+    return f"Attention masks {at}\n{how}; black = query attends key, grey = some pairs of a cell"
+
+
+def _draw_marks(ax, p: MaskPanel) -> None:
+    """Triangles above the panel at the keys every query attends, on its right at the queries
+    attending every key, dots at random keys."""
+    for a, b in p.keys:
+        ax.plot(
+            [(a + b) / 2],
+            [1.0],
+            transform=ax.get_xaxis_transform(),
+            marker="v",
+            markersize=7,
+            color=MARK,
+            clip_on=False,
+            linestyle="none",
+            zorder=5,
+            gid="mark:keys",
+        )
+        if b - a + 1 >= p.cell * 3:  # a wide run: its extent too, visible on its own below
+            ax.plot([a - 0.5, b + 0.5], [1.0, 1.0], transform=ax.get_xaxis_transform(), color=MARK, lw=3, clip_on=False)
+        else:  # a column narrower than a few pixels: a line down it, over the queries that attend it
+            x = (a + b) / 2
+            ax.plot([x, x], [a if p.causal else 0, p.shown - 1], color=MARK, lw=1.3, zorder=3, gid="mark:key_line")
+    for a, b in p.rows:
+        ax.plot(
+            [1.0],
+            [(a + b) / 2],
+            transform=ax.get_yaxis_transform(),
+            marker="<",
+            markersize=7,
+            color=MARK,
+            clip_on=False,
+            linestyle="none",
+            zorder=5,
+            gid="mark:rows",
+        )
+        if b - a + 1 < p.cell * 3:  # a row narrower than a few pixels: a line along it
+            y = (a + b) / 2
+            ax.plot([0, b if p.causal else p.shown - 1], [y, y], color=MARK, lw=1.3, zorder=3, gid="mark:row_line")
+    if p.dots is not None:
+        ax.plot(
+            p.dots[:, 1],
+            p.dots[:, 0],
+            linestyle="none",
+            marker="o",
+            markersize=1.6,
+            markeredgewidth=0,
+            color=RANDOM,
+            alpha=0.85,
+            zorder=4,
+            gid="mark:random",
+        )

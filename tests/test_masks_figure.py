@@ -1,0 +1,122 @@
+"""The masks figure shows each pattern at a length the run measured, where its structure is
+visible and no two different patterns draw the same; global keys, sinks and random keys are
+marked where a pixel is too small (issue 17, finding 1). Read from the figure's own artists
+(the image arrays and the marks drawn), and once from its pixels."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from report_fixtures import record
+
+from sparsebench.render import plots
+from sparsebench.results.folder import frame
+
+QUICKSTART = (  # scenarios/quickstart.yaml
+    ("dense", {}),
+    ("sliding_window", {"window": 256}),
+    ("longformer", {"window": 256, "global_tokens": [0, 1]}),
+    ("strided", {"stride": 64}),
+)
+BIGBIRD = (("dense", {}), ("bigbird", {"block": 64}), ("longformer", {"window": 256, "global_tokens": [0, 1]}))
+LONGFORMER = "longformer(window=256, global_tokens=[0, 1])"  # report_fixtures.record's label
+
+
+def run_frame(patterns, sizes):
+    return frame([record(p, "sdpa", n, 1e-3, params=q) for p, q in patterns for n in sizes])
+
+
+def panels(fig) -> dict:
+    """label -> (image array, marks: {gid: data of each mark drawn})."""
+    out = {}
+    for ax in fig.axes:
+        gid = ax.get_gid() or ""
+        if not gid.startswith("mask:"):
+            continue
+        img = np.asarray(ax.get_images()[0].get_array())
+        marks = {}
+        for ln in ax.get_lines():
+            if (ln.get_gid() or "").startswith("mark:"):
+                x, y = ln.get_data()
+                marks.setdefault(ln.get_gid(), []).append((tuple(np.ravel(x)), tuple(np.ravel(y))))
+        out[gid[5:]] = (img, marks)
+    return out
+
+
+def assert_pairwise_different(drawn: dict) -> None:
+    """Every two panels draw different pairs (different marks alone are not enough)."""
+    for (a, (ia, _)), (b, (ib, _)) in itertools.combinations(drawn.items(), 2):
+        assert not (ia.shape == ib.shape and np.array_equal(ia, ib)), f"{a} and {b} draw the same"
+
+
+def test_quickstart_patterns_differ_and_global_columns_are_marked():
+    fig = plots.fig_masks(run_frame(QUICKSTART, (512, 1024, 2048, 4096)))
+    drawn = panels(fig)
+    assert list(drawn)[0] == "dense" and len(drawn) == 4
+    assert_pairwise_different(drawn)
+    assert "n=512" in fig._suptitle.get_text()  # the run's smallest length
+    _, marks = drawn[LONGFORMER]
+    # columns 0 and 1 (one run) marked above the panel and by a line down them
+    assert [x for x, _ in marks["mark:keys"]] == [(0.5,)]
+    assert [x for x, _ in marks["mark:key_line"]] == [(0.5, 0.5)]
+    ax = next(a for a in fig.axes if a.get_gid() == f"mask:{LONGFORMER}")
+    assert "keys every query attends: 0-1" in ax.get_xlabel()
+    assert not panels(fig)["sliding_window(window=256)"][1]  # nothing to mark there
+
+
+def test_longformer_and_sliding_window_look_different():
+    """In pixels: the panels of longformer and sliding_window differ visibly."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plots.fig_masks(run_frame(QUICKSTART[1:3], (512,)))
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    h = rgba.shape[0]
+    crops = []
+    for ax in sorted((a for a in fig.axes if a.get_gid()), key=lambda a: a.get_gid()):
+        b = ax.get_window_extent()
+        crops.append(rgba[int(h - b.y1) : int(h - b.y0), int(b.x0) : int(b.x1), :3].astype(int))
+    w = min(c.shape[1] for c in crops)
+    rows = min(c.shape[0] for c in crops)
+    diff = np.abs(crops[0][:rows, :w] - crops[1][:rows, :w]).max(axis=2)
+    assert (diff > 100).sum() > 0.3 * rows  # at least a line the panel's height
+
+
+@pytest.mark.parametrize(
+    "sizes, n",
+    [((1024, 2048, 4096), "1k, the run's smallest"), ((256, 512, 1024), "512 (at the run's smallest, n=256,")],
+)
+def test_bigbird_never_draws_as_dense(sizes, n):
+    """At n = 256 a BigBird of 64-token blocks covers every causal pair (as dense does): a run
+    that measured 512 too is drawn at 512."""
+    fig = plots.fig_masks(run_frame(BIGBIRD + (("sliding_window", {"window": 256}),), sizes))
+    drawn = panels(fig)
+    assert_pairwise_different(drawn)
+    assert f"n={n}" in fig._suptitle.get_text()
+    img, marks = drawn["bigbird(block=64)"]
+    assert not np.array_equal(img, drawn["dense"][0])
+    assert marks["mark:keys"]  # its global block, marked
+    assert [x for x, _ in drawn[LONGFORMER][1]["mark:key_line"]] == [(0.5, 0.5)]
+
+
+def test_a_long_run_is_zoomed_and_says_so_and_random_keys_are_dots():
+    fig = plots.fig_masks(run_frame((("random", {"keys": 4}), ("sink_window", {"sinks": 4, "window": 64})), (32768,)))
+    drawn = panels(fig)
+    for ax in (a for a in fig.axes if a.get_gid()):
+        assert "zoom: its first 4k tokens" in ax.get_title() and "at n=32k" in ax.get_title()
+    img, marks = drawn["random(keys=4)"]
+    assert img.shape == (512, 512) and "mark:random" in marks
+    qs, ks = marks["mark:random"][0][1], marks["mark:random"][0][0]
+    assert qs and all(k < q < 4096 for q, k in zip(qs, ks))  # causal random keys inside the zoom
+    assert marks.keys() == {"mark:random"}
+    assert [x for x, _ in drawn["sink_window(sinks=4, window=64)"][1]["mark:keys"]] == [(1.5,)]
+
+
+def test_bigbird_beside_dense_alone_is_drawn_where_they_differ():
+    fig = plots.fig_masks(run_frame(BIGBIRD[:2], (256, 512)))
+    drawn = panels(fig)
+    assert_pairwise_different(drawn)
+    assert "at n=512 (at the run's smallest, n=256," in fig._suptitle.get_text()
