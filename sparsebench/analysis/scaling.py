@@ -114,8 +114,11 @@ class SeriesSummary:
     compile_s: float | None = None  # largest compile time seen (flex)
     first_call: FirstCall | None = None  # at the largest ok n
     wrong_sizes: tuple[int, ...] = ()  # sizes whose output disagreed with the reference
+    # the highest efficiency over the sizes and where (above 1: the series beat its ideal there)
+    peak_efficiency: float | None = None
+    peak_efficiency_n: int | None = None
     # speedup over the baseline of dense attention on this series' own backend (its dense path)
-    # at largest_n; None where the scenario did not run dense on that backend
+    # at peak_efficiency_n; None where the scenario did not run dense on that backend
     dense_path_speedup: float | None = None
 
     @property
@@ -130,17 +133,19 @@ class SeriesSummary:
 
     @property
     def above_ideal(self) -> bool:
-        """Whether a sparse series beat its ideal speedup at largest_n (efficiency above 100%):
-        faster per allowed pair than the dense baseline is per pair."""
-        return self.pattern_label != BASELINE_PATTERN and self.efficiency is not None and self.efficiency > 1.0
+        """Whether a sparse series beat its ideal speedup at some size (efficiency above 100% at
+        peak_efficiency_n): faster per allowed pair than the dense baseline is per pair."""
+        return (
+            self.pattern_label != BASELINE_PATTERN and self.peak_efficiency is not None and self.peak_efficiency > 1.0
+        )
 
     @property
     def own_dense_efficiency(self) -> float | None:
-        """The efficiency against the series' own backend's dense path instead of the baseline:
-        speedup / (ideal x dense_path_speedup); None without that path."""
-        if self.efficiency is None or not self.dense_path_speedup:
+        """The efficiency at peak_efficiency_n against the series' own backend's dense path
+        instead of the baseline: speedup / (ideal x dense_path_speedup); None without that path."""
+        if self.peak_efficiency is None or not self.dense_path_speedup:
             return None
-        return self.efficiency / self.dense_path_speedup
+        return self.peak_efficiency / self.dense_path_speedup
 
     @property
     def shown_label(self) -> str:
@@ -218,8 +223,8 @@ def analyze(df, floor_slope: float = FLOOR_SLOPE, min_points: int = MIN_FIT_POIN
         floor = float("-inf") if dict(zip(SERIES_KEY, key)).get("mode") == "decode" else floor_slope
         s = _summarise(key, g, labels[key], base, floor, min_points)
         path = dense_paths.get((_shape_of(key), key[SERIES_KEY.index("backend")]))
-        if s.largest_n is not None and path is not None and not s.is_baseline:
-            s = replace(s, dense_path_speedup=_speedup_at(path, s.largest_n))
+        if s.peak_efficiency_n is not None and path is not None and not s.is_baseline:
+            s = replace(s, dense_path_speedup=_speedup_at(path, s.peak_efficiency_n))
         out.append(s)
     out.sort(key=lambda s: (not s.is_baseline, s.get("device"), s.get("dtype"), s.get("mode"), s.label))
     return Analysis(tuple(out), _probe_spread(df))
@@ -262,7 +267,7 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
         max_ok_n = max(sizes) if sizes else None
 
     crossover = None
-    largest_n = speedup = ideal = eff = best = best_n = None
+    largest_n = speedup = ideal = eff = best = best_n = peak_eff = peak_eff_n = None
     if key[SERIES_KEY.index("pattern_label")] != BASELINE_PATTERN and _pattern_of(g) != BASELINE_PATTERN:
         crossover = find_crossover(ok, base)
     if not baseline and "speedup" in g:
@@ -275,6 +280,10 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
             eff = finite_or_none(last.get("efficiency"))
             top = sp.loc[sp["speedup"].astype(float).idxmax()]
             best, best_n = finite_or_none(top["speedup"]), int(top["seq_len"])
+            effs = sp["efficiency"].astype(float) if "efficiency" in sp else None
+            if effs is not None and effs.notna().any():
+                at = effs.idxmax()
+                peak_eff, peak_eff_n = finite_or_none(effs[at]), int(sp.loc[at, "seq_len"])
     compile_s = None
     if "compile_s" in g:
         c = g["compile_s"].dropna()
@@ -314,6 +323,8 @@ def _summarise(key, g, label, base, floor_slope, min_points) -> SeriesSummary:
         efficiency=eff,
         best_speedup=best,
         best_speedup_n=best_n,
+        peak_efficiency=peak_eff,
+        peak_efficiency_n=peak_eff_n,
         max_ok_n=max_ok_n,
         failure=failure,
         sizes=sizes,

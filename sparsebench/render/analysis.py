@@ -256,10 +256,11 @@ def baseline_note(compact: bool = False, yardstick: str | None = None) -> str:
 
 
 def above_ideal_text(series: Sequence[SeriesSummary]) -> str:
-    """Says, per backend, which series beat their ideal speedup at their largest n and why ("" where
-    none did): the baseline is slower per pair than that backend's own dense path where the
-    scenario ran dense on it (with each series' efficiency against that path), or the kernel is
-    faster per pair on the pattern than on dense where that path is no faster than the baseline."""
+    """Says, per backend, which series beat their ideal speedup, where (their highest efficiency)
+    and why ("" where none did): the dense baseline is slower per pair there than that backend's
+    own dense path where the scenario ran dense on it (with each series' efficiency against that
+    path), or the kernel is faster per pair on the pattern than on dense where that path is no
+    faster than the baseline."""
     by_backend: dict[str, list[SeriesSummary]] = {}
     for s in series:
         if s.above_ideal:
@@ -270,18 +271,27 @@ def above_ideal_text(series: Sequence[SeriesSummary]) -> str:
         names = []
         for s in group:
             own = s.own_dense_efficiency
-            against = f" ({format_percent(own)} against {backend}'s dense path)" if own is not None else ""
-            names.append(f"{s.label} {format_percent(s.efficiency)}{against}")
+            against = f" ({format_percent(own)} against {path})" if own is not None else ""
+            names.append(
+                f"{s.label} {format_percent(s.peak_efficiency)} of its ideal at {format_tokens(s.peak_efficiency_n)}"
+                f"{against}"
+            )
         with_path = [s for s in group if s.dense_path_speedup is not None]
-        if with_path and all(s.dense_path_speedup > 1.0 for s in with_path):
-            s0 = with_path[0]
+        faster = [s for s in with_path if s.dense_path_speedup > 1.0]
+        if faster:
+            at = [
+                f"{format_ratio(s.dense_path_speedup)} at {format_tokens(n)}"
+                for n, s in sorted({s.peak_efficiency_n: s for s in faster}.items())
+            ]
+            more = f" ({', '.join(at[1:])})" if len(at) > 1 else ""
+            ratio, n = at[0].split(" at ")
             why = (
-                f"The dense sdpa baseline is slower per pair than {backend}'s own dense path: {path} runs at "
-                f"{format_ratio(s0.dense_path_speedup)} dense · sdpa's speed at {format_tokens(s0.largest_n)}."
+                f"The dense sdpa baseline is slower per pair than {backend}'s own dense path: {path} is "
+                f"{ratio} as fast as dense · sdpa at {n}{more}."
             )
         elif with_path:
             why = (
-                f"{backend}'s own dense path is no faster than the baseline ({path}: "
+                f"{backend}'s own dense path is no faster than the baseline there ({path}: "
                 f"{format_ratio(with_path[0].dense_path_speedup)}): the kernel is faster per allowed pair on "
                 "the pattern than on dense attention."
             )
@@ -290,7 +300,7 @@ def above_ideal_text(series: Sequence[SeriesSummary]) -> str:
                 f"The dense sdpa baseline is slower per pair than this kernel (the scenario did not run "
                 f"{path}, which would show {backend}'s own dense path)."
             )
-        parts.append(f"Above the ideal speedup (efficiency over 100%): {', '.join(names)}. {why}")
+        parts.append(f"Above the ideal speedup (efficiency over 100%): {'; '.join(names)}. {why}")
     return " ".join(parts)
 
 
