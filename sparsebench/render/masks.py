@@ -312,7 +312,14 @@ def fig_masks(df, analysis=None, styles=None, n: int | None = None):
 
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(3.6 * cols + 0.6, 4.3 * rows + 0.7), layout="constrained")
+    # tall enough for the longest title and marks legend of a row: the panels stay square
+    heights = []
+    for r in range(rows):
+        row = panels[r * cols : (r + 1) * cols]
+        title = max(panel_title(p).count("\n") + 1 for p in row)
+        marks = max(marks_text(p).count("\n") + 1 if marks_text(p) else 0 for p in row)
+        heights.append(3.5 + 0.17 * title + 0.16 * (marks + 1))
+    fig = Figure(figsize=(3.6 * cols + 0.6, sum(heights) + 0.6), layout="constrained")
     smallest = int(df["seq_len"].min()) if n is None and "seq_len" in df and df["seq_len"].notna().any() else None
     fig.suptitle(_suptitle(panels, smallest), fontweight="bold")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
