@@ -44,6 +44,12 @@ def test_a_noisy_three_size_fit_is_labelled_and_not_cited():
     assert f"n^{value}" not in findings.split("\n")[0]  # the text does not cite it
     legend = [t for t in legend_texts(plots.fig_time_vs_seqlen(df, a)) if t.startswith("dense")]
     assert legend and "too noisy" in legend[0]
+    # an 80-column terminal: the caveat whole, on its own line under the value
+    from sparsebench.render.analysis import renderables
+    from sparsebench.render.tables import render_plain
+
+    text = render_plain(renderables(a, df), width=80)
+    assert "(too noisy)" in text and all(len(line) <= 80 for line in text.splitlines())
 
 
 def test_two_sizes_are_too_few():

@@ -81,14 +81,16 @@ def problems_text(s: SeriesSummary) -> str:
     return "; ".join(bits) or "-"
 
 
-def exponent_text(fit: Fit) -> str:
+def exponent_text(fit: Fit, compact: bool = False) -> str:
     """ "1.98 ± 0.07" where the exponent is a finding; otherwise the value with why it is not:
-    "1.66 ± 1.11 (too noisy)", "1.66 (too few sizes: 2)"."""
+    "1.66 ± 1.11 (too noisy)", "1.66 (too few sizes: 2)" (``compact``: the why on a line of its
+    own, so that a narrow terminal folds the cell between the two, never inside either)."""
     status = fit_status(fit)
     value = f"{fit.exponent:.2f}" + (f" ± {fit.half_width:.2f}" if fit.half_width is not None else "")
     if status == FINDING:
         return value
-    return value + f" ({status}" + (f": {fit.points})" if fit.points < FINDING_SIZES else ")")
+    why = f"({status}" + (f": {fit.points})" if fit.points < FINDING_SIZES else ")")
+    return value + ("\n" if compact else " ") + why
 
 
 def exponent_caveat(fit: Fit | None) -> str:
@@ -97,9 +99,9 @@ def exponent_caveat(fit: Fit | None) -> str:
     return "" if status in (None, FINDING) else status
 
 
-def _fit_text(fit: Fit | None, sizes: tuple[int, ...]) -> str:
+def _fit_text(fit: Fit | None, sizes: tuple[int, ...], compact: bool = False) -> str:
     if fit is not None:
-        return exponent_text(fit)
+        return exponent_text(fit, compact)
     if not sizes:
         return "no ok measurement"
     return "one size, no fit" if len(set(sizes)) == 1 else "-"
@@ -154,9 +156,9 @@ def yardsticks(df) -> dict[tuple, dict[int, str]]:
 
 SCALING_COLUMNS = (
     Column("series", lambda s, _: s.shown_label, wrap=True),
-    Column("time exp.", lambda s, _: _fit_text(s.time_fit, s.sizes)),
+    Column("time exp.", lambda s, compact: _fit_text(s.time_fit, s.sizes, compact), wrap=True),
     Column("fit range", lambda s, _: _fit_range(s.time_fit), wrap=True, full_only=True),
-    Column("memory exp.", lambda s, _: exponent_text(s.mem_fit) if s.mem_fit else "-"),
+    Column("memory exp.", lambda s, compact: exponent_text(s.mem_fit, compact) if s.mem_fit else "-", wrap=True),
     Column("max ok n", lambda s, _: format_tokens(s.max_ok_n) if s.max_ok_n else "-"),
     Column("problems", lambda s, _: problems_text(s), wrap=True),
 )
