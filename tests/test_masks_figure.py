@@ -103,16 +103,29 @@ def test_bigbird_never_draws_as_dense(sizes, n):
 
 
 def test_a_long_run_is_zoomed_and_says_so_and_random_keys_are_dots():
-    fig = plots.fig_masks(run_frame((("random", {"keys": 4}), ("sink_window", {"sinks": 4, "window": 64})), (32768,)))
+    fig = plots.fig_masks(run_frame((("random", {"keys": 4}), ("sink_window", {"sinks": 4, "window": 64})), (16384,)))
     drawn = panels(fig)
     for ax in (a for a in fig.axes if a.get_gid()):
-        assert "zoom: its first 4k tokens" in ax.get_title() and "at n=32k" in ax.get_title()
+        assert "zoom: its first 2k tokens" in ax.get_title() and "at n=16k" in ax.get_title()
+    assert "each panel zoomed onto its first 2k tokens" in fig._suptitle.get_text()
     img, marks = drawn["random(keys=4)"]
-    assert img.shape == (512, 512) and "mark:random" in marks
-    qs, ks = marks["mark:random"][0][1], marks["mark:random"][0][0]
-    assert qs and all(k < q < 4096 for q, k in zip(qs, ks))  # causal random keys inside the zoom
-    assert marks.keys() == {"mark:random"}
+    assert img.shape == (512, 512) and marks.keys() == {"mark:random"}
+    ks, qs = marks["mark:random"][0]
+    assert qs and all(k < q < 2048 for q, k in zip(qs, ks))  # causal random keys inside the zoom
+    ax = next(a for a in fig.axes if a.get_gid() == "mask:random(keys=4)")
+    assert "random keys (a sample: 6000 of" in ax.get_xlabel()  # ~4 per query of 2048
     assert [x for x, _ in drawn["sink_window(sinks=4, window=64)"][1]["mark:keys"]] == [(1.5,)]
+
+
+def test_many_key_columns_are_left_to_the_shading_and_named():
+    """A fixed pattern's summary columns (one run every stride): marking each would cover the panel."""
+    fig = plots.fig_masks(run_frame((("dense", {}), ("fixed", {"stride": 64, "summary": 4})), (2048,)))
+    img, marks = panels(fig)["fixed(stride=64, summary=4)"]
+    assert not marks
+    ax = next(a for a in fig.axes if a.get_gid() == "mask:fixed(stride=64, summary=4)")
+    assert "keys every query attends: 128 in 32 runs" in ax.get_xlabel()
+    # each run of columns (tokens 60-63, 124-127, ...: cells of 4 tokens 15, 31, ...) shaded in the last row
+    assert {15 + 16 * k for k in range(32)} <= set(np.nonzero(img[-1])[0].tolist())
 
 
 def test_bigbird_beside_dense_alone_is_drawn_where_they_differ():

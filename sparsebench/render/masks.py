@@ -10,8 +10,8 @@ shows is the structure the run timed.
   diagonal stays visible.
 * What one pixel cannot show is marked from the pattern's structure: keys every query attends
   (global tokens, sinks, summary columns) by vermillion triangles above the panel, queries that
-  attend every key by triangles on its right, random keys by blue dots. The panel's label says
-  which.
+  attend every key by triangles on its right (a few runs of them; many, such as a fixed pattern's
+  summary columns, show in the shading), random keys by blue dots. The panel's label says which.
 
 ``mask_panels`` returns the data of each panel (tests read it), ``fig_masks`` draws them.
 torch, numpy and matplotlib are imported inside the functions.
@@ -28,11 +28,12 @@ from typing import Any, Sequence
 from sparsebench.results.schema import BASELINE_PATTERN
 
 CELLS = 512  # at most this many cells a side
-FULL_MAX = 16384  # longer runs are drawn zoomed onto their first ZOOM tokens
-ZOOM = 4096
+FULL_MAX = 4096  # longer runs are drawn zoomed onto their first ZOOM tokens
+ZOOM = 2048
 FLOOR = 0.3  # the lightest grey of a cell with any allowed pair
 SEARCH = 4  # lengths tried, smallest first, for one at which no two patterns draw the same
-MAX_DOTS = 6000  # random keys drawn as dots; more: every k-th query's
+MAX_DOTS = 6000  # random keys drawn as dots; more: a seeded sample of this many
+MAX_RUNS = 8  # key columns / query rows marked one by one; more runs are left to the shading
 MARK = "#D55E00"  # Okabe-Ito vermillion: global keys/queries, sinks
 RANDOM = "#0072B2"  # Okabe-Ito blue: random keys
 
@@ -42,7 +43,7 @@ class MaskPanel:
     """One pattern as drawn: ``image`` (cells x cells, the share of each cell's pairs allowed)
     over the first ``shown`` tokens of a run of ``n``, ``cell`` tokens a side per cell; the key
     columns every query attends (``keys``) and the queries that attend every key (``rows``) as
-    inclusive runs; random (query, key) pairs as dots (``dots``, every ``dot_step``-th query)."""
+    inclusive runs; random (query, key) pairs as dots (``dots``, a sample of ``dot_total``)."""
 
     label: str
     n: int
@@ -54,7 +55,7 @@ class MaskPanel:
     keys: tuple[tuple[int, int], ...] = ()
     rows: tuple[tuple[int, int], ...] = ()
     dots: Any = None  # numpy (m, 2) int64: (query, key)
-    dot_step: int = 1
+    dot_total: int = 0
     error: str = ""
 
     @property
@@ -157,7 +158,7 @@ def draw_data(label: str, pat, n: int, causal: bool) -> MaskPanel:
     while shown / cell > CELLS:
         cell *= 2
     image = _image(pat, n, shown, cell, causal)
-    keys, rows, dots, step = _marks(pat, n, shown, causal)
+    keys, rows, dots, total = _marks(pat, n, shown, causal)
     return MaskPanel(
         label,
         n,
@@ -169,7 +170,7 @@ def draw_data(label: str, pat, n: int, causal: bool) -> MaskPanel:
         keys=keys,
         rows=rows,
         dots=dots,
-        dot_step=step,
+        dot_total=total,
     )
 
 
@@ -214,7 +215,8 @@ def _runs(values) -> tuple[tuple[int, int], ...]:
 
 
 def _marks(pat, n: int, shown: int, causal: bool):
-    """(key runs, row runs, random dots (query, key), dot step) from the pattern's structure."""
+    """(key runs, row runs, random dots (query, key), how many random pairs there are) from the
+    pattern's structure."""
     import numpy as np
     import torch
 
@@ -249,16 +251,14 @@ def _marks(pat, n: int, shown: int, causal: bool):
                 ok &= t <= qb
             centre = lambda x: torch.clamp(x * b + b // 2, max=shown - 1)  # noqa: E731
             pairs.append(torch.stack([centre(qb[ok]), centre(t[ok])], 1))
-    dots, step = None, 1
+    dots, total = None, 0
     if pairs:
         d = torch.cat(pairs).numpy().astype(np.int64)
-        if len(d) > MAX_DOTS:
-            step = math.ceil(len(d) / MAX_DOTS)
-            qs = np.unique(d[:, 0])
-            keep = np.isin(d[:, 0], qs[::step])
-            d = d[keep]
+        total = len(d)
+        if total > MAX_DOTS:  # a uniform sample: every k-th query would draw stripes
+            d = d[np.sort(np.random.default_rng(0).choice(total, MAX_DOTS, replace=False))]
         dots = d if len(d) else None
-    return _runs(keys), _runs(rows), dots, step
+    return _runs(keys), _runs(rows), dots, total
 
 
 def _runs_text(runs: Sequence[tuple[int, int]]) -> str:
@@ -277,7 +277,8 @@ def marks_text(p: MaskPanel) -> str:
         every = "every earlier key" if p.causal else "every key"
         bits.append(f"◀ queries attending {every}: {_runs_text(p.rows)}")
     if p.dots is not None:
-        bits.append("• random keys" + (f" (of one query in {p.dot_step})" if p.dot_step > 1 else ""))
+        sample = len(p.dots) < p.dot_total
+        bits.append("• random keys" + (f" (a sample: {len(p.dots)} of {p.dot_total})" if sample else ""))
     return "\n".join(bits)
 
 
@@ -376,13 +377,16 @@ def _suptitle(panels: Sequence[MaskPanel], smallest: int | None) -> str:
             f"at n={short_tokens(ns[0])} (at the run's smallest, n={short_tokens(smallest)}, "
             "two patterns draw the same or one does not fit)"
         )
+    zoom = {p.shown for p in drawn if p.zoomed}
+    if len(zoom) == 1:
+        at += f", each panel zoomed onto its first {short_tokens(zoom.pop())} tokens"
     return f"Attention masks {at}\n{how}; black = query attends key, grey = some pairs of a cell"
 
 
 def _draw_marks(ax, p: MaskPanel) -> None:
     """Triangles above the panel at the keys every query attends, on its right at the queries
     attending every key, dots at random keys."""
-    for a, b in p.keys:
+    for a, b in p.keys if len(p.keys) <= MAX_RUNS else ():
         ax.plot(
             [(a + b) / 2],
             [1.0],
@@ -400,7 +404,7 @@ def _draw_marks(ax, p: MaskPanel) -> None:
         else:  # a column narrower than a few pixels: a line down it, over the queries that attend it
             x = (a + b) / 2
             ax.plot([x, x], [a if p.causal else 0, p.shown - 1], color=MARK, lw=1.3, zorder=3, gid="mark:key_line")
-    for a, b in p.rows:
+    for a, b in p.rows if len(p.rows) <= MAX_RUNS else ():
         ax.plot(
             [1.0],
             [(a + b) / 2],
