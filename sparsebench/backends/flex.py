@@ -71,6 +71,19 @@ class Flex(Backend):
             return "FlexAttention has no backward pass on CPU"
         return super().unsupported(p)
 
+    @classmethod
+    def load(cls, device):
+        """torch.compile's modules (dynamo, inductor, BlockMask), a hundred MiB or more of
+        resident memory: prepared once on a tiny problem, not called (the first call of each
+        case compiles, its compile_s)."""
+        import importlib
+
+        from sparsebench.patterns.base import PATTERNS
+
+        tiny = Problem(PATTERNS.get("dense")(), FLEX_BLOCK, True, 1, 1, 16, torch.float32, torch.device(device))
+        cls().prepare(tiny)
+        importlib.import_module("torch._inductor.compile_fx")  # what the first call imports to compile
+
     def prepare(self, p: Problem):
         from torch.nn.attention.flex_attention import flex_attention
 

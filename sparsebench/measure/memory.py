@@ -15,6 +15,16 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
 
+# How far a backend's estimate_bytes may stray from the peak it measures (n >= 2048): the
+# estimate is what --max-memory and limits.memory skip cases by.
+ESTIMATE_BAND = (0.7, 1.5)
+
+
+def estimate_ratio(estimate: int, peak: int) -> float:
+    """estimate / measured peak (inf where nothing was measured)."""
+    return estimate / peak if peak > 0 else float("inf")
+
+
 # SPARSEBENCH_ALLOCATOR=system leaves PyTorch's CPU allocator as it is (freed_memory_reused).
 ALLOCATOR_ENV = "SPARSEBENCH_ALLOCATOR"
 
@@ -101,6 +111,28 @@ class PeakMemory:
         allocated now. On the CPU the peak restarts from the current RSS, after the allocator
         has handed freed memory back (else what setup freed would still count), the blocks
         ``freed_memory_reused`` keeps included."""
+        self._settle()
+        self._reset_peak()
+
+    @contextlib.contextmanager
+    def one_time(self) -> Iterator[None]:
+        """``with pm.one_time(): first_call()``: what runs inside is a one-time cost, kept out of
+        the peak: its scratch (the peak restarts after it), and what it leaves resident beyond
+        what was in use before it (a compiled kernel's code, the compiler's modules, caches and
+        threads, loaded libraries) is added to the baseline. The first call of a compiled backend
+        (its compile_s): a process's first flex case would otherwise carry the imports and
+        caches of torch.compile, several times the case's own memory. What the call leaves that
+        belongs to the case (gradients) must be dropped inside the block; the calls after it
+        make it again, and are measured."""
+        before = self._settle()
+        yield
+        after = self._settle()
+        self._base += max(0, after - before)
+        self._reset_peak()
+
+    def _settle(self) -> int:
+        """Hand freed memory back (the blocks ``freed_memory_reused`` keeps included) and return
+        what is in use now: RSS on the CPU, allocated bytes on CUDA (0 elsewhere)."""
         import torch
 
         if _caching:
@@ -110,6 +142,15 @@ class PeakMemory:
         _trim()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        if self.device.type == "cpu":
+            return (_status_kib("VmRSS") or 0) * 1024
+        return 0
+
+    def _reset_peak(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.device.type == "cpu":
             try:
