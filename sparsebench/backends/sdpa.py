@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sparsebench.backends.base import BACKENDS, Backend, Problem
+from sparsebench.backends.base import BACKENDS, Backend, Problem, packs_low_precision
 
 
 @BACKENDS.register
@@ -22,4 +22,8 @@ class Sdpa(Backend):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     def estimate_bytes(self, p: Problem) -> int:
-        return p.io_bytes * (3 if p.mode == "backward" else 1)
+        """q, k, v and the output; backward also the output gradient, the gradients of q, k and v
+        and the kernel's fp32 accumulators. In bf16 / fp16 on a CPU where oneDNN takes them,
+        ATen's flash attention works on packed copies of q, k and v."""
+        io = p.io_bytes * (3 if p.mode == "backward" else 1)
+        return io + (3 * p.io_bytes // 4 if p.mode == "forward" and packs_low_precision(p) else 0)
