@@ -103,5 +103,9 @@ class Flex(Backend):
         return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
     def estimate_bytes(self, p: Problem) -> int:
+        """q, k, v and the output, and the BlockMask's index tables (nb x nb int32, partial and
+        full, by rows and by columns). The compiled CPU kernel works tile by tile (no n x n
+        scores); the compilation's scratch and the compiler's resident memory are kept out of
+        the peak (harness: Backend.load, PeakMemory.one_time)."""
         nb = -(-p.seq_len // FLEX_BLOCK)
         return p.io_bytes * (3 if p.mode == "backward" else 1) + 4 * nb * nb * 4

@@ -94,6 +94,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.peak_bytes: int | None = None
         self._base = 0
+        self._kept: int | None = 0  # the peak before one_time(keep_peak=True) restarted it
 
     def __enter__(self) -> "PeakMemory":
         import torch
@@ -115,19 +116,24 @@ class PeakMemory:
         self._reset_peak()
 
     @contextlib.contextmanager
-    def one_time(self) -> Iterator[None]:
-        """``with pm.one_time(): first_call()``: what runs inside is a one-time cost, kept out of
-        the peak: its scratch (the peak restarts after it), and what it leaves resident beyond
-        what was in use before it (a compiled kernel's code, the compiler's modules, caches and
-        threads, loaded libraries) is added to the baseline. The first call of a compiled backend
-        (its compile_s): a process's first flex case would otherwise carry the imports and
-        caches of torch.compile, several times the case's own memory. What the call leaves that
-        belongs to the case (gradients) must be dropped inside the block; the calls after it
-        make it again, and are measured."""
+    def one_time(self, keep_peak: bool = False) -> Iterator[None]:
+        """``with pm.one_time(): first_call()``: what the block leaves resident beyond what was
+        in use before it is a one-time cost of the process, not of the case: added to the
+        baseline (a compiled kernel's code and the compiler's caches; on a process's first
+        backward pass, heap the C library keeps from then on). The peak restarts after the
+        block; ``keep_peak``: the peak so far (setup and the block, less that residue) still
+        counts, else the block's scratch and what came before it are out of the peak too (a
+        compiled backend's first call, whose scratch is compilation: compile_s). What the block
+        leaves that belongs to the case (gradients) must be dropped inside it; the calls after
+        it make it again."""
         before = self._settle()
         yield
         after = self._settle()
-        self._base += max(0, after - before)
+        residue = max(0, after - before)
+        if keep_peak:
+            so_far = self._peak_now()
+            self._kept = None if so_far is None else max(0, so_far - residue)
+        self._base += residue
         self._reset_peak()
 
     def _settle(self) -> int:
@@ -158,15 +164,21 @@ class PeakMemory:
             except OSError:
                 pass
 
-    def __exit__(self, *exc) -> None:
+    def _peak_now(self) -> int | None:
+        """The peak since the last restart, above the baseline (None where unmeasurable)."""
         import torch
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
-        elif self.device.type == "cpu":
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+        if self.device.type == "cpu":
             hwm = _status_kib("VmHWM")
-            self.peak_bytes = None if hwm is None else max(0, hwm * 1024 - self._base)
+            return None if hwm is None else max(0, hwm * 1024 - self._base)
+        return None
+
+    def __exit__(self, *exc) -> None:
+        peak = self._peak_now()
+        self.peak_bytes = None if peak is None else max(peak, self._kept or 0)
 
 
 def available_bytes() -> int | None:
