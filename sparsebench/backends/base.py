@@ -90,18 +90,6 @@ class Backend:
         return p.io_bytes
 
 
-def packs_low_precision(p: Problem) -> bool:
-    """Whether ATen's CPU flash attention (SDPA) packs its bf16 / fp16 operands for oneDNN's
-    GEMM (copies of q, k and v in the call's working set): on a CPU whose oneDNN takes the dtype."""
-    if p.device.type != "cpu" or p.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    check = "_is_mkldnn_bf16_supported" if p.dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
-    try:
-        return bool(getattr(torch.ops.mkldnn, check)())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 

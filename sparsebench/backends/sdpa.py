@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sparsebench.backends.base import BACKENDS, Backend, Problem, packs_low_precision
+from sparsebench.backends.base import BACKENDS, Backend, Problem
 
 
 @BACKENDS.register
@@ -22,8 +22,8 @@ class Sdpa(Backend):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     def estimate_bytes(self, p: Problem) -> int:
-        """q, k, v and the output; backward also the output gradient, the gradients of q, k and v
-        and the kernel's fp32 accumulators. In bf16 / fp16 on a CPU where oneDNN takes them,
-        ATen's flash attention works on packed copies of q, k and v."""
-        io = p.io_bytes * (3 if p.mode == "backward" else 1)
-        return io + (3 * p.io_bytes // 4 if p.mode == "forward" and packs_low_precision(p) else 0)
+        """q, k, v and the output; backward also the output gradient and the gradients of q, k
+        and v (ATen's flash attention works tile by tile: no n x n scores). A bf16 / fp16 forward
+        holds one more operand-sized buffer (measured on ATen's CPU kernel)."""
+        low = p.mode == "forward" and p.elem_bytes < 4
+        return p.io_bytes * (3 if p.mode == "backward" else 1) + (p.io_bytes // 4 if low else 0)
