@@ -126,13 +126,15 @@ class PeakMemory:
         compiled backend's first call, whose scratch is compilation: compile_s). What the block
         leaves that belongs to the case (gradients) must be dropped inside it; the calls after
         it make it again."""
+        setup = self._peak_now() if keep_peak else 0
         before = self._settle()
+        self._reset_peak()
         yield
         after = self._settle()
         residue = max(0, after - before)
-        if keep_peak:
-            so_far = self._peak_now()
-            self._kept = None if so_far is None else max(0, so_far - residue)
+        block = self._peak_now() if keep_peak else 0
+        if setup is not None and block is not None:
+            self._kept = max(setup, block - residue)
         self._base += residue
         self._reset_peak()
 
