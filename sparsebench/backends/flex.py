@@ -99,8 +99,24 @@ class Flex(Backend):
 
         layout = p.pattern.block_layout(n, FLEX_BLOCK, p.causal)
         block_mask = block_mask_from_layout(layout, mask_mod, p.device)
-        compiled = torch.compile(flex_attention, dynamic=False)
-        return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+        # fullgraph: a mask_mod that does not trace whole (a graph break) would run flex_attention
+        # eagerly, n x n scores and all; an error says so instead
+        compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+        name = p.pattern.name
+
+        def call(q, k, v):
+            try:
+                return compiled(q, k, v, block_mask=block_mask)
+            except Exception as exc:  # noqa: BLE001 - what torch.compile raises varies
+                if not any(kind in type(exc).__name__ for kind in ("Unsupported", "Inductor", "Backend")):
+                    raise
+                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise RuntimeError(
+                    f"flex: the {name} pattern's mask_mod does not compile whole under torch.compile "
+                    f"(eager FlexAttention would compute all n x n scores): {type(exc).__name__}: {why}"
+                ) from exc
+
+        return call
 
     def estimate_bytes(self, p: Problem) -> int:
         """q, k, v and the output, and the BlockMask's index tables (nb x nb int32, partial and
