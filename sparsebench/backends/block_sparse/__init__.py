@@ -203,11 +203,12 @@ def plan_bytes(plan: _plan.Plan, p: Problem) -> int:
                 run = (k.windows - 1) * k.window_stride + k.length if isinstance(k, _plan.Strided) else k.length
                 packed = max(packed, min(run, n + k.length) * d * 4)
                 if q_gathered:  # its rows copied in, its output apart, merged through a copy of out's rows
-                    tmp += q_rows * d * (e + 4 + 4 + (4 if backward else 0))
+                    tmp += q_rows * d * (e + 4 + 4 + (4 if backward else 0))  # backward: its dq rows
                 elif not out_fp32:
                     tmp += q_rows * d * 4
-                if backward and plan.multi:  # the output gradient scaled by the call's share
-                    tmp += q_rows * d * (4 + e + (8 if piece.table is not None else 0))
+                if backward and not (piece.ranges is not None and window_native):  # key tables
+                    # the output gradient scaled by the call's share; fp32 copies of it and of the output
+                    tmp += (q_rows * d * (4 + e) if plan.multi else 0) + (2 * q_rows * d * 4 if e != 4 else 0)
             else:  # ATen's flash attention on (gathered) operands
                 tmp += (q_rows * d * e if q_gathered else 0) + (2 * k_rows * d * e if k_gathered else 0)
                 tmp += q_rows * d * e  # its output
