@@ -91,8 +91,10 @@ def warm_process() -> None:
     attention calls (oneDNN and thread-pool buffers) and, where they are already built, loading
     and first running the native kernels (the library, its threads, the caching allocator
     installed). The first case of a worker would otherwise carry them in its peak memory (the
-    README's "Performance on a CPU" gives the figures). Building the kernels, compiling (flex,
-    Triton) and autotuning stay the first call's cost."""
+    README's "Performance on a CPU" gives the figures). A backend's own (a compiler's modules)
+    are loaded before its first case (``load_backend``); building the kernels, compiling (flex,
+    Triton) and autotuning stay the first call's cost, and what that call leaves resident is
+    kept out of the peak (``PeakMemory.one_time``)."""
     global _warmed
     if _warmed:
         return
