@@ -96,6 +96,23 @@ def test_flex_matches_reference():
     assert (out.double() - reference(pat, q, k, v, True)).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
+def test_flex_never_runs_eagerly_behind_a_graph_break():
+    """A mask_mod that does not trace whole (DeepSpeed's variable layout is built inside it) made
+    torch.compile fall back to eager FlexAttention: n x n scores, 1.8 GiB at n = 4096 where the
+    compiled kernel takes 32 MiB, measured as flex. It is an error that says so."""
+    be = BACKENDS.get("flex")
+    why = be.unavailable(torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    pat = PATTERNS.get("ds_variable").from_params({"block": 16})
+    p = Problem(pat, 256, True, 1, 2, 16, torch.float32, torch.device("cpu"))
+    q, k, v = qkv(256, 1, 2, 16)
+    with pytest.raises(RuntimeError, match="mask_mod does not compile whole"):
+        with torch.no_grad():
+            be().prepare(p)(q, k, v)
+
+
 def test_flex_backward_on_cpu_is_skipped_with_its_reason():
     """torch's FlexAttention raises NotImplementedError for backward on CPU: the case is skipped."""
     pat = PATTERNS.get("sliding_window").from_params({"window": 8})

@@ -78,6 +78,13 @@ class Backend:
     def prepare(self, p: Problem) -> AttnFn:
         raise NotImplementedError
 
+    @classmethod
+    def load(cls, device: torch.device) -> None:
+        """This process's one-time costs of the backend that are not its first call's: the
+        modules ``prepare`` imports (a compiler's), loaded once per process before the first
+        case on ``device`` is measured (the harness), so that they are no case's peak memory
+        or setup time. Nothing by default."""
+
     def estimate_bytes(self, p: Problem) -> int:
         """Analytic peak memory of the call, inputs and output included."""
         return p.io_bytes

@@ -71,6 +71,19 @@ class Flex(Backend):
             return "FlexAttention has no backward pass on CPU"
         return super().unsupported(p)
 
+    @classmethod
+    def load(cls, device):
+        """torch.compile's modules (dynamo, inductor, BlockMask), a hundred MiB or more of
+        resident memory: prepared once on a tiny problem, not called (the first call of each
+        case compiles, its compile_s)."""
+        import importlib
+
+        from sparsebench.patterns.base import PATTERNS
+
+        tiny = Problem(PATTERNS.get("dense")(), FLEX_BLOCK, True, 1, 1, 16, torch.float32, torch.device(device))
+        cls().prepare(tiny)
+        importlib.import_module("torch._inductor.compile_fx")  # what the first call imports to compile
+
     def prepare(self, p: Problem):
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -86,9 +99,29 @@ class Flex(Backend):
 
         layout = p.pattern.block_layout(n, FLEX_BLOCK, p.causal)
         block_mask = block_mask_from_layout(layout, mask_mod, p.device)
-        compiled = torch.compile(flex_attention, dynamic=False)
-        return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+        # fullgraph: a mask_mod that does not trace whole (a graph break) would run flex_attention
+        # eagerly, n x n scores and all; an error says so instead
+        compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+        name = p.pattern.name
+
+        def call(q, k, v):
+            try:
+                return compiled(q, k, v, block_mask=block_mask)
+            except Exception as exc:  # noqa: BLE001 - what torch.compile raises varies
+                if not any(kind in type(exc).__name__ for kind in ("Unsupported", "Inductor", "Backend")):
+                    raise
+                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise RuntimeError(
+                    f"flex: the {name} pattern's mask_mod does not compile whole under torch.compile "
+                    f"(eager FlexAttention would compute all n x n scores): {type(exc).__name__}: {why}"
+                ) from exc
+
+        return call
 
     def estimate_bytes(self, p: Problem) -> int:
+        """q, k, v and the output, and the BlockMask's index tables (nb x nb int32, partial and
+        full, by rows and by columns). The compiled CPU kernel works tile by tile (no n x n
+        scores); the compilation's scratch and the compiler's resident memory are kept out of
+        the peak (harness: Backend.load, PeakMemory.one_time)."""
         nb = -(-p.seq_len // FLEX_BLOCK)
         return p.io_bytes * (3 if p.mode == "backward" else 1) + 4 * nb * nb * 4

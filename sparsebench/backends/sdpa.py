@@ -22,4 +22,8 @@ class Sdpa(Backend):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     def estimate_bytes(self, p: Problem) -> int:
-        return p.io_bytes * (3 if p.mode == "backward" else 1)
+        """q, k, v and the output; backward also the output gradient and the gradients of q, k
+        and v (ATen's flash attention works tile by tile: no n x n scores). A bf16 / fp16 forward
+        holds one more operand-sized buffer (measured on ATen's CPU kernel)."""
+        low = p.mode == "forward" and p.elem_bytes < 4
+        return p.io_bytes * (3 if p.mode == "backward" else 1) + (p.io_bytes // 4 if low else 0)

@@ -17,8 +17,9 @@ class SdpaMasked(Backend):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def estimate_bytes(self, p: Problem) -> int:
-        """Inputs and output (and gradients), the boolean mask and SDPA's additive copy of it (fp32,
-        whatever the input dtype), and the temporaries of building the mask."""
+        """Inputs and output (and gradients) and the boolean mask, with the larger of what comes
+        and goes beside them: the temporaries of building the mask (setup), or SDPA's additive
+        copy of it in the input dtype (each call)."""
         n2 = p.seq_len * p.seq_len
         build = p.pattern.mask_build_bytes(p.seq_len)
-        return p.io_bytes * (3 if p.mode == "backward" else 1) + n2 * (1 + 4) + build
+        return p.io_bytes * (3 if p.mode == "backward" else 1) + n2 + max(n2 * p.elem_bytes, build)

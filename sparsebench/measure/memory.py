@@ -15,6 +15,16 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
 
+# How far a backend's estimate_bytes may stray from the peak it measures (n >= 2048): the
+# estimate is what --max-memory and limits.memory skip cases by.
+ESTIMATE_BAND = (0.7, 1.5)
+
+
+def estimate_ratio(estimate: int, peak: int) -> float:
+    """estimate / measured peak (inf where nothing was measured)."""
+    return estimate / peak if peak > 0 else float("inf")
+
+
 # SPARSEBENCH_ALLOCATOR=system leaves PyTorch's CPU allocator as it is (freed_memory_reused).
 ALLOCATOR_ENV = "SPARSEBENCH_ALLOCATOR"
 
@@ -84,6 +94,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.peak_bytes: int | None = None
         self._base = 0
+        self._kept: int | None = 0  # the peak before one_time(keep_peak=True) restarted it
 
     def __enter__(self) -> "PeakMemory":
         import torch
@@ -101,6 +112,35 @@ class PeakMemory:
         allocated now. On the CPU the peak restarts from the current RSS, after the allocator
         has handed freed memory back (else what setup freed would still count), the blocks
         ``freed_memory_reused`` keeps included."""
+        self._settle()
+        self._reset_peak()
+
+    @contextlib.contextmanager
+    def one_time(self, keep_peak: bool = False) -> Iterator[None]:
+        """``with pm.one_time(): first_call()``: what the block leaves resident beyond what was
+        in use before it is a one-time cost of the process, not of the case: added to the
+        baseline (a compiled kernel's code and the compiler's caches; on a process's first
+        backward pass, heap the C library keeps from then on). The peak restarts after the
+        block; ``keep_peak``: the peak so far (setup and the block, less that residue) still
+        counts, else the block's scratch and what came before it are out of the peak too (a
+        compiled backend's first call, whose scratch is compilation: compile_s). What the block
+        leaves that belongs to the case (gradients) must be dropped inside it; the calls after
+        it make it again."""
+        setup = self._peak_now() if keep_peak else 0
+        before = self._settle()
+        self._reset_peak()
+        yield
+        after = self._settle()
+        residue = max(0, after - before)
+        block = self._peak_now() if keep_peak else 0
+        if setup is not None and block is not None:
+            self._kept = max(setup, block - residue)
+        self._base += residue
+        self._reset_peak()
+
+    def _settle(self) -> int:
+        """Hand freed memory back (the blocks ``freed_memory_reused`` keeps included) and return
+        what is in use now: RSS on the CPU, allocated bytes on CUDA (0 elsewhere)."""
         import torch
 
         if _caching:
@@ -110,6 +150,15 @@ class PeakMemory:
         _trim()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        if self.device.type == "cpu":
+            return (_status_kib("VmRSS") or 0) * 1024
+        return 0
+
+    def _reset_peak(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.device.type == "cpu":
             try:
@@ -117,15 +166,21 @@ class PeakMemory:
             except OSError:
                 pass
 
-    def __exit__(self, *exc) -> None:
+    def _peak_now(self) -> int | None:
+        """The peak since the last restart, above the baseline (None where unmeasurable)."""
         import torch
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
-        elif self.device.type == "cpu":
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+        if self.device.type == "cpu":
             hwm = _status_kib("VmHWM")
-            self.peak_bytes = None if hwm is None else max(0, hwm * 1024 - self._base)
+            return None if hwm is None else max(0, hwm * 1024 - self._base)
+        return None
+
+    def __exit__(self, *exc) -> None:
+        peak = self._peak_now()
+        self.peak_bytes = None if peak is None else max(peak, self._kept or 0)
 
 
 def available_bytes() -> int | None:

@@ -110,16 +110,15 @@ class BlockSparse(Backend):
         return attention_fn(plan)
 
     def estimate_bytes(self, p: Problem) -> int:
-        """q, k, v and the output, plus what is not proportional to n: each call's output chunk,
-        log-sum-exps and gathered keys (bounded by _plan.ROW_BUDGET rows). Merged calls add an
-        fp32 accumulator in low precision; backward adds fp32 gradients of q, k, v. The Triton
+        """Peak memory of a call: q, k, v and the output, with what the plan holds and what its
+        calls allocate (``plan_bytes``: planned on the CPU as ``prepare`` plans it). The Triton
         kernels: a log-sum-exp per row (their bit masks are a few MiB), with residue bands their
-        reordered copies and merge; backward, gradients in the input dtype, a delta per row and its
-        chunk."""
-        rows = p.batch * p.heads * p.seq_len
+        reordered copies and merge; backward, gradients in the input dtype, a delta per row and
+        its chunk."""
         if _use_triton(p):
             from sparsebench.backends.block_sparse import triton as _triton
 
+            rows = p.batch * p.heads * p.seq_len
             extra = rows * 4
             if _triton.residue_bands(p.pattern.structure(p.seq_len, p.causal)):
                 # residue bands as parts (_triton.PartsPlan, where chosen): reordered q, k, v and
@@ -128,13 +127,102 @@ class BlockSparse(Backend):
             if p.mode == "backward":
                 extra += 3 * p.io_bytes // 4 + rows * 4 + 3 * _triton.DELTA_ROWS * p.head_dim * 4
             return p.io_bytes + extra
-        chunk = 4 * _plan.ROW_BUDGET * p.head_dim * 4
-        extra = 0
-        if p.elem_bytes != 4:
-            extra += rows * p.head_dim * 4  # fp32 accumulator when calls are merged
-        if p.mode == "backward":
-            extra += 3 * rows * p.head_dim * 4 + p.io_bytes // 4  # fp32 grads, saved output
-        return p.io_bytes + chunk + extra
+        key = (type(p.pattern).__name__, p.pattern.label(), p.seq_len, p.causal, p.batch, p.heads, p.head_dim)
+        key += (p.tile, p.dtype, p.mode, torch.get_num_threads())
+        if key not in _ESTIMATES:  # planning a long sequence takes seconds: once per process
+            plan = _plan.build(
+                p.pattern, p.seq_len, p.causal, groups=p.batch * p.heads, head_dim=p.head_dim, block=p.tile,
+                device=torch.device("cpu"), dtype=p.dtype,
+            )  # fmt: skip
+            _ESTIMATES[key] = plan_bytes(plan, p)
+        return _ESTIMATES[key]
+
+
+_ESTIMATES: dict[tuple, int] = {}
+
+
+def _tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _held_bytes(plan: _plan.Plan) -> int:
+    """What the plan keeps for its calls: masks (or their row ranges), rows without keys, key
+    tables and their chunk bounds, gathered rows' indices (and their int32 copies for the native
+    kernels)."""
+    total = 0
+    for call in plan.calls:
+        mask = call.mask
+        if isinstance(mask, _plan.RangeMask):
+            total += mask.stored_bytes
+        elif mask is not None:
+            total += _tensor_bytes(mask.bool)
+        total += _tensor_bytes(call.empty, call.table, call.bounds, *(call.ranges or ()))
+        for view in (call.q, call.k):
+            if isinstance(view, _plan.Gather):
+                total += _tensor_bytes(view.index) * 3 // 2  # int64 index and its int32 copy
+    return total
+
+
+def plan_bytes(plan: _plan.Plan, p: Problem) -> int:
+    """Peak bytes of running ``plan`` on the CPU (``execute.py``) for problem ``p``: q, k, v and
+    the output (and in backward mode the output gradient, fp32 gradients of q, k and v and their
+    copies in the input dtype), what the plan holds, the merged fp32 output and log-sum-exps
+    where calls merge or the native kernels (fp32 output) serve a low precision, the per-thread
+    packed key tiles of the native kernels, and the largest temporaries of one call: gathered
+    operands, its output rows, the additive mask, and backward its gradients."""
+    seqs, n, d, e = p.batch * p.heads, p.seq_len, p.head_dim, p.elem_bytes
+    probe = torch.empty(0, 0, d, dtype=p.dtype)  # what the executor's kernel choices look at
+    window_native = _execute._native_window(probe)
+    whole = _execute._whole(plan) is not None
+
+    def native(call) -> bool:
+        return _execute._native_ok(call, probe) or (call.ranges is not None and window_native)
+
+    native_low = e != 4 and window_native and any(native(c) for c in plan.calls)
+    out_fp32 = e == 4 or plan.multi or native_low
+    backward = p.mode == "backward"
+    held = p.io_bytes + _held_bytes(plan)
+    if not whole and out_fp32 and e != 4:
+        held += seqs * n * d * 4  # the fp32 output the calls write (then copied to the input dtype)
+    if plan.multi:
+        held += seqs * n * 4  # merged log-sum-exps
+    if backward:
+        held += seqs * n * d * (e + 3 * 4 + (3 * e if e != 4 else 0))  # dout; fp32 dq, dk, dv; their copies
+        held += seqs * sum(c.q.windows * c.q.length for c in plan.calls) * 4  # each call's saved log-sum-exps
+    packed = 0  # native kernels: per thread, the keys of a run of windows packed in fp32 tiles
+    worst = 0
+    for call in plan.calls:
+        for _, piece in _execute._runnable(call, probe):
+            q_rows = seqs * piece.q.windows * piece.q.length
+            shared = isinstance(piece.k, _plan.Gather) and piece.k.shared
+            k_rows = seqs * piece.k.length * (1 if shared else piece.k.windows)
+            q_gathered, k_gathered = isinstance(piece.q, _plan.Gather), isinstance(piece.k, _plan.Gather)
+            tmp = q_rows * 4  # the call's log-sum-exps
+            if native(piece):
+                k = piece.k
+                run = (k.windows - 1) * k.window_stride + k.length if isinstance(k, _plan.Strided) else k.length
+                packed = max(packed, min(run, n + k.length) * d * 4)
+                if q_gathered:  # its rows copied in, its output apart, merged through a copy of out's rows
+                    tmp += q_rows * d * (e + 4 + 4 + (4 if backward else 0))  # backward: its dq rows
+                elif not out_fp32:
+                    tmp += q_rows * d * 4
+                if backward and not (piece.ranges is not None and window_native):  # key tables
+                    # the output gradient scaled by the call's share; fp32 copies of it and of the output
+                    tmp += (q_rows * d * (4 + e) if plan.multi else 0) + (2 * q_rows * d * 4 if e != 4 else 0)
+            else:  # ATen's flash attention on (gathered) operands
+                tmp += (q_rows * d * e if q_gathered else 0) + (2 * k_rows * d * e if k_gathered else 0)
+                tmp += q_rows * d * e  # its output
+                if piece.mask is not None:
+                    tmp += piece.mask.bool.numel() * e  # the additive mask
+                if not whole and (q_gathered or e != 4):
+                    tmp += q_rows * d * 4  # out's rows, or the output widened, to merge
+                if backward:
+                    tmp += (q_rows + 2 * k_rows) * d * e  # dq, dk, dv of the call
+                    if plan.multi:
+                        tmp += q_rows * d * (4 + e)
+            worst = max(worst, tmp)
+    threads = torch.get_num_threads()
+    return held + worst + threads * packed * (4 if backward else 1)
 
 
 # ------------------------------------------------------------------------------------------
