@@ -106,6 +106,8 @@ th{background:#f4f4f4;white-space:nowrap}td:first-child,th:first-child{text-alig
 td{white-space:nowrap}td.text{white-space:normal;text-align:left;min-width:14rem;overflow-wrap:anywhere}
 .kv td,.kv th{text-align:left}
 tr.bad td{background:#fff4e5}
+.table-wrap td:first-child{position:sticky;left:0;background:#fff}.table-wrap tr.bad td:first-child{background:#fff4e5}
+.table-wrap th:first-child{position:sticky;left:0}
 figure{margin:1.2rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#444;font-size:13px;max-width:60rem;margin-top:.3rem}
 .note{color:#555;font-size:13px;max-width:60rem}.warn{color:#a15c00;max-width:60rem}
