@@ -262,10 +262,11 @@ def test_ratio_plot():
 
 def test_compare_by_backend():
     by = compare_by(frame(make_records()), by="backend")
-    assert by.values[0] == "sdpa" and {"block_sparse", "flex", "sdpa_masked", "naive"} <= set(by.values)
+    assert by.values[:2] == ("dense · sdpa", "sdpa")
+    assert {"block_sparse", "flex", "sdpa_masked", "naive"} <= set(by.values)
     assert "seq_len" in by.dims and "backend" not in by.dims
     md = to_markdown(by)
-    assert "| pattern | n | sdpa |" in md and "(best)" in md
+    assert "| pattern | n | dense · sdpa | sdpa |" in md and "(best)" in md
     flex_row = next(cells for key, cells in by.rows if key[0] == SW and key[-1] == 8192)
     assert dict((v, t) for v, t, _ in flex_row)["flex"] == pytest.approx(1e-5 + 8e-7 * 8192, rel=0.05)
     assert json.loads(to_json(by))["by"] == "backend"
@@ -366,7 +367,7 @@ def test_cli_formats_output_and_plot(folders, tmp_path):
 def test_cli_by(folders):
     res = run(folders["base"], "--by", "backend", "--format", "markdown")
     assert res.exit_code == 0, res.output
-    assert "| pattern | n | sdpa | block_sparse | flex | naive | sdpa_masked |" in res.stdout
+    assert "| pattern | n | dense · sdpa | sdpa | block_sparse | flex | naive | sdpa_masked |" in res.stdout
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ attention, ring caches stay bounded, and the record has what the runner needs.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 from sparsebench.errors import ScenarioError
 from sparsebench.kv.planner import make_pattern
-from sparsebench.measure.decode import Decoder, DenseCache, RingCache, measure_decode
+from sparsebench.measure.decode import Decoder, DenseCache, RingCache, SeededKV, TensorKV, measure_decode
+from sparsebench.measure.memory import PeakMemory
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +62,7 @@ def test_every_decoded_token_equals_the_reference_row(name, params, context):
     pattern = make_pattern(name, params)
     tokens = 29  # enough for every ring to wrap more than once
     q, k, v = _inputs(context, tokens)
-    dec = Decoder(pattern, context, q, k, v)
+    dec = Decoder(pattern, context, q, TensorKV(k, v, chunk=16))
     for i in range(tokens):
         dec.step(i)
     ref = _full_reference(pattern, context, q, k, v)
@@ -84,7 +86,7 @@ def test_every_decoded_token_equals_the_reference_row(name, params, context):
 def test_cache_policy_and_size(name, params, policy, slots):
     pattern = make_pattern(name, params)
     q, k, v = _inputs(64, 29, b=1, h=1, d=4)
-    dec = Decoder(pattern, 64, q, k, v)
+    dec = Decoder(pattern, 64, q, TensorKV(k, v, chunk=16))
     assert type(dec.cache) is policy and dec.cache.size == slots
     if policy is RingCache:
         assert slots == pattern.kv_retained(93)
@@ -93,7 +95,7 @@ def test_cache_policy_and_size(name, params, policy, slots):
 def test_longformer_global_query_among_generated_tokens_falls_back_to_full_cache():
     pattern = make_pattern("longformer", {"window": 8, "global_tokens": [0, 70]})
     q, k, v = _inputs(64, 16)
-    dec = Decoder(pattern, 64, q, k, v)
+    dec = Decoder(pattern, 64, q, TensorKV(k, v, chunk=16))
     assert type(dec.cache) is DenseCache and "ring would drop keys" in dec.policy
     for i in range(16):
         dec.step(i)
@@ -127,6 +129,63 @@ def test_dense_cache_bytes_grow_with_context():
     # 2 (K, V) x batch 1 x heads 2 x head_dim 16 x 4 bytes x (512 + 6) tokens
     assert large["cache_bytes_measured"] == large["kv_cache_bytes"] == 2 * 2 * 16 * 4 * 518
     assert large["kv_retained"] == 518
+
+
+def _peak(pattern, context):
+    """What the harness measures for a decode case on the CPU: the process's peak RSS over the call."""
+    with PeakMemory("cpu") as pm:
+        rec = measure_decode(pattern, context, tokens=4, heads=8, head_dim=128, warmup=1, warmup_s=0.0, min_time_s=0.0)
+    assert rec["max_abs_err"] < 1e-4
+    return pm.peak_bytes, rec["cache_bytes_measured"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS needs Linux's /proc")
+def test_peak_memory_is_the_decoders_own():
+    """Issue 17: the peak held the whole prompt's keys and values, so a ring cache's peak grew with
+    the context. Prefilled a chunk at a time, a ring's peak stays flat and a dense cache's grows by
+    its KV bytes. One Llama-sized layer (8 heads x 128, fp32: 8 KiB of K and V per token), context
+    1K and 4K: a 4 MiB ring measured 9.4-10.3 MiB at both (the old code: 14 and 40 MiB); the dense
+    cache grows by 24 MiB (the old code: by 62 MiB). The bands leave ~2x the observed run-to-run
+    scatter and exclude the old figures."""
+    ring, dense = make_pattern("sliding_window", {"window": 512}), make_pattern("dense")
+    _peak(ring, 1024)  # first calls pay one-time costs (kernels, thread pools) into the peak
+    _peak(dense, 1024)
+    (ring_1k, ring_cache), (ring_4k, _) = _peak(ring, 1024), _peak(ring, 4096)
+    assert ring_cache == 4 << 20 and ring_1k >= ring_cache
+    assert 0.8 <= ring_4k / ring_1k <= 1.25, (ring_1k, ring_4k)
+    (dense_1k, cache_1k), (dense_4k, cache_4k) = _peak(dense, 1024), _peak(dense, 4096)
+    assert dense_4k >= cache_4k
+    assert 0.75 <= (dense_4k - dense_1k) / (cache_4k - cache_1k) <= 1.5, (dense_1k, dense_4k)
+
+
+def test_seeded_keys_and_values_are_the_same_however_they_are_asked_for():
+    src = SeededKV(1, 2, 4, torch.float32, torch.device("cpu"), seed=3, positions=40, chunk=16)
+    k, v = src.span(0, 40)
+    assert k.shape == (1, 2, 40, 4)
+    for a, b in [(0, 16), (5, 9), (14, 35), (32, 40)]:
+        ka, va = src.span(a, b)
+        assert torch.equal(ka, k[:, :, a:b]) and torch.equal(va, v[:, :, a:b])
+    other = SeededKV(1, 2, 4, torch.float32, torch.device("cpu"), seed=4, positions=40, chunk=16)
+    assert not torch.equal(other.span(0, 40)[0], k)
+
+
+def test_a_ring_prefill_draws_only_the_chunks_it_keeps():
+    drawn = []
+
+    class Counting(SeededKV):
+        def _draw(self, c):
+            drawn.append(c)
+            return super()._draw(c)
+
+    pattern = make_pattern("sink_window", {"sinks": 2, "window": 8})
+    src = Counting(1, 1, 4, torch.float32, torch.device("cpu"), seed=0, positions=70, chunk=8)
+    dec = Decoder(pattern, 64, torch.randn(1, 1, 6, 4), src)
+    drawn.clear()
+    dec.cache.prefill(src, 64)
+    assert drawn == [0, 7]  # the sinks' chunk and the last window's, not the six in between
+    for i in range(6):
+        dec.step(i)
+    torch.testing.assert_close(dec.out, dec.reference(), atol=1e-5, rtol=1e-5)
 
 
 def test_record_fields():

@@ -47,7 +47,7 @@ from sparsebench.analysis.scaling import (
 from sparsebench.errors import ResultsError, ScenarioError
 from sparsebench.registry import unknown_choice
 from sparsebench.results.folder import ENVIRONMENT, read_environment
-from sparsebench.results.schema import CASE_KEY
+from sparsebench.results.schema import BASELINE_BACKEND, BASELINE_PATTERN, CASE_KEY
 
 METRICS = {"median": "time_median_s", "min": "time_min_s"}
 # Two runs are compared on their fastest calls by default: interference on a shared machine only
@@ -70,6 +70,10 @@ ENV_KEYS = ("gpu", "cpu", "torch", "threads", "python")
 REGRESSIONS = ("slower", "now failing")
 WITHHELD = "withheld"
 FAILED = ("oom", "timeout", "error", "crashed", "wrong")
+# compare_by(df, "backend"): the dense baseline's column (the baseline at the row's n, dtype, ...),
+# and what its cell says on the dense pattern's own rows, where the baseline is the sdpa cell
+BASELINE_COLUMN = f"{BASELINE_PATTERN} · {BASELINE_BACKEND}"
+SAME_AS_BASELINE = f"= {BASELINE_BACKEND}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,7 +525,10 @@ def key_text(key: tuple, shown: Sequence[str]) -> str:
 @dataclass(frozen=True)
 class ByComparison:
     """One folder along one dimension: per row (the other case-key columns) each value's time,
-    or its status where it did not run ok."""
+    or its status where it did not run ok. Along backends, the first value is BASELINE_COLUMN:
+    the dense baseline at the row's n (and dtype, mode, ...), so that a sparse pattern, which
+    never runs on sdpa, is seen against dense; on the dense pattern's own rows that cell reads
+    SAME_AS_BASELINE."""
 
     by: str  # the user's word: backend, pattern, ...
     column: str  # the frame column
@@ -559,9 +566,19 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
         raise ResultsError(
             f"only one {by} ({values[0] if values else 'none'}) in these results: nothing to put side by side"
         )
+    baseline = _baseline_cells(df, tcol) if by == "backend" else {}
+    if baseline:
+        values.insert(0, BASELINE_COLUMN)
     rows = []
     for key, g in iter_groups(df, rest):
         cells = {}
+        if baseline:
+            row = dict(zip(rest, key))
+            cells[BASELINE_COLUMN] = (
+                (None, SAME_AS_BASELINE)
+                if row["pattern_label"] == BASELINE_PATTERN
+                else baseline.get(tuple(row[c] for c in rest if c != "pattern_label"), (None, ""))
+            )
         for rec in g.to_dict("records"):
             ok = rec.get("status") == "ok"
             cells[str(plain_value(rec.get(column)))] = (
@@ -569,7 +586,7 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
                 str(rec.get("status")),
             )
         filled = tuple((v, *cells.get(v, (None, ""))) for v in values)
-        if sum(1 for _, _, s in filled if s) < 2:
+        if sum(1 for _, _, s in filled if s and s != SAME_AS_BASELINE) < 2:
             continue  # nothing to compare on this row
         row = dict(zip(rest, key))
         rows.append((tuple(row[c] for c in dims), filled))
@@ -577,3 +594,15 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
         raise ResultsError(f"no case was measured with two different {by} values")
     rows.sort(key=lambda r: _sort_key(r[0]))
     return ByComparison(by, column, tuple(values), tuple(dims), tuple(rows), metric)
+
+
+def _baseline_cells(df, tcol: str) -> dict[tuple, tuple[float | None, str]]:
+    """The dense baseline's (time, status) by its case key less pattern and backend."""
+    rest = [c for c in CASE_KEY if c not in ("pattern_label", "backend")]
+    base = df[(df["pattern_label"].astype(str) == BASELINE_PATTERN) & (df["backend"].astype(str) == BASELINE_BACKEND)]
+    out = {}
+    for key, g in iter_groups(base, rest):
+        rec = g.to_dict("records")[-1]  # the last one wins when a case was measured twice
+        ok = rec.get("status") == "ok"
+        out[key] = (finite_or_none(rec.get(tcol)) if ok else None, str(rec.get("status")))
+    return out

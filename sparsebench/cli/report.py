@@ -46,7 +46,10 @@ def compare(
     base: Path = typer.Argument(..., metavar="BASE", help="The reference result folder (or the only one, with --by)."),
     new: Optional[Path] = typer.Argument(None, metavar="NEW", help="The result folder to judge against BASE."),
     by: Optional[str] = typer.Option(
-        None, "--by", help="Put one run side by side along: backend, pattern, device, dtype, mode, causal."
+        None,
+        "--by",
+        help="Put one run side by side along: backend, pattern, device, dtype, mode, causal "
+        "(along backend, the dense baseline dense · sdpa beside every pattern).",
     ),
     threshold: str = typer.Option(
         "10%",

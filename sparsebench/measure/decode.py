@@ -11,6 +11,14 @@ Cache policies (one class each):
   tokens (R = window for sliding_window / sink_window / longformer, b for block_local,
   (W-1)D+1 for dilated_window, ``kv_retained`` for any other bounded pattern).
 
+The prompt's keys and values are prefilled chunk by chunk (``prefill_chunk``: 2 MiB of them at a
+time, as a chunked prefill writes them), so that the decoder never holds more than its cache and one
+chunk: a ring's peak memory stays flat in the context length, a dense cache's grows like it, as
+their KV bytes do. The keys and values come from a ``KVSource``: ``SeededKV`` draws each chunk
+from a generator seeded by the chunk's index (the same chunk again gives the same values; chunks
+that a ring would overwrite are not drawn at all), ``TensorKV`` serves given tensors (tests). The
+check against full attention streams the keys again, chunk by chunk, with an online softmax.
+
 Which cached slots a step attends is planned before the clock starts (like a mask, it is not
 what is measured): the plan evaluates ``pattern.allowed`` for the step's position on the
 positions the slots hold. The plan also checks that the ring still holds every key the
@@ -51,8 +59,14 @@ from sparsebench.units import torch_dtype
 if TYPE_CHECKING:
     from sparsebench.patterns.base import Pattern
 
-# Score elements per chunk of the reference computation.
-_REF_CHUNK = 1 << 24
+# The prefill and the streamed reference handle the keys and values a chunk at a time: the
+# decoder's transient memory beyond its cache. A chunk holds PREFILL_CHUNK_BYTES of K and V
+# (prefill_chunk gives its positions): 256 positions at 8 heads x 128 dims in fp32. Larger
+# chunks left more freed memory resident (RSS) with glibc's malloc, so that a ring's peak crept
+# up with the context: 1K positions measured 22.5 MiB at 1K and 26.4 MiB at 16K tokens of
+# context for a 4 MiB ring, 256 positions 11.3 MiB at both.
+PREFILL_CHUNK_BYTES = 2 << 20
+PREFILL_CHUNK = 256  # positions per chunk of a TensorKV (given tensors) unless told
 # Timing defaults (see measure_decode): warm up for at least this long, aim for about
 # MIN_TIME_S of timed steps per case, and never step one position more than MAX_REPEATS times.
 WARMUP_S = 0.05
@@ -99,12 +113,22 @@ class DenseCache:
         """Positions < context still cached after prefill."""
         return torch.arange(context)
 
-    def prefill(self, k: torch.Tensor, v: torch.Tensor, context: int) -> None:
+    def prefill(self, source: "KVSource", context: int) -> None:
+        """Write the kept positions < context, one chunk of ``source`` at a time (a chunk whose
+        positions are all overwritten later is never drawn)."""
         pos = self.kept_after(context)
-        slots = self.slot_of(pos).to(self.k.device)
-        pos = pos.to(k.device)
-        self.k.index_copy_(2, slots, k.index_select(2, pos).to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.index_select(2, pos).to(self.v.dtype))
+        chunk = source.chunk
+        for c in torch.unique(torch.div(pos, chunk, rounding_mode="floor")).tolist():
+            start = c * chunk
+            part = pos[(pos >= start) & (pos < start + chunk)]
+            k, v = source.span(start, min(context, start + chunk))
+            # runs of consecutive positions into consecutive slots, copied without a gathered copy
+            slots = self.slot_of(part)
+            breaks = torch.nonzero((part.diff() != 1) | (slots.diff() != 1)).flatten() + 1
+            for run_pos, run_slot in zip(part.tensor_split(breaks), slots.tensor_split(breaks)):
+                p0, s0, m = int(run_pos[0]) - start, int(run_slot[0]), run_pos.numel()
+                self.k[:, :, s0 : s0 + m].copy_(k[:, :, p0 : p0 + m])
+                self.v[:, :, s0 : s0 + m].copy_(v[:, :, p0 : p0 + m])
 
 
 class RingCache(DenseCache):
@@ -130,10 +154,13 @@ class RingCache(DenseCache):
         return torch.where(is_pinned, before, self.pinned.numel() + rank % self.ring)
 
     def kept_after(self, context: int) -> torch.Tensor:
-        pos = torch.arange(context)
+        # the newest `ring` unpinned positions lie within the last ring + pinned positions
+        pinned = self.pinned[self.pinned < context]
+        pos = torch.arange(max(0, context - self.ring - self.pinned.numel()), context)
         is_pinned, _, rank = self._rank(pos)
-        unpinned = context - int(is_pinned.sum())
-        return pos[is_pinned | (rank >= unpinned - self.ring)]
+        unpinned = context - pinned.numel()
+        recent = pos[~is_pinned & (rank >= unpinned - self.ring)]
+        return torch.cat([pinned, recent]).sort().values
 
 
 def ring_spec(pattern: "Pattern", context: int, n_total: int) -> tuple[list[int], int] | None:
@@ -183,6 +210,12 @@ def plan(cache: DenseCache, pattern: "Pattern", context: int, n_total: int, want
     return steps
 
 
+def prefill_chunk(batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Positions per chunk: PREFILL_CHUNK_BYTES of keys and values (at least one position)."""
+    per_position = 2 * batch * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return max(1, PREFILL_CHUNK_BYTES // per_position)
+
+
 def _resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -198,43 +231,109 @@ def _resolve_dtype(dtype) -> torch.dtype:
 # bandwidth to a very long dense cache; stable numbers are worth more. ``None`` keeps torch's.)
 
 
-def reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class TensorKV:
+    """Given keys and values (B, H, N, D) of every position, served ``chunk`` positions at a time."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    chunk: int = PREFILL_CHUNK
+
+    @property
+    def positions(self) -> int:
+        return self.k.shape[2]
+
+    def span(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, start:stop], self.v[:, :, start:stop]
+
+
+@dataclass(frozen=True)
+class SeededKV:
+    """Random keys and values, drawn ``chunk`` positions at a time: chunk c from a generator
+    seeded by (seed, c), so that drawing a chunk again gives the same values and no more than
+    the chunks asked for is ever held."""
+
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    seed: int
+    positions: int
+    chunk: int = PREFILL_CHUNK
+
+    def _draw(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # the CPU generator keeps 32 bits of its seed: one distinct seed per chunk, one stream per seed
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + c) % 2**32)
+        shape = (self.batch, self.heads, self.chunk, self.head_dim)
+        k = torch.randn(shape, generator=g).to(self.device, self.dtype)
+        return k, torch.randn(shape, generator=g).to(self.device, self.dtype)
+
+    def span(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = []
+        for c in range(start // self.chunk, -(-stop // self.chunk)):
+            k, v = self._draw(c)
+            lo, hi = max(start - c * self.chunk, 0), min(stop - c * self.chunk, self.chunk)
+            parts.append((k[:, :, lo:hi], v[:, :, lo:hi]))
+        if len(parts) == 1:  # a copy of the part asked for, not a view that keeps the whole chunk alive
+            k, v = parts[0]
+            return (k, v) if k.shape[2] == self.chunk else (k.clone(), v.clone())
+        return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
+
+
+KVSource = TensorKV | SeededKV
+
+
+def reference_rows(q: torch.Tensor, source: KVSource, mask_of) -> torch.Tensor:
     """Full masked attention (fp32) of the query rows ``q`` (B, H, T, D) over every key of
-    ``k``/``v`` (B, H, N, D), with ``mask`` (T, N); computed in chunks of rows."""
+    ``source``, where ``mask_of(start, stop)`` is the (T, stop - start) mask of keys start..stop-1;
+    streamed one chunk of keys at a time (an online softmax), skipping chunks no row attends."""
     b, h, t, d = q.shape
-    n = k.shape[2]
-    kf, vf = k.float(), v.float()
-    out = torch.empty(b, h, t, d, dtype=torch.float32, device=q.device)
-    step = max(1, _REF_CHUNK // max(1, b * h * n))
-    for s in range(0, t, step):
-        scores = (q[:, :, s : s + step].float() @ kf.transpose(-1, -2)) * d**-0.5
-        scores = scores.masked_fill(~mask[s : s + step], float("-inf"))
-        out[:, :, s : s + step] = torch.softmax(scores, dim=-1) @ vf
-    return out
+    qf = q.float() * d**-0.5
+    top = torch.full((b, h, t, 1), float("-inf"), device=q.device)
+    total = torch.zeros(b, h, t, 1, device=q.device)
+    acc = torch.zeros(b, h, t, d, device=q.device)
+    for start in range(0, source.positions, source.chunk):
+        stop = min(source.positions, start + source.chunk)
+        mask = mask_of(start, stop).to(q.device)
+        if not bool(mask.any()):
+            continue
+        k, v = source.span(start, stop)
+        scores = (qf @ k.float().transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+        new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
+        shift = torch.where(torch.isinf(new_top), torch.zeros_like(new_top), new_top)  # a row with no key yet
+        p = torch.exp(scores - shift)
+        scale = torch.exp(top - shift)
+        total = total * scale + p.sum(dim=-1, keepdim=True)
+        acc = acc * scale + p @ v.float()
+        top = new_top
+    return acc / total
 
 
 class Decoder:
     """A prefilled cache for ``pattern`` and the plan of its decode steps.
 
-    ``k``/``v``: (B, H, context + tokens, D), every position's key and value; ``q``:
+    ``source``: the keys and values of every position (context + tokens of them); ``q``:
     (B, H, tokens, D), the queries of the generated positions. Prefill (untimed) writes the
-    first ``context`` keys/values; ``step(i)`` generates position ``context + i``: it writes
-    that position's K/V into its slot and attends ``q[:, :, i]`` over the planned slots,
-    leaving the result in ``out[:, :, i]``.
+    first ``context`` keys/values chunk by chunk; ``step(i)`` generates position ``context + i``:
+    it writes that position's K/V into its slot and attends ``q[:, :, i]`` over the planned
+    slots, leaving the result in ``out[:, :, i]``. Besides its cache the decoder holds only the
+    generated positions' K/V (``tokens`` of them).
     """
 
-    def __init__(self, pattern: "Pattern", context: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def __init__(self, pattern: "Pattern", context: int, q: torch.Tensor, source: KVSource) -> None:
         self.pattern = pattern
         self.context = context
         self.tokens = q.shape[2]
         self.n_total = context + self.tokens
-        if k.shape[2] != self.n_total or v.shape != k.shape:
-            raise ScenarioError(f"decode: k/v must hold {self.n_total} positions, got {k.shape[2]}")
-        b, h, _, d = k.shape
-        self.q, self.k, self.v = q, k, v
-        rows = torch.arange(context, self.n_total)
-        self.mask = pattern.rows(rows, self.n_total, True)  # (tokens, n_total): the reference rows
-        want = self.mask.sum(dim=1)
+        if source.positions != self.n_total:
+            raise ScenarioError(f"decode: k/v must hold {self.n_total} positions, got {source.positions}")
+        self.q, self.source = q, source
+        self.k, self.v = source.span(context, self.n_total)  # the generated positions' keys and values
+        b, h, _, d = self.k.shape
+        want = torch.zeros(self.tokens, dtype=torch.long)  # keys each generated row attends
+        for start in range(0, self.n_total, source.chunk):
+            want += self.mask_of(start, min(self.n_total, start + source.chunk)).sum(dim=1)
         self.note = ""
         self.cache: DenseCache | None = None
         steps = None
@@ -242,20 +341,25 @@ class Decoder:
         if spec is None and getattr(pattern, "bounded_kv", False):
             self.note = " (a ring would drop keys this pattern attends)"
         if spec is not None:
-            ring = RingCache(spec[0], spec[1], self.n_total, b, h, d, k.dtype, k.device)
+            ring = RingCache(spec[0], spec[1], self.n_total, b, h, d, self.k.dtype, self.k.device)
             steps = plan(ring, pattern, context, self.n_total, want)
             if steps is None:
                 self.note = " (a ring would drop keys this pattern attends)"
             else:
                 self.cache = ring
         if self.cache is None:
-            self.cache = DenseCache(self.n_total, b, h, d, k.dtype, k.device)
+            self.cache = DenseCache(self.n_total, b, h, d, self.k.dtype, self.k.device)
             steps = plan(self.cache, pattern, context, self.n_total, want)
             if steps is None:  # cannot happen: this cache holds every earlier key
                 raise RuntimeError(f"decode plan for {pattern.label()} misses keys of a full cache")
         self.steps: list[Step] = steps
-        self.cache.prefill(k, v, context)
+        self.cache.prefill(source, context)
         self.out = torch.zeros_like(q)
+
+    def mask_of(self, start: int, stop: int) -> torch.Tensor:
+        """(tokens, stop - start): may generated row i attend key j, for start <= j < stop?"""
+        rows = torch.arange(self.context, self.n_total)
+        return self.pattern.allowed(rows[:, None], torch.arange(start, stop)[None, :], self.n_total, True)
 
     @property
     def policy(self) -> str:
@@ -263,9 +367,8 @@ class Decoder:
 
     def step(self, i: int) -> None:
         st, c = self.steps[i], self.cache
-        t = self.context + i
-        c.k[:, :, st.slot : st.slot + 1].copy_(self.k[:, :, t : t + 1])
-        c.v[:, :, st.slot : st.slot + 1].copy_(self.v[:, :, t : t + 1])
+        c.k[:, :, st.slot : st.slot + 1].copy_(self.k[:, :, i : i + 1])
+        c.v[:, :, st.slot : st.slot + 1].copy_(self.v[:, :, i : i + 1])
         if isinstance(st.keys, slice):
             kk, vv = c.k[:, :, st.keys], c.v[:, :, st.keys]
         else:
@@ -274,7 +377,7 @@ class Decoder:
 
     def reference(self) -> torch.Tensor:
         """Full masked attention (fp32) of the generated rows over the whole sequence."""
-        return reference_rows(self.q, self.k, self.v, self.mask.to(self.q.device))
+        return reference_rows(self.q, self.source, self.mask_of)
 
 
 def measure_decode(
@@ -307,8 +410,10 @@ def measure_decode(
     cache_bytes_measured (nbytes of the K/V tensors allocated), kv_cache_bytes (analytic, one
     layer: 2 x batch x heads x head_dim x bytes x kv_retained(context + tokens)), kv_retained,
     cache_tokens, cache_policy, decode_tokens, max_abs_err (against full masked attention of
-    the same rows), and on CUDA peak_mem_bytes (allocator peak from the cache's allocation to
-    the last step; the inputs are allocated before).
+    the same rows), and on CUDA peak_mem_bytes (allocator peak from the decoder's construction,
+    its cache and chunked prefill, to the last step; the queries are allocated before). On the
+    CPU the harness measures the whole call; the prompt's keys and values are never held at once
+    (one chunk of ``prefill_chunk`` positions at a time), so either peak is the cache plus a chunk.
     """
     for what, value in (("context", context), ("tokens", tokens), ("batch", batch), ("heads", heads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -333,15 +438,16 @@ def measure_decode(
     n_total = context + tokens
     pattern.check(n_total, True)
 
-    # inputs: keys/values of every position, queries of the generated ones only
+    # inputs: the queries of the generated positions; the keys and values of every position are
+    # drawn a chunk at a time, as the prefill and the reference ask for them
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(batch, heads, n_total, head_dim, generator=g).to(device, dtype)
-    v = torch.randn(batch, heads, n_total, head_dim, generator=g).to(device, dtype)
     q = torch.randn(batch, heads, tokens, head_dim, generator=g).to(device, dtype)
+    chunk = prefill_chunk(batch, heads, head_dim, dtype)
+    source = SeededKV(batch, heads, head_dim, dtype, device, seed, n_total, chunk)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    dec = Decoder(pattern, context, q, k, v)
+    dec = Decoder(pattern, context, q, source)
     with intra_op_threads(threads, device):
         used_threads = torch.get_num_threads() if device.type == "cpu" else None
         times, repeats = _time_steps(dec, tokens, device, warmup, warmup_s, min_time_s, max_repeats)

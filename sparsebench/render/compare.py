@@ -13,9 +13,11 @@ import math
 from typing import Any
 
 from sparsebench.analysis.compare import (
+    BASELINE_COLUMN,
     FAMILY_ALPHA,
     PROBE_SLACK,
     REGRESSIONS,
+    SAME_AS_BASELINE,
     WITHHELD,
     ByComparison,
     CaseDiff,
@@ -213,11 +215,17 @@ def _by_table(b: ByComparison) -> TableSpec:
             else:
                 row.append(f"{format_time(t)} ({t / best:.2f}x)")
         out.append(tuple(row))
+    note = "(best) marks the fastest in each row; (k x) is the time relative to it."
+    if BASELINE_COLUMN in b.values:
+        note += (
+            f" {BASELINE_COLUMN}: the dense baseline at the same n, beside every pattern"
+            f" ({SAME_AS_BASELINE} on dense's own rows)."
+        )
     return TableSpec(
         f"{b.metric} time by {b.by}",
         tuple({"seq_len": "n", "pattern_label": "pattern"}.get(c, c) for c in b.dims) + b.values,
         tuple(out),
-        "(best) marks the fastest in each row; (k x) is the time relative to it.",
+        note,
     )
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from sparsebench.analysis.scaling import Analysis
 from sparsebench.render import analysis as words
@@ -43,17 +44,73 @@ RESULT_COLUMNS = (
     ("reason", "reason", str),
 )
 
+# One sentence per figure (render.plots names them): what it shows and how to read it.
+FIGURE_CAPTIONS = {
+    "time_vs_seqlen": (
+        "Median time of one attention call against the sequence length n, both axes logarithmic, one line"
+        " per pattern and backend (dense sdpa, the baseline, in bold black): the lower line is the faster at"
+        " that n, and a line's slope is how its time grows with n, about 2 for dense attention and 1 for a"
+        " sparse kernel, against the dotted O(n) and dashed O(n²) guides."
+    ),
+    "per_token_latency_vs_context": (
+        "Time to generate one token after a prefill of n tokens, against n (log-log), one line per"
+        " pattern's KV-cache decoder: a decoder that reads every cached key (dense) should rise like n and"
+        " one that keeps a bounded ring of keys (a window) should stay flat, and each legend entry's exponent"
+        " with its interval says how far this run bears that out."
+    ),
+    "memory_vs_seqlen": (
+        "Measured peak memory of one call against n (log-log), one line per pattern and backend, with each"
+        " backend's analytic estimate dashed without markers: a line as steep as dense's means the backend"
+        " holds something n² in size, and the dashed line is what --max-memory compares with its budget."
+    ),
+    "speedup_vs_seqlen": (
+        "Speedup over dense sdpa at the same n (the baseline's time divided by the series' time) against n,"
+        " log scale, with the black line at 1x the baseline and the grey dashed lines each pattern's ideal"
+        " (the pairs dense attends over the pairs the pattern attends): above 1x is faster than dense, and a"
+        " series near its ideal gets the pattern's whole saving."
+    ),
+    "kv_cache_vs_seqlen": (
+        "Bytes of keys and values one layer's decoder must keep after n tokens of context, per pattern"
+        " (log scale, measured where a decode run allocated the cache): a flat line is a pattern that can"
+        " drop old keys, a rising one keeps every key however sparse its attention."
+    ),
+    "masks": (
+        "Each panel is one pattern's attention mask, queries down and keys across, black where the query"
+        " attends the key, at the length and density its title gives: compare the panels to see which keys"
+        " each pattern keeps and which it drops."
+    ),
+}
+
+# memory_vs_seqlen of a run with decode cases only: a case is a decoder, not one call
+DECODE_MEMORY_CAPTION = (
+    "Measured peak memory of each decoder (its KV cache, the prompt prefilled into it a chunk at a time,"
+    " and the generated tokens) against the context length n (log-log), with the analytic estimate dashed"
+    " without markers: a ring cache's line stays flat and a dense cache's grows like n, as their KV bytes do."
+)
+
+# A short cell that holds a number (with its unit or a short note: "3.6e-07", "256-512 (2)",
+# "GEMM 74%") is never broken across lines: browsers break at hyphens and spaces. Longer cells
+# are sentences (a reason, a JSON value): they wrap, left-aligned, in a column wide enough to read.
+NUMBER_CELL_MAX = 24
+TEXT_CELL_MIN = 25
+
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;
 padding:0 1rem;color:#222}
 h1{font-size:1.6rem;margin-bottom:.2rem}h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
 .sub{color:#666;margin-top:0}
-table{border-collapse:collapse;margin:.6rem 0;font-size:13px}
+.table-wrap{overflow-x:auto;max-width:100%;margin:.6rem 0}
+table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right;vertical-align:top}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+th{background:#f4f4f4;white-space:nowrap}td:first-child,th:first-child{text-align:left}
+td{white-space:nowrap}td.text{white-space:normal;text-align:left;min-width:14rem;overflow-wrap:anywhere}
+.kv td,.kv th{text-align:left}
 tr.bad td{background:#fff4e5}
-figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{color:#555;font-size:13px}.note{color:#555;font-size:13px;max-width:60rem}.warn{color:#a15c00;max-width:60rem}
+.table-wrap td:first-child{position:sticky;left:0;background:#fff}.table-wrap tr.bad td:first-child{background:#fff4e5}
+.table-wrap th:first-child{position:sticky;left:0}
+figure{margin:1.2rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#444;font-size:13px;max-width:60rem;margin-top:.3rem}
+.note{color:#555;font-size:13px;max-width:60rem}.warn{color:#a15c00;max-width:60rem}
 nav a{margin-right:1rem}
 """
 
@@ -80,7 +137,7 @@ def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[
     ]
     for t in words.tables(analysis, df=df):
         body.append(f"<h3>{_e(t.title)}</h3>")
-        body.append(html_table(t.columns, t.rows))
+        body.append(_table(t.columns, t.rows))
         if t.note:
             body.append(f"<p class=note>{_e(t.note)}</p>")
     drift = words.drift_note(analysis)
@@ -88,19 +145,19 @@ def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[
         body.append("<h3>Machine speed</h3>")
         body.append(f"<p{' class=warn' if analysis.drifted else ''}>{_e(drift)}</p>")
     body.append('<h2 id="figures">Figures</h2>')
-    body += _figures(figures) or ["<p>No figures (run with plots, or <code>sparsebench plot</code>).</p>"]
+    body += _figures(figures, df) or ["<p>No figures (run with plots, or <code>sparsebench plot</code>).</p>"]
     body.append('<h2 id="results">Results</h2>')
     body.append(_results_table(df))
     body.append('<h2 id="environment">Environment</h2>')
     if env:
-        body.append(html_table(("key", "value"), [(k, _value(v)) for k, v in env.items()]))
+        body.append(_table(("key", "value"), [(k, _value(v)) for k, v in env.items()], kind="kv"))
     elif (folder / ENVIRONMENT).exists():
         body.append(f"<p>The result folder's {ENVIRONMENT} could not be read.</p>")
     else:
         body.append(f"<p>No {ENVIRONMENT} in the result folder.</p>")
     if meta:
         body.append("<h3>Run</h3>")
-        body.append(html_table(("key", "value"), [(k, _value(v)) for k, v in meta.items()]))
+        body.append(_table(("key", "value"), [(k, _value(v)) for k, v in meta.items()], kind="kv"))
     page = (
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
         '<meta name=viewport content="width=device-width, initial-scale=1">'
@@ -126,8 +183,9 @@ def _readable(path: Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def _figures(paths: Iterable[Path]) -> list[str]:
-    """One <figure> per figure name: the PNG if there is one, else the SVG, as a data URI."""
+def _figures(paths: Iterable[Path], df=None) -> list[str]:
+    """One <figure> per figure name: the PNG if there is one, else the SVG, as a data URI, and
+    under it a one-sentence caption (``figure_caption``)."""
     by_stem: dict[str, dict[str, Path]] = {}
     for p in paths:
         p = Path(p)
@@ -139,19 +197,68 @@ def _figures(paths: Iterable[Path]) -> list[str]:
             continue
         mime = "image/png" if path.suffix.lower() == ".png" else "image/svg+xml"
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        caption = stem.replace("_", " ")
+        caption = figure_caption(stem, df)
         out.append(
-            f'<figure id="fig-{_e(stem)}"><img alt="{_e(caption)}" src="data:{mime};base64,{data}">'
+            f'<figure id="fig-{_e(stem)}"><img alt="{_e(stem.replace("_", " "))}" src="data:{mime};base64,{data}">'
             f"<figcaption>{_e(caption)}</figcaption></figure>"
         )
     return out
+
+
+def figure_caption(stem: str, df=None) -> str:
+    """One sentence under figure ``stem``: what it shows and how to read it.
+
+    Hook: where ``render.plots`` defines ``figure_caption(name, df) -> str | None`` (the module
+    that draws a figure knows what this run's figure holds: the length the masks are drawn at,
+    which exponents are findings), its sentence is used; otherwise FIGURE_CAPTIONS', and for a
+    figure neither knows, a sentence built from its name."""
+    from sparsebench.render import plots
+
+    own = getattr(plots, "figure_caption", None)
+    text = own(stem, df) if callable(own) else None
+    if text:
+        return str(text)
+    if stem == "memory_vs_seqlen" and _decode_only(df):
+        return DECODE_MEMORY_CAPTION
+    if stem in FIGURE_CAPTIONS:
+        return FIGURE_CAPTIONS[stem]
+    what = stem.replace("_vs_", " against ").replace("_", " ")
+    return f"The {what} of this run's series, one line each; the legend names them."
+
+
+def _decode_only(df) -> bool:
+    return df is not None and "mode" in getattr(df, "columns", ()) and len(df) > 0 and set(df["mode"]) == {"decode"}
+
+
+def _table(
+    columns: Sequence[str], rows: Iterable[Sequence[Any]], row_classes: Sequence[str] | None = None, kind: str = ""
+) -> str:
+    """``html_table`` in a box that scrolls sideways when the table is wider than the page, its
+    number cells marked ``num`` and its long text cells ``text``: every cell but a ``text`` one
+    stays on one line, a ``text`` one wraps, left-aligned. ``kind`` "kv": a key/value table,
+    its values left-aligned."""
+    table = html_table(columns, rows, row_classes)
+    cls = f"table-wrap {kind}".strip()
+    return f'<div class="{cls}">{_CELL.sub(_mark_cell, table)}</div>'
+
+
+_CELL = re.compile(r"<td>([^<]*)</td>")  # html_table escapes every cell: no "<" inside one
+
+
+def _mark_cell(m: re.Match) -> str:
+    text = html.unescape(m.group(1))
+    if len(text) <= NUMBER_CELL_MAX and any(c.isdigit() for c in text):
+        return f'<td class="num">{m.group(1)}</td>'
+    if len(text) >= TEXT_CELL_MIN:
+        return f'<td class="text">{m.group(1)}</td>'
+    return m.group(0)
 
 
 def _status_table(df) -> str:
     if df is None or len(df) == 0 or "status" not in df:
         return "<p>No records.</p>"
     counts = df["status"].value_counts()
-    return html_table(("status", "cases"), [(k, int(v)) for k, v in counts.items()])
+    return _table(("status", "cases"), [(k, int(v)) for k, v in counts.items()])
 
 
 def _results_table(df) -> str:
@@ -169,7 +276,7 @@ def _results_table(df) -> str:
             cells[status_at] = "ok (noisy)"  # as in summary.md
         rows.append(cells)
         classes.append("" if r.get("status") == "ok" else "bad")
-    table = html_table([h for _, h, _ in cols], rows, classes)
+    table = _table([h for _, h, _ in cols], rows, classes)
     if {"gemm_fraction", "bandwidth_fraction"} & set(names):
         table += (
             "<p class=note>of GEMM: the case's useful FLOP/s over this machine's own torch GEMM rate "
