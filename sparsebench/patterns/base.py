@@ -207,8 +207,8 @@ class Pattern:
 
 def by_family(entries) -> list[tuple[str, list[tuple[str, type]]]]:
     """(name, pattern class) pairs grouped by the class's ``family``: the FAMILIES in their
-    order, then any other family by name; the names sorted within a family. A stable order that
-    does not depend on which file registered first."""
+    order, then any other family by name; within a family the order of ``entries`` (the
+    registry's: files by name, classes as they stand in their file, plugins last)."""
     groups: dict[str, list[tuple[str, type]]] = {}
     for name, cls in entries:
         groups.setdefault(getattr(cls, "family", OTHER_FAMILY) or OTHER_FAMILY, []).append((name, cls))
@@ -216,7 +216,7 @@ def by_family(entries) -> list[tuple[str, list[tuple[str, type]]]]:
     def rank(family: str) -> tuple[int, str]:
         return (FAMILIES.index(family), "") if family in FAMILIES else (len(FAMILIES), family)
 
-    return [(fam, sorted(groups[fam], key=lambda e: e[0])) for fam in sorted(groups, key=rank)]
+    return [(fam, groups[fam]) for fam in sorted(groups, key=rank)]
 
 
 # ------------------------------------------------------------------------------------------

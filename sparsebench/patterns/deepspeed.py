@@ -87,7 +87,11 @@ class _DeepSpeed(Pattern):
     horizontal: ClassVar[bool] = False  # whether the class has horizontal_global_attention
     family: ClassVar[str] = "DeepSpeed"
     block: int = param("DeepSpeed block size (tokens per layout block)", 16)
-    attention: str = param("auto | bidirectional | unidirectional (auto: unidirectional when causal)", "auto")
+    attention: str = param(
+        "auto | bidirectional | unidirectional (auto: unidirectional when causal; bidirectional runs "
+        "bidirectional in a causal scenario too)",
+        "auto",
+    )
 
     # -- to implement --------------------------------------------------------------------------
     def _build(self, nb: int, uni: bool) -> torch.Tensor:
