@@ -127,7 +127,7 @@ def show(
 
         out = console()
         how = "causal" if causal else "bidirectional"
-        out.print(f"[bold]{escape(pat.label())}[/]  n={seq_len}  {how}{escape(own)}")
+        out.print(f"[bold]{escape(pat.label())}[/]  n={seq_len}  {how}{escape(own)}", soft_wrap=True)
         if seq_len <= 96:
             m = pat.mask(seq_len, causal)
             for i in range(seq_len):
