@@ -559,7 +559,8 @@ def expand(sc: Scenario, source: str) -> Plan:
 
         dense = next((pair for pair in patterns if pair[1].name == "dense"), ("dense", Dense()))
         # the baseline of every speedup, in each causality a pattern runs with (the scenario's first)
-        wanted = [sc.causal] + sorted({c for _, _, _, c in combos} - {sc.causal})
+        used = {c for _, _, _, c in combos}
+        wanted = [c for c in (sc.causal, not sc.causal) if c in used] or [sc.causal]
         for k, causal in enumerate(wanted):
             if not any(p.name == "dense" and b == "sdpa" and c == causal for _, p, b, c in combos):
                 combos.insert(k, (dense[0], dense[1], "sdpa", causal))

@@ -294,7 +294,12 @@ def test_ds_bidirectional_in_a_causal_scenario_records_the_truth_against_a_basel
     plan = plan_of(p)
     assert any("runs bidirectional (its attention=bidirectional) where the scenario is causal" in n for n in plan.notes)
     by = {(c.pattern, c.backend, c.causal) for c in plan.cases}
-    assert by == {("dense", "sdpa", True), ("dense", "sdpa", False), ("ds_bigbird", "naive", False)}
+    assert by == {("dense", "sdpa", False), ("ds_bigbird", "naive", False)}  # the baseline it is compared with
+    with_causal = write(tmp_path, p.read_text().replace("patterns:\n", "patterns:\n  - name: dense\n"), "both.yaml")
+    assert {(c.pattern, c.backend, c.causal) for c in plan_of(with_causal).cases} == by | {
+        ("dense", "sdpa", True),
+        ("dense", "naive", True),
+    }
     out = tmp_path / "r"
     res = CliRunner().invoke(app, ["run", str(p), "-o", str(out), "--no-plots", "--in-process"])
     assert res.exit_code == 0, res.output

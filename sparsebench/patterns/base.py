@@ -246,8 +246,8 @@ def _coerce(pattern: str, key: str, value: Any, field: dataclasses.Field) -> Any
 
             try:
                 return parse_tokens(value)
-            except ScenarioError as exc:
-                raise PatternError(f"{where}: {exc}") from None
+            except ScenarioError:
+                raise PatternError(f"{where} must be an integer (or a count such as 4k), got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
