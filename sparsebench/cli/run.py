@@ -71,20 +71,29 @@ MEASURED = ("ok", "wrong")
 
 
 def nothing_measured(records: list[dict]) -> str | None:
-    """Why a run measured nothing ('every one of the 12 cases was skipped: estimated ... (12)'),
-    or None when some case measured."""
+    """Why a run measured nothing, in one line ('nothing was measured: of 4 cases, 4 skipped; 4
+    for this reason, as dense · sdpa at n=1024: estimated 8.00 MiB exceeds the memory budget of
+    1.00 MiB'), or None when some case measured."""
     if any(r.get("status") in MEASURED for r in records):
         return None
     if not records:
-        return "no case ran"
+        return "nothing was measured: no case ran"
+    import re
     from collections import Counter
 
-    statuses = Counter(r.get("status") for r in records)
-    reasons = Counter(str(r.get("reason") or r.get("status")) for r in records)
-    top, k = reasons.most_common(1)[0]
+    def why(r: dict) -> str:
+        return str(r.get("reason") or r.get("status"))
+
+    statuses = Counter(str(r.get("status")) for r in records)
+    kinds = Counter(re.sub(r"\d+(?:\.\d+)?", "#", why(r)) for r in records)  # the same reason, other sizes
+    kind, k = kinds.most_common(1)[0]
+    first = next(r for r in records if re.sub(r"\d+(?:\.\d+)?", "#", why(r)) == kind)
     what = ", ".join(f"{v} {s}" for s, v in statuses.most_common())
-    more = "" if k == len(records) else f", and {len(records) - k} for other reasons"
-    return f"nothing was measured: of {len(records)} cases, {what}; {k} because {top}{more}"
+    text = (
+        f"nothing was measured: of {len(records)} cases, {what}; {k} for this reason, as "
+        f"{first.get('pattern_label')} · {first.get('backend')} at n={first.get('seq_len')}: {why(first)}"
+    )
+    return text + ("" if k == len(records) else f" ({len(records) - k} for other reasons)")
 
 
 def _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again) -> None:
