@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from sparsebench.errors import PatternError, ScenarioError
-from sparsebench.units import COMPUTE_DTYPES
+from sparsebench.units import COMPUTE_DTYPES, parse_tokens
 
 DTYPES = tuple(COMPUTE_DTYPES)
 MODES = ("forward", "backward", "decode")
@@ -30,6 +30,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def token_count(value: Any) -> Any:
+    """A length written as text (``2k``, ``1m``, ``4096``) -> its int, read by the one parser of
+    token counts (``units.parse_tokens``, as ``kv --context`` and ``show -n`` read them); anything
+    else as it is, for the field's own type check. ValueError (pydantic's) for bad text."""
+    if isinstance(value, str):
+        try:
+            return parse_tokens(value)
+        except ScenarioError as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
 class PatternSpec(_Model):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -41,6 +53,11 @@ class SeqRange(_Model):
 
     min: int = Field(ge=1, le=MAX_SEQ_LEN)
     max: int = Field(ge=1, le=MAX_SEQ_LEN)
+
+    @field_validator("min", "max", mode="before")
+    @classmethod
+    def _tokens(cls, v):
+        return token_count(v)
 
     @model_validator(mode="after")
     def _order(self):
@@ -111,6 +128,16 @@ class Scenario(_Model):
     def warnings(self) -> list[str]:
         return list(self._warnings)
 
+    @field_validator("seq_lens", mode="before")
+    @classmethod
+    def _token_counts(cls, v):
+        return [token_count(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("decode_tokens", mode="before")
+    @classmethod
+    def _decode_tokens(cls, v):
+        return token_count(v)
+
     @field_validator("seq_lens")
     @classmethod
     def _lens(cls, v):
@@ -168,6 +195,9 @@ class Case:
     exact_max_elems: int
     sample_rows: int
     decode_tokens: int = 16
+    # why the case is not run (a pattern parameter that does not fit this length ...), set when
+    # the scenario is expanded; the runner records it as skipped with this reason
+    skip_reason: str | None = None
 
     def key(self) -> tuple:
         from sparsebench.results.schema import CASE_KEY
@@ -190,6 +220,24 @@ class Plan:
     source: str
     cases: list[Case]
     skipped_devices: dict[str, str] = field(default_factory=dict)
+    # what the expansion decided that a reader should know (a pattern running with its own
+    # causality, a baseline added for it); ``run`` and ``validate`` print them
+    notes: tuple[str, ...] = ()
+
+    def skipped_text(self) -> str | None:
+        """'3 cases skipped: sliding_window(window=100) at n = 64, 128 (...)', one clause per
+        series, or None when every case runs."""
+        skipped = [c for c in self.cases if c.skip_reason]
+        if not skipped:
+            return None
+        by_series: dict[str, list[Case]] = {}
+        for c in skipped:
+            by_series.setdefault(c.pattern_label, []).append(c)
+        parts = [
+            f"{label} at n = {', '.join(str(n) for n in sorted({c.seq_len for c in cs}))} ({cs[0].skip_reason})"
+            for label, cs in by_series.items()
+        ]
+        return f"{len(skipped)} case{'' if len(skipped) == 1 else 's'} skipped: " + "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,18 +373,15 @@ def parse(text: str, source: str) -> Scenario:
         sc._warnings.extend(warnings)
         return sc
     except ValidationError as exc:
-        err = exc.errors()[0]
-        path = tuple(
-            p
-            for p in err["loc"]
-            if not (isinstance(p, str) and ("[" in p or p in ("list[int]", "SeqRange", "str", "list[...]")))
-        )
+        err, path = _first_error(exc.errors())
         if err["type"] == "extra_forbidden":
             import difflib
 
             model_fields = _fields_at(path[:-1])
             hint = difflib.get_close_matches(str(path[-1]), model_fields, n=1)
             msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            if hint and any(e["type"] == "missing" and _path(e) == path[:-1] + (hint[0],) for e in exc.errors()):
+                msg += f"; {hint[0]!r} is required and missing"
             if model_fields:
                 msg += f"; valid keys: {', '.join(model_fields)}"
         elif err["type"] == "missing":
@@ -352,6 +397,35 @@ def parse(text: str, source: str) -> Scenario:
             if err["type"] == "string_pattern_mismatch" and path == ("name",):
                 msg = "must be 1-64 letters, digits, '.', '_' or '-' (it names the result folder)"
         raise _fail(source, index, path, msg) from None
+
+
+def _path(err: dict) -> tuple:
+    """A pydantic error's location without the names of union members ('list[int]', ...)."""
+    return tuple(
+        p
+        for p in err["loc"]
+        if not (isinstance(p, str) and ("[" in p or p in ("list[int]", "SeqRange", "str", "list[...]")))
+    )
+
+
+def _first_error(errors: list[dict]) -> tuple[dict, tuple]:
+    """The error to report and its path: the first, except that a required key reported missing
+    while a key close to its name is given (``backend:`` for ``backends:``) is reported at that
+    misspelt key, which then gets the did-you-mean an unknown optional key gets."""
+    import difflib
+
+    first = errors[0]
+    if first["type"] == "missing":
+        where = _path(first)
+        for err in errors:
+            path = _path(err)
+            if (
+                err["type"] == "extra_forbidden"
+                and path[:-1] == where[:-1]
+                and difflib.get_close_matches(str(path[-1]), [str(where[-1])], n=1)
+            ):
+                return err, path
+    return first, _path(first)
 
 
 def _fields_at(path: tuple) -> list[str]:
@@ -405,7 +479,11 @@ def resolve_device(spec: str) -> tuple[str | None, str | None]:
 
 def expand(sc: Scenario, source: str) -> Plan:
     """The grid of cases, smallest sequence length first. Raises ScenarioError for unknown
-    patterns/backends/devices and for parameters impossible at some sequence length."""
+    patterns/backends/devices and for parameters that fit none of the sequence lengths; a
+    parameter that does not fit some lengths (a window longer than the shortest) makes those
+    cases skipped, with the reason (``Case.skip_reason``). Each pattern runs with the causality
+    ``Pattern.causality`` gives it (its own where a parameter sets it), and the dense baseline is
+    added for each causality that the patterns run with."""
     from sparsebench.backends.base import BACKENDS
     from sparsebench.patterns.base import PATTERNS
 
@@ -414,7 +492,9 @@ def expand(sc: Scenario, source: str) -> Plan:
         index = _line_index(Path(source).read_text(encoding="utf-8")) if Path(source).is_file() else {}
     except (OSError, UnicodeDecodeError):
         index = {}
-    patterns = []
+    patterns = []  # (label, pattern)
+    misfits: dict[str, dict[int, str]] = {}  # label -> {n: why the pattern does not fit n}
+    notes: list[str] = []
     for i, spec in enumerate(sc.patterns):
         try:
             cls = PATTERNS.get(spec.name)
@@ -424,12 +504,25 @@ def expand(sc: Scenario, source: str) -> Plan:
             pat = cls.from_params(spec.params)
         except PatternError as exc:
             raise _fail(source, index, ("patterns", i, "params"), str(exc)) from None
+        label = spec.label or pat.label()
+        causal = pat.causality(sc.causal)
+        misfit = {}
         for n in sc.lengths:
             try:
-                pat.check(n, sc.causal)
+                pat.check(n, causal)
             except PatternError as exc:
-                raise _fail(source, index, ("patterns", i, "params"), f"{exc} (seq_lens holds {n})") from None
-        patterns.append((spec.label or pat.label(), pat))
+                misfit[n] = str(exc)
+        if len(misfit) == len(sc.lengths):
+            longest = sc.lengths[-1]
+            where = f"seq_lens holds {longest}"
+            if len(sc.lengths) > 1:
+                where = f"at every length of seq_lens, up to {longest}"
+            raise _fail(source, index, ("patterns", i, "params"), f"{misfit[longest]} ({where})")
+        misfits[label] = misfit
+        if causal != sc.causal:
+            how, scenario_how = ("causal" if c else "bidirectional" for c in (causal, sc.causal))
+            notes.append(f"{label} runs {how} ({pat.causality_reason()}) where the scenario is {scenario_how}")
+        patterns.append((label, pat))
     if "block_sparse" in sc.backends and sc.tile > sc.lengths[0]:
         raise _fail(
             source, index, ("tile",), f"tile {sc.tile} is larger than the shortest sequence length {sc.lengths[0]}"
@@ -455,19 +548,30 @@ def expand(sc: Scenario, source: str) -> Plan:
         elif dev not in devices:
             devices.append(dev)
 
-    combos: list[tuple[str, Any, str]] = []  # (label, pattern, backend)
+    combos: list[tuple[str, Any, str, bool]] = []  # (label, pattern, backend, causal)
     for label, pat in patterns:
         for b in sc.backends:
             if b == "sdpa" and pat.name != "dense":
                 continue  # sdpa is the dense baseline only
-            combos.append((label, pat, b))
-    if sc.baseline and not any(p.name == "dense" and b == "sdpa" for _, p, b in combos):
+            combos.append((label, pat, b, pat.causality(sc.causal)))
+    if sc.baseline:
         from sparsebench.patterns.dense import Dense
 
         dense = next((pair for pair in patterns if pair[1].name == "dense"), ("dense", Dense()))
-        combos.insert(0, (dense[0], dense[1], "sdpa"))
+        # the baseline of every speedup, in each causality a pattern runs with (the scenario's first)
+        used = {c for _, _, _, c in combos}
+        wanted = [c for c in (sc.causal, not sc.causal) if c in used] or [sc.causal]
+        for k, causal in enumerate(wanted):
+            if not any(p.name == "dense" and b == "sdpa" and c == causal for _, p, b, c in combos):
+                combos.insert(k, (dense[0], dense[1], "sdpa", causal))
+                if causal != sc.causal:
+                    notes.append(
+                        f"a {'causal' if causal else 'bidirectional'} dense sdpa baseline is added for "
+                        f"the series that run {'causal' if causal else 'bidirectional'}"
+                    )
         if dense not in patterns:
             patterns.insert(0, dense)
+            misfits[dense[0]] = {}
     cases = []
     for n in sc.lengths:
         for dev in devices:
@@ -475,8 +579,11 @@ def expand(sc: Scenario, source: str) -> Plan:
                 for mode in sc.modes:
                     mode_combos = combos
                     if mode == "decode":  # one decoder (its cache policy) per pattern
-                        mode_combos = [(lab, pat, DECODE_BACKEND) for lab, pat in patterns]
-                    for label, pat, b in mode_combos:
+                        mode_combos = [(lab, pat, DECODE_BACKEND, pat.causality(sc.causal)) for lab, pat in patterns]
+                    for label, pat, b, causal in mode_combos:
+                        why = misfits.get(label, {}).get(n)
+                        if why is None and mode == "decode" and not causal and pat.fixed_causality() is False:
+                            why = f"decode needs causal attention; {label} is bidirectional ({pat.causality_reason()})"
                         cases.append(
                             Case(
                                 scenario=sc.name,
@@ -491,7 +598,7 @@ def expand(sc: Scenario, source: str) -> Plan:
                                 heads=sc.heads,
                                 head_dim=sc.head_dim,
                                 seq_len=n,
-                                causal=sc.causal,
+                                causal=causal,
                                 tile=sc.tile,
                                 warmup=sc.warmup,
                                 repeats=sc.repeats,
@@ -503,6 +610,7 @@ def expand(sc: Scenario, source: str) -> Plan:
                                 exact_max_elems=sc.check.exact_max_elems,
                                 sample_rows=sc.check.sample_rows,
                                 decode_tokens=sc.decode_tokens,
+                                skip_reason=why,
                             )
                         )
-    return Plan(scenario=sc, source=source, cases=cases, skipped_devices=skipped)
+    return Plan(scenario=sc, source=source, cases=cases, skipped_devices=skipped, notes=tuple(notes))

@@ -55,7 +55,7 @@ BAD = [
     ("seq_lens: [64, 128]", "seq_lens: [64, 0]", "seq_lens", "outside"),
     ("seq_lens: [64, 128]", "seq_lens: []", "seq_lens", "at least one"),
     ("seq_lens: [64, 128]", "seq_lens: [64, 64]", "seq_lens", "repeats"),
-    ("seq_lens: [64, 128]", "seq_lens: [8, 128]", "patterns[0].params", "larger than the sequence length 8"),
+    ("seq_lens: [64, 128]", "seq_lens: [8, 12]", "patterns[0].params", "larger than the sequence length 12"),
     ("name: t", "name: t\nbatch: 0", "batch", "greater than or equal to 1"),
     ("name: t", "name: t\nheads: many", "heads", "valid integer"),
     ("name: t", "name: t\nwarmpu: 3", "warmpu", "did you mean 'warmup'"),

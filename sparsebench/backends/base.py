@@ -37,6 +37,14 @@ class Problem:
     mode: str = "forward"
     tile: int = 64
 
+    def __post_init__(self) -> None:
+        # a pattern whose own parameter sets its causality (a ds_* layout's attention=bidirectional)
+        # runs as that parameter says, whatever the caller asked: every backend and the reference
+        # check read ``causal`` from here
+        causality = getattr(self.pattern, "causality", None)
+        if causality is not None:
+            object.__setattr__(self, "causal", bool(causality(self.causal)))
+
     @property
     def block(self) -> int:
         """The old name of ``tile`` (the block_sparse tile size); read with a warning, for one version."""

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 def list_cmd(
     plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
 ) -> None:
-    """Patterns (with their parameters) and backends (available here, or why not)."""
+    """Patterns by family (with their parameters) and backends (available here, or why not)."""
     with guarded():
         load_plugins(plugin)
         import dataclasses
@@ -31,21 +31,28 @@ def list_cmd(
         from rich.table import Table
 
         from sparsebench.backends.base import BACKENDS
-        from sparsebench.patterns.base import PATTERNS
+        from sparsebench.patterns.base import PATTERNS, by_family
 
-        t = Table(title="patterns", header_style="bold")
-        for c in ("pattern", "allowed (i, j)", "parameters"):
+        t = Table(title="patterns, by family", header_style="bold")
+        for c in ("family", "pattern", "allowed (i, j)", "parameters"):
             t.add_column(c, overflow="fold")
-        for name, cls in PATTERNS.items():
-            params = []
-            for f in cls.parameters():
-                default = (
-                    ""
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                    else (f" = {f.default if f.default is not dataclasses.MISSING else f.default_factory()}")
+        for family, entries in by_family(PATTERNS.items()):
+            for k, (name, cls) in enumerate(entries):
+                params = []
+                for f in cls.parameters():
+                    default = (
+                        ""
+                        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                        else (f" = {f.default if f.default is not dataclasses.MISSING else f.default_factory()}")
+                    )
+                    params.append(f"{f.name}{default}: {f.metadata.get('help', '')}")
+                t.add_row(
+                    family if k == 0 else "",
+                    name,
+                    cls.rule,
+                    "\n".join(params) or "-",
+                    end_section=k == len(entries) - 1,
                 )
-                params.append(f"{f.name}{default}: {f.metadata.get('help', '')}")
-            t.add_row(name, cls.rule, "\n".join(params) or "-")
         b = Table(title="backends", header_style="bold")
         for c in ("backend", "what", "here"):
             b.add_column(c, overflow="fold")
@@ -60,13 +67,17 @@ def list_cmd(
 # -------------------------------------------------------------------------------------- show
 def show(
     pattern: str = typer.Argument(..., help="Pattern name (see `sparsebench list`)."),
-    seq_len: int = typer.Option(..., "--seq-len", "-n", help="Sequence length."),
+    seq_len: str = typer.Option(..., "--seq-len", "-n", help="Sequence length: 4096 or 4k."),
     param: Optional[List[str]] = typer.Option(
         None, "--param", "-p", help="Pattern parameter key=value (repeatable).", metavar="KEY=VALUE"
     ),
     tile: Optional[int] = typer.Option(None, "--tile", help="Also show the block layout for this tile size."),
     old_block: Optional[int] = typer.Option(None, "--block", hidden=True, help="Old name of --tile."),
-    bidirectional: bool = typer.Option(False, "--bidirectional", help="Non-causal pattern (default causal)."),
+    bidirectional: bool = typer.Option(
+        False,
+        "--bidirectional",
+        help="Non-causal pattern (default causal; a pattern whose own parameter sets its causality keeps it).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a drawing."),
     plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
 ) -> None:
@@ -75,9 +86,12 @@ def show(
         load_plugins(plugin)
         from sparsebench.errors import ScenarioError
         from sparsebench.patterns.base import PATTERNS
+        from sparsebench.units import parse_tokens
 
-        if seq_len < 1:
-            raise ScenarioError(f"--seq-len must be >= 1, got {seq_len}")
+        try:
+            seq_len = parse_tokens(seq_len)  # type: ignore[assignment]
+        except ScenarioError as exc:
+            raise ScenarioError(f"--seq-len: {exc}") from None
         if old_block is not None:
             if tile is not None:
                 raise ScenarioError("--block is the old name of --tile; give --tile only")
@@ -85,8 +99,11 @@ def show(
             tile = old_block
         if tile is not None and tile < 1:
             raise ScenarioError(f"--tile must be >= 1, got {tile}")
-        causal = not bidirectional
         pat = PATTERNS.get(pattern).from_params(parse_params(param))
+        asked = not bidirectional
+        causal = pat.causality(asked)  # a pattern whose own parameter sets it runs as it says
+        own = f" ({pat.causality_reason()}, where {'causal' if asked else '--bidirectional'} was asked)"
+        own = own if causal != asked else ""
         pat.check(seq_len, causal)
         kpq = pat.keys_per_query(seq_len, causal)
         nnz = int(kpq.sum())
@@ -94,6 +111,7 @@ def show(
             "pattern": pat.label(),
             "seq_len": seq_len,
             "causal": causal,
+            "causality_note": own.strip(" ()") or None,
             "keys_per_query": kpq.tolist(),
             "nnz": nnz,
             "density": nnz / seq_len**2,
@@ -105,8 +123,11 @@ def show(
         if as_json:
             sys.stdout.write(json.dumps(info) + "\n")
             return
+        from rich.markup import escape
+
         out = console()
-        out.print(f"[bold]{pat.label()}[/]  n={seq_len}  {'causal' if causal else 'bidirectional'}")
+        how = "causal" if causal else "bidirectional"
+        out.print(f"[bold]{escape(pat.label())}[/]  n={seq_len}  {how}{escape(own)}", soft_wrap=True)
         if seq_len <= 96:
             m = pat.mask(seq_len, causal)
             for i in range(seq_len):

@@ -32,20 +32,39 @@ def _fmt_context(row, kvcache) -> str:
     return short_tokens(row.max_context)
 
 
-def _pattern_cell(row) -> str:
-    """The name, then its parameters on an indented line: "sliding_window\\n  window=4096"."""
-    from rich.markup import escape
-
+def pattern_lines(row) -> list[str]:
+    """The pattern cell, one line each: the name, then each parameter on its own indented line,
+    so that a narrow terminal never breaks one ("sliding_window", "  window=4096"); the model's
+    own attention as "model default", then its pattern and parameters indented."""
+    name, _, inner = row.label.partition("(")
+    params = [p for p in inner.removesuffix(")").split(", ") if p]  # a list value has no ", "
     if row.pattern == "model default":
-        return f"model default\n  {escape(row.label)}"
-    inner = row.label[len(row.pattern) + 1 : -1] if row.label != row.pattern else ""
-    return row.pattern + (f"\n  {escape(inner.replace(', ', ' '))}" if inner else "")
+        return ["model default", f"  {name}", *(f"    {p}" for p in params)]
+    return [row.pattern, *(f"  {p}" for p in params)]
+
+
+def fit_lines(lines: list[str], width: int) -> list[str]:
+    """Lines no wider than ``width`` where they can be: a longer one is broken at its '=' or
+    after a list's commas (the rest indented further), never inside a name or a number."""
+    out = []
+    for line in lines:
+        indent = " " * (len(line) - len(line.lstrip()) + 2)
+        while len(line) > width:
+            # where a line may be cut: before or after an '=', after a comma
+            cuts = [i for i, ch in enumerate(line) if ch == "="] + [i + 1 for i, ch in enumerate(line) if ch in "=,"]
+            cut = max((c for c in cuts if len(indent) < c <= width), default=None)
+            if cut is None:
+                break  # one name or number longer than the room: it stays whole
+            out.append(line[:cut])
+            line = indent + line[cut:]
+        out.append(line)
+    return out
 
 
 def register(app: typer.Typer) -> None:
     @app.command("kv")
     def kv(
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model preset (listed below)."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model preset (listed above)."),
         model_file: Optional[Path] = typer.Option(
             None, "--model-file", help="YAML model file (name, layers, heads, kv_heads, head_dim, ...)."
         ),
@@ -129,21 +148,29 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
         title += f", pages of {page}"
     if limit is not None:
         title += f"\nbudget {kvcache.format_bytes(limit)}: max context at batch {batch}, max batch at context {n}"
-    table = Table(title=title, box=box.SIMPLE_HEAVY)
-    table.add_column("pattern", overflow="fold")
-    table.add_column("retained", justify="right", no_wrap=True)
-    table.add_column("bytes", justify="right", no_wrap=True)
-    table.add_column("vs dense", justify="right", no_wrap=True)
-    if limit is not None:
-        table.add_column("max context", justify="right", no_wrap=True)
-        table.add_column("max batch", justify="right", no_wrap=True)
+    from rich.markup import escape
+
+    from sparsebench.units import short_tokens
+
+    headers = ["retained\ntokens", "bytes", "vs\ndense"] + (["max\ncontext", "max\nbatch"] if limit is not None else [])
+    numbers = []
     for r in rows:
-        cells = [_pattern_cell(r), str(r.retained_tokens), kvcache.format_bytes(r.bytes)]
-        cells.append(f"{100 * r.vs_dense:.1f}%")
+        cells = [short_tokens(r.retained_tokens), kvcache.format_bytes(r.bytes), f"{100 * r.vs_dense:.1f}%"]
         if limit is not None:
             cells += [_fmt_context(r, kvcache), str(r.max_batch)]
-        table.add_row(*cells)
+        numbers.append(cells)
+    # the numeric columns as narrow as their numbers (two-line headers); the pattern column gets
+    # the rest of the terminal, one parameter a line, broken only where one is longer than that
+    widths = [max(len(x) for x in [*h.split("\n"), *(c[k] for c in numbers)]) for k, h in enumerate(headers)]
     out = console()
+    room = out.width - (sum(widths) + 3 * len(widths))  # each column: 2 of padding, 1 of rule
+    lines_of = [fit_lines(pattern_lines(r), max(12, room)) for r in rows]
+    table = Table(title=title, box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
+    table.add_column("pattern", no_wrap=True, min_width=max(len(x) for lines in lines_of for x in lines))
+    for h in headers:
+        table.add_column(h, justify="right", no_wrap=True)
+    for lines, cells in zip(lines_of, numbers):
+        table.add_row(escape("\n".join(lines)), *cells)
     out.print(table)
     for note in notes:
         out.print(f"note: {note}")

@@ -43,10 +43,60 @@ def run(
     report.html follow. The last line printed is the result folder."""
     with guarded():
         load_plugins(plugin)
-        _run(scenario, output, results_root, resume, no_plots, in_process, max_memory)
+        again = _resume_options(no_plots, in_process, max_memory, plugin)
+        _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again)
 
 
-def _run(scenario, output, results_root, resume, no_plots, in_process, max_memory) -> None:
+def _resume_options(no_plots, in_process, max_memory, plugin) -> list[str]:
+    """The options of this run that a ``--resume`` of it must repeat to run the rest the same way."""
+    out = [f"--plugin={p}" for p in plugin or []]
+    if max_memory:
+        out.append(f"--max-memory={max_memory}")
+    if in_process:
+        out.append("--in-process")
+    if no_plots:
+        out.append("--no-plots")
+    return out
+
+
+def resume_command(folder: Path, options: list[str] | None = None) -> str:
+    """The exact command that continues an interrupted run in ``folder``, quoted for a shell."""
+    import shlex
+
+    return shlex.join(["sparsebench", "run", "--resume", str(folder), *(options or [])])
+
+
+# the statuses of a case that measured something (a wrong result was measured, and is reported)
+MEASURED = ("ok", "wrong")
+
+
+def nothing_measured(records: list[dict]) -> str | None:
+    """Why a run measured nothing, in one line ('nothing was measured: of 4 cases, 4 skipped; 4
+    for this reason, as dense · sdpa at n=1024: estimated 8.00 MiB exceeds the memory budget of
+    1.00 MiB'), or None when some case measured."""
+    if any(r.get("status") in MEASURED for r in records):
+        return None
+    if not records:
+        return "nothing was measured: no case ran"
+    import re
+    from collections import Counter
+
+    def why(r: dict) -> str:
+        return str(r.get("reason") or r.get("status"))
+
+    statuses = Counter(str(r.get("status")) for r in records)
+    kinds = Counter(re.sub(r"\d+(?:\.\d+)?", "#", why(r)) for r in records)  # the same reason, other sizes
+    kind, k = kinds.most_common(1)[0]
+    first = next(r for r in records if re.sub(r"\d+(?:\.\d+)?", "#", why(r)) == kind)
+    what = ", ".join(f"{v} {s}" for s, v in statuses.most_common())
+    text = (
+        f"nothing was measured: of {len(records)} cases, {what}; {k} for this reason, as "
+        f"{first.get('pattern_label')} · {first.get('backend')} at n={first.get('seq_len')}: {why(first)}"
+    )
+    return text + ("" if k == len(records) else f" ({len(records) - k} for other reasons)")
+
+
+def _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again) -> None:
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -87,6 +137,7 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
         warn(f"{why}; its cases are skipped")
     rounds = f" x {sc.rounds} rounds" if sc.rounds > 1 else ""
     out.print(f"[bold]{sc.name}[/]: {len(plan.cases)} cases{rounds}{' (resuming)' if resume else ''}  [dim]{source}[/]")
+    _print_plan_notes(out, plan)
     if not plan.cases:
         raise ScenarioError(f"{source}: no case can run here (every device is absent)")
     if any(c.device == "cpu" for c in plan.cases):
@@ -140,6 +191,7 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     except runner.Interrupted as exc:
         out.print(report.rich_table(merge_rounds(_read(folder)), title="finished before the interrupt"))
         out.print(f"[yellow]{exc}[/]")
+        out.print(f"to continue: {resume_command(folder, again)}", soft_wrap=True)
         out.print(str(folder))
         raise typer.Exit(130)
     finally:
@@ -148,6 +200,18 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     for r in extra:
         out.print(r)
     out.print(str(result.folder))
+    why = nothing_measured(result.records)
+    if why:
+        raise SparsebenchError(why)
+
+
+def _print_plan_notes(out, plan) -> None:
+    """What the expansion decided (a pattern's own causality, its baseline) and what it skips."""
+    for note in plan.notes:
+        out.print(f"note: {note}", soft_wrap=True, markup=False)
+    skipped = plan.skipped_text()
+    if skipped:
+        out.print(f"note: {skipped}", soft_wrap=True, markup=False)
 
 
 def _read(folder):
@@ -179,10 +243,14 @@ def validate(
         plan = sc_mod.expand(sc, source)
         for dev, why in plan.skipped_devices.items():
             warn(f"{why}; its cases would be skipped")
-        console().print(
+        out = console()
+        out.print(
             f"{source}: ok, {_case_count_text(plan)}"
-            + (f", each measured in {sc.rounds} rounds" if sc.rounds > 1 else "")
+            + (f", each measured in {sc.rounds} rounds" if sc.rounds > 1 else ""),
+            soft_wrap=True,
+            markup=False,
         )
+        _print_plan_notes(out, plan)
 
 
 def _plural(k: int, word: str) -> str:
@@ -196,7 +264,7 @@ def _case_count_text(plan) -> str:
     if not cases and plan.skipped_devices:
         return f"0 cases on this machine (absent: {', '.join(sorted(plan.skipped_devices))})"
     lengths = {c.seq_len for c in cases}
-    pairs = {(c.pattern_label, c.backend) for c in cases}
+    pairs = {(c.pattern_label, c.backend, c.causal) for c in cases}
     setups = {(c.device, c.dtype, c.mode) for c in cases}
     parts = [_plural(len(lengths), "sequence length"), _plural(len(pairs), "pattern-backend pair")]
     if len(setups) > 1:

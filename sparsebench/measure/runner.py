@@ -207,11 +207,15 @@ def run(
                     rec["tile"] = None  # the others have no tiles
                 if rounds > 1:
                     rec["round"] = r
-                info = static.fields(case)
+                # a case the scenario itself skips (a parameter that does not fit this length) has
+                # no static figures to compute: the pattern may not even be defined at this n
+                info = static.fields(case) if not case.skip_reason else {}
                 rec.update(info)
                 series = schema.series_key(rec)
                 why = None  # later rounds measure again what round 1 measured ok, whatever failed since
-                if r == 1 and series in failed and case.seq_len > failed[series][0]:
+                if case.skip_reason:
+                    why = case.skip_reason
+                elif r == 1 and series in failed and case.seq_len > failed[series][0]:
                     n0, st = failed[series]
                     why = f"this series ended with {st} at n={n0}"
                 elif r == 1:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from sparsebench.errors import PatternError
+from sparsebench.errors import PatternError, ScenarioError
 from sparsebench.patterns.geometry import (
     BlockLayout,
     Intervals,
@@ -49,6 +49,11 @@ MASK_CHUNK_ELEMENTS = 1 << 18
 # Tile size at which the default ``keys_per_query`` counts keys tile by tile.
 LAYOUT_BLOCK = 64
 
+# The families ``sparsebench list`` groups patterns by, in this order (a pattern names its own
+# with the class attribute ``family``; a family not listed here comes after these, by name).
+FAMILIES = ("window", "global + window", "strided", "random", "block", "DeepSpeed", "dense")
+OTHER_FAMILY = "other"
+
 
 def param(help: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     """A pattern parameter with a one-line help text (shown by ``sparsebench list``)."""
@@ -65,6 +70,8 @@ class Pattern:
     rule: ClassVar[str] = ""
     # Whether the pattern is (block-)structured enough that a decoder can drop old keys.
     bounded_kv: ClassVar[bool] = False
+    # The family ``sparsebench list`` groups it under (one of FAMILIES, or a new one).
+    family: ClassVar[str] = OTHER_FAMILY
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -99,6 +106,23 @@ class Pattern:
 
     def check(self, n: int, causal: bool) -> None:
         """Raise PatternError if the parameters are impossible for a sequence of n tokens."""
+
+    # -- causality ------------------------------------------------------------------------------
+    def fixed_causality(self) -> bool | None:
+        """The causality this pattern's own parameters set (True causal, False bidirectional),
+        whatever the scenario or the caller asks; None (the default) when it follows theirs.
+        A pattern that defines its own causality overrides this, and every caller (the scenario's
+        cases, ``Problem``, ``show``) goes through ``causality``."""
+        return None
+
+    def causality_reason(self) -> str:
+        """Why ``fixed_causality`` is what it is, as a short phrase ("its attention=bidirectional")."""
+        return ""
+
+    def causality(self, causal: bool) -> bool:
+        """The causality this pattern runs with when ``causal`` is asked for."""
+        fixed = self.fixed_causality()
+        return causal if fixed is None else fixed
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -181,6 +205,20 @@ class Pattern:
         return n
 
 
+def by_family(entries) -> list[tuple[str, list[tuple[str, type]]]]:
+    """(name, pattern class) pairs grouped by the class's ``family``: the FAMILIES in their
+    order, then any other family by name; within a family the order of ``entries`` (the
+    registry's: files by name, classes as they stand in their file, plugins last)."""
+    groups: dict[str, list[tuple[str, type]]] = {}
+    for name, cls in entries:
+        groups.setdefault(getattr(cls, "family", OTHER_FAMILY) or OTHER_FAMILY, []).append((name, cls))
+
+    def rank(family: str) -> tuple[int, str]:
+        return (FAMILIES.index(family), "") if family in FAMILIES else (len(FAMILIES), family)
+
+    return [(fam, groups[fam]) for fam in sorted(groups, key=rank)]
+
+
 # ------------------------------------------------------------------------------------------
 # helpers shared by the pattern files
 
@@ -203,6 +241,13 @@ def _coerce(pattern: str, key: str, value: Any, field: dataclasses.Field) -> Any
             raise PatternError(f"{where} must be a list of integers, got {value!r}")
         return tuple(int(x) for x in value)
     if "int" in want:
+        if isinstance(value, str):  # a size such as 4k, read as seq_lens and --context read it
+            from sparsebench.units import parse_tokens
+
+            try:
+                return parse_tokens(value)
+            except ScenarioError:
+                raise PatternError(f"{where} must be an integer (or a count such as 4k), got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)

@@ -41,6 +41,7 @@ def random_blocks(nblocks: int, random: int, window: int, glob: int, seed: int, 
 class BigBird(Pattern):
     name = "bigbird"
     rule = "block-level window + global + random blocks"
+    family = "global + window"
     block: int = param("BigBird block size", 64)
     window_blocks: int = param("blocks in the sliding window (odd, centred)", 3)
     global_blocks: int = param("leading global blocks", 1)

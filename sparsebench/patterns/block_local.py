@@ -15,6 +15,7 @@ from sparsebench.patterns.geometry import BlockBand, Intervals, Structure
 class BlockLocal(Pattern):
     name = "block_local"
     rule = "floor(i/b) == floor(j/b)"
+    family = "block"
     bounded_kv = True
     block: int = param("block length b")
 

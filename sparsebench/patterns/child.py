@@ -18,6 +18,7 @@ from sparsebench.patterns.geometry import Band, BlockBand, Intervals, Keys, Stru
 class Strided(Pattern):
     name = "strided"
     rule = "A1: i-L <= j <= i (|i-j| <= L bidirectional) or A2: (i-j) mod L == 0"
+    family = "strided"
     stride: int = param("stride L (about sqrt(n) in the paper)")
 
     def validate(self):
@@ -59,6 +60,7 @@ class Strided(Pattern):
 class Fixed(Pattern):
     name = "fixed"
     rule = "A1: floor(j/L) == floor(i/L) or A2: j mod L >= L - c (summary columns)"
+    family = "strided"
     stride: int = param("block length L")
     summary: int = param("summary columns c at the end of each block", 1)
 

@@ -20,8 +20,10 @@ differs from DeepSpeed:
   DeepSpeed (which also wants different_layout_per_head for > 1) but, as in
   DeepSpeed, it only changes the global blocks of heads other than head 0.
 * ``attention`` defaults to ``auto``: ``unidirectional`` when the case is causal, otherwise
-  ``bidirectional``. An explicit value is honoured for the block layout; a causal case still
-  cuts j > i elementwise, so a bidirectional layout under ``causal`` is also valid.
+  ``bidirectional``. ``attention=bidirectional`` sets the pattern's own causality
+  (``fixed_causality``): it runs bidirectional in a causal scenario too, as DeepSpeed's layout
+  does, and its records say ``causal: false``. ``unidirectional`` is a block-level layout whose
+  diagonal blocks follow the scenario (cut at j > i when causal, whole when not, as in DeepSpeed).
 * DeepSpeed requires ``n % block == 0``. Here the layout has ``ceil(n / block)`` blocks and the
   last one is short.
 * Random blocks (ds_variable, ds_bigbird) come from a generator seeded by ``seed``: they follow
@@ -83,8 +85,13 @@ class _DeepSpeed(Pattern):
     intervals, tile layouts and keys per query all derived from it at block level."""
 
     horizontal: ClassVar[bool] = False  # whether the class has horizontal_global_attention
+    family: ClassVar[str] = "DeepSpeed"
     block: int = param("DeepSpeed block size (tokens per layout block)", 16)
-    attention: str = param("auto | bidirectional | unidirectional (auto: unidirectional when causal)", "auto")
+    attention: str = param(
+        "auto | bidirectional | unidirectional (auto: unidirectional when causal; bidirectional runs "
+        "bidirectional in a causal scenario too)",
+        "auto",
+    )
 
     # -- to implement --------------------------------------------------------------------------
     def _build(self, nb: int, uni: bool) -> torch.Tensor:
@@ -106,6 +113,14 @@ class _DeepSpeed(Pattern):
 
     def unidirectional(self, causal: bool) -> bool:
         return self.attention == "unidirectional" or (self.attention == "auto" and causal)
+
+    def fixed_causality(self) -> bool | None:
+        # DeepSpeed's bidirectional layout is not cut to its causal half by a causal scenario;
+        # a unidirectional layout is a block layout whose diagonal blocks follow the scenario
+        return False if self.attention == "bidirectional" else None
+
+    def causality_reason(self) -> str:
+        return f"its attention={self.attention}" if self.attention == "bidirectional" else ""
 
     def check(self, n, causal):
         if self.block > n:

@@ -15,6 +15,7 @@ from sparsebench.patterns.geometry import Band, Structure
 class Dense(Pattern):
     name = "dense"
     rule = "all pairs (the baseline)"
+    family = "dense"
 
     def _allowed(self, q, k, n, causal):
         return torch.ones((), dtype=torch.bool, device=q.device)

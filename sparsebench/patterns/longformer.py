@@ -25,6 +25,7 @@ from sparsebench.patterns.geometry import Band, Intervals, Keys, Rows, Structure
 class Longformer(Pattern):
     name = "longformer"
     rule = "sliding window, or j in G, or i in G (global tokens)"
+    family = "global + window"
     bounded_kv = True
     window: int = param("sliding window W (keys incl. self)")
     global_tokens: list[int] = param("indices of global tokens G", [0])

@@ -29,6 +29,7 @@ def random_table(keys: int, seed: int, n: int, causal: bool) -> torch.Tensor:
 class Random(Pattern):
     name = "random"
     rule = "R seeded random keys per query, plus self"
+    family = "random"
     keys: int = param("random keys per query (R)")
     seed: int = param("random seed", 0)
 

@@ -15,6 +15,7 @@ from sparsebench.patterns.geometry import Band, Intervals, Keys, Structure, band
 class SinkWindow(Pattern):
     name = "sink_window"
     rule = "j < S (sinks), or i-W < j <= i (|i-j| < W bidirectional)"
+    family = "global + window"
     bounded_kv = True
     sinks: int = param("leading sink tokens S", 4)
     window: int = param("sliding window W (keys incl. self)")

@@ -15,6 +15,7 @@ from sparsebench.patterns.geometry import Band, Intervals, Structure, band
 class SlidingWindow(Pattern):
     name = "sliding_window"
     rule = "causal: i-W < j <= i (W keys incl. self); bidirectional: |i-j| < W"
+    family = "window"
     bounded_kv = True
     window: int = param("keys per query including itself (W)")
 
@@ -46,6 +47,7 @@ class SlidingWindow(Pattern):
 class DilatedWindow(Pattern):
     name = "dilated_window"
     rule = "j = i - kD (and i + kD bidirectional), 0 <= k < W"
+    family = "window"
     bounded_kv = True
     window: int = param("keys on each side including self (W)")
     dilation: int = param("gap between attended keys (D)")

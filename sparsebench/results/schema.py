@@ -63,7 +63,8 @@ FIELDS: tuple[Field, ...] = (
     Field("heads", "int", "", "attention heads", key=True, from_case=True),
     Field("head_dim", "int", "", "dimension of a head", key=True, from_case=True),
     Field("seq_len", "int", "tokens", "sequence length n (the context in decode mode)", key=True, from_case=True),
-    Field("causal", "bool", "", "causal (true) or bidirectional attention", key=True, from_case=True),
+    Field("causal", "bool", "", "causal (true) or bidirectional attention, as the case ran: the scenario's, unless "
+          "the pattern's own parameter sets it (a ds_* pattern's attention=bidirectional)", key=True, from_case=True),
     Field("tile", "int", "tokens", "block_sparse's tile size (null for the other backends); version 1: block",
           from_case=True),
     Field("round", "int", "", "which round of a scenario with rounds: R (only then)", always=False),
