@@ -42,6 +42,31 @@ def _pattern_cell(row) -> str:
     return row.pattern + (f"\n  {escape(inner.replace(', ', ' '))}" if inner else "")
 
 
+def _retained_cell(row) -> str:
+    """Tokens per layer, or blank where the row's groups keep different counts (then each group
+    line below says its own)."""
+    return str(row.retained_tokens) if row.retained_tokens is not None else ""
+
+
+def _group_label(spec, g) -> str:
+    """'52 sliding', '10 full', '36 linear' (a state), '12 replaced' (by the row's pattern): short,
+    so that a group line never wraps at 80 columns (the sizes are in the title and the notes)."""
+    from sparsebench.kv.config import SHORT
+
+    return f"  {g.layers} " + ("replaced" if g.replaced else SHORT[g.type])
+
+
+def _add_group_rows(table, spec, row, with_budget: bool, kvcache) -> None:
+    """One line per group of identical layers under a row whose layers differ (a uniform model's
+    row is its one group)."""
+    if len(row.groups) < 2:
+        return
+    for g in row.groups:
+        kept = "state" if g.retained_tokens is None else str(g.retained_tokens)
+        size = "not counted" if g.bytes is None else kvcache.format_bytes(g.bytes)
+        table.add_row(_group_label(spec, g), kept, size, "", *([""] * (2 if with_budget else 0)))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("kv")
     def kv(
@@ -90,14 +115,7 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
         chosen = [kvcache.make_pattern(pattern, parse_params(params))]
     rows = kvcache.kv_table(spec, n, chosen, batch=batch, dtype=dtype, page=page, budget=limit)
 
-    notes = []
-    if spec.max_context and n > spec.max_context:
-        notes.append(f"context {n} is longer than the model's trained context of {spec.max_context}")
-    if spec.sliding_window:
-        notes.append(
-            f"'model default' is the model's own attention (sliding window {spec.sliding_window}); "
-            "'dense' keeps every token"
-        )
+    notes = kvcache.kv_notes(spec, n, dtype)
     if as_json:
         doc = {
             "model": {
@@ -109,12 +127,19 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
                 "sliding_window": spec.sliding_window,
                 "max_context": spec.max_context,
                 "attention": spec.attention,
+                "layer_types": spec.counts(),
+                "chunk": spec.chunk,
+                "mla_latent": spec.latent if spec.mla else None,
+                "mtp_layers_not_counted": spec.mtp_layers,
+                "source": spec.source or None,
             },
             "context": n,
             "batch": batch,
             "dtype": dtype,
             "page": page,
             "budget_bytes": limit,
+            "groups": [g.to_dict() for g in rows[0].groups],  # the model's own attention
+            "total_bytes": rows[0].bytes,
             "rows": [r.to_dict() for r in rows],
             "notes": notes,
         }
@@ -138,11 +163,12 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
         table.add_column("max context", justify="right", no_wrap=True)
         table.add_column("max batch", justify="right", no_wrap=True)
     for r in rows:
-        cells = [_pattern_cell(r), str(r.retained_tokens), kvcache.format_bytes(r.bytes)]
-        cells.append(f"{100 * r.vs_dense:.1f}%")
+        cells = [_pattern_cell(r), _retained_cell(r), kvcache.format_bytes(r.bytes)]
+        cells.append(f"{100 * r.vs_dense:.1f}%" if r.vs_dense is not None else "-")
         if limit is not None:
             cells += [_fmt_context(r, kvcache), str(r.max_batch)]
         table.add_row(*cells)
+        _add_group_rows(table, spec, r, limit is not None, kvcache)
     out = console()
     out.print(table)
     for note in notes:
