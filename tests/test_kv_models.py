@@ -595,6 +595,7 @@ def test_table_breaks_the_total_down_by_group_within_80_columns(tmp_path):
         ("gemma-3-27b", GEMMA_3_27B_IT),
         ("llama-4-scout", LLAMA_4_SCOUT),
         ("qwen3-next-80b-a3b", QWEN3_NEXT_80B_A3B),
+        ("jamba-v0.1", JAMBA_V01),
     ],
 )
 def test_presets_are_their_published_configs(tmp_path, preset, config):

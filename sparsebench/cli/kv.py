@@ -72,7 +72,10 @@ def register(app: typer.Typer) -> None:
     def kv(
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Model preset (listed below)."),
         model_file: Optional[Path] = typer.Option(
-            None, "--model-file", help="YAML model file (name, layers, heads, kv_heads, head_dim, ...)."
+            None,
+            "--model-file",
+            help="A model's Hugging Face config.json (layer types, text_config, MLA read from it), "
+            "or a YAML file (name, layers, heads, kv_heads, head_dim, ...).",
         ),
         context: str = typer.Option(..., "--context", "-n", help="Context length: 131072 or 128k."),
         batch: int = typer.Option(1, "--batch", "-b", help="Sequences in the batch."),

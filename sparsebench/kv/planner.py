@@ -409,8 +409,9 @@ def kv_table(
     page: int | None = None,
     budget: int | None = None,
 ) -> list[KVRow]:
-    """Rows: "model default" (the model's own attention, for a model whose layers are not all
-    full attention), "dense" (always: every attention layer keeps every token, the reference),
+    """Rows: "model default" (the model's own attention, for a model with sliding or chunked
+    layers), "dense" (always: every attention layer keeps every token, the reference; a state
+    layer keeps its state),
     then ``patterns`` (default: DEFAULT_PATTERNS), each replacing the attention of the layers
     ``replaces(model)`` names."""
     dtype = canonical_dtype(dtype)
@@ -423,7 +424,7 @@ def kv_table(
     dense_bytes = kv_bytes(reference, None, context, batch, dtype, page)
     args = (context, batch, dtype, page, budget, dense_bytes)
     rows = []
-    if any(t != FULL for t in model.layer_types):
+    if reference != model:  # sliding or chunked layers: the model's own attention is not dense
         rows.append(_row("model default", _own_label(model), {}, model, None, *args))
     rows.append(_row("dense", "dense", {}, reference, None, *args))
     for p in chosen:
@@ -439,10 +440,14 @@ def kv_notes(model: ModelSpec, context: int, dtype: str) -> list[str]:
     counts = model.counts()
     if model.max_context and context > model.max_context:
         notes.append(f"context {context} is longer than the model's trained context of {model.max_context}")
-    if any(t != FULL for t in model.layer_types):
+    if model.all_full() != model:
         notes.append(
             f"'model default' is the model's own attention ({mix_label(model)}); "
             "'dense' keeps every token in every attention layer"
+        )
+    elif not model.uniform:
+        notes.append(
+            "'dense' is the model as it ships: its attention layers keep every token, its other layers their state"
         )
     if not model.uniform:
         full = counts.get(FULL, 0)
