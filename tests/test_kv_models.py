@@ -455,7 +455,7 @@ def test_gemma_3_multimodal_config_reads_its_text_config(tmp_path):
     }
     assert _groups(doc) == [("sliding_attention", 52, 1024, 436_207_616), ("full_attention", 10, N, 10_737_418_240)]
     assert doc["total_bytes"] == 11_173_625_856
-    assert any("sliding_window_pattern 6" in n and "transformers' default for gemma3_text" in n for n in doc["notes"])
+    assert any("sliding_window_pattern 6" in n and "as transformers sets it for gemma3_text" in n for n in doc["notes"])
 
 
 def test_llama_4_scout_chunked_layers(tmp_path):

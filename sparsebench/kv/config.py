@@ -258,7 +258,7 @@ class _Config:
     def missing(self, key: str, why: str = "") -> ScenarioError:
         return ScenarioError(f"{self.where}: missing key {self.key(key)!r}" + (f" ({why})" if why else ""))
 
-    def int(self, *keys: str, minimum: int = 1, why: str = "", default: int | None = None) -> int:
+    def int(self, *keys: str, minimum: int = 1, why: str = "") -> int:
         """The first of ``keys`` present (not null), as an integer; transformers' default for the
         model type where the config leaves it out; otherwise a "missing key" error."""
         for key in keys:
@@ -268,10 +268,9 @@ class _Config:
                     what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
                     raise ScenarioError(f"{self.where}: key {self.key(key)!r} must be {what}, got {value!r}")
                 return value
-        fallback = _DEFAULTS.get((self.model_type, keys[0]), default)
+        fallback = _DEFAULTS.get((self.model_type, keys[0]))
         if fallback is not None:
-            if (self.model_type, keys[0]) in _DEFAULTS:
-                self.defaults_used.append(keys[0])
+            self.defaults_used.append(keys[0])
             return fallback
         raise self.missing(keys[0], why)
 
@@ -313,7 +312,7 @@ def _from_hf(data: dict[str, Any], where: str, default_name: str) -> ModelSpec:
     else:
         name = default_name
     if c.defaults_used:
-        derived += f" ({', '.join(c.defaults_used)} not in the config: transformers' default for {c.model_type})"
+        derived += f" ({', '.join(c.defaults_used)} not in the config: as transformers sets it for {c.model_type})"
     return _build(
         where,
         name=name,
