@@ -238,7 +238,6 @@ class _Config:
     """The text model's keys, with the file and the key path for messages."""
 
     def __init__(self, data: dict[str, Any], where: str):
-        self.top = data
         self.where = where
         text = data.get("text_config")
         if text is not None and not isinstance(text, dict):
