@@ -61,12 +61,41 @@ def fit_lines(lines: list[str], width: int) -> list[str]:
     return out
 
 
+def _retained_cell(row) -> str:
+    """Tokens per layer ("4k"), or blank where the row's groups keep different counts (then each
+    group line below says its own)."""
+    from sparsebench.units import short_tokens
+
+    return short_tokens(row.retained_tokens) if row.retained_tokens is not None else ""
+
+
+def _group_entries(row, columns: int, kvcache) -> list[tuple[list[str], list[str]]]:
+    """One line per group of identical layers under a row whose layers differ (a uniform model's
+    row is its one group): '52 sliding', '10 full', '36 linear' (a state), '12 replaced' (by the
+    row's pattern), short so that a group line never wraps at 80 columns."""
+    from sparsebench.kv.config import SHORT
+    from sparsebench.units import short_tokens
+
+    if len(row.groups) < 2:
+        return []
+    out = []
+    for g in row.groups:
+        label = f"  {g.layers} " + ("replaced" if g.replaced else SHORT[g.type])
+        kept = "state" if g.retained_tokens is None else short_tokens(g.retained_tokens)
+        size = "not counted" if g.bytes is None else kvcache.format_bytes(g.bytes)
+        out.append(([label], [kept, size] + [""] * (columns - 2)))
+    return out
+
+
 def register(app: typer.Typer) -> None:
     @app.command("kv")
     def kv(
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Model preset (listed above)."),
         model_file: Optional[Path] = typer.Option(
-            None, "--model-file", help="YAML model file (name, layers, heads, kv_heads, head_dim, ...)."
+            None,
+            "--model-file",
+            help="A model's Hugging Face config.json (layer types, text_config, MLA read from it), "
+            "or a YAML file (name, layers, heads, kv_heads, head_dim, ...).",
         ),
         context: str = typer.Option(..., "--context", "-n", help="Context length: 131072 or 128k."),
         batch: int = typer.Option(1, "--batch", "-b", help="Sequences in the batch."),
@@ -109,14 +138,7 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
         chosen = [kvcache.make_pattern(pattern, parse_params(params))]
     rows = kvcache.kv_table(spec, n, chosen, batch=batch, dtype=dtype, page=page, budget=limit)
 
-    notes = []
-    if spec.max_context and n > spec.max_context:
-        notes.append(f"context {n} is longer than the model's trained context of {spec.max_context}")
-    if spec.sliding_window:
-        notes.append(
-            f"'model default' is the model's own attention (sliding window {spec.sliding_window}); "
-            "'dense' keeps every token"
-        )
+    notes = kvcache.kv_notes(spec, n, dtype)
     if as_json:
         doc = {
             "model": {
@@ -128,12 +150,19 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
                 "sliding_window": spec.sliding_window,
                 "max_context": spec.max_context,
                 "attention": spec.attention,
+                "layer_types": spec.counts(),
+                "chunk": spec.chunk,
+                "mla_latent": spec.latent if spec.mla else None,
+                "mtp_layers_not_counted": spec.mtp_layers,
+                "source": spec.source or None,
             },
             "context": n,
             "batch": batch,
             "dtype": dtype,
             "page": page,
             "budget_bytes": limit,
+            "groups": [g.to_dict() for g in rows[0].groups],  # the model's own attention
+            "total_bytes": rows[0].bytes,
             "rows": [r.to_dict() for r in rows],
             "notes": notes,
         }
@@ -150,21 +179,22 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
         title += f"\nbudget {kvcache.format_bytes(limit)}: max context at batch {batch}, max batch at context {n}"
     from rich.markup import escape
 
-    from sparsebench.units import short_tokens
-
     headers = ["retained\ntokens", "bytes", "vs\ndense"] + (["max\ncontext", "max\nbatch"] if limit is not None else [])
-    numbers = []
+    entries = []  # (pattern lines, number cells): each row, then its groups' lines
     for r in rows:
-        cells = [short_tokens(r.retained_tokens), kvcache.format_bytes(r.bytes), f"{100 * r.vs_dense:.1f}%"]
+        cells = [_retained_cell(r), kvcache.format_bytes(r.bytes)]
+        cells.append(f"{100 * r.vs_dense:.1f}%" if r.vs_dense is not None else "-")
         if limit is not None:
             cells += [_fmt_context(r, kvcache), str(r.max_batch)]
-        numbers.append(cells)
+        entries.append((pattern_lines(r), cells))
+        entries += _group_entries(r, len(headers), kvcache)
+    numbers = [cells for _, cells in entries]
     # the numeric columns as narrow as their numbers (two-line headers); the pattern column gets
     # the rest of the terminal, one parameter a line, broken only where one is longer than that
     widths = [max(len(x) for x in [*h.split("\n"), *(c[k] for c in numbers)]) for k, h in enumerate(headers)]
     out = console()
     room = out.width - (sum(widths) + 3 * len(widths))  # each column: 2 of padding, 1 of rule
-    lines_of = [fit_lines(pattern_lines(r), max(12, room)) for r in rows]
+    lines_of = [fit_lines(lines, max(12, room)) for lines, _ in entries]
     table = Table(title=title, box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
     table.add_column("pattern", no_wrap=True, min_width=max(len(x) for lines in lines_of for x in lines))
     for h in headers:

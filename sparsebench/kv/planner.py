@@ -1,16 +1,27 @@
 """Analytic KV-cache accounting: how many bytes a decoder keeps for a model, a pattern, a
-context and a batch, and how far a memory budget stretches.
+context and a batch, and how far a memory budget stretches. A model's bill is the sum over its
+layers, each with its own attention:
 
-    bytes = 2 (K and V) x layers x kv_heads x head_dim x bytes(dtype) x batch x retained tokens
+    attention layer: values per token x bytes(dtype) x batch x retained tokens
+        values per token = 2 (K and V) x kv_heads x head_dim, or an MLA latent
+        (kv_lora_rank + qk_rope_head_dim, one for all heads)
+    state layer (linear attention, Mamba): a fixed state per sequence, counted where the
+        config gives its sizes (sparsebench.kv.config), otherwise reported as not counted
 
-``retained tokens`` is the pattern's ``kv_retained(context)`` (rounded up to whole pages when
-the cache is paged). Grouped-query and multi-query attention are counted by ``kv_heads``: a
-Llama-3.1-8B layer has 32 query heads but caches 8.
+``retained tokens`` is the layer's pattern's ``kv_retained(context)``, the one rule for every
+layer: full attention is ``dense`` (the context), a sliding layer ``sliding_window(window=W)``
+(W tokens, the newest token's own key included), a chunked layer ``block_local(block=C)`` (up to
+its chunk). A paged cache rounds each group of layers up to whole pages. Grouped-query and
+multi-query attention are counted by ``kv_heads``: a Llama-3.1-8B layer has 32 query heads but
+caches 8.
 
-Model presets live as YAML files in ``sparsebench/models`` (configuration only, no weights).
-A preset with its own ``sliding_window`` (Mistral-7B: 4096) gets an extra table row
-"model default" that uses that window; the "dense" row is always full attention, so the
-"vs dense" column compares every row with a cache that keeps every token.
+A pattern given to the planner replaces the attention of every layer of a uniform model; on a
+mixed model (gpt-oss, Gemma 3, Llama 4, hybrids) it replaces the full-attention layers only,
+and the sliding, chunked and state layers keep their own. The "dense" row keeps every token in
+every attention layer (``ModelSpec.all_full``), the reference of the "vs dense" column.
+
+Model presets are YAML files in ``sparsebench/kv/presets`` (configuration only, no weights),
+read by sparsebench.kv.config like a user's own model file or config.json.
 
 This module imports no torch at import time (patterns are imported when first needed), so
 ``sparsebench kv --help`` stays fast.
@@ -19,15 +30,17 @@ This module imports no torch at import time (patterns are imported when first ne
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparsebench import units
 from sparsebench.errors import ScenarioError
+from sparsebench.kv import config
+from sparsebench.kv.config import CHUNKED, FULL, SLIDING, STATE_TYPES, ModelSpec
 
 if TYPE_CHECKING:
     from sparsebench.patterns.base import Pattern
+
+__all__ = ["ModelSpec", "PRESETS", "load_preset", "load_model_file", "kv_bytes", "kv_table"]
 
 # -- dtypes ------------------------------------------------------------------------------------
 
@@ -42,150 +55,11 @@ def dtype_bytes(name: str) -> float:
     return units.dtype_bytes(canonical_dtype(name))
 
 
-# -- models --------------------------------------------------------------------------------------
+# -- models (read by sparsebench.kv.config) ------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The attention shape of a decoder model (no weights)."""
-
-    name: str
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    sliding_window: int | None = None
-    max_context: int | None = None
-
-    def __post_init__(self) -> None:
-        for key in ("layers", "heads", "kv_heads", "head_dim"):
-            _require_int(f"model {self.name!r}", key, getattr(self, key))
-        for key in ("sliding_window", "max_context"):
-            if getattr(self, key) is not None:
-                _require_int(f"model {self.name!r}", key, getattr(self, key))
-        if self.kv_heads > self.heads or self.heads % self.kv_heads:
-            raise ScenarioError(
-                f"model {self.name!r}: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"
-            )
-
-    @property
-    def attention(self) -> str:
-        """MHA, GQA (with its group size) or MQA."""
-        if self.kv_heads == self.heads:
-            return "MHA"
-        if self.kv_heads == 1:
-            return "MQA"
-        return f"GQA {self.heads // self.kv_heads}:1"
-
-    def describe(self) -> str:
-        text = (
-            f"{self.name}: {self.layers} layers, {self.heads} query heads, {self.kv_heads} KV heads "
-            f"({self.attention}), head_dim {self.head_dim}"
-        )
-        if self.sliding_window:
-            text += f", sliding window {self.sliding_window}"
-        return text
-
-
-def _require_int(where: str, key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ScenarioError(f"{where}: field {key!r} must be a positive integer, got {value!r}")
-
-
-_FIELDS = ("name", "layers", "heads", "kv_heads", "head_dim", "sliding_window", "max_context")
-# Hugging Face config.json keys (JSON is YAML, so a downloaded config.json loads as a model file).
-_HF_KEYS = {
-    "num_hidden_layers": "layers",
-    "n_layer": "layers",
-    "num_attention_heads": "heads",
-    "n_head": "heads",
-    "num_key_value_heads": "kv_heads",
-    "max_position_embeddings": "max_context",
-    "n_positions": "max_context",
-}
-
-
-def _spec_from_mapping(data: Any, where: str, default_name: str) -> ModelSpec:
-    if not isinstance(data, dict):
-        raise ScenarioError(f"{where}: expected a mapping of model fields ({', '.join(_FIELDS)})")
-    data = dict(data)
-    if "model_type" in data or "num_hidden_layers" in data or "n_layer" in data:
-        data = _from_hf_config(data)
-    for key in data:
-        if key not in _FIELDS:
-            from sparsebench.registry import unknown_choice
-
-            raise ScenarioError(f"{where}: " + unknown_choice("field", key, _FIELDS))
-    data.setdefault("name", default_name)
-    data["name"] = str(data["name"])
-    for key in ("layers", "heads", "head_dim"):
-        if key not in data:
-            raise ScenarioError(f"{where}: missing field {key!r}")
-    data.setdefault("kv_heads", data["heads"])
-    for key in _FIELDS[1:]:
-        if key in data and data[key] is not None:
-            _require_int(where, key, data[key])
-    try:
-        return ModelSpec(**data)
-    except ScenarioError as e:
-        raise ScenarioError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
-
-
-def _from_hf_config(data: dict[str, Any]) -> dict[str, Any]:
-    """Map a Hugging Face config.json onto ModelSpec fields; other keys are ignored."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _FIELDS and key != "name":
-            out[key] = value
-        elif key in _HF_KEYS:
-            out.setdefault(_HF_KEYS[key], value)
-    hidden = data.get("hidden_size", data.get("n_embd"))
-    if "head_dim" not in out and isinstance(hidden, int) and isinstance(out.get("heads"), int) and out["heads"]:
-        out["head_dim"] = hidden // out["heads"]
-    if data.get("multi_query") is True:  # falcon
-        out["kv_heads"] = 1
-    if data.get("use_sliding_window") is False:  # qwen2 keeps a sliding_window value it does not use
-        out.pop("sliding_window", None)
-    if "_name_or_path" in data:
-        out["name"] = str(data["_name_or_path"]).rsplit("/", 1)[-1].lower()
-    return out
-
-
-def _preset_files() -> dict[str, Any]:
-    root = resources.files("sparsebench.kv.presets")
-    return {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
-
-
-PRESETS: tuple[str, ...] = tuple(sorted(_preset_files()))
-
-
-def load_preset(name: str) -> ModelSpec:
-    files = _preset_files()
-    if name not in files:
-        from sparsebench.registry import unknown_choice
-
-        raise ScenarioError(unknown_choice("model preset", name, sorted(files)) + " (or use --model-file)")
-    import yaml
-
-    return _spec_from_mapping(yaml.safe_load(files[name].read_text(encoding="utf-8")), f"preset {name!r}", name)
-
-
-def load_model_file(path: str | Path) -> ModelSpec:
-    """A model from a YAML file with the fields of ModelSpec (or a Hugging Face config.json)."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ScenarioError(f"{path}: cannot read model file ({e.strerror or e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ScenarioError(f"{path}: not valid YAML{at}") from None
-    return _spec_from_mapping(data, str(path), path.stem)
+PRESETS = config.PRESETS
+load_preset = config.load_preset
+load_model_file = config.load_model_file
 
 
 # -- sizes and their text -----------------------------------------------------------------------
@@ -210,34 +84,145 @@ def format_tokens(n: int) -> str:
 CONTEXT_SEARCH_LIMIT = 2**48
 
 
-def model_default_pattern(model: ModelSpec) -> "Pattern":
-    """The model's own attention: its sliding window when it has one, otherwise dense."""
-    from sparsebench.patterns.base import PATTERNS
-
-    if model.sliding_window:
-        return PATTERNS.get("sliding_window").from_params({"window": model.sliding_window})
-    return PATTERNS.get("dense").from_params({})
-
-
 def _positive(what: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ScenarioError(f"{what} must be a positive integer, got {value!r}")
     return value
 
 
-def retained_tokens(model: ModelSpec, pattern: "Pattern | None", context: int, page: int | None = None) -> int:
-    """Cached tokens per sequence after ``context`` tokens (``pattern`` None: the model's own)."""
-    _positive("context", context)
-    pat = pattern if pattern is not None else model_default_pattern(model)
-    kept = int(pat.kv_retained(context))
+def layer_pattern(model: ModelSpec, layer_type: str) -> "Pattern":
+    """The pattern an attention layer of ``layer_type`` attends with in ``model``."""
+    if layer_type == SLIDING:
+        return make_pattern("sliding_window", {"window": model.sliding_window})
+    if layer_type == CHUNKED:
+        return make_pattern("block_local", {"block": model.chunk})
+    return make_pattern("dense")
+
+
+def model_default_pattern(model: ModelSpec) -> "Pattern":
+    """The attention of a uniform model's layers (a mixed model has one per layer type:
+    ``layer_pattern``)."""
+    return layer_pattern(model, model.layer_types[0])
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Layers of one type that cache alike under a row's pattern."""
+
+    type: str  # the layers' own type (sparsebench.kv.config.LAYER_TYPES)
+    layers: int
+    pattern: "Pattern | None"  # what they attend with (None: a state layer)
+    replaced: bool  # the row's pattern replaced the layers' own attention
+    values_per_token: int  # per layer (0 for a state layer)
+    state_values: int | None  # per layer and sequence, state layers only (None: not counted)
+    latent: bool = False  # an MLA latent instead of per-head keys and values
+
+    @property
+    def cache(self) -> str:
+        """ "kv" (keys and values), "latent" (MLA) or "state"."""
+        if self.pattern is None:
+            return "state"
+        return "latent" if self.latent else "kv"
+
+
+def replaces(model: ModelSpec) -> str:
+    """Which layers a pattern replaces: "all" (a uniform model) or the type it replaces."""
+    return "all" if model.uniform else FULL
+
+
+def layer_groups(model: ModelSpec, pattern: "Pattern | None" = None) -> list[LayerGroup]:
+    """The model's layers grouped by what they keep, in the order they first appear; with
+    ``pattern``, every layer of a uniform model (its full-attention layers only on a mixed
+    model) attends with it instead of its own attention."""
+    counts = model.counts()
+    uniform = model.uniform
+    groups = []
+    for t, n in counts.items():
+        if t in STATE_TYPES:
+            groups.append(LayerGroup(t, n, None, False, 0, model.state_of(t)))
+            continue
+        replaced = pattern is not None and (uniform or t == FULL)
+        pat = pattern if replaced else layer_pattern(model, t)
+        groups.append(LayerGroup(t, n, pat, replaced, model.values_per_token, None, model.mla))
+    return groups
+
+
+def _retained(pattern: "Pattern", context: int, page: int | None) -> int:
+    kept = int(pattern.kv_retained(context))
     if page is not None:
         _positive("page", page)
         kept = -(-kept // page) * page
     return kept
 
 
-def _bits_per_sequence(model: ModelSpec, retained: int, dtype: str) -> int:
-    return 2 * model.layers * model.kv_heads * model.head_dim * units.dtype_bits(canonical_dtype(dtype)) * retained
+@dataclass(frozen=True)
+class GroupBytes:
+    """One group's share of a cache: its layers, the tokens each keeps, its bytes."""
+
+    type: str
+    layers: int
+    cache: str  # "kv", "latent" or "state"
+    label: str  # the pattern's label, or "fixed state"
+    replaced: bool
+    retained_tokens: int | None  # per layer and sequence (None: a state layer)
+    bytes: int | None  # the group's bytes for the batch (None: a state not counted)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "layers": self.layers,
+            "cache": self.cache,
+            "pattern": self.label,
+            "replaced": self.replaced,
+            "retained_tokens": self.retained_tokens,
+            "bytes": self.bytes,
+            "counted": self.bytes is not None,
+        }
+
+
+def _bits(n: int, dtype: str) -> int:
+    return n * units.dtype_bits(canonical_dtype(dtype))
+
+
+def group_bytes(
+    model: ModelSpec,
+    pattern: "Pattern | None",
+    context: int,
+    batch: int = 1,
+    dtype: str = "fp16",
+    page: int | None = None,
+) -> list[GroupBytes]:
+    """Each group's tokens and bytes for ``batch`` sequences of ``context`` tokens (a group's
+    bytes rounded up to a whole byte)."""
+    _positive("context", context)
+    _positive("batch", batch)
+    out = []
+    for g in layer_groups(model, pattern):
+        if g.pattern is None:
+            size = None if g.state_values is None else -(-_bits(g.layers * g.state_values * batch, dtype) // 8)
+            out.append(GroupBytes(g.type, g.layers, "state", "fixed state", False, None, size))
+            continue
+        kept = _retained(g.pattern, context, page)
+        size = -(-_bits(g.layers * g.values_per_token * kept * batch, dtype) // 8)
+        out.append(GroupBytes(g.type, g.layers, g.cache, g.pattern.label(), g.replaced, kept, size))
+    return out
+
+
+def retained_tokens(model: ModelSpec, pattern: "Pattern | None", context: int, page: int | None = None) -> int | None:
+    """Cached tokens per layer and sequence after ``context`` tokens (``pattern`` None: the
+    model's own); None when the model's attention layers keep different counts (see groups)."""
+    kept = {g.retained_tokens for g in group_bytes(model, pattern, context, page=page) if g.cache != "state"}
+    return kept.pop() if len(kept) == 1 else None
+
+
+def _bits_per_sequence(model: ModelSpec, pattern: "Pattern | None", context: int, dtype: str, page: int | None) -> int:
+    bits = 0
+    for g in layer_groups(model, pattern):
+        if g.pattern is None:
+            bits += _bits(g.layers * (g.state_values or 0), dtype)
+        else:
+            bits += _bits(g.layers * g.values_per_token * _retained(g.pattern, context, page), dtype)
+    return bits
 
 
 def kv_bytes(
@@ -248,10 +233,11 @@ def kv_bytes(
     dtype: str = "fp16",
     page: int | None = None,
 ) -> int:
-    """KV-cache bytes for ``batch`` sequences of ``context`` tokens (rounded up to a byte)."""
+    """Bytes for ``batch`` sequences of ``context`` tokens, every layer together: the KV (or
+    latent) cache plus the states that are counted (rounded up to a byte)."""
+    _positive("context", context)
     _positive("batch", batch)
-    bits = _bits_per_sequence(model, retained_tokens(model, pattern, context, page), dtype) * batch
-    return -(-bits // 8)
+    return -(-_bits_per_sequence(model, pattern, context, dtype, page) * batch // 8)
 
 
 def max_context(
@@ -263,7 +249,7 @@ def max_context(
     page: int | None = None,
 ) -> int | None:
     """Longest context whose cache fits in ``budget`` bytes; 0 if not even one token fits;
-    ``None`` if the pattern's cache stops growing and fits at any length (unbounded context)."""
+    ``None`` if the cache stops growing and fits at any length (unbounded context)."""
     _positive("budget", budget)
 
     def fits(n: int) -> bool:
@@ -293,8 +279,8 @@ def max_batch(
 ) -> int:
     """Largest batch whose cache at ``context`` fits in ``budget`` bytes (0 if none)."""
     _positive("budget", budget)
-    per_seq = _bits_per_sequence(model, retained_tokens(model, pattern, context, page), dtype)
-    return (budget * 8) // per_seq
+    _positive("context", context)
+    return (budget * 8) // _bits_per_sequence(model, pattern, context, dtype, page)
 
 
 # -- the table behind ``sparsebench kv`` ----------------------------------------------------------
@@ -319,18 +305,22 @@ def default_patterns() -> list["Pattern"]:
 
 @dataclass(frozen=True)
 class KVRow:
-    """One pattern's cache for a model, context, batch and dtype."""
+    """One pattern's cache for a model, context, batch and dtype, with its groups of layers."""
 
-    pattern: str  # the pattern name, or "model default"
-    label: str  # e.g. "sliding_window(window=4096)"
+    pattern: str  # the pattern name, "model default" or "dense"
+    label: str  # e.g. "sliding_window(window=4096)"; the model's own: its layer mix
     params: dict[str, Any] = field(hash=False)
-    retained_tokens: int
-    bytes: int
-    vs_dense: float  # bytes / dense bytes
+    retained_tokens: int | None  # per layer; None when the groups keep different counts
+    bytes: int  # every group together: kv_bytes + state_bytes
+    vs_dense: float | None  # bytes / dense bytes (None when dense keeps nothing countable)
     bounded: bool  # the cache stops growing with the context
     max_context: int | None = None  # with a budget; None with context_unbounded=True: any length
     context_unbounded: bool = False
     max_batch: int | None = None
+    groups: tuple[GroupBytes, ...] = ()
+    kv_bytes: int = 0  # the attention layers' caches
+    state_bytes: int = 0  # the state layers' fixed states that are counted
+    uncounted_state_layers: int = 0  # state layers whose size the config does not give
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -339,12 +329,74 @@ class KVRow:
             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
             "retained_tokens": self.retained_tokens,
             "bytes": self.bytes,
+            "total_bytes": self.bytes,
+            "kv_bytes": self.kv_bytes,
+            "state_bytes": self.state_bytes,
+            "uncounted_state_layers": self.uncounted_state_layers,
+            "groups": [g.to_dict() for g in self.groups],
             "vs_dense": self.vs_dense,
             "bounded": self.bounded,
             "max_context": self.max_context,
             "context_unbounded": self.context_unbounded,
             "max_batch": self.max_batch,
         }
+
+
+def _row(
+    name: str,
+    label: str,
+    params: dict[str, Any],
+    model: ModelSpec,
+    pat: "Pattern | None",
+    context: int,
+    batch: int,
+    dtype: str,
+    page: int | None,
+    budget: int | None,
+    dense_bytes: int | None,
+) -> KVRow:
+    groups = group_bytes(model, pat, context, batch, dtype, page)
+    total = kv_bytes(model, pat, context, batch, dtype, page)
+    kv = sum(g.bytes or 0 for g in groups if g.cache != "state")
+    state = sum(g.bytes or 0 for g in groups if g.cache == "state")
+    extra: dict[str, Any] = {}
+    if budget is not None:
+        longest = max_context(model, pat, budget, batch, dtype, page)
+        extra = {
+            "max_context": longest,
+            "context_unbounded": longest is None,
+            "max_batch": max_batch(model, pat, context, budget, dtype, page),
+        }
+    reference = total if dense_bytes is None else dense_bytes
+    attention = [g for g in layer_groups(model, pat) if g.pattern is not None]
+    return KVRow(
+        pattern=name,
+        label=label,
+        params=params,
+        retained_tokens=retained_tokens(model, pat, context, page),
+        bytes=total,
+        vs_dense=total / reference if reference else None,
+        bounded=all(getattr(g.pattern, "bounded_kv", False) for g in attention),
+        groups=tuple(groups),
+        kv_bytes=kv,
+        state_bytes=state,
+        uncounted_state_layers=sum(g.layers for g in groups if g.cache == "state" and g.bytes is None),
+        **extra,
+    )
+
+
+def mix_label(model: ModelSpec) -> str:
+    """The model's own attention in words: 'sliding_window(window=4096)' for a uniform model,
+    '18 full + 18 sliding 128' for a mixed one."""
+    if model.uniform:
+        return model_default_pattern(model).label()
+    return " + ".join(f"{n} {model.type_label(t)}" for t, n in model.counts().items())
+
+
+def _own_label(model: ModelSpec) -> str:
+    """A row's label for the model's own attention: the pattern of a uniform model, "layer mix"
+    for a mixed one (its groups say the rest)."""
+    return mix_label(model) if model.uniform else "layer mix"
 
 
 def kv_table(
@@ -357,42 +409,71 @@ def kv_table(
     page: int | None = None,
     budget: int | None = None,
 ) -> list[KVRow]:
-    """Rows: "model default" (only for a model with its own sliding window), dense (always,
-    the reference), then ``patterns`` (default: DEFAULT_PATTERNS)."""
+    """Rows: "model default" (the model's own attention, for a model with sliding or chunked
+    layers), "dense" (always: every attention layer keeps every token, the reference; a state
+    layer keeps its state),
+    then ``patterns`` (default: DEFAULT_PATTERNS), each replacing the attention of the layers
+    ``replaces(model)`` names."""
     dtype = canonical_dtype(dtype)
     _positive("context", context)
     _positive("batch", batch)
     if budget is not None:
         _positive("budget", budget)
-    dense = make_pattern("dense")
     chosen = default_patterns() if patterns is None else list(patterns)
-    entries: list[tuple[str, Pattern]] = []
-    if model.sliding_window:
-        entries.append(("model default", model_default_pattern(model)))
-    entries.append(("dense", dense))
-    entries += [(p.name, p) for p in chosen if p.name != "dense" or p.params()]
-    dense_bytes = kv_bytes(model, dense, context, batch, dtype, page)
+    reference = model.all_full()
+    dense_bytes = kv_bytes(reference, None, context, batch, dtype, page)
+    args = (context, batch, dtype, page, budget, dense_bytes)
     rows = []
-    for name, pat in entries:
-        size = kv_bytes(model, pat, context, batch, dtype, page)
-        extra: dict[str, Any] = {}
-        if budget is not None:
-            longest = max_context(model, pat, budget, batch, dtype, page)
-            extra = {
-                "max_context": longest,
-                "context_unbounded": longest is None,
-                "max_batch": max_batch(model, pat, context, budget, dtype, page),
-            }
-        rows.append(
-            KVRow(
-                pattern=name,
-                label=pat.label(),
-                params=pat.params(),
-                retained_tokens=retained_tokens(model, pat, context, page),
-                bytes=size,
-                vs_dense=size / dense_bytes,
-                bounded=bool(getattr(pat, "bounded_kv", False)),
-                **extra,
-            )
-        )
+    if reference != model:  # sliding or chunked layers: the model's own attention is not dense
+        rows.append(_row("model default", _own_label(model), {}, model, None, *args))
+    rows.append(_row("dense", "dense", {}, reference, None, *args))
+    for p in chosen:
+        if p.name != "dense" or p.params():
+            rows.append(_row(p.name, p.label(), p.params(), model, p, *args))
     return rows
+
+
+def kv_notes(model: ModelSpec, context: int, dtype: str) -> list[str]:
+    """What the reader needs to read the table right: the model's own attention, what a pattern
+    replaces, MLA and multi-token-prediction layers, states counted or not, defaults used."""
+    notes = []
+    counts = model.counts()
+    if model.max_context and context > model.max_context:
+        notes.append(f"context {context} is longer than the model's trained context of {model.max_context}")
+    if model.all_full() != model:
+        notes.append(
+            f"'model default' is the model's own attention ({mix_label(model)}); "
+            "'dense' keeps every token in every attention layer"
+        )
+    elif not model.uniform:
+        notes.append(
+            "'dense' is the model as it ships: its attention layers keep every token, its other layers their state"
+        )
+    if not model.uniform:
+        full = counts.get(FULL, 0)
+        notes.append(
+            f"a pattern replaces the attention of the {full} full-attention layers only; "
+            "the other layers keep their own"
+            if full
+            else "this model has no full-attention layer: a pattern replaces nothing"
+        )
+    if model.mla:
+        notes.append(
+            f"MLA: every layer caches one latent of kv_lora_rank + qk_rope_head_dim = {model.kv_lora_rank} + "
+            f"{model.qk_rope_head_dim} = {model.latent} values per token, shared by all {model.heads} heads"
+        )
+    if model.mtp_layers:
+        notes.append(f"{model.mtp_layers} multi-token-prediction layer(s) (num_nextn_predict_layers) not counted")
+    for t in STATE_TYPES:
+        if t not in counts:
+            continue
+        if model.state_of(t) is None:
+            notes.append(f"{counts[t]} {t} layers keep a fixed state: state not counted (the config gives no sizes)")
+        else:
+            notes.append(
+                f"{counts[t]} {t} layers keep a fixed state, counted in {canonical_dtype(dtype)} "
+                f"({model.state_rule}); an engine keeping it in fp32 needs more"
+            )
+    if model.derived and model.derived != "layer_types":
+        notes.append(f"layer types derived from {model.derived}")
+    return notes
