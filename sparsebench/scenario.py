@@ -43,9 +43,17 @@ def token_count(value: Any) -> Any:
 
 
 class PatternSpec(_Model):
+    """One pattern: ``{name: window, params: {window: 256}}``, or just its name (``- dense``)
+    when it runs with its defaults."""
+
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
 
 
 class SeqRange(_Model):

@@ -45,6 +45,14 @@ def test_good_scenario_expands_with_baseline(tmp_path):
     assert [c.seq_len for c in plan.cases] == sorted(c.seq_len for c in plan.cases)
 
 
+def test_a_pattern_may_be_named_alone(tmp_path):
+    # "- dense" is {name: dense}; a misspelt name still fails, naming it
+    plan = load_plan(write(tmp_path, GOOD.replace("  - name: sliding_window\n    params: {window: 16}", "  - dense")))
+    assert {c.pattern for c in plan.cases} == {"dense"}
+    with pytest.raises(ScenarioError, match="dens"):
+        load_plan(write(tmp_path, GOOD.replace("  - name: sliding_window\n    params: {window: 16}", "  - dens")))
+
+
 def test_power_of_two_range(tmp_path):
     p = write(tmp_path, GOOD.replace("seq_lens: [64, 128]", "seq_lens: {min: 1000, max: 9000}"))
     sc, _, _ = sc_mod.load(p)

@@ -151,8 +151,21 @@ class _DeepSpeed(Pattern):
         """DeepSpeed ``make_layout(n)[0]``: the (nb, nb) int64 layout of head 0."""
         return self.layout_tensor(n, causal).to(torch.int64)
 
-    def _allowed(self, q, k, n, causal):
-        return self.layout_tensor(n, causal, q.device)[q // self.block, k // self.block]
+    def _allowed(self, q, k, n, causal, layout=None):
+        if layout is None:
+            layout = self.layout_tensor(n, causal, q.device)
+        return layout[q // self.block, k // self.block]
+
+    def mask_fn(self, n, causal, device="cpu"):
+        # the layout built here, outside the traced function: a cached lookup inside it would
+        # break FlexAttention's full-graph compile
+        layout = self.layout_tensor(n, causal, device)
+
+        def f(q, k):
+            m = self._allowed(q, k, n, causal, layout)
+            return m & (k <= q) if causal else m
+
+        return f
 
     def key_intervals(self, n, block, causal):
         lay = self.layout_tensor(n, causal)
