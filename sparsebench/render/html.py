@@ -76,8 +76,10 @@ FIGURE_CAPTIONS = {
     ),
     "masks": (
         "Each panel is one pattern's attention mask, queries down and keys across, black where the query"
-        " attends the key, at the length and density its title gives: compare the panels to see which keys"
-        " each pattern keeps and which it drops."
+        " attends the key and grey where a cell holds only some such pairs, at the length the title gives"
+        " (zoomed onto the first tokens of a long run), with global and sink keys marked in vermillion and"
+        " random keys as blue dots, listed under the panel: compare the panels to see which keys each"
+        " pattern keeps and which it drops."
     ),
 }
 
