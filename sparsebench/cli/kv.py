@@ -195,12 +195,15 @@ def _run_kv(model_name, model_file, context, batch, dtype, pattern, params, budg
     out = console()
     room = out.width - (sum(widths) + 3 * len(widths))  # each column: 2 of padding, 1 of rule
     lines_of = [fit_lines(lines, max(12, room)) for lines, _ in entries]
-    table = Table(title=title, box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
+    # the title above the table, left-aligned and wrapped at the terminal (a title centred over
+    # a narrow table would be broken into short lines)
+    table = Table(box=box.SIMPLE_HEAVY, pad_edge=False, show_edge=False)
     table.add_column("pattern", no_wrap=True, min_width=max(len(x) for lines in lines_of for x in lines))
     for h in headers:
         table.add_column(h, justify="right", no_wrap=True)
     for lines, cells in zip(lines_of, numbers):
         table.add_row(escape("\n".join(lines)), *cells)
+    out.print(escape(title), highlight=False)
     out.print(table)
     for note in notes:
         out.print(f"note: {note}")
