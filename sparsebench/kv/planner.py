@@ -198,13 +198,12 @@ def group_bytes(
     _positive("batch", batch)
     out = []
     for g in layer_groups(model, pattern):
+        kept, bits = _group_bits(g, context, dtype, page)
+        size = None if bits is None else -(-bits * batch // 8)
         if g.pattern is None:
-            size = None if g.state_values is None else -(-_bits(g.layers * g.state_values * batch, dtype) // 8)
             out.append(GroupBytes(g.type, g.layers, "state", "fixed state", False, None, size))
-            continue
-        kept = _retained(g.pattern, context, page)
-        size = -(-_bits(g.layers * g.values_per_token * kept * batch, dtype) // 8)
-        out.append(GroupBytes(g.type, g.layers, g.cache, g.pattern.label(), g.replaced, kept, size))
+        else:
+            out.append(GroupBytes(g.type, g.layers, g.cache, g.pattern.label(), g.replaced, kept, size))
     return out
 
 
@@ -215,14 +214,17 @@ def retained_tokens(model: ModelSpec, pattern: "Pattern | None", context: int, p
     return kept.pop() if len(kept) == 1 else None
 
 
+def _group_bits(g, context: int, dtype: str, page: int | None) -> tuple[int | None, int | None]:
+    """(tokens each layer keeps, bits of the group for one sequence): a state layer keeps no
+    tokens, and its bits are None where its size is not counted."""
+    if g.pattern is None:
+        return None, None if g.state_values is None else _bits(g.layers * g.state_values, dtype)
+    kept = _retained(g.pattern, context, page)
+    return kept, _bits(g.layers * g.values_per_token * kept, dtype)
+
+
 def _bits_per_sequence(model: ModelSpec, pattern: "Pattern | None", context: int, dtype: str, page: int | None) -> int:
-    bits = 0
-    for g in layer_groups(model, pattern):
-        if g.pattern is None:
-            bits += _bits(g.layers * (g.state_values or 0), dtype)
-        else:
-            bits += _bits(g.layers * g.values_per_token * _retained(g.pattern, context, page), dtype)
-    return bits
+    return sum(_group_bits(g, context, dtype, page)[1] or 0 for g in layer_groups(model, pattern))
 
 
 def kv_bytes(

@@ -386,37 +386,20 @@ def _suptitle(panels: Sequence[MaskPanel], smallest: int | None) -> str:
 def _draw_marks(ax, p: MaskPanel) -> None:
     """Triangles above the panel at the keys every query attends, on its right at the queries
     attending every key, dots at random keys."""
+
+    def triangle(x, y, transform, marker, gid):
+        style = dict(marker=marker, markersize=7, color=MARK, linestyle="none", zorder=5, clip_on=False)
+        ax.plot([x], [y], transform=transform, gid=gid, **style)
+
     for a, b in p.keys if len(p.keys) <= MAX_RUNS else ():
-        ax.plot(
-            [(a + b) / 2],
-            [1.0],
-            transform=ax.get_xaxis_transform(),
-            marker="v",
-            markersize=7,
-            color=MARK,
-            clip_on=False,
-            linestyle="none",
-            zorder=5,
-            gid="mark:keys",
-        )
+        triangle((a + b) / 2, 1.0, ax.get_xaxis_transform(), "v", "mark:keys")
         if b - a + 1 >= p.cell * 3:  # a wide run: its extent too, visible on its own below
             ax.plot([a - 0.5, b + 0.5], [1.0, 1.0], transform=ax.get_xaxis_transform(), color=MARK, lw=3, clip_on=False)
         else:  # a column narrower than a few pixels: a line down it, over the queries that attend it
             x = (a + b) / 2
             ax.plot([x, x], [a if p.causal else 0, p.shown - 1], color=MARK, lw=1.3, zorder=3, gid="mark:key_line")
     for a, b in p.rows if len(p.rows) <= MAX_RUNS else ():
-        ax.plot(
-            [1.0],
-            [(a + b) / 2],
-            transform=ax.get_yaxis_transform(),
-            marker="<",
-            markersize=7,
-            color=MARK,
-            clip_on=False,
-            linestyle="none",
-            zorder=5,
-            gid="mark:rows",
-        )
+        triangle(1.0, (a + b) / 2, ax.get_yaxis_transform(), "<", "mark:rows")
         if b - a + 1 < p.cell * 3:  # a row narrower than a few pixels: a line along it
             y = (a + b) / 2
             ax.plot([0, b if p.causal else p.shown - 1], [y, y], color=MARK, lw=1.3, zorder=3, gid="mark:row_line")
