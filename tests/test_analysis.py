@@ -276,3 +276,27 @@ def test_above_the_ideal_at_a_smaller_n_only_is_said_too():
     md = to_markdown(a)
     assert f"{SW} · block_sparse {s.peak_efficiency:.0%} of its ideal at 512" in md
     assert "dense · block_sparse is 2.50x as fast as dense · sdpa at 512." in md
+
+
+def test_a_decode_only_run_has_no_baseline_table_that_says_no_common_sizes():
+    # a decoder has no dense sdpa call to be set against: its series are left out of the
+    # baseline table (which then is not printed), not listed as "no common sizes"
+    import pandas as pd
+
+    from sparsebench.analysis.scaling import analyze
+    from sparsebench.render.analysis import BASELINE_TITLE, tables
+
+    rows = []
+    for pattern, grow in (("dense", 1.0), ("sliding_window", 0.0)):
+        for n in (4096, 8192, 16384):
+            rows.append(
+                dict(
+                    pattern=pattern, pattern_label=pattern, backend="kv_cache", device="cpu", dtype="fp32",
+                    mode="decode", batch=1, heads=8, head_dim=64, seq_len=n, causal=True, status="ok",
+                    time_median_s=1e-3 * (n / 4096) ** grow, peak_mem_bytes=2**20 * (n / 4096) ** grow,
+                    nnz=None, round=1,
+                )
+            )  # fmt: skip
+    df = pd.DataFrame(rows)
+    titles = [t.title for t in tables(analyze(df), df=df)]
+    assert "Scaling" in titles and BASELINE_TITLE not in titles

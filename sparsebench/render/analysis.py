@@ -24,7 +24,7 @@ from sparsebench.analysis.scaling import (
     iter_groups,
 )
 from sparsebench.render.tables import TableSpec, markdown_table, rich_table
-from sparsebench.results.schema import SERIES_KEY
+from sparsebench.results.schema import DECODE, SERIES_KEY
 from sparsebench.stats import FLOOR_SLOPE, Fit
 from sparsebench.units import EMPTY, format_percent, format_ratio, format_time, format_tokens
 
@@ -362,7 +362,9 @@ def tables(analysis: Analysis, compact: bool = False, df=None) -> list[TableSpec
     if not compact:
         note = " ".join(t for t in (note, scaling_findings(analysis)) if t)
     out = [series_table("Scaling", SCALING_COLUMNS, analysis.series, note, compact)]
-    others = [s for s in analysis.series if not s.is_baseline]
+    # a decoder has no dense sdpa call to be set against (its dense decoder is in the scaling
+    # table and the per-token latency figure): decode series are left out of this table
+    others = [s for s in analysis.series if not s.is_baseline and s.key[SERIES_KEY.index("mode")] != DECODE]
     if others:
         yard = yardsticks(df)
         note = baseline_note(compact, baselines_yardstick(analysis, yard) if yard else None)

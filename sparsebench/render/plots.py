@@ -36,14 +36,13 @@ from sparsebench.analysis.scaling import (
 )
 from sparsebench.render.analysis import above_ideal_text, exponent_caveat
 from sparsebench.render.masks import fig_masks
-from sparsebench.results.schema import BASELINE_PATTERN, SERIES_KEY
+from sparsebench.results.schema import BASELINE_PATTERN, DECODE, SERIES_KEY
 from sparsebench.stats import fit_power
 from sparsebench.units import format_bytes, format_time
 
 FIGURES = ("time_vs_seqlen", "memory_vs_seqlen", "speedup_vs_seqlen", "kv_cache_vs_seqlen", "masks")
 # Figures drawn only when the frame holds decode records.
 DECODE_FIGURES = ("per_token_latency_vs_context",)
-DECODE = "decode"
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {

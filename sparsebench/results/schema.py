@@ -20,6 +20,7 @@ SCHEMA_VERSION = 2
 STATUSES = ("ok", "wrong", "oom", "timeout", "error", "skipped", "crashed")
 BASELINE_BACKEND = "sdpa"
 BASELINE_PATTERN = "dense"
+DECODE = "decode"  # the mode of a decode case (a KV-cache decoder, no attention backend)
 
 # Where a column lives.
 RECORD = "record"  # written to records.jsonl
