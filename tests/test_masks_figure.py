@@ -133,3 +133,10 @@ def test_bigbird_beside_dense_alone_is_drawn_where_they_differ():
     drawn = panels(fig)
     assert_pairwise_different(drawn)
     assert "at n=512 (at the run's smallest, n=256," in fig._suptitle.get_text()
+
+
+def test_a_length_asked_for_is_not_called_the_runs_smallest():
+    df = run_frame((("sliding_window", {"window": 64}),), (1024, 2048))
+    assert "the run's smallest length" in plots.fig_masks(df)._suptitle.get_text()
+    title = plots.fig_masks(df, n=8192)._suptitle.get_text()
+    assert "n=8k, as asked" in title and "smallest" not in title

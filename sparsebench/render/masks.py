@@ -321,8 +321,8 @@ def fig_masks(df, analysis=None, styles=None, n: int | None = None):
         marks = max(marks_text(p).count("\n") + 1 if marks_text(p) else 0 for p in row)
         heights.append(3.5 + 0.17 * title + 0.16 * (marks + 1))
     fig = Figure(figsize=(3.6 * cols + 0.6, sum(heights) + 0.6), layout="constrained")
-    smallest = int(df["seq_len"].min()) if n is None and "seq_len" in df and df["seq_len"].notna().any() else None
-    fig.suptitle(_suptitle(panels, smallest), fontweight="bold")
+    smallest = int(df["seq_len"].min()) if "seq_len" in df and df["seq_len"].notna().any() else None
+    fig.suptitle(_suptitle(panels, smallest, asked=n is not None), fontweight="bold")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
@@ -360,8 +360,9 @@ def fig_masks(df, analysis=None, styles=None, n: int | None = None):
     return fig
 
 
-def _suptitle(panels: Sequence[MaskPanel], smallest: int | None) -> str:
-    """The length drawn, and why where it is not the run's smallest."""
+def _suptitle(panels: Sequence[MaskPanel], smallest: int | None, asked: bool = False) -> str:
+    """The length drawn, and why where it is not the run's smallest (``asked``: the caller chose
+    it, which the title then says)."""
     from sparsebench.units import short_tokens
 
     drawn = [p for p in panels if not p.error]
@@ -370,6 +371,8 @@ def _suptitle(panels: Sequence[MaskPanel], smallest: int | None) -> str:
     ns = sorted({p.n for p in drawn})
     if len(ns) != 1:
         at = "each at its own smallest n that fits it"
+    elif asked:
+        at = f"at n={short_tokens(ns[0])}, as asked"
     elif smallest is None or ns[0] == smallest:
         at = f"at n={short_tokens(ns[0])}, the run's smallest length"
     else:
