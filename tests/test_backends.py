@@ -97,10 +97,11 @@ def test_flex_matches_reference():
 
 
 @pytest.mark.slow
-def test_flex_never_runs_eagerly_behind_a_graph_break():
-    """A mask_mod that does not trace whole (DeepSpeed's variable layout is built inside it) made
-    torch.compile fall back to eager FlexAttention: n x n scores, 1.8 GiB at n = 4096 where the
-    compiled kernel takes 32 MiB, measured as flex. It is an error that says so."""
+def test_flex_never_runs_eagerly_behind_a_graph_break(monkeypatch):
+    """A mask_mod that does not trace whole (DeepSpeed's variable layout was once built inside it)
+    made torch.compile fall back to eager FlexAttention: n x n scores, 1.8 GiB at n = 4096 where
+    the compiled kernel takes 32 MiB, measured as flex. It is an error that says so; the DeepSpeed
+    patterns now build their layout before the mask_mod and compile whole."""
     be = BACKENDS.get("flex")
     why = be.unavailable(torch.device("cpu"))
     if why:
@@ -108,6 +109,18 @@ def test_flex_never_runs_eagerly_behind_a_graph_break():
     pat = PATTERNS.get("ds_variable").from_params({"block": 16})
     p = Problem(pat, 256, True, 1, 2, 16, torch.float32, torch.device("cpu"))
     q, k, v = qkv(256, 1, 2, 16)
+    with torch.no_grad():
+        out = be().prepare(p)(q, k, v)
+    want = masked_softmax_attention(q, k, v, pat.mask(256, causal=True))
+    assert torch.allclose(out, want, atol=1e-5)
+
+    inner = pat.mask_fn(256, True)
+
+    def breaks(q_idx, k_idx):
+        torch._dynamo.graph_break()
+        return inner(q_idx, k_idx)
+
+    monkeypatch.setattr(type(pat), "mask_fn", lambda self, n, causal, device="cpu": breaks)
     with pytest.raises(RuntimeError, match="mask_mod does not compile whole"):
         with torch.no_grad():
             be().prepare(p)(q, k, v)
