@@ -143,10 +143,14 @@ class BlockSparse(Backend):
         reordered copies and merge; backward, gradients in the input dtype, a delta per row and
         its chunk. Grouped-query inputs (``grouped``): the whole q, k, v and output, and one
         group's run (its copy of the group's query heads, its output and temporaries); backward
-        also the saved outputs of every group, the output gradient and the gradients of q, k, v."""
+        also the saved outputs of every group, the output gradient, the gradients of q, k, v and
+        autograd's full-size gradients of the slices (measured: 0.83x-0.90x of the peak, bigbird
+        and longformer, 16 query heads over 4, n = 2048)."""
         if p.group > 1:
             one = self.estimate_bytes(replace(p, heads=p.kv_heads))  # one group's run, k and v included
-            extra = 3 * p.q_bytes + p.kv_bytes if p.mode == "backward" else 0
+            # backward: the groups' saved outputs, the output gradient, q's gradient, and per group the
+            # full-size gradient autograd makes for a slice of q (and of the output) before adding it
+            extra = 5 * p.q_bytes + p.kv_bytes if p.mode == "backward" else 0
             return p.io_bytes + one - p.kv_bytes + extra
         if _use_triton(p):
             from sparsebench.backends.block_sparse import triton as _triton
