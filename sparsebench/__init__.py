@@ -8,6 +8,9 @@ Library use (``sparsebench.api``; torch is imported on the first call, not by ``
     fn = sparsebench.prepare("sliding_window", 4096, window=256, batch=1, heads=8, head_dim=64)
     out = fn(q, k, v)  # the backend's plan is built once, in prepare
 
+    # grouped-query attention: k and v with fewer heads than q (kv_heads divides heads)
+    fn = sparsebench.prepare("sliding_window", 4096, window=256, batch=1, heads=32, kv_heads=8, head_dim=64)
+
     sw = sparsebench.pattern("sliding_window", window=256)  # mask, block layout, nnz, KV retention
 """
 

@@ -56,8 +56,8 @@ class Attention:
     unchanged; a pattern whose keys depend on q and k (planned: content-selected patterns) will
     rebuild there only its key selection, per call, and reuse the rest.
 
-    ``kv_heads`` is in the shapes so that k and v may later have fewer heads than q (grouped-query
-    attention); today ``prepare`` refuses a value other than ``heads``."""
+    ``kv_heads`` may be fewer than ``heads`` (grouped-query attention: query head h reads key/value
+    head h // (heads // kv_heads)); it divides ``heads``."""
 
     problem: "Problem"
     backend: str
@@ -125,7 +125,8 @@ def prepare(
     an API option goes to the pattern), or a pattern object from ``sparsebench.pattern`` (then no
     parameters here). ``dtype``: a torch dtype or fp32 / fp16 / bf16. ``tile``: the
     block_sparse tile size (None: the backend's default, 64). ``kv_heads``: heads of k and v
-    (None: ``heads``); fewer than ``heads`` (grouped-query attention) is not supported yet.
+    (None: ``heads``); fewer than ``heads`` is grouped-query attention (query head h reads
+    key/value head h // (heads // kv_heads)), and must divide ``heads``.
 
     The backend's ``prepare`` (plan, mask, kernel) runs here, once. Raises ScenarioError for a bad
     name, parameter or size, BackendUnavailable when the backend cannot run this problem here."""
@@ -143,18 +144,15 @@ def prepare(
         raise ScenarioError(
             f"kv_heads={kv_heads} must divide heads={heads} (each key/value head serves a group of query heads)"
         )
-    if kv_heads != heads:
-        raise ScenarioError(
-            f"kv_heads={kv_heads} with heads={heads}: k and v with fewer heads than q (grouped-query attention) "
-            "is not supported yet; repeat k and v to heads (k.repeat_interleave(heads // kv_heads, dim=1))"
-        )
     if tile is not None:
         _require_positive("tile", tile)
     pat.check(n, causal)
     be = BACKENDS.get(backend)
     dev = torch.device(device)
     extra = {} if tile is None else {"tile": tile}
-    problem = Problem(pat, n, causal, batch, heads, head_dim, _torch_dtype(dtype), dev, mode="forward", **extra)
+    problem = Problem(
+        pat, n, causal, batch, heads, head_dim, _torch_dtype(dtype), dev, mode="forward", kv_heads=kv_heads, **extra
+    )
     impl = be()
     why = be.unavailable(dev) or impl.unsupported(problem)
     if why:
@@ -173,8 +171,10 @@ def attention(
     tile: int | None = None,
     **params: Any,
 ):
-    """Attention of q, k, v (batch, heads, n, head_dim) under a named pattern, computed by a named
-    backend: ``prepare`` for their shapes, then the call. Every keyword that is not an API option
+    """Attention of q (batch, heads, n, head_dim) and k, v (batch, kv_heads, n, head_dim) under a
+    named pattern, computed by a named backend: ``prepare`` for their shapes, then the call. k and
+    v may have fewer heads than q (grouped-query attention: kv_heads divides heads, query head h
+    reads key/value head h // (heads // kv_heads)). Every keyword that is not an API option
     goes to the pattern (``window=256``, ``block=8``); ``tile`` is the block_sparse tile size
     (None: 64). For many calls of one shape, ``prepare`` once instead. Raises
     sparsebench.errors.SparsebenchError for bad names, parameters or shapes."""
@@ -183,6 +183,13 @@ def attention(
             f"q, k, v must be 4-D (batch, heads, n, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     batch, heads, n, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if v.shape[1] != kv_heads or kv_heads < 1 or heads % kv_heads:
+        raise ScenarioError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v need the same number of heads, "
+            f"one that divides q's {heads} (grouped-query attention: each key/value head serves "
+            f"heads / kv_heads query heads)"
+        )
     fn = prepare(
         pattern,
         n,
@@ -190,7 +197,7 @@ def attention(
         causal=causal,
         batch=batch,
         heads=heads,
-        kv_heads=k.shape[1],
+        kv_heads=kv_heads,
         head_dim=head_dim,
         dtype=q.dtype,
         device=q.device,

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sparsebench.errors import PatternError, ScenarioError
 from sparsebench.units import COMPUTE_DTYPES, parse_tokens
@@ -116,6 +125,8 @@ class Scenario(_Model):
     dtypes: list[Literal[DTYPES]] = Field(default_factory=lambda: ["fp32"], min_length=1)
     batch: int = Field(default=1, ge=1, le=4096)
     heads: int = Field(default=8, ge=1, le=1024)
+    # key/value heads (grouped-query attention: each serves heads // kv_heads query heads); None: heads
+    kv_heads: int | None = Field(default=None, ge=1, le=1024)
     head_dim: int = Field(default=64, ge=1, le=1024)
     causal: bool = True
     mode: Union[Literal["forward", "backward", "decode"], list[Literal["forward", "backward", "decode"]]] = "forward"
@@ -159,6 +170,18 @@ class Scenario(_Model):
                 raise ValueError("repeats a sequence length")
         return v
 
+    @field_validator("kv_heads")
+    @classmethod
+    def _kv_heads(cls, v, info: ValidationInfo):
+        heads = info.data.get("heads")
+        if v is not None and heads is not None and heads % v:
+            divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+            raise ValueError(
+                f"kv_heads {v} does not divide heads {heads} (each key/value head serves the same number of "
+                f"query heads); give a divisor of {heads}: {divisors}"
+            )
+        return v
+
     @field_validator("backends", "devices", "dtypes")
     @classmethod
     def _unique(cls, v):
@@ -169,6 +192,11 @@ class Scenario(_Model):
     @property
     def lengths(self) -> list[int]:
         return sorted(self.seq_lens.values() if isinstance(self.seq_lens, SeqRange) else self.seq_lens)
+
+    @property
+    def key_value_heads(self) -> int:
+        """kv_heads, or heads where it is not given."""
+        return self.kv_heads or self.heads
 
     @property
     def modes(self) -> list[str]:
@@ -206,6 +234,18 @@ class Case:
     # why the case is not run (a pattern parameter that does not fit this length ...), set when
     # the scenario is expanded; the runner records it as skipped with this reason
     skip_reason: str | None = None
+    # key/value heads (grouped-query attention: q has ``heads`` heads, k and v ``kv_heads``;
+    # heads % kv_heads == 0); None: heads
+    kv_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
 
     def key(self) -> tuple:
         from sparsebench.results.schema import CASE_KEY
@@ -214,7 +254,9 @@ class Case:
 
     @property
     def case_id(self) -> str:
-        return "|".join(str(x) for x in self.key())
+        from sparsebench.results.schema import case_id
+
+        return case_id(self.key())
 
     def as_dict(self) -> dict:
         from dataclasses import asdict
@@ -580,6 +622,8 @@ def expand(sc: Scenario, source: str) -> Plan:
         if dense not in patterns:
             patterns.insert(0, dense)
             misfits[dense[0]] = {}
+    if sc.key_value_heads != sc.heads and "decode" in sc.modes:
+        notes.append(f"decode runs with kv_heads = heads ({sc.heads}): its decoder has no grouped-query attention yet")
     cases = []
     for n in sc.lengths:
         for dev in devices:
@@ -604,6 +648,8 @@ def expand(sc: Scenario, source: str) -> Plan:
                                 mode=mode,
                                 batch=sc.batch,
                                 heads=sc.heads,
+                                # decode (measure/decode.py) has its own decoder, with kv_heads = heads
+                                kv_heads=sc.heads if mode == "decode" else sc.key_value_heads,
                                 head_dim=sc.head_dim,
                                 seq_len=n,
                                 causal=causal,

@@ -174,16 +174,18 @@ def test_attention_refuses_inputs_that_are_not_4d_or_differ():
         sparsebench.attention(q, k[:, :, :23], v)
 
 
-def test_kv_heads_accepted_and_grouped_query_attention_refused_for_now():
+def test_kv_heads_accepted_and_a_non_divisor_refused():
+    # grouped-query attention itself (kv_heads < heads) runs: tests/test_gqa.py
     fn = sparsebench.prepare("dense", 16, batch=1, heads=4, kv_heads=4, head_dim=16)
     assert fn.kv_heads == 4 and fn.expected_shapes() == ((1, 4, 16, 16), (1, 4, 16, 16))
-    with pytest.raises(ScenarioError, match="grouped-query attention.*not supported yet"):
-        sparsebench.prepare("dense", 16, batch=1, heads=4, kv_heads=2, head_dim=16)
+    fn = sparsebench.prepare("dense", 16, batch=1, heads=4, kv_heads=2, head_dim=16)
+    assert fn.kv_heads == 2 and fn.expected_shapes() == ((1, 4, 16, 16), (1, 2, 16, 16))
     with pytest.raises(ScenarioError, match="must divide heads"):
         sparsebench.prepare("dense", 16, batch=1, heads=4, kv_heads=3, head_dim=16)
     q = torch.randn(1, 4, 16, 16)
-    kv = torch.randn(1, 2, 16, 16)
-    with pytest.raises(ScenarioError, match="not supported yet"):  # attention() reads kv_heads from k
+    kv = torch.randn(1, 3, 16, 16)
+    # attention() reads kv_heads from k
+    with pytest.raises(ScenarioError, match=r"q \(1, 4, 16, 16\), k \(1, 3, 16, 16\)"):
         sparsebench.attention(q, kv, kv)
 
 

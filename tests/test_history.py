@@ -99,7 +99,7 @@ def _step(h, case):
     return [s for s in h.steps if (s.key[0], s.key[1], s.key[CASE_SEQ]) == case]
 
 
-CASE_SEQ = 8  # seq_len's place in CASE_KEY
+CASE_SEQ = 9  # seq_len's place in CASE_KEY
 
 
 def invoke(*args):

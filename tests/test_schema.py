@@ -93,6 +93,7 @@ def test_the_case_key_has_defaults_and_the_series_key_follows_from_it():
         "mode",
         "batch",
         "heads",
+        "kv_heads",
         "head_dim",
         "seq_len",
         "causal",

@@ -36,8 +36,17 @@ class Problem:
     device: torch.device
     mode: str = "forward"
     tile: int = 64
+    #: key/value heads: k and v are (batch, kv_heads, seq_len, head_dim), query head h reads key/value
+    #: head h // (heads // kv_heads) (grouped-query attention); None: heads
+    kv_heads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
+        if self.kv_heads < 1 or self.heads % self.kv_heads:
+            from sparsebench.errors import ScenarioError
+
+            raise ScenarioError(f"kv_heads={self.kv_heads} must divide heads={self.heads}")
         # a pattern whose own parameter sets its causality (a ds_* layout's attention=bidirectional)
         # runs as that parameter says, whatever the caller asked: every backend and the reference
         # check read ``causal`` from here
@@ -58,9 +67,24 @@ class Problem:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def group(self) -> int:
+        """Query heads per key/value head (1: no grouped-query attention)."""
+        return self.heads // self.kv_heads
+
+    @property
+    def q_bytes(self) -> int:
+        """Bytes of q (and of the output, and of k or v repeated to every query head)."""
+        return self.batch * self.heads * self.seq_len * self.head_dim * self.elem_bytes
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of k and v together (kv_heads heads each)."""
+        return 2 * self.batch * self.kv_heads * self.seq_len * self.head_dim * self.elem_bytes
+
+    @property
     def io_bytes(self) -> int:
         """q, k, v and the output."""
-        return 4 * self.batch * self.heads * self.seq_len * self.head_dim * self.elem_bytes
+        return 2 * self.q_bytes + self.kv_bytes
 
 
 class Backend:
@@ -102,9 +126,19 @@ def scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+def repeat_kv(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v with each key/value head repeated for the query heads it serves (query head h
+    reads key/value head h // (heads // kv_heads)): what references do with grouped-query inputs
+    (a copy of the size of q each; the sparse backends never make it)."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def masked_softmax_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
     """The textbook: materialise scores, mask, softmax, weight the values. Rows without any
-    allowed key give zeros (not NaN)."""
+    allowed key give zeros (not NaN). k and v with as many heads as q."""
     s = (q @ k.transpose(-1, -2)) * scale(q.shape[-1])
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)

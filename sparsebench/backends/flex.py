@@ -6,7 +6,8 @@ is ever evaluated and nothing is compiled for it (``create_block_mask`` evaluate
 every one of the n^2 pairs, and compiled it adds a compilation per sequence length). Partial
 tiles apply the pattern's
 ``mask_fn`` as the mask_mod. Building it is setup (recorded as setup_s); the first compiled call
-is recorded as compile_s, apart from the steady state."""
+is recorded as compile_s, apart from the steady state. Grouped-query inputs (k and v with fewer
+heads than q) run with ``enable_gqa=True``: no repeated k and v."""
 
 from __future__ import annotations
 
@@ -103,10 +104,12 @@ class Flex(Backend):
         # eagerly, n x n scores and all; an error says so instead
         compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
         name = p.pattern.name
+        # grouped-query inputs: the kernel reads key/value head h // group for query head h
+        gqa = {"enable_gqa": True} if p.group > 1 else {}
 
         def call(q, k, v):
             try:
-                return compiled(q, k, v, block_mask=block_mask)
+                return compiled(q, k, v, block_mask=block_mask, **gqa)
             except Exception as exc:  # noqa: BLE001 - what torch.compile raises varies
                 if not any(kind in type(exc).__name__ for kind in ("Unsupported", "Inductor", "Backend")):
                     raise

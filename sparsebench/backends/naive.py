@@ -1,10 +1,11 @@
-"""The textbook: QK^T, mask, softmax, V, materialising the n x n scores."""
+"""The textbook: QK^T, mask, softmax, V, materialising the n x n scores. A reference: with
+grouped-query inputs (k and v with fewer heads than q) it repeats k and v for every query head."""
 
 from __future__ import annotations
 
 import torch
 
-from sparsebench.backends.base import BACKENDS, Backend, Problem, masked_softmax_attention
+from sparsebench.backends.base import BACKENDS, Backend, Problem, masked_softmax_attention, repeat_kv
 
 
 @BACKENDS.register
@@ -14,15 +15,18 @@ class Naive(Backend):
 
     def prepare(self, p: Problem):
         if p.pattern.name == "dense" and not p.causal:
-            return lambda q, k, v: masked_softmax_attention(q, k, v, torch.ones((), dtype=torch.bool, device=q.device))
-        mask = p.pattern.mask(p.seq_len, p.causal, device=p.device)
-        return lambda q, k, v: masked_softmax_attention(q, k, v, mask)
+            mask = torch.ones((), dtype=torch.bool, device=p.device)
+        else:
+            mask = p.pattern.mask(p.seq_len, p.causal, device=p.device)
+        return lambda q, k, v: masked_softmax_attention(q, *repeat_kv(q, k, v), mask)
 
     def estimate_bytes(self, p: Problem) -> int:
         """Forward: three score-sized tensors alive at once (scores, masked scores, probabilities
         and their cleaned copy overlap); backward (autograd keeps them, plus their gradients):
         five, and the gradients of q, k, v. Plus the boolean mask and the temporaries of building
-        it."""
+        it, and with grouped-query inputs k and v repeated for every query head (backward: their
+        gradients too)."""
         scores = p.batch * p.heads * p.seq_len * p.seq_len * p.elem_bytes
         io, live = (3 * p.io_bytes, 5) if p.mode == "backward" else (p.io_bytes, 3)
-        return io + live * scores + p.seq_len * p.seq_len + p.pattern.mask_build_bytes(p.seq_len)
+        repeated = 0 if p.group == 1 else 2 * p.q_bytes * (2 if p.mode == "backward" else 1)
+        return io + repeated + live * scores + p.seq_len * p.seq_len + p.pattern.mask_build_bytes(p.seq_len)

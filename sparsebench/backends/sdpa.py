@@ -1,4 +1,6 @@
-"""torch's scaled_dot_product_attention, dense (is_causal when causal): the baseline."""
+"""torch's scaled_dot_product_attention, dense (is_causal when causal): the baseline. Grouped-query
+inputs run with ``enable_gqa=True`` (ATen's CPU flash kernel reads each key/value head for its
+group of query heads; no repeated k and v)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ class Sdpa(Backend):
         import torch.nn.functional as F
 
         causal = p.causal
+        if p.group > 1:  # k and v shared by groups of query heads, read in place (no repeated copies)
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     def estimate_bytes(self, p: Problem) -> int:

@@ -151,17 +151,26 @@ def make_problem(case: Case) -> Problem:
         device=torch.device(case.device),
         mode=case.mode,
         tile=case.tile,
+        kv_heads=case.kv_heads,
     )
 
 
 def inputs(p: Problem, seed: int = 0, requires_grad: bool = False):
+    """q (batch, heads, n, head_dim), k and v (batch, kv_heads, n, head_dim): seeded normals."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (p.batch, p.heads, p.seq_len, p.head_dim)
     out = []
-    for _ in range(3):
+    for heads in (p.heads, p.kv_heads, p.kv_heads):
+        shape = (p.batch, heads, p.seq_len, p.head_dim)
         t = torch.randn(shape, generator=g, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
         out.append(t.requires_grad_(requires_grad))
     return out
+
+
+def _repeated(q, k, v):
+    """fp32 copies of k and v repeated for every query head (query head h reads key/value head
+    h // group): the reference's own grouped-query attention, independent of any backend's."""
+    group = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
 
 
 def _check_rows(p: Problem, exact_max_elems: int, sample_rows: int, seed: int, device) -> torch.Tensor | None:
@@ -178,9 +187,11 @@ def _check_rows(p: Problem, exact_max_elems: int, sample_rows: int, seed: int, d
 def reference_error(p: Problem, q, k, v, out, *, exact_max_elems: int, sample_rows: int) -> tuple[float, str]:
     """Max abs error of ``out`` against fp32 dense attention under the pattern's mask: the whole
     output where batch*heads*n*n fits ``exact_max_elems``, else ``sample_rows`` query rows
-    (first, last and seeded random ones)."""
+    (first, last and seeded random ones). Grouped-query k and v are repeated for the reference
+    (``k.repeat_interleave(group, dim=1)``), never run through a backend's own grouped path."""
     n = p.seq_len
     qf, kf, vf = (t.detach().float() for t in (q, k, v))
+    kf, vf = _repeated(qf, kf, vf)
     rows = _check_rows(p, exact_max_elems, sample_rows, 1, q.device)
     if rows is None:
         ref = masked_softmax_attention(qf, kf, vf, p.pattern.mask(n, p.causal, device=q.device))
@@ -195,24 +206,28 @@ def gradient_error(p: Problem, q, k, v, grad, grads, *, exact_max_elems: int, sa
     ``grad``) relative to the largest gradient of fp32 dense attention under the pattern's mask:
     all three where batch*heads*n*n fits ``exact_max_elems``, else the query gradient of
     ``sample_rows`` rows (a row's query gradient depends on that row alone; key and value
-    gradients sum over every query, so they are checked only exactly)."""
+    gradients sum over every query, so they are checked only exactly). Grouped-query k and v
+    are repeated for the reference (their gradients summed over each group by autograd)."""
     n = p.seq_len
     qf, kf, vf = (t.detach().float() for t in (q, k, v))
     gf = grad.float()
     rows = _check_rows(p, exact_max_elems, sample_rows, 2, q.device)
     if rows is None:
         ins = [t.clone().requires_grad_(True) for t in (qf, kf, vf)]
-        masked_softmax_attention(*ins, p.pattern.mask(n, p.causal, device=q.device)).backward(gf)
+        mask = p.pattern.mask(n, p.causal, device=q.device)
+        masked_softmax_attention(ins[0], *_repeated(*ins), mask).backward(gf)
         pairs, how = list(zip(grads, (t.grad for t in ins))), "exact"
     else:
         qr = qf[:, :, rows].clone().requires_grad_(True)
-        masked_softmax_attention(qr, kf, vf, p.pattern.rows(rows, n, p.causal)).backward(gf[:, :, rows])
+        mask = p.pattern.rows(rows, n, p.causal)
+        masked_softmax_attention(qr, *_repeated(qr, kf, vf), mask).backward(gf[:, :, rows])
         pairs, how = [(grads[0][:, :, rows], qr.grad)], "sampled"
     err = max(float((got.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)) for got, ref in pairs)
     return err, how
 
 
 def flops(p: Problem, nnz: int) -> float:
+    """Useful FLOPs of one call: per query head (grouped-query attention computes as many)."""
     fwd = 4.0 * p.batch * p.heads * nnz * p.head_dim
     return fwd * 2.5 if p.mode == "backward" else fwd
 

@@ -59,7 +59,7 @@ class _Static:
         retained = p.pattern.kv_retained(case.seq_len)
         out: dict[str, Any] = {
             "kv_retained": retained,
-            "kv_cache_bytes": 2 * case.batch * case.heads * case.head_dim * p.elem_bytes * retained,
+            "kv_cache_bytes": 2 * case.batch * case.kv_heads * case.head_dim * p.elem_bytes * retained,
         }
         if case.mode == "decode":
             out.update(

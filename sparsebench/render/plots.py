@@ -685,13 +685,19 @@ def _ordered_series(sub):
     return items
 
 
+def _kv_heads(row: dict) -> str:
+    """ "/8 KV" after the heads of a grouped-query panel (fewer key/value heads than heads), else ""."""
+    kv = row.get("kv_heads", row["heads"])
+    return "" if kv == row["heads"] else f"/{kv} KV"
+
+
 def _panel_title(row: dict) -> str:
     bits = [
         str(row["device"]),
         str(row["dtype"]),
         str(row["mode"]),
         dim_text("causal", row["causal"]),
-        f"B={row['batch']} H={row['heads']} D={row['head_dim']}",
+        f"B={row['batch']} H={row['heads']}" + _kv_heads(row) + f" D={row['head_dim']}",
     ]
     return " · ".join(bits)
 

@@ -278,6 +278,10 @@ def add_derived(df):
     df = df.copy()
     if df.empty:
         return df
+    for c in CASE_KEY:  # a frame made without a key field (one added later: kv_heads) reads as a record does
+        if c not in df.columns:
+            source = schema.KEY_DEFAULTS_FROM.get(c)
+            df[c] = df[source] if source in df.columns else schema.KEY_DEFAULTS[c]
     shape = [c for c in CASE_KEY if c not in ("pattern_label", "backend")]
     base = df[(df["pattern"] == BASELINE_PATTERN) & (df["backend"] == BASELINE_BACKEND) & (df["status"] == "ok")]
     base = base[shape + ["time_median_s", "nnz"]].rename(

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 # 2: the block_sparse tile size is the field ``tile`` (version 1 called it ``block``).
-SCHEMA_VERSION = 2
+# 3: ``kv_heads`` (key/value heads, grouped-query attention) joins the case key; a record of an
+#    older version had as many key/value heads as query heads, and reads kv_heads = heads.
+SCHEMA_VERSION = 3
 
 STATUSES = ("ok", "wrong", "oom", "timeout", "error", "skipped", "crashed")
 BASELINE_BACKEND = "sdpa"
@@ -45,6 +47,8 @@ class Field:
     key: bool = False
     default: Any = None
     from_case: bool = False  # copied from the Case that was measured
+    # a key field that an older record lacks reads this other field's value (kv_heads: heads)
+    default_from: str | None = None
 
 
 FIELDS: tuple[Field, ...] = (
@@ -61,7 +65,9 @@ FIELDS: tuple[Field, ...] = (
     Field("dtype", "str", "", "fp32, fp16 or bf16", key=True, from_case=True),
     Field("mode", "str", "", "forward, backward or decode", key=True, from_case=True),
     Field("batch", "int", "", "batch size", key=True, from_case=True),
-    Field("heads", "int", "", "attention heads", key=True, from_case=True),
+    Field("heads", "int", "", "attention heads (query heads)", key=True, from_case=True),
+    Field("kv_heads", "int", "", "key/value heads: heads / kv_heads query heads share each (grouped-query "
+          "attention); equal to heads without it", key=True, from_case=True, default_from="heads"),
     Field("head_dim", "int", "", "dimension of a head", key=True, from_case=True),
     Field("seq_len", "int", "tokens", "sequence length n (the context in decode mode)", key=True, from_case=True),
     Field("causal", "bool", "", "causal (true) or bidirectional attention, as the case ran: the scenario's, unless "
@@ -71,7 +77,7 @@ FIELDS: tuple[Field, ...] = (
     Field("round", "int", "", "which round of a scenario with rounds: R (only then)", always=False),
     # static: needs no measurement
     Field("kv_retained", "int", "tokens", "keys a query may still need, so a KV cache keeps"),
-    Field("kv_cache_bytes", "int", "bytes", "KV cache of one layer: 2 x batch x heads x head_dim x bytes x kv_retained"),
+    Field("kv_cache_bytes", "int", "bytes", "KV cache of one layer: 2 x batch x kv_heads x head_dim x bytes x kv_retained"),
     Field("nnz", "int", "", "allowed (query, key) pairs of the mask (null in decode mode)"),
     Field("density", "float", "", "nnz / n^2 (null in decode mode)"),
     Field("flops", "float", "FLOP", "useful FLOPs of one call, from nnz (null in decode mode)"),
@@ -145,6 +151,8 @@ RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.where == RECO
 # tile is tuned.
 CASE_KEY: tuple[str, ...] = tuple(f.name for f in FIELDS if f.key)
 KEY_DEFAULTS: dict[str, Any] = {f.name: f.default for f in FIELDS if f.key}
+# Key fields whose default is another field of the same record: {field: the field it reads}.
+KEY_DEFAULTS_FROM: dict[str, str] = {f.name: f.default_from for f in FIELDS if f.key and f.default_from}
 # A series is a line on a plot: a case key without the sequence length.
 SERIES_KEY: tuple[str, ...] = tuple(c for c in CASE_KEY if c != "seq_len")
 
@@ -191,15 +199,31 @@ def migrate(rec: dict[str, Any], version: int) -> dict[str, Any]:
                     rec.setdefault(new, value)
         if "schema_version" in rec:
             rec["schema_version"] = SCHEMA_VERSION
-    for name, default in KEY_DEFAULTS.items():
-        if name not in rec:
-            rec = {**rec, name: default}
+    lacking = [name for name in KEY_DEFAULTS if name not in rec]
+    if lacking:
+        rec = {**rec, **{name: key_value(rec, name) for name in lacking}}
+        if "case_id" in rec:  # the key as text, with the fields it gained (a resumed run finds its cases)
+            rec["case_id"] = case_id(case_key(rec))
     return rec
 
 
+def case_id(key: tuple) -> str:
+    """The case key as text (a record's ``case_id``)."""
+    return "|".join(str(x) for x in key)
+
+
+def key_value(rec: dict[str, Any], name: str) -> Any:
+    """A key field of a record, or what a record lacking it is read with: its default, or the
+    value of the field it defaults to (kv_heads: heads)."""
+    if name in rec:
+        return rec[name]
+    other = KEY_DEFAULTS_FROM.get(name)
+    return rec.get(other, KEY_DEFAULTS[name]) if other else KEY_DEFAULTS[name]
+
+
 def case_key(rec: dict[str, Any]) -> tuple:
-    return tuple(rec.get(c, KEY_DEFAULTS[c]) for c in CASE_KEY)
+    return tuple(key_value(rec, c) for c in CASE_KEY)
 
 
 def series_key(rec: dict[str, Any]) -> tuple:
-    return tuple(rec.get(c, KEY_DEFAULTS[c]) for c in SERIES_KEY)
+    return tuple(key_value(rec, c) for c in SERIES_KEY)
