@@ -39,6 +39,9 @@ class Draw(dict):
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items())))
 
+    def __repr__(self) -> str:  # as a scenario writes it (``sparsebench list`` shows the default)
+        return "{" + ", ".join(f"{k}: {v}" for k, v in self.items()) + "}"
+
 
 def _err(text: str) -> PatternError:
     return PatternError(f"pattern 'document' parameter '{FIELD}' {text}")

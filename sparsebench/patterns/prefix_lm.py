@@ -39,7 +39,7 @@ class PrefixLM(Pattern):
         return True
 
     def causality_reason(self) -> str:
-        return f"causal after its bidirectional prefix of {self.prefix} tokens, which is not cut"
+        return f"its prefix of {self.prefix} tokens is bidirectional, the rest causal"
 
     # -- semantics: the prefix whole, in either setting ---------------------------------------
     def _allowed(self, q, k, n, causal):
