@@ -7,8 +7,8 @@
   ``scanned_layout`` finds them by evaluating the pattern's ``allowed`` on the candidate tiles of
   its intervals only, so the cost grows with the non-empty tiles, never with n^2.
 * ``Structure``: a pattern as a union of a few structured parts (``Band``, ``BlockBand``,
-  ``Keys``, ``Rows``, ``Table``, ``BlockTable``) that a kernel can compute without gathers or
-  n x n masks; ``structured_layout`` counts its tiles analytically.
+  ``Keys``, ``Rows``, ``Table``, ``BlockTable``, ``Ranges``) that a kernel can compute without
+  gathers or n x n masks; ``structured_layout`` counts its tiles analytically.
 
 The Pattern API itself (parameters, ``allowed``, ``mask``, ``keys_per_query``...) is in
 ``sparsebench.patterns.base``; this module only needs a pattern's ``allowed`` and
@@ -263,7 +263,31 @@ class BlockTable:
         return (t == (k // self.size).unsqueeze(-1)).any(-1)
 
 
-Part = Band | BlockBand | Keys | Rows | Table | BlockTable
+@dataclass(frozen=True, eq=False)
+class Ranges:
+    """Query i attends keys lo[i]..hi[i] (inclusive; none where lo[i] > hi[i]): one contiguous key
+    range per query, built from a pattern's boundaries in O(n) (packed documents: each query's own
+    document; a prefix LM: the prefix and every earlier key). Both ends are non-decreasing in i,
+    so the rows of a query block touch the keys from its first row's lo to its last row's hi."""
+
+    lo: torch.Tensor  # (n,) int64
+    hi: torch.Tensor  # (n,) int64
+    exclusive: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.lo.shape != self.hi.shape or self.lo.dim() != 1:
+            raise ValueError("Ranges needs lo and hi of one shape (n,)")
+        if self.lo.numel() > 1 and not (
+            bool((self.lo[1:] >= self.lo[:-1]).all()) and bool((self.hi[1:] >= self.hi[:-1]).all())
+        ):
+            raise ValueError("Ranges needs lo and hi non-decreasing in the query index")
+
+    def covers(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        i = q.clamp(0, self.lo.numel() - 1)
+        return (k >= self.lo.to(q.device)[i]) & (k <= self.hi.to(q.device)[i])
+
+
+Part = Band | BlockBand | Keys | Rows | Table | BlockTable | Ranges
 
 
 @dataclass(frozen=True, eq=False)
@@ -285,9 +309,12 @@ class Structure:
 
 
 def _row_interval(part, i: torch.Tensor, n: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive key range [lo, hi] of query rows i for a part whose rows are one interval."""
+    """Inclusive key range [lo, hi] of query rows i for a part whose rows are one interval (its
+    ends non-decreasing in i: a band, a block band, ranges)."""
     if isinstance(part, Band):
         lo, hi = i - part.hi, i - part.lo
+    elif isinstance(part, Ranges):
+        lo, hi = part.lo[i], part.hi[i]
     else:
         blk = i // part.size
         lo, hi = (blk - part.hi) * part.size, (blk - part.lo + 1) * part.size - 1
@@ -377,7 +404,7 @@ def structured_layout(pattern: Pattern, st: Structure, block: int) -> BlockLayou
     nb = math.ceil(n / block)
     tq, tk, tc = [], [], []
     for part in st.parts:
-        if isinstance(part, (Band, BlockBand)) and getattr(part, "step", 1) == 1:
+        if isinstance(part, (Band, BlockBand, Ranges)) and getattr(part, "step", 1) == 1:
             a, b_, c = _interval_tiles(part, n, block, causal)
         elif isinstance(part, (Keys, Rows)):
             sel = part.keys if isinstance(part, Keys) else part.rows

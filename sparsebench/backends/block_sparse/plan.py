@@ -15,6 +15,9 @@ Each part of a ``Structure`` becomes a few calls on 4-D views (X sequences, wind
 * ``Keys`` / ``Rows`` (globals, sinks, summary columns): query chunks against the columns (or
   the gathered rows against all keys), masked only where earlier parts already covered a pair.
 * ``Table`` / ``BlockTable`` (random keys, random blocks): keys gathered per query (block).
+* ``Ranges`` (packed documents, a prefix LM: one key range per query): chunks of consecutive
+  rows against the keys their ranges span, each row's range kept as a ``RangeMask`` (the native
+  window kernel computes each 8-row block over its rows' keys only).
 * Without a structure: the block layout's diagonal run becomes a ``BlockBand`` and the other
   tiles are gathered, grouped by tile count (identical key blocks gathered once, broadcast).
 
@@ -34,7 +37,17 @@ from sparsebench.backends.block_sparse import native as _native
 from sparsebench.backends.block_sparse.attend import Mask, RangeMask
 from sparsebench.backends.block_sparse.views import Gather, Strided, View
 from sparsebench.patterns.base import Pattern
-from sparsebench.patterns.geometry import Band, BlockBand, BlockLayout, BlockTable, Keys, Rows, Structure, Table
+from sparsebench.patterns.geometry import (
+    Band,
+    BlockBand,
+    BlockLayout,
+    BlockTable,
+    Keys,
+    Ranges,
+    Rows,
+    Structure,
+    Table,
+)
 from sparsebench.shapes import broadcast_shape
 
 # Query rows (over all batch*heads sequences) per call: bounds every temporary to a few MiB.
@@ -57,6 +70,11 @@ KEY_CHUNK_BYTES = 1 << 20
 RANGE_ROWS = 512
 # Masks larger than this whose rows are each one key range are kept as the ranges.
 RANGE_MASK_BYTES = 1 << 16
+# Ranges parts: query rows per call on the native window kernel (it reads each row's range, so a
+# call's size costs nothing but the keys it packs once per sequence), and elsewhere the largest
+# rows x keys of a call (ATen's kernel gets the booleans as an additive mask of that size).
+RANGES_NATIVE_ROWS = 2048
+RANGES_MASK_ELEMENTS = 1 << 22
 
 
 @dataclass(eq=False)
@@ -443,6 +461,41 @@ class Planner:
         kv = Gather(keys.clamp(max=n - 1).flatten().to(self.device), windows, keys_per_row)
         self.add(qv, kv, okm[None], False, "block_table")
 
+    def ranges(self, part: Ranges) -> None:
+        """One key range per query row: chunks of consecutive rows against the keys their ranges
+        span (both ends non-decreasing, so a chunk's keys run from its first row's lo to its last
+        row's hi), each row's range kept as a RangeMask: no n x n mask, and the native window
+        kernel computes each 8-row block over its own rows' keys only."""
+        n = self.n
+        i = torch.arange(n)
+        lo, hi = part.lo[:n].cpu().clamp(min=0), part.hi[:n].cpu().clamp(max=n - 1)
+        if self.causal:
+            hi = torch.minimum(hi, i)
+        self.kinds.append("ranges")
+        start = 0
+        while start < n:
+            end = min(n, start + (RANGES_NATIVE_ROWS if self.native_windows else RANGE_ROWS))
+            if not self.native_windows:  # ATen: the additive mask of rows x keys stays bounded
+                while (
+                    end - start > BAND_ROWS
+                    and (end - start) * (int(hi[end - 1]) - int(lo[start]) + 1) > RANGES_MASK_ELEMENTS
+                ):
+                    end = start + max(BAND_ROWS, (end - start) // 2)
+            row_lo, row_hi = lo[start:end], hi[start:end]
+            has = row_lo <= row_hi
+            if bool(has.any()):
+                first_key, end_key = int(row_lo[has].min()), int(row_hi[has].max()) + 1
+                keys = end_key - first_key
+                mask = RangeMask(
+                    torch.where(has, row_lo - first_key, 1).to(self.device),
+                    torch.where(has, row_hi - first_key, 0).to(self.device),
+                    keys,
+                )
+                empty = None if bool(has.all()) else (~has)[None, None].to(self.device)
+                qv = Strided(1, end - start, 1, start)
+                self.calls.append(Call(qv, Strided(1, keys, 1, first_key), mask, False, empty, "ranges"))
+            start = end
+
     # -- tiles of a block layout ---------------------------------------------------------------
     def tiles(self, pattern: Pattern, layout: BlockLayout, keep: torch.Tensor) -> None:
         """Gathered tiles (the generic path): query blocks grouped by their number of tiles."""
@@ -512,7 +565,12 @@ class Planner:
         init = init or bool((written == 0).any())
         for call in self.calls:
             call.ranges = _row_ranges(call)
-            if call.ranges is not None and call.mask is not None and call.mask.stored_bytes > RANGE_MASK_BYTES:
+            if (
+                call.ranges is not None
+                and call.mask is not None
+                and not isinstance(call.mask, RangeMask)
+                and call.mask.stored_bytes > RANGE_MASK_BYTES
+            ):
                 # a mask of its own per row (key columns against many rows): kept as its ranges
                 lo, hi = call.ranges
                 if call.mask.bool.shape[2] == lo.numel():
@@ -526,6 +584,8 @@ def _row_ranges(call: Call) -> tuple[torch.Tensor, torch.Tensor] | None:
     and all windows alike (a shared mask or none): the native window kernel's input."""
     if call.causal or call.table is not None:
         return None
+    if isinstance(call.mask, RangeMask):  # planned as ranges (Ranges parts): taken as they are
+        return call.mask.lo.cpu().to(torch.int32), call.mask.hi.cpu().to(torch.int32)
     rows, keys = call.q.length, call.k.length
     if call.mask is None:
         lo = torch.zeros(rows, dtype=torch.int32)
@@ -626,8 +686,10 @@ def build(
     """The plan for a problem: from ``pattern.structure`` when it has one (and ``structured``),
     else from the block layout at ``block``. ``dtype`` decides whether key tables use the native
     kernel (fp32 on the CPU)."""
-    bld = Planner(n, causal, groups, device, dtype, head_dim)
     st: Structure | None = pattern.structure(n, causal) if structured else None
+    # the structure's own causality: a pattern that keeps pairs above the diagonal in a causal
+    # case (prefix_lm's prefix) describes itself as a bidirectional structure
+    bld = Planner(n, st.causal if st is not None else causal, groups, device, dtype, head_dim)
     if st is not None:
         for part in st.parts:
             if isinstance(part, Band):
@@ -642,11 +704,14 @@ def build(
                 bld.table(part)
             elif isinstance(part, BlockTable):
                 bld.block_table(part)
+            elif isinstance(part, Ranges):
+                bld.ranges(part)
             else:  # pragma: no cover - a new part type without a planner
                 raise TypeError(f"no planner for {type(part).__name__}")
             bld.earlier.append(part)
     else:
         layout = pattern.block_layout(n, block, causal)
+        bld.causal = layout.causal  # the layout's own causality, as the structure's above
         band, keep = _detect_band(layout, torch.ones(layout.nnz_blocks, dtype=torch.bool))
         if band is not None:
             bld.block_band(band)
