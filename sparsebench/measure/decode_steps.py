@@ -40,9 +40,6 @@ from sparsebench.errors import BackendUnavailable
 if TYPE_CHECKING:
     from sparsebench.measure.decode import Decoder
 
-# The backend of decode records written before decode ran through the backends: one KV-cache
-# decoder of its own (SDPA over the planned slots). Old result folders still say so.
-LEGACY_BACKEND = "kv_cache"
 FLEX_BLOCK = 128  # the flex backend's block size (backends/flex.py), also over the cache
 
 
