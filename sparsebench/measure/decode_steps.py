@@ -90,6 +90,7 @@ class _Masked(StepAttention):
     def __init__(self, dec: "Decoder") -> None:
         super().__init__(dec)
         self.live = torch.zeros(dec.cache.size, dtype=torch.bool, device=dec.cache.k.device)
+        self.row = self.live.view(1, -1)  # as a (1 query, slots) mask
         self._ready: int | None = None
 
     def prepare(self, i: int) -> None:
@@ -116,8 +117,8 @@ class SdpaMaskedStep(_Masked):
     def __call__(self, i: int) -> torch.Tensor:
         c = self.dec.cache
         if self.group > 1:
-            return F.scaled_dot_product_attention(self.query(i), c.k, c.v, attn_mask=self.live, enable_gqa=True)
-        return F.scaled_dot_product_attention(self.query(i), c.k, c.v, attn_mask=self.live)
+            return F.scaled_dot_product_attention(self.query(i), c.k, c.v, attn_mask=self.row, enable_gqa=True)
+        return F.scaled_dot_product_attention(self.query(i), c.k, c.v, attn_mask=self.row)
 
 
 class NaiveStep(_Masked):
@@ -127,7 +128,7 @@ class NaiveStep(_Masked):
         from sparsebench.backends.base import masked_softmax_attention
 
         c = self.dec.cache
-        return masked_softmax_attention(self.grouped(i), c.k, c.v, self.live).reshape(self.shape)
+        return masked_softmax_attention(self.grouped(i), c.k, c.v, self.row).reshape(self.shape)
 
 
 class BlockSparseStep(StepAttention):
