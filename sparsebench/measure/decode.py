@@ -495,7 +495,6 @@ def measure_decode(
         used_threads = torch.get_num_threads() if device.type == "cpu" else None
         # the first step apart: a compiling backend compiles here (on the steps' threads)
         with first_call() if first_call else contextlib.nullcontext():
-            dec.prepare(0)
             first = _timed_step(dec, 0, device)
         if compiled and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # compilation scratch is no step's
