@@ -630,8 +630,13 @@ def expand(sc: Scenario, source: str) -> Plan:
             for dtype in sc.dtypes:
                 for mode in sc.modes:
                     mode_combos = combos
-                    if mode == "decode":  # one decoder (its cache policy) per pattern
-                        mode_combos = [(lab, pat, DECODE_BACKEND, pat.causality(sc.causal)) for lab, pat in patterns]
+                    if mode == "decode":  # every pattern's decoder on every backend (sdpa too: over its slots)
+                        mode_combos = [
+                            (lab, pat, b, pat.causality(sc.causal)) for lab, pat in patterns for b in sc.backends
+                        ]
+                        if sc.baseline and "sdpa" not in sc.backends:  # the dense decoder on sdpa, as elsewhere
+                            lab, pat = next(pair for pair in patterns if pair[1].name == "dense")
+                            mode_combos.insert(0, (lab, pat, "sdpa", pat.causality(sc.causal)))
                     for label, pat, b, causal in mode_combos:
                         why = misfits.get(label, {}).get(n)
                         if why is None and mode == "decode" and not causal and pat.fixed_causality() is False:

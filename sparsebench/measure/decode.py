@@ -24,12 +24,19 @@ what is measured): the plan evaluates ``pattern.allowed`` for the step's positio
 positions the slots hold. The plan also checks that the ring still holds every key the
 pattern allows; where it does not (a longformer global token among the generated positions
 needs every earlier key) the cache falls back to ``DenseCache`` and says so in
-``cache_policy``. A timed step writes the new K/V into its slot, reads the planned slots and
-runs one query of attention.
+``cache_policy``. A timed step writes the new K/V into its slot and runs one query of attention
+over the planned slots on the case's backend (``decode_steps``: sdpa, sdpa_masked, naive,
+block_sparse, flex; what each does is said there), after that backend's untimed per-position
+preparation (a mask row, a BlockMask).
+
+Grouped-query attention: the cache holds ``kv_heads`` heads (the keys and values of the
+source), the queries ``heads``; query head h reads KV head h // (heads / kv_heads). The
+reference repeats each KV head for its group (``repeat_interleave``), apart from any backend.
 
 Timing (``measure_decode``): a step is tens of microseconds of latency-bound work, so the
 clock is easily dominated by the machine rather than the step. The steps run on one intra-op
-thread (see the note above ``reference_rows``), after a warm-up of at least ``warmup`` steps and
+thread (see the note above ``reference_rows``), after a first step timed apart (a compiling
+backend's compilation: ``compile_s``, never a step's time), a warm-up of at least ``warmup`` steps and
 ``warmup_s`` seconds, and each generated position is stepped ``repeats`` times back to back
 (a step is idempotent: the same slot gets the same K/V and the same slots are read), with
 ``repeats`` chosen so that the timed steps add up to about ``min_time_s``. ``times_s`` holds
@@ -41,14 +48,14 @@ length ``context + tokens`` as the pattern's n for every position, and the refer
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
-import torch.nn.functional as F
 
 from sparsebench import stats
 from sparsebench.errors import BackendUnavailable, ScenarioError
@@ -287,7 +294,9 @@ KVSource = TensorKV | SeededKV
 def reference_rows(q: torch.Tensor, source: KVSource, mask_of) -> torch.Tensor:
     """Full masked attention (fp32) of the query rows ``q`` (B, H, T, D) over every key of
     ``source``, where ``mask_of(start, stop)`` is the (T, stop - start) mask of keys start..stop-1;
-    streamed one chunk of keys at a time (an online softmax), skipping chunks no row attends."""
+    streamed one chunk of keys at a time (an online softmax), skipping chunks no row attends.
+    A source with fewer heads than ``q`` (grouped-query attention) has each of its heads repeated
+    for the H / heads query heads of its group."""
     b, h, t, d = q.shape
     qf = q.float() * d**-0.5
     top = torch.full((b, h, t, 1), float("-inf"), device=q.device)
@@ -299,6 +308,8 @@ def reference_rows(q: torch.Tensor, source: KVSource, mask_of) -> torch.Tensor:
         if not bool(mask.any()):
             continue
         k, v = source.span(start, stop)
+        if k.shape[1] != h:  # grouped-query: query head i reads KV head i // group
+            k, v = (x.repeat_interleave(h // k.shape[1], dim=1) for x in (k, v))
         scores = (qf @ k.float().transpose(-1, -2)).masked_fill(~mask, float("-inf"))
         new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
         shift = torch.where(torch.isinf(new_top), torch.zeros_like(new_top), new_top)  # a row with no key yet
@@ -311,17 +322,21 @@ def reference_rows(q: torch.Tensor, source: KVSource, mask_of) -> torch.Tensor:
 
 
 class Decoder:
-    """A prefilled cache for ``pattern`` and the plan of its decode steps.
+    """A prefilled cache for ``pattern`` and the plan of its decode steps on ``backend``.
 
-    ``source``: the keys and values of every position (context + tokens of them); ``q``:
-    (B, H, tokens, D), the queries of the generated positions. Prefill (untimed) writes the
-    first ``context`` keys/values chunk by chunk; ``step(i)`` generates position ``context + i``:
-    it writes that position's K/V into its slot and attends ``q[:, :, i]`` over the planned
-    slots, leaving the result in ``out[:, :, i]``. Besides its cache the decoder holds only the
-    generated positions' K/V (``tokens`` of them).
+    ``source``: the keys and values of every position (context + tokens of them), with
+    ``kv_heads`` heads; ``q``: (B, H, tokens, D), the queries of the generated positions (H a
+    multiple of kv_heads). Prefill (untimed) writes the first ``context`` keys/values chunk by
+    chunk; ``prepare(i)`` does the backend's untimed work for position ``context + i``;
+    ``step(i)`` generates it: it writes that position's K/V into its slot and attends
+    ``q[:, :, i]`` over the planned slots on the backend, leaving the result in
+    ``out[:, :, i]``. Besides its cache the decoder holds only the generated positions' K/V
+    (``tokens`` of them).
     """
 
-    def __init__(self, pattern: "Pattern", context: int, q: torch.Tensor, source: KVSource) -> None:
+    def __init__(
+        self, pattern: "Pattern", context: int, q: torch.Tensor, source: KVSource, backend: str = "sdpa"
+    ) -> None:
         self.pattern = pattern
         self.context = context
         self.tokens = q.shape[2]
@@ -330,7 +345,9 @@ class Decoder:
             raise ScenarioError(f"decode: k/v must hold {self.n_total} positions, got {source.positions}")
         self.q, self.source = q, source
         self.k, self.v = source.span(context, self.n_total)  # the generated positions' keys and values
-        b, h, _, d = self.k.shape
+        b, h, _, d = self.k.shape  # h: the KV heads
+        if q.shape[1] % h:
+            raise ScenarioError(f"decode: {q.shape[1]} query heads are not a multiple of {h} KV heads")
         want = torch.zeros(self.tokens, dtype=torch.long)  # keys each generated row attends
         for start in range(0, self.n_total, source.chunk):
             want += self.mask_of(start, min(self.n_total, start + source.chunk)).sum(dim=1)
@@ -355,6 +372,9 @@ class Decoder:
         self.steps: list[Step] = steps
         self.cache.prefill(source, context)
         self.out = torch.zeros_like(q)
+        from sparsebench.measure import decode_steps
+
+        self.attend = decode_steps.make(backend, self)
 
     def mask_of(self, start: int, stop: int) -> torch.Tensor:
         """(tokens, stop - start): may generated row i attend key j, for start <= j < stop?"""
@@ -365,15 +385,20 @@ class Decoder:
     def policy(self) -> str:
         return self.cache.describe() + self.note
 
+    @property
+    def backend(self) -> str:
+        return self.attend.backend
+
+    def prepare(self, i: int) -> None:
+        """The backend's untimed work for position i (idempotent)."""
+        self.attend.prepare(i)
+
     def step(self, i: int) -> None:
         st, c = self.steps[i], self.cache
+        self.attend.prepare(i)  # done before the clock where timed (_timed_step): then a no-op
         c.k[:, :, st.slot : st.slot + 1].copy_(self.k[:, :, i : i + 1])
         c.v[:, :, st.slot : st.slot + 1].copy_(self.v[:, :, i : i + 1])
-        if isinstance(st.keys, slice):
-            kk, vv = c.k[:, :, st.keys], c.v[:, :, st.keys]
-        else:
-            kk, vv = c.k.index_select(2, st.keys), c.v.index_select(2, st.keys)
-        self.out[:, :, i : i + 1] = F.scaled_dot_product_attention(self.q[:, :, i : i + 1], kk, vv)
+        self.out[:, :, i : i + 1] = self.attend(i)
 
     def reference(self) -> torch.Tensor:
         """Full masked attention (fp32) of the generated rows over the whole sequence."""
@@ -387,6 +412,7 @@ def measure_decode(
     tokens: int = 32,
     batch: int = 1,
     heads: int = 8,
+    kv_heads: int | None = None,
     head_dim: int = 64,
     dtype: Any = torch.float32,
     device: str | torch.device = "cpu",
@@ -397,25 +423,39 @@ def measure_decode(
     warmup_s: float = WARMUP_S,
     min_time_s: float = MIN_TIME_S,
     max_repeats: int = MAX_REPEATS,
+    backend: str = "sdpa",
+    first_call: Callable[[], ContextManager[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Time ``tokens`` single-token decode steps after a prefill of ``context`` tokens.
+    """Time ``tokens`` single-token decode steps on ``backend`` after a prefill of ``context``
+    tokens; the cache holds ``kv_heads`` heads (None: ``heads``), the queries ``heads``.
 
     Timing: on the CPU the steps run with ``threads`` intra-op threads (1 by default, restored
-    afterwards; ``None`` leaves torch's setting). Warm-up runs at least ``warmup`` steps and
-    at least ``warmup_s`` seconds; each position is then stepped ``repeats`` times back to back
-    (1 <= repeats <= ``max_repeats``, about ``min_time_s`` of timed steps in all).
+    afterwards; ``None`` leaves torch's setting). The first step is timed apart (first_call_s;
+    for a compiling backend its extra over the median step is compile_s), inside ``first_call()``
+    where given (the harness keeps its one-time memory out of the peak). Warm-up then runs at
+    least ``warmup`` steps and at least ``warmup_s`` seconds; each position is then stepped
+    ``repeats`` times back to back (1 <= repeats <= ``max_repeats``, about ``min_time_s`` of
+    timed steps in all).
 
     Returns record fields: time_median_s / time_iqr_s / time_min_s / times_s (per token: every
     timed step, ``tokens * repeats`` of them), decode_repeats, decode_threads,
-    cache_bytes_measured (nbytes of the K/V tensors allocated), kv_cache_bytes (analytic, one
-    layer: 2 x batch x heads x head_dim x bytes x kv_retained(context + tokens)), kv_retained,
+    first_call_s, compile_s, cache_bytes_measured (nbytes of the K/V tensors allocated),
+    kv_cache_bytes (analytic, one layer: 2 x batch x kv_heads x head_dim x bytes x
+    kv_retained(context + tokens)), kv_retained,
     cache_tokens, cache_policy, decode_tokens, max_abs_err (against full masked attention of
     the same rows), and on CUDA peak_mem_bytes (allocator peak from the decoder's construction,
     its cache and chunked prefill, to the last step; the queries are allocated before). On the
     CPU the harness measures the whole call; the prompt's keys and values are never held at once
     (one chunk of ``prefill_chunk`` positions at a time), so either peak is the cache plus a chunk.
     """
-    for what, value in (("context", context), ("tokens", tokens), ("batch", batch), ("heads", heads)):
+    kv_heads = heads if kv_heads is None else kv_heads
+    for what, value in (
+        ("context", context),
+        ("tokens", tokens),
+        ("batch", batch),
+        ("heads", heads),
+        ("kv_heads", kv_heads),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ScenarioError(f"decode {what} must be a positive integer, got {value!r}")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
@@ -429,6 +469,8 @@ def measure_decode(
     for what, value in (("warmup_s", warmup_s), ("min_time_s", min_time_s)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
             raise ScenarioError(f"decode {what} must be a finite number >= 0, got {value!r}")
+    if heads % kv_heads:
+        raise ScenarioError(f"decode kv_heads must divide heads: {heads} query heads over {kv_heads} KV heads")
     if not causal:
         raise ScenarioError("decode mode needs causal: true (a generated token cannot attend keys after it)")
     dtype = _resolve_dtype(dtype)
@@ -442,14 +484,20 @@ def measure_decode(
     # drawn a chunk at a time, as the prefill and the reference ask for them
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, tokens, head_dim, generator=g).to(device, dtype)
-    chunk = prefill_chunk(batch, heads, head_dim, dtype)
-    source = SeededKV(batch, heads, head_dim, dtype, device, seed, n_total, chunk)
+    chunk = prefill_chunk(batch, kv_heads, head_dim, dtype)
+    source = SeededKV(batch, kv_heads, head_dim, dtype, device, seed, n_total, chunk)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    dec = Decoder(pattern, context, q, source)
+    dec = Decoder(pattern, context, q, source, backend)
+    compiled = dec.attend.compiled
     with intra_op_threads(threads, device):
         used_threads = torch.get_num_threads() if device.type == "cpu" else None
+        # the first step apart: a compiling backend compiles here (on the steps' threads)
+        with first_call() if first_call else contextlib.nullcontext():
+            first = _timed_step(dec, 0, device)
+        if compiled and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # compilation scratch is no step's
         times, repeats = _time_steps(dec, tokens, device, warmup, warmup_s, min_time_s, max_repeats)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
@@ -457,11 +505,14 @@ def measure_decode(
     retained = int(pattern.kv_retained(n_total))
     if getattr(pattern, "bounded_kv", False) and type(dec.cache) is DenseCache:
         retained = n_total  # a ring would drop keys a generated query needs: the whole cache is kept
+    median = statistics.median(times)
     record: dict[str, Any] = {
-        "time_median_s": statistics.median(times),
+        "time_median_s": median,
         "time_iqr_s": stats.iqr(times),
         "time_min_s": min(times),
         "times_s": times,
+        "first_call_s": first,
+        "compile_s": max(0.0, first - median) if compiled else 0.0,
         "decode_tokens": tokens,
         "decode_repeats": repeats,
         "decode_threads": used_threads,
@@ -469,7 +520,7 @@ def measure_decode(
         "cache_tokens": dec.cache.size,
         "cache_bytes_measured": int(dec.cache.nbytes),
         "kv_retained": retained,
-        "kv_cache_bytes": 2 * batch * heads * head_dim * torch.empty((), dtype=dtype).element_size() * retained,
+        "kv_cache_bytes": 2 * batch * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size() * retained,
         "max_abs_err": err,
     }
     if peak is not None:
@@ -478,6 +529,7 @@ def measure_decode(
 
 
 def _timed_step(dec: Decoder, i: int, device: torch.device, f: float = 1.0) -> float:
+    dec.prepare(i)  # the backend's per-position work (a mask row, a BlockMask): before the clock
     sync(device)
     t0 = time.perf_counter()
     dec.step(i)

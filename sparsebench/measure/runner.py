@@ -86,7 +86,14 @@ def _precheck(case: Case, static: dict[str, Any]) -> str | None:
     from sparsebench.measure.harness import make_problem
     from sparsebench.measure.memory import available_bytes
 
-    if case.mode != "decode":
+    if case.mode == "decode":  # a decode step of its own per backend (measure/decode_steps.py)
+        from sparsebench.measure import decode_steps
+        from sparsebench.measure.device import TORCH_DTYPES
+
+        why = decode_steps.unsupported(case.backend, torch.device(case.device), TORCH_DTYPES[case.dtype])
+        if why:
+            return why
+    else:
         backend = BACKENDS.get(case.backend)
         why = backend.unavailable(torch.device(case.device))
         if why:

@@ -35,8 +35,10 @@ def execute(case: Case) -> dict[str, Any]:
 
     harness.warm_process()
     try:
-        if case.mode == "decode":
-            return harness.run_decode_case(case)
+        if case.mode == "decode":  # its decoder on the case's backend
+            from sparsebench.measure import decode_case
+
+            return decode_case.run_case(case)
         return harness.run_case(case)
     except KeyboardInterrupt:
         raise

@@ -1,5 +1,5 @@
-"""The analysis in words and tables: the scaling, baseline and first-call tables with their
-notes, and the machine-speed sentence, for summary.md (``to_markdown``), the terminal
+"""The analysis in words and tables: the scaling, baseline, decode and first-call tables with
+their notes, and the machine-speed sentence, for summary.md (``to_markdown``), the terminal
 (``renderables``) and report.html (``tables``, ``drift_note``).
 
 ``compact`` tables (an 80-column terminal) leave out the fit range and best-speedup columns
@@ -19,6 +19,7 @@ from sparsebench.analysis.scaling import (
     Analysis,
     Crossover,
     SeriesSummary,
+    ensure_derived,
     finite_or_none,
     fit_status,
     iter_groups,
@@ -26,10 +27,15 @@ from sparsebench.analysis.scaling import (
 from sparsebench.render.tables import TableSpec, markdown_table, rich_table
 from sparsebench.results.schema import DECODE, SERIES_KEY
 from sparsebench.stats import FLOOR_SLOPE, Fit
-from sparsebench.units import EMPTY, format_percent, format_ratio, format_time, format_tokens
+from sparsebench.units import EMPTY, format_bytes, format_percent, format_ratio, format_time, format_tokens
 
 FIRST_CALL_TITLE = "First call"
 BASELINE_TITLE = "Against the dense baseline (dense · sdpa)"
+DECODE_TITLE = "Decode: time per generated token"
+# The backend of decode records written before decode ran through the backends (one KV-cache
+# decoder of its own, SDPA over its slots). Old result folders say so; they load and plot, their
+# series named by their pattern.
+LEGACY_DECODE_BACKEND = "kv_cache"
 
 
 @dataclass(frozen=True)
@@ -374,6 +380,52 @@ FIRST_CALL_NOTE = (
 )
 
 
+DECODE_NOTE = (
+    "Decode: after a prompt of n tokens (the context, prefilled into the KV cache a chunk at a "
+    "time, untimed), each generated token is one step on the named backend: its K and V written "
+    "into the cache, one query attending the cached keys its pattern allows. per token: the "
+    "median time of a step (every timed step of the case); vs dense · sdpa: the dense decoder on "
+    "sdpa at the same n and shape, its time per token over this one (above 1x: faster); time exp.: "
+    "of the time per token against n (a dense cache ~1, a ring ~0); KV cache: the bytes one layer "
+    "keeps (kv_heads heads); peak: the decoder's own measured peak (its cache, one prefill chunk, "
+    "the steps)."
+)
+
+
+def decode_table(analysis: Analysis, df, compact: bool = False) -> TableSpec | None:
+    """One row per decode series, at its largest context n that ran: the time per generated
+    token, against dense on sdpa, its exponent, KV-cache bytes and peak memory (None without
+    decode records)."""
+    series = [s for s in analysis.series if s.key[SERIES_KEY.index("mode")] == DECODE]
+    if not series or df is None or "mode" not in df:
+        return None
+    df = ensure_derived(df)
+    ok = df[(df["mode"].astype(str) == DECODE) & (df["status"] == "ok")]
+    rows = dict(iter_groups(ok, SERIES_KEY))
+    out = []
+    for s in series:
+        g = rows.get(s.key)
+        if g is None or g.empty:
+            continue
+        r = g.sort_values("seq_len").iloc[-1]
+        backend = s.key[SERIES_KEY.index("backend")]
+        out.append(
+            (
+                s.shown_label if backend != LEGACY_DECODE_BACKEND else f"{s.shown_label} (one decoder of its own)",
+                format_tokens(int(r["seq_len"])),
+                format_time(finite_or_none(r.get("time_median_s"))),
+                format_ratio(finite_or_none(r.get("speedup"))),
+                _fit_text(s.time_fit, s.sizes, compact),
+                format_bytes(finite_or_none(r.get("kv_cache_bytes"))),
+                format_bytes(finite_or_none(r.get("peak_mem_bytes"))),
+            )
+        )
+    if not out:
+        return None
+    columns = ("series", "context n", "per token", "vs dense · sdpa", "time exp.", "KV cache", "peak")
+    return TableSpec(DECODE_TITLE, columns, tuple(out), DECODE_NOTE, wrap=(0, 4))
+
+
 def tables(analysis: Analysis, compact: bool = False, df=None) -> list[TableSpec]:
     """The summary tables; ``compact`` (for an 80-column terminal) drops the fit range and
     the best speedup columns, and the first-call table; ``df`` (the frame ``analysis`` came
@@ -381,6 +433,8 @@ def tables(analysis: Analysis, compact: bool = False, df=None) -> list[TableSpec
     if not analysis.series:
         return [TableSpec("Scaling", ("note",), (("no successful measurements to analyse",),))]
     note = scaling_note(compact)
+    if any(s.key[SERIES_KEY.index("mode")] == DECODE for s in analysis.series):
+        note += " Decode series: the time is per generated token, n the context length."
     if not compact:
         note = " ".join(t for t in (note, scaling_findings(analysis)) if t)
     out = [series_table("Scaling", SCALING_COLUMNS, analysis.series, note, compact)]
@@ -393,6 +447,9 @@ def tables(analysis: Analysis, compact: bool = False, df=None) -> list[TableSpec
         lead = " ".join(t for t in (above_ideal_text(others), below_one_ideal_text(others)) if t)
         note = f"{lead} {note}" if lead else note
         out.append(series_table(BASELINE_TITLE, baseline_columns(yard), others, note, compact))
+    decode = decode_table(analysis, df, compact)
+    if decode is not None:
+        out.append(decode)
     firsts = [
         s
         for s in analysis.series

@@ -7,8 +7,9 @@ them to ``<result>/plots/<name>.<fmt>``. Figures are built with ``matplotlib.fig
 
 Encoding, the same in every figure: colour = backend (Okabe-Ito, colour-blind safe), line
 style + marker = pattern, the dense sdpa baseline thick black; dashed = an analytic estimate
-or an ideal, never a measurement. Decode figures have one implementation (the KV cache), so
-there colour = pattern as well, dense thick black.
+or an ideal, never a measurement. The decode figure draws one line per pattern and backend in
+that encoding too (dense on sdpa thick black); a run with one decode implementation (one
+backend, or an old run's own KV-cache decoder, backend "kv_cache") has colour = pattern there.
 
 The masks figure is ``render.masks`` (its length, its marks); ``fig_masks`` is re-exported here.
 
@@ -34,7 +35,7 @@ from sparsebench.analysis.scaling import (
     iter_groups,
     positive_mask,
 )
-from sparsebench.render.analysis import above_ideal_text, exponent_caveat
+from sparsebench.render.analysis import LEGACY_DECODE_BACKEND, above_ideal_text, exponent_caveat
 from sparsebench.render.masks import fig_masks
 from sparsebench.results.schema import BASELINE_PATTERN, DECODE, SERIES_KEY
 from sparsebench.stats import fit_power
@@ -210,7 +211,7 @@ def fig_time_vs_seqlen(df, analysis: Analysis | None = None, styles: Styles | No
 
 def fig_per_token_latency_vs_context(df, analysis: Analysis | None = None, styles: Styles | None = None):
     """Decode: median time per generated token against the context length, log-log, one line
-    per pattern, the fitted exponent in the legend (dense should read ~1, a window ~0).
+    per pattern and backend, the fitted exponent in the legend (dense should read ~1, a window ~0).
 
     The exponent is fitted over every context length: ``analyze`` leaves out leading sizes
     that grow slower than n^0.5 as an overhead floor, but a flat per-token latency is what a
@@ -223,6 +224,8 @@ def fig_per_token_latency_vs_context(df, analysis: Analysis | None = None, style
     summaries = analysis.by_key()
     styles = styles or styles_for(df)
     fig, panels = _figure(ok, "Decode: time per generated token vs context length")
+    # one decode implementation (one backend, or an old run's kv_cache decoder): colour = pattern
+    by_pattern = ok["backend"].astype(str).nunique() == 1
     for ax, sub, title in panels:
         for key, g in _ordered_series(sub):
             g = g.sort_values("seq_len")
@@ -236,7 +239,10 @@ def fig_per_token_latency_vs_context(df, analysis: Analysis | None = None, style
                 suffix += "  (one size: no fit)"
             if s and s.failure:
                 suffix += f"; {s.failure.status} at n={_n_text(s.failure.seq_len)}"
-            style = styles.decode_line(str(key[0]))
+            if by_pattern:
+                style = styles.decode_line(str(key[0]))
+            else:
+                style = styles.line(str(key[0]), str(key[1]), baseline=is_baseline_key(key))
             ax.plot(g["seq_len"], g["time_median_s"], label=wrap_label(name, suffix), gid=f"latency:{name}", **style)
         _guides(ax, sub, ((0, "O(1) guide", (0, (4, 4))), (1, "O(n) guide", (0, (1, 3)))))
         finish_axes(ax, title, _xlabel(sub), "median time per generated token", y="time")
@@ -638,8 +644,9 @@ def _decode_mask(df):
 
 
 def _decode_name(key: Sequence[Any]) -> str:
-    """A decode series by its pattern; the backend only when it is not the KV cache."""
-    return str(key[0]) if key[1] == "kv_cache" else _short(key)
+    """A decode series by its pattern and backend; an old run's (backend "kv_cache", its one
+    decoder) by its pattern."""
+    return str(key[0]) if key[1] == LEGACY_DECODE_BACKEND else _short(key)
 
 
 def _keys(df) -> list[tuple]:
