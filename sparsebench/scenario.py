@@ -622,8 +622,6 @@ def expand(sc: Scenario, source: str) -> Plan:
         if dense not in patterns:
             patterns.insert(0, dense)
             misfits[dense[0]] = {}
-    if sc.key_value_heads != sc.heads and "decode" in sc.modes:
-        notes.append(f"decode runs with kv_heads = heads ({sc.heads}): its decoder has no grouped-query attention yet")
     cases = []
     for n in sc.lengths:
         for dev in devices:
@@ -653,8 +651,7 @@ def expand(sc: Scenario, source: str) -> Plan:
                                 mode=mode,
                                 batch=sc.batch,
                                 heads=sc.heads,
-                                # decode (measure/decode.py) has its own decoder, with kv_heads = heads
-                                kv_heads=sc.heads if mode == "decode" else sc.key_value_heads,
+                                kv_heads=sc.key_value_heads,
                                 head_dim=sc.head_dim,
                                 seq_len=n,
                                 causal=causal,

@@ -44,9 +44,8 @@ FLEX_BLOCK = 128  # the flex backend's block size (backends/flex.py), also over 
 
 
 def kv_heads_of(obj: Any) -> int:
-    """The KV heads of a Case or Problem: its ``kv_heads`` where it has them (grouped-query
-    attention), else its ``heads``. The one place that reads the field (until every Case has it)."""
-    return getattr(obj, "kv_heads", None) or obj.heads
+    """The KV heads of a Case or Problem (grouped-query attention: fewer than its ``heads``)."""
+    return obj.kv_heads
 
 
 class StepAttention:
