@@ -73,6 +73,8 @@ def _static_groups(case: Case, spec) -> list[dict[str, Any]]:
                 "type": group.type,
                 "layers": group.layers,
                 "pattern": None if sub is None else sub.pattern_label,
+                "pattern_name": None if sub is None else sub.pattern,
+                "params": None if sub is None else sub.params,
                 "timed": sub is not None,
                 "time_per_layer_s": None,
                 "time_s": None,

@@ -36,6 +36,7 @@ from sparsebench.analysis.scaling import (
 )
 from sparsebench.render.analysis import above_ideal_text, exponent_caveat
 from sparsebench.render.masks import fig_masks
+from sparsebench.render.stack import fig_model_stack
 from sparsebench.results.schema import BASELINE_PATTERN, DECODE, SERIES_KEY
 from sparsebench.stats import fit_power
 from sparsebench.units import format_bytes, format_time
@@ -43,6 +44,8 @@ from sparsebench.units import format_bytes, format_time
 FIGURES = ("time_vs_seqlen", "memory_vs_seqlen", "speedup_vs_seqlen", "kv_cache_vs_seqlen", "masks")
 # Figures drawn only when the frame holds decode records.
 DECODE_FIGURES = ("per_token_latency_vs_context",)
+# Figures drawn only when the frame holds a model scenario's stack records (render/stack.py).
+MODEL_FIGURES = ("model_stack",)
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {
@@ -586,7 +589,16 @@ FIGURE_FUNCTIONS = {
     "speedup_vs_seqlen": fig_speedup_vs_seqlen,
     "kv_cache_vs_seqlen": fig_kv_cache_vs_seqlen,
     "masks": fig_masks,
+    "model_stack": fig_model_stack,
 }
+
+
+def figure_caption(stem: str, df=None) -> str | None:
+    """The caption report.html puts under a figure this module knows better than its fixed
+    table does (render.html.figure_caption's hook): the model stack figure's; else None."""
+    from sparsebench.render import stack
+
+    return stack.CAPTION if stem == "model_stack" else None
 
 
 def render_all(

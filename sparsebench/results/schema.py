@@ -135,7 +135,7 @@ FIELDS: tuple[Field, ...] = (
           always=False),
     Field("state_layers", "int", "", "layers keeping a fixed state (linear attention, Mamba): not attention, "
           "not timed", always=False),
-    Field("groups", "object", "", "per layer group: type, layers, pattern, time_per_layer_s, time_s (layers x "
+    Field("groups", "object", "", "per layer group: type, layers, pattern (its label; pattern_name, params), time_per_layer_s, time_s (layers x "
           "time per layer), peak_mem_bytes, max_abs_err, cache, retained_tokens, kv_bytes", always=False),
     Field("stack_kv_bytes", "int", "bytes", "the KV cache of every layer of the stack after n tokens (MLA: the "
           "latent; states counted where the config sizes them), with the heads as run", always=False),
