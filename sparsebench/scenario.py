@@ -112,8 +112,8 @@ class Scenario(_Model):
     seq_lens: Union[list[int], SeqRange]
     patterns: Union[list[PatternSpec], None] = Field(default=None, min_length=1)
     # a model's attention stack instead of patterns (see MODEL_KEYS and ``model_cases``)
-    model: Union[str, None] = None
-    model_file: Union[str, None] = None
+    model: Union[str, list[str], None] = Field(default=None, min_length=1)
+    model_file: Union[str, list[str], None] = Field(default=None, min_length=1)
     heads_scale: float = Field(default=1.0, gt=0, le=1)
     backends: list[str] = Field(min_length=1)
     devices: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
@@ -690,16 +690,24 @@ def check_model_keys(sc: Scenario, source: str, index: dict) -> None:
         )
 
 
-def model_source(sc: Scenario, source: str) -> str:
-    """Where a model scenario's model is read from: "preset:NAME", or the config's absolute path
-    (a relative ``model_file`` is read beside the scenario file, else from the working folder)."""
-    if sc.model is not None:
-        return f"preset:{sc.model}"
-    path = Path(str(sc.model_file)).expanduser()
-    if not path.is_absolute():
-        beside = Path(source).parent / path
-        path = beside if beside.exists() or not path.exists() else path
-    return str(path.resolve())
+def model_sources(sc: Scenario, source: str) -> list[tuple[tuple, str]]:
+    """Each model of a model scenario: (its field's path, where it is read from: "preset:NAME",
+    or a config's absolute path; a relative ``model_file`` is read beside the scenario file, else
+    from the working folder)."""
+    key = "model" if sc.model is not None else "model_file"
+    value = getattr(sc, key)
+    entries = [((key,), value)] if isinstance(value, str) else [((key, i), v) for i, v in enumerate(value)]
+    out = []
+    for path, v in entries:
+        if key == "model":
+            out.append((path, f"preset:{v}"))
+            continue
+        file = Path(v).expanduser()
+        if not file.is_absolute():
+            beside = Path(source).parent / file
+            file = beside if beside.exists() or not file.exists() else file
+        out.append((path, str(file.resolve())))
+    return out
 
 
 def read_model(where: str):
@@ -750,75 +758,78 @@ def model_plan(sc: Scenario, source: str, index: dict, devices: list[str], skipp
     from sparsebench.kv.config import ATTENTION_TYPES
     from sparsebench.kv.planner import layer_pattern
 
-    key = "model" if sc.model is not None else "model_file"
-    where = model_source(sc, source)
-    try:
-        spec = read_model(where)
-    except ScenarioError as exc:
-        raise _fail(source, index, (key,), str(exc)) from None
-    try:
-        run_spec = scale_heads(spec, sc.heads_scale)
-    except ScenarioError as exc:
-        raise _fail(source, index, ("heads_scale",), str(exc)) from None
-    types = [t for t in spec.counts() if t in ATTENTION_TYPES]
-    if not types:
-        raise _fail(source, index, (key,), f"{spec.name} has no attention layer to time (every layer keeps a state)")
-    misfit: dict[int, str] = {}
-    for n in sc.lengths:
-        for t in types:
-            try:
-                layer_pattern(spec, t).check(n, True)
-            except PatternError as exc:
-                misfit.setdefault(n, f"its {spec.type_label(t)} layers: {exc}")
-    if len(misfit) == len(sc.lengths):
-        raise _fail(source, index, ("seq_lens",), f"{spec.name} fits none of the lengths: {misfit[sc.lengths[-1]]}")
-    stacks = [SHIPPED] if spec.all_full() == spec else [SHIPPED, ALL_DENSE]
-    notes = [
-        spec.describe(),
-        f"timed with {run_spec.heads} query heads over {plural(run_spec.kv_heads, 'KV head')}"
-        + ("" if sc.heads_scale == 1 else f" (heads_scale {sc.heads_scale:g} of the model's)"),
-    ]
-    if len(stacks) == 1:
-        notes.append(f"every attention layer of {spec.name} is full: it is its own all-dense twin, run once")
+    models = []  # (spec, spec as run, where it is read from, its stacks, {n: why it is skipped})
+    notes: list[str] = []
+    for path, where in model_sources(sc, source):
+        try:
+            spec = read_model(where)
+        except ScenarioError as exc:
+            raise _fail(source, index, path, str(exc)) from None
+        try:
+            run_spec = scale_heads(spec, sc.heads_scale)
+        except ScenarioError as exc:
+            raise _fail(source, index, ("heads_scale",), str(exc)) from None
+        if any(spec.name == m[0].name for m in models):
+            raise _fail(source, index, path, f"names {spec.name} a second time")
+        types = [t for t in spec.counts() if t in ATTENTION_TYPES]
+        if not types:
+            raise _fail(source, index, path, f"{spec.name} has no attention layer to time (every layer keeps a state)")
+        misfit: dict[int, str] = {}
+        for n in sc.lengths:
+            for t in types:
+                try:
+                    layer_pattern(spec, t).check(n, True)
+                except PatternError as exc:
+                    misfit.setdefault(n, f"its {spec.type_label(t)} layers: {exc}")
+        if len(misfit) == len(sc.lengths):
+            raise _fail(source, index, path, f"{spec.name} fits none of seq_lens: {misfit[sc.lengths[-1]]}")
+        stacks = [SHIPPED] if spec.all_full() == spec else [SHIPPED, ALL_DENSE]
+        notes += [
+            spec.describe(),
+            f"{spec.name} timed with {run_spec.heads} query heads over {plural(run_spec.kv_heads, 'KV head')}"
+            + ("" if sc.heads_scale == 1 else f" (heads_scale {sc.heads_scale:g} of the model's)"),
+        ]
+        if len(stacks) == 1:
+            notes.append(f"every attention layer of {spec.name} is full: it is its own all-dense twin, run once")
+        models.append((spec, run_spec, where, stacks, misfit))
+    import itertools
+
     cases = []
-    for n in sc.lengths:
-        for dev in devices:
-            for dtype in sc.dtypes:
-                for mode in sc.modes:
-                    for b in sc.backends:
-                        for stack in stacks:
-                            cases.append(
-                                Case(
-                                    scenario=sc.name,
-                                    pattern=STACK_PATTERN,
-                                    params={"model": spec.name, "stack": stack},
-                                    pattern_label=spec.name if stack == SHIPPED else f"{spec.name} {ALL_DENSE}",
-                                    backend=b,
-                                    device=dev,
-                                    dtype=dtype,
-                                    mode=mode,
-                                    batch=sc.batch,
-                                    heads=run_spec.heads,
-                                    head_dim=spec.head_dim,
-                                    seq_len=n,
-                                    causal=True,
-                                    tile=sc.tile,
-                                    warmup=sc.warmup,
-                                    repeats=sc.repeats,
-                                    min_time_s=sc.min_time_s,
-                                    max_repeats=max(sc.max_repeats, sc.repeats),
-                                    timeout_s=sc.limits.timeout_s,
-                                    memory_budget=sc.limits.memory_bytes,
-                                    check=sc.check.enabled,
-                                    exact_max_elems=sc.check.exact_max_elems,
-                                    sample_rows=sc.check.sample_rows,
-                                    decode_tokens=sc.decode_tokens,
-                                    skip_reason=misfit.get(n),
-                                    model=spec.name,
-                                    model_source=where,
-                                    stack=stack,
-                                    heads_scale=sc.heads_scale,
-                                    **kv_heads_field(run_spec.kv_heads),
-                                )
-                            )
+    grid = itertools.product(sc.lengths, devices, sc.dtypes, sc.modes, sc.backends, models)
+    for n, dev, dtype, mode, b, (spec, run_spec, where, stacks, misfit) in grid:
+        for stack in stacks:
+            cases.append(
+                Case(
+                    scenario=sc.name,
+                    pattern=STACK_PATTERN,
+                    params={"model": spec.name, "stack": stack},
+                    pattern_label=spec.name if stack == SHIPPED else f"{spec.name} {ALL_DENSE}",
+                    backend=b,
+                    device=dev,
+                    dtype=dtype,
+                    mode=mode,
+                    batch=sc.batch,
+                    heads=run_spec.heads,
+                    head_dim=spec.head_dim,
+                    seq_len=n,
+                    causal=True,
+                    tile=sc.tile,
+                    warmup=sc.warmup,
+                    repeats=sc.repeats,
+                    min_time_s=sc.min_time_s,
+                    max_repeats=max(sc.max_repeats, sc.repeats),
+                    timeout_s=sc.limits.timeout_s,
+                    memory_budget=sc.limits.memory_bytes,
+                    check=sc.check.enabled,
+                    exact_max_elems=sc.check.exact_max_elems,
+                    sample_rows=sc.check.sample_rows,
+                    decode_tokens=sc.decode_tokens,
+                    skip_reason=misfit.get(n),
+                    model=spec.name,
+                    model_source=where,
+                    stack=stack,
+                    heads_scale=sc.heads_scale,
+                    **kv_heads_field(run_spec.kv_heads),
+                )
+            )
     return Plan(scenario=sc, source=source, cases=cases, skipped_devices=skipped, notes=tuple(notes))

@@ -16,8 +16,8 @@ from sparsebench.scenario import ALL_DENSE, SHIPPED
 SHAPE = ("backend", "device", "dtype", "mode", "batch", "heads", "head_dim")
 CAPTION = (
     "A model's whole attention stack (every attention layer at n, each layer group timed once and"
-    " multiplied by its layers) against n, log-log: the model as shipped (solid) and the same stack"
-    " with every attention layer dense (dashed), left the time of one forward pass through the stack,"
+    " multiplied by its layers) against n, log-log: the model as shipped (solid) and its all-dense twin,"
+    " the same stack with every attention layer full (dashed), left the time of one forward pass through the stack,"
     " middle its measured peak memory, right the KV cache every layer keeps after n tokens; the gap"
     " between a solid line and its dashed twin is what the model's layer design saves."
 )
