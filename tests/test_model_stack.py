@@ -149,7 +149,7 @@ def test_each_layer_group_is_timed_once_checked_and_multiplied(tmp_path):
     static = stack.static_fields(case)
     rec = execute(case)
     assert rec.get("status", "ok") == "ok", rec
-    groups = rec["groups"]
+    groups = list(rec["groups"].values())  # one object: each group under its layer type, in the model's order
     assert [(g["type"], g["layers"], g["pattern"]) for g in groups] == [
         ("sliding_attention", 12, "sliding_window(window=128)"),
         ("full_attention", 12, "dense"),
@@ -162,7 +162,7 @@ def test_each_layer_group_is_timed_once_checked_and_multiplied(tmp_path):
     # KV bytes by hand: 1 KV head x 64 x 2 (K and V) x 4 bytes = 512 B a token and layer;
     # 12 sliding layers keep 128 tokens, 12 full layers 256
     assert static["stack_kv_bytes"] == 12 * 128 * 512 + 12 * 256 * 512
-    assert [g["kv_bytes"] for g in static["groups"]] == [12 * 128 * 512, 12 * 256 * 512]
+    assert [g["kv_bytes"] for g in static["groups"].values()] == [12 * 128 * 512, 12 * 256 * 512]
     assert static["layers"] == 24 and static["state_layers"] == 0
     # FLOPs of the whole stack: 4 x heads x nnz x head_dim per layer
     dense_nnz, window_nnz = 256 * 257 // 2, sum(min(i + 1, 128) for i in range(256))
@@ -170,7 +170,8 @@ def test_each_layer_group_is_timed_once_checked_and_multiplied(tmp_path):
     assert "each group timed once and multiplied" in rec["stack_note"] and "1 KV head" in rec["stack_note"]
 
     twin = execute(_case(tmp_path, GPT_OSS, 256, "all-dense"))
-    assert [(g["type"], g["layers"], g["pattern"]) for g in twin["groups"]] == [("full_attention", 24, "dense")]
+    twin_groups = [(g["type"], g["layers"], g["pattern"]) for g in twin["groups"].values()]
+    assert twin_groups == [("full_attention", 24, "dense")]
     assert stack.static_fields(_case(tmp_path, GPT_OSS, 256, "all-dense"))["stack_kv_bytes"] == 24 * 256 * 512
 
 
@@ -183,10 +184,10 @@ def test_state_layers_are_not_timed_and_the_record_says_so(tmp_path):
     case = _case(tmp_path, text, 64)
     rec = execute(case)
     assert rec.get("status", "ok") == "ok", rec
-    linear = next(g for g in rec["groups"] if g["type"] == "linear_attention")
+    linear = rec["groups"]["linear_attention"]
     assert linear["timed"] is False and linear["time_s"] is None and linear["layers"] == 2
     assert "2 linear_attention layers keep a fixed state: not attention, not timed" in rec["stack_note"]
-    full = next(g for g in rec["groups"] if g["type"] == "full_attention")
+    full = rec["groups"]["full_attention"]
     assert rec["time_median_s"] == pytest.approx(full["time_s"])
 
 
@@ -260,8 +261,7 @@ def test_the_summary_sets_the_model_as_shipped_against_its_twin(stack_run):
 
 
 def test_the_model_stack_figure_draws_shipped_and_twin(stack_run):
-    from sparsebench.render.plots import figure_caption
-    from sparsebench.render.stack import fig_model_stack
+    from sparsebench.render.plots import fig_model_stack, figure_caption
     from sparsebench.results.folder import frame
 
     fig = fig_model_stack(frame(stack_run.records))

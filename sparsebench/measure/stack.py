@@ -88,6 +88,12 @@ def _static_groups(case: Case, spec) -> list[dict[str, Any]]:
     return out
 
 
+def by_type(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The record's ``groups``: one JSON object, each group under its layer type (a model has one
+    group per type), in the model's order."""
+    return {g["type"]: g for g in groups}
+
+
 def note(case: Case, spec) -> str:
     """What a reader must know about how the stack was timed."""
     counts = spec.counts()
@@ -154,7 +160,7 @@ def static_fields(case: Case) -> dict[str, Any]:
         "est_mem_bytes": est,
         "layers": attention,
         "state_layers": spec.layers - attention,
-        "groups": _static_groups(case, spec),
+        "groups": by_type(_static_groups(case, spec)),
         "stack_kv_bytes": kv_bytes(spec, None, case.seq_len, case.batch, case.dtype),
         "stack_note": note(case, spec),
     }
@@ -225,7 +231,7 @@ def run_stack_case(case: Case) -> dict[str, Any]:
         "first_call_s": sum(f["first_call_s"] for _, f in measured),
         "compile_s": sum(f["compile_s"] for _, f in measured),
         "probe_s": statistics.mean(f["probe_s"] for _, f in measured),
-        "groups": groups,
+        "groups": by_type(groups),
         "stack_note": note(case, spec),
     }
     if status != "ok":
