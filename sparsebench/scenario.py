@@ -119,7 +119,11 @@ class Scenario(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     description: str = ""
     seq_lens: Union[list[int], SeqRange]
-    patterns: list[PatternSpec] = Field(min_length=1)
+    patterns: Union[list[PatternSpec], None] = Field(default=None, min_length=1)
+    # a model's attention stack instead of patterns (see MODEL_KEYS and ``model_cases``)
+    model: Union[str, list[str], None] = Field(default=None, min_length=1)
+    model_file: Union[str, list[str], None] = Field(default=None, min_length=1)
+    heads_scale: float = Field(default=1.0, gt=0, le=1)
     backends: list[str] = Field(min_length=1)
     devices: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
     dtypes: list[Literal[DTYPES]] = Field(default_factory=lambda: ["fp32"], min_length=1)
@@ -237,6 +241,13 @@ class Case:
     # key/value heads (grouped-query attention: q has ``heads`` heads, k and v ``kv_heads``;
     # heads % kv_heads == 0); None: heads
     kv_heads: int | None = None
+    # a model scenario's stack case (``model_plan``): the model's name, where it is read from
+    # ("preset:NAME" or a config's absolute path), which stack ("shipped" or its "all-dense"
+    # twin) and the scale of its heads; None in a pattern scenario's cases
+    model: str | None = None
+    model_source: str | None = None
+    stack: str | None = None
+    heads_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.kv_heads is None:
@@ -421,7 +432,6 @@ def parse(text: str, source: str) -> Scenario:
     try:
         sc = Scenario.model_validate(raw)
         sc._warnings.extend(warnings)
-        return sc
     except ValidationError as exc:
         err, path = _first_error(exc.errors())
         if err["type"] == "extra_forbidden":
@@ -447,6 +457,8 @@ def parse(text: str, source: str) -> Scenario:
             if err["type"] == "string_pattern_mismatch" and path == ("name",):
                 msg = "must be 1-64 letters, digits, '.', '_' or '-' (it names the result folder)"
         raise _fail(source, index, path, msg) from None
+    check_model_keys(sc, source, index)
+    return sc
 
 
 def _path(err: dict) -> tuple:
@@ -545,7 +557,7 @@ def expand(sc: Scenario, source: str) -> Plan:
     patterns = []  # (label, pattern)
     misfits: dict[str, dict[int, str]] = {}  # label -> {n: why the pattern does not fit n}
     notes: list[str] = []
-    for i, spec in enumerate(sc.patterns):
+    for i, spec in enumerate(sc.patterns or ()):  # none in a model scenario
         try:
             cls = PATTERNS.get(spec.name)
         except ScenarioError as exc:
@@ -597,6 +609,8 @@ def expand(sc: Scenario, source: str) -> Plan:
             skipped[d] = why or "absent"
         elif dev not in devices:
             devices.append(dev)
+    if is_model_scenario(sc):
+        return model_plan(sc, source, index, devices, skipped)
 
     combos: list[tuple[str, Any, str, bool]] = []  # (label, pattern, backend, causal)
     for label, pat in patterns:
@@ -669,4 +683,193 @@ def expand(sc: Scenario, source: str) -> Plan:
                                 skip_reason=why,
                             )
                         )
+    return Plan(scenario=sc, source=source, cases=cases, skipped_devices=skipped, notes=tuple(notes))
+
+
+# ------------------------------------------------------------------------------------------
+# Model scenarios: ``model: gpt-oss-20b`` (a preset of sparsebench.kv) or ``model_file:
+# path/config.json`` instead of ``patterns:``. A case then runs the model's whole attention
+# stack at n (measure/stack.py): each layer group with the pattern sparsebench.kv reads from the
+# config; beside it the same stack with every attention layer full, its all-dense twin.
+
+MODEL_KEYS = ("model", "model_file")
+STACK_PATTERN = "model_stack"  # a stack case's pattern name: it runs one pattern per layer group
+SHIPPED, ALL_DENSE = "shipped", "all-dense"
+# fields a model scenario takes from the model (``heads_scale`` scales its heads instead)
+MODEL_SHAPE_KEYS = ("heads", "kv_heads", "head_dim")
+
+
+def is_model_scenario(sc: Scenario) -> bool:
+    return sc.model is not None or sc.model_file is not None
+
+
+def check_model_keys(sc: Scenario, source: str, index: dict) -> None:
+    """One of ``patterns``, ``model`` and ``model_file``, and in a model scenario none of the
+    fields the model itself sets; ScenarioError naming the field otherwise."""
+    given = [k for k in MODEL_KEYS if getattr(sc, k) is not None]
+    if sc.patterns is None and not given:
+        raise _fail(
+            source,
+            index,
+            ("patterns",),
+            "required field is missing (or name a model instead: model: gpt-oss-20b, or model_file: config.json)",
+        )
+    if len(given) == 2:
+        raise _fail(source, index, ("model_file",), "give model (a preset) or model_file (a config), not both")
+    if given and sc.patterns is not None:
+        raise _fail(source, index, (given[0],), "give patterns or a model, not both (a model's layers bring their own)")
+    if not given:
+        if "heads_scale" in sc.model_fields_set:
+            raise _fail(source, index, ("heads_scale",), "scales a model's heads: give it with model: or model_file:")
+        return
+    for key in MODEL_SHAPE_KEYS:
+        if key in sc.model_fields_set:
+            raise _fail(
+                source, index, (key,), "comes from the model in a model scenario (heads_scale scales its heads down)"
+            )
+    if not sc.causal:
+        raise _fail(source, index, ("causal",), "a model's attention layers are causal decoder layers; drop causal")
+    if "decode" in sc.modes:
+        raise _fail(
+            source,
+            index,
+            ("mode",),
+            "a model scenario runs forward (a prefill) or backward; decode of a stack is not supported yet",
+        )
+
+
+def model_sources(sc: Scenario, source: str) -> list[tuple[tuple, str]]:
+    """Each model of a model scenario: (its field's path, where it is read from: "preset:NAME",
+    or a config's absolute path; a relative ``model_file`` is read beside the scenario file, else
+    from the working folder)."""
+    key = "model" if sc.model is not None else "model_file"
+    value = getattr(sc, key)
+    entries = [((key,), value)] if isinstance(value, str) else [((key, i), v) for i, v in enumerate(value)]
+    out = []
+    for path, v in entries:
+        if key == "model":
+            out.append((path, f"preset:{v}"))
+            continue
+        file = Path(v).expanduser()
+        if not file.is_absolute():
+            beside = Path(source).parent / file
+            file = beside if beside.exists() or not file.exists() else file
+        out.append((path, str(file.resolve())))
+    return out
+
+
+def read_model(where: str):
+    """The ModelSpec (sparsebench.kv.config) of ``model_source``'s text; ScenarioError when the
+    preset is unknown or the config is refused."""
+    from sparsebench.kv import config
+
+    if where.startswith("preset:"):
+        return config.load_preset(where[len("preset:") :])
+    return config.load_model_file(where)
+
+
+def scale_heads(spec, scale: float):
+    """``spec`` with its query and KV heads times ``scale`` (both whole numbers, at least 1)."""
+    import dataclasses
+
+    if scale == 1:
+        return spec
+    scaled = []
+    for what, count in (("query heads", spec.heads), ("KV heads", spec.kv_heads)):
+        value = count * scale
+        if value < 1 - 1e-9 or abs(value - round(value)) > 1e-9:
+            raise ScenarioError(
+                f"{scale:g} x the {count} {what} of {spec.name} is {value:g}, not a whole number of heads "
+                f"(the model has {spec.heads} query heads and {spec.kv_heads} KV heads)"
+            )
+        scaled.append(int(round(value)))
+    return dataclasses.replace(spec, heads=scaled[0], kv_heads=scaled[1])
+
+
+def plural(count: int, what: str) -> str:
+    """'1 KV head', '8 KV heads'."""
+    return f"{count} {what}{'' if count == 1 else 's'}"
+
+
+def model_plan(sc: Scenario, source: str, index: dict, devices: list[str], skipped: dict[str, str]) -> Plan:
+    """The cases of a model scenario: at each n, device, dtype, mode and backend the model's
+    stack as shipped and its all-dense twin (one case when every attention layer is already
+    full). A layer pattern that does not fit a length (a window longer than n) skips that n."""
+    from sparsebench.kv.config import ATTENTION_TYPES
+    from sparsebench.kv.planner import layer_pattern
+
+    models = []  # (spec, spec as run, where it is read from, its stacks, {n: why it is skipped})
+    notes: list[str] = []
+    for path, where in model_sources(sc, source):
+        try:
+            spec = read_model(where)
+        except ScenarioError as exc:
+            raise _fail(source, index, path, str(exc)) from None
+        try:
+            run_spec = scale_heads(spec, sc.heads_scale)
+        except ScenarioError as exc:
+            raise _fail(source, index, ("heads_scale",), str(exc)) from None
+        if any(spec.name == m[0].name for m in models):
+            raise _fail(source, index, path, f"names {spec.name} a second time")
+        types = [t for t in spec.counts() if t in ATTENTION_TYPES]
+        if not types:
+            raise _fail(source, index, path, f"{spec.name} has no attention layer to time (every layer keeps a state)")
+        misfit: dict[int, str] = {}
+        for n in sc.lengths:
+            for t in types:
+                try:
+                    layer_pattern(spec, t).check(n, True)
+                except PatternError as exc:
+                    misfit.setdefault(n, f"its {spec.type_label(t)} layers: {exc}")
+        if len(misfit) == len(sc.lengths):
+            raise _fail(source, index, path, f"{spec.name} fits none of seq_lens: {misfit[sc.lengths[-1]]}")
+        stacks = [SHIPPED] if spec.all_full() == spec else [SHIPPED, ALL_DENSE]
+        notes += [
+            spec.describe(),
+            f"{spec.name} timed with {run_spec.heads} query heads over {plural(run_spec.kv_heads, 'KV head')}"
+            + ("" if sc.heads_scale == 1 else f" (heads_scale {sc.heads_scale:g} of the model's)"),
+        ]
+        if len(stacks) == 1:
+            notes.append(f"every attention layer of {spec.name} is full: it is its own all-dense twin, run once")
+        models.append((spec, run_spec, where, stacks, misfit))
+    import itertools
+
+    cases = []
+    grid = itertools.product(sc.lengths, devices, sc.dtypes, sc.modes, sc.backends, models)
+    for n, dev, dtype, mode, b, (spec, run_spec, where, stacks, misfit) in grid:
+        for stack in stacks:
+            cases.append(
+                Case(
+                    scenario=sc.name,
+                    pattern=STACK_PATTERN,
+                    params={"model": spec.name, "stack": stack},
+                    pattern_label=spec.name if stack == SHIPPED else f"{spec.name} {ALL_DENSE}",
+                    backend=b,
+                    device=dev,
+                    dtype=dtype,
+                    mode=mode,
+                    batch=sc.batch,
+                    heads=run_spec.heads,
+                    head_dim=spec.head_dim,
+                    seq_len=n,
+                    causal=True,
+                    tile=sc.tile,
+                    warmup=sc.warmup,
+                    repeats=sc.repeats,
+                    min_time_s=sc.min_time_s,
+                    max_repeats=max(sc.max_repeats, sc.repeats),
+                    timeout_s=sc.limits.timeout_s,
+                    memory_budget=sc.limits.memory_bytes,
+                    check=sc.check.enabled,
+                    exact_max_elems=sc.check.exact_max_elems,
+                    sample_rows=sc.check.sample_rows,
+                    decode_tokens=sc.decode_tokens,
+                    skip_reason=misfit.get(n),
+                    model=spec.name,
+                    model_source=where,
+                    stack=stack,
+                    heads_scale=sc.heads_scale,
+                    kv_heads=run_spec.kv_heads,
+                )
+            )
     return Plan(scenario=sc, source=source, cases=cases, skipped_devices=skipped, notes=tuple(notes))

@@ -51,6 +51,10 @@ class _Static:
         from sparsebench.backends.base import BACKENDS
         from sparsebench.measure.harness import make_problem
 
+        if case.model is not None:  # a model's attention stack, one pattern per layer group
+            from sparsebench.measure import stack
+
+            return stack.static_fields(case)
         p = make_problem(case)
         key = (case.pattern_label, case.seq_len, case.causal)
         if key not in self._nnz:
@@ -86,7 +90,13 @@ def _precheck(case: Case, static: dict[str, Any]) -> str | None:
     from sparsebench.measure.harness import make_problem
     from sparsebench.measure.memory import available_bytes
 
-    if case.mode == "decode":  # a decode step of its own per backend (measure/decode_steps.py)
+    if case.model is not None:  # a model's stack: every layer group's problem
+        from sparsebench.measure import stack
+
+        why = stack.unsupported(case)
+        if why:
+            return why
+    elif case.mode == "decode":  # a decode step of its own per backend (measure/decode_steps.py)
         from sparsebench.measure import decode_steps
         from sparsebench.measure.device import TORCH_DTYPES
 

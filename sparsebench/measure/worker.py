@@ -35,6 +35,10 @@ def execute(case: Case) -> dict[str, Any]:
 
     harness.warm_process()
     try:
+        if case.model is not None:  # a model's attention stack (measure/stack.py)
+            from sparsebench.measure import stack
+
+            return stack.run_stack_case(case)
         if case.mode == "decode":  # its decoder on the case's backend
             from sparsebench.measure import decode_case
 

@@ -441,6 +441,8 @@ def tables(analysis: Analysis, compact: bool = False, df=None) -> list[TableSpec
     # a decoder has no dense sdpa call to be set against (its dense decoder is in the scaling
     # table and the per-token latency figure): decode series are left out of this table
     others = [s for s in analysis.series if not s.is_baseline and s.key[SERIES_KEY.index("mode")] != DECODE]
+    # nor is a model's stack (its reference is its all-dense twin: the model stack table)
+    others = [s for s in others if s.key[SERIES_KEY.index("pattern_label")] not in stack_labels(df)]
     if others:
         yard = yardsticks(df)
         note = baseline_note(compact, baselines_yardstick(analysis, yard) if yard else None)
@@ -458,6 +460,14 @@ def tables(analysis: Analysis, compact: bool = False, df=None) -> list[TableSpec
     if firsts and not compact:
         out.append(series_table(FIRST_CALL_TITLE, FIRST_CALL_COLUMNS, firsts, FIRST_CALL_NOTE))
     return out
+
+
+def stack_labels(df) -> set[str]:
+    """The series labels of a frame's model-stack cases (render/stack.py)."""
+    from sparsebench.render.stack import stack_records
+
+    stacks = stack_records(df)
+    return set() if stacks is None else set(stacks["pattern_label"].astype(str))
 
 
 def drift_note(analysis: Analysis) -> str | None:

@@ -73,8 +73,10 @@ class MaskPanel:
 
 def _patterns(df) -> dict[str, tuple[str, dict, bool, list[int]]]:
     """label -> (pattern name, params, causal, the run's lengths for it), dense first."""
+    from sparsebench.render.stack import layer_rows
+
     seen: dict[str, tuple[str, dict, bool, list[int]]] = {}
-    for _, r in df.iterrows():
+    for _, r in layer_rows(df).iterrows():  # a model's stack: the patterns of its layers
         lab = str(r.get("pattern_label") or r["pattern"])
         params = r.get("params")
         if isinstance(params, str):

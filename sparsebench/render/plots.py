@@ -44,6 +44,8 @@ from sparsebench.units import format_bytes, format_time
 FIGURES = ("time_vs_seqlen", "memory_vs_seqlen", "speedup_vs_seqlen", "kv_cache_vs_seqlen", "masks")
 # Figures drawn only when the frame holds decode records.
 DECODE_FIGURES = ("per_token_latency_vs_context",)
+# Figures drawn only when the frame holds a model scenario's stack records (render/stack.py).
+MODEL_FIGURES = ("model_stack",)
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {
@@ -585,6 +587,60 @@ def _kv_measured_panel(ax, sub, measured, styles: Styles) -> None:
             )
 
 
+def fig_model_stack(df, analysis=None, styles=None):
+    """Time, peak memory and KV cache of each model stack against n: the model as shipped
+    (solid) and its all-dense twin (dashed), one row of three panels per backend and shape."""
+    from sparsebench.render.stack import ALL_DENSE, pairs
+
+    found = pairs(df)
+    if not found:
+        return None
+    from matplotlib.figure import Figure
+
+    rows: dict[tuple, list] = {}
+    for shape, shipped, dense in found:
+        rows.setdefault(tuple(shape[k] for k in ("backend", "device", "dtype", "mode", "batch")), []).append(
+            (shape, shipped, dense)
+        )
+    colours = list(OKABE_ITO.values())
+    models = sorted({shape["model"] for shape, _, _ in found})
+    fig = Figure(figsize=(WIDTH + 2, 3.9 * len(rows) + 0.9), layout="constrained")
+    fig.suptitle("A model's attention stack as shipped (solid) and all-dense (dashed) vs n", fontweight="bold")
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    panels = (
+        ("time_median_s", "time of the stack (one forward pass)", "time", "time"),
+        ("peak_mem_bytes", "peak memory (measured)", "peak memory", "bytes"),
+        ("stack_kv_bytes", "KV cache of every layer", "KV cache", "bytes"),
+    )
+    for row_axes, (key, entries) in zip(axes, rows.items()):
+        where = " · ".join(str(k) for k in key[:4]) + f" · B={key[4]}"
+        for ax, (col, title, ylabel, y) in zip(row_axes, panels):
+            for shape, shipped, dense in entries:
+                colour = colours[models.index(shape["model"]) % len(colours)]
+                heads = f"H={shape['heads']}, D={shape['head_dim']}"
+                for rows_, name, ls, marker in ((shipped, "as shipped", "-", "o"), (dense, ALL_DENSE, "--", "s")):
+                    g = rows_[rows_[col].notna()] if col in rows_ else rows_.iloc[0:0]
+                    if g.empty:
+                        continue
+                    ax.plot(
+                        g["seq_len"],
+                        g[col].astype(float),
+                        color=colour,
+                        linestyle=ls,
+                        marker=marker,
+                        linewidth=1.8,
+                        label=f"{shape['model']} {name} ({heads})",
+                        gid=f"stack:{shape['model']}:{name}:{col}",
+                    )
+            finish_axes(ax, f"{title}\n{where}", "sequence length n (tokens)", ylabel, y=y)
+    seen: dict[str, Any] = {}
+    for ax in axes[:, 0]:
+        handles, labels = ax.get_legend_handles_labels()
+        seen.update(zip(labels, handles))
+    fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
 FIGURE_FUNCTIONS = {
     "time_vs_seqlen": fig_time_vs_seqlen,
     "per_token_latency_vs_context": fig_per_token_latency_vs_context,
@@ -592,7 +648,16 @@ FIGURE_FUNCTIONS = {
     "speedup_vs_seqlen": fig_speedup_vs_seqlen,
     "kv_cache_vs_seqlen": fig_kv_cache_vs_seqlen,
     "masks": fig_masks,
+    "model_stack": fig_model_stack,
 }
+
+
+def figure_caption(stem: str, df=None) -> str | None:
+    """The caption report.html puts under a figure this module knows better than its fixed
+    table does (render.html.figure_caption's hook): the model stack figure's; else None."""
+    from sparsebench.render import stack
+
+    return stack.CAPTION if stem == "model_stack" else None
 
 
 def render_all(

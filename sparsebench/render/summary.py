@@ -158,9 +158,21 @@ def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: s
         results_markdown(records),
         "",
     ]
+    parts += _stack_lines(records)
     if analysis_md:
         parts += [analysis_md.strip(), ""]
     return "\n".join(parts)
+
+
+def _stack_lines(records: list[dict[str, Any]]) -> list[str]:
+    """summary.md's section on a model scenario's stacks (render/stack.py), if any."""
+    if not any(r.get("model") for r in records):
+        return []
+    from sparsebench.render import stack
+    from sparsebench.results.folder import frame
+
+    text = stack.markdown(frame(records))
+    return [text, ""] if text else []
 
 
 def finalize(
@@ -193,6 +205,9 @@ def finalize(
         analysis_md = words.to_markdown(analysis, df)
         if renderables is not None:
             renderables.extend(words.renderables(analysis, df))
+            from sparsebench.render import stack
+
+            renderables.extend(stack.renderables(df))
     except Exception as exc:  # noqa: BLE001 - reports must not lose a run
         if warn:
             warn(f"analysis skipped: {type(exc).__name__}: {exc}")

@@ -130,6 +130,22 @@ FIELDS: tuple[Field, ...] = (
     Field("cache_tokens", "int", "tokens", "slots the KV cache holds", always=False),
     Field("cache_bytes_measured", "int", "bytes", "bytes of the K/V tensors allocated", always=False),
     Field("timestamp", "str", "", "when the case ended (local time, ISO 8601)"),
+    # model stacks (a scenario's model: or model_file:, measure/stack.py); null in other records
+    Field("model", "str", "", "the model whose attention stack the case runs (null for a pattern case)",
+          from_case=True),
+    Field("stack", "str", "", "shipped (each layer with its own attention) or all-dense (its twin: every "
+          "attention layer full)", from_case=True),
+    Field("heads_scale", "float", "", "the model's query and KV heads were scaled by this to run (1: as shipped)",
+          from_case=True),
+    Field("layers", "int", "", "attention layers the stack's time covers (each group timed once, multiplied)"),
+    Field("state_layers", "int", "", "layers keeping a fixed state (linear attention, Mamba): not attention, "
+          "not timed"),
+    Field("groups", "object", "", "each layer group under its layer type: type, layers, pattern (its label; "
+          "pattern_name, params), timed, time_per_layer_s, time_s (layers x time per layer), peak_mem_bytes, "
+          "max_abs_err, cache, retained_tokens, kv_bytes"),
+    Field("stack_kv_bytes", "int", "bytes", "the KV cache of every layer of the stack after n tokens (MLA: the "
+          "latent; states counted where the config sizes them), with the heads as run"),
+    Field("stack_note", "str", "", "how the stack was timed: groups multiplied, state layers, MLA expanded, GQA"),
     # merged: the rounds of a case as one row
     Field("rounds", "int", "", "rounds merged into the row", where=MERGED, always=False),
     Field("round_medians_s", "list[float]", "s", "each round's median", where=MERGED, always=False),
