@@ -303,7 +303,7 @@ def write_csv(folder: Path, df) -> None:
     import pandas as pd
 
     out = df.copy()
-    for col in ("params", "times_s"):
+    for col in ("params", "times_s", "groups"):
         if col in out:
             out[col] = out[col].map(lambda v: json.dumps(v) if not (isinstance(v, float) and pd.isna(v)) else "")
     atomic_write(Path(folder) / "results.csv", out.to_csv(index=False))
