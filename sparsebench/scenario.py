@@ -447,7 +447,7 @@ def parse(text: str, source: str) -> Scenario:
         elif err["type"] == "missing":
             msg = "required field is missing"
         else:
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")  # our own validators' words, as they are
             if (
                 "input" in err
                 and err["type"] not in ("string_pattern_mismatch",)
