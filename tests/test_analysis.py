@@ -300,3 +300,9 @@ def test_a_decode_only_run_has_no_baseline_table_that_says_no_common_sizes():
     df = pd.DataFrame(rows)
     titles = [t.title for t in tables(analyze(df), df=df)]
     assert "Scaling" in titles and BASELINE_TITLE not in titles
+
+
+def test_kv_heads_is_named_in_labels_not_a_bare_number():
+    from sparsebench.analysis.scaling import dim_text
+
+    assert dim_text("kv_heads", 8) == "KV=8" and dim_text("heads", 32) == "H=32"

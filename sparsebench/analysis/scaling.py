@@ -445,8 +445,8 @@ def varying_dims(df, dims: Sequence[str]) -> list[str]:
 def dim_text(column: str, value: Any) -> str:
     if column == "causal":
         return "causal" if value else "bidirectional"
-    if column in ("batch", "heads", "head_dim"):
-        short = {"batch": "B", "heads": "H", "head_dim": "D"}[column]
+    if column in ("batch", "heads", "kv_heads", "head_dim"):
+        short = {"batch": "B", "heads": "H", "kv_heads": "KV", "head_dim": "D"}[column]
         return f"{short}={value}"
     if column == "seq_len":
         return f"n={value}"
