@@ -140,3 +140,10 @@ def test_a_length_asked_for_is_not_called_the_runs_smallest():
     assert "the run's smallest length" in plots.fig_masks(df)._suptitle.get_text()
     title = plots.fig_masks(df, n=8192)._suptitle.get_text()
     assert "n=8k, as asked" in title and "smallest" not in title
+
+
+def test_a_title_is_never_broken_inside_a_parameter_value():
+    from sparsebench.render.masks import MaskPanel, panel_title
+
+    title = panel_title(MaskPanel(label="document(doc_lens={mean:512,seed:1})", n=2048, causal=True, error="x"))
+    assert "document(doc_lens={mean:512,seed:1})" in title.split("\n")

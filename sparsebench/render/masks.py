@@ -288,7 +288,7 @@ def panel_title(p: MaskPanel) -> str:
     """The pattern, its density at the run's n, and the zoom and cell size where they apply."""
     from sparsebench.units import short_tokens
 
-    title = "\n".join(textwrap.wrap(p.label, 30))
+    title = "\n".join(textwrap.wrap(p.label, 30, break_long_words=False, break_on_hyphens=False))  # not inside a value
     if p.error:
         return title
     density = f"{p.density:.1%}" if p.density >= 0.01 else f"{100 * p.density:.2g}%"
