@@ -32,7 +32,6 @@ MAX_ALIASES = 64
 MAX_BYTES = 1 << 20
 MAX_SEQ_LEN = 1 << 24
 BUILTIN = "quickstart"
-DECODE_BACKEND = "kv_cache"
 
 
 class _Model(BaseModel):

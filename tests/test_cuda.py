@@ -29,6 +29,8 @@ CASES = [
     ("ds_bslongformer", {"block": 32, "num_sliding_window_blocks": 3, "global_block_indices": [0]}),
     ("ds_sliding_window", {"block": 32, "num_sliding_window_blocks": 3}),
     ("ds_variable", {"block": 32, "local_window_blocks": [2], "global_block_indices": [0]}),
+    ("document", {"doc_lens": [70, 130, 41]}),
+    ("prefix_lm", {"prefix": 90}),
 ]
 # largest error relative to the largest reference value
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}

@@ -325,26 +325,3 @@ def judge(fields: dict[str, Any], dtype: str) -> dict[str, Any]:
             f"tolerance {GRAD_TOLERANCE[dtype]:g}"
         )
     return fields
-
-
-def run_decode_case(case: Case) -> dict[str, Any]:
-    from sparsebench.measure.decode import measure_decode
-
-    p = make_problem(case)
-    with PeakMemory(p.device) as pm:
-        fields = measure_decode(
-            p.pattern,
-            case.seq_len,
-            tokens=case.decode_tokens,
-            batch=case.batch,
-            heads=case.heads,
-            head_dim=case.head_dim,
-            dtype=p.dtype,
-            device=case.device,
-            warmup=max(1, case.warmup),
-            causal=case.causal,
-        )
-    fields.setdefault("peak_mem_bytes", pm.peak_bytes)
-    fields["check"] = "exact"
-    fields["noisy"] = Measurement(tuple(fields["times_s"])).noisy
-    return judge(fields, case.dtype)

@@ -54,9 +54,9 @@ FIGURE_CAPTIONS = {
     ),
     "per_token_latency_vs_context": (
         "Time to generate one token after a prefill of n tokens, against n (log-log), one line per"
-        " pattern's KV-cache decoder: a decoder that reads every cached key (dense) should rise like n and"
-        " one that keeps a bounded ring of keys (a window) should stay flat, and each legend entry's exponent"
-        " with its interval says how far this run bears that out."
+        " pattern and backend (dense on sdpa thick black): a decoder that reads every cached key (dense)"
+        " should rise like n and one that keeps a bounded ring of keys (a window) should stay flat, and each"
+        " legend entry's exponent with its interval says how far this run bears that out."
     ),
     "memory_vs_seqlen": (
         "Measured peak memory of one call against n (log-log), one line per pattern and backend, with each"
