@@ -538,6 +538,23 @@ def resolve_device(spec: str) -> tuple[str | None, str | None]:
     raise ScenarioError(f"unknown device {spec!r}; expected one of: auto, cpu, cuda, cuda:N, mps")
 
 
+def _measuring(sc: Scenario) -> dict[str, Any]:
+    """The scenario-wide measuring settings every one of its cases carries (timing, limits, check)."""
+    return dict(
+        tile=sc.tile,
+        warmup=sc.warmup,
+        repeats=sc.repeats,
+        min_time_s=sc.min_time_s,
+        max_repeats=max(sc.max_repeats, sc.repeats),
+        timeout_s=sc.limits.timeout_s,
+        memory_budget=sc.limits.memory_bytes,
+        check=sc.check.enabled,
+        exact_max_elems=sc.check.exact_max_elems,
+        sample_rows=sc.check.sample_rows,
+        decode_tokens=sc.decode_tokens,
+    )
+
+
 def expand(sc: Scenario, source: str) -> Plan:
     """The grid of cases, smallest sequence length first. Raises ScenarioError for unknown
     patterns/backends/devices and for parameters that fit none of the sequence lengths; a
@@ -636,6 +653,7 @@ def expand(sc: Scenario, source: str) -> Plan:
             patterns.insert(0, dense)
             misfits[dense[0]] = {}
     cases = []
+    settings = _measuring(sc)
     for n in sc.lengths:
         for dev in devices:
             for dtype in sc.dtypes:
@@ -668,17 +686,7 @@ def expand(sc: Scenario, source: str) -> Plan:
                                 head_dim=sc.head_dim,
                                 seq_len=n,
                                 causal=causal,
-                                tile=sc.tile,
-                                warmup=sc.warmup,
-                                repeats=sc.repeats,
-                                min_time_s=sc.min_time_s,
-                                max_repeats=max(sc.max_repeats, sc.repeats),
-                                timeout_s=sc.limits.timeout_s,
-                                memory_budget=sc.limits.memory_bytes,
-                                check=sc.check.enabled,
-                                exact_max_elems=sc.check.exact_max_elems,
-                                sample_rows=sc.check.sample_rows,
-                                decode_tokens=sc.decode_tokens,
+                                **settings,
                                 skip_reason=why,
                             )
                         )
@@ -834,6 +842,7 @@ def model_plan(sc: Scenario, source: str, index: dict, devices: list[str], skipp
     import itertools
 
     cases = []
+    settings = _measuring(sc)
     grid = itertools.product(sc.lengths, devices, sc.dtypes, sc.modes, sc.backends, models)
     for n, dev, dtype, mode, b, (spec, run_spec, where, stacks, misfit) in grid:
         for stack in stacks:
@@ -852,17 +861,7 @@ def model_plan(sc: Scenario, source: str, index: dict, devices: list[str], skipp
                     head_dim=spec.head_dim,
                     seq_len=n,
                     causal=True,
-                    tile=sc.tile,
-                    warmup=sc.warmup,
-                    repeats=sc.repeats,
-                    min_time_s=sc.min_time_s,
-                    max_repeats=max(sc.max_repeats, sc.repeats),
-                    timeout_s=sc.limits.timeout_s,
-                    memory_budget=sc.limits.memory_bytes,
-                    check=sc.check.enabled,
-                    exact_max_elems=sc.check.exact_max_elems,
-                    sample_rows=sc.check.sample_rows,
-                    decode_tokens=sc.decode_tokens,
+                    **settings,
                     skip_reason=misfit.get(n),
                     model=spec.name,
                     model_source=where,
