@@ -26,19 +26,6 @@ def model_of(case: Case):
     return spec.all_full() if case.stack == ALL_DENSE else spec
 
 
-def kv_heads(case: Case, spec) -> int:
-    """The model's KV heads as the case runs them (the scaled model's, set on the Case when the
-    scenario was expanded)."""
-    return case.kv_heads
-
-
-def gqa_timed() -> bool:
-    """The backends take K and V with fewer heads than Q (``Problem.kv_heads``)."""
-    from sparsebench.backends.base import Problem
-
-    return "kv_heads" in {f.name for f in dataclasses.fields(Problem)}
-
-
 def _sub_case(case: Case, pattern) -> Case:
     """The case of one layer group: the stack's shape with the group's pattern."""
     return dataclasses.replace(
@@ -108,15 +95,9 @@ def note(case: Case, spec) -> str:
             f"MLA layers timed expanded (per-head keys and values of head_dim {spec.head_dim}, as a prefill "
             f"computes them); their KV bytes are the latent's ({spec.latent} values a token)"
         )
-    kvh = kv_heads(case, spec)
+    kvh = case.kv_heads
     if kvh != spec.heads:
-        if gqa_timed():
-            parts.append(f"{spec.heads} query heads over {plural(kvh, 'KV head')} (grouped-query attention)")
-        else:
-            parts.append(
-                f"{spec.heads} query heads over {plural(kvh, 'KV head')}: this build's backends take no "
-                f"kv_heads, so K and V were timed with {spec.heads} heads (the KV bytes count {kvh})"
-            )
+        parts.append(f"{spec.heads} query heads over {plural(kvh, 'KV head')} (grouped-query attention)")
     if (case.heads_scale or 1) != 1:
         parts.append(f"heads scaled by {case.heads_scale:g} from the model's")
     return "; ".join(parts)
