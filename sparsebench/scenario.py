@@ -247,6 +247,12 @@ class Case:
     model_source: str | None = None
     stack: str | None = None
     heads_scale: float | None = None
+    # the q, k and v the case runs on (sparsebench.inputs): a label ("random", "synthetic", or
+    # "file:NAME#layerL"), the seed of the generated kinds, and for a file its path and layer
+    inputs: str = "random"
+    inputs_seed: int | None = 0
+    inputs_file: str | None = None
+    inputs_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_heads is None:

@@ -97,6 +97,7 @@ def test_the_case_key_has_defaults_and_the_series_key_follows_from_it():
         "head_dim",
         "seq_len",
         "causal",
+        "inputs",
     )
     assert schema.SERIES_KEY == tuple(c for c in schema.CASE_KEY if c != "seq_len")
     assert set(schema.KEY_DEFAULTS) == set(schema.CASE_KEY)
@@ -109,6 +110,9 @@ def test_the_case_key_has_defaults_and_the_series_key_follows_from_it():
     assert schema.case_key(rec) == schema.case_key(migrated)
     assert len({f.name for f in schema.FIELDS}) == len(schema.FIELDS)
     assert all(f.type in JSON_TYPES and f.meaning for f in schema.FIELDS)
+    # a version-3 record ran on seeded random normals: it reads inputs = "random"
+    old = {c: i for i, c in enumerate(schema.CASE_KEY) if c != "inputs"}
+    assert schema.migrate(old, 3)["inputs"] == "random"
 
 
 def _records_bullet() -> str:

@@ -184,42 +184,57 @@ def _check_rows(p: Problem, exact_max_elems: int, sample_rows: int, seed: int, d
     return rows.to(device)
 
 
-def reference_error(p: Problem, q, k, v, out, *, exact_max_elems: int, sample_rows: int) -> tuple[float, str]:
+def attended(p: Problem, rows: torch.Tensor | None = None, selection: Any = None, device=None) -> torch.Tensor:
+    """The keys the case attended, as a bool mask that broadcasts to (batch, heads, rows, n): of
+    every query (``rows`` None, only for small n) or of the given query rows. A pattern fixed by
+    positions answers from its mask, (n, n) or (rows, n); a content-selected pattern's keys are
+    the ``selection`` its call made (handed back by the backend), whose ``mask(rows)`` answers
+    per batch and head."""
+    if selection is not None:
+        return selection.mask(rows)
+    if rows is None:
+        return p.pattern.mask(p.seq_len, p.causal, device=device if device is not None else p.device)
+    return p.pattern.rows(rows, p.seq_len, p.causal)
+
+
+def reference_error(
+    p: Problem, q, k, v, out, *, exact_max_elems: int, sample_rows: int, selection: Any = None
+) -> tuple[float, str]:
     """Max abs error of ``out`` against fp32 dense attention under the pattern's mask: the whole
     output where batch*heads*n*n fits ``exact_max_elems``, else ``sample_rows`` query rows
     (first, last and seeded random ones). Grouped-query k and v are repeated for the reference
     (``k.repeat_interleave(group, dim=1)``), never run through a backend's own grouped path."""
-    n = p.seq_len
     qf, kf, vf = (t.detach().float() for t in (q, k, v))
     kf, vf = _repeated(qf, kf, vf)
     rows = _check_rows(p, exact_max_elems, sample_rows, 1, q.device)
     if rows is None:
-        ref = masked_softmax_attention(qf, kf, vf, p.pattern.mask(n, p.causal, device=q.device))
+        ref = masked_softmax_attention(qf, kf, vf, attended(p, None, selection, q.device))
         return float((out.detach().float() - ref).abs().max()), "exact"
-    mask = p.pattern.rows(rows, n, p.causal)
+    mask = attended(p, rows, selection)
     ref = masked_softmax_attention(qf[:, :, rows], kf, vf, mask)
     return float((out.detach()[:, :, rows].float() - ref).abs().max()), "sampled"
 
 
-def gradient_error(p: Problem, q, k, v, grad, grads, *, exact_max_elems: int, sample_rows: int) -> tuple[float, str]:
+def gradient_error(
+    p: Problem, q, k, v, grad, grads, *, exact_max_elems: int, sample_rows: int, selection: Any = None
+) -> tuple[float, str]:
     """Largest error of the backend's gradients ``grads`` (of q, k and v, for output gradient
     ``grad``) relative to the largest gradient of fp32 dense attention under the pattern's mask:
     all three where batch*heads*n*n fits ``exact_max_elems``, else the query gradient of
     ``sample_rows`` rows (a row's query gradient depends on that row alone; key and value
     gradients sum over every query, so they are checked only exactly). Grouped-query k and v
     are repeated for the reference (their gradients summed over each group by autograd)."""
-    n = p.seq_len
     qf, kf, vf = (t.detach().float() for t in (q, k, v))
     gf = grad.float()
     rows = _check_rows(p, exact_max_elems, sample_rows, 2, q.device)
     if rows is None:
         ins = [t.clone().requires_grad_(True) for t in (qf, kf, vf)]
-        mask = p.pattern.mask(n, p.causal, device=q.device)
+        mask = attended(p, None, selection, q.device)
         masked_softmax_attention(ins[0], *_repeated(*ins), mask).backward(gf)
         pairs, how = list(zip(grads, (t.grad for t in ins))), "exact"
     else:
         qr = qf[:, :, rows].clone().requires_grad_(True)
-        mask = p.pattern.rows(rows, n, p.causal)
+        mask = attended(p, rows, selection)
         masked_softmax_attention(qr, *_repeated(qr, kf, vf), mask).backward(gf[:, :, rows])
         pairs, how = [(grads[0][:, :, rows], qr.grad)], "sampled"
     err = max(float((got.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)) for got, ref in pairs)

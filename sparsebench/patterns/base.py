@@ -124,6 +124,14 @@ class Pattern:
         fixed = self.fixed_causality()
         return causal if fixed is None else fixed
 
+    # -- quality ------------------------------------------------------------------------------
+    def quality_exempt(self, causal: bool) -> str | None:
+        """Why this pattern's distance from full attention is no cost (its mask is the model's
+        semantics, as a document mask or a prefix-LM's is, not an approximation of full
+        attention), as a short sentence; None (the default) for a pattern that approximates full
+        attention, whose quality figures (full_rel_err, recall) are then measured."""
+        return None
+
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

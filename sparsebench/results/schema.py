@@ -17,7 +17,9 @@ from typing import Any, Iterable
 # 2: the block_sparse tile size is the field ``tile`` (version 1 called it ``block``).
 # 3: ``kv_heads`` (key/value heads, grouped-query attention) joins the case key; a record of an
 #    older version had as many key/value heads as query heads, and reads kv_heads = heads.
-SCHEMA_VERSION = 3
+# 4: ``inputs`` (which q, k and v a case ran on: random, synthetic or a recorded file) joins the
+#    case key; a record of an older version ran on seeded random normals, and reads "random".
+SCHEMA_VERSION = 4
 
 STATUSES = ("ok", "wrong", "oom", "timeout", "error", "skipped", "crashed")
 BASELINE_BACKEND = "sdpa"
@@ -72,6 +74,12 @@ FIELDS: tuple[Field, ...] = (
     Field("seq_len", "int", "tokens", "sequence length n (the context in decode mode)", key=True, from_case=True),
     Field("causal", "bool", "", "causal (true) or bidirectional attention, as the case ran: the scenario's, unless "
           "the pattern's own parameter sets it (a ds_* pattern's attention=bidirectional)", key=True, from_case=True),
+    Field("inputs", "str", "", "the q, k and v the case ran on, as a label: random (seeded normals), synthetic "
+          "(the generator of sparsebench.inputs, with its knobs) or file:NAME#layerL (recorded tensors)",
+          key=True, from_case=True, default="random"),
+    Field("inputs_seed", "int", "", "the seed of random or synthetic inputs (null for a file)", from_case=True),
+    Field("inputs_file", "str", "", "kind file: the safetensors file the inputs were read from", from_case=True),
+    Field("inputs_layer", "int", "", "kind file: the model layer the inputs were recorded at", from_case=True),
     Field("tile", "int", "tokens", "block_sparse's tile size (null for the other backends); version 1: block",
           from_case=True),
     Field("round", "int", "", "which round of a scenario with rounds: R (only then)", always=False),
@@ -105,6 +113,21 @@ FIELDS: tuple[Field, ...] = (
     Field("grad_err", "float", "",
           "backward mode: the largest gradient error relative to the largest reference gradient"),
     Field("grad_check", "str", "", "backward mode: how the gradients were checked: exact or sampled"),
+    # quality against full attention (issue: what a pattern gives up): the case's output against
+    # full attention with the case's causality on the same inputs, computed once, untimed
+    Field("full_rel_err", "float", "",
+          "||O - O_full||_F / ||O_full||_F over the whole output (or the quality_rows sampled rows): the case's "
+          "output against full attention (dense, the case's causality) on the same inputs"),
+    Field("recall_mean", "float", "",
+          "the share of full attention's softmax mass that falls on the keys the case attended, averaged over "
+          "batch, heads and queries (1: nothing of full attention is lost)"),
+    Field("recall_min", "float", "", "the least query's recall (the worst row over batch, heads and queries)"),
+    Field("quality_rows", "int", "", "query rows the quality figures cover (n when exact, else the sampled rows)"),
+    Field("full_grad_rel_err", "float", "",
+          "backward mode: the query gradient's ||dQ - dQ_full||_F / ||dQ_full||_F against full attention"),
+    Field("quality_note", "str", "",
+          "why the quality figures are empty: a pattern whose mask is the model's semantics (document, prefix_lm, "
+          "a bidirectional layout) is no approximation of full attention; or a mode without them"),
     Field("probe_s", "float", "s", "a fixed matmul timed around the case: how the machine's speed moved",
           always=False),
     # the yardstick (measure/yardstick.py): the machine's own rates, measured once per run per
@@ -130,6 +153,9 @@ FIELDS: tuple[Field, ...] = (
     Field("cache_tokens", "int", "tokens", "slots the KV cache holds", always=False),
     Field("cache_bytes_measured", "int", "bytes", "bytes of the K/V tensors allocated", always=False),
     Field("timestamp", "str", "", "when the case ended (local time, ISO 8601)"),
+    # where it ran (a run spread over machines: executors, merge)
+    Field("host", "str", "", "the machine the case ran on (its host name)"),
+    Field("device_name", "str", "", "the device the case ran on: the GPU's name, or the CPU's model"),
     # model stacks (a scenario's model: or model_file:, measure/stack.py); null in other records
     Field("model", "str", "", "the model whose attention stack the case runs (null for a pattern case)",
           from_case=True),
