@@ -10,6 +10,8 @@ backend's tile size (that is ``tile``).
   keeps what does not depend on the inputs (the backend's plan or compiled kernel) across calls,
   so that a model's forward can call it every step.
 * ``attention(q, k, v, ...)``: one call; ``prepare`` for the shapes of q, k, v, then the call.
+* ``quality(q, k, v, pattern, ...)``: how far the pattern's attention is from full attention on
+  these inputs (relative error, recall of full attention's softmax mass), as a run records it.
 
 Torch is imported inside the functions, so that ``import sparsebench`` stays light. Errors are
 ``sparsebench.errors.SparsebenchError``: ``ScenarioError`` for a bad name, parameter or shape,
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from sparsebench.backends.base import Problem
     from sparsebench.patterns.base import Pattern
 
-__all__ = ["Attention", "attention", "pattern", "prepare"]
+__all__ = ["Attention", "attention", "pattern", "prepare", "quality"]
 
 
 def pattern(name: str, **params: Any) -> "Pattern":
@@ -178,18 +180,7 @@ def attention(
     goes to the pattern (``window=256``, ``block=8``); ``tile`` is the block_sparse tile size
     (None: 64). For many calls of one shape, ``prepare`` once instead. Raises
     sparsebench.errors.SparsebenchError for bad names, parameters or shapes."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ScenarioError(
-            f"q, k, v must be 4-D (batch, heads, n, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    batch, heads, n, head_dim = q.shape
-    kv_heads = k.shape[1]
-    if v.shape[1] != kv_heads or kv_heads < 1 or heads % kv_heads:
-        raise ScenarioError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v need the same number of heads, "
-            f"one that divides q's {heads} (grouped-query attention: each key/value head serves "
-            f"heads / kv_heads query heads)"
-        )
+    batch, heads, kv_heads, n, head_dim = _shapes(q, k, v)
     fn = prepare(
         pattern,
         n,
@@ -207,7 +198,80 @@ def attention(
     return fn(q, k, v)
 
 
+def quality(q, k, v, pattern: "str | Pattern", causal: bool = True, rows=None, **params: Any) -> dict[str, Any]:
+    """How far attention under ``pattern`` is from full attention on these q, k, v (shapes as for
+    ``attention``; k and v may have fewer heads): the figures a run records for each case, with
+    the pattern's own masked attention (the reference masked softmax, no backend) as the output.
+
+    Returns ``full_rel_err`` (||O - O_full||_F / ||O_full||_F over the whole output, O_full dense
+    attention with the same causality), ``recall_mean`` and ``recall_min`` (the share of full
+    attention's softmax mass on the pattern's keys: the mean over batch, heads and query rows, and
+    the least row), ``quality_rows`` (the query rows covered) and ``quality_note`` (None; for a
+    pattern whose mask is the model's semantics, such as document or prefix_lm, the figures are
+    None and the note says why). Computed in fp32 (float64 inputs in float64), a band of query
+    rows at a time, so memory stays small; the time is that of dense attention on the rows.
+
+    ``rows``: None (every query row: exact), an integer R (the first, the last and R seeded
+    random query rows, as a run's check samples them), or a sequence of query rows. Every other
+    keyword goes to the pattern. Raises ScenarioError for a bad name, parameter, shape or row."""
+    import torch
+
+    from sparsebench.measure.harness import sampled_rows
+    from sparsebench.measure.quality import measure, not_measured
+
+    batch, _, kv_heads, n, head_dim = _shapes(q, k, v)
+    want = (batch, kv_heads, n, head_dim)
+    if tuple(k.shape) != want or tuple(v.shape) != want:
+        raise ScenarioError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v need q's batch, length and "
+            f"head_dim, {want}"
+        )
+    if not all(t.is_floating_point() and t.device == q.device for t in (q, k, v)):
+        raise ScenarioError(
+            f"q, k, v must be floating-point tensors on one device; got "
+            f"{', '.join(f'{t.dtype} on {t.device}' for t in (q, k, v))}"
+        )
+    pat = _pattern_of(pattern, params)
+    causal = pat.causality(bool(causal))
+    pat.check(n, causal)
+    why = pat.quality_exempt(causal)
+    if why:
+        out = not_measured(why)
+        del out["full_grad_rel_err"]
+        return out
+    if rows is None:
+        idx = None
+    elif isinstance(rows, int) and not isinstance(rows, bool):
+        _require_positive("rows", rows)
+        idx = sampled_rows(n, rows, 1, q.device)
+    else:
+        idx = torch.as_tensor(rows).reshape(-1).long().unique()
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
+            raise ScenarioError(f"rows must be query rows in 0..{n - 1} (or a count of rows to sample), got {rows!r}")
+    figures = measure(q, k, v, causal=causal, attended=lambda r: pat.rows(r, n, causal), rows=idx).fields()
+    del figures["full_grad_rel_err"]
+    return figures
+
+
 # ----------------------------------------------------------------------------------------------
+
+
+def _shapes(q, k, v) -> tuple[int, int, int, int, int]:
+    """(batch, heads, kv_heads, n, head_dim) of q (batch, heads, n, head_dim) and k, v (batch,
+    kv_heads, n, head_dim), kv_heads dividing heads; one ScenarioError naming the shapes otherwise."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ScenarioError(
+            f"q, k, v must be 4-D (batch, heads, n, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    batch, heads, n, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if v.shape[1] != kv_heads or kv_heads < 1 or heads % kv_heads:
+        raise ScenarioError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v need the same number of heads, "
+            f"one that divides q's {heads} (grouped-query attention: each key/value head serves "
+            f"heads / kv_heads query heads)"
+        )
+    return batch, heads, kv_heads, n, head_dim
 
 
 def _pattern_of(pattern, params: dict) -> "Pattern":

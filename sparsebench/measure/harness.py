@@ -1,7 +1,8 @@
 """Measure one case: build inputs, prepare the backend (setup, timed apart), warm up (the first
 call timed apart as compilation for compiled backends), time repeated calls with device syncs,
 measure peak memory (on the CPU all of it with freed blocks kept for the next call, as a caching
-allocator does), and check the output against dense attention under the same mask."""
+allocator does), check the output against dense attention under the same mask, and, untimed,
+set it against full attention (its quality: ``case_quality``)."""
 
 from __future__ import annotations
 
@@ -175,10 +176,16 @@ def _repeated(q, k, v):
 
 def _check_rows(p: Problem, exact_max_elems: int, sample_rows: int, seed: int, device) -> torch.Tensor | None:
     """None when batch*heads*n*n fits ``exact_max_elems`` (everything is checked), else the query
-    rows to check: the first, the last and ``sample_rows`` seeded random ones."""
+    rows to check (``sampled_rows``)."""
     n = p.seq_len
     if p.batch * p.heads * n * n <= exact_max_elems:
         return None
+    return sampled_rows(n, sample_rows, seed, device)
+
+
+def sampled_rows(n: int, sample_rows: int, seed: int, device=None) -> torch.Tensor:
+    """The query rows a sampled check covers, distinct and sorted: the first, the last and
+    ``sample_rows`` seeded random ones."""
     g = torch.Generator().manual_seed(seed)
     rows = torch.unique(torch.cat([torch.tensor([0, n - 1]), torch.randint(0, n, (sample_rows,), generator=g)]))
     return rows.to(device)
@@ -241,15 +248,39 @@ def gradient_error(
     return err, how
 
 
+def case_quality(case: Case, p: Problem, q, k, v, out, *, grad=None, selection: Any = None) -> dict[str, Any]:
+    """The case's quality against full attention (``sparsebench.measure.quality``): its output
+    ``out`` (and, with the output gradient ``grad``, the query gradient of its last timed call,
+    ``q.grad``) against full attention with the case's causality, on the rows its forward check
+    covers (every row where that is exact, else the same sampled rows). Null, with the reason in
+    ``quality_note``, for a pattern whose mask is the model's semantics (``quality_exempt``) and
+    for a case that is not checked (a later round)."""
+    from sparsebench.measure import quality
+
+    why = p.pattern.quality_exempt(p.causal)
+    if why:
+        return quality.not_measured(why)
+    if not case.check:
+        return quality.not_measured("not measured: the case was not checked (a later round, or check disabled)")
+    rows = _check_rows(p, case.exact_max_elems, case.sample_rows, 1, q.device)  # the forward check's rows
+    dq = None if grad is None else q.grad
+    return quality.measure(
+        q, k, v, causal=p.causal, attended=lambda r: attended(p, r, selection), out=out, rows=rows,
+        grad=None if dq is None else grad, dq=dq,
+    ).fields()  # fmt: skip
+
+
 def flops(p: Problem, nnz: int) -> float:
     """Useful FLOPs of one call: per query head (grouped-query attention computes as many)."""
     fwd = 4.0 * p.batch * p.heads * nnz * p.head_dim
     return fwd * 2.5 if p.mode == "backward" else fwd
 
 
-def run_case(case: Case) -> dict[str, Any]:
+def run_case(case: Case, *, quality: bool = True) -> dict[str, Any]:
     """Measure one case in this process. Returns the measured record fields (the caller adds
-    identity fields). Exceptions propagate; the runner turns them into statuses."""
+    identity fields); with ``quality``, its quality against full attention too (``case_quality``,
+    after the timed calls and outside the peak memory). Exceptions propagate; the runner turns
+    them into statuses."""
     p = make_problem(case)
     backend = BACKENDS.get(case.backend)()
     load_backend(backend, p.device)
@@ -319,6 +350,8 @@ def run_case(case: Case) -> dict[str, Any]:
         grad_check=grad_how,
         probe_s=(before + probe(p.device)) / 2,
     )
+    if quality:  # once per case: untimed, after the peak memory window and the probe
+        fields.update(case_quality(case, p, q, k, v, out, grad=grad if backward else None))
     return judge(fields, case.dtype)
 
 

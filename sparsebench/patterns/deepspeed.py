@@ -122,6 +122,15 @@ class _DeepSpeed(Pattern):
     def causality_reason(self) -> str:
         return f"its attention={self.attention}" if self.attention == "bidirectional" else ""
 
+    def quality_exempt(self, causal: bool) -> str | None:
+        # a unidirectional (or auto) layout approximates full attention with the scenario's causality
+        if self.attention != "bidirectional":
+            return None
+        return (
+            f"{self.name}: attention=bidirectional sets the layout's own causality; the layout is the model's "
+            "semantics, not an approximation of the scenario's full attention"
+        )
+
     def check(self, n, causal):
         if self.block > n:
             raise self._err("block", f"={self.block} is larger than the sequence length {n}")

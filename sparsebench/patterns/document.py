@@ -173,6 +173,12 @@ class Document(Pattern):
         starts, ids = self.starts(n), _doc_id(self._spec(), n).long()
         return starts[ids], starts[ids + 1] - 1
 
+    def quality_exempt(self, causal: bool) -> str | None:
+        return (
+            "document: a query attends only its own packed document, which is what packed training means; "
+            "the mask is the model's semantics, not an approximation of full attention"
+        )
+
     # -- semantics ----------------------------------------------------------------------------
     def _allowed(self, q, k, n, causal, ids=None):
         if ids is None:

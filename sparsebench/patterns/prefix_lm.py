@@ -41,6 +41,12 @@ class PrefixLM(Pattern):
     def causality_reason(self) -> str:
         return f"its prefix of {self.prefix} tokens is bidirectional, the rest causal"
 
+    def quality_exempt(self, causal: bool) -> str | None:
+        return (
+            f"prefix_lm: its bidirectional prefix of {self.prefix} tokens is the model's semantics (a prefix LM), "
+            "not an approximation of full attention"
+        )
+
     # -- semantics: the prefix whole, in either setting ---------------------------------------
     def _allowed(self, q, k, n, causal):
         return (k < self.prefix) | (k <= q)
