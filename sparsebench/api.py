@@ -216,8 +216,7 @@ def quality(q, k, v, pattern: "str | Pattern", causal: bool = True, rows=None, *
     keyword goes to the pattern. Raises ScenarioError for a bad name, parameter, shape or row."""
     import torch
 
-    from sparsebench.measure.harness import sampled_rows
-    from sparsebench.measure.quality import measure, not_measured
+    from sparsebench.quality_figures import measure, not_measured, sampled_rows
 
     batch, _, kv_heads, n, head_dim = _shapes(q, k, v)
     want = (batch, kv_heads, n, head_dim)

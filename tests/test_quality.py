@@ -1,5 +1,5 @@
 """Issue 20, part A1: every case says how far it is from full attention. The definitions
-(sparsebench.measure.quality, the API's sparsebench.quality, the harness' case_quality) are
+(sparsebench.quality_figures, the API's sparsebench.quality, the harness' case_quality) are
 checked against references written here in float64: an explicit softmax, a loop over heads for
 grouped-query attention, autograd for the query gradient, and one case worked out by hand."""
 
@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 import sparsebench
+from sparsebench import quality_figures as quality_module
 from sparsebench.errors import ScenarioError
 from sparsebench.measure import harness
-from sparsebench.measure import quality as quality_module
 
 # -- independent references (float64) -----------------------------------------------------------
 
@@ -124,7 +124,7 @@ def test_sampled_rows_give_the_exact_figures_of_those_rows():
     q, k, v = qkv(128)
     pat = sparsebench.pattern("sliding_window", window=16)
     got = sparsebench.quality(q, k, v, pattern="sliding_window", window=16, rows=6)
-    rows = harness.sampled_rows(128, 6, 1)  # the first, the last and 6 seeded ones, as a run's check
+    rows = quality_module.sampled_rows(128, 6, 1)  # the first, the last and 6 seeded ones, as a run's check
     assert got["quality_rows"] == len(rows) and 2 < len(rows) <= 8
     assert_figures(got, reference(q, k, v, pat.mask(128, True), rows))
     exact = sparsebench.quality(q, k, v, pattern="sliding_window", window=16)
@@ -223,9 +223,9 @@ def test_bad_input_is_one_scenario_error_line():
 
 
 def test_the_api_function_survives_importing_the_definitions_module():
-    # sparsebench.quality is the API function; the definitions live in sparsebench.measure.quality,
+    # sparsebench.quality is the API function; the definitions live in sparsebench.quality_figures,
     # so that importing them never rebinds the package attribute to a module
-    import sparsebench.measure.quality  # noqa: F401
+    import sparsebench.quality_figures  # noqa: F401
 
     assert callable(sparsebench.quality) and sparsebench.quality.__module__ == "sparsebench.api"
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from sparsebench import stats
+from sparsebench import quality_figures, stats
 from sparsebench.backends.base import BACKENDS, Problem, masked_softmax_attention
 from sparsebench.measure import slowdown
 from sparsebench.measure.device import TORCH_DTYPES, sync
@@ -176,19 +176,12 @@ def _repeated(q, k, v):
 
 def _check_rows(p: Problem, exact_max_elems: int, sample_rows: int, seed: int, device) -> torch.Tensor | None:
     """None when batch*heads*n*n fits ``exact_max_elems`` (everything is checked), else the query
-    rows to check (``sampled_rows``)."""
+    rows to check: the first, the last and ``sample_rows`` seeded random ones
+    (``quality_figures.sampled_rows``)."""
     n = p.seq_len
     if p.batch * p.heads * n * n <= exact_max_elems:
         return None
-    return sampled_rows(n, sample_rows, seed, device)
-
-
-def sampled_rows(n: int, sample_rows: int, seed: int, device=None) -> torch.Tensor:
-    """The query rows a sampled check covers, distinct and sorted: the first, the last and
-    ``sample_rows`` seeded random ones."""
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.unique(torch.cat([torch.tensor([0, n - 1]), torch.randint(0, n, (sample_rows,), generator=g)]))
-    return rows.to(device)
+    return quality_figures.sampled_rows(n, sample_rows, seed, device)
 
 
 def attended(p: Problem, rows: torch.Tensor | None = None, selection: Any = None, device=None) -> torch.Tensor:
@@ -249,22 +242,20 @@ def gradient_error(
 
 
 def case_quality(case: Case, p: Problem, q, k, v, out, *, grad=None, selection: Any = None) -> dict[str, Any]:
-    """The case's quality against full attention (``sparsebench.measure.quality``): its output
+    """The case's quality against full attention (``sparsebench.quality_figures``): its output
     ``out`` (and, with the output gradient ``grad``, the query gradient of its last timed call,
     ``q.grad``) against full attention with the case's causality, on the rows its forward check
     covers (every row where that is exact, else the same sampled rows). Null, with the reason in
     ``quality_note``, for a pattern whose mask is the model's semantics (``quality_exempt``) and
     for a case that is not checked (a later round)."""
-    from sparsebench.measure import quality
-
     why = p.pattern.quality_exempt(p.causal)
     if why:
-        return quality.not_measured(why)
+        return quality_figures.not_measured(why)
     if not case.check:
-        return quality.not_measured("not measured: the case was not checked (a later round, or check disabled)")
+        return quality_figures.not_measured("not measured: the case was not checked (a later round, or check disabled)")
     rows = _check_rows(p, case.exact_max_elems, case.sample_rows, 1, q.device)  # the forward check's rows
     dq = None if grad is None else q.grad
-    return quality.measure(
+    return quality_figures.measure(
         q, k, v, causal=p.causal, attended=lambda r: attended(p, r, selection), out=out, rows=rows,
         grad=None if dq is None else grad, dq=dq,
     ).fields()  # fmt: skip

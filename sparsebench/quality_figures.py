@@ -22,7 +22,9 @@ Memory: full attention's scores are never held for more than a band of query row
 This module knows nothing of cases or backends: the harness (``harness.case_quality``) calls
 ``measure`` once per case, after its timed calls, with the keys the case attended
 (``harness.attended``: the pattern's mask, or a content-selected call's selection); the Python
-API (``sparsebench.quality``) calls it with the pattern's own masked attention as O.
+API (``sparsebench.quality``) calls it with the pattern's own masked attention as O. (Its name is
+not ``quality``: importing a module ``sparsebench.quality`` would rebind the package's attribute,
+the API function, to the module.)
 """
 
 from __future__ import annotations
@@ -62,6 +64,15 @@ class Quality:
 def not_measured(note: str) -> dict[str, float | int | str | None]:
     """The record's quality fields where the figures do not apply: null, and why."""
     return {**{name: None for name in FIELDS}, "quality_note": note}
+
+
+def sampled_rows(n: int, count: int, seed: int, device=None) -> torch.Tensor:
+    """The query rows a sampled check covers, and with it the quality figures (the harness'
+    ``_check_rows``, the API's ``rows=count``): distinct and sorted, the first, the last and
+    ``count`` seeded random ones."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.unique(torch.cat([torch.tensor([0, n - 1]), torch.randint(0, n, (count,), generator=g)]))
+    return rows.to(device)
 
 
 def band_rows(batch: int, heads: int, n: int) -> int:
