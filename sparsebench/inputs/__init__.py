@@ -57,9 +57,11 @@ class Source:
 
 def make(source: Source, *, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, dtype, device):
     """q (batch, heads, n, head_dim), k and v (batch, kv_heads, n, head_dim) in ``dtype`` on
-    ``device``, as ``source`` says. ScenarioError for a kind it does not know or a file that
-    does not hold what the case asks."""
+    ``device``, as ``source`` says; each kind converts as it goes, so that what it holds beside
+    the three tensors stays small (the case's peak memory includes them). ScenarioError for a
+    kind it does not know or a file that does not hold what the case asks."""
     shape = dict(batch=batch, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=head_dim)
+    shape.update(dtype=dtype, device=device)
     if source.kind == "random":
         from sparsebench.inputs import random
 
@@ -76,4 +78,4 @@ def make(source: Source, *, batch: int, heads: int, kv_heads: int, seq_len: int,
         from sparsebench.errors import ScenarioError
 
         raise ScenarioError(f"unknown inputs kind {source.kind!r}; expected one of: {', '.join(KINDS)}")
-    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+    return [q, k, v]

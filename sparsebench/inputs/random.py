@@ -5,13 +5,12 @@ the synthetic and recorded inputs are read against."""
 from __future__ import annotations
 
 
-def generate(*, seed: int, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int):
-    """q (batch, heads, n, d), k and v (batch, kv_heads, n, d), fp32 on the CPU, drawn in that
+def generate(*, seed: int, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, dtype=None, device=None):
+    """q (batch, heads, n, d), k and v (batch, kv_heads, n, d), drawn in fp32 on the CPU in that
     order from one generator seeded by ``seed`` (the tensors every run measured before inputs
-    had kinds)."""
+    had kinds), each converted to ``dtype`` on ``device`` before the next is drawn."""
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    return [
-        torch.randn((batch, h, seq_len, head_dim), generator=g, dtype=torch.float32) for h in (heads, kv_heads, kv_heads)
-    ]
+    shapes = [(batch, h, seq_len, head_dim) for h in (heads, kv_heads, kv_heads)]
+    return [torch.randn(s, generator=g, dtype=torch.float32).to(device=device, dtype=dtype) for s in shapes]
