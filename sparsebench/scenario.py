@@ -731,6 +731,9 @@ def expand(sc: Scenario, source: str) -> Plan:
             patterns.insert(0, dense)
             misfits[dense[0]] = {}
     variants = input_variants(sc, source, index)
+    if len(variants) > 1 or variants[0][0]["inputs"] != "random":
+        labels = ", ".join(fields["inputs"] for fields, _ in variants)
+        notes.append(f"inputs: {labels} (each a dimension of the sweep, with its own dense baseline)")
     cases = []
     settings = _measuring(sc)
     grid = itertools.product(sc.lengths, devices, sc.dtypes, sc.modes, variants)
