@@ -70,7 +70,7 @@ class Knobs:
     #: how many first keys are sinks
     sinks: int = 1
     #: what every query's score of a sink gains (logits)
-    sink_strength: float = 14.0
+    sink_strength: float = 12.0
     #: share of the other positions that are heavy hitters (drawn per KV head)
     heavy_hitters: float = 0.003
     #: what every query's score of a heavy hitter gains (logits)
@@ -168,10 +168,13 @@ def generate(
     u[:, :half], u[:, half : 2 * half] = weight.sqrt() * phase.cos(), weight.sqrt() * phase.sin()
     u = unit(u).float()
     m_sink, m_heavy = unit(torch.randn((2, kv_heads, d), generator=g))
+    m_heavy = unit(m_heavy - (m_heavy * m_sink).sum(-1, keepdim=True) * m_sink)  # orthogonal to m_sink
     sinks = min(int(knobs.sinks), n)
     count = int(round(knobs.heavy_hitters * (n - sinks)))
     heavy = [torch.randperm(n - sinks, generator=g)[:count] + sinks for _ in range(kv_heads)]
-    a, s, h = share(knobs.locality), share(knobs.sink_strength), share(knobs.heavy_strength)
+    a = share(knobs.locality)
+    s = share(knobs.sink_strength) if sinks else 0.0
+    h = share(knobs.heavy_strength) if count else 0.0
     sd = math.sqrt(knobs.noise)
 
     q = torch.empty((batch, heads, n, d), dtype=dtype, device=device)
@@ -182,6 +185,10 @@ def generate(
             stop = min(start + CHUNK, n)
             part = torch.randn((batch, stop - start, d), generator=g) * sd + a * u[kh]
             part = rotary(part, knobs.theta, start)
+            # no key but the sinks and heavy hitters lies along their directions: a query's share of
+            # them would otherwise favour some ordinary keys over others
+            for m in (m_sink[kh], m_heavy[kh]):
+                part -= (part @ m)[..., None] * m
             pos = torch.arange(start, stop)
             part += (pos < sinks).float()[None, :, None] * s * m_sink[kh]
             is_heavy = torch.zeros(stop - start, dtype=torch.bool)
