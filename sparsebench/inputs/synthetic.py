@@ -111,13 +111,20 @@ def rotary(x, theta: float, start: int = 0):
     """Rotary embeddings as Llama applies them (rotate-half layout): position start + i of ``x``
     (..., n, d) rotated by angles (start + i) * theta^(-2p/d) in the plane of coordinates
     (p, p + d/2); an odd last coordinate is left as it is."""
+    return _rotate(x, *_angles(start, start + x.shape[-2], x.shape[-1], theta))
+
+
+def _angles(start: int, stop: int, d: int, theta: float):
+    """cos and sin (stop - start, d // 2) of the rotary angles of positions start..stop-1."""
     import torch
 
-    n, d = x.shape[-2], x.shape[-1]
-    half = d // 2
-    inv_freq = theta ** (-torch.arange(0, half, dtype=torch.float64) * 2 / d)
-    ang = torch.arange(start, start + n, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    cos, sin = ang.cos().float(), ang.sin().float()
+    inv_freq = theta ** (-torch.arange(0, d // 2, dtype=torch.float64) * 2 / d)
+    ang = torch.arange(start, stop, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return ang.cos().float(), ang.sin().float()
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     out = x.clone()
     out[..., :half] = x1 * cos - x2 * sin
@@ -180,29 +187,25 @@ def generate(
     q = torch.empty((batch, heads, n, d), dtype=dtype, device=device)
     k = torch.empty((batch, kv_heads, n, d), dtype=dtype, device=device)
     v = torch.empty((batch, kv_heads, n, d), dtype=dtype, device=device)
-    for kh in range(kv_heads):
-        for start in range(0, n, CHUNK):
-            stop = min(start + CHUNK, n)
-            part = torch.randn((batch, stop - start, d), generator=g) * sd + a * u[kh]
-            part = rotary(part, knobs.theta, start)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        cos, sin = _angles(start, stop, d, knobs.theta)
+        pos = torch.arange(start, stop)
+        for kh in range(kv_heads):
+            part = _rotate(torch.randn((batch, stop - start, d), generator=g) * sd + a * u[kh], cos, sin)
             # no key but the sinks and heavy hitters lies along their directions: a query's share of
             # them would otherwise favour some ordinary keys over others
             for m in (m_sink[kh], m_heavy[kh]):
                 part -= (part @ m)[..., None] * m
-            pos = torch.arange(start, stop)
             part += (pos < sinks).float()[None, :, None] * s * m_sink[kh]
             is_heavy = torch.zeros(stop - start, dtype=torch.bool)
-            chosen = heavy[kh][(heavy[kh] >= start) & (heavy[kh] < stop)] - start
-            is_heavy[chosen] = True
+            is_heavy[heavy[kh][(heavy[kh] >= start) & (heavy[kh] < stop)] - start] = True
             part += is_heavy.float()[None, :, None] * h * m_heavy[kh]
             k[:, kh, start:stop] = part.to(device=device, dtype=dtype)
             v[:, kh, start:stop] = torch.randn((batch, stop - start, d), generator=g).to(device=device, dtype=dtype)
-    for qh in range(heads):
-        kh = qh // group
-        for start in range(0, n, CHUNK):
-            stop = min(start + CHUNK, n)
+        for qh in range(heads):
+            kh = qh // group
             part = torch.randn((batch, stop - start, d), generator=g) * sd + a * f_local[qh] * u[kh]
-            part = rotary(part, knobs.theta, start)
-            part += s * f_sink[qh] * m_sink[kh] + h * f_heavy[qh] * m_heavy[kh]
+            part = _rotate(part, cos, sin) + s * f_sink[qh] * m_sink[kh] + h * f_heavy[qh] * m_heavy[kh]
             q[:, qh, start:stop] = part.to(device=device, dtype=dtype)
     return q, k, v
