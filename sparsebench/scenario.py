@@ -916,11 +916,7 @@ def model_sources(sc: Scenario, source: str) -> list[tuple[tuple, str]]:
         if key == "model":
             out.append((path, f"preset:{v}"))
             continue
-        file = Path(v).expanduser()
-        if not file.is_absolute():
-            beside = Path(source).parent / file
-            file = beside if beside.exists() or not file.exists() else file
-        out.append((path, str(file.resolve())))
+        out.append((path, _beside(source, v)))
     return out
 
 
