@@ -5,6 +5,7 @@ where the YAML parser knows it, the line."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -114,6 +115,67 @@ class Check(_Model):
     sample_rows: int = Field(default=32, ge=1, description="query rows checked when the exact check does not fit")
 
 
+class InputsSpec(BaseModel):
+    """One kind of q, k and v (sparsebench.inputs): ``random`` (seeded normals, the default),
+    ``synthetic`` (its knobs as keys beside ``kind``), or ``file`` with ``path`` (a
+    ``sparsebench capture`` safetensors file) and optional ``layers`` (default: all of the
+    file's). A bare name (``- synthetic``) is that kind with its defaults."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: Literal["random", "synthetic", "file"] = "random"
+    seed: Union[int, None] = Field(default=None, ge=0, le=2**63 - 1)
+    path: Union[str, None] = None
+    layers: Union[list[int], None] = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"kind": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _fits_kind(self):
+        import difflib
+
+        from sparsebench.inputs.synthetic import Knobs
+
+        extra = dict(self.__pydantic_extra__ or {})
+        knobs = Knobs.names() if self.kind == "synthetic" else []
+        for key in extra:
+            if key not in knobs:
+                valid = ["kind", "seed"] + (["path", "layers"] if self.kind == "file" else []) + knobs
+                if self.kind == "file":
+                    valid.remove("seed")
+                hint = difflib.get_close_matches(key, valid, n=1)
+                raise ValueError(
+                    f"unknown key {key!r} for kind {self.kind}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; valid keys: {', '.join(valid)}"
+                )
+        if self.kind == "synthetic":
+            try:
+                Knobs(**extra)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(str(exc)) from None
+        if self.kind == "file":
+            if self.path is None:
+                raise ValueError("kind file needs path: the safetensors file of sparsebench capture")
+            if self.seed is not None:
+                raise ValueError("kind file has no seed (its tensors are recorded)")
+            if any(layer < 0 for layer in self.layers or ()):
+                raise ValueError(f"layers must be >= 0, got {self.layers}")
+        else:
+            for key in ("path", "layers"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} belongs to kind file, not {self.kind}")
+        return self
+
+    @property
+    def knobs(self) -> dict[str, Any]:
+        """The synthetic generator's knobs given here (none for the other kinds)."""
+        return dict(self.__pydantic_extra__ or {}) if self.kind == "synthetic" else {}
+
+
 class Scenario(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     description: str = ""
@@ -143,6 +205,9 @@ class Scenario(_Model):
     baseline: bool = True
     limits: Limits = Field(default_factory=Limits)
     check: Check = Field(default_factory=Check)
+    # the q, k and v of every case (sparsebench.inputs): one kind or a list, each a dimension of
+    # the sweep with its own dense baseline
+    inputs: list[InputsSpec] = Field(default_factory=lambda: [InputsSpec()], min_length=1)
     # one line per renamed key read under its old name (``parse`` fills it; the CLI prints it)
     _warnings: list[str] = PrivateAttr(default_factory=list)
 
@@ -154,6 +219,11 @@ class Scenario(_Model):
     @classmethod
     def _token_counts(cls, v):
         return [token_count(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs_list(cls, v):
+        return v if isinstance(v, list) else [v]
 
     @field_validator("decode_tokens", mode="before")
     @classmethod
@@ -253,6 +323,8 @@ class Case:
     inputs_seed: int | None = 0
     inputs_file: str | None = None
     inputs_layer: int | None = None
+    # the synthetic generator's knobs that differ from their defaults (the label names them too)
+    inputs_knobs: dict | None = None
 
     def __post_init__(self) -> None:
         if self.kv_heads is None:
@@ -658,45 +730,124 @@ def expand(sc: Scenario, source: str) -> Plan:
         if dense not in patterns:
             patterns.insert(0, dense)
             misfits[dense[0]] = {}
+    variants = input_variants(sc, source, index)
+    if len(variants) > 1 or variants[0][0]["inputs"] != "random":
+        labels = ", ".join(fields["inputs"] for fields, _ in variants)
+        notes.append(f"inputs: {labels} (each a dimension of the sweep, with its own dense baseline)")
     cases = []
     settings = _measuring(sc)
-    for n in sc.lengths:
-        for dev in devices:
-            for dtype in sc.dtypes:
-                for mode in sc.modes:
-                    mode_combos = combos
-                    if mode == "decode":  # every pattern's decoder on every backend (sdpa too: over its slots)
-                        mode_combos = [
-                            (lab, pat, b, pat.causality(sc.causal)) for lab, pat in patterns for b in sc.backends
-                        ]
-                        if sc.baseline and "sdpa" not in sc.backends:  # the dense decoder on sdpa, as elsewhere
-                            lab, pat = next(pair for pair in patterns if pair[1].name == "dense")
-                            mode_combos.insert(0, (lab, pat, "sdpa", pat.causality(sc.causal)))
-                    for label, pat, b, causal in mode_combos:
-                        why = misfits.get(label, {}).get(n)
-                        if why is None and mode == "decode" and not causal and pat.fixed_causality() is False:
-                            why = f"decode needs causal attention; {label} is bidirectional ({pat.causality_reason()})"
-                        cases.append(
-                            Case(
-                                scenario=sc.name,
-                                pattern=pat.name,
-                                params=pat.params(),
-                                pattern_label=label,
-                                backend=b,
-                                device=dev,
-                                dtype=dtype,
-                                mode=mode,
-                                batch=sc.batch,
-                                heads=sc.heads,
-                                kv_heads=sc.key_value_heads,
-                                head_dim=sc.head_dim,
-                                seq_len=n,
-                                causal=causal,
-                                **settings,
-                                skip_reason=why,
-                            )
-                        )
+    grid = itertools.product(sc.lengths, devices, sc.dtypes, sc.modes, variants)
+    for n, dev, dtype, mode, (inputs, inputs_misfit) in grid:
+        mode_combos = combos
+        if mode == "decode":  # every pattern's decoder on every backend (sdpa too: over its slots)
+            mode_combos = [(lab, pat, b, pat.causality(sc.causal)) for lab, pat in patterns for b in sc.backends]
+            if sc.baseline and "sdpa" not in sc.backends:  # the dense decoder on sdpa, as elsewhere
+                lab, pat = next(pair for pair in patterns if pair[1].name == "dense")
+                mode_combos.insert(0, (lab, pat, "sdpa", pat.causality(sc.causal)))
+        for label, pat, b, causal in mode_combos:
+            why = misfits.get(label, {}).get(n) or inputs_misfit.get(n)
+            if why is None and mode == "decode" and not causal and pat.fixed_causality() is False:
+                why = f"decode needs causal attention; {label} is bidirectional ({pat.causality_reason()})"
+            if why is None and mode == "decode" and inputs["inputs"] != "random":
+                why = (
+                    f"decode runs on random inputs only (its KV cache is drawn a chunk at a time); "
+                    f"{inputs['inputs']} is not decoded yet"
+                )
+            cases.append(
+                Case(
+                    scenario=sc.name,
+                    pattern=pat.name,
+                    params=pat.params(),
+                    pattern_label=label,
+                    backend=b,
+                    device=dev,
+                    dtype=dtype,
+                    mode=mode,
+                    batch=sc.batch,
+                    heads=sc.heads,
+                    kv_heads=sc.key_value_heads,
+                    head_dim=sc.head_dim,
+                    seq_len=n,
+                    causal=causal,
+                    **settings,
+                    **inputs,
+                    skip_reason=why,
+                )
+            )
     return Plan(scenario=sc, source=source, cases=cases, skipped_devices=skipped, notes=tuple(notes))
+
+
+def _beside(source: str, value: str) -> str:
+    """A path from a scenario, absolute: a relative one is read beside the scenario file (else
+    from the working folder, where only it exists there)."""
+    file = Path(value).expanduser()
+    if not file.is_absolute():
+        beside = Path(source).parent / file
+        file = beside if beside.exists() or not file.exists() else file
+    return str(file.resolve())
+
+
+def input_variants(sc: Scenario, source: str, index: dict) -> list[tuple[dict[str, Any], dict[int, str]]]:
+    """Each inputs of the scenario as (the Case fields naming it, {n: why a length is skipped}):
+    one per random or synthetic spec, one per layer of a file. A file's tensors fix the shape:
+    the scenario's heads, kv_heads and head_dim must be the file's (refused otherwise, naming
+    the value to set), its batch at most the file's; lengths beyond the file's tokens are
+    skipped with the reason."""
+    from sparsebench.errors import SparsebenchError
+    from sparsebench.inputs import Source
+    from sparsebench.inputs import file as recorded
+    from sparsebench.inputs.synthetic import Knobs
+
+    out: list[tuple[dict[str, Any], dict[int, str]]] = []
+    for i, spec in enumerate(sc.inputs):
+        if spec.kind != "file":
+            knobs = Knobs(**spec.knobs).changed()
+            src = Source(kind=spec.kind, seed=spec.seed or 0, knobs=knobs)
+            fields = dict(inputs=src.label(), inputs_seed=src.seed, inputs_knobs=knobs or None)
+            out.append((fields, {}))
+            continue
+        path = _beside(source, spec.path)
+        try:
+            c = recorded.inspect(path)
+        except SparsebenchError as exc:
+            raise _fail(source, index, ("inputs", i, "path"), str(exc)) from None
+        name = Path(path).name
+        for key, want, got in (
+            ("heads", sc.heads, c.heads),
+            ("kv_heads", sc.key_value_heads, c.kv_heads),
+            ("head_dim", sc.head_dim, c.head_dim),
+        ):
+            if want != got:
+                raise _fail(
+                    source,
+                    index,
+                    (key,) if key in sc.model_fields_set else ("inputs", i, "path"),
+                    f"{name} holds q, k and v of {c.heads} heads over {c.kv_heads} KV heads of head_dim {c.head_dim}; "
+                    f"the scenario's {key} is {want}: set {key}: {got} (a recorded file fixes the shape)",
+                )
+        if sc.batch > c.batch:
+            raise _fail(source, index, ("batch",), f"{name} holds a batch of {c.batch}; batch {sc.batch} is larger")
+        for layer in spec.layers or ():
+            if layer not in c.layers:
+                raise _fail(
+                    source,
+                    index,
+                    ("inputs", i, "layers"),
+                    f"{name} holds no layer {layer}; its layers: {', '.join(map(str, c.layers))}",
+                )
+        misfit = {n: f"{name} holds {c.tokens} tokens, fewer than n = {n}" for n in sc.lengths if n > c.tokens}
+        if len(misfit) == len(sc.lengths):
+            raise _fail(
+                source, index, ("inputs", i, "path"), f"{name} holds {c.tokens} tokens; seq_lens are all longer"
+            )
+        for layer in spec.layers or c.layers:
+            src = Source(kind="file", file=path, layer=layer)
+            out.append((dict(inputs=src.label(), inputs_seed=None, inputs_file=path, inputs_layer=layer), misfit))
+    labels = [fields["inputs"] for fields, _ in out]
+    dup = next((label for label in labels if labels.count(label) > 1), None)
+    if dup:
+        raise _fail(source, index, ("inputs",), f"names the inputs {dup} twice")
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -731,6 +882,8 @@ def check_model_keys(sc: Scenario, source: str, index: dict) -> None:
         raise _fail(source, index, ("model_file",), "give model (a preset) or model_file (a config), not both")
     if given and sc.patterns is not None:
         raise _fail(source, index, (given[0],), "give patterns or a model, not both (a model's layers bring their own)")
+    if given and any(spec.kind != "random" or spec.seed for spec in sc.inputs):
+        raise _fail(source, index, ("inputs",), "a model scenario runs on random inputs (seed 0); no other inputs yet")
     if not given:
         if "heads_scale" in sc.model_fields_set:
             raise _fail(source, index, ("heads_scale",), "scales a model's heads: give it with model: or model_file:")
@@ -763,11 +916,7 @@ def model_sources(sc: Scenario, source: str) -> list[tuple[tuple, str]]:
         if key == "model":
             out.append((path, f"preset:{v}"))
             continue
-        file = Path(v).expanduser()
-        if not file.is_absolute():
-            beside = Path(source).parent / file
-            file = beside if beside.exists() or not file.exists() else file
-        out.append((path, str(file.resolve())))
+        out.append((path, _beside(source, v)))
     return out
 
 
@@ -845,7 +994,6 @@ def model_plan(sc: Scenario, source: str, index: dict, devices: list[str], skipp
         if len(stacks) == 1:
             notes.append(f"every attention layer of {spec.name} is full: it is its own all-dense twin, run once")
         models.append((spec, run_spec, where, stacks, misfit))
-    import itertools
 
     cases = []
     settings = _measuring(sc)

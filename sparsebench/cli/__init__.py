@@ -4,8 +4,8 @@ hold the commands and use app.py's helpers. Python imports this package before a
 (``sparsebench.cli.app:main`` is the console script), and here every command is added to the app,
 in the order ``--help`` lists them."""
 
-from sparsebench.cli import history, inspect, kv, report, run
+from sparsebench.cli import capture, history, inspect, kv, report, run
 from sparsebench.cli.app import app
 
-for _module in (run, inspect, report, history, kv):
+for _module in (run, inspect, report, history, kv, capture):
     _module.register(app)

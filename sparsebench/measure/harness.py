@@ -156,15 +156,15 @@ def make_problem(case: Case) -> Problem:
     )
 
 
-def inputs(p: Problem, seed: int = 0, requires_grad: bool = False):
-    """q (batch, heads, n, head_dim), k and v (batch, kv_heads, n, head_dim): seeded normals."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    out = []
-    for heads in (p.heads, p.kv_heads, p.kv_heads):
-        shape = (p.batch, heads, p.seq_len, p.head_dim)
-        t = torch.randn(shape, generator=g, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
-        out.append(t.requires_grad_(requires_grad))
-    return out
+def inputs(p: Problem, seed: int = 0, requires_grad: bool = False, case: Case | None = None):
+    """q (batch, heads, n, head_dim), k and v (batch, kv_heads, n, head_dim): the inputs ``case``
+    names (sparsebench.inputs: random, synthetic or a recorded file); without a case, seeded
+    normals (``seed``), the random kind."""
+    from sparsebench.inputs import Source, make
+
+    source = Source.of_case(case) if case is not None else Source(kind="random", seed=seed)
+    shape = dict(batch=p.batch, heads=p.heads, kv_heads=p.kv_heads, seq_len=p.seq_len, head_dim=p.head_dim)
+    return [t.requires_grad_(requires_grad) for t in make(source, **shape, dtype=p.dtype, device=p.device)]
 
 
 def _repeated(q, k, v):
@@ -279,7 +279,7 @@ def run_case(case: Case) -> dict[str, Any]:
     before = probe(p.device)
     with PeakMemory(p.device) as pm, freed_memory_reused(p.device):
         backward = case.mode == "backward"
-        q, k, v = inputs(p, requires_grad=backward)
+        q, k, v = inputs(p, requires_grad=backward, case=case)
         t0 = time.perf_counter()
         fn = backend.prepare(p)
         sync(p.device)
