@@ -231,6 +231,11 @@ class SlurmExecutor(Executor):
             time.sleep(POLL_S)
 
     @property
+    def jobs(self) -> list[Any]:
+        """The submitit jobs: the array's tasks and any that replaced a lost one."""
+        return list(self._jobs.values())
+
+    @property
     def capacity(self) -> int:  # the tasks still alive (before start: the array's size)
         return len([k for k in self._jobs if k not in self._dead]) if self._jobs else self.tasks
 
