@@ -9,3 +9,7 @@ from sparsebench.cli.app import app
 
 for _module in (run, inspect, report, history, kv):
     _module.register(app)
+
+from sparsebench.cli import merge as _merge  # noqa: E402 - issue 22's command, after the others
+
+_merge.register(app)
