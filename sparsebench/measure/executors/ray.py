@@ -52,7 +52,10 @@ class RayExecutor(Executor):
 
         ray = self._ray
         if not ray.is_initialized():
-            opts: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            import logging
+
+            # the cases' own output stays in the workers' logs; Ray's notices below errors stay quiet
+            opts: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
             if self.address is None:
                 opts["resources"] = {NODE_RESOURCE: 1}  # a local cluster: one node, one CPU case at a time
             else:
