@@ -92,6 +92,29 @@ class SeqRange(_Model):
         return out
 
 
+class RayOptions(_Model):
+    """``ray:``: what every case's Ray task asks for on top of its GPU or node (executors/ray.py)."""
+
+    resources: dict[str, float] = Field(default_factory=dict, description="custom or accelerator resources")
+
+
+class SlurmOptions(_Model):
+    """``slurm:``: the job array's settings (executors/slurm.py); each overridden by its --slurm-* flag."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: Union[int, str] = Field(default="1:00:00", description="per task: minutes, or [D-]H:MM:SS")
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    mem: str | None = None
+    constraint: str | None = None
+    tasks: int | None = Field(default=None, ge=1, le=10000, description="array tasks (default: --parallel)")
+    setup: list[str] = Field(default_factory=list, description="shell lines each task runs first")
+    additional: dict[str, Any] = Field(default_factory=dict, description="other sbatch options")
+    cluster: Literal["slurm", "local", "debug"] = "slurm"
+
+
 class Limits(_Model):
     timeout_s: float = Field(default=600.0, gt=0, description="per-case wall-clock limit")
     memory: Union[int, float, str, None] = Field(default=None, description="per-case memory budget, e.g. 8GiB")
@@ -203,6 +226,8 @@ class Scenario(_Model):
     tile: int = Field(default=64, ge=8, le=4096)
     decode_tokens: int = Field(default=16, ge=1, le=100000)
     baseline: bool = True
+    ray: RayOptions = Field(default_factory=RayOptions)
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     limits: Limits = Field(default_factory=Limits)
     check: Check = Field(default_factory=Check)
     # the q, k and v of every case (sparsebench.inputs): one kind or a list, each a dimension of

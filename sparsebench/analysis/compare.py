@@ -57,7 +57,7 @@ GATE_METRIC = "min"
 BY_DIMENSIONS = {
     "backend": "backend",
     "pattern": "pattern_label",
-    "device": "device",
+    "device": "hardware",  # device_name (or device), @ host where hosts differ: results.folder.hardware_column
     "dtype": "dtype",
     "mode": "mode",
     "causal": "causal",
@@ -555,7 +555,11 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
     column, tcol = BY_DIMENSIONS[by], METRICS[metric]
     if df is None or len(df) == 0:
         raise ResultsError("no records to compare")
-    rest = [c for c in CASE_KEY if c != column]
+    if by == "device":  # the same cases across GPUs or CPUs (and machines): cpu and cuda are hardware too
+        from sparsebench.results.folder import hardware_column
+
+        df = hardware_column(df)
+    rest = [c for c in CASE_KEY if c != column and not (by == "device" and c == "device")]
     dims = [c for c in varying_dims(df, rest) if c != "seq_len"] + ["seq_len"]
     if by != "pattern" and "pattern_label" not in dims:
         dims.insert(0, "pattern_label")

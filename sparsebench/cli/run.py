@@ -36,6 +36,27 @@ def run(
         None, "--max-memory", help="Skip cases whose estimate exceeds this (e.g. 8GiB)."
     ),
     plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP, metavar="FILE.py"),
+    executor: str = typer.Option(
+        "local",
+        "--executor",
+        help="Where the cases run: local (this machine), ray (a Ray task each) or slurm (a submitit job array).",
+    ),
+    parallel: Optional[str] = typer.Option(
+        None,
+        "--parallel",
+        help="Cases at once: N or auto (local: one worker per CUDA device, 1 on a CPU; ray: as "
+        "the cluster places them; slurm: array tasks, one per series up to 16).",
+    ),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="ray: the cluster to join (auto or HOST:PORT); omitted: a local cluster for the run."
+    ),
+    slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="slurm: the partition."),
+    slurm_account: Optional[str] = typer.Option(None, "--slurm-account", help="slurm: the account."),
+    slurm_time: Optional[str] = typer.Option(None, "--slurm-time", help="slurm: each task's time limit (H:MM:SS)."),
+    slurm_gpus_per_node: Optional[int] = typer.Option(None, "--slurm-gpus-per-node", help="slurm: GPUs per task."),
+    slurm_cluster: Optional[str] = typer.Option(
+        None, "--slurm-cluster", help="slurm (default), or local: submitit's local executor (try the path here)."
+    ),
 ) -> None:
     """Run a scenario: every case timed, memory-measured and checked against dense attention.
 
@@ -43,11 +64,36 @@ def run(
     report.html follow. The last line printed is the result folder."""
     with guarded():
         load_plugins(plugin)
-        again = _resume_options(no_plots, in_process, max_memory, plugin)
-        _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again)
+        slurm = {
+            "partition": slurm_partition,
+            "account": slurm_account,
+            "time": slurm_time,
+            "gpus_per_node": slurm_gpus_per_node,
+            "cluster": slurm_cluster,
+        }
+        choice = _executor_options(executor, parallel, address, slurm, in_process)
+        again = _resume_options(no_plots, in_process, max_memory, plugin, choice)
+        _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again, choice)
 
 
-def _resume_options(no_plots, in_process, max_memory, plugin) -> list[str]:
+def _executor_options(name, parallel, address, slurm, in_process):
+    """The executor's options, checked (one line for a bad value; the extras are checked when it starts)."""
+    from sparsebench.errors import ScenarioError
+    from sparsebench.measure.executors.base import EXECUTOR_NAMES, Options, parse_parallel
+
+    if name not in EXECUTOR_NAMES:
+        raise ScenarioError(f"--executor {name!r}: unknown; expected one of: {', '.join(EXECUTOR_NAMES)}")
+    if address is not None and name != "ray":
+        raise ScenarioError("--address is the Ray cluster to join; it needs --executor ray")
+    given = [f"--slurm-{k.replace('_', '-')}" for k, v in slurm.items() if v is not None]
+    if given and name != "slurm":
+        raise ScenarioError(f"{given[0]} needs --executor slurm")
+    if slurm.get("cluster") not in (None, "slurm", "local", "debug"):
+        raise ScenarioError(f"--slurm-cluster {slurm['cluster']!r}: expected slurm, local or debug")
+    return Options(name=name, parallel=parse_parallel(parallel), address=address, slurm=slurm, isolate=not in_process)
+
+
+def _resume_options(no_plots, in_process, max_memory, plugin, choice=None) -> list[str]:
     """The options of this run that a ``--resume`` of it must repeat to run the rest the same way."""
     out = [f"--plugin={p}" for p in plugin or []]
     if max_memory:
@@ -56,6 +102,15 @@ def _resume_options(no_plots, in_process, max_memory, plugin) -> list[str]:
         out.append("--in-process")
     if no_plots:
         out.append("--no-plots")
+    if choice is not None and choice.name != "local":
+        out.append(f"--executor={choice.name}")
+    if choice is not None and choice.parallel is not None:
+        out.append(f"--parallel={choice.parallel}")
+    if choice is not None and choice.address:
+        out.append(f"--address={choice.address}")
+    for key, value in (choice.slurm if choice is not None else {}).items():
+        if value is not None:
+            out.append(f"--slurm-{key.replace('_', '-')}={value}")
     return out
 
 
@@ -96,7 +151,7 @@ def nothing_measured(records: list[dict]) -> str | None:
     return text + ("" if k == len(records) else f" ({len(records) - k} for other reasons)")
 
 
-def _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again) -> None:
+def _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again, choice=None) -> None:
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -146,6 +201,13 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
         if block_sparse.native_enabled() and not block_sparse.native_built():
             out.print("[dim]First run here: the first case builds the native CPU kernels (once, about a minute).[/]")
 
+    from sparsebench.measure import executors
+    from sparsebench.measure.executors.base import Options
+
+    engine = executors.create(choice or Options(isolate=not in_process), plan, warn)
+    if engine.name != "local" or engine.capacity != 1:
+        out.print(f"[dim]executor: {engine.label()}[/]")
+
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -183,6 +245,7 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
                 scenario_text=text,
                 isolate=not in_process,
                 resume=resume is not None,
+                executor=engine,
                 on_start=on_start,
                 on_record=on_record,
                 warn=warn,

@@ -73,7 +73,36 @@ def _handle(msg: Any) -> dict[str, Any]:
     return execute(Case(**msg))
 
 
-def _serve(conn) -> None:
+def where(device: str) -> dict[str, Any]:
+    """Where a case on ``device`` runs in this process: the machine's host name and the device's
+    name (the GPU's, or the CPU's model), the record's ``host`` and ``device_name``."""
+    import socket
+
+    name = None
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            name = torch.cuda.get_device_name(torch.device(device))
+        except Exception:  # noqa: BLE001 - no such device here: the name stays unknown
+            name = None
+    elif device == "cpu":
+        from sparsebench.measure.environment import _cpu_model  # environment.json's "cpu"
+
+        name = _cpu_model()
+    else:
+        name = device
+    return {"host": socket.gethostname(), "device_name": name}
+
+
+def _serve(conn, env: dict[str, str | None] | None = None) -> None:
+    import os
+
+    for name, value in (env or {}).items():  # before torch is imported: CUDA_VISIBLE_DEVICES, threads
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides on Ctrl-C
     from sparsebench import plugins
     from sparsebench.measure import harness  # noqa: F401 - import torch before the first case
@@ -95,16 +124,19 @@ def _serve(conn) -> None:
 
 
 class Worker:
-    """A lazily started child process; ``run`` returns the case's fields or a failure."""
+    """A lazily started child process; ``run`` returns the case's fields or a failure. ``env``:
+    environment variables set (None: removed) in the child before it imports torch (a local
+    executor's CUDA_VISIBLE_DEVICES, a remote one's forwarded switches)."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str | None] | None = None) -> None:
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
+        self._env = dict(env or {})
 
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_serve, args=(child,), daemon=True)
+        self._proc = self._ctx.Process(target=_serve, args=(child, self._env), daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent

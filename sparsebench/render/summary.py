@@ -128,6 +128,36 @@ def yardstick_lines(env: dict[str, Any]) -> list[str]:
     return [f"- yardstick (this machine's own torch rates): {'; '.join(bits)}"] if bits else []
 
 
+def mixed_hardware_lines(records: list[dict[str, Any]]) -> list[str]:
+    """summary.md's warning where a series ran on more than one kind of hardware (device_name), or
+    on other hardware than its dense baseline: its ratios then mix machines."""
+    from sparsebench.results import schema
+    from sparsebench.results.folder import hardware_of
+
+    kinds: dict[tuple, set[str]] = {}
+    base: dict[tuple, set[str]] = {}
+    for r in records:
+        name = hardware_of(r)[1]
+        if not name or r.get("status") == "skipped":
+            continue
+        kinds.setdefault(schema.series_key(r), set()).add(name)
+        if r.get("pattern") == schema.BASELINE_PATTERN and r.get("backend") == schema.BASELINE_BACKEND:
+            base.setdefault(tuple(r.get(c) for c in ("device", "dtype", "mode", "causal")), set()).add(name)
+    lines = []
+    for key, names in kinds.items():
+        rec = dict(zip(schema.SERIES_KEY, key))
+        label = f"{rec.get('pattern_label')} · {rec.get('backend')}"
+        other = base.get(tuple(rec.get(c) for c in ("device", "dtype", "mode", "causal")), set())
+        if len(names) > 1:
+            lines.append(f"- warning: {label} ran on more than one kind of hardware ({', '.join(sorted(names))})")
+        elif other and other != names:
+            lines.append(
+                f"- warning: {label} ran on {', '.join(sorted(names))}, its dense baseline on "
+                f"{', '.join(sorted(other))}"
+            )
+    return lines
+
+
 def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: str = "", warn=None) -> str:
     from sparsebench.results.folder import read_environment
 
@@ -147,6 +177,7 @@ def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: s
         f"- commit: {env.get('git_commit') or 'n/a'} "
         f"(sparsebench source: {env.get('sparsebench_commit') or 'installed package'})",
         *yardstick_lines(env),
+        *mixed_hardware_lines(records),
         "",
         "Speedup is over dense `sdpa` on the same device, dtype, mode and shape; max err is the",
         "largest absolute difference from dense attention under the same mask. yardstick: the",

@@ -9,6 +9,7 @@ import json
 import os
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -20,6 +21,7 @@ from sparsebench.results.schema import BASELINE_BACKEND, BASELINE_PATTERN, CASE_
 RECORDS = "records.jsonl"
 ENVIRONMENT = "environment.json"
 META = "meta.json"
+HARDWARE = ("host", "device_name")  # where a record ran: with its case key, what merge keeps apart
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -282,12 +284,15 @@ def add_derived(df):
         if c not in df.columns:
             source = schema.KEY_DEFAULTS_FROM.get(c)
             df[c] = df[source] if source in df.columns else schema.KEY_DEFAULTS[c]
-    shape = [c for c in CASE_KEY if c not in ("pattern_label", "backend")]
+    # the baseline on the same hardware class, its device_name (a merged folder holds the same case
+    # on several machines; a Ray or Slurm run may spread a series over several alike)
+    df["_hardware"] = df["device_name"].map(_text) if "device_name" in df.columns else ""
+    shape = [c for c in CASE_KEY if c not in ("pattern_label", "backend")] + ["_hardware"]
     base = df[(df["pattern"] == BASELINE_PATTERN) & (df["backend"] == BASELINE_BACKEND) & (df["status"] == "ok")]
     base = base[shape + ["time_median_s", "nnz"]].rename(
         columns={"time_median_s": "_base_time", "nnz": "_base_nnz"}
     ).drop_duplicates(subset=shape, keep="last")
-    df = df.merge(base, on=shape, how="left")
+    df = df.merge(base, on=shape, how="left").drop(columns=["_hardware"])
     ok = (df["status"] == "ok")
     df["speedup"] = np.where(ok, df["_base_time"] / df["time_median_s"], np.nan)
     df["ideal_speedup"] = df["_base_nnz"] / df["nnz"]
@@ -307,3 +312,111 @@ def write_csv(folder: Path, df) -> None:
         if col in out:
             out[col] = out[col].map(lambda v: json.dumps(v) if not (isinstance(v, float) and pd.isna(v)) else "")
     atomic_write(Path(folder) / "results.csv", out.to_csv(index=False))
+
+
+# ------------------------------------------------------------------------------------ hardware
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
+def hardware_of(rec: dict[str, Any]) -> tuple[str, str]:
+    """(host, device_name) of a record ("" where it does not say: a record from before the fields)."""
+    return tuple(_text(rec.get(c)) for c in HARDWARE)  # type: ignore[return-value]
+
+
+def hardware_label(rec: dict[str, Any], hosts: int = 1) -> str:
+    """A record's hardware as a column name: its device_name (its device where it has none), and
+    "@ host" where the records come from more than one host."""
+    host, name = hardware_of(rec)
+    name = name or _text(rec.get("device"))
+    return f"{name} @ {host}" if hosts > 1 and host else name
+
+
+def hardware_column(df):
+    """``df`` with a column "hardware" (hardware_label of each row): compare --by device's columns."""
+    df = df.copy()
+    rows = df[[c for c in (*HARDWARE, "device") if c in df.columns]].to_dict("records")
+    hosts = len({hardware_of(r)[0] for r in rows if hardware_of(r)[0]})
+    df["hardware"] = [hardware_label(r, hosts) for r in rows]
+    return df
+
+
+# --------------------------------------------------------------------------------------- merge
+@dataclass(frozen=True)
+class Merged:
+    folder: Path
+    records: int
+    hardware: tuple[tuple[str, str], ...]  # (host, device_name), in order of appearance
+    one_per_case: bool  # no case key on two pieces of hardware: the usual reports apply
+
+
+def _filled(rec: dict[str, Any], env: dict[str, Any] | None) -> dict[str, Any]:
+    """A record from before host and device_name: both read from its folder's environment.json."""
+    if rec.get("host") or not env:
+        return rec
+    device = str(rec.get("device") or "")
+    name = env.get("gpu") if device.startswith("cuda") else env.get("cpu") if device == "cpu" else None
+    return {**rec, "host": env.get("hostname"), "device_name": rec.get("device_name") or name}
+
+
+def merge_folders(sources: list[Path], output: Path, warn: Callable[[str], None] | None = None) -> Merged:
+    """Combine result folders (other machines, other executors) into ``output``: every record
+    (each naming its host and device_name: hardware is a dimension), environment.json with each
+    host's own environment under "hosts" and the yardsticks under "host device/dtype", meta.json
+    naming the sources, and the first folder's scenario.yaml (each folder's in scenarios/ where
+    they differ). The same case (its key and round) on the same hardware in two folders is refused,
+    in one line naming both."""
+    if len(sources) < 2:
+        raise ResultsError("merge needs at least two result folders")
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ResultsError(f"{output}: output folder exists and is not empty")
+    seen: dict[tuple, Path] = {}
+    records: list[dict[str, Any]] = []
+    hosts: dict[str, dict[str, Any]] = {}
+    yardsticks: dict[str, Any] = {}
+    scenarios: list[tuple[Path, str]] = []
+    metas = []
+    for src in sources:
+        src = Path(src)
+        env = read_environment(src, warn)
+        recs = [_filled(r, env) for r in read_records(src, warn=warn)]
+        for rec in recs:
+            key = (schema.case_key(rec), rec.get("round", 1), hardware_of(rec))
+            if key in seen:
+                host, name = hardware_of(rec)
+                raise ResultsError(
+                    f"{src}: case {rec.get('case_id')} on {name or '?'} @ {host or '?'} is also in {seen[key]}; "
+                    "merge refuses duplicates (the same case on the same hardware)"
+                )
+            seen[key] = src
+        records.extend(recs)
+        if env:
+            host = env.get("hostname") or src.name
+            hosts.setdefault(host, {k: v for k, v in env.items() if k not in ("hosts", "yardstick")})
+            for name, y in (env.get("yardstick") or {}).items():
+                yardsticks.setdefault(name if " " in name else f"{host} {name}", y)
+            for name, info in (env.get("hosts") or {}).items():
+                hosts.setdefault(name, info)
+        text = (src / "scenario.yaml").read_text(encoding="utf-8") if (src / "scenario.yaml").is_file() else ""
+        scenarios.append((src, text))
+        metas.append({"folder": str(src), **{k: v for k, v in read_meta(src, warn).items() if k != "schema_version"}})
+    output.mkdir(parents=True, exist_ok=True)
+    common = {k: v for k, v in next(iter(hosts.values()), {}).items() if all(h.get(k) == v for h in hosts.values())}
+    env_out = {**common, "hosts": hosts, "yardstick": yardsticks, "merged_from": [str(s) for s in sources]}
+    atomic_write(output / ENVIRONMENT, json.dumps(env_out, indent=2) + "\n")
+    texts = {t for _, t in scenarios}
+    atomic_write(output / "scenario.yaml", scenarios[0][1])
+    if len(texts) > 1:
+        (output / "scenarios").mkdir(exist_ok=True)
+        for i, (src, text) in enumerate(scenarios, 1):
+            atomic_write(output / "scenarios" / f"{i}-{src.name}.yaml", text)
+    write_meta(output, {"scenario": metas[0].get("scenario"), "merged_from": metas})
+    with RecordWriter(output) as writer:
+        for rec in records:
+            writer.append({**rec, "schema_version": SCHEMA_VERSION})
+    hardware = tuple(dict.fromkeys(hardware_of(r) for r in records))
+    per_case: dict[tuple, set] = {}
+    for rec in records:
+        per_case.setdefault((schema.case_key(rec), rec.get("round", 1)), set()).add(hardware_of(rec))
+    return Merged(output, len(records), hardware, all(len(v) == 1 for v in per_case.values()))

@@ -156,6 +156,9 @@ FIELDS: tuple[Field, ...] = (
     # where it ran (a run spread over machines: executors, merge)
     Field("host", "str", "", "the machine the case ran on (its host name)"),
     Field("device_name", "str", "", "the device the case ran on: the GPU's name, or the CPU's model"),
+    Field("executor", "str", "", "what ran the case: local (local xN: N workers at once), ray or slurm"),
+    Field("retries", "int", "", "1 where the engine lost the case's worker, node or job and ran the case again "
+          "elsewhere (the record is the retry's; lost twice: crashed), else 0"),
     # model stacks (a scenario's model: or model_file:, measure/stack.py); null in other records
     Field("model", "str", "", "the model whose attention stack the case runs (null for a pattern case)",
           from_case=True),
