@@ -11,7 +11,9 @@ or an ideal, never a measurement. The decode figure draws one line per pattern a
 that encoding too (dense on sdpa thick black); a run with one decode implementation (one
 backend, or an old run's own KV-cache decoder, backend "kv_cache") has colour = pattern there.
 
-The masks figure is ``render.masks`` (its length, its marks); ``fig_masks`` is re-exported here.
+The masks figure is ``render.masks`` (its length, its marks); ``fig_masks`` is re-exported here,
+as is ``render.quality``'s quality-vs-speedup figure (``fig_quality_vs_speedup``: colour = pattern,
+marker = backend there, as a trade-off plot reads best).
 
 Decode records (mode "decode") are drawn by ``per_token_latency_vs_context`` and left out of
 ``time_vs_seqlen`` (a decode step is one generated token, not one call over n tokens).
@@ -37,6 +39,7 @@ from sparsebench.analysis.scaling import (
 )
 from sparsebench.render.analysis import LEGACY_DECODE_BACKEND, above_ideal_text, exponent_caveat
 from sparsebench.render.masks import fig_masks
+from sparsebench.render.quality import fig_quality_vs_speedup
 from sparsebench.results.schema import BASELINE_PATTERN, DECODE, SERIES_KEY
 from sparsebench.stats import fit_power
 from sparsebench.units import format_bytes, format_time
@@ -46,6 +49,8 @@ FIGURES = ("time_vs_seqlen", "memory_vs_seqlen", "speedup_vs_seqlen", "kv_cache_
 DECODE_FIGURES = ("per_token_latency_vs_context",)
 # Figures drawn only when the frame holds a model scenario's stack records (render/stack.py).
 MODEL_FIGURES = ("model_stack",)
+# Figures drawn only when the frame holds quality figures against full attention (render/quality.py).
+QUALITY_FIGURES = ("quality_vs_speedup",)
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {
@@ -649,14 +654,18 @@ FIGURE_FUNCTIONS = {
     "kv_cache_vs_seqlen": fig_kv_cache_vs_seqlen,
     "masks": fig_masks,
     "model_stack": fig_model_stack,
+    "quality_vs_speedup": fig_quality_vs_speedup,
 }
 
 
 def figure_caption(stem: str, df=None) -> str | None:
     """The caption report.html puts under a figure this module knows better than its fixed
-    table does (render.html.figure_caption's hook): the model stack figure's; else None."""
-    from sparsebench.render import stack
+    table does (render.html.figure_caption's hook): the model stack figure's, the quality figure's
+    (which says when every point ran on random inputs); else None."""
+    from sparsebench.render import quality, stack
 
+    if stem == quality.FIGURE:
+        return quality.caption(df)
     return stack.CAPTION if stem == "model_stack" else None
 
 
