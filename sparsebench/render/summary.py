@@ -49,7 +49,8 @@ def row_cells(r: dict[str, Any]) -> list[str]:
         str(r.get("backend", ""))
         + ("" if r.get("dtype") in (None, "fp32") else f" {r['dtype']}")
         + ("" if r.get("mode") in (None, "forward") else f" {r['mode']}")
-        + ("" if r.get("device") in (None, "cpu") else f" @{r['device']}"),
+        + ("" if r.get("device") in (None, "cpu") else f" @{r['device']}")
+        + ("" if r.get("inputs") in (None, "random") else f" inputs={r['inputs']}"),
         str(r.get("seq_len", "")),
         "" if med is None else f"{med * 1e3:.2f}",
         "" if tf is None else f"{tf:.3f}",
