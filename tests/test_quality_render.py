@@ -12,7 +12,7 @@ from quality_fixtures import EXEMPT_NOTE, PATTERNS, quality_records
 from report_fixtures import make_records, write_result
 
 from sparsebench.analysis.compare import compare, judge_quality
-from sparsebench.render import quality
+from sparsebench.render import plots, quality
 from sparsebench.render.compare import render, to_markdown
 from sparsebench.render.quality import Point, frontier, frontiers, points, quality_rows, tables
 from sparsebench.render.summary import finalize, summary_markdown
@@ -129,9 +129,9 @@ def test_an_old_folder_renders_as_before(tmp_path):
     finalize(write_result(tmp_path, recs), recs, plots=False, renderables=shown, warn=pytest.fail)
     assert "Quality" not in (tmp_path / "summary.md").read_text()
     assert "Quality" not in render_plain(shown) and 'id="quality"' not in (tmp_path / "report.html").read_text()
-    assert quality.fig_quality_vs_speedup(frame(recs)) is None and tables(frame(recs)) == []
+    assert plots.fig_quality_vs_speedup(frame(recs)) is None and tables(frame(recs)) == []
     nulls = [dict(r, recall_mean=None, full_rel_err=None, quality_note=None) for r in recs]  # schema 4, none measured
-    assert tables(frame(nulls)) == [] and quality.fig_quality_vs_speedup(frame(nulls)) is None
+    assert tables(frame(nulls)) == [] and plots.fig_quality_vs_speedup(frame(nulls)) is None
 
 
 # -- the figure --------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_the_figure_plots_each_case_with_the_reference_and_a_frontier_per_n():
         assert not any(q.speedup >= p.speedup and q.value > p.value for q in pts if q.seq_len == 8192)
     # on the fixture's synthetic inputs sink_window keeps more at the same speed as sliding_window:
     assert not any(p.pattern_label == SW for p in at)
-    fig = quality.fig_quality_vs_speedup(df)
+    fig = plots.fig_quality_vs_speedup(df)
     assert fig is not None and len(fig.axes) == 4
     assert "inputs: random, synthetic" in fig._suptitle.get_text()
     ax = fig.axes[0]
@@ -184,7 +184,7 @@ def test_the_figure_plots_each_case_with_the_reference_and_a_frontier_per_n():
 
 def test_a_random_only_figure_says_recall_is_about_density():
     df = frame(quality_records())
-    fig = quality.fig_quality_vs_speedup(df)
+    fig = plots.fig_quality_vs_speedup(df)
     assert "random inputs: recall ~ density; see inputs: synthetic" in fig._suptitle.get_text()
     caption = quality.caption(df)
     assert "random inputs" in caption and caption.endswith(".") and not re.search(r"[.!?]\s+[A-Z]", caption)
@@ -193,15 +193,13 @@ def test_a_random_only_figure_says_recall_is_about_density():
 
 def test_no_figure_without_a_baseline():
     recs = [r for r in quality_records() if r["pattern"] != "dense"]
-    assert quality.fig_quality_vs_speedup(frame(recs)) is None  # quality, but no speedup to set it against
+    assert plots.fig_quality_vs_speedup(frame(recs)) is None  # quality, but no speedup to set it against
 
 
 def test_the_figure_is_registered_and_written_as_png_and_svg(tmp_path):
-    from sparsebench.render import plots
-
-    assert plots.FIGURE_FUNCTIONS[quality.FIGURE] is quality.fig_quality_vs_speedup  # render_all draws it
+    assert plots.FIGURE_FUNCTIONS[quality.FIGURE] is plots.fig_quality_vs_speedup  # render_all draws it
     assert plots.figure_caption(quality.FIGURE, None) == quality.CAPTION  # report.html's caption hook
-    fig = quality.fig_quality_vs_speedup(frame(quality_records(("random", "synthetic"))))
+    fig = plots.fig_quality_vs_speedup(frame(quality_records(("random", "synthetic"))))
     for fmt in ("png", "svg"):
         path = plots.save(fig, tmp_path / f"{quality.FIGURE}.{fmt}")
         assert path.stat().st_size > 10_000

@@ -3,11 +3,13 @@
 its speedup over dense beside it, as tables (summary.md, the terminal, report.html) and as the
 figure ``quality_vs_speedup`` (speedup across, recall and rel. error up, the frontier drawn).
 
+The figure is drawn by ``render.plots.fig_quality_vs_speedup`` from the data here.
+
 The tables: one row per pattern and n (and inputs, where a run has more than one kind), the
 quality figures of its backends' cases (the worst, where they differ) and a speedup column per
 backend; patterns exempt from the figures (their mask is the model's semantics) in a table of
 their own, each with its record's note. The figure's data are plain functions (``points``,
-``frontier``) so that tests check what is drawn, not pixels. A run without quality figures (an
+``frontier``, ``frontiers``) so that tests check what is drawn, not pixels. A run without quality figures (an
 old folder, a decode run) gets neither tables nor figure. pandas and matplotlib are imported
 inside the functions."""
 
@@ -31,9 +33,6 @@ EXEMPT_TITLE = "Without quality figures"
 NOT_RECORDED = "no quality figures recorded (a run from before they were measured?)"
 # the panels' dimensions besides the inputs (device, dtype, mode, causality, shape)
 OTHER_DIMS = tuple(c for c in SHAPE_KEY if c != "inputs")
-WIDE_SPEEDUPS = 10.0  # a log speedup axis where the largest speedup is this many times the smallest
-BACKEND_MARKERS = {"block_sparse": "s", "flex": "^", "sdpa_masked": "D", "naive": "v", "sdpa": "o"}
-SPARE_MARKERS = ("P", "X", "h", "*", "<", ">")
 CAPTION = (
     "Each point is one pattern on one backend at one n (colour the pattern, marker the backend, larger"
     " markers larger n, a thin line joining a series' sizes), its speedup over dense sdpa across (log scale"
@@ -403,195 +402,3 @@ def caption(df=None) -> str:
     ):
         return CAPTION[:-1] + CAPTION_RANDOM + "."
     return CAPTION
-
-
-# ----------------------------------------------------------------------------------------------
-# the figure
-
-
-def fig_quality_vs_speedup(df, analysis=None, styles=None):
-    """Recall (left) and relative error (right) against full attention, against the speedup
-    over dense sdpa, one row of panels per inputs kind and setup; None when no case has both a
-    quality figure and a speedup."""
-    found = panels(df)
-    if not found:
-        return None
-    from matplotlib.figure import Figure
-
-    from sparsebench.render.plots import BASELINE_COLOUR, PATTERN_COLOURS, WIDTH, _panel_title
-
-    labels = sorted({p.pattern_label for _, sub in found for p in _points_of(sub, RECALL) + _points_of(sub, ERROR)})
-    sparse = [lab for lab in labels if not lab.startswith(BASELINE_PATTERN)]
-    colours = {lab: PATTERN_COLOURS[i % len(PATTERN_COLOURS)] for i, lab in enumerate(sparse)}
-    colours.update({lab: BASELINE_COLOUR for lab in labels if lab.startswith(BASELINE_PATTERN)})
-    backends = sorted({p.backend for _, sub in found for p in _points_of(sub, RECALL) + _points_of(sub, ERROR)})
-    spare = iter(SPARE_MARKERS * 4)
-    markers = {b: BACKEND_MARKERS.get(b) or next(spare) for b in backends}
-    ns = sorted({p.seq_len for _, sub in found for p in points(sub, RECALL) + points(sub, ERROR)})
-
-    fig = Figure(figsize=(WIDTH, 4.8 * len(found) + 2.4), layout="constrained")
-    fig.suptitle(f"Quality against full attention vs speedup over dense sdpa\n{subtitle(df)}", fontweight="bold")
-    axes = fig.subplots(len(found), 2, squeeze=False)
-    for row_axes, (setup, sub) in zip(axes, found):
-        where = f"inputs: {setup.get('inputs', RANDOM)} · {_panel_title(setup)}"
-        for ax, metric in zip(row_axes, (RECALL, ERROR)):
-            _panel(ax, sub, metric, where, colours, markers, ns)
-    _legend(fig, axes, colours, markers, ns)
-    return fig
-
-
-def _size(n: int, ns: Sequence[int]) -> float:
-    """A marker's area (points^2) for n: 30 at the smallest n of the figure, 220 at the largest."""
-    if len(ns) < 2:
-        return 90.0
-    lo, hi = math.log2(ns[0]), math.log2(ns[-1])
-    return 30.0 + 190.0 * (math.log2(n) - lo) / (hi - lo)
-
-
-def _panel(ax, sub, metric: str, where: str, colours, markers, ns) -> None:
-    from sparsebench.render.plots import BASELINE_COLOUR, NEUTRAL, _decade_axis, _n_text
-
-    pts = points(sub, metric)
-    real = [p for p in pts if not p.reference]
-    recall = metric == RECALL
-    for key in sorted({(p.pattern_label, p.backend) for p in real}):
-        series = sorted((p for p in real if (p.pattern_label, p.backend) == key), key=lambda p: p.seq_len)
-        colour = colours.get(key[0], NEUTRAL)
-        if len(series) > 1:
-            ax.plot(
-                [p.speedup for p in series],
-                [p.value for p in series],
-                color=colour,
-                linewidth=0.8,
-                alpha=0.45,
-                zorder=2,
-                gid=f"series:{key[0]} · {key[1]}",
-            )
-        ax.scatter(
-            [p.speedup for p in series],
-            [p.value for p in series],
-            s=[_size(p.seq_len, ns) for p in series],
-            c=colour,
-            marker=markers[key[1]],
-            edgecolors="white",
-            linewidths=0.6,
-            alpha=0.9,
-            zorder=4,
-            gid=f"points:{key[0]} · {key[1]}",
-        )
-        last = series[-1]
-        ax.annotate(
-            _n_text(last.seq_len),
-            (last.speedup, last.value),
-            xytext=(5, 3),
-            textcoords="offset points",
-            fontsize=7,
-            color=colour,
-            zorder=6,
-        )
-    ideal = 1.0 if recall else 0.0
-    ax.scatter([1.0], [ideal], s=160, marker="*", c=BASELINE_COLOUR, zorder=5, gid="reference")
-    ax.annotate(
-        "dense · sdpa (full attention)",
-        (1.0, ideal),
-        xytext=(6, -10 if recall else 6),
-        textcoords="offset points",
-        fontsize=7,
-        color=BASELINE_COLOUR,
-    )
-    fronts = frontiers(sub, metric)
-    on_front = [p for front in fronts.values() for p in front if not p.reference]
-    if on_front:  # every point on the frontier at its own n: a ring
-        ax.scatter(
-            [p.speedup for p in on_front],
-            [p.value for p in on_front],
-            s=[_size(p.seq_len, ns) * 2.2 for p in on_front],
-            facecolors="none",
-            edgecolors=BASELINE_COLOUR,
-            linewidths=1.0,
-            zorder=5,
-            gid=f"on_frontier:{metric}",
-        )
-    largest = max(fronts)
-    front = fronts[largest]
-    if len(front) > 1:  # the frontier at the largest n, drawn
-        ax.plot(
-            [p.speedup for p in front],
-            [p.value for p in front],
-            color=BASELINE_COLOUR,
-            linestyle="--",
-            linewidth=1.2,
-            zorder=3,
-            gid=f"frontier:{metric}:{largest}",
-        )
-    ax.axvline(1.0, color="#999999", linewidth=0.8, zorder=1)
-    speedups = [p.speedup for p in pts]
-    lo, hi = min(speedups), max(speedups)
-    if hi / lo > WIDE_SPEEDUPS:
-        ax.set_xscale("log")
-        ax.set_xlim(lo / 1.25, hi * 1.25)
-        _decade_axis(ax.xaxis, ax.get_xlim(), lambda v: f"{v:g}x")
-        ax.set_xlabel("speedup over dense sdpa (x, log scale)")
-    else:
-        from matplotlib.ticker import FuncFormatter
-
-        ax.set_xlim(0, hi * 1.12)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.set_xlabel("speedup over dense sdpa (x; the axis starts at 0)")
-    values = [p.value for p in pts]
-    if recall:
-        ax.axhline(1.0, color=BASELINE_COLOUR, linestyle=":", linewidth=1.2, zorder=1, gid="ideal")
-        ax.set_ylim(0, 1.06)
-        ax.set_ylabel("recall: share of full attention's mass kept\n(mean over queries; 1 = full attention)")
-        ax.set_title(f"recall (higher is better)\n{where}", fontsize=9, loc="left")
-    else:
-        ax.set_ylim(0, max(values) * 1.1 or 1.0)
-        ax.set_ylabel("relative error of the output vs full attention\n||O - O_full|| / ||O_full|| (0 = full)")
-        ax.set_title(f"relative error (lower is better)\n{where}", fontsize=9, loc="left")
-    ax.grid(True, color="#e5e5e5", linewidth=0.8)
-    ax.set_axisbelow(True)
-
-
-def _legend(fig, axes, colours, markers, ns) -> None:
-    from matplotlib.lines import Line2D
-
-    from sparsebench.render.plots import BASELINE_COLOUR, _n_text
-
-    handles = [
-        Line2D([], [], linestyle="none", marker="o", markersize=8, color=c, label=lab) for lab, c in colours.items()
-    ]
-    handles += [
-        Line2D([], [], linestyle="none", marker=m, markersize=8, color="#555555", label=f"backend: {b}")
-        for b, m in markers.items()
-    ]
-    handles.append(
-        Line2D([], [], linestyle="none", marker="*", markersize=11, color=BASELINE_COLOUR, label="dense · sdpa")
-    )
-    shown = ns if len(ns) <= 4 else [ns[0], ns[len(ns) // 2], ns[-1]]
-    handles += [
-        Line2D(
-            [],
-            [],
-            linestyle="none",
-            marker="o",
-            markersize=math.sqrt(_size(n, ns)),
-            color="#bbbbbb",
-            label=f"n = {_n_text(n)}",
-        )
-        for n in shown
-    ]
-    handles.append(
-        Line2D(
-            [],
-            [],
-            linestyle="none",
-            marker="o",
-            markersize=11,
-            markerfacecolor="none",
-            markeredgecolor=BASELINE_COLOUR,
-            label="ring: on the frontier at its n",
-        )
-    )
-    handles.append(Line2D([], [], color=BASELINE_COLOUR, linestyle="--", label="dashed: the frontier at the largest n"))
-    handles.append(Line2D([], [], color=BASELINE_COLOUR, linestyle=":", label="recall 1: full attention"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
