@@ -50,7 +50,7 @@ def test_the_quality_table_has_a_row_per_pattern_and_n_with_its_figures_and_each
     assert cols["rel. err"] == f"{src['flex']['full_rel_err']:.3g}"
     base = next(r for r in recs if r["pattern"] == "dense" and r["seq_len"] == 4096)
     for b in ("block_sparse", "flex"):
-        assert cols[f"speedup {b}"] == f"{base['time_median_s'] / src[b]['time_median_s']:.2f}x"
+        assert cols[f"speedup\n{b}"] == f"{base['time_median_s'] / src[b]['time_median_s']:.2f}x"
     assert "random inputs: recall ~ density" in spec.note
 
 
@@ -61,6 +61,7 @@ def test_an_exempt_pattern_is_listed_with_its_note_not_as_blanks():
     assert not any(r[0].startswith("document") for r in specs[0].rows)
     (row,) = specs[1].rows
     assert row[0] == "document(doc_lens=[...])" and row[1] == "1024-8192" and row[-1] == EXEMPT_NOTE
+    assert row[2] == "3.33x (block_sparse, n=8192)"  # its speedup beside it
     md = summary_markdown(__import__("pathlib").Path("/nonexistent"), quality_records())
     assert EXEMPT_NOTE in md and "## Quality against full attention" in md
 
@@ -91,6 +92,19 @@ def test_backward_mode_adds_the_gradient_column():
     assert "grad rel. err" in spec.columns
     (row,) = _row(spec, pattern=SW, n="1024")
     assert row[spec.columns.index("grad rel. err")] != "-"
+
+
+def test_sampled_rows_are_said():
+    recs = quality_records()
+    assert "rows" not in tables(frame(recs))[0].columns  # every figure exact: no column
+    for r in recs:
+        if r["seq_len"] == 8192 and r.get("recall_mean") is not None:
+            r["quality_rows"] = 256
+    spec = tables(frame(recs))[0]
+    (big,) = _row(spec, pattern=SW, n="8192")
+    (small,) = _row(spec, pattern=SW, n="1024")
+    at = spec.columns.index("rows")
+    assert big[at] == "256 sampled" and small[at] == "all"
 
 
 def test_recall_never_reads_1_below_1():

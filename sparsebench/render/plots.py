@@ -736,7 +736,7 @@ def _quality_panel(ax, sub, metric: str, where: str, colours, markers, ns) -> No
             zorder=6,
         )
     ideal = 1.0 if recall else 0.0
-    ax.scatter([1.0], [ideal], s=160, marker="*", c=BASELINE_COLOUR, zorder=5, gid="reference")
+    ax.scatter([1.0], [ideal], s=160, marker="*", c=BASELINE_COLOUR, zorder=5, gid="reference", clip_on=False)
     ax.annotate(
         "dense · sdpa (full attention)",
         (1.0, ideal),

@@ -180,7 +180,7 @@ def _n_range(ns: Sequence[int]) -> str:
     return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
 
 
-def tables(df, compact: bool = False) -> list:
+def tables(df) -> list:
     """The quality tables (render.tables.TableSpec): the measured one and, where the run has
     them, the exempt patterns with their notes. [] when the run has no quality figures."""
     from sparsebench.render.tables import TableSpec
@@ -206,7 +206,7 @@ def tables(df, compact: bool = False) -> list:
             "rel. err",
             *(("grad rel. err",) if backward else ()),
             *(("rows",) if sampled else ()),
-            *(f"speedup {b}" if not compact else b for b in shown),
+            *(speedup_column(b) for b in shown),
         )
         body = []
         for r in sorted(measured, key=lambda r: (r.pattern_label, r.inputs, _sortable(r.dims), r.seq_len)):
@@ -225,50 +225,59 @@ def tables(df, compact: bool = False) -> list:
                     *(_speedup_text(r.speedups.get(b)) for b in shown),
                 )
             )
-        out.append(TableSpec(title, tuple(cols), tuple(body), _note_text(measured, kinds, backward, compact, shown)))
+        out.append(TableSpec(title, tuple(cols), tuple(body), _note_text(measured, kinds, backward, sampled, shown)))
     if exempt:
         groups: dict[tuple, list[QualityRow]] = {}
         for r in exempt:
             groups.setdefault((r.pattern_label, r.inputs, r.dims, r.note), []).append(r)
         body = []
         for (label, inputs, dvals, note), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-            ns = [r.seq_len for r in rs]
-            best = [s for r in rs for s in r.speedups.values() if s is not None]
             body.append(
                 (
                     label,
                     *((inputs,) if several else ()),
                     *(dim_text(c, v) for c, v in zip(dims, dvals)),
-                    _n_range(ns),
-                    _speedup_range(best),
+                    _n_range([r.seq_len for r in rs]),
+                    _best_speedup(rs),
                     str(note),
                 )
             )
+        semantic = any(r.note != NOT_RECORDED for r in exempt)
         out.append(
             TableSpec(
                 EXEMPT_TITLE,
-                (*lead, "n", "speedup", "why"),
+                (*lead, "n", "best speedup", "why"),
                 tuple(body),
                 "a pattern whose mask is the model's semantics (a document mask, a prefix-LM) is no approximation"
-                " of full attention: its distance from it is no cost, and is not reported",
+                " of full attention: its distance from it is no cost, and is not reported"
+                if semantic
+                else "these cases recorded no quality figures and no reason",
                 wrap=(0, len(lead) + 2),
+                left=(0, len(lead) + 2),
             )
         )
     return out
 
 
-def _speedup_range(vals: Sequence[float]) -> str:
-    if not vals:
+def speedup_column(backend: str) -> str:
+    """A speedup column's header: on two lines in the terminal, one in Markdown and HTML."""
+    return f"speedup\n{backend}"
+
+
+def _best_speedup(rows: Sequence[QualityRow]) -> str:
+    """ "11.5x (block_sparse, n=4096)": the best speedup of an exempt pattern's cases."""
+    best = [(s, b, r.seq_len) for r in rows for b, s in r.speedups.items() if s is not None]
+    if not best:
         return "-"
-    lo, hi = min(vals), max(vals)
-    return f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}x-{hi:.2f}x"
+    s, b, n = max(best)
+    return f"{s:.2f}x ({b}, n={n})"
 
 
 def _sortable(values: Sequence[Any]) -> tuple:
     return tuple(str(v) for v in values)
 
 
-def _note_text(measured: list[QualityRow], kinds: list[str], backward: bool, compact: bool, shown) -> str:
+def _note_text(measured: list[QualityRow], kinds: list[str], backward: bool, sampled: bool, shown) -> str:
     bits = [
         "recall: the share of full attention's softmax mass on the keys the case attended (mean over batch, heads"
         " and queries; min: the least query); rel. err: ||O - O_full|| / ||O_full|| (Frobenius) against full"
@@ -276,13 +285,12 @@ def _note_text(measured: list[QualityRow], kinds: list[str], backward: bool, com
     ]
     if backward:
         bits.append("grad rel. err: the same norm over the query gradient")
-    if len({r.seq_len for r in measured}) and any(len(r.speedups) > 1 for r in measured):
+    if sampled:
+        bits.append("rows: the query rows the figures were computed on (all, or a sample at large n)")
+    if any(len(r.speedups) > 1 for r in measured):
         bits.append("where a pattern's backends differ, the worst of their figures")
     if shown:
-        bits.append(
-            ("speedup columns: " if compact else "speedup <backend>: ")
-            + "over dense sdpa at the same n, each backend's"
-        )
+        bits.append("speedup <backend>: over dense sdpa at the same n, each backend's")
     if kinds == [RANDOM]:
         bits.append(RANDOM_NOTE)
     return "; ".join(bits) + "."
@@ -307,7 +315,7 @@ def renderables(df) -> list:
     """The quality tables for the terminal (rich)."""
     from sparsebench.render.tables import rich_table
 
-    return [rich_table(t) for t in tables(df, compact=True)]
+    return [rich_table(t) for t in tables(df)]
 
 
 # ----------------------------------------------------------------------------------------------
