@@ -9,9 +9,9 @@ The tables: one row per pattern and n (and inputs, where a run has more than one
 quality figures of its backends' cases (the worst, where they differ) and a speedup column per
 backend; patterns exempt from the figures (their mask is the model's semantics) in a table of
 their own, each with its record's note. The figure's data are plain functions (``points``,
-``frontier``, ``frontiers``) so that tests check what is drawn, not pixels. A run without quality figures (an
-old folder, a decode run) gets neither tables nor figure. pandas and matplotlib are imported
-inside the functions."""
+``frontier``, ``frontiers``) so that tests check what is drawn, not pixels. A run without
+quality figures (an old folder, a decode run) gets neither tables nor figure. pandas is
+imported inside the functions."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ CAPTION = (
     " markers larger n, a thin line joining a series' sizes), its speedup over dense sdpa across (log scale"
     " where the speedups span a wide range) against, on the left, the share of full attention's softmax"
     " mass its keys hold (recall, 1 at the dotted line is full attention) and, on the right, its output's"
-    " relative error from full attention (0 is full attention), with the frontier at each n dashed through"
-    " the points no other point at that n beats on both speed and quality, so a point below and left of a"
-    " frontier gives up quality without buying speed."
+    " relative error from full attention (0 is full attention), a ring around every point that no other"
+    " point at its n beats on both speed and quality (the frontier at that n) and the frontier at the largest"
+    " n dashed, so a point below and left of it gives up quality without buying speed."
 )
 CAPTION_RANDOM = (
     " (every point here ran on random inputs, whose attention is nearly uniform, so a pattern's recall is about"
@@ -80,10 +80,6 @@ def has_quality(df) -> bool:
         return False
     cols = [c for c in (*VALUES, "quality_note") if c in rows]
     return bool(cols) and bool(rows[cols].notna().any().any())
-
-
-def _inputs_of(rows) -> list[str]:
-    return sorted({str(v) for v in rows["inputs"]}) if "inputs" in rows else [RANDOM]
 
 
 # ----------------------------------------------------------------------------------------------
