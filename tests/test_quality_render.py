@@ -132,6 +132,9 @@ def test_summary_terminal_and_report_carry_the_quality_table(finalized):
     section = md[md.index("## Quality against full attention") : md.index("## Scaling")]
     assert f"| {SW} | synthetic | 4096 |" in section and EXEMPT_NOTE in section
     assert md.index("## Results") < md.index("## Quality against full attention")
+    results = md[md.index("## Results") : md.index("## Quality against full attention")]
+    assert "| block_sparse inputs=synthetic | 4096 |" in results  # the results table tells the kinds apart too
+    assert "| block_sparse | 4096 |" in results  # random, the default, unsaid
     text = render_plain(shown, width=240)
     assert text.index("Quality against full attention") < text.index("Scaling")  # right under the results
     assert "sliding_window(window=256)" in text and "synthetic" in text
