@@ -21,6 +21,14 @@ Where the machine-speed probe moved between the two runs by more than PROBE_SLAC
 threshold (as factors), the case's verdict is *withheld*: the machine, not the program, may have
 changed.
 
+Quality beside time: where either run recorded a case's quality against full attention
+(``recall_mean``, ``full_rel_err``), the case carries both runs' figures and a quality verdict
+(``judge_quality``): *worse* where the recall fell by more than RECALL_DROP (absolute) or the
+relative error rose by more than ERR_RISE (relative, and ERR_FLOOR absolute: below it is rounding),
+*better* where it moved as far the other way, else *same*. The figures are deterministic on seeded
+inputs, so two runs of one program read *same*; a kernel that got faster by computing something
+else reads *worse*, and fails the gate as a slower one does.
+
 ``compare_by(df, "backend")`` puts one run side by side along one dimension.
 
 Both return frozen data; ``render.compare`` draws them as a table, Markdown, JSON, CSV or the
@@ -70,6 +78,12 @@ ENV_KEYS = ("gpu", "cpu", "torch", "threads", "python")
 REGRESSIONS = ("slower", "now failing")
 WITHHELD = "withheld"
 FAILED = ("oom", "timeout", "error", "crashed", "wrong")
+# Quality against full attention (deterministic on seeded inputs): a move beyond these is a change.
+QUALITY_FIELDS = ("recall_mean", "full_rel_err")
+RECALL_DROP = 0.01  # recall_mean, absolute
+ERR_RISE = 0.10  # full_rel_err, relative
+ERR_FLOOR = 1e-3  # full_rel_err, absolute: a smaller move is rounding, whatever its ratio
+QUALITY_WORSE = "worse"
 # compare_by(df, "backend"): the dense baseline's column (the baseline at the row's n, dtype, ...),
 # and what its cell says on the dense pattern's own rows, where the baseline is the sdpa cell
 BASELINE_COLUMN = f"{BASELINE_PATTERN} · {BASELINE_BACKEND}"
@@ -123,6 +137,14 @@ class CaseDiff:
     probe_ratio: float | None = None  # the machine-speed probe's time, new / base
     base_status: str = "ok"
     new_status: str = "ok"
+    # quality against full attention, each run's (None where it has none), and its verdict:
+    # worse | better | same, or None where the two runs do not both have a figure
+    base_recall_mean: float | None = None
+    new_recall_mean: float | None = None
+    base_full_rel_err: float | None = None
+    new_full_rel_err: float | None = None
+    quality: str | None = None
+    quality_change: str = ""  # what moved, in words ("recall 0.912 -> 0.850")
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "base",
@@ -134,6 +156,12 @@ class CaseDiff:
         "probe_ratio",
         "base_status",
         "new_status",
+        "base_recall_mean",
+        "new_recall_mean",
+        "base_full_rel_err",
+        "new_full_rel_err",
+        "quality",
+        "quality_change",
     )
 
     def get(self, column: str) -> Any:
@@ -146,6 +174,18 @@ class CaseDiff:
     @property
     def is_regression(self) -> bool:
         return self.verdict in REGRESSIONS
+
+    @property
+    def quality_worse(self) -> bool:
+        return self.quality == QUALITY_WORSE
+
+    @property
+    def has_quality(self) -> bool:
+        """Either run recorded a quality figure for the case."""
+        return any(
+            v is not None
+            for v in (self.base_recall_mean, self.new_recall_mean, self.base_full_rel_err, self.new_full_rel_err)
+        )
 
     @property
     def interval(self) -> str:
@@ -176,6 +216,14 @@ class Comparison:
 
     def regressions(self) -> list[CaseDiff]:
         return [r for r in self.rows if r.is_regression]
+
+    def quality_regressions(self) -> list[CaseDiff]:
+        """The cases whose quality against full attention got worse beyond the tolerance."""
+        return [r for r in self.rows if r.quality_worse]
+
+    @property
+    def has_quality(self) -> bool:
+        return any(r.has_quality for r in self.rows)
 
     def withheld(self) -> list[CaseDiff]:
         return [r for r in self.rows if r.verdict == WITHHELD]
@@ -238,6 +286,7 @@ class Comparison:
         verdict."""
         return (
             bool(self.regressions())
+            or bool(self.quality_regressions())
             or not self.compared()
             or (not allow_missing and bool(self.missing()))
             or (fail_on_unstable and bool(self.withheld()))
@@ -252,6 +301,13 @@ class Comparison:
             bits.append(
                 f"{len(bad)} case(s) regressed beyond {self.threshold:.0%} and the noise "
                 f"(worst: {what}, {ratio_text(first)} {first.interval})"
+            )
+        worse = self.quality_regressions()
+        if worse:
+            first = worse[0]
+            bits.append(
+                f"{len(worse)} case(s) moved away from full attention ({quality_tolerance()}; first: "
+                f"{key_text(first.key, self.shown_dims)}, {first.quality_change})"
             )
         if not self.rows:
             bits.append(f"no case of {self.base_name} is in {self.new_name}: nothing was compared")
@@ -280,6 +336,8 @@ class Comparison:
             "warnings": list(self.warnings),
             "counts": self.counts(),
             "regressions": len(self.regressions()),
+            "quality_regressions": len(self.quality_regressions()),
+            "quality_tolerance": quality_tolerance(),
             "withheld": len(self.withheld()),
             "compared": len(self.compared()),
             "missing": [dict(zip(CASE_KEY, k)) for k in self.missing()],
@@ -465,6 +523,54 @@ def judge_ratio(
     return "same", iv, probe
 
 
+def quality_tolerance() -> str:
+    """The quality tolerance in words."""
+    return (
+        f"quality worse: recall_mean down by more than {RECALL_DROP:g}, or full_rel_err up by more than "
+        f"{ERR_RISE:.0%} of itself and {ERR_FLOOR:g}"
+    )
+
+
+def judge_quality(base: dict, new: dict) -> tuple[str | None, str]:
+    """(verdict, what moved) of a case's quality against full attention between two runs:
+    worse where recall_mean fell by more than RECALL_DROP or full_rel_err rose by more than
+    ERR_RISE of itself and ERR_FLOOR, better where one moved as far the other way and none got
+    worse, same otherwise; (None, "") where the two runs do not both have a figure."""
+    br, nr = finite_or_none(base.get("recall_mean")), finite_or_none(new.get("recall_mean"))
+    be, ne = finite_or_none(base.get("full_rel_err")), finite_or_none(new.get("full_rel_err"))
+    worse, better = [], []
+    if br is not None and nr is not None:
+        text = f"recall {br:.3f} -> {nr:.3f}"
+        if br - nr > RECALL_DROP:
+            worse.append(text)
+        elif nr - br > RECALL_DROP:
+            better.append(text)
+    if be is not None and ne is not None:
+        text = f"rel. err {be:.3g} -> {ne:.3g}"
+        if ne - be > max(ERR_RISE * be, ERR_FLOOR):
+            worse.append(text)
+        elif be - ne > max(ERR_RISE * ne, ERR_FLOOR):
+            better.append(text)
+    if (br is None or nr is None) and (be is None or ne is None):
+        return None, ""
+    if worse:
+        return QUALITY_WORSE, "; ".join(worse)
+    if better:
+        return "better", "; ".join(better)
+    return "same", ""
+
+
+def _quality_fields(b: dict, n: dict) -> dict[str, Any]:
+    """The CaseDiff fields of a case's quality in the two runs."""
+    verdict, change = judge_quality(b, n)
+    return {
+        **{f"base_{c}": finite_or_none(b.get(c)) for c in QUALITY_FIELDS},
+        **{f"new_{c}": finite_or_none(n.get(c)) for c in QUALITY_FIELDS},
+        "quality": verdict,
+        "quality_change": change,
+    }
+
+
 def _ok(rec: dict, col: str) -> bool:
     return str(rec.get("status")) == "ok" and finite_or_none(rec.get(col)) is not None
 
@@ -485,11 +591,30 @@ def _judge(
         else:
             verdict = "skipped"
         return CaseDiff(
-            key, bv if bs == "ok" else None, nv if ns == "ok" else None, None, verdict, base_status=bs, new_status=ns
+            key,
+            bv if bs == "ok" else None,
+            nv if ns == "ok" else None,
+            None,
+            verdict,
+            base_status=bs,
+            new_status=ns,
+            **_quality_fields(b, n),
         )
     ratio = nv / bv if bv > 0 else math.inf
     verdict, iv, probe = judge_ratio(b, n, ratio, threshold, noise, level, metric, spread)
-    return CaseDiff(key, bv, nv, ratio, verdict, iv.low if iv else None, iv.high if iv else None, probe, bs, ns)
+    return CaseDiff(
+        key,
+        bv,
+        nv,
+        ratio,
+        verdict,
+        iv.low if iv else None,
+        iv.high if iv else None,
+        probe,
+        bs,
+        ns,
+        **_quality_fields(b, n),
+    )
 
 
 def _latest(df) -> dict[tuple, dict]:

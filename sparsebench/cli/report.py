@@ -64,7 +64,8 @@ def compare(
     fail_on_regression: bool = typer.Option(
         False,
         "--fail-on-regression",
-        help="Exit 1 when a case regressed, or when NEW did not measure a case of BASE (a partial run).",
+        help="Exit 1 when a case regressed (slower, or its quality against full attention worse: recall down by "
+        "more than 0.01, rel. err up by more than 10%), or when NEW did not measure a case of BASE (a partial run).",
     ),
     fail_on_unstable: bool = typer.Option(
         False,
@@ -84,7 +85,9 @@ def compare(
     (or blocks of its calls), family-wise at 95% over all cases (Bonferroni); "slower" or
     "faster" only when the whole interval is beyond the threshold, else "same within noise".
     Where the machine-speed probe moved by more than the threshold between the runs, the verdict
-    is withheld (machine unstable), which fails the gate only with --fail-on-unstable."""
+    is withheld (machine unstable), which fails the gate only with --fail-on-unstable. Where the
+    runs recorded quality against full attention, each case shows its recall and rel. error in both
+    beside the time, flagged worse when they moved beyond a small tolerance."""
     with guarded(), _files_as_results_errors(""):
         from sparsebench.analysis import compare as cmp_mod
         from sparsebench.render.compare import FORMATS

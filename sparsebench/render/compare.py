@@ -16,6 +16,7 @@ from sparsebench.analysis.compare import (
     BASELINE_COLUMN,
     FAMILY_ALPHA,
     PROBE_SLACK,
+    QUALITY_WORSE,
     REGRESSIONS,
     SAME_AS_BASELINE,
     WITHHELD,
@@ -25,6 +26,7 @@ from sparsebench.analysis.compare import (
     check_choice,
     key_text,
     level_text,
+    quality_tolerance,
     ratio_text,
 )
 from sparsebench.analysis.scaling import dim_text, iter_groups
@@ -75,7 +77,8 @@ def renderables(result: Result) -> list:
 
     c = result
     out: list = [Text(f"warning: {w}", style="yellow") for w in c.warnings]
-    out.append(rich_table(_case_table(c), [VERDICT_COLOURS.get(r.verdict) for r in _ordered(c)]))
+    styles = [("red" if r.quality_worse else VERDICT_COLOURS.get(r.verdict)) for r in _ordered(c)]
+    out.append(rich_table(_case_table(c), styles))
     for title, keys in ((f"only in {c.base_name}", c.only_base), (f"only in {c.new_name}", c.only_new)):
         if keys:
             out.append(Text(f"{title} ({len(keys)}):", style="bold"))
@@ -94,9 +97,18 @@ def to_markdown(result: Result) -> str:
     c = result
     t = _case_table(c)
     bad = c.regressions()
+    worse = c.quality_regressions()
     gone = c.missing()
-    head = "❌ " if bad or not c.compared() else ("⚠️ " if gone else "✅ ")
-    extra = f" {len(gone)} case(s) of {c.base_name} not measured in {c.new_name}." if gone else ""
+    head = "❌ " if bad or worse or not c.compared() else ("⚠️ " if gone else "✅ ")
+    extra = ""
+    if c.has_quality:
+        extra += (
+            f" {len(worse)} case(s) moved away from full attention."
+            if worse
+            else " Quality against full attention: no change beyond the tolerance."
+        )
+    if gone:
+        extra += f" {len(gone)} case(s) of {c.base_name} not measured in {c.new_name}."
     if c.withheld():
         extra += f" ⚠️ Machine unstable: verdict withheld for {len(c.withheld())} case(s)."
     if c.rows and not c.compared():
@@ -107,7 +119,17 @@ def to_markdown(result: Result) -> str:
     ]
     for w in c.warnings:
         parts.append(f"> **Warning:** {w}\n")
-    rows = [tuple(f"**{v}**" if (i == len(r) - 1 and v in REGRESSIONS) else v for i, v in enumerate(r)) for r in t.rows]
+    verdict_at = t.columns.index("verdict")
+    quality_at = t.columns.index("quality") if "quality" in t.columns else None
+    rows = [
+        tuple(
+            f"**{v}**"
+            if (i == verdict_at and v in REGRESSIONS) or (i == quality_at and v.startswith(QUALITY_WORSE))
+            else v
+            for i, v in enumerate(r)
+        )
+        for r in t.rows
+    ]
     parts.append(markdown_table(t.columns, rows))
     parts.append(f"\n{_explanation(c)}\n")
     for title, keys in ((f"Only in {c.base_name}", c.only_base), (f"Only in {c.new_name}", c.only_new)):
@@ -152,19 +174,33 @@ def summary_line(c: Comparison) -> str:
         parts.append(f"{len(c.only_base)} only in {c.base_name}")
     if c.only_new:
         parts.append(f"{len(c.only_new)} only in {c.new_name}")
-    return f"{len(c.rows)} common cases ({', '.join(parts) or 'none'}); threshold {c.threshold:.0%} on the {c.metric}"
+    text = f"{len(c.rows)} common cases ({', '.join(parts) or 'none'}); threshold {c.threshold:.0%} on the {c.metric}"
+    if c.has_quality:
+        q: dict[str, int] = {}
+        for r in c.rows:
+            if r.quality:
+                q[r.quality] = q.get(r.quality, 0) + 1
+        moved = ", ".join(f"{v} {k}" for k, v in sorted(q.items())) or "not in both"
+        text += f"; quality against full attention: {moved}"
+    return text
 
 
 # -- tables ---------------------------------------------------------------------------------------
 
 
 def _ordered(c: Comparison) -> list[CaseDiff]:
-    """The regressions first, then the other cases, each in case order."""
-    return [r for r in c.rows if r.is_regression] + [r for r in c.rows if not r.is_regression]
+    """The regressions (slower, or worse quality) first, then the other cases, each in case order."""
+
+    def bad(r: CaseDiff) -> bool:
+        return r.is_regression or r.quality_worse
+
+    return [r for r in c.rows if bad(r)] + [r for r in c.rows if not bad(r)]
 
 
 def _case_table(c: Comparison) -> TableSpec:
     cols = ("case",) + tuple(c.shown_dims) + ("n", "base", "new", "ratio", "interval", "verdict")
+    if c.has_quality:  # quality against full attention beside the time, base -> new
+        cols += ("recall", "rel. err", "quality")
     rows = []
     for r in _ordered(c):
         rows.append(
@@ -178,6 +214,7 @@ def _case_table(c: Comparison) -> TableSpec:
                 r.interval or "-",
                 VERDICT_TEXT.get(r.verdict, r.verdict),
             )
+            + (_quality_cells(r) if c.has_quality else ())
         )
     return TableSpec(
         f"{c.metric} time, new = {c.new_name} vs base = {c.base_name}",
@@ -188,10 +225,35 @@ def _case_table(c: Comparison) -> TableSpec:
     )
 
 
+def _quality_cells(r: CaseDiff) -> tuple[str, str, str]:
+    """recall and rel. err as "base → new", and the quality verdict with what moved."""
+    from sparsebench.render.quality import error_text
+
+    def pair(b: float | None, n: float | None, text) -> str:
+        return "-" if b is None and n is None else f"{text(b)} → {text(n)}"
+
+    verdict = r.quality or "-"
+    return (
+        pair(r.base_recall_mean, r.new_recall_mean, _recall3),
+        pair(r.base_full_rel_err, r.new_full_rel_err, error_text),
+        verdict,
+    )
+
+
+def _recall3(v: float | None) -> str:
+    """A recall to three decimals ('-' where none): a compare shows small moves, so never '> 0.999'."""
+    return "-" if v is None else f"{v:.3f}"
+
+
 def _explanation(c: Comparison) -> str:
     """What the ratio, the interval and the verdicts mean (the table's note)."""
     what = "the fastest call over the rounds" if c.metric == "min" else "the median of the rounds' medians"
     text = f"ratio = new / base of the {c.metric} time ({what}); interval: {c.control}; {c.noise_text}."
+    if c.has_quality:
+        text += (
+            " recall and rel. err: the case's quality against full attention (recall_mean, full_rel_err), base → new;"
+            f" {quality_tolerance()}; better where it moved as far the other way."
+        )
     if c.withheld():
         text += (
             f" withheld: the machine-speed probe moved by more than {(1 + c.threshold) ** PROBE_SLACK - 1:.0%} between"

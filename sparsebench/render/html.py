@@ -13,6 +13,8 @@ from typing import Any, Iterable, Sequence
 
 from sparsebench.analysis.scaling import Analysis
 from sparsebench.render import analysis as words
+from sparsebench.render import quality
+from sparsebench.render.quality import error_text, recall_text
 from sparsebench.render.tables import html_table
 from sparsebench.results.folder import ENVIRONMENT, META, atomic_write, read_environment
 from sparsebench.units import format_bytes, format_percent, format_ratio, format_time
@@ -26,6 +28,7 @@ RESULT_COLUMNS = (
     ("device", "device", str),
     ("dtype", "dtype", str),
     ("mode", "mode", str),
+    ("inputs", "inputs", str),  # shown where a run has more than one kind
     ("seq_len", "n", lambda v: str(int(v))),
     ("status", "status", str),
     ("time_median_s", "median", format_time),
@@ -41,6 +44,9 @@ RESULT_COLUMNS = (
     ("bandwidth_fraction", "of copy bw", format_percent),
     ("max_abs_err", "max |err|", lambda v: f"{v:.2g}"),
     ("grad_err", "grad err (rel.)", lambda v: f"{v:.2g}"),
+    ("recall_mean", "recall vs full", recall_text),  # quality against full attention (render/quality.py)
+    ("full_rel_err", "rel. err vs full", error_text),
+    ("full_grad_rel_err", "grad rel. err vs full", error_text),
     ("reason", "reason", str),
 )
 
@@ -128,15 +134,31 @@ def write_report(folder: Path, df, analysis: Analysis | None, figures: Iterable[
     env = read_environment(folder, warn) or {}
     meta = _read_json(folder / META)
     name = str(meta.get("scenario") or _first(df, "scenario") or folder.name)
+    figures = list(figures)
+    quality_tables = quality.tables(df) if df is not None and len(df) else []
     body = [
         f"<h1>sparsebench report: {_e(name)}</h1>",
         f"<p class=sub>{_e(_subtitle(df, env, meta))}</p>",
-        '<nav><a href="#analysis">analysis</a><a href="#figures">figures</a>'
+        "<nav>"
+        + ('<a href="#quality">quality</a>' if quality_tables else "")
+        + '<a href="#analysis">analysis</a><a href="#figures">figures</a>'
         '<a href="#results">results</a><a href="#environment">environment</a></nav>',
         '<h2 id="status">Status</h2>',
         _status_table(df),
-        '<h2 id="analysis">Analysis</h2>',
     ]
+    if quality_tables:  # speed and quality side by side, where a reader decides
+        body.append(f'<h2 id="quality">{_e(quality.TITLE)}</h2>')
+        for i, t in enumerate(quality_tables):
+            if i:
+                body.append(f"<h3>{_e(t.title)}</h3>")
+            elif t.title != quality.TITLE:
+                body.append(f"<p class=sub>{_e(t.title.removeprefix(quality.TITLE).strip(' ()'))}</p>")
+            body.append(_table(t.columns, t.rows))
+            if t.note:
+                body.append(f"<p class=note>{_e(t.note)}</p>")
+        if any(Path(f).stem == quality.FIGURE for f in figures):
+            body.append(f'<p><a href="#fig-{quality.FIGURE}">the quality-vs-speedup figure</a></p>')
+    body.append('<h2 id="analysis">Analysis</h2>')
     for t in words.tables(analysis, df=df):
         body.append(f"<h3>{_e(t.title)}</h3>")
         body.append(_table(t.columns, t.rows))
@@ -267,6 +289,8 @@ def _results_table(df) -> str:
     if df is None or len(df) == 0:
         return "<p>No records.</p>"
     cols = [c for c in RESULT_COLUMNS if c[0] in df.columns and df[c[0]].notna().any()]  # no empty columns
+    if "inputs" in df.columns and df["inputs"].astype(str).nunique() < 2:  # one kind: said once, in the title
+        cols = [c for c in cols if c[0] != "inputs"]
     sort = [c for c in ("device", "dtype", "mode", "pattern_label", "backend", "seq_len") if c in df.columns]
     names = [c for c, _, _ in cols]
     status_at = names.index("status") if "status" in names else None

@@ -11,7 +11,9 @@ or an ideal, never a measurement. The decode figure draws one line per pattern a
 that encoding too (dense on sdpa thick black); a run with one decode implementation (one
 backend, or an old run's own KV-cache decoder, backend "kv_cache") has colour = pattern there.
 
-The masks figure is ``render.masks`` (its length, its marks); ``fig_masks`` is re-exported here.
+The masks figure is ``render.masks`` (its length, its marks); ``fig_masks`` is re-exported here,
+and the quality-vs-speedup figure (``fig_quality_vs_speedup``, its data from ``render.quality``)
+has colour = pattern and marker = backend, as a trade-off plot reads best.
 
 Decode records (mode "decode") are drawn by ``per_token_latency_vs_context`` and left out of
 ``time_vs_seqlen`` (a decode step is one generated token, not one call over n tokens).
@@ -46,6 +48,8 @@ FIGURES = ("time_vs_seqlen", "memory_vs_seqlen", "speedup_vs_seqlen", "kv_cache_
 DECODE_FIGURES = ("per_token_latency_vs_context",)
 # Figures drawn only when the frame holds a model scenario's stack records (render/stack.py).
 MODEL_FIGURES = ("model_stack",)
+# Figures drawn only when the frame holds quality figures against full attention (render/quality.py).
+QUALITY_FIGURES = ("quality_vs_speedup",)
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {
@@ -641,6 +645,202 @@ def fig_model_stack(df, analysis=None, styles=None):
     return fig
 
 
+# ----------------------------------------------------------------------------------------------
+# quality against full attention vs speedup (the data: render/quality.py)
+
+
+# marker per backend in the quality figure (its colour is the pattern's)
+QUALITY_MARKERS = {"block_sparse": "s", "flex": "^", "sdpa_masked": "D", "naive": "v", "sdpa": "o"}
+SPARE_QUALITY_MARKERS = ("P", "X", "h", "*", "<", ">")
+WIDE_SPEEDUPS = 10.0  # a log speedup axis where the largest speedup is this many times the smallest
+
+
+def fig_quality_vs_speedup(df, analysis=None, styles=None):
+    """Recall (left) and relative error (right) against full attention, against the speedup
+    over dense sdpa, one row of panels per inputs kind and setup; None when no case has both a
+    quality figure and a speedup."""
+    from sparsebench.render.quality import ERROR, RANDOM, RECALL, _points_of, panels, points, subtitle
+
+    found = panels(df)
+    if not found:
+        return None
+    from matplotlib.figure import Figure
+
+    labels = sorted({p.pattern_label for _, sub in found for p in _points_of(sub, RECALL) + _points_of(sub, ERROR)})
+    sparse = [lab for lab in labels if not lab.startswith(BASELINE_PATTERN)]
+    colours = {lab: PATTERN_COLOURS[i % len(PATTERN_COLOURS)] for i, lab in enumerate(sparse)}
+    colours.update({lab: BASELINE_COLOUR for lab in labels if lab.startswith(BASELINE_PATTERN)})
+    backends = sorted({p.backend for _, sub in found for p in _points_of(sub, RECALL) + _points_of(sub, ERROR)})
+    spare = iter(SPARE_QUALITY_MARKERS * 4)
+    markers = {b: QUALITY_MARKERS.get(b) or next(spare) for b in backends}
+    ns = sorted({p.seq_len for _, sub in found for p in points(sub, RECALL) + points(sub, ERROR)})
+
+    fig = Figure(figsize=(WIDTH, 4.8 * len(found) + 2.4), layout="constrained")
+    fig.suptitle(f"Quality against full attention vs speedup over dense sdpa\n{subtitle(df)}", fontweight="bold")
+    axes = fig.subplots(len(found), 2, squeeze=False)
+    for row_axes, (setup, sub) in zip(axes, found):
+        where = f"inputs: {setup.get('inputs', RANDOM)} · {_panel_title(setup)}"
+        for ax, metric in zip(row_axes, (RECALL, ERROR)):
+            _quality_panel(ax, sub, metric, where, colours, markers, ns)
+    _quality_legend(fig, colours, markers, ns)
+    return fig
+
+
+def _quality_size(n: int, ns: Sequence[int]) -> float:
+    """A marker's area (points^2) for n: 30 at the smallest n of the figure, 220 at the largest."""
+    if len(ns) < 2:
+        return 90.0
+    lo, hi = math.log2(ns[0]), math.log2(ns[-1])
+    return 30.0 + 190.0 * (math.log2(n) - lo) / (hi - lo)
+
+
+def _quality_panel(ax, sub, metric: str, where: str, colours, markers, ns) -> None:
+    from sparsebench.render.quality import RECALL, frontiers, points
+
+    pts = points(sub, metric)
+    real = [p for p in pts if not p.reference]
+    recall = metric == RECALL
+    for key in sorted({(p.pattern_label, p.backend) for p in real}):
+        series = sorted((p for p in real if (p.pattern_label, p.backend) == key), key=lambda p: p.seq_len)
+        colour = colours.get(key[0], NEUTRAL)
+        if len(series) > 1:
+            ax.plot(
+                [p.speedup for p in series],
+                [p.value for p in series],
+                color=colour,
+                linewidth=0.8,
+                alpha=0.45,
+                zorder=2,
+                gid=f"series:{key[0]} · {key[1]}",
+            )
+        ax.scatter(
+            [p.speedup for p in series],
+            [p.value for p in series],
+            s=[_quality_size(p.seq_len, ns) for p in series],
+            c=colour,
+            marker=markers[key[1]],
+            edgecolors="white",
+            linewidths=0.6,
+            alpha=0.9,
+            zorder=4,
+            gid=f"points:{key[0]} · {key[1]}",
+        )
+        last = series[-1]
+        ax.annotate(
+            _n_text(last.seq_len),
+            (last.speedup, last.value),
+            xytext=(5, 3),
+            textcoords="offset points",
+            fontsize=7,
+            color=colour,
+            zorder=6,
+        )
+    ideal = 1.0 if recall else 0.0
+    ax.scatter([1.0], [ideal], s=160, marker="*", c=BASELINE_COLOUR, zorder=5, gid="reference", clip_on=False)
+    ax.annotate(
+        "dense · sdpa (full attention)",
+        (1.0, ideal),
+        xytext=(6, -10 if recall else 6),
+        textcoords="offset points",
+        fontsize=7,
+        color=BASELINE_COLOUR,
+    )
+    fronts = frontiers(sub, metric)
+    on_front = [p for front in fronts.values() for p in front if not p.reference]
+    if on_front:  # every point on the frontier at its own n: a ring
+        ax.scatter(
+            [p.speedup for p in on_front],
+            [p.value for p in on_front],
+            s=[_quality_size(p.seq_len, ns) * 2.2 for p in on_front],
+            facecolors="none",
+            edgecolors=BASELINE_COLOUR,
+            linewidths=1.0,
+            zorder=5,
+            gid=f"on_frontier:{metric}",
+        )
+    largest = max(fronts)
+    front = fronts[largest]
+    if len(front) > 1:  # the frontier at the largest n, drawn
+        ax.plot(
+            [p.speedup for p in front],
+            [p.value for p in front],
+            color=BASELINE_COLOUR,
+            linestyle="--",
+            linewidth=1.2,
+            zorder=3,
+            gid=f"frontier:{metric}:{largest}",
+        )
+    ax.axvline(1.0, color="#999999", linewidth=0.8, zorder=1)
+    speedups = [p.speedup for p in pts]
+    lo, hi = min(speedups), max(speedups)
+    if hi / lo > WIDE_SPEEDUPS:
+        ax.set_xscale("log")
+        ax.set_xlim(lo / 1.25, hi * 1.25)
+        _decade_axis(ax.xaxis, ax.get_xlim(), lambda v: f"{v:g}x")
+        ax.set_xlabel("speedup over dense sdpa (x, log scale)")
+    else:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xlim(0, hi * 1.12)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.set_xlabel("speedup over dense sdpa (x; the axis starts at 0)")
+    values = [p.value for p in pts]
+    if recall:
+        ax.axhline(1.0, color=BASELINE_COLOUR, linestyle=":", linewidth=1.2, zorder=1, gid="ideal")
+        ax.set_ylim(0, 1.06)
+        ax.set_ylabel("recall: share of full attention's mass kept\n(mean over queries; 1 = full attention)")
+        ax.set_title(f"recall (higher is better)\n{where}", fontsize=9, loc="left")
+    else:
+        ax.set_ylim(0, max(values) * 1.1 or 1.0)
+        ax.set_ylabel("relative error of the output vs full attention\n||O - O_full|| / ||O_full|| (0 = full)")
+        ax.set_title(f"relative error (lower is better)\n{where}", fontsize=9, loc="left")
+    ax.grid(True, color="#e5e5e5", linewidth=0.8)
+    ax.set_axisbelow(True)
+
+
+def _quality_legend(fig, colours, markers, ns) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], linestyle="none", marker="o", markersize=8, color=c, label=lab) for lab, c in colours.items()
+    ]
+    handles += [
+        Line2D([], [], linestyle="none", marker=m, markersize=8, color="#555555", label=f"backend: {b}")
+        for b, m in markers.items()
+    ]
+    handles.append(
+        Line2D([], [], linestyle="none", marker="*", markersize=11, color=BASELINE_COLOUR, label="dense · sdpa")
+    )
+    shown = ns if len(ns) <= 4 else [ns[0], ns[len(ns) // 2], ns[-1]]
+    handles += [
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            markersize=math.sqrt(_quality_size(n, ns)),
+            color="#bbbbbb",
+            label=f"n = {_n_text(n)}",
+        )
+        for n in shown
+    ]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            markersize=11,
+            markerfacecolor="none",
+            markeredgecolor=BASELINE_COLOUR,
+            label="ring: on the frontier at its n",
+        )
+    )
+    handles.append(Line2D([], [], color=BASELINE_COLOUR, linestyle="--", label="dashed: the frontier at the largest n"))
+    handles.append(Line2D([], [], color=BASELINE_COLOUR, linestyle=":", label="recall 1: full attention"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+
+
 FIGURE_FUNCTIONS = {
     "time_vs_seqlen": fig_time_vs_seqlen,
     "per_token_latency_vs_context": fig_per_token_latency_vs_context,
@@ -649,14 +849,18 @@ FIGURE_FUNCTIONS = {
     "kv_cache_vs_seqlen": fig_kv_cache_vs_seqlen,
     "masks": fig_masks,
     "model_stack": fig_model_stack,
+    "quality_vs_speedup": fig_quality_vs_speedup,
 }
 
 
 def figure_caption(stem: str, df=None) -> str | None:
     """The caption report.html puts under a figure this module knows better than its fixed
-    table does (render.html.figure_caption's hook): the model stack figure's; else None."""
-    from sparsebench.render import stack
+    table does (render.html.figure_caption's hook): the model stack figure's, the quality figure's
+    (which says when every point ran on random inputs); else None."""
+    from sparsebench.render import quality, stack
 
+    if stem == quality.FIGURE:
+        return quality.caption(df)
     return stack.CAPTION if stem == "model_stack" else None
 
 

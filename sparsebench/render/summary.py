@@ -49,7 +49,8 @@ def row_cells(r: dict[str, Any]) -> list[str]:
         str(r.get("backend", ""))
         + ("" if r.get("dtype") in (None, "fp32") else f" {r['dtype']}")
         + ("" if r.get("mode") in (None, "forward") else f" {r['mode']}")
-        + ("" if r.get("device") in (None, "cpu") else f" @{r['device']}"),
+        + ("" if r.get("device") in (None, "cpu") else f" @{r['device']}")
+        + ("" if r.get("inputs") in (None, "random") else f" inputs={r['inputs']}"),
         str(r.get("seq_len", "")),
         "" if med is None else f"{med * 1e3:.2f}",
         "" if tf is None else f"{tf:.3f}",
@@ -189,10 +190,28 @@ def summary_markdown(folder: Path, records: list[dict[str, Any]], analysis_md: s
         results_markdown(records),
         "",
     ]
+    parts += _quality_lines(records, warn)
     parts += _stack_lines(records)
     if analysis_md:
         parts += [analysis_md.strip(), ""]
     return "\n".join(parts)
+
+
+def _quality_lines(records: list[dict[str, Any]], warn=None) -> list[str]:
+    """summary.md's section on quality against full attention (render/quality.py), if the run
+    recorded any."""
+    from sparsebench.render import quality
+    from sparsebench.results.folder import frame
+
+    if not any(r.get(c) is not None for r in records for c in (*quality.VALUES, "quality_note")):
+        return []  # a run without them (an old folder) reads as before
+    try:
+        text = quality.markdown(frame(records))
+    except Exception as exc:  # noqa: BLE001 - summary.md must not be lost for one section
+        if warn:
+            warn(f"quality table skipped: {type(exc).__name__}: {exc}")
+        return []
+    return [text, ""] if text else []
 
 
 def _stack_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -228,6 +247,7 @@ def finalize(
     written.append(folder / "results.csv")
     analysis = None
     analysis_md = ""
+    first = len(renderables) if renderables is not None else 0
     try:
         from sparsebench.analysis.scaling import analyze
         from sparsebench.render import analysis as words
@@ -242,6 +262,14 @@ def finalize(
     except Exception as exc:  # noqa: BLE001 - reports must not lose a run
         if warn:
             warn(f"analysis skipped: {type(exc).__name__}: {exc}")
+    if renderables is not None:
+        try:  # the quality tables first, right under the results table: speed and quality together
+            from sparsebench.render import quality
+
+            renderables[first:first] = quality.renderables(df)
+        except Exception as exc:  # noqa: BLE001
+            if warn:
+                warn(f"quality table skipped: {type(exc).__name__}: {exc}")
     results.atomic_write(folder / "summary.md", summary_markdown(folder, records, analysis_md, warn=warn))
     written.append(folder / "summary.md")
     figures: list[Path] = []

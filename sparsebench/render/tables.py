@@ -19,6 +19,7 @@ class TableSpec:
     rows: tuple[tuple[str, ...], ...]
     note: str = ""
     wrap: tuple[int, ...] = (0,)  # columns that may wrap in a narrow terminal (others stay whole)
+    left: tuple[int, ...] = (0,)  # columns aligned left in the terminal (text); the others right (numbers)
 
 
 def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -34,8 +35,9 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 
 def rich_table(t: TableSpec, row_styles: Sequence[str | None] | None = None):
-    """The table for the terminal: the first column left, the others right; the columns of
-    ``t.wrap`` fold in a narrow terminal, the others keep whole and are cut with an ellipsis."""
+    """The table for the terminal: the columns of ``t.left`` (the first) left, the others right;
+    the columns of ``t.wrap`` fold in a narrow terminal, the others keep whole and are cut with an
+    ellipsis."""
     from rich import box
     from rich.table import Table
 
@@ -51,7 +53,7 @@ def rich_table(t: TableSpec, row_styles: Sequence[str | None] | None = None):
         wraps = i in t.wrap
         table.add_column(
             c,
-            justify="left" if i == 0 else "right",
+            justify="left" if i in t.left else "right",
             no_wrap=not wraps,
             overflow="fold" if wraps else "ellipsis",
             min_width=16 if i == 0 else None,
