@@ -1,0 +1,313 @@
+"""Content-selected attention: patterns whose keys depend on q and k (moba, quest, topk_keys).
+
+* ``Selection``: the keys one call chose, as per-query tables of selected *units* (a unit is a
+  chunk, a page or a single key), with the mask, the per-query key counts and nnz it implies.
+* ``ContentSelected``: the Pattern base these patterns share. Their counts (``keys_per_query``,
+  ``nnz``, ``density``) are analytic because they do not depend on the content; their masks and
+  layouts do, so ``mask(n, causal)`` and ``block_layout`` raise and ``select(q, k)`` answers.
+* The selection algorithms: ``select_units`` (a score per earlier unit, the best ``topk - 1``
+  of them plus the query's own unit: moba's gate, quest's page bound) and ``select_tokens``
+  (topk_keys' indexer). Scores are computed in fp32 whatever the input dtype, a block of queries
+  at a time (never n x n), and ties are broken by the lowest index.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+from sparsebench.errors import PatternError
+from sparsebench.patterns.base import Pattern, require_at_most_n
+
+# Score elements (batch x heads x rows x candidates) computed at once: the query block's size.
+SCORE_ELEMENTS = 1 << 22
+
+DYNAMIC = "content-selected: its keys depend on q and k; use select(q, k)"
+
+
+def content_selected(pattern) -> bool:
+    """Whether ``pattern`` chooses its keys from q and k (its mask exists only per call)."""
+    return bool(getattr(pattern, "content_selected", False))
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """The keys one call of a content-selected pattern chose."""
+
+    n: int
+    unit: int  # tokens per selected unit: chunk (moba), page_size (quest), 1 (topk_keys)
+    # (batch, heads, n, slots) int32: ids of selected units (unit u covers keys [u*unit, (u+1)*unit)),
+    # ascending, -1 padding at the end; always contains the query's own unit i // unit;
+    # heads = query heads (under GQA each query head selects)
+    index: torch.Tensor
+    # semantics: query i attends key j iff j // unit is in index[b, h, i] and j <= i (causal)
+
+    @property
+    def units(self) -> int:
+        return math.ceil(self.n / self.unit)
+
+    def _queries(self, rows: torch.Tensor | None) -> torch.Tensor:
+        dev = self.index.device
+        return torch.arange(self.n, device=dev) if rows is None else rows.to(dev).long()
+
+    def unit_table(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, heads, len(rows) or n, units) bool: which units each query selected."""
+        idx = self.index if rows is None else self.index[:, :, self._queries(rows)]
+        table = torch.zeros(*idx.shape[:-1], self.units + 1, dtype=torch.bool, device=idx.device)
+        table.scatter_(-1, idx.long() + 1, True)  # padding (-1) lands in column 0, dropped
+        return table[..., 1:]
+
+    def mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, heads, len(rows) or n, n) bool: the keys of every query (small n only) or of
+        the given query rows."""
+        i = self._queries(rows)
+        j = torch.arange(self.n, device=self.index.device)
+        m = self.unit_table(rows).index_select(-1, j // self.unit)
+        return m & (j[None, :] <= i[:, None])
+
+    def keys_per_query(self) -> torch.Tensor:
+        """(batch, heads, n) int64: keys each query attends."""
+        u = self.index.long()
+        i = torch.arange(self.n, device=u.device)[:, None]
+        lo = u * self.unit
+        hi = torch.minimum((u + 1) * self.unit, i + 1)
+        return torch.where(u >= 0, (hi - lo).clamp(min=0), 0).sum(-1)
+
+    def nnz(self) -> int:
+        """Allowed (query, key) pairs per head: the mean over batch and heads (the shipped
+        patterns select the same number of keys whatever the content, so every head has it)."""
+        kpq = self.keys_per_query()
+        heads = max(1, kpq.shape[0] * kpq.shape[1])
+        return int(round(float(kpq.sum()) / heads))
+
+    def density(self) -> float:
+        return self.nnz() / float(self.n * self.n)
+
+
+# ------------------------------------------------------------------------------------------
+# the pattern base
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContentSelected(Pattern):
+    """A pattern that chooses its keys from q and k, causally: ``select(q, k)`` makes the
+    ``Selection`` of one call; the counts are analytic (``own_and_earlier_units``)."""
+
+    content_selected: ClassVar[bool] = True
+    family: ClassVar[str] = "content-selected"
+    # parameters that are token counts, skipped for the lengths they exceed
+    _sized: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, n, causal):
+        if not causal:
+            raise PatternError(
+                f"pattern {self.name!r} is causal only (it selects among earlier keys); set causal: true"
+            )
+        require_at_most_n(self, n, *self._sized)
+
+    def select(self, q: torch.Tensor, k: torch.Tensor) -> Selection:
+        """The keys each query head chooses: q (batch, heads, n, d), k (batch, kv_heads, n, d)."""
+        raise NotImplementedError
+
+    # -- no fixed mask ------------------------------------------------------------------------
+    def _dynamic(self):
+        raise PatternError(f"pattern {self.name!r} is {DYNAMIC}")
+
+    def _allowed(self, q, k, n, causal):
+        self._dynamic()
+
+    def mask_fn(self, n, causal, device="cpu"):
+        self._dynamic()
+
+    def mask(self, n, causal, device="cpu"):
+        self._dynamic()
+
+    def block_layout(self, n, block, causal):
+        self._dynamic()
+
+    def key_intervals(self, n, block, causal):
+        self._dynamic()
+
+    def kv_retained(self, n):
+        return n  # it may select any earlier key
+
+    def select_bytes(self, batch: int, heads: int, n: int, head_dim: int) -> int:
+        """Peak bytes of ``select`` beyond its inputs: the index table and one query block's
+        scores with their temporaries (fp32 scores, a mask, int64 ranks: about 24 bytes each)."""
+        slots = self.slots(n)
+        return batch * heads * n * slots * 4 + 24 * SCORE_ELEMENTS + 4 * batch * heads * n * head_dim
+
+    def slots(self, n: int) -> int:
+        """Units each query selects at most (the index table's last dimension)."""
+        raise NotImplementedError
+
+    @property
+    def unit(self) -> int:
+        """Tokens per selected unit (the Selection's ``unit``)."""
+        raise NotImplementedError
+
+
+def own_and_earlier_units(n: int, unit: int, earlier: int) -> torch.Tensor:
+    """(n,) int64 keys per query of a unit selection: the own unit's keys up to the query, plus
+    ``earlier`` whole earlier units (all of them where there are fewer)."""
+    i = torch.arange(n)
+    own = i // unit
+    return (i - own * unit + 1) + torch.clamp(own, max=max(0, earlier)) * unit
+
+
+# ------------------------------------------------------------------------------------------
+# selection algorithms
+
+
+def _rows_per_block(batch_heads: int, candidates: int) -> int:
+    return max(1, SCORE_ELEMENTS // max(1, batch_heads * max(1, candidates)))
+
+
+def best_prefix(s: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., R, k) int64: for each row r of the scores ``s`` (..., R, m), the min(k, count[r])
+    columns among the candidates [0, count[r]) with the highest scores, ties broken by the lowest
+    column; ascending, -1 padding at the end."""
+    R, m = s.shape[-2:]
+    kk = min(k, m)
+    out = torch.full((*s.shape[:-2], R, k), -1, dtype=torch.long, device=s.device)
+    if kk == 0:
+        return out
+    col = torch.arange(m, device=s.device)
+    valid = col[None, :] < count[:, None]  # (R, m)
+    s = s.masked_fill(~valid, float("-inf"))
+    vals, idx = s.topk(kk, dim=-1)  # descending
+    want = count.clamp(max=kk).expand(*s.shape[:-2], R)  # (..., R)
+    thr = vals.gather(-1, (want - 1).clamp(min=0)[..., None])  # the want-th best score
+    big = torch.iinfo(torch.long).max
+    chosen = torch.where(torch.arange(kk, device=s.device) < want[..., None], idx, big)
+    # a row is ambiguous when more candidates reach its threshold than it has places: topk
+    # chose among the tied ones arbitrarily, so those rows are redone by the lowest index
+    tied = (((s >= thr) & valid).sum(-1) > want) & (want > 0)
+    if bool(tied.any()):
+        where = tied.nonzero(as_tuple=True)
+        st, tt, wt = s[where], thr[where], want[where]
+        ok = valid[where[-1]]
+        take = (st > tt) & ok
+        tie = (st == tt) & ok
+        need = wt - take.sum(-1)
+        take |= tie & (tie.cumsum(-1) <= need[:, None])
+        pos = torch.where(take, take.cumsum(-1) - 1, kk)
+        redo = torch.full((st.shape[0], kk + 1), big, dtype=torch.long, device=s.device)
+        redo.scatter_(-1, pos, col.expand_as(pos))
+        chosen[where] = redo[:, :kk]
+    chosen = chosen.sort(dim=-1).values
+    out[..., :kk] = torch.where(chosen == big, -1, chosen)
+    return out
+
+
+def _with_own(best: torch.Tensor, count: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """``best`` (..., R, s) with one more slot, the own unit ``own`` (R,) placed right after the
+    row's min(s, count) chosen earlier ones (it is larger than all of them: still ascending)."""
+    out = torch.cat([best, torch.full_like(best[..., :1], -1)], dim=-1)
+    pos = count.clamp(max=best.shape[-1]).expand(out.shape[:-1])[..., None]
+    out.scatter_(-1, pos, own.expand(out.shape[:-1])[..., None])
+    return out
+
+
+def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """A per-key/value-head tensor (batch, kv_heads, ...) repeated for the query heads (query
+    head h reads key/value head h // (heads // kv_heads))."""
+    group = heads // t.shape[1]
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+def unit_summaries(k: torch.Tensor, unit: int, how: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per whole unit of keys (the last partial one is never an earlier unit, so never scored):
+    ``mean`` (batch, kv_heads, n // unit, d) fp32, or ``minmax`` (min, max) of the keys."""
+    b, h, n, d = k.shape
+    full = n // unit
+    kf = k[:, :, : full * unit].detach().float().reshape(b, h, full, unit, d)
+    if how == "mean":
+        return kf.mean(3)
+    return kf.amin(3), kf.amax(3)
+
+
+ScoreFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def select_units(q: torch.Tensor, unit: int, earlier: int, score: ScoreFn) -> Selection:
+    """Each query keeps its own unit and the ``earlier`` earlier units with the highest
+    ``score(q_block fp32 (batch, heads, R, d), m)`` -> (batch, heads, R, m), the scores of units
+    [0, m) (all earlier units when there are fewer)."""
+    b, h, n, _ = q.shape
+    units = math.ceil(n / unit)
+    slots = min(earlier, units - 1) + 1
+    index = torch.empty(b, h, n, slots, dtype=torch.int32, device=q.device)
+    step = _rows_per_block(b * h, units)
+    with torch.no_grad():
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            i = torch.arange(r0, r1, device=q.device)
+            own = i // unit
+            m = (r1 - 1) // unit  # the units earlier than the block's last query's
+            if slots > 1 and m > 0:
+                s = score(q[:, :, r0:r1].detach().float(), m)
+                best = best_prefix(s, own, slots - 1)
+            else:
+                best = torch.full((b, h, r1 - r0, slots - 1), -1, dtype=torch.long, device=q.device)
+            index[:, :, r0:r1] = _with_own(best, own, own).to(torch.int32)
+    return Selection(n=n, unit=unit, index=index)
+
+
+def select_tokens(q: torch.Tensor, k: torch.Tensor, keys: int, project: torch.Tensor) -> Selection:
+    """Each query keeps itself and the ``keys`` earlier keys with the highest indexer score
+    (q P) . (k P) (all earlier keys when there are fewer), P the (d, index_dim) projection."""
+    b, h, n, _ = q.shape
+    slots = min(keys, n - 1) + 1
+    index = torch.empty(b, h, n, slots, dtype=torch.int32, device=q.device)
+    step = _rows_per_block(b * h, n)
+    with torch.no_grad():
+        kp = _per_query_head(k.detach().float() @ project, h)  # (batch, heads, n, index_dim)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            i = torch.arange(r0, r1, device=q.device)
+            m = r1 - 1  # the keys earlier than the block's last query
+            if slots > 1 and m > 0:
+                s = (q[:, :, r0:r1].detach().float() @ project) @ kp[:, :, :m].transpose(-1, -2)
+                best = best_prefix(s, i, slots - 1)
+            else:
+                best = torch.full((b, h, r1 - r0, slots - 1), -1, dtype=torch.long, device=q.device)
+            index[:, :, r0:r1] = _with_own(best, i, i).to(torch.int32)
+    return Selection(n=n, unit=1, index=index)
+
+
+def gaussian_projection(head_dim: int, index_dim: int, seed: int, device) -> torch.Tensor:
+    """(head_dim, index_dim) fp32: one seeded Gaussian projection (entries N(0, 1/index_dim))."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(head_dim, index_dim, generator=g) / math.sqrt(index_dim)).to(device)
+
+
+# ------------------------------------------------------------------------------------------
+# backends
+
+
+def selecting_call(pattern: ContentSelected, attend: Callable[..., torch.Tensor]):
+    """A backend's ``fn(q, k, v)`` for a content-selected pattern: each call selects (no
+    gradient flows through the choice) and then attends, ``attend(q, k, v, selection)``;
+    ``fn.selected(q, k, v)`` returns ``(out, selection)`` so that the check uses the call's own."""
+
+    def selected(q, k, v):
+        selection = pattern.select(q, k)
+        return attend(q, k, v, selection), selection
+
+    def fn(q, k, v):
+        return selected(q, k, v)[0]
+
+    fn.selected = selected
+    return fn
+
+
+def selection_mask_bytes(p) -> int:
+    """A reference's bytes for a content-selected pattern beyond inputs and scores: the selection
+    (``select_bytes``), its unit table and the (batch, heads, n, n) bool mask made from it."""
+    n, bh = p.seq_len, p.batch * p.heads
+    units = math.ceil(n / p.pattern.unit)
+    return p.pattern.select_bytes(p.batch, p.heads, n, p.head_dim) + bh * n * (units + 1) + bh * n * n
