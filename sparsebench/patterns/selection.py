@@ -206,7 +206,8 @@ def best_prefix(s: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
 def _with_own(best: torch.Tensor, count: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     """``best`` (..., R, s) with one more slot, the own unit ``own`` (R,) placed right after the
     row's min(s, count) chosen earlier ones (it is larger than all of them: still ascending)."""
-    out = torch.cat([best, torch.full_like(best[..., :1], -1)], dim=-1)
+    pad = torch.full((*best.shape[:-1], 1), -1, dtype=best.dtype, device=best.device)
+    out = torch.cat([best, pad], dim=-1)
     pos = count.clamp(max=best.shape[-1]).expand(out.shape[:-1])[..., None]
     out.scatter_(-1, pos, own.expand(out.shape[:-1])[..., None])
     return out
