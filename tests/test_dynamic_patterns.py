@@ -309,6 +309,31 @@ def test_a_scenario_runs_the_three_with_select_s_in_the_records(tmp_path):
     assert moba["nnz"] == pattern("moba", chunk=16, topk=3).nnz(128, True) and moba["kv_retained"] == 128
 
 
+@pytest.mark.slow
+def test_flex_builds_its_block_mask_from_the_selection_each_call():
+    """moba with chunks that straddle flex's 128-blocks and quest with pages inside them, GQA,
+    n not a multiple of 128: as naive under the call's own selection, and a second call with
+    other inputs selects anew (no recompilation: the same output as naive on those too)."""
+    for name, params, n in (
+        ("moba", {"chunk": 96, "topk": 2}, 300),
+        ("quest", {"page_size": 16, "token_budget": 64}, 200),
+    ):
+        p = Problem(pattern(name, **params), n, True, 1, 4, 16, torch.float32, torch.device("cpu"), kv_heads=2)
+        q, k = qk(n, batch=1)
+        v = torch.randn_like(k)
+        fn, ref = (BACKENDS.get(b)().prepare(p) for b in ("flex", "naive"))
+        out, s = fn.selected(q, k, v)
+        assert torch.equal(s.index, p.pattern.select(q, k).index)
+        assert (out - ref(q, k, v)).abs().max() < 1e-5
+        assert (fn(-q, k, v) - ref(-q, k, v)).abs().max() < 1e-5
+
+
+def test_flex_declines_token_selection_with_its_reason():
+    why = BACKENDS.get("flex")().unsupported(problem("topk_keys"))
+    assert why and "topk_keys selects single keys" in why and "n x n" in why
+    assert BACKENDS.get("flex")().unsupported(problem("moba")) is None
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 
