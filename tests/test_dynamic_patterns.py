@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -332,6 +333,51 @@ def test_flex_declines_token_selection_with_its_reason():
     why = BACKENDS.get("flex")().unsupported(problem("topk_keys"))
     assert why and "topk_keys selects single keys" in why and "n x n" in why
     assert BACKENDS.get("flex")().unsupported(problem("moba")) is None
+
+
+# -- show and the masks figure --------------------------------------------------------------------
+
+
+def test_show_draws_one_selection_for_seeded_random_inputs_and_says_so():
+    res = CliRunner().invoke(app, ["show", "moba", "-n", "40", "-p", "chunk=8", "-p", "topk=2", "--tile", "8"])
+    assert res.exit_code == 0, res.output
+    assert "selected for seeded random inputs (seed 0, head_dim 64)" in res.output
+    pat = pattern("moba", chunk=8, topk=2)
+    s = sel_mod.seeded_selection(pat, 40)
+    rows = [line for line in res.output.splitlines() if len(line) == 40 and set(line) <= {"█", "·"}]
+    assert rows == ["".join("█" if x else "·" for x in r) for r in s.mask()[0, 0].tolist()]
+    assert f"nnz: {s.nnz()}" in res.output
+    res = CliRunner().invoke(app, ["show", "topk_keys", "-n", "300", "-p", "keys=20", "--tile", "64", "--json"])
+    info = json.loads(res.output)
+    s = sel_mod.seeded_selection(pattern("topk_keys", keys=20), 300)
+    assert info["selection"].startswith("selected for seeded random inputs") and info["nnz"] == s.nnz()
+    assert info["keys_per_query"] == s.keys_per_query()[0, 0].tolist()
+    tiles = s.mask()[0, 0].reshape(300, 300)
+    want = [[int(bool(tiles[r * 64 : r * 64 + 64, c * 64 : c * 64 + 64].any())) for c in range(5)] for r in range(5)]
+    assert info["block_layout"] == want
+    res = CliRunner().invoke(
+        app, ["show", "quest", "-n", "24", "-p", "page_size=4", "-p", "token_budget=8", "--bidirectional"]
+    )
+    assert res.exit_code == 2 and "pattern 'quest' is causal only" in res.output.strip()
+
+
+def test_the_masks_figure_draws_a_selection_and_says_for_which_inputs():
+    from report_fixtures import record
+
+    from sparsebench.render import masks
+    from sparsebench.results.folder import frame
+
+    df = frame(
+        [record("dense", "sdpa", 256, 1e-3)]
+        + [record(name, "naive", 256, 1e-3, params=PARAMS[name]) for name in ("moba", "quest", "topk_keys")]
+    )
+    panels = {p.label: p for p in masks.mask_panels(df)}
+    moba = next(p for lab, p in panels.items() if lab.startswith("moba"))
+    assert not moba.error and "selected for seeded random inputs" in masks.panel_title(moba)
+    s = sel_mod.seeded_selection(pattern("moba"), 256)
+    assert np.array_equal(moba.image, s.mask()[0, 0].numpy().astype(np.float32))
+    assert moba.density == s.density()
+    assert masks.fig_masks(df) is not None
 
 
 # -- bad input ------------------------------------------------------------------------------------

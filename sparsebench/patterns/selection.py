@@ -104,7 +104,8 @@ class ContentSelected(Pattern):
     def check(self, n, causal):
         if not causal:
             raise PatternError(
-                f"pattern {self.name!r} is causal only (it selects among earlier keys); set causal: true"
+                f"pattern {self.name!r} is causal only (it selects among earlier keys): not bidirectional "
+                "(causal: false)"
             )
         require_at_most_n(self, n, *self._sized)
 
@@ -312,3 +313,36 @@ def selection_mask_bytes(p) -> int:
     n, bh = p.seq_len, p.batch * p.heads
     units = math.ceil(n / p.pattern.unit)
     return p.pattern.select_bytes(p.batch, p.heads, n, p.head_dim) + bh * n * (units + 1) + bh * n * n
+
+
+# ------------------------------------------------------------------------------------------
+# drawing one selection (``show``, the masks figure)
+
+SHOW_HEAD_DIM = 64
+SHOW_SEED = 0
+SEEDED = f"selected for seeded random inputs (seed {SHOW_SEED}, head_dim {SHOW_HEAD_DIM})"
+SEEDED_SHORT = "selected for seeded random inputs"  # a figure's panel title
+
+
+def seeded_selection(pattern: ContentSelected, n: int) -> Selection:
+    """The selection a content-selected pattern makes for seeded random normal q and k (batch
+    1, one head, ``SHOW_HEAD_DIM``): what ``show`` and the masks figure draw (``SEEDED`` says so)."""
+    g = torch.Generator().manual_seed(SHOW_SEED)
+    q = torch.randn(1, 1, n, SHOW_HEAD_DIM, generator=g)
+    k = torch.randn(1, 1, n, SHOW_HEAD_DIM, generator=g)
+    return pattern.select(q, k)
+
+
+def tile_counts(selection: Selection, tile: int, shown: int | None = None) -> torch.Tensor:
+    """(tiles, tiles) int64: allowed pairs per (query tile, key tile) of batch 0, head 0 over the
+    first ``shown`` tokens (all by default), from the mask a band of rows at a time (never n x n)."""
+    shown = selection.n if shown is None else shown
+    tiles = -(-shown // tile)
+    out = torch.zeros(tiles, tiles, dtype=torch.long)
+    band = max(tile, SCORE_ELEMENTS // max(1, selection.n) // tile * tile)
+    for r0 in range(0, shown, band):
+        r1 = min(shown, r0 + band)
+        m = selection.mask(torch.arange(r0, r1))[0, 0, :, :shown].long()
+        m = torch.nn.functional.pad(m, (0, (-shown) % tile, 0, (-(r1 - r0)) % tile))
+        out[r0 // tile : r0 // tile + m.shape[0] // tile] = m.reshape(m.shape[0] // tile, tile, tiles, tile).sum((1, 3))
+    return out
