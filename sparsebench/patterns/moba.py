@@ -5,14 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsebench.patterns.base import PATTERNS, param, require_positive
-from sparsebench.patterns.selection import (
-    ContentSelected,
-    Selection,
-    _per_query_head,
-    own_and_earlier_units,
-    select_units,
-    unit_summaries,
-)
+from sparsebench.patterns.selection import ContentSelected
 
 
 @PATTERNS.register
@@ -31,20 +24,13 @@ class Moba(ContentSelected):
     def validate(self):
         require_positive(self, "chunk", "topk")
 
-    def keys_per_query(self, n, causal):
-        return own_and_earlier_units(n, self.chunk, self.topk - 1)
-
     @property
     def unit(self):
         return self.chunk
 
-    def slots(self, n):
-        return min(self.topk - 1, -(-n // self.chunk) - 1) + 1
+    @property
+    def earlier_units(self):
+        return self.topk - 1
 
-    def select(self, q, k) -> Selection:
-        means = _per_query_head(unit_summaries(k, self.chunk, "mean"), q.shape[1])
-
-        def gate(qb, m):
-            return qb @ means[:, :, :m].transpose(-1, -2)
-
-        return select_units(q, self.chunk, self.topk - 1, gate)
+    def score(self, rows, summaries, m):  # the gate: q_i . mean(keys of the chunk)
+        return rows @ summaries[:, :, :m].transpose(-1, -2)

@@ -6,14 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsebench.patterns.base import PATTERNS, param, require_positive
-from sparsebench.patterns.selection import (
-    ContentSelected,
-    Selection,
-    _per_query_head,
-    own_and_earlier_units,
-    select_units,
-    unit_summaries,
-)
+from sparsebench.patterns.selection import ContentSelected
 
 
 @PATTERNS.register
@@ -33,25 +26,17 @@ class Quest(ContentSelected):
     def validate(self):
         require_positive(self, "page_size", "token_budget")
 
-    @property
-    def earlier_pages(self) -> int:
-        """Earlier pages a query keeps besides its own: the budget in whole pages, less the own."""
-        return max(0, self.token_budget // self.page_size - 1)
-
-    def keys_per_query(self, n, causal):
-        return own_and_earlier_units(n, self.page_size, self.earlier_pages)
+    summary = "minmax"
 
     @property
     def unit(self):
         return self.page_size
 
-    def slots(self, n):
-        return min(self.earlier_pages, -(-n // self.page_size) - 1) + 1
+    @property
+    def earlier_units(self):
+        """Earlier pages a query keeps besides its own: the budget in whole pages, less the own."""
+        return max(0, self.token_budget // self.page_size - 1)
 
-    def select(self, q, k) -> Selection:
-        lo, hi = (_per_query_head(t, q.shape[1]) for t in unit_summaries(k, self.page_size, "minmax"))
-
-        def bound(qb, m):  # sum_d max(q_d min_d, q_d max_d): two products
-            return qb.clamp(min=0) @ hi[:, :, :m].transpose(-1, -2) + qb.clamp(max=0) @ lo[:, :, :m].transpose(-1, -2)
-
-        return select_units(q, self.page_size, self.earlier_pages, bound)
+    def score(self, rows, summaries, m):  # sum_d max(q_d min_d, q_d max_d): two products
+        lo, hi = summaries
+        return rows.clamp(min=0) @ hi[:, :, :m].transpose(-1, -2) + rows.clamp(max=0) @ lo[:, :, :m].transpose(-1, -2)

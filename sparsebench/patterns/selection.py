@@ -109,10 +109,6 @@ class ContentSelected(Pattern):
             )
         require_at_most_n(self, n, *self._sized)
 
-    def select(self, q: torch.Tensor, k: torch.Tensor) -> Selection:
-        """The keys each query head chooses: q (batch, heads, n, d), k (batch, kv_heads, n, d)."""
-        raise NotImplementedError
-
     # -- no fixed mask ------------------------------------------------------------------------
     def _dynamic(self):
         raise PatternError(f"pattern {self.name!r} is {DYNAMIC}")
@@ -143,7 +139,36 @@ class ContentSelected(Pattern):
 
     def slots(self, n: int) -> int:
         """Units each query selects at most (the index table's last dimension)."""
+        return min(self.earlier_units, -(-n // self.unit) - 1) + 1
+
+    @property
+    def earlier_units(self) -> int:
+        """Earlier units a query keeps besides its own (all earlier ones when there are fewer)."""
         raise NotImplementedError
+
+    def keys_per_query(self, n, causal):
+        return own_and_earlier_units(n, self.unit, self.earlier_units)
+
+    # -- unit selection (moba, quest): a summary per whole unit of keys, a score per summary ---
+    summary: ClassVar[str] = "mean"  # what unit_summaries keeps of a unit: "mean" or "minmax"
+
+    def score(self, rows: torch.Tensor, summaries, m: int) -> torch.Tensor:
+        """(batch, kv_heads, R, m) fp32: the scores of units [0, m) for the query rows (batch,
+        kv_heads, R, d) fp32, from ``summaries`` (``unit_summaries`` of the keys)."""
+        raise NotImplementedError
+
+    def select(self, q: torch.Tensor, k: torch.Tensor) -> Selection:
+        """The keys each query head chooses: q (batch, heads, n, d), k (batch, kv_heads, n, d)."""
+        summaries = unit_summaries(k, self.unit, self.summary)
+        return select_units(
+            q, self.unit, self.earlier_units, lambda rows, m: self.score(rows, summaries, m), k.shape[1]
+        )
+
+    def incremental(self, cache_k: torch.Tensor, heads: int, context: int) -> "Incremental":
+        """The selector of a decoder whose cache ``cache_k`` (batch, kv_heads, n_total, d) holds
+        the first ``context`` positions: it keeps its summaries up to date as positions are
+        written (``wrote``) and selects the keys of one generated query (``select``)."""
+        return UnitIncremental(self, cache_k, heads, context)
 
     @property
     def unit(self) -> int:
@@ -214,13 +239,6 @@ def _with_own(best: torch.Tensor, count: torch.Tensor, own: torch.Tensor) -> tor
     return out
 
 
-def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """A per-key/value-head tensor (batch, kv_heads, ...) repeated for the query heads (query
-    head h reads key/value head h // (heads // kv_heads))."""
-    group = heads // t.shape[1]
-    return t if group == 1 else t.repeat_interleave(group, dim=1)
-
-
 def unit_summaries(k: torch.Tensor, unit: int, how: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per whole unit of keys (the last partial one is never an earlier unit, so never scored):
     ``mean`` (batch, kv_heads, n // unit, d) fp32, or ``minmax`` (min, max) of the keys."""
@@ -235,10 +253,24 @@ def unit_summaries(k: torch.Tensor, unit: int, how: str) -> torch.Tensor | tuple
 ScoreFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def select_units(q: torch.Tensor, unit: int, earlier: int, score: ScoreFn) -> Selection:
+def grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(batch, heads, R, d) query rows as (batch, kv_heads, group * R, d): the rows of the query
+    heads that share a key/value head, side by side (query head h reads key/value head
+    h // group), so that one product per key/value head scores them all (no repeated keys)."""
+    b, h, r, d = q.shape
+    return q.reshape(b, kv_heads, (h // kv_heads) * r, d)
+
+
+def ungrouped(s: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of ``grouped`` for scores: (batch, kv_heads, group * R, m) -> (batch, heads, R, m)."""
+    b, kv, gr, m = s.shape
+    return s.reshape(b, heads, gr * kv // heads, m)
+
+
+def select_units(q: torch.Tensor, unit: int, earlier: int, score: ScoreFn, kv_heads: int) -> Selection:
     """Each query keeps its own unit and the ``earlier`` earlier units with the highest
-    ``score(q_block fp32 (batch, heads, R, d), m)`` -> (batch, heads, R, m), the scores of units
-    [0, m) (all earlier units when there are fewer)."""
+    ``score(rows, m)`` -> (batch, kv_heads, rows, m), the scores of units [0, m) for the fp32
+    query rows (batch, kv_heads, rows, d) of ``grouped`` (all earlier units when there are fewer)."""
     b, h, n, _ = q.shape
     units = math.ceil(n / unit)
     slots = min(earlier, units - 1) + 1
@@ -251,7 +283,7 @@ def select_units(q: torch.Tensor, unit: int, earlier: int, score: ScoreFn) -> Se
             own = i // unit
             m = (r1 - 1) // unit  # the units earlier than the block's last query's
             if slots > 1 and m > 0:
-                s = score(q[:, :, r0:r1].detach().float(), m)
+                s = ungrouped(score(grouped(q[:, :, r0:r1].detach().float(), kv_heads), m), h)
                 best = best_prefix(s, own, slots - 1)
             else:
                 best = torch.full((b, h, r1 - r0, slots - 1), -1, dtype=torch.long, device=q.device)
@@ -267,13 +299,14 @@ def select_tokens(q: torch.Tensor, k: torch.Tensor, keys: int, project: torch.Te
     index = torch.empty(b, h, n, slots, dtype=torch.int32, device=q.device)
     step = _rows_per_block(b * h, n)
     with torch.no_grad():
-        kp = _per_query_head(k.detach().float() @ project, h)  # (batch, heads, n, index_dim)
+        kp = k.detach().float() @ project  # (batch, kv_heads, n, index_dim)
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
             i = torch.arange(r0, r1, device=q.device)
             m = r1 - 1  # the keys earlier than the block's last query
             if slots > 1 and m > 0:
-                s = (q[:, :, r0:r1].detach().float() @ project) @ kp[:, :, :m].transpose(-1, -2)
+                qp = grouped(q[:, :, r0:r1].detach().float(), k.shape[1]) @ project
+                s = ungrouped(qp @ kp[:, :, :m].transpose(-1, -2), h)
                 best = best_prefix(s, i, slots - 1)
             else:
                 best = torch.full((b, h, r1 - r0, slots - 1), -1, dtype=torch.long, device=q.device)
@@ -285,6 +318,92 @@ def gaussian_projection(head_dim: int, index_dim: int, seed: int, device) -> tor
     """(head_dim, index_dim) fp32: one seeded Gaussian projection (entries N(0, 1/index_dim))."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(head_dim, index_dim, generator=g) / math.sqrt(index_dim)).to(device)
+
+
+# ------------------------------------------------------------------------------------------
+# decode: one query at a time over a growing cache
+
+
+class Incremental:
+    """A content-selected pattern's selection during decode, over a cache (batch, kv_heads,
+    n_total, d) that is written one position at a time: ``wrote(t)`` after position t's key is
+    in the cache (idempotent: writing t again is a no-op for it), ``select(q, t)`` -> (batch,
+    heads, keys) int64 ascending positions <= t that the query q (batch, heads, 1, d) at t
+    attends, the same keys ``pattern.select`` gives row t."""
+
+    def wrote(self, t: int) -> None:
+        raise NotImplementedError
+
+    def select(self, q: torch.Tensor, t: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class UnitIncremental(Incremental):
+    """moba and quest: the summaries of the cache's whole units, each made once its last key
+    is written (the prompt's at construction); a step scores the earlier units from them."""
+
+    def __init__(self, pattern: ContentSelected, cache_k: torch.Tensor, heads: int, context: int) -> None:
+        self.pattern, self.k, self.heads, self.unit = pattern, cache_k, heads, pattern.unit
+        done = context // self.unit
+        made = unit_summaries(cache_k[:, :, : done * self.unit], self.unit, pattern.summary)
+        total = cache_k.shape[2] // self.unit
+        b, kv, _, d = cache_k.shape
+
+        def room(part: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(b, kv, total, d, dtype=torch.float32, device=cache_k.device)
+            out[:, :, :done] = part
+            return out
+
+        self.summaries = room(made) if pattern.summary == "mean" else tuple(room(x) for x in made)
+
+    def wrote(self, t: int) -> None:
+        if (t + 1) % self.unit:
+            return
+        u = t // self.unit
+        part = unit_summaries(self.k[:, :, u * self.unit : (u + 1) * self.unit], self.unit, self.pattern.summary)
+        if isinstance(self.summaries, tuple):
+            for mine, new in zip(self.summaries, part):
+                mine[:, :, u] = new[:, :, 0]
+        else:
+            self.summaries[:, :, u] = part[:, :, 0]
+
+    def select(self, q: torch.Tensor, t: int) -> torch.Tensor:
+        own = t // self.unit
+        b, h = q.shape[:2]
+        take = min(self.pattern.earlier_units, own)
+        parts = []
+        if take:
+            s = ungrouped(self.pattern.score(grouped(q.float(), self.k.shape[1]), self.summaries, own), h)
+            best = best_prefix(s, torch.tensor([own], device=q.device), take)[:, :, 0]  # (batch, heads, take)
+            offsets = torch.arange(self.unit, device=q.device)
+            parts.append((best[..., None] * self.unit + offsets).flatten(-2))
+        parts.append(torch.arange(own * self.unit, t + 1, device=q.device).expand(b, h, -1))
+        return torch.cat(parts, dim=-1)
+
+
+class TokenIncremental(Incremental):
+    """topk_keys: the indexer's projection of every cached key, made as it is written."""
+
+    def __init__(self, pattern, cache_k: torch.Tensor, heads: int, context: int) -> None:
+        self.pattern, self.k, self.heads = pattern, cache_k, heads
+        self.project = pattern.projection(cache_k.shape[-1], cache_k.device)
+        b, kv, n, _ = cache_k.shape
+        self.kp = torch.zeros(b, kv, n, self.project.shape[1], dtype=torch.float32, device=cache_k.device)
+        self.kp[:, :, :context] = cache_k[:, :, :context].float() @ self.project
+
+    def wrote(self, t: int) -> None:
+        self.kp[:, :, t] = self.k[:, :, t].float() @ self.project
+
+    def select(self, q: torch.Tensor, t: int) -> torch.Tensor:
+        b, h = q.shape[:2]
+        own = torch.full((b, h, 1), t, dtype=torch.long, device=q.device)
+        take = min(self.pattern.keys, t)
+        if not take:
+            return own
+        qp = grouped(q.float(), self.k.shape[1]) @ self.project
+        s = ungrouped(qp @ self.kp[:, :, :t].transpose(-1, -2), h)
+        best = best_prefix(s, torch.tensor([t], device=q.device), take)[:, :, 0]
+        return torch.cat([best, own], dim=-1)
 
 
 # ------------------------------------------------------------------------------------------

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from sparsebench.patterns.base import PATTERNS, param, require_positive
-from sparsebench.patterns.selection import ContentSelected, Selection, gaussian_projection, select_tokens
+from sparsebench.patterns.selection import (
+    ContentSelected,
+    Selection,
+    TokenIncremental,
+    gaussian_projection,
+    select_tokens,
+)
 
 
 @PATTERNS.register
@@ -43,3 +49,6 @@ class TopkKeys(ContentSelected):
 
     def select(self, q, k) -> Selection:
         return select_tokens(q, k, self.keys, self.projection(q.shape[-1], q.device))
+
+    def incremental(self, cache_k, heads, context):
+        return TokenIncremental(self, cache_k, heads, context)
