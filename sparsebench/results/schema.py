@@ -59,14 +59,8 @@ FIELDS: tuple[Field, ...] = (
     Field("scenario", "str", "", "the scenario's name", from_case=True),
     Field("case_id", "str", "", "the case key as text; the rounds of one case share it", from_case=True),
     Field("pattern", "str", "", "the pattern's registered name", from_case=True),
-    Field(
-        "pattern_label",
-        "str",
-        "",
-        "the pattern with its parameters, as tables and plots name it",
-        key=True,
-        from_case=True,
-    ),
+    Field("pattern_label", "str", "", "the pattern with its parameters, as tables and plots name it",
+          key=True, from_case=True),
     Field("params", "object", "", "the pattern's parameters", from_case=True),
     Field("backend", "str", "", "the attention implementation", key=True, from_case=True),
     Field("device", "str", "", "cpu or cuda", key=True, from_case=True),
@@ -74,52 +68,24 @@ FIELDS: tuple[Field, ...] = (
     Field("mode", "str", "", "forward, backward or decode", key=True, from_case=True),
     Field("batch", "int", "", "batch size", key=True, from_case=True),
     Field("heads", "int", "", "attention heads (query heads)", key=True, from_case=True),
-    Field(
-        "kv_heads",
-        "int",
-        "",
-        "key/value heads: heads / kv_heads query heads share each (grouped-query attention); equal to heads without it",
-        key=True,
-        from_case=True,
-        default_from="heads",
-    ),
+    Field("kv_heads", "int", "", "key/value heads: heads / kv_heads query heads share each (grouped-query "
+          "attention); equal to heads without it", key=True, from_case=True, default_from="heads"),
     Field("head_dim", "int", "", "dimension of a head", key=True, from_case=True),
     Field("seq_len", "int", "tokens", "sequence length n (the context in decode mode)", key=True, from_case=True),
-    Field(
-        "causal",
-        "bool",
-        "",
-        "causal (true) or bidirectional attention, as the case ran: the scenario's, unless "
-        "the pattern's own parameter sets it (a ds_* pattern's attention=bidirectional)",
-        key=True,
-        from_case=True,
-    ),
-    Field(
-        "inputs",
-        "str",
-        "",
-        "the q, k and v the case ran on, as a label: random (seeded normals), synthetic "
-        "(the generator of sparsebench.inputs, with its knobs) or file:NAME#layerL (recorded tensors)",
-        key=True,
-        from_case=True,
-        default="random",
-    ),
+    Field("causal", "bool", "", "causal (true) or bidirectional attention, as the case ran: the scenario's, unless "
+          "the pattern's own parameter sets it (a ds_* pattern's attention=bidirectional)", key=True, from_case=True),
+    Field("inputs", "str", "", "the q, k and v the case ran on, as a label: random (seeded normals), synthetic "
+          "(the generator of sparsebench.inputs, with its knobs) or file:NAME#layerL (recorded tensors)",
+          key=True, from_case=True, default="random"),
     Field("inputs_seed", "int", "", "the seed of random or synthetic inputs (null for a file)", from_case=True),
     Field("inputs_file", "str", "", "kind file: the safetensors file the inputs were read from", from_case=True),
     Field("inputs_layer", "int", "", "kind file: the model layer the inputs were recorded at", from_case=True),
-    Field(
-        "tile",
-        "int",
-        "tokens",
-        "block_sparse's tile size (null for the other backends); version 1: block",
-        from_case=True,
-    ),
+    Field("tile", "int", "tokens", "block_sparse's tile size (null for the other backends); version 1: block",
+          from_case=True),
     Field("round", "int", "", "which round of a scenario with rounds: R (only then)", always=False),
     # static: needs no measurement
     Field("kv_retained", "int", "tokens", "keys a query may still need, so a KV cache keeps"),
-    Field(
-        "kv_cache_bytes", "int", "bytes", "KV cache of one layer: 2 x batch x kv_heads x head_dim x bytes x kv_retained"
-    ),
+    Field("kv_cache_bytes", "int", "bytes", "KV cache of one layer: 2 x batch x kv_heads x head_dim x bytes x kv_retained"),
     Field("nnz", "int", "", "allowed (query, key) pairs of the mask (null in decode mode)"),
     Field("density", "float", "", "nnz / n^2 (null in decode mode)"),
     Field("flops", "float", "FLOP", "useful FLOPs of one call, from nnz (null in decode mode)"),
@@ -133,103 +99,55 @@ FIELDS: tuple[Field, ...] = (
     Field("time_min_s", "float", "s", "fastest call"),
     Field("times_s", "list[float]", "s", "every timed call, raw"),
     Field("tflops", "float", "TFLOP/s", "useful FLOPs only, over the median time"),
-    Field(
-        "peak_mem_bytes",
-        "int",
-        "bytes",
-        "measured peak: CUDA allocator peak, or the process's peak RSS reset per case on Linux",
-    ),
+    Field("peak_mem_bytes", "int", "bytes",
+          "measured peak: CUDA allocator peak, or the process's peak RSS reset per case on Linux"),
     Field("max_abs_err", "float", "", "largest absolute difference from fp32 dense attention under the same mask"),
     Field("setup_s", "float", "s", "mask or layout build, before any call"),
-    Field(
-        "select_s",
-        "float",
-        "s",
-        "a content-selected pattern (moba, quest, topk_keys): the median time of its selection alone "
-        "(pattern.select(q, k)), which the timed call includes; null for a pattern fixed by positions",
-    ),
-    Field(
-        "first_call_s",
-        "float",
-        "s",
-        "the first call: compilation, autotuning, loading native kernels, first touch of fresh memory",
-        always=False,
-    ),
-    Field(
-        "compile_s",
-        "float",
-        "s",
-        "first_call_s beyond the steady median, for backends that compile or build on first use; 0 for the others",
-    ),
+    Field("select_s", "float", "s",
+          "a content-selected pattern (moba, quest, topk_keys): the median time of its selection alone "
+          "(pattern.select(q, k)), which the timed call includes; null for a pattern fixed by positions"),
+    Field("first_call_s", "float", "s",
+          "the first call: compilation, autotuning, loading native kernels, first touch of fresh memory",
+          always=False),
+    Field("compile_s", "float", "s",
+          "first_call_s beyond the steady median, for backends that compile or build on first use; 0 for the others"),
     Field("noisy", "bool", "", "time_iqr_s / time_median_s above 10%"),
     Field("check", "str", "", "how the output was checked: exact, sampled or none"),
-    Field(
-        "grad_err", "float", "", "backward mode: the largest gradient error relative to the largest reference gradient"
-    ),
+    Field("grad_err", "float", "",
+          "backward mode: the largest gradient error relative to the largest reference gradient"),
     Field("grad_check", "str", "", "backward mode: how the gradients were checked: exact or sampled"),
     # quality against full attention (issue: what a pattern gives up): the case's output against
     # full attention with the case's causality on the same inputs, computed once, untimed
-    Field(
-        "full_rel_err",
-        "float",
-        "",
-        "||O - O_full||_F / ||O_full||_F over the whole output (or the quality_rows sampled rows): the case's "
-        "output against full attention (dense, the case's causality) on the same inputs",
-    ),
-    Field(
-        "recall_mean",
-        "float",
-        "",
-        "the share of full attention's softmax mass that falls on the keys the case attended, averaged over "
-        "batch, heads and queries (1: nothing of full attention is lost)",
-    ),
+    Field("full_rel_err", "float", "",
+          "||O - O_full||_F / ||O_full||_F over the whole output (or the quality_rows sampled rows): the case's "
+          "output against full attention (dense, the case's causality) on the same inputs"),
+    Field("recall_mean", "float", "",
+          "the share of full attention's softmax mass that falls on the keys the case attended, averaged over "
+          "batch, heads and queries (1: nothing of full attention is lost)"),
     Field("recall_min", "float", "", "the least query's recall (the worst row over batch, heads and queries)"),
     Field("quality_rows", "int", "", "query rows the quality figures cover (n when exact, else the sampled rows)"),
-    Field(
-        "full_grad_rel_err",
-        "float",
-        "",
-        "backward mode: the query gradient's ||dQ - dQ_full||_F / ||dQ_full||_F against full attention",
-    ),
-    Field(
-        "quality_note",
-        "str",
-        "",
-        "why the quality figures are empty: a pattern whose mask is the model's semantics (document, prefix_lm, "
-        "a bidirectional layout) is no approximation of full attention; or a mode without them",
-    ),
-    Field("probe_s", "float", "s", "a fixed matmul timed around the case: how the machine's speed moved", always=False),
+    Field("full_grad_rel_err", "float", "",
+          "backward mode: the query gradient's ||dQ - dQ_full||_F / ||dQ_full||_F against full attention"),
+    Field("quality_note", "str", "",
+          "why the quality figures are empty: a pattern whose mask is the model's semantics (document, prefix_lm, "
+          "a bidirectional layout) is no approximation of full attention; or a mode without them"),
+    Field("probe_s", "float", "s", "a fixed matmul timed around the case: how the machine's speed moved",
+          always=False),
     # the yardstick (measure/yardstick.py): the machine's own rates, measured once per run per
     # device and dtype (environment.json: "yardstick"), and the case's share of them
-    Field(
-        "gemm_tflops",
-        "float",
-        "TFLOP/s",
-        "the device's own torch GEMM rate for the dtype: the best of a few square matmuls, measured "
-        "once per run with the threads of the forward and backward cases",
-    ),
-    Field(
-        "copy_bytes_per_s",
-        "float",
-        "bytes/s",
-        "the device's copy bandwidth: bytes read + written per second by a large tensor copy "
-        "(STREAM's copy), on the CPU with the threads of the decode steps",
-    ),
-    Field(
-        "gemm_fraction",
-        "float",
-        "",
-        "forward and backward: tflops / gemm_tflops, the share of the machine's own GEMM rate that the "
-        "useful FLOPs reach (the yardstick is the library's, so a kernel can exceed 1)",
-    ),
-    Field(
-        "bandwidth_fraction",
-        "float",
-        "",
-        "decode: kv_cache_bytes / time_median_s / copy_bytes_per_s, the KV cache a step reads per "
-        "second as a share of the copy bandwidth (a pattern that attends only some of the keys it "
-        "keeps reads less than that; can exceed 1)",
-    ),
+    Field("gemm_tflops", "float", "TFLOP/s",
+          "the device's own torch GEMM rate for the dtype: the best of a few square matmuls, measured "
+          "once per run with the threads of the forward and backward cases"),
+    Field("copy_bytes_per_s", "float", "bytes/s",
+          "the device's copy bandwidth: bytes read + written per second by a large tensor copy "
+          "(STREAM's copy), on the CPU with the threads of the decode steps"),
+    Field("gemm_fraction", "float", "",
+          "forward and backward: tflops / gemm_tflops, the share of the machine's own GEMM rate that the "
+          "useful FLOPs reach (the yardstick is the library's, so a kernel can exceed 1)"),
+    Field("bandwidth_fraction", "float", "",
+          "decode: kv_cache_bytes / time_median_s / copy_bytes_per_s, the KV cache a step reads per "
+          "second as a share of the copy bandwidth (a pattern that attends only some of the keys it "
+          "keeps reads less than that; can exceed 1)"),
     # decode mode only
     Field("decode_tokens", "int", "tokens", "tokens generated one at a time", always=False),
     Field("decode_repeats", "int", "", "how often each generated position is stepped", always=False),
@@ -242,58 +160,30 @@ FIELDS: tuple[Field, ...] = (
     Field("host", "str", "", "the machine the case ran on (its host name)"),
     Field("device_name", "str", "", "the device the case ran on: the GPU's name, or the CPU's model"),
     # model stacks (a scenario's model: or model_file:, measure/stack.py); null in other records
-    Field(
-        "model", "str", "", "the model whose attention stack the case runs (null for a pattern case)", from_case=True
-    ),
-    Field(
-        "stack",
-        "str",
-        "",
-        "shipped (each layer with its own attention) or all-dense (its twin: every attention layer full)",
-        from_case=True,
-    ),
-    Field(
-        "heads_scale",
-        "float",
-        "",
-        "the model's query and KV heads were scaled by this to run (1: as shipped)",
-        from_case=True,
-    ),
+    Field("model", "str", "", "the model whose attention stack the case runs (null for a pattern case)",
+          from_case=True),
+    Field("stack", "str", "", "shipped (each layer with its own attention) or all-dense (its twin: every "
+          "attention layer full)", from_case=True),
+    Field("heads_scale", "float", "", "the model's query and KV heads were scaled by this to run (1: as shipped)",
+          from_case=True),
     Field("layers", "int", "", "attention layers the stack's time covers (each group timed once, multiplied)"),
-    Field(
-        "state_layers", "int", "", "layers keeping a fixed state (linear attention, Mamba): not attention, not timed"
-    ),
-    Field(
-        "groups",
-        "object",
-        "",
-        "each layer group under its layer type: type, layers, pattern (its label; "
-        "pattern_name, params), timed, time_per_layer_s, time_s (layers x time per layer), peak_mem_bytes, "
-        "max_abs_err, cache, retained_tokens, kv_bytes",
-    ),
-    Field(
-        "stack_kv_bytes",
-        "int",
-        "bytes",
-        "the KV cache of every layer of the stack after n tokens (MLA: the "
-        "latent; states counted where the config sizes them), with the heads as run",
-    ),
+    Field("state_layers", "int", "", "layers keeping a fixed state (linear attention, Mamba): not attention, "
+          "not timed"),
+    Field("groups", "object", "", "each layer group under its layer type: type, layers, pattern (its label; "
+          "pattern_name, params), timed, time_per_layer_s, time_s (layers x time per layer), peak_mem_bytes, "
+          "max_abs_err, cache, retained_tokens, kv_bytes"),
+    Field("stack_kv_bytes", "int", "bytes", "the KV cache of every layer of the stack after n tokens (MLA: the "
+          "latent; states counted where the config sizes them), with the heads as run"),
     Field("stack_note", "str", "", "how the stack was timed: groups multiplied, state layers, MLA expanded, GQA"),
     # merged: the rounds of a case as one row
     Field("rounds", "int", "", "rounds merged into the row", where=MERGED, always=False),
     Field("round_medians_s", "list[float]", "s", "each round's median", where=MERGED, always=False),
     Field("round_mins_s", "list[float]", "s", "each round's fastest call", where=MERGED, always=False),
     # derived over the frame
-    Field(
-        "speedup",
-        "float",
-        "x",
-        "baseline time / time, the baseline on the same device, dtype, mode and shape",
-        where=DERIVED,
-    ),
-    Field(
-        "ideal_speedup", "float", "x", "baseline nnz / nnz: the speedup the sparsity alone would give", where=DERIVED
-    ),
+    Field("speedup", "float", "x", "baseline time / time, the baseline on the same device, dtype, mode and shape",
+          where=DERIVED),
+    Field("ideal_speedup", "float", "x", "baseline nnz / nnz: the speedup the sparsity alone would give",
+          where=DERIVED),
     Field("efficiency", "float", "", "speedup / ideal_speedup", where=DERIVED),
 )
 
