@@ -132,10 +132,12 @@ class ContentSelected(Pattern):
         return n  # it may select any earlier key
 
     def select_bytes(self, batch: int, heads: int, n: int, head_dim: int) -> int:
-        """Peak bytes of ``select`` beyond its inputs: the index table and one query block's
-        scores with their temporaries (fp32 scores, a mask, int64 ranks: about 24 bytes each)."""
-        slots = self.slots(n)
-        return batch * heads * n * slots * 4 + 24 * SCORE_ELEMENTS + 4 * batch * heads * n * head_dim
+        """Peak bytes of ``select`` beyond its inputs: the index table, one query block's scores
+        with their temporaries (fp32 scores ranked in place, a few bool masks: about 12 bytes
+        each) and the fp32 keys' summaries or projections (at most the size of k in fp32)."""
+        bh, candidates = batch * heads, -(-n // self.unit)
+        block = bh * min(n, _rows_per_block(bh, candidates)) * candidates
+        return bh * n * self.slots(n) * 4 + 12 * block + 4 * bh * n * head_dim
 
     def slots(self, n: int) -> int:
         """Units each query selects at most (the index table's last dimension)."""
@@ -195,7 +197,8 @@ def _rows_per_block(batch_heads: int, candidates: int) -> int:
 def best_prefix(s: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
     """(..., R, k) int64: for each row r of the scores ``s`` (..., R, m), the min(k, count[r])
     columns among the candidates [0, count[r]) with the highest scores, ties broken by the lowest
-    column; ascending, -1 padding at the end."""
+    column; ascending, -1 padding at the end. ``s`` is overwritten (the non-candidates set to
+    -inf): the callers' score blocks are their own."""
     R, m = s.shape[-2:]
     kk = min(k, m)
     out = torch.full((*s.shape[:-2], R, k), -1, dtype=torch.long, device=s.device)
@@ -203,7 +206,7 @@ def best_prefix(s: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
         return out
     col = torch.arange(m, device=s.device)
     valid = col[None, :] < count[:, None]  # (R, m)
-    s = s.masked_fill(~valid, float("-inf"))
+    s = s.masked_fill_(~valid, float("-inf"))
     vals, idx = s.topk(kk, dim=-1)  # descending
     want = count.clamp(max=kk).expand(*s.shape[:-2], R)  # (..., R)
     thr = vals.gather(-1, (want - 1).clamp(min=0)[..., None])  # the want-th best score
