@@ -272,6 +272,7 @@ def test_the_check_uses_the_selection_the_call_handed_back():
     assert bad > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PARAMS))
 def test_a_case_runs_checked_with_select_s(make_case, name):
     for backend, mode in (("naive", "forward"), ("sdpa_masked", "backward")):
