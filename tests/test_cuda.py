@@ -71,7 +71,13 @@ def assert_forward_backward(backend, pat, p):
 
 
 def test_every_pattern_is_covered():
-    assert {name for name, _ in CASES} == set(PATTERNS.names())
+    # content-selected patterns (moba, quest, topk_keys) have no fixed mask and run on the CPU
+    # kernels only: block_sparse declines them on CUDA, and their checks live in
+    # tests/test_dynamic_patterns.py and tests/test_dynamic_kernels.py
+    from sparsebench.patterns.selection import content_selected
+
+    positional = {n for n in PATTERNS.names() if not content_selected(PATTERNS.get(n))}
+    assert {name for name, _ in CASES} == positional
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -28,6 +28,8 @@ seq_lens: [64]
 patterns:
   - name: sliding_window
     params: {window: 16}
+  - name: moba
+    params: {chunk: 16, topk: 2}
 backends: [naive]
 mode: [forward, backward, decode]
 heads: 2
@@ -57,6 +59,8 @@ def test_a_real_run_writes_exactly_the_schema_fields(real_run):
     recs = [json.loads(line) for line in (real_run / "records.jsonl").read_text().splitlines()]
     assert {r["mode"] for r in recs} == {"forward", "backward", "decode"} and {r["status"] for r in recs} == {"ok"}
     written = set().union(*recs)
+    # select_s: a content-selected pattern's selection time, null for a pattern fixed by positions
+    assert all((r["select_s"] is not None) == (r["pattern"] == "moba" and r["mode"] != "decode") for r in recs)
     assert written == set(schema.RECORD_FIELDS), (
         f"written, not in the schema: {sorted(written - set(schema.RECORD_FIELDS))}; "
         f"in the schema, never written: {sorted(set(schema.RECORD_FIELDS) - written)}"

@@ -16,6 +16,7 @@ import shutil
 import torch
 
 from sparsebench.backends.base import BACKENDS, Backend, Problem
+from sparsebench.patterns.selection import content_selected
 
 FLEX_BLOCK = 128
 
@@ -66,6 +67,11 @@ class Flex(Backend):
         return None
 
     def unsupported(self, p: Problem):
+        if content_selected(p.pattern) and p.pattern.unit == 1:
+            return (
+                f"flex: {p.pattern.name} selects single keys; a mask_mod reading its selection would need an "
+                "n x n table (sparsebench builds none)"
+            )
         if p.dtype == torch.float16 and p.device.type == "cpu":
             return "FlexAttention on CPU does not support fp16"
         if p.mode == "backward" and p.device.type == "cpu":
@@ -93,6 +99,8 @@ class Flex(Backend):
         # and out of memory at long lengths). Each case compiles afresh instead.
         torch._dynamo.reset()
         n = p.seq_len
+        if content_selected(p.pattern):
+            return _selecting(p, torch.compile(flex_attention, dynamic=False, fullgraph=True))
         allowed = p.pattern.mask_fn(n, p.causal, p.device)
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -125,6 +133,73 @@ class Flex(Backend):
         """q, k, v and the output, and the BlockMask's index tables (nb x nb int32, partial and
         full, by rows and by columns). The compiled CPU kernel works tile by tile (no n x n
         scores); the compilation's scratch and the compiler's resident memory are kept out of
-        the peak (harness: Backend.load, PeakMemory.one_time)."""
+        the peak (harness: Backend.load, PeakMemory.one_time). A content-selected pattern: the
+        tables per batch and head, its selection, the (padded) per-query unit table the mask_mod
+        reads and the tile table made from the selection (int64 indices of every slot)."""
         nb = -(-p.seq_len // FLEX_BLOCK)
-        return p.io_bytes * (3 if p.mode == "backward" else 1) + 4 * nb * nb * 4
+        io = p.io_bytes * (3 if p.mode == "backward" else 1)
+        if not content_selected(p.pattern):
+            return io + 4 * nb * nb * 4
+        bh, unit = p.batch * p.heads, p.pattern.unit
+        rows = nb * FLEX_BLOCK
+        units = -(-rows // unit) + 1
+        slots = p.pattern.slots(p.seq_len)
+        return (
+            io
+            + bh * 6 * nb * nb * 4
+            + p.pattern.select_bytes(p.batch, p.heads, p.seq_len, p.head_dim)
+            + bh * rows * units
+            + bh * nb * (nb + 1)
+            + 3 * 8 * bh * p.seq_len * slots
+        )
+
+
+def _touched_blocks(selection, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention's (kv_num_blocks (batch, heads, nb), kv_indices (batch, heads, nb, nb))
+    int32: per block of FLEX_BLOCK queries, the key blocks that any of its queries' selected
+    units touch (up to the query's own block), ascending."""
+    u = selection.index.long()
+    b, h, n, _ = u.shape
+    unit = selection.unit
+    qb = (torch.arange(n, device=u.device) // FLEX_BLOCK)[:, None]
+    touched = torch.zeros(b, h, nb, nb + 1, dtype=torch.bool, device=u.device)
+    bi = torch.arange(b, device=u.device)[:, None, None, None]
+    hi = torch.arange(h, device=u.device)[None, :, None, None]
+    first = (u * unit) // FLEX_BLOCK
+    for step in range(-(-unit // FLEX_BLOCK) + 1):  # the key blocks a unit spans
+        blk = first + step
+        ok = (u >= 0) & (blk * FLEX_BLOCK < (u + 1) * unit) & (blk <= qb)
+        touched[bi, hi, qb, torch.where(ok, blk, nb)] = True
+    touched = touched[..., :nb]
+    num = touched.sum(-1, dtype=torch.int32)
+    col = torch.arange(nb, device=u.device)
+    order = torch.where(touched, col, nb + col).argsort(dim=-1)
+    return num, order.to(torch.int32)
+
+
+def _selecting(p: Problem, compiled):
+    """The call of a content-selected pattern (moba, quest): select, then a BlockMask made from
+    the selection (``_touched_blocks``) whose mask_mod reads a per-query table of the selected
+    units, (batch, heads, n, n / unit) bool, filled in place each call (no n x n tensor)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from sparsebench.patterns.selection import selecting_call
+
+    n, unit = p.seq_len, p.pattern.unit
+    nb = -(-n // FLEX_BLOCK)
+    rows = nb * FLEX_BLOCK  # padded: the kernel may read the last block's padding rows
+    table = torch.zeros(p.batch, p.heads, rows, -(-rows // unit) + 1, dtype=torch.bool, device=p.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # column 0: padding of the index table
+        return table[b, h, q_idx, kv_idx // unit + 1] & (kv_idx <= q_idx)
+
+    gqa = {"enable_gqa": True} if p.group > 1 else {}
+
+    def attend(q, k, v, selection):
+        table.zero_()
+        table[:, :, :n].scatter_(-1, selection.index.long() + 1, True)
+        num, idx = _touched_blocks(selection, nb)
+        block_mask = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(n, n))
+        return compiled(q, k, v, block_mask=block_mask, **gqa)
+
+    return selecting_call(p.pattern, attend)

@@ -84,8 +84,11 @@ def show(
     """Draw a pattern's mask (small n) with keys per query, nnz, density and KV retention."""
     with guarded():
         load_plugins(plugin)
+        import torch
+
         from sparsebench.errors import ScenarioError
         from sparsebench.patterns.base import PATTERNS
+        from sparsebench.patterns.selection import SEEDED, content_selected, seeded_selection, tile_counts
         from sparsebench.units import parse_tokens
 
         try:
@@ -105,7 +108,9 @@ def show(
         own = f" ({pat.causality_reason()}, where {'causal' if asked else '--bidirectional'} was asked)"
         own = own if causal != asked else ""
         pat.check(seq_len, causal)
-        kpq = pat.keys_per_query(seq_len, causal)
+        # a content-selected pattern has no mask of its own: one selection, for seeded random inputs
+        selection = seeded_selection(pat, seq_len) if content_selected(pat) else None
+        kpq = pat.keys_per_query(seq_len, causal) if selection is None else selection.keys_per_query()[0, 0]
         nnz = int(kpq.sum())
         info: dict[str, Any] = {
             "pattern": pat.label(),
@@ -117,9 +122,15 @@ def show(
             "density": nnz / seq_len**2,
             "kv_retained": pat.kv_retained(seq_len),
         }
-        layout = pat.block_layout(seq_len, tile, causal) if tile else None
-        if layout is not None:
-            info["block_layout"] = layout.dense().tolist()
+        if selection is not None:
+            info["selection"] = SEEDED
+        tiles = None
+        if tile and selection is not None:
+            tiles = (tile_counts(selection, tile) > 0).to(torch.int8)
+        elif tile:
+            tiles = pat.block_layout(seq_len, tile, causal).dense()
+        if tiles is not None:
+            info["block_layout"] = tiles.tolist()
         if as_json:
             sys.stdout.write(json.dumps(info) + "\n")
             return
@@ -128,8 +139,10 @@ def show(
         out = console()
         how = "causal" if causal else "bidirectional"
         out.print(f"[bold]{escape(pat.label())}[/]  n={seq_len}  {how}{escape(own)}", soft_wrap=True)
+        if selection is not None:
+            out.print(f"keys {SEEDED}: other q and k select other keys (the counts are the same)", soft_wrap=True)
         if seq_len <= 96:
-            m = pat.mask(seq_len, causal)
+            m = pat.mask(seq_len, causal) if selection is None else selection.mask()[0, 0]
             for i in range(seq_len):
                 out.print("".join("█" if x else "·" for x in m[i].tolist()), highlight=False)
         else:
@@ -139,10 +152,10 @@ def show(
             f"keys per query: min {int(kpq.min())}, mean {float(kf.mean()):.2f}, max {int(kpq.max())}\n"
             f"nnz: {nnz}   density: {nnz / seq_len**2:.4f}   KV retained: {info['kv_retained']} of {seq_len} tokens"
         )
-        if layout is not None:
-            out.print(f"block layout (tile={tile}, {layout.nnz_blocks} of {layout.num_blocks**2} tiles):")
-            if layout.num_blocks <= 96:
-                for row in layout.dense().tolist():
+        if tiles is not None:
+            out.print(f"block layout (tile={tile}, {int(tiles.sum())} of {tiles.shape[0] ** 2} tiles):")
+            if tiles.shape[0] <= 96:
+                for row in tiles.tolist():
                     out.print("".join("█" if x else "·" for x in row), highlight=False)
 
 

@@ -42,6 +42,12 @@ backend's compilation: ``compile_s``, never a step's time), a warm-up of at leas
 ``repeats`` chosen so that the timed steps add up to about ``min_time_s``. ``times_s`` holds
 every timed step; the median of them is the per-token latency.
 
+Content-selected patterns (moba, quest, topk_keys) keep the whole cache and choose their keys
+in each step, inside the clock (``Incremental``: moba's chunk means and quest's page bounds made
+once a unit's last key is written, topk_keys' indexer projection of each key as it is written,
+then one query's scores over them); the step reads only the keys chosen (per batch and head),
+and the check is full attention under each step's own choice.
+
 Random patterns (random, bigbird) depend on the total length n; decoding uses the final
 length ``context + tokens`` as the pattern's n for every position, and the reference does too.
 """
@@ -61,6 +67,7 @@ from sparsebench import stats
 from sparsebench.errors import BackendUnavailable, ScenarioError
 from sparsebench.measure import slowdown
 from sparsebench.measure.device import intra_op_threads, sync
+from sparsebench.patterns.selection import content_selected
 from sparsebench.units import torch_dtype
 
 if TYPE_CHECKING:
@@ -348,11 +355,23 @@ class Decoder:
         b, h, _, d = self.k.shape  # h: the KV heads
         if q.shape[1] % h:
             raise ScenarioError(f"decode: {q.shape[1]} query heads are not a multiple of {h} KV heads")
+        self.note = ""
+        self.cache: DenseCache | None = None
+        # a content-selected pattern keeps every key and chooses in each (timed) step: no plan
+        self.selector = None
+        if content_selected(pattern):
+            self.cache = DenseCache(self.n_total, b, h, d, self.k.dtype, self.k.device)
+            self.steps = [Step(t, torch.empty(0, dtype=torch.long)) for t in range(context, self.n_total)]
+            self.cache.prefill(source, context)
+            self.selector = pattern.incremental(self.cache.k, q.shape[1], context)
+            self.out = torch.zeros_like(q)
+            from sparsebench.measure import decode_steps
+
+            self.attend = decode_steps.make(backend, self)
+            return
         want = torch.zeros(self.tokens, dtype=torch.long)  # keys each generated row attends
         for start in range(0, self.n_total, source.chunk):
             want += self.mask_of(start, min(self.n_total, start + source.chunk)).sum(dim=1)
-        self.note = ""
-        self.cache: DenseCache | None = None
         steps = None
         spec = ring_spec(pattern, context, self.n_total)
         if spec is None and getattr(pattern, "bounded_kv", False):
@@ -377,7 +396,15 @@ class Decoder:
         self.attend = decode_steps.make(backend, self)
 
     def mask_of(self, start: int, stop: int) -> torch.Tensor:
-        """(tokens, stop - start): may generated row i attend key j, for start <= j < stop?"""
+        """(tokens, stop - start): may generated row i attend key j, for start <= j < stop?
+        A content-selected pattern: (batch, heads, tokens, stop - start), the keys each step
+        selected (all steps must have run)."""
+        if self.selector is not None:
+            b, h = self.q.shape[:2]
+            m = torch.zeros(b, h, self.tokens, self.n_total, dtype=torch.bool, device=self.q.device)
+            for i, st in enumerate(self.steps):
+                m[:, :, i].scatter_(-1, st.keys, True)
+            return m[..., start:stop]
         rows = torch.arange(self.context, self.n_total)
         return self.pattern.allowed(rows[:, None], torch.arange(start, stop)[None, :], self.n_total, True)
 
@@ -390,14 +417,21 @@ class Decoder:
         return self.attend.backend
 
     def prepare(self, i: int) -> None:
-        """The backend's untimed work for position i (idempotent)."""
-        self.attend.prepare(i)
+        """The backend's untimed work for position i (idempotent); none for a content-selected
+        pattern, whose step selects its keys and prepares for them inside the clock."""
+        if self.selector is None:
+            self.attend.prepare(i)
 
     def step(self, i: int) -> None:
         st, c = self.steps[i], self.cache
-        self.attend.prepare(i)  # done before the clock where timed (_timed_step): then a no-op
+        if self.selector is None:
+            self.attend.prepare(i)  # done before the clock where timed (_timed_step): then a no-op
         c.k[:, :, st.slot : st.slot + 1].copy_(self.k[:, :, i : i + 1])
         c.v[:, :, st.slot : st.slot + 1].copy_(self.v[:, :, i : i + 1])
+        if self.selector is not None:  # the selection is the step's own work, timed with it
+            self.selector.wrote(st.slot)
+            self.steps[i] = Step(st.slot, self.selector.select(self.q[:, :, i : i + 1], st.slot))
+            self.attend.renew(i)
         self.out[:, :, i : i + 1] = self.attend(i)
 
     def reference(self) -> torch.Tensor:

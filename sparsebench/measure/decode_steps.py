@@ -64,6 +64,16 @@ class StepAttention:
     def prepare(self, i: int) -> None:
         """Untimed work for position i (a mask row, a BlockMask); nothing by default."""
 
+    def renew(self, i: int) -> None:
+        """The work of ``prepare`` again for keys that the step itself just chose (a
+        content-selected pattern's, per batch and head), inside the clock."""
+        self.prepare(i)
+
+    def per_head(self, i: int) -> bool:
+        """Whether position i attends keys of its own per batch and head (batch, heads, keys)."""
+        keys = self.dec.steps[i].keys
+        return isinstance(keys, torch.Tensor) and keys.dim() == 3
+
     def __call__(self, i: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -80,6 +90,11 @@ class StepAttention:
         keys, c = self.dec.steps[i].keys, self.dec.cache
         if isinstance(keys, slice):
             return c.k[:, :, keys], c.v[:, :, keys]
+        if keys.dim() == 3:  # per batch and query head: (batch, heads, keys, d), gathered per KV head
+            b, h, t = keys.shape
+            d = c.k.shape[-1]
+            idx = keys.reshape(b, self.kv_heads, self.group * t, 1).expand(-1, -1, -1, d)
+            return (x.gather(2, idx).reshape(b, h, t, d) for x in (c.k, c.v))
         return c.k.index_select(2, keys), c.v.index_select(2, keys)
 
 
@@ -95,9 +110,18 @@ class _Masked(StepAttention):
     def prepare(self, i: int) -> None:
         if self._ready == i:
             return
-        self.live.zero_()
-        self.live[self.dec.steps[i].keys] = True
+        if self.per_head(i):  # (batch, heads, 1, slots): each query head's own keys
+            b, h = self.shape[:2]
+            live = torch.zeros(b, h, self.dec.cache.size, dtype=torch.bool, device=self.live.device)
+            self.row = live.scatter_(-1, self.dec.steps[i].keys, True)[:, :, None]
+        else:
+            self.live.zero_()
+            self.live[self.dec.steps[i].keys] = True
         self._ready = i
+
+    def renew(self, i: int) -> None:
+        self._ready = None
+        self.prepare(i)
 
 
 class SdpaStep(StepAttention):
@@ -105,7 +129,7 @@ class SdpaStep(StepAttention):
 
     def __call__(self, i: int) -> torch.Tensor:
         kk, vv = self.keys(i)
-        if self.group > 1:
+        if self.group > 1 and not self.per_head(i):
             return F.scaled_dot_product_attention(self.query(i), kk, vv, enable_gqa=True)
         return F.scaled_dot_product_attention(self.query(i), kk, vv)
 
@@ -127,7 +151,9 @@ class NaiveStep(_Masked):
         from sparsebench.backends.base import masked_softmax_attention
 
         c = self.dec.cache
-        return masked_softmax_attention(self.grouped(i), c.k, c.v, self.row).reshape(self.shape)
+        b, _, _, d = self.shape
+        row = self.row.reshape(b, self.kv_heads, self.group, -1) if self.per_head(i) else self.row
+        return masked_softmax_attention(self.grouped(i), c.k, c.v, row).reshape(self.shape)
 
 
 class BlockSparseStep(StepAttention):
@@ -142,7 +168,8 @@ class BlockSparseStep(StepAttention):
 
     def __call__(self, i: int) -> torch.Tensor:
         kk, vv = self.keys(i)
-        out, _ = self._forward(self.grouped(i), kk, vv, None, False, self.scale)
+        rows = self.query(i) if self.per_head(i) else self.grouped(i)  # per head: its own keys
+        out, _ = self._forward(rows, kk, vv, None, False, self.scale)
         return out.reshape(self.shape)
 
 
@@ -151,6 +178,11 @@ class FlexStep(_Masked):
     compiled = True
 
     def __init__(self, dec: "Decoder") -> None:
+        if getattr(dec, "selector", None) is not None:
+            raise BackendUnavailable(
+                f"flex: no decode step for {dec.pattern.name} (its keys differ per batch and head; the flex "
+                "decode step reads one row of slots)"
+            )
         super().__init__(dec)
         from torch.nn.attention.flex_attention import flex_attention
 

@@ -20,6 +20,7 @@ from sparsebench.measure import slowdown
 from sparsebench.measure.device import TORCH_DTYPES, sync
 from sparsebench.measure.memory import PeakMemory, freed_memory_reused
 from sparsebench.patterns.base import PATTERNS
+from sparsebench.patterns.selection import content_selected
 from sparsebench.results import spread
 from sparsebench.scenario import Case
 
@@ -261,6 +262,33 @@ def case_quality(case: Case, p: Problem, q, k, v, out, *, grad=None, selection: 
     ).fields()  # fmt: skip
 
 
+# timed runs of a content-selected pattern's selection alone (select_s, their median)
+SELECT_REPEATS = 3
+
+
+def select_time(p: Problem, q, k) -> float:
+    """Median seconds of ``pattern.select(q, k)`` alone: what choosing the keys costs of the
+    timed call, which includes it. Untimed by the case's own clock and outside its peak window."""
+    p.pattern.select(q, k)  # its first call's one-time costs are no part of the figure
+    return time_calls(
+        lambda: p.pattern.select(q, k), p.device, repeats=SELECT_REPEATS, min_time_s=0.0, max_repeats=SELECT_REPEATS
+    ).median
+
+
+def checked_call(p: Problem, fn, q, k, v) -> tuple[torch.Tensor, Any]:
+    """The untimed call whose output is checked, and the selection it made: a backend's
+    ``fn.selected(q, k, v) -> (out, selection)`` where it offers one (so the check judges the keys
+    the call chose, near-ties and all), else ``pattern.select(q, k)`` made here for a
+    content-selected pattern, and None for a pattern fixed by positions."""
+    with torch.no_grad():
+        if not content_selected(p.pattern):
+            return fn(q, k, v), None
+        selected = getattr(fn, "selected", None)
+        if selected is not None:
+            return selected(q, k, v)
+        return fn(q, k, v), p.pattern.select(q, k)
+
+
 def flops(p: Problem, nnz: int) -> float:
     """Useful FLOPs of one call: per query head (grouped-query attention computes as many)."""
     fwd = 4.0 * p.batch * p.heads * nnz * p.head_dim
@@ -312,11 +340,15 @@ def run_case(case: Case) -> dict[str, Any]:
         m = time_calls(call, p.device, repeats=case.repeats, min_time_s=case.min_time_s, max_repeats=case.max_repeats)
     fields["compile_s"] = max(0.0, first - m.median) if backend.compiled else 0.0
     fields["first_call_s"] = first
-    with torch.no_grad():
-        out = fn(q, k, v)
+    fields["select_s"] = select_time(p, q, k) if content_selected(p.pattern) else None
+    # the untimed check call; ``selection``: the keys it chose (a content-selected pattern's, None
+    # for a pattern fixed by positions), for the same-mask check and the quality figures
+    out, selection = checked_call(p, fn, q, k, v)
     grad_err = grad_how = None
     if case.check:
-        err, how = reference_error(p, q, k, v, out, exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows)
+        err, how = reference_error(
+            p, q, k, v, out, exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows, selection=selection
+        )
         if backward:  # the gradients of the last timed call
             missing = [name for name, t in (("q", q), ("k", k), ("v", v)) if t.grad is None]
             if missing:
@@ -324,7 +356,7 @@ def run_case(case: Case) -> dict[str, Any]:
             else:
                 grad_err, grad_how = gradient_error(
                     p, q, k, v, grad, (q.grad, k.grad, v.grad),
-                    exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows,
+                    exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows, selection=selection,
                 )  # fmt: skip
     else:
         err, how = None, "none"
@@ -342,7 +374,7 @@ def run_case(case: Case) -> dict[str, Any]:
         probe_s=(before + probe(p.device)) / 2,
     )
     # once per case: untimed, after the peak memory window and the probe
-    fields.update(case_quality(case, p, q, k, v, out, grad=grad if backward else None))
+    fields.update(case_quality(case, p, q, k, v, out, grad=grad if backward else None, selection=selection))
     return judge(fields, case.dtype)
 
 

@@ -51,7 +51,7 @@ LAYOUT_BLOCK = 64
 
 # The families ``sparsebench list`` groups patterns by, in this order (a pattern names its own
 # with the class attribute ``family``; a family not listed here comes after these, by name).
-FAMILIES = ("window", "global + window", "strided", "random", "block", "DeepSpeed", "dense")
+FAMILIES = ("window", "global + window", "strided", "random", "block", "DeepSpeed", "content-selected", "dense")
 OTHER_FAMILY = "other"
 
 

@@ -57,6 +57,7 @@ class MaskPanel:
     dots: Any = None  # numpy (m, 2) int64: (query, key)
     dot_total: int = 0
     error: str = ""
+    note: str = ""  # a content-selected pattern: which inputs its drawn selection was made for
 
     @property
     def zoomed(self) -> bool:
@@ -155,10 +156,14 @@ def draw_data(label: str, pat, n: int, causal: bool) -> MaskPanel:
     """One pattern's panel at the run's length n."""
     import numpy as np
 
+    from sparsebench.patterns.selection import content_selected
+
     shown = n if n <= FULL_MAX else ZOOM
     cell = 1
     while shown / cell > CELLS:
         cell *= 2
+    if content_selected(pat):  # no mask of its own: one selection, for seeded random inputs
+        return _selected_panel(label, pat, n, shown, cell, causal)
     image = _image(pat, n, shown, cell, causal)
     keys, rows, dots, total = _marks(pat, n, shown, causal)
     return MaskPanel(
@@ -173,6 +178,24 @@ def draw_data(label: str, pat, n: int, causal: bool) -> MaskPanel:
         rows=rows,
         dots=dots,
         dot_total=total,
+    )
+
+
+def _selected_panel(label: str, pat, n: int, shown: int, cell: int, causal: bool) -> MaskPanel:
+    """A content-selected pattern's panel: the keys it selects for seeded random inputs over the
+    first ``shown`` tokens (its queries there select among those tokens only: causal), shaded
+    per cell; its density (analytic: the same for every input) at the run's n."""
+    import numpy as np
+    import torch
+
+    from sparsebench.patterns.selection import SEEDED_SHORT, seeded_selection, tile_counts
+
+    counts = tile_counts(seeded_selection(pat, shown), cell).to(torch.float64)
+    cells = counts.shape[0]
+    sizes = torch.clamp(shown - torch.arange(cells) * cell, max=cell).to(torch.float64)
+    image = (counts / (sizes[:, None] * sizes[None, :])).numpy().astype(np.float32)
+    return MaskPanel(
+        label, n, causal, shown=shown, cell=cell, image=image, density=pat.density(n, causal), note=SEEDED_SHORT
     )
 
 
@@ -300,6 +323,8 @@ def panel_title(p: MaskPanel) -> str:
         how.append(f"cell {p.cell}x{p.cell} tokens")
     if how:
         lines.append("; ".join(how))
+    if p.note:
+        lines.append(p.note)
     return "\n".join(lines)
 
 

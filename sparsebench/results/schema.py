@@ -103,6 +103,9 @@ FIELDS: tuple[Field, ...] = (
           "measured peak: CUDA allocator peak, or the process's peak RSS reset per case on Linux"),
     Field("max_abs_err", "float", "", "largest absolute difference from fp32 dense attention under the same mask"),
     Field("setup_s", "float", "s", "mask or layout build, before any call"),
+    Field("select_s", "float", "s",
+          "a content-selected pattern (moba, quest, topk_keys): the median time of its selection alone "
+          "(pattern.select(q, k)), which the timed call includes; null for a pattern fixed by positions"),
     Field("first_call_s", "float", "s",
           "the first call: compilation, autotuning, loading native kernels, first touch of fresh memory",
           always=False),
