@@ -1120,6 +1120,218 @@ void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   });
 }
 
+// ------------------------------------------------------------------------------------------
+// Content-selected patterns (moba, quest, topk_keys: the keys of each query chosen from q and k
+// by the call). The selection is index (B, H, n, S) int32: per query head and row, the ids of
+// its selected units (unit u covers keys u * unit .. (u + 1) * unit - 1, and a query sees those
+// at most its own position), -1 padding.
+
+// Units (moba chunks, quest pages), MoBA's own way: each key unit attends the queries that chose
+// it. A work item is (batch, kv head, block of qblock query rows): its (query head of the group,
+// row) pairs are bucketed by unit; per unit its keys are packed once into 32-key tiles (shared by
+// the group's query heads), the rows that chose it are gathered and run as 8-row register blocks
+// over the unit's keys (each row up to its own position: the query's own unit is the causal
+// diagonal), and merged into their output rows through the log-sum-exps, unit by unit in
+// ascending order (deterministic). Returns out (B, H, n, d) and lse (B, H, n), fp32.
+template <class T>
+std::vector<torch::Tensor> unit_forward_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+                                          int64_t unit, int64_t qblock, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3);
+  const int64_t Hkv = k.size(1), S = index.size(3);
+  TORCH_CHECK(d % 32 == 0, "unit_forward: head_dim must be a multiple of 32");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && index.is_contiguous() &&
+                  index.scalar_type() == torch::kInt32 && index.size(0) == B && index.size(1) == H &&
+                  index.size(2) == n && k.size(2) == n && Hkv > 0 && H % Hkv == 0,
+              "unit_forward: contiguous q (B, H, n, d), k, v (B, Hkv, n, d), index (B, H, n, S) int32");
+  TORCH_CHECK(unit >= 1 && qblock >= 1, "unit_forward: unit and qblock must be positive");
+  const int64_t group = H / Hkv, nunits = (n + unit - 1) / unit, nblocks = (n + qblock - 1) / qblock;
+  const auto f32 = q.options().dtype(torch::kFloat32);
+  auto out = torch::zeros({B, H, n, d}, f32);
+  auto lse = torch::full({B, H, n}, -std::numeric_limits<float>::infinity(), f32);
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  const int32_t* IDX = index.data_ptr<int32_t>();
+  float* O = out.data_ptr<float>();
+  float* LS = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t ulen_max = std::min(unit, n);
+  const int64_t nblk = (ulen_max + KT - 1) / KT + 1;
+  at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> kt(nblk * d * KT), obuf, lbuf, lw;
+    std::vector<T> qbuf;
+    std::vector<int32_t> start, cursor, pairs, lo, hi;
+    Scratch w(ulen_max, d);
+    for (int64_t item = b0; item < b1; ++item) {
+      const int64_t b = item / (Hkv * nblocks), kvh = (item / nblocks) % Hkv, blk = item % nblocks;
+      const int64_t R0 = blk * qblock, R1 = std::min(n, R0 + qblock), rows = R1 - R0;
+      // the (query head of the group, row) pairs, as gi * rows + row - R0, bucketed by unit
+      // (counted, then placed): f(unit, pair) for every selected unit that holds a key at most the row
+      const auto each_pair = [&](auto&& f) {
+        for (int64_t gi = 0; gi < group; ++gi) {
+          const int32_t* sel = IDX + ((b * H + kvh * group + gi) * n + R0) * S;
+          for (int64_t i = 0; i < rows; ++i, sel += S)
+            for (int64_t s = 0; s < S; ++s) {
+              const int64_t u = sel[s];
+              if (u >= 0 && u < nunits && u * unit <= R0 + i) f(u, static_cast<int32_t>(gi * rows + i));
+            }
+        }
+      };
+      start.assign(nunits + 1, 0);
+      each_pair([&](int64_t u, int32_t) { ++start[u + 1]; });
+      for (int64_t u = 0; u < nunits; ++u) start[u + 1] += start[u];
+      pairs.resize(start[nunits]);
+      cursor.assign(start.begin(), start.end() - 1);
+      each_pair([&](int64_t u, int32_t pair) { pairs[cursor[u]++] = pair; });
+      for (int64_t u = 0; u < nunits; ++u) {
+        const int64_t c = start[u + 1] - start[u];
+        if (c == 0) continue;
+        const int64_t ulen = std::min(unit, n - u * unit);
+        const int64_t kvoff = ((b * Hkv + kvh) * n + u * unit) * d;
+        for (int64_t t = 0; t < (ulen + KT - 1) / KT + 1; ++t)
+          pack_tile(StridedRowsT<T>{K + kvoff + t * KT * d, d}, std::max<int64_t>(0, std::min<int64_t>(KT, ulen - t * KT)),
+                    d, kt.data() + t * d * KT);
+        qbuf.resize(c * d);
+        obuf.resize(c * d);
+        lbuf.resize(c);
+        lw.resize(c);
+        lo.assign(c, 0);
+        hi.resize(c);
+        const int32_t* pr = pairs.data() + start[u];
+        for (int64_t p = 0; p < c; ++p) {
+          const int64_t gi = pr[p] / rows, i = R0 + pr[p] % rows, row = (b * H + kvh * group + gi) * n + i;
+          std::copy(Q + row * d, Q + row * d + d, qbuf.data() + p * d);
+          std::copy(O + row * d, O + row * d + d, obuf.data() + p * d);
+          lbuf[p] = LS[row];
+          hi[p] = static_cast<int32_t>(std::min<int64_t>(ulen - 1, i - u * unit));
+        }
+        for (int64_t r0 = 0; r0 < c; r0 += RB)
+          forward_block(qbuf.data(), d, r0, c, ulen, lo.data(), hi.data(), kt.data(), 0,
+                        StridedRowsT<T>{V + kvoff, d}, sc, d, w, obuf.data(), d, lw.data(), lbuf.data(), 1);
+        for (int64_t p = 0; p < c; ++p) {
+          const int64_t gi = pr[p] / rows, i = R0 + pr[p] % rows, row = (b * H + kvh * group + gi) * n + i;
+          std::copy(obuf.data() + p * d, obuf.data() + p * d + d, O + row * d);
+          LS[row] = lbuf[p];
+        }
+      }
+    }
+  });
+  return {out, lse};
+}
+
+std::vector<torch::Tensor> unit_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+                                        int64_t unit, int64_t qblock, double scale) {
+  return by_dtype("unit_forward", q, {k, v}, [&](auto z) {
+    return unit_forward_t<decltype(z)>(q, k, v, index, unit, qblock, scale);
+  });
+}
+
+// Tokens (topk_keys): per-sequence key tables, the cache-blocked key-table kernels of the random
+// pattern (table_forward_blocked) with a table of its own per query head: idx (G, n, R) int32,
+// each row's keys ascending (-1 padding at the end, never read), bounds (G, n, chunks + 1) where
+// each row's keys of each chunk of key rows begin; query sequence g reads kv sequence g / group
+// (grouped-query attention). Returns out (G, n, d) and lse (G, n), fp32.
+template <class T>
+std::vector<torch::Tensor> table_forward_selected_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                                                    torch::Tensor bounds, int64_t group, double scale) {
+  const int64_t G = q.size(0), n = q.size(1), d = q.size(2), R = idx.size(2), nch = bounds.size(2) - 1;
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && idx.is_contiguous() &&
+                  bounds.is_contiguous() && idx.scalar_type() == torch::kInt32 && bounds.scalar_type() == torch::kInt32 &&
+                  idx.size(0) == G && idx.size(1) == n && bounds.size(0) == G && bounds.size(1) == n &&
+                  group >= 1 && k.size(0) * group == G,
+              "table_forward_selected: contiguous q (G, n, d), k, v (G / group, n, d), idx (G, n, R), bounds int32");
+  TORCH_CHECK(d == 32 || d == 64 || d == 128, "table_forward_selected: head_dim must be 32, 64 or 128");
+  const auto f32 = q.options().dtype(torch::kFloat32);
+  auto out = torch::empty({G, n, d}, f32);
+  auto lse = torch::empty({G, n}, f32);
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  const int32_t* I = idx.data_ptr<int32_t>();
+  const int32_t* Bd = bounds.data_ptr<int32_t>();
+  float* O = out.data_ptr<float>();
+  float* L = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t threads = at::get_num_threads();
+  const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>(n, (2 * threads + G - 1) / G));
+  const int64_t tile_rows = (n + tiles - 1) / tiles;
+  at::parallel_for(0, G * tiles, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> mx, sm, s;
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t g = item / tiles, i0 = (item % tiles) * tile_rows, i1 = std::min(n, i0 + tile_rows);
+      if (i0 >= i1) continue;
+      const T* Qg = Q + g * n * d;
+      const T* Kg = K + (g / group) * n * d;
+      const T* Vg = V + (g / group) * n * d;
+      const int32_t* Ig = I + g * n * R;
+      const int32_t* Bg = Bd + g * n * (nch + 1);
+      if (d == 32) table_blocked_item<2>(Qg, Kg, Vg, Ig, Bg, n, R, nch, 0, i0, i1, sc, O + g * n * d, d, L + g * n, mx, sm, s);
+      else if (d == 64) table_blocked_item<4>(Qg, Kg, Vg, Ig, Bg, n, R, nch, 0, i0, i1, sc, O + g * n * d, d, L + g * n, mx, sm, s);
+      else table_blocked_item<8>(Qg, Kg, Vg, Ig, Bg, n, R, nch, 0, i0, i1, sc, O + g * n * d, d, L + g * n, mx, sm, s);
+    }
+  });
+  return {out, lse};
+}
+
+// Backward of table_forward_selected: adds into dq (G, n, d) and dk, dv (G / group, n, d), fp32.
+// go, o: (G, n, d) fp32, lse: (G, n). One kv sequence per work item, its group's query heads one
+// after the other (their key gradients meet in the same rows: no locks).
+template <class T>
+void table_backward_selected_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                               torch::Tensor bounds, int64_t group, double scale, torch::Tensor go, torch::Tensor o,
+                               torch::Tensor lse, torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  const int64_t G = q.size(0), n = q.size(1), d = q.size(2), R = idx.size(2), nch = bounds.size(2) - 1;
+  TORCH_CHECK(go.scalar_type() == torch::kFloat32 && o.scalar_type() == torch::kFloat32 &&
+                  dq.scalar_type() == torch::kFloat32 && dk.scalar_type() == torch::kFloat32 &&
+                  dv.scalar_type() == torch::kFloat32 && go.is_contiguous() && o.is_contiguous() &&
+                  dq.is_contiguous() && dk.is_contiguous() && dv.is_contiguous() && k.size(0) * group == G,
+              "table_backward_selected: contiguous fp32 go, o and gradients");
+  TORCH_CHECK(d == 32 || d == 64 || d == 128, "table_backward_selected: head_dim must be 32, 64 or 128");
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  const int32_t* I = idx.data_ptr<int32_t>();
+  const int32_t* Bd = bounds.data_ptr<int32_t>();
+  const float* GO = go.data_ptr<float>();
+  const float* OO = o.data_ptr<float>();
+  const float* L = lse.data_ptr<float>();
+  float* DQ = dq.data_ptr<float>();
+  float* DK = dk.data_ptr<float>();
+  float* DV = dv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, G / group, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> Dr;
+    for (int64_t x = b; x < e; ++x) {
+      for (int64_t g = x * group; g < (x + 1) * group; ++g) {
+        const int64_t qo = g * n * d, ko = x * n * d;
+        const int32_t* Ig = I + g * n * R;
+        const int32_t* Bg = Bd + g * n * (nch + 1);
+        if (d == 32)
+          table_blocked_backward_item<2>(Q + qo, K + ko, V + ko, Ig, Bg, R, nch, 0, n, sc, GO + qo, OO + qo, L + g * n, DQ + qo, DK + ko, DV + ko, Dr);
+        else if (d == 64)
+          table_blocked_backward_item<4>(Q + qo, K + ko, V + ko, Ig, Bg, R, nch, 0, n, sc, GO + qo, OO + qo, L + g * n, DQ + qo, DK + ko, DV + ko, Dr);
+        else
+          table_blocked_backward_item<8>(Q + qo, K + ko, V + ko, Ig, Bg, R, nch, 0, n, sc, GO + qo, OO + qo, L + g * n, DQ + qo, DK + ko, DV + ko, Dr);
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> table_forward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                                                  torch::Tensor bounds, int64_t group, double scale) {
+  return by_dtype("table_forward_selected", q, {k, v}, [&](auto z) {
+    return table_forward_selected_t<decltype(z)>(q, k, v, idx, bounds, group, scale);
+  });
+}
+
+void table_backward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, torch::Tensor bounds,
+                             int64_t group, double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                             torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  by_dtype("table_backward_selected", q, {k, v}, [&](auto z) {
+    table_backward_selected_t<decltype(z)>(q, k, v, idx, bounds, group, scale, go, o, lse, dq, dk, dv);
+  });
+}
+
 bool has_window() { return true; }
 #else
 std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
@@ -1151,6 +1363,21 @@ void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
                             torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
   TORCH_CHECK(false, "table_backward_blocked needs AVX-512");
 }
+std::vector<torch::Tensor> unit_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+                                        int64_t unit, int64_t qblock, double scale) {
+  TORCH_CHECK(false, "unit_forward needs AVX-512");
+  return {};
+}
+std::vector<torch::Tensor> table_forward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                                                  torch::Tensor bounds, int64_t group, double scale) {
+  TORCH_CHECK(false, "table_forward_selected needs AVX-512");
+  return {};
+}
+void table_backward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, torch::Tensor bounds,
+                             int64_t group, double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                             torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  TORCH_CHECK(false, "table_backward_selected needs AVX-512");
+}
 bool has_window() { return false; }
 #endif
 
@@ -1166,5 +1393,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("table_backward", torch::wrap_pybind_function(table_backward), "table_backward");
   m.def("table_forward_blocked", torch::wrap_pybind_function(table_forward_blocked), "table_forward_blocked");
   m.def("table_backward_blocked", torch::wrap_pybind_function(table_backward_blocked), "table_backward_blocked");
+  m.def("unit_forward", torch::wrap_pybind_function(unit_forward), "unit_forward");
+  m.def("table_forward_selected", torch::wrap_pybind_function(table_forward_selected), "table_forward_selected");
+  m.def("table_backward_selected", torch::wrap_pybind_function(table_backward_selected), "table_backward_selected");
   m.def("cache_cpu_allocations", torch::wrap_pybind_function(cache_cpu_allocations), "cache_cpu_allocations");
 }
