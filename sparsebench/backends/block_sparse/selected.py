@@ -27,14 +27,11 @@ import math
 import torch
 
 from sparsebench.backends.block_sparse import native as _native
+from sparsebench.backends.block_sparse.plan import KEY_CHUNK_BYTES
 
 # Query rows per work item of the unit kernel (a multiple of the unit): the key units chosen by
 # any of its rows are packed once per item, so more rows share each packing.
-UNIT_QUERY_ROWS = 512
-# Keys per chunk of the blocked key-table kernel (K and V rows of ~1 MiB in fp32 stay in L2), as
-# plan.py's KEY_CHUNK_BYTES; and rows per piece when the chunk bounds are searched.
-KEY_CHUNK_BYTES = 1 << 20
-BOUNDS_ROWS = 4096
+UNIT_QUERY_ROWS = 2048
 # Head sizes the native kernels take (the key-table kernels are unrolled for these).
 HEAD_DIMS = (32, 64, 128)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -97,25 +94,16 @@ def attend_units(selection, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def key_chunk(head_dim: int) -> int:
-    """Keys per chunk of the blocked key-table kernel."""
+    """Keys per chunk of the blocked key-table kernel: K and V rows of ~1 MiB in fp32, which stay
+    in L2 while every query takes its keys from them (as plan.py's key tables)."""
     return max(64, KEY_CHUNK_BYTES // (2 * 4 * head_dim))
 
 
 def chunk_bounds(index: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
     """(G, n, chunks + 1) int32: where each row's keys (ascending, -1 padding at the end) of
-    each chunk of ``chunk`` key rows begin; the last bound is the row's number of keys. Searched
-    a piece of rows at a time (padding read as n, past every chunk), no copy of the whole table."""
-    G, rows, R = index.shape
-    edges = torch.arange(0, n + chunk, chunk, dtype=torch.int32).clamp(max=n)
-    out = torch.empty(G, rows, edges.numel(), dtype=torch.int32)
-    for g in range(G):
-        for r0 in range(0, rows, BOUNDS_ROWS):
-            part = index[g, r0 : r0 + BOUNDS_ROWS]
-            part = torch.where(part >= 0, part, n)
-            out[g, r0 : r0 + BOUNDS_ROWS] = torch.searchsorted(part, edges.expand(part.shape[0], -1).contiguous()).to(
-                torch.int32
-            )
-    return out
+    each chunk of ``chunk`` key rows begin; the last bound is the row's number of keys (native:
+    a few binary searches per row)."""
+    return _native.kernel().table_bounds(index, n, chunk)
 
 
 class _Tables(torch.autograd.Function):

@@ -3,6 +3,7 @@
 // use and caches the build). The module's functions are bound at the end of this file.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -133,6 +134,31 @@ void table_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Te
       }
     }
   });
+}
+
+// Chunk bounds of per-sequence key tables (table_forward_selected's input): idx (G, n, R) int32,
+// each row's keys ascending then -1 padding; returns (G, n, chunks + 1) int32, where each row's
+// keys of chunk c (keys c * chunk .. (c + 1) * chunk - 1, chunks = ceil(keys / chunk)) begin, the
+// last entry the row's number of keys. Binary searches per row: a few hundred steps, not R.
+torch::Tensor table_bounds(torch::Tensor idx, int64_t keys, int64_t chunk) {
+  TORCH_CHECK(idx.dim() == 3 && idx.is_contiguous() && idx.scalar_type() == torch::kInt32 && chunk >= 1,
+              "table_bounds: idx (G, n, R) contiguous int32");
+  const int64_t G = idx.size(0), n = idx.size(1), R = idx.size(2), nch = (keys + chunk - 1) / chunk;
+  auto out = torch::empty({G, n, nch + 1}, idx.options());
+  const int32_t* I = idx.data_ptr<int32_t>();
+  int32_t* O = out.data_ptr<int32_t>();
+  at::parallel_for(0, G * n, 1024, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int32_t* row = I + r * R;
+      // valid keys: the prefix before the first -1 (non-negative, then negative: monotone)
+      const int32_t* end = std::partition_point(row, row + R, [](int32_t x) { return x >= 0; });
+      int32_t* o = O + r * (nch + 1);
+      for (int64_t c = 0; c < nch; ++c)
+        o[c] = static_cast<int32_t>(std::lower_bound(row, end, static_cast<int32_t>(std::min(keys, c * chunk))) - row);
+      o[nch] = static_cast<int32_t>(end - row);
+    }
+  });
+  return out;
 }
 
 #if defined(__AVX512F__)
@@ -1393,6 +1419,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("table_backward", torch::wrap_pybind_function(table_backward), "table_backward");
   m.def("table_forward_blocked", torch::wrap_pybind_function(table_forward_blocked), "table_forward_blocked");
   m.def("table_backward_blocked", torch::wrap_pybind_function(table_backward_blocked), "table_backward_blocked");
+  m.def("table_bounds", torch::wrap_pybind_function(table_bounds), "table_bounds");
   m.def("unit_forward", torch::wrap_pybind_function(unit_forward), "unit_forward");
   m.def("table_forward_selected", torch::wrap_pybind_function(table_forward_selected), "table_forward_selected");
   m.def("table_backward_selected", torch::wrap_pybind_function(table_backward_selected), "table_backward_selected");

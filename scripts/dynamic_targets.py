@@ -1,0 +1,216 @@
+"""Issue 21's CPU targets for block_sparse on content-selected patterns, as ratios measured in one
+process: dense SDPA (is_causal) against selection + kernel for moba (chunk 512, topk 4), quest
+(page 64, budget 2048) and topk_keys (2048 keys, index_dim 32), fp32, batch 1, 8 heads of 64.
+
+    speedup = dense median / (selection + kernel) median; ideal = causal dense nnz / selection nnz;
+    efficiency = speedup / ideal; select share = selection median / (selection + kernel) median.
+
+The selections are the patterns' own (``pattern.select``) where sparsebench has them, else this
+script's stand-ins: simple, correct selections by the issue's definitions (moba's gate, quest's
+bound, topk_keys' seeded projection), made blockwise over queries so that no n x n tensor
+exists. Also moba's time exponent over n (selection included) and topk_keys'.
+
+    PYTHONPATH=. python scripts/dynamic_targets.py [--n 32768] [--exponent 8192,16384,32768,65536,131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sparsebench.backends.block_sparse import selected as _selected
+
+BLOCK_ROWS = 512  # query rows per block of a stand-in selection
+
+
+@dataclass(frozen=True)
+class Sel:
+    n: int
+    unit: int
+    index: torch.Tensor
+
+
+def _with_own(chosen: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Chosen unit ids (-1: none; all before the row's own unit) ascending, then the own unit,
+    then the -1 padding (int32)."""
+    big = torch.iinfo(torch.int64).max
+    chosen = torch.where(chosen >= 0, chosen, big).sort(-1).values
+    ids = torch.cat([chosen, own.expand(*chosen.shape[:-1], 1)], -1)
+    missing = (chosen == big).sum(-1, keepdim=True)  # move the own unit before the padding
+    slot = torch.arange(ids.shape[-1])
+    place = torch.where(
+        slot < ids.shape[-1] - 1 - missing, slot, torch.where(slot == ids.shape[-1] - 1, slot - missing, slot + 1)
+    )
+    out = torch.empty_like(ids).scatter_(-1, place.expand_as(ids), ids)
+    return torch.where(out == big, -1, out).to(torch.int32)
+
+
+def _unit_select(scores: torch.Tensor, unit: int, slots: int) -> Sel:
+    """Own unit plus the slots - 1 best earlier units by ``scores`` (B, H, n, units)."""
+    n, units = scores.shape[-2:]
+    own = torch.arange(n) // unit
+    take = min(slots, units) - 1
+    if take == 0:
+        return Sel(n, unit, own.expand(*scores.shape[:2], n)[..., None].to(torch.int32).contiguous())
+    scores.masked_fill_(torch.arange(units)[None, :] >= own[:, None], float("-inf"))
+    top = scores.topk(take, dim=-1)
+    chosen = torch.where(torch.isfinite(top.values), top.indices, -1)
+    return Sel(n, unit, _with_own(chosen, own[:, None]))
+
+
+def moba_select(q, k, chunk: int, topk: int) -> Sel:
+    """The gate q . mean(K over the chunk), n x n / chunk scores (no n x n)."""
+    B, H, n, d = q.shape
+    units = math.ceil(n / chunk)
+    means = torch.stack([k[:, :, u * chunk : (u + 1) * chunk].float().mean(2) for u in range(units)], 2)
+    means = means.repeat_interleave(H // k.shape[1], 1)
+    return _unit_select(q.float() @ means.transpose(-1, -2), chunk, topk)
+
+
+def quest_select(q, k, page: int, budget: int) -> Sel:
+    """The bound sum_d max(q_d min_d, q_d max_d) over each page's min and max keys, as two
+    products (max_d where q_d > 0, min_d where q_d < 0), n x n / page scores."""
+    B, H, n, d = q.shape
+    units = math.ceil(n / page)
+    kf = k.float().repeat_interleave(H // k.shape[1], 1)
+    lo = torch.stack([kf[:, :, u * page : (u + 1) * page].amin(2) for u in range(units)], 2)
+    hi = torch.stack([kf[:, :, u * page : (u + 1) * page].amax(2) for u in range(units)], 2)
+    qf = q.float()
+    bound = qf.clamp(min=0) @ hi.transpose(-1, -2) + qf.clamp(max=0) @ lo.transpose(-1, -2)
+    return _unit_select(bound, page, max(1, budget // page))
+
+
+def topk_select(q, k, keys: int, index_dim: int = 32, seed: int = 0) -> Sel:
+    B, H, n, d = q.shape
+    proj = torch.randn(d, index_dim, generator=torch.Generator().manual_seed(seed))
+    qi = q.float() @ proj
+    ki = (k.float() @ proj).repeat_interleave(H // k.shape[1], 1)
+    index = torch.empty(B, H, n, min(keys, n - 1) + 1, dtype=torch.int32)
+    for r0 in range(0, n, BLOCK_ROWS):
+        r1 = min(n, r0 + BLOCK_ROWS)
+        i = torch.arange(r0, r1)
+        s = qi[:, :, r0:r1] @ ki[:, :, :r1].transpose(-1, -2)
+        s = s.masked_fill(torch.arange(r1)[None, :] >= i[:, None], float("-inf"))
+        top = s.topk(min(keys, r1 - 1) if r1 > 1 else 0, dim=-1)
+        chosen = torch.where(torch.isfinite(top.values), top.indices, -1)
+        pad = index.shape[-1] - 1 - chosen.shape[-1]
+        if pad:
+            chosen = F.pad(chosen, (0, pad), value=-1)
+        index[:, :, r0:r1] = _with_own(chosen, i[:, None])
+    return Sel(n, 1, index)
+
+
+def nnz(sel) -> int:
+    """Allowed pairs of a selection (all heads), counted per unit without a mask, by rows."""
+    total = 0
+    for r0 in range(0, sel.n, BLOCK_ROWS):
+        idx = sel.index[:, :, r0 : r0 + BLOCK_ROWS].long()
+        i = torch.arange(r0, r0 + idx.shape[2])[:, None]
+        ulen = torch.clamp(sel.n - idx * sel.unit, max=sel.unit)
+        seen = torch.clamp(i - idx * sel.unit + 1, min=0)
+        total += int(torch.where(idx >= 0, torch.minimum(ulen, seen), 0).sum())
+    return total
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def selector(name: str, params: dict):
+    """The pattern's own selection where sparsebench has it, else this script's stand-in."""
+    from sparsebench.patterns.base import PATTERNS
+
+    try:
+        pattern = PATTERNS.get(name).from_params(params)
+        return pattern.select, "sparsebench"
+    except Exception:  # noqa: BLE001 - not registered yet: the stand-in
+        own = {"moba": moba_select, "quest": quest_select, "topk_keys": topk_select}[name]
+        return (lambda q, k: own(q, k, *params.values())), "stand-in"
+
+
+CASES = {
+    "moba": {"chunk": 512, "topk": 4},
+    "quest": {"page_size": 64, "token_budget": 2048},
+    "topk_keys": {"keys": 2048, "index_dim": 32},
+}
+
+
+def inputs(n: int, heads: int = 8, d: int = 64):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, heads, n, d, generator=g) for _ in range(3)]
+
+
+def one(name: str, n: int, repeats: int, dense: float | None = None) -> dict:
+    q, k, v = inputs(n)
+    select, source = selector(name, CASES[name])
+    with torch.no_grad():
+        if dense is None:
+            dense = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
+        sel = select(q, k)
+        ideal = 8 * n * (n + 1) / 2 / nnz(sel)
+        t_select = median_time(lambda: select(q, k), repeats)
+        t_kernel = median_time(lambda: _selected.attend(sel, q, k, v), repeats)
+        t_call = median_time(lambda: _selected.attend(select(q, k), q, k, v), repeats)
+    speedup = dense / t_call
+    return dict(
+        pattern=name, n=n, source=source, dense_s=dense, select_s=t_select, kernel_s=t_kernel, call_s=t_call,
+        speedup=speedup, ideal=ideal, efficiency=speedup / ideal, select_share=t_select / t_call,
+    )  # fmt: skip
+
+
+def exponent(name: str, sizes: list[int], repeats: int) -> float:
+    times = []
+    for n in sizes:
+        q, k, v = inputs(n)
+        select, _ = selector(name, CASES[name])
+        with torch.no_grad():
+            times.append(median_time(lambda: _selected.attend(select(q, k), q, k, v), repeats))
+        print(f"  {name} n={n}: {times[-1]:.3f} s (selection + kernel)", flush=True)
+    x = [math.log(n) for n in sizes]
+    y = [math.log(t) for t in times]
+    mx, my = statistics.mean(x), statistics.mean(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=32768)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--patterns", default="moba,quest,topk_keys")
+    ap.add_argument("--exponent", default="8192,16384,32768,65536,131072", help="moba's sizes ('' to skip)")
+    ap.add_argument("--topk-exponent", default="8192,16384,32768", help="topk_keys' sizes ('' to skip)")
+    args = ap.parse_args()
+    why = _selected.native_missing()
+    if why:
+        raise SystemExit(why)
+    print(f"threads {torch.get_num_threads()}, fp32, batch 1, 8 heads, head_dim 64, causal", flush=True)
+    dense = None
+    for name in args.patterns.split(","):
+        r = one(name, args.n, args.repeats, dense)
+        dense = r["dense_s"]
+        print(
+            f"{name} n={r['n']} ({r['source']} selection): dense {r['dense_s']:.3f} s, call {r['call_s']:.3f} s "
+            f"(select {r['select_s']:.3f} s, kernel {r['kernel_s']:.3f} s); speedup {r['speedup']:.2f}, ideal "
+            f"{r['ideal']:.2f}, efficiency {r['efficiency']:.2f}, select share {r['select_share']:.2f}",
+            flush=True,
+        )
+    for name, sizes in (("moba", args.exponent), ("topk_keys", args.topk_exponent)):
+        if sizes:
+            ns = [int(s) for s in sizes.split(",")]
+            print(f"{name} time exponent {ns[0]}..{ns[-1]}: {exponent(name, ns, args.repeats):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
