@@ -87,23 +87,10 @@ def quest_select(q, k, page: int, budget: int) -> Sel:
 
 
 def topk_select(q, k, keys: int, index_dim: int = 32, seed: int = 0) -> Sel:
-    B, H, n, d = q.shape
-    proj = torch.randn(d, index_dim, generator=torch.Generator().manual_seed(seed))
-    qi = q.float() @ proj
-    ki = (k.float() @ proj).repeat_interleave(H // k.shape[1], 1)
-    index = torch.empty(B, H, n, min(keys, n - 1) + 1, dtype=torch.int32)
-    for r0 in range(0, n, BLOCK_ROWS):
-        r1 = min(n, r0 + BLOCK_ROWS)
-        i = torch.arange(r0, r1)
-        s = qi[:, :, r0:r1] @ ki[:, :, :r1].transpose(-1, -2)
-        s = s.masked_fill(torch.arange(r1)[None, :] >= i[:, None], float("-inf"))
-        top = s.topk(min(keys, r1 - 1) if r1 > 1 else 0, dim=-1)
-        chosen = torch.where(torch.isfinite(top.values), top.indices, -1)
-        pad = index.shape[-1] - 1 - chosen.shape[-1]
-        if pad:
-            chosen = F.pad(chosen, (0, pad), value=-1)
-        index[:, :, r0:r1] = _with_own(chosen, i[:, None])
-    return Sel(n, 1, index)
+    """Itself plus the ``keys`` earlier keys with the highest indexer score: q and k projected by
+    one seeded Gaussian projection, the blockwise native selection (selected.select_top_keys)."""
+    proj = torch.randn(q.shape[-1], index_dim, generator=torch.Generator().manual_seed(seed))
+    return Sel(q.shape[2], 1, _selected.select_top_keys(q.float() @ proj, k.float() @ proj, keys))
 
 
 def nnz(sel) -> int:

@@ -288,3 +288,45 @@ def test_measured_peak_has_no_n_by_n():
     if pm.peak_bytes is None:
         pytest.skip("peak memory is not measurable here")
     assert pm.peak_bytes <= out_bytes + n * 4 * 4 + 48 * 2**20
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_native_token_selection_is_topk(kv_heads):
+    """select_top_keys keeps, per query head and row, its earlier keys with the highest indexer
+    scores: no kept key scores below a dropped one (up to rounding: the native products sum in
+    another order than torch's), as many as asked (all earlier ones when fewer), then itself."""
+    _native_or_skip()
+    n = 300
+    q, k, _ = qkv(n, kv_heads=kv_heads)
+    proj = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    qi, ki = q @ proj, k @ proj
+    scores = qi @ ki.repeat_interleave(4 // kv_heads, 1).transpose(-1, -2)
+    i = torch.arange(n)
+    for keys in (24, 150, 400):
+        got = _selected.select_top_keys(qi, ki, keys)
+        kept = min(keys, n - 1)
+        assert got.shape == (2, 4, n, kept + 1)
+        want = topk_select(q, k, keys).index  # torch.topk of the same scores
+        assert (got == want).float().mean().item() > 0.999
+        sel = Sel(n, 1, got).mask() & (i[None, :] < i[:, None])  # earlier keys kept
+        earlier = i[None, :] < i[:, None]
+        assert torch.equal(sel.sum(-1), torch.clamp(i, max=kept).expand(2, 4, n))
+        low = scores.masked_fill(~sel, float("inf")).amin(-1)
+        high = scores.masked_fill(sel | ~earlier, float("-inf")).amax(-1)
+        assert bool((high <= low + 1e-5).all())
+        assert bool(Sel(n, 1, got).mask().diagonal(dim1=-2, dim2=-1).all())  # and itself
+
+
+def test_token_selection_ties_go_to_the_earlier_key():
+    """Equal scores: the earlier keys first, in short rows and in long ones (where the sampled
+    threshold and the exact one coincide)."""
+    _native_or_skip()
+    n, e = 5000, 16
+    qi = torch.zeros(1, 1, n, e)
+    qi[0, 0, :, 0] = 1.0
+    ki = torch.zeros(1, 1, n, e)
+    ki[0, 0, 30, 0] = 1.0
+    ki[0, 0, 4000:4010, 0] = 2.0
+    got = _selected.select_top_keys(qi, ki, 20)[0, 0]
+    assert got[39].tolist() == list(range(19)) + [30, 39]
+    assert got[4999].tolist() == list(range(9)) + [30] + list(range(4000, 4010)) + [4999]

@@ -106,6 +106,19 @@ def chunk_bounds(index: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
     return _native.kernel().table_bounds(index, n, chunk)
 
 
+def select_top_keys(qi: torch.Tensor, ki: torch.Tensor, keys: int) -> torch.Tensor:
+    """topk_keys' selection from its indexer's projections, without a score matrix: qi (B, H, n,
+    e) and ki (B, H_kv, n, e) (query head h reads ki's head h // (H / H_kv); e a multiple of 16);
+    per query head and row i, its earlier keys j < i with the ``keys`` highest scores qi_i . ki_j
+    (all of them when there are fewer; of equal scores the earlier key first), then i itself:
+    (B, H, n, min(keys, n - 1) + 1) int32, ascending, -1 padding. Native: the scores of 8 rows at
+    a time in registers against ki packed in tiles, a sampled threshold and one pass over each
+    row's scores in cache. For topk_keys' ``select`` (so that a kernel fusing selection and
+    attention per block of queries makes the same selection: the same fp32 operations per row)."""
+    keys = max(1, min(keys, qi.shape[2] - 1))
+    return _native.kernel().select_top_keys(qi.float().contiguous(), ki.float().contiguous(), keys)
+
+
 class _Tables(torch.autograd.Function):
     """Per-token key tables (topk_keys): forward and backward on the native blocked kernels."""
 

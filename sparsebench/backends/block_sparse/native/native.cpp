@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <utility>
@@ -1358,6 +1359,107 @@ void table_backward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   });
 }
 
+// Token selection (topk_keys' indexer). One row: s[0 .. cnt - 1] the scores of its earlier keys;
+// o gets all of them when there are at most `keys`, else the `keys` with the highest score (of
+// equal scores the earlier key first), then the row itself (i), ascending, -1 padding to keys + 1.
+// A sample of the row (16 runs of 16 scores) gives a threshold a little below the keys-th score;
+// one vectorised pass keeps the scores at or above it, in key order, and the exact keys-th score
+// is found among those few (nth_element): a pass over the row, not a sort.
+struct RowSelect {
+  std::vector<float> val, sample, tmp;
+  std::vector<int32_t> pos;
+  void operator()(const float* s, int64_t cnt, int64_t keys, int64_t i, int32_t* o) {
+    int64_t w = 0;
+    if (cnt <= keys) {
+      for (int64_t j = 0; j < cnt; ++j) o[w++] = static_cast<int32_t>(j);
+    } else {
+      constexpr int64_t RUNS = 16, RUN = 16;
+      sample.clear();
+      for (int64_t r = 0; r < RUNS; ++r) {
+        const int64_t j0 = r * (cnt - RUN) / (RUNS - 1);
+        sample.insert(sample.end(), s + j0, s + std::min(cnt, j0 + RUN));
+      }
+      const int64_t ns = static_cast<int64_t>(sample.size());
+      const double p = static_cast<double>(keys) / cnt;  // the share to keep; the rank with a margin
+      const int64_t rank = std::min<int64_t>(ns - 1, static_cast<int64_t>(p * ns + 4 * std::sqrt(p * ns) + 16));
+      std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
+      float lo = sample[rank];
+      int64_t c = 0;
+      for (int attempt = 0; attempt < 2; ++attempt) {
+        val.resize(cnt + 16);
+        pos.resize(cnt + 16);
+        c = 0;
+        const __m512 lv = _mm512_set1_ps(lo);
+        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        int64_t j = 0;
+        for (; j + 16 <= cnt; j += 16) {
+          const __m512 x = _mm512_loadu_ps(s + j);
+          const __mmask16 keep = _mm512_cmp_ps_mask(x, lv, _CMP_GE_OQ);
+          _mm512_mask_compressstoreu_ps(val.data() + c, keep, x);
+          _mm512_mask_compressstoreu_epi32(pos.data() + c, keep, _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(j))));
+          c += __builtin_popcount(keep);
+        }
+        for (; j < cnt; ++j)
+          if (s[j] >= lo) { val[c] = s[j]; pos[c] = static_cast<int32_t>(j); ++c; }
+        if (c >= keys) break;
+        lo = -std::numeric_limits<float>::infinity();  // the sample misled (rare): every score
+      }
+      tmp.assign(val.begin(), val.begin() + c);
+      std::nth_element(tmp.begin(), tmp.begin() + (keys - 1), tmp.end(), std::greater<float>());
+      const float thr = tmp[keys - 1];
+      int64_t above = 0;
+      for (int64_t u = 0; u < c; ++u) above += val[u] > thr;
+      int64_t equal = keys - above;  // of the scores equal to thr, the earliest this many
+      for (int64_t u = 0; u < c; ++u)
+        if (val[u] > thr || (val[u] == thr && equal-- > 0)) o[w++] = pos[u];
+    }
+    o[w++] = static_cast<int32_t>(i);
+    for (; w < keys + 1; ++w) o[w] = -1;
+  }
+};
+
+// topk_keys' selection from its indexer's projections: qi (B, H, n, e), ki (B, Hkv, n, e) fp32
+// (query head h reads ki's head h / (H / Hkv)), e a multiple of 16; (B, H, n, keys + 1) int32 as
+// RowSelect makes them. The scores of 8 query rows are computed against ki packed in 32-key tiles
+// (register blocks, as the attention kernels), into a per-thread buffer that stays in cache, and
+// selected from there: no score matrix in memory.
+torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) {
+  TORCH_CHECK(qi.dim() == 4 && ki.dim() == 4 && qi.is_contiguous() && ki.is_contiguous() &&
+                  qi.scalar_type() == torch::kFloat32 && ki.scalar_type() == torch::kFloat32 && keys >= 1 &&
+                  qi.size(3) % 16 == 0 && ki.size(3) == qi.size(3) && ki.size(2) == qi.size(2) &&
+                  ki.size(1) > 0 && qi.size(1) % ki.size(1) == 0,
+              "select_top_keys: contiguous fp32 qi (B, H, n, e), ki (B, Hkv, n, e), e a multiple of 16, keys >= 1");
+  const int64_t B = qi.size(0), H = qi.size(1), n = qi.size(2), e = qi.size(3), Hkv = ki.size(1);
+  const int64_t group = H / Hkv, ntiles = (n + KT - 1) / KT;
+  auto out = torch::empty({B, H, n, keys + 1}, qi.options().dtype(torch::kInt32));
+  const float* QI = qi.data_ptr<float>();
+  const float* KI = ki.data_ptr<float>();
+  int32_t* O = out.data_ptr<int32_t>();
+  std::vector<float> packed(B * Hkv * ntiles * e * KT);  // ki in tiles, per kv sequence
+  at::parallel_for(0, B * Hkv * ntiles, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = b0; t < b1; ++t) {
+      const int64_t x = t / ntiles, tile = t % ntiles;
+      pack_tile(StridedRows{KI + (x * n + tile * KT) * e, e}, std::min<int64_t>(KT, n - tile * KT), e,
+                packed.data() + t * e * KT);
+    }
+  });
+  // rows of the score buffer a little more than a power of two apart (else they share cache sets)
+  const int64_t blocks = (n + RB - 1) / RB, lds = ntiles * KT + 48;
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> sbuf(RB * lds), qbuf(RB * e, 0.f);
+    RowSelect select;
+    for (int64_t item = b0; item < b1; ++item) {
+      const int64_t g = item / blocks, i0 = (item % blocks) * RB, rb = std::min<int64_t>(RB, n - i0);
+      const int64_t x = (g / H) * Hkv + (g % H) / group;
+      for (int64_t r = 0; r < rb; ++r) std::copy(QI + (g * n + i0 + r) * e, QI + (g * n + i0 + r + 1) * e, qbuf.data() + r * e);
+      const int64_t last = i0 + rb - 1;  // the block's last row sees keys before it
+      for (int64_t t = 0; t * KT < last; ++t) qk_tile(qbuf.data(), packed.data() + (x * ntiles + t) * e * KT, e, sbuf.data() + t * KT, lds);
+      for (int64_t r = 0; r < rb; ++r) select(sbuf.data() + r * lds, i0 + r, keys, i0 + r, O + (g * n + i0 + r) * (keys + 1));
+    }
+  });
+  return out;
+}
+
 bool has_window() { return true; }
 #else
 std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
@@ -1404,6 +1506,10 @@ void table_backward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
                              torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
   TORCH_CHECK(false, "table_backward_selected needs AVX-512");
 }
+torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) {
+  TORCH_CHECK(false, "select_top_keys needs AVX-512");
+  return {};
+}
 bool has_window() { return false; }
 #endif
 
@@ -1420,6 +1526,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("table_forward_blocked", torch::wrap_pybind_function(table_forward_blocked), "table_forward_blocked");
   m.def("table_backward_blocked", torch::wrap_pybind_function(table_backward_blocked), "table_backward_blocked");
   m.def("table_bounds", torch::wrap_pybind_function(table_bounds), "table_bounds");
+  m.def("select_top_keys", torch::wrap_pybind_function(select_top_keys), "select_top_keys");
   m.def("unit_forward", torch::wrap_pybind_function(unit_forward), "unit_forward");
   m.def("table_forward_selected", torch::wrap_pybind_function(table_forward_selected), "table_forward_selected");
   m.def("table_backward_selected", torch::wrap_pybind_function(table_backward_selected), "table_backward_selected");
