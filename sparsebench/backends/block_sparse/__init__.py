@@ -22,6 +22,12 @@ The package, one job per module:
   block over its tiles, bit masks for partial tiles, FlashAttention-2 backward; residue bands
   (strided columns) run as parts of their own on the sequence reordered by residue class.
 
+* ``selected.py``: content-selected patterns (moba, quest, topk_keys: keys chosen from q and k
+  by each call) on the CPU's native kernels, the pattern's selection inside the timed call:
+  units of keys (chunks, pages) MoBA's way (each unit attends the query rows that chose it, one
+  dense block, merged through the log-sum-exps; forward only), single keys as per-head key
+  tables (forward and backward). On CUDA they are unsupported (the CPU kernels only).
+
 The rest of sparsebench uses only this module's names: the backend, ``attention_fn``, and the
 native module's state, warm-up and caching CPU allocator (at the end).
 """
