@@ -3,7 +3,8 @@ process: dense SDPA (is_causal) against selection + kernel for moba (chunk 512, 
 (page 64, budget 2048) and topk_keys (2048 keys, index_dim 32), fp32, batch 1, 8 heads of 64.
 
     speedup = dense median / (selection + kernel) median; ideal = causal dense nnz / selection nnz;
-    efficiency = speedup / ideal; select share = selection median / (selection + kernel) median.
+    efficiency = speedup / ideal; select share = selection median / (selection + kernel) median;
+    each by wall-clock time and by the process's CPU time (see ``median_time``).
 
 The selections are the patterns' own (``pattern.select``) where sparsebench has them, else this
 script's stand-ins: simple, correct selections by the issue's definitions (moba's gate, quest's
@@ -105,14 +106,18 @@ def nnz(sel) -> int:
     return total
 
 
-def median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> tuple[float, float]:
+    """Medians of the wall-clock time and of this process's CPU time (all its threads) of a call,
+    after one untimed call. On a machine that others share, CPU-time ratios stay near what a
+    quiet machine's wall-clock ratios read (both sides use every core); wall-clock ones do not."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def selector(name: str, params: dict):
@@ -139,7 +144,8 @@ def inputs(n: int, heads: int = 8, d: int = 64):
     return [torch.randn(1, heads, n, d, generator=g) for _ in range(3)]
 
 
-def one(name: str, n: int, repeats: int, dense: float | None = None) -> dict:
+def one(name: str, n: int, repeats: int, dense: tuple[float, float] | None = None) -> dict:
+    """Ratios of one pattern at n, by wall-clock time and by CPU time."""
     q, k, v = inputs(n)
     select, source = selector(name, CASES[name])
     with torch.no_grad():
@@ -150,25 +156,35 @@ def one(name: str, n: int, repeats: int, dense: float | None = None) -> dict:
         t_select = median_time(lambda: select(q, k), repeats)
         t_kernel = median_time(lambda: _selected.attend(sel, q, k, v), repeats)
         t_call = median_time(lambda: _selected.attend(select(q, k), q, k, v), repeats)
-    speedup = dense / t_call
-    return dict(
-        pattern=name, n=n, source=source, dense_s=dense, select_s=t_select, kernel_s=t_kernel, call_s=t_call,
-        speedup=speedup, ideal=ideal, efficiency=speedup / ideal, select_share=t_select / t_call,
-    )  # fmt: skip
+    out = dict(pattern=name, n=n, source=source, ideal=ideal, dense=dense)
+    for clock, at in (("wall", 0), ("cpu", 1)):
+        speedup = dense[at] / t_call[at]
+        out[clock] = dict(
+            dense_s=dense[at], select_s=t_select[at], kernel_s=t_kernel[at], call_s=t_call[at], speedup=speedup,
+            efficiency=speedup / ideal, select_share=t_select[at] / t_call[at],
+        )  # fmt: skip
+    return out
 
 
-def exponent(name: str, sizes: list[int], repeats: int) -> float:
-    times = []
+def exponent(name: str, sizes: list[int], repeats: int) -> dict[str, float]:
+    """Least-squares slope of log(time) on log(n), selection included, by each clock."""
+    times: dict[str, list[float]] = {"wall": [], "cpu": []}
     for n in sizes:
         q, k, v = inputs(n)
         select, _ = selector(name, CASES[name])
         with torch.no_grad():
-            times.append(median_time(lambda: _selected.attend(select(q, k), q, k, v), repeats))
-        print(f"  {name} n={n}: {times[-1]:.3f} s (selection + kernel)", flush=True)
+            wall, cpu = median_time(lambda: _selected.attend(select(q, k), q, k, v), repeats)
+        times["wall"].append(wall)
+        times["cpu"].append(cpu)
+        print(f"  {name} n={n}: {wall:.3f} s wall, {cpu:.3f} s CPU (selection + kernel)", flush=True)
     x = [math.log(n) for n in sizes]
-    y = [math.log(t) for t in times]
-    mx, my = statistics.mean(x), statistics.mean(y)
-    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+    mx = statistics.mean(x)
+    slopes = {}
+    for clock, ts in times.items():
+        y = [math.log(t) for t in ts]
+        my = statistics.mean(y)
+        slopes[clock] = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+    return slopes
 
 
 def main() -> None:
@@ -184,19 +200,23 @@ def main() -> None:
         raise SystemExit(why)
     print(f"threads {torch.get_num_threads()}, fp32, batch 1, 8 heads, head_dim 64, causal", flush=True)
     dense = None
-    for name in args.patterns.split(","):
+    for name in filter(None, args.patterns.split(",")):
         r = one(name, args.n, args.repeats, dense)
-        dense = r["dense_s"]
-        print(
-            f"{name} n={r['n']} ({r['source']} selection): dense {r['dense_s']:.3f} s, call {r['call_s']:.3f} s "
-            f"(select {r['select_s']:.3f} s, kernel {r['kernel_s']:.3f} s); speedup {r['speedup']:.2f}, ideal "
-            f"{r['ideal']:.2f}, efficiency {r['efficiency']:.2f}, select share {r['select_share']:.2f}",
-            flush=True,
-        )
+        dense = r["dense"]
+        for clock in ("wall", "cpu"):
+            c = r[clock]
+            print(
+                f"{name} n={r['n']} ({r['source']} selection), {clock}: dense {c['dense_s']:.3f} s, call "
+                f"{c['call_s']:.3f} s (select {c['select_s']:.3f} s, kernel {c['kernel_s']:.3f} s); speedup "
+                f"{c['speedup']:.2f}, ideal {r['ideal']:.2f}, efficiency {c['efficiency']:.2f}, select share "
+                f"{c['select_share']:.2f}",
+                flush=True,
+            )
     for name, sizes in (("moba", args.exponent), ("topk_keys", args.topk_exponent)):
         if sizes:
             ns = [int(s) for s in sizes.split(",")]
-            print(f"{name} time exponent {ns[0]}..{ns[-1]}: {exponent(name, ns, args.repeats):.2f}", flush=True)
+            slopes = exponent(name, ns, args.repeats)
+            print(f"{name} time exponent {ns[0]}..{ns[-1]}: {slopes['wall']:.2f} wall, {slopes['cpu']:.2f} CPU")
 
 
 if __name__ == "__main__":

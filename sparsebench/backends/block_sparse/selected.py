@@ -195,9 +195,12 @@ def estimate_bytes(p) -> int:
             held += rows * d * 4 * 2 + (rows + 2 * kv_rows) * d * 4  # fp32 dout and saved out; dq, dk, dv
             held += (p.q_bytes + p.kv_bytes) if e != 4 else 0  # their copies in the input dtype
         return held
-    unit = unit_size(pattern)
-    per_thread = (min(unit, n) + 64) * d * 4 + 4 * min(unit, n) * d * 4  # packed keys; scores, rows
-    return held + torch.get_num_threads() * per_thread
+    unit, threads = unit_size(pattern), torch.get_num_threads()
+    rows = unit_rows(unit, n, p.batch * p.kv_heads, threads) * p.group  # a work item's query rows
+    # per thread: a unit's packed keys; the gathered rows that chose it (at most all of the item's),
+    # their outputs, and their bookkeeping (pairs, ranges, log-sum-exps)
+    per_thread = (min(unit, n) + 64) * d * 4 + rows * (d * (e + 4) + 5 * 4)
+    return held + threads * per_thread
 
 
 def unit_size(pattern) -> int:
