@@ -22,6 +22,12 @@ The package, one job per module:
   block over its tiles, bit masks for partial tiles, FlashAttention-2 backward; residue bands
   (strided columns) run as parts of their own on the sequence reordered by residue class.
 
+* ``selected.py``: content-selected patterns (moba, quest, topk_keys: keys chosen from q and k
+  by each call) on the CPU's native kernels, the pattern's selection inside the timed call:
+  units of keys (chunks, pages) MoBA's way (each unit attends the query rows that chose it, one
+  dense block, merged through the log-sum-exps; forward only), single keys as per-head key
+  tables (forward and backward). On CUDA they are unsupported (the CPU kernels only).
+
 The rest of sparsebench uses only this module's names: the backend, ``attention_fn``, and the
 native module's state, warm-up and caching CPU allocator (at the end).
 """
@@ -37,6 +43,7 @@ from sparsebench.backends.base import BACKENDS, Backend, Problem
 from sparsebench.backends.block_sparse import execute as _execute
 from sparsebench.backends.block_sparse import native as _native
 from sparsebench.backends.block_sparse import plan as _plan
+from sparsebench.backends.block_sparse import selected as _selected
 
 # On CUDA, the fused Triton kernels where they apply (else plain PyTorch calls of the plan);
 # SPARSEBENCH_TRITON=0 turns them off.
@@ -116,9 +123,17 @@ class BlockSparse(Backend):
     # native kernels of native/; that first-call cost is reported as compile_s
     compiled = True
 
+    def unsupported(self, p: Problem) -> str | None:
+        if _selected.content_selected(p.pattern):
+            return _selected.unsupported(p)
+        return super().unsupported(p)
+
     def prepare(self, p: Problem):
         """The plan for batch * kv_heads sequences; grouped-query inputs run it once per group
-        (``grouped``) on the shared k and v."""
+        (``grouped``) on the shared k and v. Content-selected patterns (keys chosen from q and k
+        per call) run their selection and the native kernels of ``selected.py`` per call."""
+        if _selected.content_selected(p.pattern):
+            return _selected.prepare(p)
         if _use_triton(p):
             from sparsebench.backends.block_sparse import triton as _triton
 
@@ -145,7 +160,10 @@ class BlockSparse(Backend):
         group's run (its copy of the group's query heads, its output and temporaries); backward
         also the saved outputs of every group, the output gradient, the gradients of q, k, v and
         autograd's full-size gradients of the slices (measured: 0.83x-0.90x of the peak, bigbird
-        and longformer, 16 query heads over 4, n = 2048)."""
+        and longformer, 16 query heads over 4, n = 2048). Content-selected patterns:
+        ``selected.estimate_bytes``."""
+        if _selected.content_selected(p.pattern):
+            return _selected.estimate_bytes(p)
         if p.group > 1:
             one = self.estimate_bytes(replace(p, heads=p.kv_heads))  # one group's run, k and v included
             # backward: the groups' saved outputs, the output gradient, q's gradient, and per group the

@@ -3,7 +3,9 @@
 // use and caches the build). The module's functions are bound at the end of this file.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <utility>
@@ -133,6 +135,31 @@ void table_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Te
       }
     }
   });
+}
+
+// Chunk bounds of per-sequence key tables (table_forward_selected's input): idx (G, n, R) int32,
+// each row's keys ascending then -1 padding; returns (G, n, chunks + 1) int32, where each row's
+// keys of chunk c (keys c * chunk .. (c + 1) * chunk - 1, chunks = ceil(keys / chunk)) begin, the
+// last entry the row's number of keys. Binary searches per row: a few hundred steps, not R.
+torch::Tensor table_bounds(torch::Tensor idx, int64_t keys, int64_t chunk) {
+  TORCH_CHECK(idx.dim() == 3 && idx.is_contiguous() && idx.scalar_type() == torch::kInt32 && chunk >= 1,
+              "table_bounds: idx (G, n, R) contiguous int32");
+  const int64_t G = idx.size(0), n = idx.size(1), R = idx.size(2), nch = (keys + chunk - 1) / chunk;
+  auto out = torch::empty({G, n, nch + 1}, idx.options());
+  const int32_t* I = idx.data_ptr<int32_t>();
+  int32_t* O = out.data_ptr<int32_t>();
+  at::parallel_for(0, G * n, 1024, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int32_t* row = I + r * R;
+      // valid keys: the prefix before the first -1 (non-negative, then negative: monotone)
+      const int32_t* end = std::partition_point(row, row + R, [](int32_t x) { return x >= 0; });
+      int32_t* o = O + r * (nch + 1);
+      for (int64_t c = 0; c < nch; ++c)
+        o[c] = static_cast<int32_t>(std::lower_bound(row, end, static_cast<int32_t>(std::min(keys, c * chunk))) - row);
+      o[nch] = static_cast<int32_t>(end - row);
+    }
+  });
+  return out;
 }
 
 #if defined(__AVX512F__)
@@ -1120,6 +1147,319 @@ void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
   });
 }
 
+// ------------------------------------------------------------------------------------------
+// Content-selected patterns (moba, quest, topk_keys: the keys of each query chosen from q and k
+// by the call). The selection is index (B, H, n, S) int32: per query head and row, the ids of
+// its selected units (unit u covers keys u * unit .. (u + 1) * unit - 1, and a query sees those
+// at most its own position), -1 padding.
+
+// Units (moba chunks, quest pages), MoBA's own way: each key unit attends the queries that chose
+// it. A work item is (batch, kv head, block of qblock query rows): its (query head of the group,
+// row) pairs are bucketed by unit; per unit its keys are packed once into 32-key tiles (shared by
+// the group's query heads), the rows that chose it are gathered and run as 8-row register blocks
+// over the unit's keys (each row up to its own position: the query's own unit is the causal
+// diagonal), and merged into their output rows through the log-sum-exps, unit by unit in
+// ascending order (deterministic). Returns out (B, H, n, d) and lse (B, H, n), fp32.
+template <class T>
+std::vector<torch::Tensor> unit_forward_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+                                          int64_t unit, int64_t qblock, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3);
+  const int64_t Hkv = k.size(1), S = index.size(3);
+  TORCH_CHECK(d % 32 == 0, "unit_forward: head_dim must be a multiple of 32");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && index.is_contiguous() &&
+                  index.scalar_type() == torch::kInt32 && index.size(0) == B && index.size(1) == H &&
+                  index.size(2) == n && k.size(2) == n && Hkv > 0 && H % Hkv == 0,
+              "unit_forward: contiguous q (B, H, n, d), k, v (B, Hkv, n, d), index (B, H, n, S) int32");
+  TORCH_CHECK(unit >= 1 && qblock >= 1, "unit_forward: unit and qblock must be positive");
+  const int64_t group = H / Hkv, nunits = (n + unit - 1) / unit, nblocks = (n + qblock - 1) / qblock;
+  const auto f32 = q.options().dtype(torch::kFloat32);
+  auto out = torch::zeros({B, H, n, d}, f32);
+  auto lse = torch::full({B, H, n}, -std::numeric_limits<float>::infinity(), f32);
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  const int32_t* IDX = index.data_ptr<int32_t>();
+  float* O = out.data_ptr<float>();
+  float* LS = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t ulen_max = std::min(unit, n);
+  const int64_t nblk = (ulen_max + KT - 1) / KT + 1;
+  at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> kt(nblk * d * KT), obuf, lbuf, lw;
+    std::vector<T> qbuf;
+    std::vector<int32_t> start, cursor, pairs, lo, hi;
+    Scratch w(ulen_max, d);
+    for (int64_t item = b0; item < b1; ++item) {
+      const int64_t b = item / (Hkv * nblocks), kvh = (item / nblocks) % Hkv, blk = item % nblocks;
+      const int64_t R0 = blk * qblock, R1 = std::min(n, R0 + qblock), rows = R1 - R0;
+      // the (query head of the group, row) pairs, as gi * rows + row - R0, bucketed by unit
+      // (counted, then placed): f(unit, pair) for every selected unit that holds a key at most the row
+      const auto each_pair = [&](auto&& f) {
+        for (int64_t gi = 0; gi < group; ++gi) {
+          const int32_t* sel = IDX + ((b * H + kvh * group + gi) * n + R0) * S;
+          for (int64_t i = 0; i < rows; ++i, sel += S)
+            for (int64_t s = 0; s < S; ++s) {
+              const int64_t u = sel[s];
+              if (u >= 0 && u < nunits && u * unit <= R0 + i) f(u, static_cast<int32_t>(gi * rows + i));
+            }
+        }
+      };
+      start.assign(nunits + 1, 0);
+      each_pair([&](int64_t u, int32_t) { ++start[u + 1]; });
+      for (int64_t u = 0; u < nunits; ++u) start[u + 1] += start[u];
+      pairs.resize(start[nunits]);
+      cursor.assign(start.begin(), start.end() - 1);
+      each_pair([&](int64_t u, int32_t pair) { pairs[cursor[u]++] = pair; });
+      for (int64_t u = 0; u < nunits; ++u) {
+        const int64_t c = start[u + 1] - start[u];
+        if (c == 0) continue;
+        const int64_t ulen = std::min(unit, n - u * unit);
+        const int64_t kvoff = ((b * Hkv + kvh) * n + u * unit) * d;
+        for (int64_t t = 0; t < (ulen + KT - 1) / KT + 1; ++t)
+          pack_tile(StridedRowsT<T>{K + kvoff + t * KT * d, d}, std::max<int64_t>(0, std::min<int64_t>(KT, ulen - t * KT)),
+                    d, kt.data() + t * d * KT);
+        qbuf.resize(c * d);
+        obuf.resize(c * d);
+        lbuf.resize(c);
+        lw.resize(c);
+        lo.assign(c, 0);
+        hi.resize(c);
+        const int32_t* pr = pairs.data() + start[u];
+        for (int64_t p = 0; p < c; ++p) {
+          const int64_t gi = pr[p] / rows, i = R0 + pr[p] % rows, row = (b * H + kvh * group + gi) * n + i;
+          std::copy(Q + row * d, Q + row * d + d, qbuf.data() + p * d);
+          std::copy(O + row * d, O + row * d + d, obuf.data() + p * d);
+          lbuf[p] = LS[row];
+          hi[p] = static_cast<int32_t>(std::min<int64_t>(ulen - 1, i - u * unit));
+        }
+        for (int64_t r0 = 0; r0 < c; r0 += RB)
+          forward_block(qbuf.data(), d, r0, c, ulen, lo.data(), hi.data(), kt.data(), 0,
+                        StridedRowsT<T>{V + kvoff, d}, sc, d, w, obuf.data(), d, lw.data(), lbuf.data(), 1);
+        for (int64_t p = 0; p < c; ++p) {
+          const int64_t gi = pr[p] / rows, i = R0 + pr[p] % rows, row = (b * H + kvh * group + gi) * n + i;
+          std::copy(obuf.data() + p * d, obuf.data() + p * d + d, O + row * d);
+          LS[row] = lbuf[p];
+        }
+      }
+    }
+  });
+  return {out, lse};
+}
+
+std::vector<torch::Tensor> unit_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+                                        int64_t unit, int64_t qblock, double scale) {
+  return by_dtype("unit_forward", q, {k, v}, [&](auto z) {
+    return unit_forward_t<decltype(z)>(q, k, v, index, unit, qblock, scale);
+  });
+}
+
+// Tokens (topk_keys): per-sequence key tables, the cache-blocked key-table kernels of the random
+// pattern (table_forward_blocked) with a table of its own per query head: idx (G, n, R) int32,
+// each row's keys ascending (-1 padding at the end, never read), bounds (G, n, chunks + 1) where
+// each row's keys of each chunk of key rows begin; query sequence g reads kv sequence g / group
+// (grouped-query attention). Returns out (G, n, d) and lse (G, n), fp32.
+template <class T>
+std::vector<torch::Tensor> table_forward_selected_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                                                    torch::Tensor bounds, int64_t group, double scale) {
+  const int64_t G = q.size(0), n = q.size(1), d = q.size(2), R = idx.size(2), nch = bounds.size(2) - 1;
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && idx.is_contiguous() &&
+                  bounds.is_contiguous() && idx.scalar_type() == torch::kInt32 && bounds.scalar_type() == torch::kInt32 &&
+                  idx.size(0) == G && idx.size(1) == n && bounds.size(0) == G && bounds.size(1) == n &&
+                  group >= 1 && k.size(0) * group == G,
+              "table_forward_selected: contiguous q (G, n, d), k, v (G / group, n, d), idx (G, n, R), bounds int32");
+  TORCH_CHECK(d == 32 || d == 64 || d == 128, "table_forward_selected: head_dim must be 32, 64 or 128");
+  const auto f32 = q.options().dtype(torch::kFloat32);
+  auto out = torch::empty({G, n, d}, f32);
+  auto lse = torch::empty({G, n}, f32);
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  const int32_t* I = idx.data_ptr<int32_t>();
+  const int32_t* Bd = bounds.data_ptr<int32_t>();
+  float* O = out.data_ptr<float>();
+  float* L = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t threads = at::get_num_threads();
+  const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>(n, (2 * threads + G - 1) / G));
+  const int64_t tile_rows = (n + tiles - 1) / tiles;
+  at::parallel_for(0, G * tiles, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> mx, sm, s;
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t g = item / tiles, i0 = (item % tiles) * tile_rows, i1 = std::min(n, i0 + tile_rows);
+      if (i0 >= i1) continue;
+      const T* Qg = Q + g * n * d;
+      const T* Kg = K + (g / group) * n * d;
+      const T* Vg = V + (g / group) * n * d;
+      const int32_t* Ig = I + g * n * R;
+      const int32_t* Bg = Bd + g * n * (nch + 1);
+      if (d == 32) table_blocked_item<2>(Qg, Kg, Vg, Ig, Bg, n, R, nch, 0, i0, i1, sc, O + g * n * d, d, L + g * n, mx, sm, s);
+      else if (d == 64) table_blocked_item<4>(Qg, Kg, Vg, Ig, Bg, n, R, nch, 0, i0, i1, sc, O + g * n * d, d, L + g * n, mx, sm, s);
+      else table_blocked_item<8>(Qg, Kg, Vg, Ig, Bg, n, R, nch, 0, i0, i1, sc, O + g * n * d, d, L + g * n, mx, sm, s);
+    }
+  });
+  return {out, lse};
+}
+
+// Backward of table_forward_selected: adds into dq (G, n, d) and dk, dv (G / group, n, d), fp32.
+// go, o: (G, n, d) fp32, lse: (G, n). One kv sequence per work item, its group's query heads one
+// after the other (their key gradients meet in the same rows: no locks).
+template <class T>
+void table_backward_selected_t(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                               torch::Tensor bounds, int64_t group, double scale, torch::Tensor go, torch::Tensor o,
+                               torch::Tensor lse, torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  const int64_t G = q.size(0), n = q.size(1), d = q.size(2), R = idx.size(2), nch = bounds.size(2) - 1;
+  TORCH_CHECK(go.scalar_type() == torch::kFloat32 && o.scalar_type() == torch::kFloat32 &&
+                  dq.scalar_type() == torch::kFloat32 && dk.scalar_type() == torch::kFloat32 &&
+                  dv.scalar_type() == torch::kFloat32 && go.is_contiguous() && o.is_contiguous() &&
+                  dq.is_contiguous() && dk.is_contiguous() && dv.is_contiguous() && k.size(0) * group == G,
+              "table_backward_selected: contiguous fp32 go, o and gradients");
+  TORCH_CHECK(d == 32 || d == 64 || d == 128, "table_backward_selected: head_dim must be 32, 64 or 128");
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  const int32_t* I = idx.data_ptr<int32_t>();
+  const int32_t* Bd = bounds.data_ptr<int32_t>();
+  const float* GO = go.data_ptr<float>();
+  const float* OO = o.data_ptr<float>();
+  const float* L = lse.data_ptr<float>();
+  float* DQ = dq.data_ptr<float>();
+  float* DK = dk.data_ptr<float>();
+  float* DV = dv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, G / group, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> Dr;
+    for (int64_t x = b; x < e; ++x) {
+      for (int64_t g = x * group; g < (x + 1) * group; ++g) {
+        const int64_t qo = g * n * d, ko = x * n * d;
+        const int32_t* Ig = I + g * n * R;
+        const int32_t* Bg = Bd + g * n * (nch + 1);
+        if (d == 32)
+          table_blocked_backward_item<2>(Q + qo, K + ko, V + ko, Ig, Bg, R, nch, 0, n, sc, GO + qo, OO + qo, L + g * n, DQ + qo, DK + ko, DV + ko, Dr);
+        else if (d == 64)
+          table_blocked_backward_item<4>(Q + qo, K + ko, V + ko, Ig, Bg, R, nch, 0, n, sc, GO + qo, OO + qo, L + g * n, DQ + qo, DK + ko, DV + ko, Dr);
+        else
+          table_blocked_backward_item<8>(Q + qo, K + ko, V + ko, Ig, Bg, R, nch, 0, n, sc, GO + qo, OO + qo, L + g * n, DQ + qo, DK + ko, DV + ko, Dr);
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> table_forward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                                                  torch::Tensor bounds, int64_t group, double scale) {
+  return by_dtype("table_forward_selected", q, {k, v}, [&](auto z) {
+    return table_forward_selected_t<decltype(z)>(q, k, v, idx, bounds, group, scale);
+  });
+}
+
+void table_backward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, torch::Tensor bounds,
+                             int64_t group, double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                             torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  by_dtype("table_backward_selected", q, {k, v}, [&](auto z) {
+    table_backward_selected_t<decltype(z)>(q, k, v, idx, bounds, group, scale, go, o, lse, dq, dk, dv);
+  });
+}
+
+// Token selection (topk_keys' indexer). One row: s[0 .. cnt - 1] the scores of its earlier keys;
+// o gets all of them when there are at most `keys`, else the `keys` with the highest score (of
+// equal scores the earlier key first), then the row itself (i), ascending, -1 padding to keys + 1.
+// A sample of the row (16 runs of 16 scores) gives a threshold a little below the keys-th score;
+// one vectorised pass keeps the scores at or above it, in key order, and the exact keys-th score
+// is found among those few (nth_element): a pass over the row, not a sort.
+struct RowSelect {
+  std::vector<float> val, sample, tmp;
+  std::vector<int32_t> pos;
+  void operator()(const float* s, int64_t cnt, int64_t keys, int64_t i, int32_t* o) {
+    int64_t w = 0;
+    if (cnt <= keys) {
+      for (int64_t j = 0; j < cnt; ++j) o[w++] = static_cast<int32_t>(j);
+    } else {
+      constexpr int64_t RUNS = 16, RUN = 16;
+      sample.clear();
+      for (int64_t r = 0; r < RUNS; ++r) {
+        const int64_t j0 = r * (cnt - RUN) / (RUNS - 1);
+        sample.insert(sample.end(), s + j0, s + std::min(cnt, j0 + RUN));
+      }
+      const int64_t ns = static_cast<int64_t>(sample.size());
+      const double p = static_cast<double>(keys) / cnt;  // the share to keep; the rank with a margin
+      const int64_t rank = std::min<int64_t>(ns - 1, static_cast<int64_t>(p * ns + 4 * std::sqrt(p * ns) + 16));
+      std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
+      float lo = sample[rank];
+      int64_t c = 0;
+      for (int attempt = 0; attempt < 2; ++attempt) {
+        val.resize(cnt + 16);
+        pos.resize(cnt + 16);
+        c = 0;
+        const __m512 lv = _mm512_set1_ps(lo);
+        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        int64_t j = 0;
+        for (; j + 16 <= cnt; j += 16) {
+          const __m512 x = _mm512_loadu_ps(s + j);
+          const __mmask16 keep = _mm512_cmp_ps_mask(x, lv, _CMP_GE_OQ);
+          _mm512_mask_compressstoreu_ps(val.data() + c, keep, x);
+          _mm512_mask_compressstoreu_epi32(pos.data() + c, keep, _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(j))));
+          c += __builtin_popcount(keep);
+        }
+        for (; j < cnt; ++j)
+          if (s[j] >= lo) { val[c] = s[j]; pos[c] = static_cast<int32_t>(j); ++c; }
+        if (c >= keys) break;
+        lo = -std::numeric_limits<float>::infinity();  // the sample misled (rare): every score
+      }
+      tmp.assign(val.begin(), val.begin() + c);
+      std::nth_element(tmp.begin(), tmp.begin() + (keys - 1), tmp.end(), std::greater<float>());
+      const float thr = tmp[keys - 1];
+      int64_t above = 0;
+      for (int64_t u = 0; u < c; ++u) above += val[u] > thr;
+      int64_t equal = keys - above;  // of the scores equal to thr, the earliest this many
+      for (int64_t u = 0; u < c; ++u)
+        if (val[u] > thr || (val[u] == thr && equal-- > 0)) o[w++] = pos[u];
+    }
+    o[w++] = static_cast<int32_t>(i);
+    for (; w < keys + 1; ++w) o[w] = -1;
+  }
+};
+
+// topk_keys' selection from its indexer's projections: qi (B, H, n, e), ki (B, Hkv, n, e) fp32
+// (query head h reads ki's head h / (H / Hkv)), e a multiple of 16; (B, H, n, keys + 1) int32 as
+// RowSelect makes them. The scores of 8 query rows are computed against ki packed in 32-key tiles
+// (register blocks, as the attention kernels), into a per-thread buffer that stays in cache, and
+// selected from there: no score matrix in memory.
+torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) {
+  TORCH_CHECK(qi.dim() == 4 && ki.dim() == 4 && qi.is_contiguous() && ki.is_contiguous() &&
+                  qi.scalar_type() == torch::kFloat32 && ki.scalar_type() == torch::kFloat32 && keys >= 1 &&
+                  qi.size(3) % 16 == 0 && ki.size(3) == qi.size(3) && ki.size(2) == qi.size(2) &&
+                  ki.size(1) > 0 && qi.size(1) % ki.size(1) == 0,
+              "select_top_keys: contiguous fp32 qi (B, H, n, e), ki (B, Hkv, n, e), e a multiple of 16, keys >= 1");
+  const int64_t B = qi.size(0), H = qi.size(1), n = qi.size(2), e = qi.size(3), Hkv = ki.size(1);
+  const int64_t group = H / Hkv, ntiles = (n + KT - 1) / KT;
+  auto out = torch::empty({B, H, n, keys + 1}, qi.options().dtype(torch::kInt32));
+  const float* QI = qi.data_ptr<float>();
+  const float* KI = ki.data_ptr<float>();
+  int32_t* O = out.data_ptr<int32_t>();
+  std::vector<float> packed(B * Hkv * ntiles * e * KT);  // ki in tiles, per kv sequence
+  at::parallel_for(0, B * Hkv * ntiles, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = b0; t < b1; ++t) {
+      const int64_t x = t / ntiles, tile = t % ntiles;
+      pack_tile(StridedRows{KI + (x * n + tile * KT) * e, e}, std::min<int64_t>(KT, n - tile * KT), e,
+                packed.data() + t * e * KT);
+    }
+  });
+  // rows of the score buffer a little more than a power of two apart (else they share cache sets)
+  const int64_t blocks = (n + RB - 1) / RB, lds = ntiles * KT + 48;
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> sbuf(RB * lds), qbuf(RB * e, 0.f);
+    RowSelect select;
+    for (int64_t item = b0; item < b1; ++item) {
+      const int64_t g = item / blocks, i0 = (item % blocks) * RB, rb = std::min<int64_t>(RB, n - i0);
+      const int64_t x = (g / H) * Hkv + (g % H) / group;
+      for (int64_t r = 0; r < rb; ++r) std::copy(QI + (g * n + i0 + r) * e, QI + (g * n + i0 + r + 1) * e, qbuf.data() + r * e);
+      const int64_t last = i0 + rb - 1;  // the block's last row sees keys before it
+      for (int64_t t = 0; t * KT < last; ++t) qk_tile(qbuf.data(), packed.data() + (x * ntiles + t) * e * KT, e, sbuf.data() + t * KT, lds);
+      for (int64_t r = 0; r < rb; ++r) select(sbuf.data() + r * lds, i0 + r, keys, i0 + r, O + (g * n + i0 + r) * (keys + 1));
+    }
+  });
+  return out;
+}
+
 bool has_window() { return true; }
 #else
 std::vector<torch::Tensor> window_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
@@ -1151,6 +1491,25 @@ void table_backward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
                             torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
   TORCH_CHECK(false, "table_backward_blocked needs AVX-512");
 }
+std::vector<torch::Tensor> unit_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+                                        int64_t unit, int64_t qblock, double scale) {
+  TORCH_CHECK(false, "unit_forward needs AVX-512");
+  return {};
+}
+std::vector<torch::Tensor> table_forward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx,
+                                                  torch::Tensor bounds, int64_t group, double scale) {
+  TORCH_CHECK(false, "table_forward_selected needs AVX-512");
+  return {};
+}
+void table_backward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor idx, torch::Tensor bounds,
+                             int64_t group, double scale, torch::Tensor go, torch::Tensor o, torch::Tensor lse,
+                             torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  TORCH_CHECK(false, "table_backward_selected needs AVX-512");
+}
+torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) {
+  TORCH_CHECK(false, "select_top_keys needs AVX-512");
+  return {};
+}
 bool has_window() { return false; }
 #endif
 
@@ -1166,5 +1525,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("table_backward", torch::wrap_pybind_function(table_backward), "table_backward");
   m.def("table_forward_blocked", torch::wrap_pybind_function(table_forward_blocked), "table_forward_blocked");
   m.def("table_backward_blocked", torch::wrap_pybind_function(table_backward_blocked), "table_backward_blocked");
+  m.def("table_bounds", torch::wrap_pybind_function(table_bounds), "table_bounds");
+  m.def("select_top_keys", torch::wrap_pybind_function(select_top_keys), "select_top_keys");
+  m.def("unit_forward", torch::wrap_pybind_function(unit_forward), "unit_forward");
+  m.def("table_forward_selected", torch::wrap_pybind_function(table_forward_selected), "table_forward_selected");
+  m.def("table_backward_selected", torch::wrap_pybind_function(table_backward_selected), "table_backward_selected");
   m.def("cache_cpu_allocations", torch::wrap_pybind_function(cache_cpu_allocations), "cache_cpu_allocations");
 }

@@ -1,0 +1,222 @@
+"""Content-selected patterns (moba, quest, topk_keys) on block_sparse's native CPU kernels.
+
+Their keys are chosen from q and k by each call: ``prepare`` gives a callable that runs the
+pattern's own selection (``pattern.select(q, k)``, fp32) and then the kernel, both inside the
+timed call, and offers ``fn.selected(q, k, v) -> (out, selection)`` so that a check uses the
+selection the call made. The selection is ``index`` (batch, heads, n, slots) int32: per query
+head and row the ids of its selected units (unit u covers keys u * unit .. (u + 1) * unit - 1,
+seen up to the query's own position), ascending, -1 padding at the end.
+
+* Units of more than one token (moba's chunks, quest's pages), MoBA's own way, without
+  per-token gathers: each key unit attends the query rows that chose it, gathered, as one dense
+  block against the unit's keys packed once (shared by the query heads of a grouped-query
+  group); the query's own unit is the causal diagonal; partial results merged exactly through
+  their log-sum-exps (native ``unit_forward``). Forward only.
+* Single tokens (topk_keys): per-token key tables, one per query head, on the cache-blocked
+  key-table kernels of the random pattern (native ``table_forward_selected``, with a backward).
+
+Memory beyond q, k, v and the output: the selection itself, an fp32 output and log-sum-exp per
+row, per thread a unit's packed keys and its gathered rows; key tables also each row's chunk
+bounds (and, in a low precision, the fp32 output converted). No n x n tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparsebench.backends.block_sparse import native as _native
+from sparsebench.backends.block_sparse.plan import KEY_CHUNK_BYTES
+
+# Query rows per work item of the unit kernel (a multiple of the unit): the key units chosen by
+# any of its rows are packed once per item, so more rows share each packing.
+UNIT_QUERY_ROWS = 2048
+# Head sizes the native kernels take (the key-table kernels are unrolled for these).
+HEAD_DIMS = (32, 64, 128)
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def content_selected(pattern) -> bool:
+    """Whether a pattern chooses its keys from q and k per call (moba, quest, topk_keys)."""
+    return bool(getattr(pattern, "content_selected", False))
+
+
+def unsupported(p) -> str | None:
+    """Why block_sparse cannot run this content-selected problem here, in one line, else None."""
+    name = p.pattern.name
+    if p.device.type != "cpu":
+        return "content-selected patterns run on the CPU kernels only"
+    if p.dtype not in NATIVE_DTYPES:
+        return f"content-selected patterns need fp32, bf16 or fp16, not {p.dtype}"
+    if p.head_dim not in HEAD_DIMS:
+        return f"content-selected patterns need head_dim 32, 64 or 128 on the native kernels, not {p.head_dim}"
+    if not p.causal:
+        return f"pattern {name!r} is causal only"
+    why = native_missing()
+    if why is not None:
+        return why
+    if p.mode == "backward" and not _token_level(p.pattern):
+        return f"no backward pass for {name!r} on block_sparse (the unit kernel is forward only)"
+    return None
+
+
+def native_missing() -> str | None:
+    """Why the native AVX-512 kernels are not there (the content-selected path needs them)."""
+    if not _native.enabled():
+        return "content-selected patterns need the native CPU kernels (no C++ compiler, or SPARSEBENCH_NATIVE=0)"
+    if _native.capability() != "AVX512":
+        return "content-selected patterns need the native kernels' AVX-512 build (this CPU has none)"
+    return None
+
+
+def _token_level(pattern) -> bool:
+    """Whether the pattern selects single keys (topk_keys), not units of several (moba, quest)."""
+    return unit_size(pattern) == 1
+
+
+def unit_rows(unit: int, n: int, work_items: int, threads: int) -> int:
+    """Query rows per work item of the unit kernel: UNIT_QUERY_ROWS rounded to whole units (one
+    unit at least), fewer while there would be less than 4 items per thread."""
+    rows = unit * max(1, UNIT_QUERY_ROWS // unit)
+    while rows > unit and work_items * math.ceil(n / rows) < 4 * threads:
+        rows -= unit
+    return rows
+
+
+def attend_units(selection, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, n, d), lse (B, H, n)), fp32: attention under a unit selection (native)."""
+    B, H, n, d = q.shape
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    index = selection.index.to(torch.int32).contiguous()
+    rows = unit_rows(selection.unit, n, B * k.shape[1], torch.get_num_threads())
+    return _native.kernel().unit_forward(q, k, v, index, selection.unit, rows, 1.0 / math.sqrt(d))
+
+
+def key_chunk(head_dim: int) -> int:
+    """Keys per chunk of the blocked key-table kernel: K and V rows of ~1 MiB in fp32, which stay
+    in L2 while every query takes its keys from them (as plan.py's key tables)."""
+    return max(64, KEY_CHUNK_BYTES // (2 * 4 * head_dim))
+
+
+def chunk_bounds(index: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
+    """(G, n, chunks + 1) int32: where each row's keys (ascending, -1 padding at the end) of
+    each chunk of ``chunk`` key rows begin; the last bound is the row's number of keys (native:
+    a few binary searches per row)."""
+    return _native.kernel().table_bounds(index, n, chunk)
+
+
+def select_top_keys(qi: torch.Tensor, ki: torch.Tensor, keys: int) -> torch.Tensor:
+    """topk_keys' selection from its indexer's projections, without a score matrix: qi (B, H, n,
+    e) and ki (B, H_kv, n, e) (query head h reads ki's head h // (H / H_kv); e a multiple of 16);
+    per query head and row i, its earlier keys j < i with the ``keys`` highest scores qi_i . ki_j
+    (all of them when there are fewer; of equal scores the earlier key first), then i itself:
+    (B, H, n, min(keys, n - 1) + 1) int32, ascending, -1 padding. Native: the scores of 8 rows at
+    a time in registers against ki packed in tiles, a sampled threshold and one pass over each
+    row's scores in cache. For topk_keys' ``select`` (so that a kernel fusing selection and
+    attention per block of queries makes the same selection: the same fp32 operations per row)."""
+    keys = max(1, min(keys, qi.shape[2] - 1))
+    return _native.kernel().select_top_keys(qi.float().contiguous(), ki.float().contiguous(), keys)
+
+
+class _Tables(torch.autograd.Function):
+    """Per-token key tables (topk_keys): forward and backward on the native blocked kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, index, bounds):
+        B, H, n, d = q.shape
+        group = H // k.shape[1]
+        qs, ks, vs = (t.reshape(-1, n, d).contiguous() for t in (q, k, v))
+        out, lse = _native.kernel().table_forward_selected(qs, ks, vs, index, bounds, group, 1.0 / math.sqrt(d))
+        ctx.save_for_backward(q, k, v, index, bounds, out, lse)
+        return out.view(B, H, n, d).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, index, bounds, out, lse = ctx.saved_tensors
+        B, H, n, d = q.shape
+        group = H // k.shape[1]
+        qs, ks, vs = (t.reshape(-1, n, d).contiguous() for t in (q, k, v))
+        go = dout.reshape(-1, n, d).float().contiguous()
+        dq = torch.zeros(qs.shape, dtype=torch.float32)
+        dk, dv = (torch.zeros(ks.shape, dtype=torch.float32) for _ in range(2))
+        _native.kernel().table_backward_selected(
+            qs, ks, vs, index, bounds, group, 1.0 / math.sqrt(d), go, out, lse, dq, dk, dv
+        )  # fmt: skip
+        return dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype), None, None
+
+
+def attend_tokens(selection, q, k, v) -> torch.Tensor:
+    """Attention under a token selection (unit 1), in q's dtype; differentiable."""
+    B, H, n, d = q.shape
+    index = selection.index.to(torch.int32).reshape(B * H, n, -1).contiguous()
+    bounds = chunk_bounds(index, n, key_chunk(d))
+    return _Tables.apply(q, k, v, index, bounds)
+
+
+def attend(selection, q, k, v) -> torch.Tensor:
+    """Attention under a selection, in q's dtype: token tables for unit 1, else the unit kernel."""
+    if selection.unit == 1:
+        return attend_tokens(selection, q, k, v)
+    return attend_units(selection, q, k, v)[0].to(q.dtype)
+
+
+def prepare(p):
+    """fn(q, k, v) for a content-selected problem: the pattern's selection, then the kernel (both
+    timed), with ``fn.selected(q, k, v) -> (out, selection)`` for the check."""
+    pattern = p.pattern
+
+    def selected(q, k, v):
+        selection = pattern.select(q, k)
+        return attend(selection, q, k, v), selection
+
+    def fn(q, k, v):
+        return selected(q, k, v)[0]
+
+    fn.selected = selected  # type: ignore[attr-defined]
+    return fn
+
+
+def estimate_bytes(p) -> int:
+    """Peak bytes of a call: q, k, v and the output; the selection (int32 ids per query head and
+    row: ``slots(p)``), the fp32 output and a log-sum-exp per row (the output converted in a low
+    precision); key tables also their chunk bounds, and in backward the fp32 output gradient and
+    gradients with their copies in the input dtype; per thread a unit's packed keys and rows."""
+    pattern = p.pattern
+    seqs, n, d, e = p.batch * p.heads, p.seq_len, p.head_dim, p.elem_bytes
+    slots = selection_slots(pattern, n)
+    rows = seqs * n
+    held = p.io_bytes + rows * slots * 4 + rows * 4  # the selection; lse
+    held += rows * d * 4 if e != 4 else 0  # the fp32 output before it is converted
+    if _token_level(pattern):
+        held += rows * (math.ceil(n / key_chunk(d)) + 1) * 4  # chunk bounds
+        if p.mode == "backward":
+            kv_rows = p.batch * p.kv_heads * n
+            held += rows * d * 4 * 2 + (rows + 2 * kv_rows) * d * 4  # fp32 dout and saved out; dq, dk, dv
+            held += (p.q_bytes + p.kv_bytes) if e != 4 else 0  # their copies in the input dtype
+        return held
+    unit, threads = unit_size(pattern), torch.get_num_threads()
+    rows = unit_rows(unit, n, p.batch * p.kv_heads, threads) * p.group  # a work item's query rows
+    # per thread: a unit's packed keys; the gathered rows that chose it (at most all of the item's),
+    # their outputs, and their bookkeeping (pairs, ranges, log-sum-exps)
+    per_thread = (min(unit, n) + 64) * d * 4 + rows * (d * (e + 4) + 5 * 4)
+    return held + threads * per_thread
+
+
+def unit_size(pattern) -> int:
+    """Tokens per selected unit: moba's chunk, quest's page, 1 for topk_keys."""
+    for name in ("chunk", "page_size"):
+        if hasattr(pattern, name):
+            return int(getattr(pattern, name))
+    return 1
+
+
+def selection_slots(pattern, n: int) -> int:
+    """Slots per row of the pattern's selection (its last dimension): moba topk units, quest
+    token_budget / page_size pages (its own one at least), topk_keys keys + 1 (itself)."""
+    if hasattr(pattern, "topk"):
+        return min(int(pattern.topk), math.ceil(n / unit_size(pattern)))
+    if hasattr(pattern, "token_budget"):
+        page = unit_size(pattern)
+        return min(max(1, math.ceil(int(pattern.token_budget) / page)) + 1, math.ceil(n / page))
+    return min(int(getattr(pattern, "keys", n)) + 1, n)
