@@ -297,16 +297,11 @@ def _note_text(measured: list[QualityRow], kinds: list[str], backward: bool, sam
 
 def markdown(df) -> str:
     """summary.md's quality section ('' when the run has no quality figures)."""
-    from sparsebench.render.tables import markdown_table
+    from sparsebench.render.tables import markdown_section
 
-    specs = tables(df)
-    if not specs:
-        return ""
     parts = []
-    for i, t in enumerate(specs):
-        parts += [f"{'##' if i == 0 else '###'} {t.title}", "", markdown_table(t.columns, t.rows).rstrip("\n"), ""]
-        if t.note:
-            parts += [t.note, ""]
+    for i, t in enumerate(tables(df)):
+        parts += markdown_section(t, "##" if i == 0 else "###")
     return "\n".join(parts)
 
 

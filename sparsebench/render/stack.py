@@ -187,16 +187,14 @@ def tables(df) -> list:
 
 def markdown(df) -> str:
     """summary.md's section on the model stacks ('' when the run has none)."""
-    from sparsebench.render.tables import markdown_table
+    from sparsebench.render.tables import markdown_section
 
     specs = tables(df)
     if not specs:
         return ""
     parts = ["## Model stacks: as shipped against all-dense", ""]
     for t in specs:
-        parts += [f"### {t.title}", "", markdown_table(t.columns, t.rows).rstrip("\n"), ""]
-        if t.note:
-            parts += [t.note, ""]
+        parts += markdown_section(t)
     return "\n".join(parts)
 
 

@@ -34,6 +34,12 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines) + "\n"
 
 
+def markdown_section(t: TableSpec, heading: str = "###") -> list[str]:
+    """A table as a markdown section: its title under ``heading``, the table, then its note."""
+    parts = [f"{heading} {t.title}", "", markdown_table(t.columns, t.rows).rstrip("\n"), ""]
+    return parts + [t.note, ""] if t.note else parts
+
+
 def rich_table(t: TableSpec, row_styles: Sequence[str | None] | None = None):
     """The table for the terminal: the columns of ``t.left`` (the first) left, the others right;
     the columns of ``t.wrap`` fold in a narrow terminal, the others keep whole and are cut with an
