@@ -136,8 +136,10 @@ class ContentSelected(Pattern):
         with their temporaries (fp32 scores ranked in place, a few bool masks: about 12 bytes
         each) and the fp32 keys' summaries or projections (at most the size of k in fp32)."""
         bh, candidates = batch * heads, -(-n // self.unit)
-        block = bh * min(n, _rows_per_block(bh, candidates)) * candidates
-        return bh * n * self.slots(n) * 4 + 12 * block + 4 * bh * n * head_dim
+        rows = bh * min(n, _rows_per_block(bh, candidates))
+        # per chosen slot of a block's rows: topk's values and int64 indices, the chosen ones, their
+        # sort (values and indices), the padded copy with the own unit: about 72 bytes
+        return bh * n * self.slots(n) * 4 + 12 * rows * candidates + 72 * rows * self.slots(n) + 4 * bh * n * head_dim
 
     def slots(self, n: int) -> int:
         """Units each query selects at most (the index table's last dimension)."""

@@ -186,6 +186,9 @@ def estimate_bytes(p) -> int:
     seqs, n, d, e = p.batch * p.heads, p.seq_len, p.head_dim, p.elem_bytes
     slots = selection_slots(pattern, n)
     rows = seqs * n
+    # the selection's own temporaries (its score blocks and ranking), freed before the kernel runs:
+    # the call's peak is the larger of selecting and attending, over what both hold
+    selecting = pattern.select_bytes(p.batch, p.heads, n, d) - rows * slots * 4
     held = p.io_bytes + rows * slots * 4 + rows * 4  # the selection; lse
     held += rows * d * 4 if e != 4 else 0  # the fp32 output before it is converted
     if _token_level(pattern):
@@ -194,13 +197,13 @@ def estimate_bytes(p) -> int:
             kv_rows = p.batch * p.kv_heads * n
             held += rows * d * 4 * 2 + (rows + 2 * kv_rows) * d * 4  # fp32 dout and saved out; dq, dk, dv
             held += (p.q_bytes + p.kv_bytes) if e != 4 else 0  # their copies in the input dtype
-        return held
+        return held + selecting
     unit, threads = unit_size(pattern), torch.get_num_threads()
     rows = unit_rows(unit, n, p.batch * p.kv_heads, threads) * p.group  # a work item's query rows
     # per thread: a unit's packed keys; the gathered rows that chose it (at most all of the item's),
     # their outputs, and their bookkeeping (pairs, ranges, log-sum-exps)
     per_thread = (min(unit, n) + 64) * d * 4 + rows * (d * (e + 4) + 5 * 4)
-    return held + threads * per_thread
+    return held + max(selecting, threads * per_thread)
 
 
 def unit_size(pattern) -> int:
