@@ -137,9 +137,10 @@ class ContentSelected(Pattern):
         each) and the fp32 keys' summaries or projections (at most the size of k in fp32)."""
         bh, candidates = batch * heads, -(-n // self.unit)
         rows = bh * min(n, _rows_per_block(bh, candidates))
-        # per chosen slot of a block's rows: topk's values and int64 indices, the chosen ones, their
-        # sort (values and indices), the padded copy with the own unit: about 72 bytes
-        return bh * n * self.slots(n) * 4 + 12 * rows * candidates + 72 * rows * self.slots(n) + 4 * bh * n * head_dim
+        # per score of a block: the fp32 score, topk's working copy and index, bool masks (about 24
+        # bytes); per chosen slot of its rows: topk's values and int64 indices, the chosen ones and
+        # their sort, the padded copy with the own unit (about 40 bytes)
+        return bh * n * self.slots(n) * 4 + 24 * rows * candidates + 40 * rows * self.slots(n) + 4 * bh * n * head_dim
 
     def slots(self, n: int) -> int:
         """Units each query selects at most (the index table's last dimension)."""
