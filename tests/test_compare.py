@@ -188,6 +188,30 @@ def test_false_alarms_are_controlled_over_the_whole_comparison():
     assert sum(caught) >= 0.9 * len(caught)
 
 
+def test_holm_holds_a_common_slowdown_to_less_than_the_strictest_level():
+    """36 cases all 1.3x slower, their ratios scattered by 4%: at Bonferroni's 1 - 5%/36 for every
+    case a quarter of the intervals would reach below 1.1; Holm's step-down judges the i-th most extreme at
+    1 - 5%/(36 - i + 1), so once the clearest are found the rest are too. The family-wise control
+    holds all the same (test_false_alarms_are_controlled_over_the_whole_comparison)."""
+    from statistics import NormalDist
+
+    from sparsebench.analysis.compare import family_level
+    from sparsebench.analysis.noise import RatioError
+
+    m = 36
+    zs = [NormalDist().inv_cdf((i + 0.5) / m) for i in range(m)]
+    base = [_case(rounds=[1.0, 1.0, 1.0], n=256 * (i + 1)) for i in range(m)]
+    new = [_case(rounds=[1.3 * math.exp(0.04 * z)] * 3, n=256 * (i + 1)) for i, z in enumerate(zs)]
+    c = compare(frame(base), frame(new))
+    assert c.spread is not None and c.spread.sd == pytest.approx(0.04 * 1.4826 * NormalDist().inv_cdf(0.75), rel=0.1)
+    slower = [r for r in c.rows if r.verdict == "slower"]
+    strict = family_level(m)
+    bonferroni = [r for r in c.rows if RatioError(c.spread.sd, c.spread.dof).interval(r.ratio, strict).low > 1.1]
+    assert len(bonferroni) <= 0.8 * m and len(slower) >= 0.95 * m
+    assert max(r.level for r in c.rows) == pytest.approx(strict) and min(r.level for r in slower) < strict
+    assert all(r.low > 1.1 for r in slower) and "Holm" in c.control
+
+
 def test_a_moving_machine_withholds_the_verdict(tmp_path):
     base = [_case(rounds=[1.0, 1.01, 0.99], probe=0.010, n=n) for n in (512, 1024)]
     new = [_case(rounds=[1.5, 1.51, 1.49], probe=0.010 * (1.5 if n == 512 else 1.02), n=n) for n in (512, 1024)]

@@ -13,7 +13,8 @@ import pytest
 from report_fixtures import ENV, record
 from typer.testing import CliRunner
 
-from sparsebench.analysis.history import FASTER, SLOWER, Point, Step, family_level, history_of, judge_step
+from sparsebench.analysis.compare import family_level
+from sparsebench.analysis.history import FASTER, SLOWER, Point, Step, history_of, judge_step
 from sparsebench.analysis.noise import Interval, Noise
 from sparsebench.cli.app import app
 from sparsebench.errors import ResultsError

@@ -14,9 +14,12 @@ against 1. For the median, a case whose own rounds scatter more is judged by its
 (``noise.robust_se``). With fewer than ``noise.MIN_CASES`` cases, each case is judged from its
 own samples (its rounds, or blocks of its calls with one round; never the pooled calls).
 
-The false alarms of a whole comparison are controlled family-wise: with m cases compared, each
-interval is at level 1 - FAMILY_ALPHA / m (Bonferroni), so two runs of the same program raise an
-alarm anywhere with a chance of about FAMILY_ALPHA at threshold 0, far less at the default 10%.
+The false alarms of a whole comparison are controlled family-wise (Holm's step-down): with m
+cases compared, in order of how far beyond the threshold they lie (their p-values), the i-th is
+judged at level 1 - FAMILY_ALPHA / (m - i + 1) as long as every earlier one was beyond it, so two
+runs of the same program raise an alarm anywhere with a chance of at most FAMILY_ALPHA at
+threshold 0 (far less at the default 10%), as with Bonferroni, while a slowdown common to many
+cases is not held to the strictest level case after case.
 Where the machine-speed probe moved between the two runs by more than PROBE_SLACK times the
 threshold (as factors), the case's verdict is *withheld*: the machine, not the program, may have
 changed.
@@ -44,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from sparsebench.analysis.noise import Interval, Noise, Spread, ratio_interval, robust_se, samples
+from sparsebench.analysis.noise import Interval, Noise, RatioError, Spread, holm_levels
 from sparsebench.analysis.scaling import (
     case_label,
     finite_or_none,
@@ -70,7 +73,7 @@ BY_DIMENSIONS = {
     "mode": "mode",
     "causal": "causal",
 }
-FAMILY_ALPHA = 0.05  # the chance of any false alarm over a whole comparison (Bonferroni)
+FAMILY_ALPHA = 0.05  # the chance of any false alarm over a whole comparison (Holm)
 PROBE_SLACK = 2  # a case's verdict is withheld where the probe moved by more than (1 + threshold) ** this
 # environment.json keys whose difference makes timings hard to compare (and every entry of its
 # "switches": the SPARSEBENCH_* variables that change which kernels run)
@@ -132,7 +135,7 @@ class CaseDiff:
     ratio: float | None  # new / base
     # faster | slower | same | withheld | now failing | now ok | failed in both | skipped
     verdict: str
-    low: float | None = None  # the ratio's confidence interval (at Comparison.level)
+    low: float | None = None  # the ratio's confidence interval, at ``level``
     high: float | None = None
     probe_ratio: float | None = None  # the machine-speed probe's time, new / base
     base_status: str = "ok"
@@ -145,6 +148,7 @@ class CaseDiff:
     new_full_rel_err: float | None = None
     quality: str | None = None
     quality_change: str = ""  # what moved, in words ("recall 0.912 -> 0.850")
+    level: float | None = None  # the interval's confidence level (Holm's step for this case)
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "base",
@@ -152,6 +156,7 @@ class CaseDiff:
         "ratio",
         "low",
         "high",
+        "level",
         "verdict",
         "probe_ratio",
         "base_status",
@@ -210,7 +215,7 @@ class Comparison:
     new_name: str = "new"
     shown_dims: tuple[str, ...] = field(default=())  # case-key columns that vary (shown)
     only_base_ok: tuple[tuple[Any, ...], ...] = ()  # those of only_base that BASE measured (ok)
-    level: float = 1 - FAMILY_ALPHA  # each interval's confidence level
+    level: float = 1 - FAMILY_ALPHA  # the strictest interval level (Holm's first step)
     noise: Noise | None = None  # the typical spread of a case's samples, both runs pooled
     spread: Spread | None = None  # how the cases' ratios scatter (None: judged from their samples)
 
@@ -253,9 +258,17 @@ class Comparison:
     def control(self) -> str:
         """How the false alarms are controlled, in words."""
         return (
-            f"{1 - FAMILY_ALPHA:.0%} family-wise over {self.family} case(s) (Bonferroni: each interval "
-            f"at {level_text(self.level)}); slower or faster only when the whole interval is beyond the threshold"
+            f"{1 - FAMILY_ALPHA:.0%} family-wise over {self.family} case(s) (Holm: the i-th most extreme of m "
+            f"cases at 1 - {FAMILY_ALPHA:.0%}/(m - i + 1), {self.level_span}); slower or faster only when the whole "
+            "interval is beyond the threshold"
         )
+
+    @property
+    def level_span(self) -> str:
+        """The intervals' levels in words: "each at 99.86%", or "from 99.86% to 99.5%"."""
+        levels = [r.level for r in self.rows if r.low is not None and r.level is not None] or [self.level]
+        strict, loose = level_text(max(levels)), level_text(min(levels))
+        return f"each at {strict}" if strict == loose else f"from {strict} to {loose}"
 
     @property
     def noise_text(self) -> str:
@@ -372,7 +385,8 @@ def compare(
     level = family_level(len(ratios))
     noise = Noise.of([*base.values(), *new.values()], metric)
     spread = Spread.of(ratios.values())
-    rows = [_judge(k, base[k], new[k], metric, threshold, noise, level, spread) for k in common]
+    levels = case_levels(base, new, ratios, threshold, noise, metric, spread)
+    rows = [_judge(k, base[k], new[k], metric, threshold, noise, levels.get(k, level), spread) for k in common]
     rows.sort(key=lambda r: _sort_key(r.key))
     only_base = tuple(sorted((k for k in base if k not in new), key=_sort_key))
     base_measured = tuple(k for k in only_base if str(base[k].get("status")) == "ok")
@@ -471,9 +485,27 @@ def env_differences(named: Sequence[tuple[str, dict | None]]) -> list[str]:
 
 
 def family_level(cases: int) -> float:
-    """Each case's interval level so that a comparison of ``cases`` cases raises any false alarm
-    with a chance of at most FAMILY_ALPHA (Bonferroni)."""
+    """The strictest interval level of a comparison of ``cases`` cases (Holm's first step, and
+    Bonferroni's for every case): any false alarm with a chance of at most FAMILY_ALPHA."""
     return 1 - FAMILY_ALPHA / max(1, cases)
+
+
+def case_levels(
+    base: dict[tuple, dict],
+    new: dict[tuple, dict],
+    ratios: dict[tuple, float],
+    threshold: float,
+    noise: Noise,
+    metric: str,
+    spread: Spread | None,
+) -> dict[tuple, float]:
+    """Each compared case's interval level under Holm's control at FAMILY_ALPHA over the cases
+    of ``ratios`` (``noise.holm_levels``, from each ratio's p-value of lying beyond the threshold)."""
+    p_values = {}
+    for k, r in ratios.items():
+        err = RatioError.of(base[k], new[k], noise, metric, spread)
+        p_values[k] = err.p_beyond(r, threshold) if err is not None and math.isfinite(r) else 1.0
+    return holm_levels(p_values, FAMILY_ALPHA)
 
 
 def case_ratios(base: dict[tuple, dict], new: dict[tuple, dict], metric: str) -> dict[tuple, float]:
@@ -500,17 +532,11 @@ def judge_ratio(
     """(verdict, the ratio's interval, the probe's ratio) for a case measured ok in both:
     withheld where the machine-speed probe moved by more than the threshold can absorb (PROBE_SLACK
     times the threshold: the probe is a short measurement with noise of its own), slower or faster
-    where the whole ``level`` interval is beyond the threshold, else same. The interval is from
-    the comparison's ``spread`` where it has one (MIN_CASES cases or more; for the median, the
-    case's own spread where that is larger), else from the case's own samples and the runs'
-    ``noise``."""
-    if spread is not None:
-        # a case's own rounds count for the median (its samples); a slow round does not move the
-        # fastest call over all rounds, so for the min they would overstate its noise
-        own = robust_se(samples(base, metric), samples(new, metric)) if metric == "median" else 0.0
-        iv = spread.interval(ratio, level, own)
-    else:
-        iv = ratio_interval(base, new, ratio, noise, level, metric)
+    where the whole ``level`` interval is beyond the threshold, else same. The interval is
+    ``noise.RatioError``'s: from the comparison's ``spread`` where it has one (MIN_CASES cases or
+    more), else from the case's own samples and the runs' ``noise``."""
+    err = RatioError.of(base, new, noise, metric, spread)
+    iv = err.interval(ratio, level) if err is not None and ratio > 0 and math.isfinite(ratio) else None
     pb, pn = finite_or_none(base.get("probe_s")), finite_or_none(new.get("probe_s"))
     probe = pn / pb if pb and pn and pb > 0 else None
     slack = (1 + threshold) ** PROBE_SLACK
@@ -614,6 +640,7 @@ def _judge(
         bs,
         ns,
         **_quality_fields(b, n),
+        level=iv.level if iv else None,
     )
 
 

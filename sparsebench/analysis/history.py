@@ -9,9 +9,9 @@ start time, one with neither keeps its place on the command line, after the othe
 
 Statistics are ``analysis.noise``'s: a case's time in one folder has the 95% interval of its samples
 with the folder's pooled noise; a step is judged by ``judge_step`` on the ratio new / old of two
-consecutive folders, each case of a pair at the Bonferroni level ``1 - FAMILY_ALPHA / m`` (m cases compared
-in that pair), the noise pooled over both folders. pandas is imported (by ``load_frame``) only when
-folders are read."""
+consecutive folders, each case of a pair at its level under Holm's control at FAMILY_ALPHA over the m
+cases compared in that pair (``compare.case_levels``), the noise pooled over both folders. pandas is
+imported (by ``load_frame``) only when folders are read."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sparsebench.analysis.compare import FAMILY_ALPHA, env_differences, family_level, judge_ratio
+from sparsebench.analysis.compare import FAMILY_ALPHA, case_levels, env_differences, judge_ratio
 from sparsebench.analysis.noise import Interval, Noise, Spread, time_interval
 from sparsebench.analysis.scaling import case_label, finite_or_none, plain_value
 from sparsebench.errors import ResultsError
@@ -391,9 +391,10 @@ def build(runs: Sequence[Run], threshold: float, order: str = "in the order give
         pooled.append(spread.sd if spread is not None else noise.sd)
         if not pair:
             continue
-        level = family_level(len(pair))
+        ratios = {k: new.records[k]["time_median_s"] / old.records[k]["time_median_s"] for k in pair}
+        levels = case_levels(old.records, new.records, ratios, threshold, noise, "median", spread)
         for k in pair:
-            found = judge_step(old.records[k], new.records[k], noise, threshold, level, spread)
+            found = judge_step(old.records[k], new.records[k], noise, threshold, levels[k], spread)
             if found:
                 direction, ratio, iv = found
                 steps.append(Step(k, labels[k], i, direction, ratio, iv))

@@ -24,7 +24,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from sparsebench.stats import t_quantile
+from sparsebench.stats import t_cdf, t_quantile
 
 MIN_CASES = 8  # a comparison of fewer cases judges each from its own samples (``ratio_interval``)
 BLOCKS = 5  # a case measured in one round: its calls in up to this many consecutive blocks
@@ -142,13 +142,6 @@ class Spread:
         mid = statistics.median(logs)
         return cls(1.4826 * statistics.median(abs(v - mid) for v in logs), len(logs) - 1, len(logs))
 
-    def interval(self, ratio: float, level: float, own: float = 0.0) -> Interval:
-        """The ``level`` interval of ``ratio``: its log +- t * sd, where sd is the spread or the
-        case's ``own`` standard error (``robust_se``) where that is larger: a case noisier than
-        the rest is not judged by the rest's noise."""
-        hw = _half_width(max(self.sd, own), self.dof, level, 1.0)
-        return Interval(ratio * math.exp(-hw), ratio * math.exp(hw), level)
-
 
 def robust_se(a: Sequence[float], b: Sequence[float]) -> float:
     """A case's own standard error of the log ratio of its two runs' medians, from its samples,
@@ -186,19 +179,73 @@ def _half_width(sd: float, dof: int, level: float, scale: float) -> float:
     return t_quantile(1 - (1 - level) / 2, dof) * sd * scale
 
 
-def ratio_interval(
-    base: dict[str, Any], new: dict[str, Any], ratio: float, noise: Noise, level: float, metric: str = "median"
-) -> Interval | None:
-    """The ``level`` interval of ``ratio`` (new / base of ``metric``, as reported) from the two
-    records' samples for that metric; None where either has none."""
-    a, b = samples(base, metric), samples(new, metric)
-    if not a or not b or not (ratio > 0) or not math.isfinite(ratio):
-        return None
-    sd, dof = noise.case_sd(a, b)
-    hw = _half_width(sd, dof, level, math.sqrt(1 / len(a) + 1 / len(b)))
-    if not math.isfinite(hw):
-        return Interval(0.0, math.inf, level)
-    return Interval(ratio * math.exp(-hw), ratio * math.exp(hw), level)
+@dataclass(frozen=True)
+class RatioError:
+    """The standard error of a ratio's log (``se``) with its degrees of freedom: what its interval
+    and its p-value against a threshold are made from."""
+
+    se: float
+    dof: int
+
+    @classmethod
+    def of(
+        cls,
+        base: dict[str, Any],
+        new: dict[str, Any],
+        noise: Noise,
+        metric: str = "median",
+        spread: Spread | None = None,
+    ) -> "RatioError | None":
+        """From the comparison's ``spread`` where it has one (for the median, the case's own
+        ``robust_se`` where that is larger: a case noisier than the rest is not judged by the
+        rest's noise; a slow round does not move the fastest call over all rounds, so for the min
+        its rounds would overstate its noise), else from the two records' samples for ``metric``
+        and the runs' ``noise``; None where a record has no samples."""
+        if spread is not None:
+            own = robust_se(samples(base, metric), samples(new, metric)) if metric == "median" else 0.0
+            return cls(max(spread.sd, own), spread.dof)
+        a, b = samples(base, metric), samples(new, metric)
+        if not a or not b:
+            return None
+        sd, dof = noise.case_sd(a, b)
+        return cls(sd * math.sqrt(1 / len(a) + 1 / len(b)), dof)
+
+    def interval(self, ratio: float, level: float) -> Interval:
+        """The ``level`` interval of ``ratio``: exp(log ratio +- t * se)."""
+        hw = _half_width(self.se, self.dof, level, 1.0)
+        if not math.isfinite(hw):
+            return Interval(0.0, math.inf, level)
+        return Interval(ratio * math.exp(-hw), ratio * math.exp(hw), level)
+
+    def p_beyond(self, ratio: float, threshold: float) -> float:
+        """The two-sided p-value of ``ratio`` lying beyond ``threshold`` (above 1 + threshold or
+        below its inverse): the largest 1 - level at which the ``level`` interval lies wholly
+        beyond it (1 where the ratio itself is within)."""
+        excess = abs(math.log(ratio)) - math.log1p(threshold)
+        if excess <= 0 or self.dof < 1:
+            return 1.0
+        if self.se <= 0:
+            return 0.0
+        return 2 * (1 - t_cdf(excess / self.se, self.dof))
+
+
+def holm_levels(p_values: dict[Any, float], alpha: float) -> dict[Any, float]:
+    """Each case's interval level under Holm's step-down control of the family-wise error at
+    ``alpha``: the cases in order of their p-values, the i-th (from 0) of m at 1 - alpha / (m - i)
+    while every earlier one was beyond the threshold; from the first that is not, every later case
+    at that step's level (none of them is beyond it). As strict as Bonferroni for the most extreme
+    case, less for the next ones: where many cases moved (a slower build), they are not all held
+    to the strictest level."""
+    m = len(p_values)
+    out: dict[Any, float] = {}
+    stopped = None
+    for i, key in enumerate(sorted(p_values, key=lambda k: p_values[k])):
+        if stopped is None:
+            level = 1 - alpha / (m - i)
+            if not p_values[key] < alpha / (m - i):
+                stopped = level
+        out[key] = stopped if stopped is not None else level
+    return out
 
 
 def time_interval(rec: dict[str, Any], time: float, noise: Noise, level: float = 0.95) -> Interval | None:

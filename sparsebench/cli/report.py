@@ -82,7 +82,7 @@ def compare(
     """Compare two result folders case by case (BASE NEW), or one along a dimension (BASE --by DIM).
 
     Each case gets the ratio new/base of its time with a confidence interval from its rounds
-    (or blocks of its calls), family-wise at 95% over all cases (Bonferroni); "slower" or
+    (or blocks of its calls), family-wise at 95% over all cases (Holm); "slower" or
     "faster" only when the whole interval is beyond the threshold, else "same within noise".
     Where the machine-speed probe moved by more than the threshold between the runs, the verdict
     is withheld (machine unstable), which fails the gate only with --fail-on-unstable. Where the

@@ -25,7 +25,6 @@ from sparsebench.analysis.compare import (
     Comparison,
     check_choice,
     key_text,
-    level_text,
     quality_tolerance,
     ratio_text,
 )
@@ -358,7 +357,7 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
             ax.plot(slow["seq_len"], slow["ratio"], markersize=13, zorder=6, label="_slower", **RING_MARKER)
     finish_axes(
         ax,
-        f"threshold {t:.0%}; bars: intervals, {1 - FAMILY_ALPHA:.0%} family-wise (each at {level_text(cmp.level)}); "
+        f"threshold {t:.0%}; bars: intervals, {1 - FAMILY_ALPHA:.0%} family-wise (Holm, {cmp.level_span}); "
         "ring: the whole interval above the threshold",
         "sequence length n (tokens)",
         f"{cmp.metric} time ratio (new / base)",

@@ -76,7 +76,7 @@ def rule_text(h: History) -> str:
         f"median time per call, ± its {TIME_LEVEL:.0%} interval (the upper side); "
         "▲/▼: a step, the ratio to the folder before "
         f"beyond {h.threshold:.0%} (above {1 + h.threshold:.2f}x or below {1 / (1 + h.threshold):.2f}x) "
-        f"with its interval, at {1 - FAMILY_ALPHA:.0%} confidence over the cases of each pair (Bonferroni)"
+        f"with its interval, at {1 - FAMILY_ALPHA:.0%} confidence over the cases of each pair (Holm)"
     )
 
 
