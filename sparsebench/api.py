@@ -208,7 +208,8 @@ def quality(q, k, v, pattern: "str | Pattern", causal: bool = True, rows=None, *
     attention's softmax mass on the pattern's keys: the mean over batch, heads and query rows, and
     the least row), ``quality_rows`` (the query rows covered) and ``quality_note`` (None; for a
     pattern whose mask is the model's semantics, such as document or prefix_lm, the figures are
-    None and the note says why). Computed in fp32 (float64 inputs in float64), a band of query
+    None and the note says why). A content-selected pattern (moba, quest, topk_keys) is judged on
+    the keys it selects from these q and k. Computed in fp32 (float64 inputs in float64), a band of query
     rows at a time, so memory stays small; the time is that of dense attention on the rows.
 
     ``rows``: None (every query row: exact), an integer R (the first, the last and R seeded
@@ -216,6 +217,7 @@ def quality(q, k, v, pattern: "str | Pattern", causal: bool = True, rows=None, *
     keyword goes to the pattern. Raises ScenarioError for a bad name, parameter, shape or row."""
     import torch
 
+    from sparsebench.patterns.selection import content_selected
     from sparsebench.quality_figures import measure, not_measured, sampled_rows
 
     batch, _, kv_heads, n, head_dim = _shapes(q, k, v)
@@ -247,7 +249,11 @@ def quality(q, k, v, pattern: "str | Pattern", causal: bool = True, rows=None, *
         idx = torch.as_tensor(rows).reshape(-1).long().unique()
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
             raise ScenarioError(f"rows must be query rows in 0..{n - 1} (or a count of rows to sample), got {rows!r}")
-    figures = measure(q, k, v, causal=causal, attended=lambda r: pat.rows(r, n, causal), rows=idx).fields()
+    if content_selected(pat):  # its keys are the selection it makes from these q and k
+        selection = pat.select(q, k)
+        figures = measure(q, k, v, causal=causal, attended=selection.mask, rows=idx).fields()
+    else:
+        figures = measure(q, k, v, causal=causal, attended=lambda r: pat.rows(r, n, causal), rows=idx).fields()
     del figures["full_grad_rel_err"]
     return figures
 

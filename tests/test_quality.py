@@ -100,6 +100,27 @@ def test_patterns_against_the_float64_definition(name, params):
     assert_figures(sparsebench.quality(*(t.float() for t in (q, k, v)), pattern=name, **params), want, rel=2e-5)
 
 
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("moba", {"chunk": 16, "topk": 2}),
+        ("quest", {"page_size": 8, "token_budget": 24}),
+        ("topk_keys", {"keys": 12, "index_dim": 8}),
+    ],
+)
+def test_a_content_selected_pattern_is_judged_on_the_keys_it_selects(name, params):
+    """The keys of moba, quest and topk_keys are chosen from q and k: the figures are the
+    definition's under the selection the pattern makes from these inputs (one head here, so that
+    the float64 reference's mask is that head's)."""
+    q, k, v = (t[:, :1] for t in qkv(96))
+    pat = sparsebench.pattern(name, **params)
+    want = reference(q, k, v, pat.select(q, k).mask()[0, 0])
+    assert 0 < want["recall_min"] < want["recall_mean"] < 1
+    assert_figures(sparsebench.quality(q, k, v, pattern=name, **params), want)
+    every = sparsebench.quality(q, k, v, pattern="moba", chunk=16, topk=6)  # all 6 chunks: full attention
+    assert every["recall_mean"] == pytest.approx(1.0, abs=1e-12) and every["full_rel_err"] < 1e-12
+
+
 def test_a_case_worked_out_by_hand():
     # n = 4, head_dim 1 (scale 1), every q = 1 and k_j = ln(j + 1): query i's full causal softmax
     # weights are proportional to j + 1 over j <= i. sliding_window(window=2) keeps keys i-1 and i:
