@@ -211,8 +211,8 @@ def test_a_wrong_layer_group_makes_the_stack_wrong_naming_it(tmp_path, monkeypat
 
     real = harness.run_case
 
-    def broken(sub):
-        got = real(sub)
+    def broken(sub, **kw):
+        got = real(sub, **kw)
         if sub.pattern == "sliding_window":
             got.update(status="wrong", reason="max abs error 1 above the fp32 tolerance")
         return got
@@ -220,6 +220,17 @@ def test_a_wrong_layer_group_makes_the_stack_wrong_naming_it(tmp_path, monkeypat
     monkeypatch.setattr(harness, "run_case", broken)
     rec = stack.run_stack_case(_case(tmp_path, GPT_OSS, 128))
     assert rec["status"] == "wrong" and rec["reason"].startswith("its sliding 128 layers:")
+
+
+def test_a_stack_spends_no_time_on_quality_figures_it_does_not_record(tmp_path, monkeypatch):
+    from sparsebench.measure import harness, stack
+
+    def refuse(*args, **kw):
+        raise AssertionError("a layer group computed its quality against full attention")
+
+    monkeypatch.setattr(harness, "case_quality", refuse)
+    rec = stack.run_stack_case(_case(tmp_path, GPT_OSS, 128))
+    assert rec.get("status", "ok") == "ok" and rec["quality_note"] == stack.QUALITY_NOTE
 
 
 # -- a run and its reports ----------------------------------------------------------------------

@@ -295,11 +295,12 @@ def flops(p: Problem, nnz: int) -> float:
     return fwd * 2.5 if p.mode == "backward" else fwd
 
 
-def run_case(case: Case) -> dict[str, Any]:
+def run_case(case: Case, quality: bool = True) -> dict[str, Any]:
     """Measure one case in this process. Returns the measured record fields (the caller adds
     identity fields), its quality against full attention among them (``case_quality``, after the
-    timed calls and outside the peak memory). Exceptions propagate; the runner turns them into
-    statuses."""
+    timed calls and outside the peak memory; ``quality=False``: not computed, for a caller that
+    records no such figures, as a model stack's layer groups). Exceptions propagate; the runner
+    turns them into statuses."""
     p = make_problem(case)
     backend = BACKENDS.get(case.backend)()
     load_backend(backend, p.device)
@@ -374,7 +375,8 @@ def run_case(case: Case) -> dict[str, Any]:
         probe_s=(before + probe(p.device)) / 2,
     )
     # once per case: untimed, after the peak memory window and the probe
-    fields.update(case_quality(case, p, q, k, v, out, grad=grad if backward else None, selection=selection))
+    if quality:
+        fields.update(case_quality(case, p, q, k, v, out, grad=grad if backward else None, selection=selection))
     return judge(fields, case.dtype)
 
 
