@@ -212,6 +212,21 @@ def test_holm_holds_a_common_slowdown_to_less_than_the_strictest_level():
     assert all(r.low > 1.1 for r in slower) and "Holm" in c.control
 
 
+def test_a_comparison_too_noisy_for_its_threshold_says_so():
+    """The cases' ratios scatter by 2% in one pair and 8% in another: the second cannot tell a
+    case that moved alone by less than about 1.4x from noise, and warns; the first does not."""
+    from statistics import NormalDist
+
+    m = 36
+    zs = [NormalDist().inv_cdf((i + 0.5) / m) for i in range(m)]
+    base = [_case(rounds=[1.0, 1.0, 1.0], n=256 * (i + 1)) for i in range(m)]
+    for sd, noisy in ((0.02, False), (0.08, True)):
+        new = [_case(rounds=[math.exp(sd * z)] * 3, n=256 * (i + 1)) for i, z in enumerate(zs)]
+        c = compare(frame(base), frame(new))
+        assert (c.resolvable > 1.3) is noisy and any("noisy comparison" in w for w in c.warnings) is noisy
+        assert f"told from noise from about {c.resolvable:.2f}x" in c.noise_text
+
+
 def test_a_moving_machine_withholds_the_verdict(tmp_path):
     base = [_case(rounds=[1.0, 1.01, 0.99], probe=0.010, n=n) for n in (512, 1024)]
     new = [_case(rounds=[1.5, 1.51, 1.49], probe=0.010 * (1.5 if n == 512 else 1.02), n=n) for n in (512, 1024)]

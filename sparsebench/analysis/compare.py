@@ -74,6 +74,7 @@ BY_DIMENSIONS = {
     "causal": "causal",
 }
 FAMILY_ALPHA = 0.05  # the chance of any false alarm over a whole comparison (Holm)
+NOISY_FACTOR = 3  # a comparison that cannot tell this many thresholds from noise is called noisy
 PROBE_SLACK = 2  # a case's verdict is withheld where the probe moved by more than (1 + threshold) ** this
 # environment.json keys whose difference makes timings hard to compare (and every entry of its
 # "switches": the SPARSEBENCH_* variables that change which kernels run)
@@ -276,7 +277,8 @@ class Comparison:
         if self.spread is not None:
             return (
                 f"the noise is the spread of the {self.spread.cases} cases' ratios around their common shift "
-                f"(robust sd {self.spread.sd:.1%})"
+                f"(robust sd {self.spread.sd:.1%}: a case that moved alone is told from noise from about "
+                f"{self.resolvable:.2f}x)"
             )
         return "the noise is each case's spread over its rounds (or blocks of its calls), with the runs' typical spread"
 
@@ -290,6 +292,28 @@ class Comparison:
             f"machine unstable: verdict withheld for {len(held)} case(s): the machine-speed probe moved "
             f"by more than {(1 + self.threshold) ** PROBE_SLACK - 1:.0%} between the two runs "
             f"(up to {worst.probe_ratio:.2f}x at {key_text(worst.key, self.shown_dims)}); rerun on a quiet machine"
+        )
+
+    @property
+    def resolvable(self) -> float | None:
+        """The smallest ratio the most extreme case can be called slower at (the first, strictest
+        level): 1 + threshold times the interval's half-width; None without a comparison spread."""
+        if self.spread is None:
+            return None
+        return (1 + self.threshold) * RatioError(self.spread.sd, self.spread.dof).interval(1.0, self.level).high
+
+    def noisy_message(self) -> str | None:
+        """A warning where the comparison's own noise hides changes of NOISY_FACTOR times the
+        threshold: the cases' ratios scatter so much that a case must move further than that to be
+        told from noise (``resolvable``). Nothing is withheld (a larger change still shows); the
+        reader learns why a smaller one did not."""
+        r = self.resolvable
+        if r is None or r <= 1 + NOISY_FACTOR * self.threshold:
+            return None
+        return (
+            f"noisy comparison: the cases' ratios scatter by {self.spread.sd:.1%} (robust sd), so a case that "
+            f"moved alone must be about {r:.2f}x slower (or faster) to be told from noise; rerun both on a quieter "
+            "machine or with more rounds"
         )
 
     def gate_failed(self, allow_missing: bool = False, fail_on_unstable: bool = False) -> bool:
@@ -421,10 +445,8 @@ def compare(
         noise,
         spread,
     )
-    unstable = result.unstable_message()
-    if unstable:
-        return replace(result, warnings=(*result.warnings, unstable))
-    return result
+    more = [m for m in (result.unstable_message(), result.noisy_message()) if m]
+    return replace(result, warnings=(*result.warnings, *more)) if more else result
 
 
 def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str = GATE_METRIC, warn=None) -> Comparison:
