@@ -69,7 +69,7 @@ def check(name, params, dtype, heads, kv_heads, d) -> list[str]:
     if out.dtype != dtype or any(t.grad.dtype != dtype for t in (q, k, v)):
         wrong.append("dtype")
     wrong += [f"{key} {e:.2e}" for key, e in errs.items() if not e <= TOL[dtype]]
-    return wrong
+    return wrong, max(errs.values())
 
 
 def main() -> int:
@@ -77,9 +77,10 @@ def main() -> int:
     for name, params, dtypes, heads, kv_heads, d in CASES:
         for dtype in dtypes:
             t0 = time.perf_counter()
-            wrong = check(name, params, dtype, heads, kv_heads, d)
+            wrong, worst = check(name, params, dtype, heads, kv_heads, d)
             label = f"{name} {params} {dtype} heads {heads}/{kv_heads} head_dim {d}"
-            print(f"{label}: {'ok' if not wrong else 'FAILED ' + ', '.join(wrong)} ({time.perf_counter() - t0:.1f} s)")
+            verdict = "ok" if not wrong else "FAILED " + ", ".join(wrong)
+            print(f"{label}: {verdict} (largest error {worst:.1e}; {time.perf_counter() - t0:.1f} s)", flush=True)
             failures += bool(wrong)
     return 1 if failures else 0
 

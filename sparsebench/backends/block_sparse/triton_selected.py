@@ -339,6 +339,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32: exact products
 
 
+def _warps(head_dim: int) -> int:
+    """Warps per program: 8 for head sizes of 128 and more (a block's queries, output and, in
+    backward, its dQ and output gradient held at once), else 4. Not tuned: no GPU has timed them."""
+    return 8 if head_dim >= 128 else 4
+
+
 def _check(q, k, selection: Selection) -> None:
     B, H, n, D = q.shape
     if selection.n != n or selection.index.shape[:3] != (B, H, n):
@@ -362,13 +368,15 @@ def forward(selection: Selection, q, k, v, tables: UnitTables | None = None):
         if selection.unit == 1:
             index = selection.index.to(torch.int32).contiguous()
             slots = index.shape[-1]
-            _token_forward[(n, G)](q, k, v, out, lse, index, n, group, slots, qk_scale, token_block(D), D)
+            _token_forward[(n, G)](
+                q, k, v, out, lse, index, n, group, slots, qk_scale, token_block(D), D, num_warps=_warps(D)
+            )  # fmt: skip
         else:
             tables = tables or unit_tables(selection, block_sizes(selection.unit, D)[0])
             block_m, block_n = block_sizes(selection.unit, D)
             _unit_forward[(tables.union.shape[1], G)](
                 q, k, v, out, lse, tables.union, tables.count, tables.chose, n, group, tables.width, tables.words,
-                selection.unit, qk_scale, block_m, block_n, D, _precision(q.dtype),
+                selection.unit, qk_scale, block_m, block_n, D, _precision(q.dtype), num_warps=_warps(D),
             )  # fmt: skip
     return out, lse
 
@@ -388,7 +396,8 @@ def backward(selection: Selection, q, k, v, out, lse, dout, tables: UnitTables |
             index = selection.index.to(torch.int32).contiguous()
             slots = index.shape[-1]
             _token_backward[(n, G)](
-                q, k, v, dout, lse, delta, dq, dk, dv, index, n, group, slots, qk_scale, token_block(D), D
+                q, k, v, dout, lse, delta, dq, dk, dv, index, n, group, slots, qk_scale, token_block(D), D,
+                num_warps=_warps(D),
             )  # fmt: skip
         else:
             tables = tables or unit_tables(selection, block_sizes(selection.unit, D)[0])
@@ -396,6 +405,7 @@ def backward(selection: Selection, q, k, v, out, lse, dout, tables: UnitTables |
             _unit_backward[(tables.union.shape[1], G)](
                 q, k, v, dout, lse, delta, dq, dk, dv, tables.union, tables.count, tables.chose, n, group,
                 tables.width, tables.words, selection.unit, qk_scale, block_m, block_n, D, _precision(q.dtype),
+                num_warps=_warps(D),
             )  # fmt: skip
     return (dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype)
 
