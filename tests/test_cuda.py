@@ -153,6 +153,15 @@ def test_block_sparse_residue_parts(monkeypatch, name, params, causal, dtype):
     assert_forward_backward("block_sparse", pat, p)
 
 
+@pytest.fixture(params=["keys", "union"])
+def unit_order(request, monkeypatch):
+    """Both orders of block_sparse's Triton unit kernels (moba, quest): key-major and union."""
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    monkeypatch.setattr(_tsel, "UNIT_ORDER", request.param)
+    return request.param
+
+
 def assert_selected(name, params, dtype, n=N, d=64, heads=4, kv_heads=2):
     """block_sparse's Triton kernels for a content-selected pattern, forward and backward, with
     grouped-query heads: the output and q, k, v gradients against float64 dense attention under
@@ -180,7 +189,7 @@ def assert_selected(name, params, dtype, n=N, d=64, heads=4, kv_heads=2):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,params", SELECTED_CASES)
-def test_block_sparse_content_selected_on_triton(name, params, dtype):
+def test_block_sparse_content_selected_on_triton(name, params, dtype, unit_order):
     assert_selected(name, params, dtype)
 
 
@@ -194,7 +203,7 @@ def test_block_sparse_content_selected_on_triton(name, params, dtype):
         ("topk_keys", {"keys": 100}),
     ],
 )
-def test_block_sparse_content_selected_large_heads(name, params, d, dtype):
+def test_block_sparse_content_selected_large_heads(name, params, d, dtype, unit_order):
     """The scenarios' shapes: head_dim 128 and 256, a length that is not a multiple of the tiles."""
     assert_selected(name, params, dtype, n=1000, d=d)
 

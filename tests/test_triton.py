@@ -247,6 +247,45 @@ def test_unit_tables_are_the_selection(name, params, block):
         assert tables.words > 1
 
 
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("name,params", UNIT_SELECTIONS, ids=[f"{n}-{sorted(p.values())}" for n, p in UNIT_SELECTIONS])
+def test_unit_pairs_are_the_selection(name, params, block):
+    """The key-major tables: every (row, unit) pair of the selection once, under its own unit's
+    programs, rows ascending; each program at most ``block`` pairs of one (sequence, unit), the
+    programs of a unit contiguous and covering its pairs; ``where`` finds each pair in the index."""
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    sel = _selection(name, params)
+    B, H, n, S = sel.index.shape
+    G, units = B * H, sel.units
+    pairs = _tsel.unit_pairs(sel, block)
+    assert pairs.rows.numel() == int((sel.index >= 0).sum())
+    assert torch.equal(pairs.unit_table(G), sel.unit_table().reshape(G, n, units))
+    start, end, cell = pairs.start.long(), pairs.end.long(), pairs.cell.long()
+    assert bool(((end - start >= 1) & (end - start <= block)).all())
+    assert torch.equal(start[1:], end[:-1]) and int(start[0]) == 0 and int(end[-1]) == pairs.rows.numel()
+    assert bool((cell[1:] >= cell[:-1]).all())  # by sequence and unit
+    # the pairs of one cell: its rows ascending; ``where`` points at the slot that names the unit
+    flat = sel.index.reshape(-1).long()
+    assert torch.equal(flat[pairs.where], cell.repeat_interleave(end - start) % units)
+    assert torch.equal(pairs.where // S % n, pairs.rows.long())
+    assert torch.equal(pairs.where // (n * S), cell.repeat_interleave(end - start) // units)
+    same = cell.repeat_interleave(end - start)
+    step = pairs.rows.long()[1:] - pairs.rows.long()[:-1]
+    assert bool((step[same[1:] == same[:-1]] > 0).all())
+
+
+def test_pairs_bytes_bound_the_pairs():
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    sel = _selection("quest", {"page_size": 4, "token_budget": 64})
+    B, H, n, S = sel.index.shape
+    pairs = _tsel.unit_pairs(sel, 64)
+    held = sum(t.numel() * t.element_size() for t in (pairs.rows, pairs.where, pairs.cell, pairs.start, pairs.end))
+    held += pairs.rows.numel() * 4 + B * H * n * S * 4  # the pairs' log-sum-exps and their table
+    assert held <= _tsel.pairs_bytes(B * H, n, S, 64)
+
+
 def test_unit_tables_by_chunks_of_blocks(monkeypatch):
     """Built a few blocks at a time (chunks of different union widths), the tables are the same."""
     from sparsebench.backends.block_sparse import triton_selected as _tsel
@@ -323,18 +362,24 @@ def test_content_selected_on_cuda_says_what_it_cannot_run(monkeypatch, triton_he
     assert backend.unsupported(_selected_problem(*moba, mode="backward")) is None  # backward on Triton too
     assert "power of two from 16 to 256 (not 96)" in backend.unsupported(_selected_problem(*moba, head_dim=96))
     assert "fp32, bf16 or fp16" in backend.unsupported(_selected_problem(*moba, dtype=torch.float64))
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    monkeypatch.setattr(_tsel, "UNIT_ORDER", "rows")
+    assert backend.unsupported(_selected_problem(*moba)) == "SPARSEBENCH_TRITON_UNITS='rows' is not one of keys, union"
     monkeypatch.setattr(block_sparse, "TRITON", False)  # SPARSEBENCH_TRITON=0: the CPU kernels only
     assert backend.unsupported(_selected_problem(*moba)) == "content-selected patterns run on the CPU kernels only"
 
 
+@pytest.mark.parametrize("order", ["keys", "union"])
 @pytest.mark.parametrize("mode", ["forward", "backward"])
-def test_content_selected_estimate_on_cuda(monkeypatch, triton_here, mode):
+def test_content_selected_estimate_on_cuda(monkeypatch, triton_here, mode, order):
     """The Triton path's estimate: inputs and output, the selection, its tables and log-sum-exps
     (backward: the gradients and their fp32 buffers); linear in n (no n x n), not the CPU path's."""
     from sparsebench.backends.base import BACKENDS
     from sparsebench.backends.block_sparse import selected as _selected
     from sparsebench.backends.block_sparse import triton_selected as _tsel
 
+    monkeypatch.setattr(_tsel, "UNIT_ORDER", order)
     backend = BACKENDS.get("block_sparse")()
     for name, params in CASES_SELECTED:
         kw = dict(seq_len=32768, heads=8, kv_heads=8, head_dim=64, dtype=torch.bfloat16, mode=mode)

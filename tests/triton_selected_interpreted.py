@@ -1,13 +1,14 @@
 """Run by tests/test_triton.py in a fresh process with TRITON_INTERPRET=1: block_sparse's Triton
-kernels for content-selected patterns (triton_selected.py), forward and backward, on the CPU:
-moba, quest and topk_keys at a length that is not a multiple of the tiles, fp32 and fp16,
-grouped-query attention (4 query heads over 2 key/value heads), rows with one key (every query's
-first one; patterns where every row of a unit start, or every row, has only itself), a union wider
-than 32 units (several bit-mask words per row), head sizes 16 and 256, against float64 dense
-attention under the selection the call made (``selection.mask``). The backend's callable is used
-(``prepare(p)``, ``fn.selected``), so the check judges the selection the call handed back. Prints
-one line per case and one per failure; exits 1 if any. (bf16 products are wrong in Triton's
-interpreter, so bf16 is left to tests/test_cuda.py on a GPU.)"""
+kernels for content-selected patterns (triton_selected.py), forward and backward, on the CPU: moba
+and quest in both unit orders (key-major and union) and topk_keys, at a length that is not a
+multiple of the tiles, fp32 and fp16, grouped-query attention (4 query heads over 2 key/value
+heads), rows with one key (every query's first one; patterns where every row of a unit start, or
+every row, has only itself), a union wider than 32 units (several bit-mask words per row), head
+sizes 16 and 256, against float64 dense attention under the selection the call made
+(``selection.mask``). The backend's callable is used (``prepare(p)``, ``fn.selected``), so the
+check judges the selection the call handed back. Prints one line per case and one per failure;
+exits 1 if any. (bf16 products are wrong in Triton's interpreter, so bf16 is left to
+tests/test_cuda.py on a GPU.)"""
 
 import os
 import sys
@@ -75,10 +76,12 @@ def check(name, params, dtype, heads, kv_heads, d) -> list[str]:
 def main() -> int:
     failures = 0
     for name, params, dtypes, heads, kv_heads, d in CASES:
-        for dtype in dtypes:
+        token = name == "topk_keys" or params.get("chunk") == 1
+        for order, dtype in ((o, t) for o in (("-",) if token else _tsel.UNIT_ORDERS) for t in dtypes):
+            _tsel.UNIT_ORDER = "keys" if token else order
             t0 = time.perf_counter()
             wrong, worst = check(name, params, dtype, heads, kv_heads, d)
-            label = f"{name} {params} {dtype} heads {heads}/{kv_heads} head_dim {d}"
+            label = f"{name} {params} {dtype} heads {heads}/{kv_heads} head_dim {d}" + ("" if token else f" {order}")
             verdict = "ok" if not wrong else "FAILED " + ", ".join(wrong)
             print(f"{label}: {verdict} (largest error {worst:.1e}; {time.perf_counter() - t0:.1f} s)", flush=True)
             failures += bool(wrong)

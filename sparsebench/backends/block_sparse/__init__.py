@@ -27,9 +27,10 @@ The package, one job per module:
   units of keys (chunks, pages) MoBA's way (each unit attends the query rows that chose it, one
   dense block, merged through the log-sum-exps; forward only), single keys as per-head key
   tables (forward and backward). ``triton_selected.py``: the same patterns on CUDA with Triton
-  (forward and backward): per query block the union of the units its rows chose, walked in key
-  tiles with a bit mask per row; single keys gathered through the selection's ids. Checked under
-  Triton's CPU interpreter; not yet timed on a GPU.
+  (forward and backward): units MoBA's way (per key unit the query rows that chose it, gathered;
+  or, SPARSEBENCH_TRITON_UNITS=union, per query block the union of the units its rows chose with
+  a bit mask per row), single keys gathered through the selection's ids. Checked under Triton's
+  CPU interpreter; not yet timed on a GPU.
 
 The rest of sparsebench uses only this module's names: the backend, ``attention_fn``, and the
 native module's state, warm-up and caching CPU allocator (at the end).
