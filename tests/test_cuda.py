@@ -32,6 +32,13 @@ CASES = [
     ("document", {"doc_lens": [70, 130, 41]}),
     ("prefix_lm", {"prefix": 90}),
 ]
+# content-selected patterns (keys chosen from q and k per call): checked against dense attention
+# under the selection the call handed back (``fn.selected``)
+SELECTED_CASES = [
+    ("moba", {"chunk": 50, "topk": 3}),
+    ("quest", {"page_size": 16, "token_budget": 64}),
+    ("topk_keys", {"keys": 20}),
+]
 # largest error relative to the largest reference value
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}
@@ -71,13 +78,14 @@ def assert_forward_backward(backend, pat, p):
 
 
 def test_every_pattern_is_covered():
-    # content-selected patterns (moba, quest, topk_keys) have no fixed mask and run on the CPU
-    # kernels only: block_sparse declines them on CUDA, and their checks live in
-    # tests/test_dynamic_patterns.py and tests/test_dynamic_kernels.py
+    # content-selected patterns (moba, quest, topk_keys) have no fixed mask: SELECTED_CASES, on
+    # block_sparse's Triton kernels (their CPU checks live in tests/test_dynamic_patterns.py and
+    # tests/test_dynamic_kernels.py)
     from sparsebench.patterns.selection import content_selected
 
     positional = {n for n in PATTERNS.names() if not content_selected(PATTERNS.get(n))}
     assert {name for name, _ in CASES} == positional
+    assert {name for name, _ in SELECTED_CASES} == set(PATTERNS.names()) - positional
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -145,6 +153,61 @@ def test_block_sparse_residue_parts(monkeypatch, name, params, causal, dtype):
     assert_forward_backward("block_sparse", pat, p)
 
 
+@pytest.fixture(params=["keys", "union"])
+def unit_order(request, monkeypatch):
+    """Both orders of block_sparse's Triton unit kernels (moba, quest): key-major and union."""
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    monkeypatch.setattr(_tsel, "UNIT_ORDER", request.param)
+    return request.param
+
+
+def assert_selected(name, params, dtype, n=N, d=64, heads=4, kv_heads=2):
+    """block_sparse's Triton kernels for a content-selected pattern, forward and backward, with
+    grouped-query heads: the output and q, k, v gradients against float64 dense attention under
+    the selection the call handed back."""
+    pat = PATTERNS.get(name).from_params(params)
+    p = Problem(pat, n, True, 1, heads, d, dtype, CUDA, mode="backward", kv_heads=kv_heads)
+    backend = BACKENDS.get("block_sparse")()
+    assert backend.unsupported(p) is None
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, n, d, generator=g).to(CUDA, dtype).requires_grad_(True)
+    k, v = (torch.randn(1, kv_heads, n, d, generator=g).to(CUDA, dtype).requires_grad_(True) for _ in range(2))
+    grad = torch.randn(q.shape, generator=g).to(CUDA, dtype)
+    out, selection = backend.prepare(p).selected(q, k, v)
+    assert out.device.type == "cuda" and out.dtype == dtype and out.shape == q.shape
+    out.backward(grad)
+    group = heads // kv_heads
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = masked_softmax_attention(q2, k2.repeat_interleave(group, 1), v2.repeat_interleave(group, 1), selection.mask())
+    ref.backward(grad.double())
+    assert rel_err(out, ref) < TOL[dtype]
+    for got, r in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
+        assert got.dtype == dtype
+        assert rel_err(got, r) < GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,params", SELECTED_CASES)
+def test_block_sparse_content_selected_on_triton(name, params, dtype, unit_order):
+    assert_selected(name, params, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("moba", {"chunk": 128, "topk": 3}),
+        ("quest", {"page_size": 16, "token_budget": 256}),
+        ("topk_keys", {"keys": 100}),
+    ],
+)
+def test_block_sparse_content_selected_large_heads(name, params, d, dtype, unit_order):
+    """The scenarios' shapes: head_dim 128 and 256, a length that is not a multiple of the tiles."""
+    assert_selected(name, params, dtype, n=1000, d=d)
+
+
 def test_dense_sdpa_bf16():
     pat, p = problem("dense", {}, torch.bfloat16)
     q, k, v = qkv(N, torch.bfloat16)
@@ -195,3 +258,35 @@ def test_scenario_on_cuda_end_to_end(tmp_path):
         assert r["peak_mem_bytes"] > 0
         assert r["backend"] == "sdpa" or r["max_abs_err"] < 5e-2
         assert r["mode"] == "forward" or (r["grad_check"] == "exact" and r["grad_err"] < 6e-2)
+
+
+def test_content_selected_scenario_on_cuda(tmp_path):
+    """moba, quest and topk_keys on block_sparse's Triton kernels through the CLI: every record
+    ok on the GPU, checked against the selection each call made (output and gradients), the
+    selection's own time recorded, and the estimate within ESTIMATE_BAND of the measured peak."""
+    from typer.testing import CliRunner
+
+    from sparsebench.cli.app import app
+    from sparsebench.measure.memory import ESTIMATE_BAND, estimate_ratio
+    from sparsebench.results.folder import read_records
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: cuda-selected\nseq_lens: [1024, 2048]\n"
+        "patterns:\n  - name: moba\n    params: {chunk: 128, topk: 3}\n"
+        "  - name: quest\n    params: {page_size: 16, token_budget: 256}\n"
+        "  - name: topk_keys\n    params: {keys: 128}\n"
+        "backends: [block_sparse]\ndevices: [cuda]\ndtypes: [bf16]\nmode: [forward, backward]\n"
+        "batch: 1\nheads: 4\nhead_dim: 64\nwarmup: 1\nrepeats: 3\n"
+    )
+    res = CliRunner().invoke(app, ["run", str(path), "-o", str(tmp_path / "res"), "--no-plots"])
+    assert res.exit_code == 0, res.output
+    recs = [r for r in read_records(tmp_path / "res") if r["backend"] == "block_sparse"]
+    assert len(recs) == 12  # 2 lengths x 2 modes x 3 patterns
+    for r in recs:
+        assert r["status"] == "ok", r
+        assert r["device"].startswith("cuda")
+        assert r["max_abs_err"] < 5e-2
+        assert r["select_s"] > 0
+        assert r["mode"] == "forward" or (r["grad_check"] == "exact" and r["grad_err"] < 6e-2)
+        assert ESTIMATE_BAND[0] <= estimate_ratio(r["est_mem_bytes"], r["peak_mem_bytes"]) <= ESTIMATE_BAND[1], r

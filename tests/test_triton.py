@@ -192,3 +192,220 @@ def test_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------
+# content-selected patterns on CUDA (triton_selected.py): the per-call tables and the dispatch
+# run everywhere; the kernels under the interpreter where Triton is installed
+
+
+def _selection(name, params, n=300, heads=4, kv_heads=2, batch=2, d=32):
+    from sparsebench.patterns.base import PATTERNS as P
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, heads, n, d, generator=g)
+    k = torch.randn(batch, kv_heads, n, d, generator=g)
+    return P.get(name).from_params(params).select(q, k)
+
+
+UNIT_SELECTIONS = [
+    ("moba", {"chunk": 50, "topk": 3}),
+    ("quest", {"page_size": 16, "token_budget": 64}),
+    ("quest", {"page_size": 4, "token_budget": 64}),  # unions of more than 32 pages: several words per row
+    ("moba", {"chunk": 20, "topk": 1}),  # own chunk only
+]
+
+
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("name,params", UNIT_SELECTIONS, ids=[f"{n}-{sorted(p.values())}" for n, p in UNIT_SELECTIONS])
+def test_unit_tables_are_the_selection(name, params, block):
+    """Per block of query rows, the union is exactly the units its rows chose (ascending, -1
+    padding, counted), and each row's bits over it give back the row's own units."""
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    sel = _selection(name, params)
+    B, H, n, _ = sel.index.shape
+    tables = _tsel.unit_tables(sel, block)
+    G, nb = B * H, -(-n // block)
+    assert tables.union.shape[:2] == (G, nb) and tables.chose.shape[:2] == (G, nb * block)
+    assert tables.union.dtype == tables.count.dtype == tables.chose.dtype == torch.int32
+    assert tables.words == -(-tables.width // 32)
+    chosen = sel.unit_table().reshape(G, n, -1)  # (G, n, units)
+    assert torch.equal(tables.unit_table(), chosen)
+    # the union of a block: the units any of its rows chose, nothing more, ascending, then -1
+    padded = torch.nn.functional.pad(chosen, (0, 0, 0, nb * block - n)).view(G, nb, block, -1).any(2)
+    units = torch.arange(padded.shape[-1])
+    for gi in range(G):
+        for b in range(nb):
+            want = units[padded[gi, b]]
+            c = int(tables.count[gi, b])
+            assert c == want.numel()
+            assert torch.equal(tables.union[gi, b, :c].long(), want)
+            assert bool((tables.union[gi, b, c:] == -1).all())
+    assert not tables.chose[:, n:].any()  # rows past the end choose nothing
+    if params.get("page_size") == 4:
+        assert tables.words > 1
+
+
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("name,params", UNIT_SELECTIONS, ids=[f"{n}-{sorted(p.values())}" for n, p in UNIT_SELECTIONS])
+def test_unit_pairs_are_the_selection(name, params, block):
+    """The key-major tables: every (row, unit) pair of the selection once, under its own unit's
+    programs, rows ascending; each program at most ``block`` pairs of one (sequence, unit), the
+    programs of a unit contiguous and covering its pairs; ``where`` finds each pair in the index."""
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    sel = _selection(name, params)
+    B, H, n, S = sel.index.shape
+    G, units = B * H, sel.units
+    pairs = _tsel.unit_pairs(sel, block)
+    assert pairs.rows.numel() == int((sel.index >= 0).sum())
+    assert torch.equal(pairs.unit_table(G), sel.unit_table().reshape(G, n, units))
+    start, end, cell = pairs.start.long(), pairs.end.long(), pairs.cell.long()
+    assert bool(((end - start >= 1) & (end - start <= block)).all())
+    assert torch.equal(start[1:], end[:-1]) and int(start[0]) == 0 and int(end[-1]) == pairs.rows.numel()
+    assert bool((cell[1:] >= cell[:-1]).all())  # by sequence and unit
+    # the pairs of one cell: its rows ascending; ``where`` points at the slot that names the unit
+    flat = sel.index.reshape(-1).long()
+    assert torch.equal(flat[pairs.where], cell.repeat_interleave(end - start) % units)
+    assert torch.equal(pairs.where // S % n, pairs.rows.long())
+    assert torch.equal(pairs.where // (n * S), cell.repeat_interleave(end - start) // units)
+    same = cell.repeat_interleave(end - start)
+    step = pairs.rows.long()[1:] - pairs.rows.long()[:-1]
+    assert bool((step[same[1:] == same[:-1]] > 0).all())
+
+
+def test_pairs_bytes_bound_the_pairs():
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    sel = _selection("quest", {"page_size": 4, "token_budget": 64})
+    B, H, n, S = sel.index.shape
+    pairs = _tsel.unit_pairs(sel, 64)
+    held = sum(t.numel() * t.element_size() for t in (pairs.rows, pairs.where, pairs.cell, pairs.start, pairs.end))
+    held += pairs.rows.numel() * 4 + B * H * n * S * 4  # the pairs' log-sum-exps and their table
+    assert held <= _tsel.pairs_bytes(B * H, n, S, 64)
+
+
+def test_unit_tables_by_chunks_of_blocks(monkeypatch):
+    """Built a few blocks at a time (chunks of different union widths), the tables are the same."""
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    sel = _selection("quest", {"page_size": 4, "token_budget": 64})
+    whole = _tsel.unit_tables(sel, 32)
+    monkeypatch.setattr(_tsel, "TABLE_CHUNK_ELEMS", 3 * 32 * sel.index.shape[-1])  # 3 blocks a chunk
+    chunked = _tsel.unit_tables(sel, 32)
+    for name in ("union", "count", "chose"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+
+
+@pytest.mark.parametrize("name,params", UNIT_SELECTIONS[:3])
+def test_table_bytes_bound_the_tables(name, params):
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    sel = _selection(name, params, d=64)
+    B, H, n, slots = sel.index.shape
+    tables = _tsel.unit_tables(sel, _tsel.block_sizes(sel.unit, 64)[0])
+    held = sum(t.numel() * 4 for t in (tables.union, tables.count, tables.chose))
+    assert held <= _tsel.table_bytes(B * H, n, sel.unit, slots, 64)
+
+
+def _selected_problem(name, params, device="cuda", **kw):
+    from sparsebench.backends.base import Problem
+
+    base = dict(seq_len=300, causal=True, batch=1, heads=4, head_dim=32, dtype=torch.float16, kv_heads=2)
+    return Problem(PATTERNS.get(name).from_params(params), device=torch.device(device), **{**base, **kw})
+
+
+@pytest.fixture
+def triton_here(monkeypatch):
+    """As on a GPU machine with Triton: its kernels count as available (none is launched)."""
+    monkeypatch.setattr(_triton, "unavailable", lambda device: None)
+
+
+def test_content_selected_on_cuda_runs_the_triton_path(monkeypatch, triton_here):
+    """On CUDA with Triton, block_sparse's callable for a content-selected pattern selects from
+    the call's q and k and hands that selection to the Triton kernels' ``attend`` (and back
+    through ``fn.selected``); on the CPU it stays on the native path."""
+    from sparsebench.backends.base import BACKENDS
+    from sparsebench.backends.block_sparse import selected as _selected
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    seen = []
+
+    def attend(q, k, v, selection):
+        seen.append(selection)
+        return torch.full_like(q, 7.0)
+
+    monkeypatch.setattr(_tsel, "attend", attend)
+    backend = BACKENDS.get("block_sparse")()
+    for name, params in CASES_SELECTED:
+        p = _selected_problem(name, params)
+        assert backend.unsupported(p) is None
+        fn = backend.prepare(p)
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 4, 300, 32, generator=g)
+        k, v = (torch.randn(1, 2, 300, 32, generator=g) for _ in range(2))
+        out, selection = fn.selected(q, k, v)
+        assert seen[-1] is selection and bool((out == 7).all())
+        assert torch.equal(selection.index, p.pattern.select(q, k).index)
+    native = object()
+    monkeypatch.setattr(_selected, "prepare", lambda p: native)
+    assert backend.prepare(_selected_problem("moba", {"chunk": 50, "topk": 3}, device="cpu")) is native
+
+
+def test_content_selected_on_cuda_says_what_it_cannot_run(monkeypatch, triton_here):
+    from sparsebench.backends import block_sparse
+    from sparsebench.backends.base import BACKENDS
+
+    backend = BACKENDS.get("block_sparse")()
+    moba = ("moba", {"chunk": 50, "topk": 3})
+    assert backend.unsupported(_selected_problem(*moba, mode="backward")) is None  # backward on Triton too
+    assert "power of two from 16 to 256 (not 96)" in backend.unsupported(_selected_problem(*moba, head_dim=96))
+    assert "fp32, bf16 or fp16" in backend.unsupported(_selected_problem(*moba, dtype=torch.float64))
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    monkeypatch.setattr(_tsel, "UNIT_ORDER", "rows")
+    assert backend.unsupported(_selected_problem(*moba)) == "SPARSEBENCH_TRITON_UNITS='rows' is not one of keys, union"
+    monkeypatch.setattr(block_sparse, "TRITON", False)  # SPARSEBENCH_TRITON=0: the CPU kernels only
+    assert backend.unsupported(_selected_problem(*moba)) == "content-selected patterns run on the CPU kernels only"
+
+
+@pytest.mark.parametrize("order", ["keys", "union"])
+@pytest.mark.parametrize("mode", ["forward", "backward"])
+def test_content_selected_estimate_on_cuda(monkeypatch, triton_here, mode, order):
+    """The Triton path's estimate: inputs and output, the selection, its tables and log-sum-exps
+    (backward: the gradients and their fp32 buffers); linear in n (no n x n), not the CPU path's."""
+    from sparsebench.backends.base import BACKENDS
+    from sparsebench.backends.block_sparse import selected as _selected
+    from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+    monkeypatch.setattr(_tsel, "UNIT_ORDER", order)
+    backend = BACKENDS.get("block_sparse")()
+    for name, params in CASES_SELECTED:
+        kw = dict(seq_len=32768, heads=8, kv_heads=8, head_dim=64, dtype=torch.bfloat16, mode=mode)
+        p = _selected_problem(name, params, **kw)
+        est = backend.estimate_bytes(p)
+        assert est == _tsel.estimate_bytes(p) != _selected.estimate_bytes(p)
+        rows = 8 * 32768
+        floor = p.io_bytes + rows * p.pattern.slots(32768) * 4 + rows * 4
+        if mode == "backward":
+            floor += 2 * p.io_bytes
+        assert est >= floor
+        twice = backend.estimate_bytes(_selected_problem(name, params, **{**kw, "seq_len": 65536}))
+        assert twice < 2.2 * est, (name, twice / est)
+
+
+CASES_SELECTED = [("moba", {"chunk": 512, "topk": 4}), ("quest", {"page_size": 16, "token_budget": 512}),
+                  ("topk_keys", {"keys": 64})]  # fmt: skip
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of PyTorch have none)"
+)
+def test_selected_kernels_under_the_interpreter():
+    """moba, quest and topk_keys on the Triton kernels (forward and backward) in Triton's CPU
+    interpreter against float64 dense attention under the call's selection: tests/triton_selected_interpreted.py."""
+    script = Path(__file__).with_name("triton_selected_interpreted.py")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]

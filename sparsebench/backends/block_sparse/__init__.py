@@ -26,7 +26,11 @@ The package, one job per module:
   by each call) on the CPU's native kernels, the pattern's selection inside the timed call:
   units of keys (chunks, pages) MoBA's way (each unit attends the query rows that chose it, one
   dense block, merged through the log-sum-exps; forward only), single keys as per-head key
-  tables (forward and backward). On CUDA they are unsupported (the CPU kernels only).
+  tables (forward and backward). ``triton_selected.py``: the same patterns on CUDA with Triton
+  (forward and backward): units MoBA's way (per key unit the query rows that chose it, gathered;
+  or, SPARSEBENCH_TRITON_UNITS=union, per query block the union of the units its rows chose with
+  a bit mask per row), single keys gathered through the selection's ids. Checked under Triton's
+  CPU interpreter; not yet timed on a GPU.
 
 The rest of sparsebench uses only this module's names: the backend, ``attention_fn``, and the
 native module's state, warm-up and caching CPU allocator (at the end).
@@ -59,6 +63,17 @@ def _use_triton(p: Problem) -> bool:
 
     # each call covers batch * kv_heads sequences (grouped-query attention runs by groups: ``grouped``)
     return _triton.unavailable(p.device) is None and _triton.supports(p.head_dim, p.dtype, p.batch * p.kv_heads)
+
+
+def _selected_on_triton(p: Problem) -> bool:
+    """Whether a content-selected problem runs on the Triton kernels of ``triton_selected.py``:
+    on CUDA with Triton installed (SPARSEBENCH_TRITON not 0); otherwise the native CPU kernels of
+    ``selected.py`` (which decline other devices)."""
+    if not (TRITON and p.device.type == "cuda"):
+        return False
+    from sparsebench.backends.block_sparse import triton as _triton
+
+    return _triton.unavailable(p.device) is None
 
 
 class _Attention(torch.autograd.Function):
@@ -125,14 +140,23 @@ class BlockSparse(Backend):
 
     def unsupported(self, p: Problem) -> str | None:
         if _selected.content_selected(p.pattern):
+            if _selected_on_triton(p):
+                from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+                return _tsel.unsupported(p)
             return _selected.unsupported(p)
         return super().unsupported(p)
 
     def prepare(self, p: Problem):
         """The plan for batch * kv_heads sequences; grouped-query inputs run it once per group
         (``grouped``) on the shared k and v. Content-selected patterns (keys chosen from q and k
-        per call) run their selection and the native kernels of ``selected.py`` per call."""
+        per call) run their selection and then the native kernels of ``selected.py`` (CPU) or the
+        Triton kernels of ``triton_selected.py`` (CUDA) per call."""
         if _selected.content_selected(p.pattern):
+            if _selected_on_triton(p):
+                from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+                return _tsel.prepare(p)
             return _selected.prepare(p)
         if _use_triton(p):
             from sparsebench.backends.block_sparse import triton as _triton
@@ -161,8 +185,12 @@ class BlockSparse(Backend):
         also the saved outputs of every group, the output gradient, the gradients of q, k, v and
         autograd's full-size gradients of the slices (measured: 0.83x-0.90x of the peak, bigbird
         and longformer, 16 query heads over 4, n = 2048). Content-selected patterns:
-        ``selected.estimate_bytes``."""
+        ``selected.estimate_bytes`` (CPU), ``triton_selected.estimate_bytes`` (CUDA)."""
         if _selected.content_selected(p.pattern):
+            if _selected_on_triton(p):
+                from sparsebench.backends.block_sparse import triton_selected as _tsel
+
+                return _tsel.estimate_bytes(p)
             return _selected.estimate_bytes(p)
         if p.group > 1:
             one = self.estimate_bytes(replace(p, heads=p.kv_heads))  # one group's run, k and v included
