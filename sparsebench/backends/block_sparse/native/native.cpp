@@ -1399,8 +1399,10 @@ inline int64_t count_at_least(const uint32_t* u, int64_t c, uint32_t t) {
 }
 
 // The k-th largest of u[0 .. c - 1] (1 <= k <= c): t with count(>= t) >= k > count(> t); `above`
-// gets count(> t). Bisection between the list's least and greatest key.
-inline uint32_t kth_largest(const uint32_t* u, int64_t c, int64_t k, int64_t& above) {
+// gets count(> t). Bisection between the list's least and greatest key; once few keys lie between
+// the bounds (lo <= u < hi), they are copied to `scratch` (room for c + 16) and the bisection goes on
+// over them alone.
+inline uint32_t kth_largest(const uint32_t* u, int64_t c, int64_t k, int64_t& above, uint32_t* scratch) {
   __m512i lo_v = _mm512_set1_epi32(-1), hi_v = _mm512_setzero_si512();
   for (int64_t j = 0; j < c; j += 16) {
     const __mmask16 m = lanes(c - j);
@@ -1408,11 +1410,27 @@ inline uint32_t kth_largest(const uint32_t* u, int64_t c, int64_t k, int64_t& ab
     hi_v = _mm512_mask_max_epu32(hi_v, m, hi_v, _mm512_maskz_loadu_epi32(m, u + j));
   }
   uint64_t lo = _mm512_reduce_min_epu32(lo_v), hi = static_cast<uint64_t>(_mm512_reduce_max_epu32(hi_v)) + 1;
-  int64_t at_hi = 0;  // count(>= hi) < k; count(>= lo) >= k
+  int64_t at_lo = c, at_hi = 0;  // count(>= lo) >= k > count(>= hi)
+  const uint32_t* a = u;         // keys of the current set; count(>= x) = base + count in a, lo <= x <= hi
+  int64_t na = c, base = 0;
   while (hi - lo > 1) {
+    if (a == u && (at_lo - at_hi) * 8 <= c && c > 64) {  // few left between the bounds: only those
+      const __m512i lv = _mm512_set1_epi32(static_cast<int>(lo)), hv = _mm512_set1_epi32(static_cast<int>(hi - 1));
+      int64_t w = 0;
+      for (int64_t j = 0; j < c; j += 16) {
+        const __mmask16 m = lanes(c - j);
+        const __m512i x = _mm512_maskz_loadu_epi32(m, u + j);
+        const __mmask16 in = _mm512_mask_cmple_epu32_mask(_mm512_mask_cmpge_epu32_mask(m, x, lv), x, hv);
+        _mm512_storeu_si512(scratch + w, _mm512_maskz_compress_epi32(in, x));
+        w += __builtin_popcount(in);
+      }
+      a = scratch;
+      na = w;
+      base = at_hi;
+    }
     const uint64_t mid = lo + (hi - lo) / 2;
-    const int64_t cm = count_at_least(u, c, static_cast<uint32_t>(mid));
-    if (cm >= k) lo = mid;
+    const int64_t cm = base + count_at_least(a, na, static_cast<uint32_t>(mid));
+    if (cm >= k) { lo = mid; at_lo = cm; }
     else { hi = mid; at_hi = cm; }
   }
   above = at_hi;
@@ -1456,15 +1474,15 @@ struct TopRow {
 };
 
 // Cut a list to its best `keys` (ties to the earlier key); later keys must score above the cut.
-inline void cut_list(TopRow& row, int64_t keys) {
+inline void cut_list(TopRow& row, int64_t keys, uint32_t* scratch) {
   int64_t above = 0;
-  const uint32_t t = kth_largest(row.u, row.c, keys, above);
+  const uint32_t t = kth_largest(row.u, row.c, keys, above, scratch);
   row.c = keep_best(row.u, row.pos, row.c, t, keys - above, row.u, row.pos);
   row.th = t + 1;  // t < 2^32 - 1: the keys of finite floats stop below 0xFF800000
 }
 
 // Adds the scores s[0 .. 31] of keys j0 .. j0 + 31 that row i sees (j < i) and that reach its threshold.
-inline void keep_tile(const float* s, int64_t j0, int64_t i, TopRow& row, int64_t keys) {
+inline void keep_tile(const float* s, int64_t j0, int64_t i, TopRow& row, int64_t keys, uint32_t* scratch) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i th = _mm512_set1_epi32(static_cast<int>(row.th));
   for (int half = 0; half < 2; ++half) {
@@ -1477,7 +1495,7 @@ inline void keep_tile(const float* s, int64_t j0, int64_t i, TopRow& row, int64_
                         _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(jh)))));
     row.c += __builtin_popcount(keep);
   }
-  if (row.c > 2 * keys) cut_list(row, keys);
+  if (row.c > 2 * keys) cut_list(row, keys, scratch);
 }
 
 constexpr int64_t SEL_ROWS = 64;          // query rows per pass over a segment of keys (8 register blocks)
@@ -1487,7 +1505,7 @@ constexpr int64_t SEL_SAMPLE = 32;        // tiles of the threshold's sample (10
 // Scores rows [i0, i0 + nr) (q rows q[r * e], RB more readable rows past nr) against the packed
 // keys pk (tiles of KT keys, e x KT each), segment by segment, into their lists.
 inline void score_rows(const float* q, int64_t nr, int64_t i0, const float* pk, int64_t e, int64_t keys, TopRow* rows,
-                       float* s) {
+                       float* s, uint32_t* scratch) {
   const int64_t last = i0 + nr - 1, tiles = (last + KT - 1) / KT;  // tiles holding keys j < last
   const int64_t seg = std::max<int64_t>(1, SEL_SEGMENT / (KT * e * 4));
   for (int64_t t0 = 0; t0 < tiles; t0 += seg) {
@@ -1496,7 +1514,7 @@ inline void score_rows(const float* q, int64_t nr, int64_t i0, const float* pk, 
       const int64_t rn = std::min<int64_t>(RB, nr - rb), rlast = i0 + rb + rn - 1;
       for (int64_t t = t0; t < t1 && t * KT < rlast; ++t) {
         qk_tile(q + rb * e, pk + t * e * KT, e, s, KT);
-        for (int64_t r = 0; r < rn; ++r) keep_tile(s + r * KT, t * KT, i0 + rb + r, rows[rb + r], keys);
+        for (int64_t r = 0; r < rn; ++r) keep_tile(s + r * KT, t * KT, i0 + rb + r, rows[rb + r], keys, scratch);
       }
     }
   }
@@ -1509,7 +1527,7 @@ inline void sample_thresholds(const float* q, int64_t nr, int64_t i0, const floa
                               TopRow* rows, float* samp, uint32_t* us) {
   const int64_t full = i0 / KT, ns_t = std::min<int64_t>(SEL_SAMPLE, full / 8), ns = ns_t * KT;
   for (int64_t r = 0; r < nr; ++r) rows[r].th = 0;
-  if (i0 <= 4 * keys || ns_t < 4) return;
+  if (i0 <= 2 * keys || ns_t < 4) return;
   for (int64_t rb = 0; rb < nr; rb += RB) {
     for (int64_t s = 0; s < ns_t; ++s) qk_tile(q + rb * e, pk + (s * full / ns_t) * e * KT, e, samp + s * KT, ns);
     for (int64_t r = rb; r < std::min<int64_t>(nr, rb + RB); ++r) {
@@ -1518,7 +1536,7 @@ inline void sample_thresholds(const float* q, int64_t nr, int64_t i0, const floa
       const double want = static_cast<double>(keys) / (i0 + r) * ns;
       const int64_t rank = std::min<int64_t>(ns, static_cast<int64_t>(want + 3 * std::sqrt(want) + 8));
       int64_t above = 0;
-      rows[r].th = kth_largest(us, ns, rank, above);
+      rows[r].th = kth_largest(us, ns, rank, above, us + ns + 16);
     }
   }
 }
@@ -1553,7 +1571,7 @@ torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) 
   const int64_t cap = 2 * keys + 64;  // a list: at most 2 * keys + 32 entries, 16 writable past them
   at::parallel_for(0, B * H * pairs, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> qbuf((SEL_ROWS + RB) * e, 0.f), s(RB * KT), samp(RB * SEL_SAMPLE * KT);
-    std::vector<uint32_t> ubuf(SEL_ROWS * cap), us(SEL_SAMPLE * KT);
+    std::vector<uint32_t> ubuf(SEL_ROWS * cap), us(2 * SEL_SAMPLE * KT + 32), scratch(cap + 16);
     std::vector<int32_t> pbuf(SEL_ROWS * cap);
     TopRow rows[SEL_ROWS];
     for (int64_t item = b0; item < b1; ++item) {
@@ -1566,14 +1584,14 @@ torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) 
         std::fill(qbuf.begin() + nr * e, qbuf.end(), 0.f);
         for (int64_t r = 0; r < nr; ++r) rows[r] = TopRow{ubuf.data() + r * cap, pbuf.data() + r * cap, 0, 0};
         sample_thresholds(qbuf.data(), nr, i0, pk, e, keys, rows, samp.data(), us.data());
-        score_rows(qbuf.data(), nr, i0, pk, e, keys, rows, s.data());
+        score_rows(qbuf.data(), nr, i0, pk, e, keys, rows, s.data(), scratch.data());
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t i = i0 + r;
           TopRow& row = rows[r];
           if (row.c < std::min(keys, i)) {  // the sample misled: this row again, every score
             row.c = 0;
             row.th = 0;
-            score_rows(qbuf.data() + r * e, 1, i, pk, e, keys, &row, s.data());
+            score_rows(qbuf.data() + r * e, 1, i, pk, e, keys, &row, s.data(), scratch.data());
           }
           int32_t* o = O + (g * n + i) * (keys + 1);
           int64_t w;
@@ -1582,7 +1600,7 @@ torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) 
             w = row.c;
           } else {
             int64_t above = 0;
-            const uint32_t t = kth_largest(row.u, row.c, keys, above);
+            const uint32_t t = kth_largest(row.u, row.c, keys, above, scratch.data());
             w = keep_best(row.u, row.pos, row.c, t, keys - above, nullptr, o);
           }
           o[w++] = static_cast<int32_t>(i);
