@@ -1363,22 +1363,30 @@ void table_backward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 // highest score qi_i . ki_j (all of them when there are fewer; of equal scores the earlier key
 // first), then i itself, ascending, -1 padding to keys + 1.
 //
-// Scores are compared as order-preserving uint32 keys of the floats (-0 taken as +0): a >= b as
-// floats iff key(a) >= key(b) as unsigned integers, so that one vector compare and a popcount
-// count the scores at or above a value. Each row keeps a candidate list (keys, positions, in key
-// order) of the scores at or above its threshold:
+// Each row keeps a candidate list (scores and positions, in key order) of the scores at or above
+// its threshold:
 // * the threshold starts from a sample (whole tiles spread over the keys every row of the block
 //   sees), a little below the row's keys-th score there; a row whose sample misled (fewer
 //   candidates than it needs at the end) is scored again with no threshold (the fallback);
 // * a list that grows past 2 * keys is cut to its exact best `keys` (ties to the earlier key) and
 //   its threshold raised above the keys-th score: a later key must beat it, an equal one comes
 //   later and loses the tie. So a list never holds more than ~2 * keys, whatever the sample.
-// The keys-th score of a list is found by bisection on the uint32 keys (count >= t), not a sort.
+// The keys-th score of a list is found by bisection on order-preserving uint32 keys of its scores
+// (-0 taken as +0: a >= b as floats iff key(a) >= key(b) as unsigned integers), counting the keys
+// at or above a value with one vector compare and a popcount: no sort.
 
 // order-preserving uint32 keys of 16 scores
 inline __m512i order_keys(__m512 x) {
   const __m512i b = _mm512_castps_si512(_mm512_add_ps(x, _mm512_setzero_ps()));  // -0 -> +0
   return _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(INT32_MIN)));
+}
+
+// the score whose key is t
+inline float from_key(uint32_t t) {
+  const uint32_t b = (t & 0x80000000u) ? (t ^ 0x80000000u) : ~t;
+  float f;
+  __builtin_memcpy(&f, &b, 4);
+  return f;
 }
 
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1); }
@@ -1398,17 +1406,21 @@ inline int64_t count_at_least(const uint32_t* u, int64_t c, uint32_t t) {
   return a + b;
 }
 
-// The k-th largest of u[0 .. c - 1] (1 <= k <= c): t with count(>= t) >= k > count(> t); `above`
-// gets count(> t). Bisection between the list's least and greatest key; once few keys lie between
-// the bounds (lo <= u < hi), they are copied to `scratch` (room for c + 16) and the bisection goes on
-// over them alone.
-inline uint32_t kth_largest(const uint32_t* u, int64_t c, int64_t k, int64_t& above, uint32_t* scratch) {
+// The key t of the k-th largest of the scores v[0 .. c - 1] (1 <= k <= c): count(>= t) >= k >
+// count(> t); `above` gets count(> t). The scores' keys go to `scratch` (room for 2 c + 32); a
+// bisection between the least and the greatest; once few keys lie between the bounds
+// (lo <= u < hi), they are copied behind the others and the bisection goes on over them alone.
+inline uint32_t kth_largest(const float* v, int64_t c, int64_t k, int64_t& above, uint32_t* scratch) {
+  uint32_t* u = scratch;
   __m512i lo_v = _mm512_set1_epi32(-1), hi_v = _mm512_setzero_si512();
   for (int64_t j = 0; j < c; j += 16) {
     const __mmask16 m = lanes(c - j);
-    lo_v = _mm512_mask_min_epu32(lo_v, m, lo_v, _mm512_maskz_loadu_epi32(m, u + j));
-    hi_v = _mm512_mask_max_epu32(hi_v, m, hi_v, _mm512_maskz_loadu_epi32(m, u + j));
+    const __m512i x = order_keys(_mm512_maskz_loadu_ps(m, v + j));
+    _mm512_storeu_si512(u + j, x);
+    lo_v = _mm512_mask_min_epu32(lo_v, m, lo_v, x);
+    hi_v = _mm512_mask_max_epu32(hi_v, m, hi_v, x);
   }
+  scratch += c + 16;
   uint64_t lo = _mm512_reduce_min_epu32(lo_v), hi = static_cast<uint64_t>(_mm512_reduce_max_epu32(hi_v)) + 1;
   int64_t at_lo = c, at_hi = 0;  // count(>= lo) >= k > count(>= hi)
   const uint32_t* a = u;         // keys of the current set; count(>= x) = base + count in a, lo <= x <= hi
@@ -1437,19 +1449,19 @@ inline uint32_t kth_largest(const uint32_t* u, int64_t c, int64_t k, int64_t& ab
   return static_cast<uint32_t>(lo);
 }
 
-// Keeps, in order, the entries with u > t and the first `equal` with u == t: positions to po
-// (and keys to uo when given), written with masked stores (po may be pos: in place); returns how
-// many. u and pos have 16 readable slots past c.
-inline int64_t keep_best(const uint32_t* u, const int32_t* pos, int64_t c, uint32_t t, int64_t equal, uint32_t* uo,
+// Keeps, in order, the entries with v > t and the first `equal` with v == t: positions to po
+// (and scores to vo when given), written with masked stores (po may be pos: in place); returns how
+// many.
+inline int64_t keep_best(const float* v, const int32_t* pos, int64_t c, float t, int64_t equal, float* vo,
                          int32_t* po) {
-  const __m512i tv = _mm512_set1_epi32(static_cast<int>(t));
+  const __m512 tv = _mm512_set1_ps(t);
   int64_t w = 0;
   for (int64_t j = 0; j < c; j += 16) {
     const __mmask16 m = lanes(c - j);
-    const __m512i x = _mm512_maskz_loadu_epi32(m, u + j);
+    const __m512 x = _mm512_maskz_loadu_ps(m, v + j);
     const __m512i p = _mm512_maskz_loadu_epi32(m, pos + j);
-    const __mmask16 gt = _mm512_mask_cmpgt_epu32_mask(m, x, tv);
-    unsigned eq = _mm512_mask_cmpeq_epu32_mask(m, x, tv);
+    const __mmask16 gt = _mm512_mask_cmp_ps_mask(m, x, tv, _CMP_GT_OQ);
+    unsigned eq = _mm512_mask_cmp_ps_mask(m, x, tv, _CMP_EQ_OQ);
     if (eq) {
       unsigned kept = 0;
       for (; eq && equal > 0; --equal) { kept |= eq & (0u - eq); eq &= eq - 1; }  // the lowest ones
@@ -1459,7 +1471,7 @@ inline int64_t keep_best(const uint32_t* u, const int32_t* pos, int64_t c, uint3
     const int kn = __builtin_popcount(keep);
     const __mmask16 out = lanes(kn);
     _mm512_mask_storeu_epi32(po + w, out, _mm512_maskz_compress_epi32(keep, p));
-    if (uo) _mm512_mask_storeu_epi32(uo + w, out, _mm512_maskz_compress_epi32(keep, x));
+    if (vo) _mm512_mask_storeu_ps(vo + w, out, _mm512_maskz_compress_ps(keep, x));
     w += kn;
   }
   return w;
@@ -1467,30 +1479,30 @@ inline int64_t keep_best(const uint32_t* u, const int32_t* pos, int64_t c, uint3
 
 // One query row's candidate list.
 struct TopRow {
-  uint32_t* u;
+  float* v;
   int32_t* pos;
   int64_t c;
-  uint32_t th;  // keys below it are never kept
+  float th;  // scores below it are never kept
 };
 
 // Cut a list to its best `keys` (ties to the earlier key); later keys must score above the cut.
 inline void cut_list(TopRow& row, int64_t keys, uint32_t* scratch) {
   int64_t above = 0;
-  const uint32_t t = kth_largest(row.u, row.c, keys, above, scratch);
-  row.c = keep_best(row.u, row.pos, row.c, t, keys - above, row.u, row.pos);
-  row.th = t + 1;  // t < 2^32 - 1: the keys of finite floats stop below 0xFF800000
+  const uint32_t t = kth_largest(row.v, row.c, keys, above, scratch);
+  row.c = keep_best(row.v, row.pos, row.c, from_key(t), keys - above, row.v, row.pos);
+  row.th = from_key(t + 1);  // the next score up (t < 2^32 - 1: the keys of finite floats stop below +inf's)
 }
 
 // Adds the scores s[0 .. 31] of keys j0 .. j0 + 31 that row i sees (j < i) and that reach its threshold.
 inline void keep_tile(const float* s, int64_t j0, int64_t i, TopRow& row, int64_t keys, uint32_t* scratch) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i th = _mm512_set1_epi32(static_cast<int>(row.th));
+  const __m512 th = _mm512_set1_ps(row.th);
   for (int half = 0; half < 2; ++half) {
     const int64_t jh = j0 + 16 * half;
     if (jh >= i) break;
-    const __m512i u = order_keys(_mm512_loadu_ps(s + 16 * half));
-    const __mmask16 keep = _mm512_mask_cmpge_epu32_mask(lanes(i - jh), u, th);
-    _mm512_storeu_si512(row.u + row.c, _mm512_maskz_compress_epi32(keep, u));
+    const __m512 x = _mm512_loadu_ps(s + 16 * half);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes(i - jh), x, th, _CMP_GE_OQ);
+    _mm512_storeu_ps(row.v + row.c, _mm512_maskz_compress_ps(keep, x));
     _mm512_storeu_si512(row.pos + row.c,
                         _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(jh)))));
     row.c += __builtin_popcount(keep);
@@ -1526,17 +1538,15 @@ inline void score_rows(const float* q, int64_t nr, int64_t i0, const float* pk, 
 inline void sample_thresholds(const float* q, int64_t nr, int64_t i0, const float* pk, int64_t e, int64_t keys,
                               TopRow* rows, float* samp, uint32_t* us) {
   const int64_t full = i0 / KT, ns_t = std::min<int64_t>(SEL_SAMPLE, full / 8), ns = ns_t * KT;
-  for (int64_t r = 0; r < nr; ++r) rows[r].th = 0;
+  for (int64_t r = 0; r < nr; ++r) rows[r].th = -std::numeric_limits<float>::infinity();
   if (i0 <= 2 * keys || ns_t < 4) return;
   for (int64_t rb = 0; rb < nr; rb += RB) {
     for (int64_t s = 0; s < ns_t; ++s) qk_tile(q + rb * e, pk + (s * full / ns_t) * e * KT, e, samp + s * KT, ns);
     for (int64_t r = rb; r < std::min<int64_t>(nr, rb + RB); ++r) {
-      const float* sr = samp + (r - rb) * ns;
-      for (int64_t j = 0; j < ns; j += 16) _mm512_storeu_si512(us + j, order_keys(_mm512_loadu_ps(sr + j)));
       const double want = static_cast<double>(keys) / (i0 + r) * ns;
       const int64_t rank = std::min<int64_t>(ns, static_cast<int64_t>(want + 3 * std::sqrt(want) + 8));
       int64_t above = 0;
-      rows[r].th = kth_largest(us, ns, rank, above, us + ns + 16);
+      rows[r].th = from_key(kth_largest(samp + (r - rb) * ns, ns, rank, above, us));
     }
   }
 }
@@ -1571,7 +1581,8 @@ torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) 
   const int64_t cap = 2 * keys + 64;  // a list: at most 2 * keys + 32 entries, 16 writable past them
   at::parallel_for(0, B * H * pairs, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> qbuf((SEL_ROWS + RB) * e, 0.f), s(RB * KT), samp(RB * SEL_SAMPLE * KT);
-    std::vector<uint32_t> ubuf(SEL_ROWS * cap), us(2 * SEL_SAMPLE * KT + 32), scratch(cap + 16);
+    std::vector<float> vbuf(SEL_ROWS * cap);
+    std::vector<uint32_t> us(2 * SEL_SAMPLE * KT + 32), scratch(2 * cap + 32);
     std::vector<int32_t> pbuf(SEL_ROWS * cap);
     TopRow rows[SEL_ROWS];
     for (int64_t item = b0; item < b1; ++item) {
@@ -1582,7 +1593,7 @@ torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) 
         const int64_t i0 = blk * SEL_ROWS, nr = std::min<int64_t>(SEL_ROWS, n - i0);
         std::copy(QI + (g * n + i0) * e, QI + (g * n + i0 + nr) * e, qbuf.data());
         std::fill(qbuf.begin() + nr * e, qbuf.end(), 0.f);
-        for (int64_t r = 0; r < nr; ++r) rows[r] = TopRow{ubuf.data() + r * cap, pbuf.data() + r * cap, 0, 0};
+        for (int64_t r = 0; r < nr; ++r) rows[r] = TopRow{vbuf.data() + r * cap, pbuf.data() + r * cap, 0, 0.f};
         sample_thresholds(qbuf.data(), nr, i0, pk, e, keys, rows, samp.data(), us.data());
         score_rows(qbuf.data(), nr, i0, pk, e, keys, rows, s.data(), scratch.data());
         for (int64_t r = 0; r < nr; ++r) {
@@ -1590,7 +1601,7 @@ torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) 
           TopRow& row = rows[r];
           if (row.c < std::min(keys, i)) {  // the sample misled: this row again, every score
             row.c = 0;
-            row.th = 0;
+            row.th = -std::numeric_limits<float>::infinity();
             score_rows(qbuf.data() + r * e, 1, i, pk, e, keys, &row, s.data(), scratch.data());
           }
           int32_t* o = O + (g * n + i) * (keys + 1);
@@ -1600,8 +1611,8 @@ torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) 
             w = row.c;
           } else {
             int64_t above = 0;
-            const uint32_t t = kth_largest(row.u, row.c, keys, above, scratch.data());
-            w = keep_best(row.u, row.pos, row.c, t, keys - above, nullptr, o);
+            const uint32_t t = kth_largest(row.v, row.c, keys, above, scratch.data());
+            w = keep_best(row.v, row.pos, row.c, from_key(t), keys - above, nullptr, o);
           }
           o[w++] = static_cast<int32_t>(i);
           for (; w < keys + 1; ++w) o[w] = -1;
