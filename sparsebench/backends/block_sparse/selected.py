@@ -1,9 +1,12 @@
 """Content-selected patterns (moba, quest, topk_keys) on block_sparse's native CPU kernels.
 
-Their keys are chosen from q and k by each call: ``prepare`` gives a callable that runs the
-pattern's own selection (``pattern.select(q, k)``, fp32) and then the kernel, both inside the
-timed call, and offers ``fn.selected(q, k, v) -> (out, selection)`` so that a check uses the
-selection the call made. The selection is ``index`` (batch, heads, n, slots) int32: per query
+Their keys are chosen from q and k by each call: ``prepare`` gives a callable that selects and
+then runs the kernel, both inside the timed call, and offers ``fn.select(q, k)`` (the selection
+alone, as the call makes it) and ``fn.selected(q, k, v) -> (out, selection)`` so that a check
+uses the selection the call made. The selection is the pattern's own (``pattern.select(q, k)``,
+fp32), except for an indexer's token selection (topk_keys): the native ``select_top_keys``, which
+gives the same keys without the reference's score blocks and sorts.
+The selection is ``index`` (batch, heads, n, slots) int32: per query
 head and row the ids of its selected units (unit u covers keys u * unit .. (u + 1) * unit - 1,
 seen up to the query's own position), ascending, -1 padding at the end.
 
@@ -28,6 +31,7 @@ import torch
 
 from sparsebench.backends.block_sparse import native as _native
 from sparsebench.backends.block_sparse.plan import KEY_CHUNK_BYTES
+from sparsebench.patterns.selection import Selection
 
 # Query rows per work item of the unit kernel (a multiple of the unit): the key units chosen by
 # any of its rows are packed once per item, so more rows share each packing.
@@ -161,18 +165,47 @@ def attend(selection, q, k, v) -> torch.Tensor:
     return attend_units(selection, q, k, v)[0].to(q.dtype)
 
 
+def native_token_selector(pattern, head_dim: int, device):
+    """A token-level pattern's selection by the native kernel (``select_top_keys``), the same
+    keys as ``pattern.select``: for a pattern that selects single keys (unit 1) by an indexer
+    projection (``projection(head_dim, device)``, its columns a multiple of 16) of the ``keys``
+    best, on a CPU with the native AVX-512 kernels; None otherwise (``pattern.select`` then)."""
+    if not (_token_level(pattern) and hasattr(pattern, "projection") and hasattr(pattern, "keys")):
+        return None
+    if torch.device(device).type != "cpu" or native_missing() is not None:
+        return None
+    project = pattern.projection(head_dim, device)
+    keys = int(pattern.keys)
+    if project.shape[1] % 16 or keys < 1:
+        return None
+
+    def select(q, k):
+        n = q.shape[2]
+        if n < 2:  # no earlier key: the kernel's table keeps one slot more than the pattern's
+            return pattern.select(q, k)
+        with torch.no_grad():
+            index = select_top_keys(q.detach().float() @ project, k.detach().float() @ project, keys)
+        return Selection(n=n, unit=1, index=index)
+
+    return select
+
+
 def prepare(p):
-    """fn(q, k, v) for a content-selected problem: the pattern's selection, then the kernel (both
-    timed), with ``fn.selected(q, k, v) -> (out, selection)`` for the check."""
+    """fn(q, k, v) for a content-selected problem: the selection, then the kernel (both timed),
+    with ``fn.select(q, k) -> Selection`` (the selection the call makes: the native one for an
+    indexer's token selection where the kernels have it, else the pattern's own) and
+    ``fn.selected(q, k, v) -> (out, selection)`` for the check."""
     pattern = p.pattern
+    select = native_token_selector(pattern, p.head_dim, p.device) or pattern.select
 
     def selected(q, k, v):
-        selection = pattern.select(q, k)
+        selection = select(q, k)
         return attend(selection, q, k, v), selection
 
     def fn(q, k, v):
         return selected(q, k, v)[0]
 
+    fn.select = select  # type: ignore[attr-defined]
     fn.selected = selected  # type: ignore[attr-defined]
     return fn
 

@@ -1532,14 +1532,15 @@ inline void score_rows(const float* q, int64_t nr, int64_t i0, const float* pk, 
   }
 }
 
-// Thresholds of rows [i0, i0 + nr) from a sample of whole tiles below i0 (which every row sees):
-// a little below each row's keys-th score there (its share keys / i of the sample, plus three
-// standard deviations and 8); 0 (keep every score) where a row keeps a large share of its keys.
+// Thresholds of rows [i0, i0 + nr) from a sample of whole tiles below i0 (which every row sees;
+// up to SEL_SAMPLE tiles, a quarter of them at most): a little below each row's keys-th score
+// there (its share keys / i of the sample, plus three standard deviations and 8); -inf (keep
+// every score) where the rows keep half of their keys or more, or where fewer than 2 tiles lie below.
 inline void sample_thresholds(const float* q, int64_t nr, int64_t i0, const float* pk, int64_t e, int64_t keys,
                               TopRow* rows, float* samp, uint32_t* us) {
-  const int64_t full = i0 / KT, ns_t = std::min<int64_t>(SEL_SAMPLE, full / 8), ns = ns_t * KT;
+  const int64_t full = i0 / KT, ns_t = std::min<int64_t>(SEL_SAMPLE, full / 4), ns = ns_t * KT;
   for (int64_t r = 0; r < nr; ++r) rows[r].th = -std::numeric_limits<float>::infinity();
-  if (i0 <= 2 * keys || ns_t < 4) return;
+  if (i0 <= 2 * keys || ns_t < 2) return;
   for (int64_t rb = 0; rb < nr; rb += RB) {
     for (int64_t s = 0; s < ns_t; ++s) qk_tile(q + rb * e, pk + (s * full / ns_t) * e * KT, e, samp + s * KT, ns);
     for (int64_t r = rb; r < std::min<int64_t>(nr, rb + RB); ++r) {
