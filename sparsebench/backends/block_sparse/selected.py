@@ -5,10 +5,10 @@ then runs the kernel, both inside the timed call, and offers ``fn.select(q, k)``
 alone, as the call makes it) and ``fn.selected(q, k, v) -> (out, selection)`` so that a check
 uses the selection the call made. The selection is the pattern's own (``pattern.select(q, k)``,
 fp32), except for an indexer's token selection (topk_keys): the native ``select_top_keys``, which
-gives the same keys without the reference's score blocks and sorts.
-The selection is ``index`` (batch, heads, n, slots) int32: per query
-head and row the ids of its selected units (unit u covers keys u * unit .. (u + 1) * unit - 1,
-seen up to the query's own position), ascending, -1 padding at the end.
+gives the same keys without the reference's score blocks and sorts. The selection is ``index``
+(batch, heads, n, slots) int32: per query head and row the ids of its selected units (unit u
+covers keys u * unit .. (u + 1) * unit - 1, seen up to the query's own position), ascending, -1
+padding at the end.
 
 * Units of more than one token (moba's chunks, quest's pages), MoBA's own way, without
   per-token gathers: each key unit attends the query rows that chose it, gathered, as one dense
