@@ -1510,6 +1510,42 @@ inline void keep_tile(const float* s, int64_t j0, int64_t i, TopRow& row, int64_
   if (row.c > 2 * keys) cut_list(row, keys, scratch);
 }
 
+// qk_tile and keep_tile in one, for RB rows that all see every key of the tile (no mask): the
+// scores go from the registers straight into the lists.
+inline void qk_keep_full(const float* __restrict q, const float* __restrict kt, int64_t d, int64_t j0, TopRow* rows,
+                         int64_t keys, uint32_t* scratch) {
+  __m512 a0[RB], a1[RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+  for (int64_t c = 0; c < d; ++c) {
+    const __m512 k0 = _mm512_loadu_ps(kt + c * KT);
+    const __m512 k1 = _mm512_loadu_ps(kt + c * KT + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * d + c]);
+      a0[r] = _mm512_fmadd_ps(qb, k0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(qb, k1, a1[r]);
+    }
+  }
+  const __m512i p0 = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_epi32(static_cast<int>(j0)));
+  const __m512i p1 = _mm512_add_epi32(p0, _mm512_set1_epi32(16));
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    TopRow& row = rows[r];
+    const __m512 th = _mm512_set1_ps(row.th);
+    const __mmask16 m0 = _mm512_cmp_ps_mask(a0[r], th, _CMP_GE_OQ), m1 = _mm512_cmp_ps_mask(a1[r], th, _CMP_GE_OQ);
+    int64_t c = row.c;
+    _mm512_storeu_ps(row.v + c, _mm512_maskz_compress_ps(m0, a0[r]));
+    _mm512_storeu_si512(row.pos + c, _mm512_maskz_compress_epi32(m0, p0));
+    c += __builtin_popcount(m0);
+    _mm512_storeu_ps(row.v + c, _mm512_maskz_compress_ps(m1, a1[r]));
+    _mm512_storeu_si512(row.pos + c, _mm512_maskz_compress_epi32(m1, p1));
+    row.c = c + __builtin_popcount(m1);
+    if (row.c > 2 * keys) cut_list(row, keys, scratch);
+  }
+}
+
 constexpr int64_t SEL_ROWS = 64;          // query rows per pass over a segment of keys (8 register blocks)
 constexpr int64_t SEL_SEGMENT = 1 << 18;  // bytes of packed keys per segment (stay in L2 across the passes)
 constexpr int64_t SEL_SAMPLE = 32;        // tiles of the threshold's sample (1024 keys)
@@ -1525,6 +1561,10 @@ inline void score_rows(const float* q, int64_t nr, int64_t i0, const float* pk, 
     for (int64_t rb = 0; rb < nr; rb += RB) {
       const int64_t rn = std::min<int64_t>(RB, nr - rb), rlast = i0 + rb + rn - 1;
       for (int64_t t = t0; t < t1 && t * KT < rlast; ++t) {
+        if (rn == RB && (t + 1) * KT <= i0 + rb) {  // every row sees the whole tile
+          qk_keep_full(q + rb * e, pk + t * e * KT, e, t * KT, rows + rb, keys, scratch);
+          continue;
+        }
         qk_tile(q + rb * e, pk + t * e * KT, e, s, KT);
         for (int64_t r = 0; r < rn; ++r) keep_tile(s + r * KT, t * KT, i0 + rb + r, rows[rb + r], keys, scratch);
       }
