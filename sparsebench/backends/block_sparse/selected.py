@@ -165,19 +165,31 @@ def attend(selection, q, k, v) -> torch.Tensor:
     return attend_units(selection, q, k, v)[0].to(q.dtype)
 
 
-def native_token_selector(pattern, head_dim: int, device):
-    """A token-level pattern's selection by the native kernel (``select_top_keys``), the same
-    keys as ``pattern.select``: for a pattern that selects single keys (unit 1) by an indexer
-    projection (``projection(head_dim, device)``, its columns a multiple of 16) of the ``keys``
-    best, on a CPU with the native AVX-512 kernels; None otherwise (``pattern.select`` then)."""
+# The native token selection's work items: query rows per pass over the keys (SEL_ROWS in
+# native.cpp), each row's candidate list holding at most 2 * keys + 64 (score, position) pairs.
+SELECT_ROWS = 64
+
+
+def _indexer(pattern, head_dim: int, device) -> torch.Tensor | None:
+    """The projection the native token selection takes for ``pattern``: a pattern that selects
+    single keys (unit 1) by an indexer projection (``projection(head_dim, device)``, its columns a
+    multiple of 16) of its ``keys`` best, on a CPU with the native AVX-512 kernels; else None."""
     if not (_token_level(pattern) and hasattr(pattern, "projection") and hasattr(pattern, "keys")):
         return None
-    if torch.device(device).type != "cpu" or native_missing() is not None:
+    if torch.device(device).type != "cpu" or native_missing() is not None or int(pattern.keys) < 1:
         return None
     project = pattern.projection(head_dim, device)
-    keys = int(pattern.keys)
-    if project.shape[1] % 16 or keys < 1:
+    return None if project.shape[1] % 16 else project
+
+
+def native_token_selector(pattern, head_dim: int, device):
+    """A token-level pattern's selection by the native kernel (``select_top_keys``), the same
+    keys as ``pattern.select``, where ``_indexer`` has its projection; None otherwise
+    (``pattern.select`` then)."""
+    project = _indexer(pattern, head_dim, device)
+    if project is None:
         return None
+    keys = int(pattern.keys)
 
     def select(q, k):
         n = q.shape[2]
@@ -219,9 +231,14 @@ def estimate_bytes(p) -> int:
     seqs, n, d, e = p.batch * p.heads, p.seq_len, p.head_dim, p.elem_bytes
     slots = selection_slots(pattern, n)
     rows = seqs * n
-    # the selection's own temporaries (its score blocks and ranking), freed before the kernel runs:
-    # the call's peak is the larger of selecting and attending, over what both hold
-    selecting = pattern.select_bytes(p.batch, p.heads, n, d) - rows * slots * 4
+    # the selection's own temporaries (its score blocks and ranking, or the native selection's),
+    # freed before the kernel runs: the call's peak is the larger of selecting and attending, over
+    # what both hold
+    project = _indexer(pattern, d, p.device)
+    if project is not None:
+        selecting = native_select_bytes(p, project.shape[1])
+    else:
+        selecting = pattern.select_bytes(p.batch, p.heads, n, d) - rows * slots * 4
     held = p.io_bytes + rows * slots * 4 + rows * 4  # the selection; lse
     held += rows * d * 4 if e != 4 else 0  # the fp32 output before it is converted
     if _token_level(pattern):
@@ -237,6 +254,20 @@ def estimate_bytes(p) -> int:
     # their outputs, and their bookkeeping (pairs, ranges, log-sum-exps)
     per_thread = (min(unit, n) + 64) * d * 4 + rows * (d * (e + 4) + 5 * 4)
     return held + max(selecting, threads * per_thread)
+
+
+def native_select_bytes(p, index_dim: int) -> int:
+    """Peak bytes of the native token selection beyond q, k and the index it returns: the fp32
+    projections of q and k, fp32 copies of q or k in a low precision (one at a time, freed after
+    its product), k's projection packed in 32-key tiles, and per thread the candidate lists of a
+    work item's rows (fp32 score and int32 position, 2 * keys + 64 of each per row) and scratch."""
+    n, d = p.seq_len, p.head_dim
+    q_rows, k_rows = p.batch * p.heads * n, p.batch * p.kv_heads * n
+    packed = p.batch * p.kv_heads * math.ceil(n / 32) * 32 * index_dim * 4
+    total = (q_rows + k_rows) * index_dim * 4 + packed
+    total += q_rows * d * 4 if p.elem_bytes != 4 else 0
+    cap = 2 * min(int(p.pattern.keys), max(1, n - 1)) + 64
+    return total + torch.get_num_threads() * (SELECT_ROWS * cap * 8 + (2 * cap + 32) * 4)
 
 
 def unit_size(pattern) -> int:
