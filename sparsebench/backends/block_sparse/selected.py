@@ -115,10 +115,12 @@ def select_top_keys(qi: torch.Tensor, ki: torch.Tensor, keys: int) -> torch.Tens
     e) and ki (B, H_kv, n, e) (query head h reads ki's head h // (H / H_kv); e a multiple of 16);
     per query head and row i, its earlier keys j < i with the ``keys`` highest scores qi_i . ki_j
     (all of them when there are fewer; of equal scores the earlier key first), then i itself:
-    (B, H, n, min(keys, n - 1) + 1) int32, ascending, -1 padding. Native: the scores of 8 rows at
-    a time in registers against ki packed in tiles, a sampled threshold and one pass over each
-    row's scores in cache. For topk_keys' ``select`` (so that a kernel fusing selection and
-    attention per block of queries makes the same selection: the same fp32 operations per row)."""
+    (B, H, n, min(keys, n - 1) + 1) int32, ascending, -1 padding. Native: 64 query rows at a time
+    (register blocks of 8) against one L2-sized segment of ki, packed in 32-key tiles, after
+    another, each tile's scores going straight into per-row candidate lists against a threshold
+    from a sample (a row the sample misled is scored again; a list past 2 * keys is cut to its
+    exact best); the keys-th score of a list by bisection, not a sort. block_sparse's topk_keys
+    call selects with it (``native_token_selector``); it gives the same keys as ``pattern.select``."""
     keys = max(1, min(keys, qi.shape[2] - 1))
     return _native.kernel().select_top_keys(qi.float().contiguous(), ki.float().contiguous(), keys)
 
