@@ -335,3 +335,133 @@ def test_token_selection_ties_go_to_the_earlier_key():
     got = _selected.select_top_keys(qi, ki, 20)[0, 0]
     assert got[39].tolist() == list(range(19)) + [30, 39]
     assert got[4999].tolist() == list(range(9)) + [30] + list(range(4000, 4010)) + [4999]
+
+
+# ------------------------------------------------------------------------------------------
+# topk_keys' native selection against the torch reference (sparsebench.patterns.selection)
+
+
+def _reference_top_keys(qi, ki, keys):
+    """The reference's selection (select_tokens) of the projections themselves (the identity
+    projection: exact), int32 as the kernel gives it."""
+    from sparsebench.patterns.selection import select_tokens
+
+    return select_tokens(qi, ki, keys, torch.eye(qi.shape[-1])).index
+
+
+@pytest.mark.parametrize("keys", [5, 24, 100, 300])
+@pytest.mark.parametrize("case", ["integers", "all_equal"])
+def test_native_selection_is_the_reference_with_exact_ties(case, keys):
+    """Integer-valued q, k and projection: the scores are exact integers in both, with many equal
+    ones (all equal in ``all_equal``): the same keys, ties to the earlier key; GQA 4 over 2, n =
+    333 (not a multiple of 8 or 32), rows with fewer earlier keys than asked (keys 300: most)."""
+    _native_or_skip()
+    from sparsebench.patterns.selection import select_tokens
+
+    n, g = 333, torch.Generator().manual_seed(1)
+    q = torch.randint(-2, 3, (1, 4, n, 64), generator=g).float()
+    k = torch.randint(-2, 3, (1, 2, n, 64), generator=g).float()
+    proj = torch.randint(-1, 2, (64, 32), generator=g).float()
+    if case == "all_equal":
+        q.zero_()
+    want = select_tokens(q, k, keys, proj).index
+    got = _selected.select_top_keys(q @ proj, k @ proj, keys)
+    assert got.shape == want.shape == (1, 4, n, min(keys, n - 1) + 1)
+    assert torch.equal(got, want)
+    if case == "all_equal":  # every row: its first min(keys, i) keys, then itself
+        i = n - 1
+        assert got[0, 0, i].tolist() == list(range(min(keys, i))) + [i] + [-1] * (got.shape[-1] - min(keys, i) - 1)
+
+
+@pytest.mark.parametrize("order", ["rising", "falling", "spikes"])
+def test_native_selection_when_the_sample_misleads_or_lists_overflow(order):
+    """Scores chosen against the kernel's shortcuts, exact integers (score = ki_j[0]): ``spikes``
+    puts high scores in the tiles of keys 0-31 and 128-159 only, where the threshold's sample of
+    rows 448-511 (tiles 0, 4 and 9 of the 14 below them) lies, so that the sampled threshold keeps
+    fewer than `keys` candidates and those rows are scored again (the fallback); ``rising``
+    (each key beats every earlier one) makes every list overflow and be cut again and again;
+    ``falling`` the opposite. The same keys as the reference either way."""
+    _native_or_skip()
+    n, e, keys = 512, 16, 100
+    g = torch.Generator().manual_seed(2)
+    qi = torch.zeros(1, 1, n, e)
+    qi[..., 0] = 1.0
+    ki = torch.zeros(1, 1, n, e)
+    j = torch.arange(n).float()
+    if order == "rising":
+        ki[0, 0, :, 0] = j
+    elif order == "falling":
+        ki[0, 0, :, 0] = -j
+    else:
+        ki[0, 0, :, 0] = torch.randperm(n, generator=g).float()  # distinct, below 512
+        for t in (0, 4):
+            ki[0, 0, t * 32 : (t + 1) * 32, 0] += 1000.0
+    want = _reference_top_keys(qi, ki, keys)
+    got = _selected.select_top_keys(qi, ki, keys)
+    assert torch.equal(got, want)
+    if order == "spikes":  # the rows after the spikes keep all 64 of them and 36 more
+        row = set(got[0, 0, 500].tolist())
+        assert set(range(32)) | set(range(128, 160)) <= row and len(row - {-1}) == keys + 1
+
+
+def test_native_selection_is_the_pattern_s_on_random_inputs():
+    """topk_keys' own selection (its seeded projection, fp32 scores) and the native one that
+    block_sparse's call makes: the same index on random inputs, GQA 4 over 2, odd n."""
+    _native_or_skip()
+    from sparsebench.patterns.topk_keys import TopkKeys
+
+    q, k, _ = qkv(453, kv_heads=2, batch=2)
+    for keys in (7, 40, 200):
+        pattern = TopkKeys(keys=keys)
+        select = _selected.native_token_selector(pattern, 64, "cpu")
+        assert select is not None
+        assert torch.equal(select(q, k).index, pattern.select(q, k).index)
+
+
+def test_block_sparse_topk_keys_selects_natively(monkeypatch):
+    """block_sparse's topk_keys call selects with the native kernel: ``fn.select`` exists and
+    gives the pattern's keys, and the call runs with ``pattern.select`` out of reach; its output
+    is attention under its own selection. A pattern without an indexer projection (the stand-in)
+    keeps its own ``select``."""
+    _native_or_skip()
+    from sparsebench.patterns.topk_keys import TopkKeys
+
+    pattern = TopkKeys(keys=20)
+    backend = BACKENDS.get("block_sparse")()
+    p = _problem(pattern)
+    assert backend.unsupported(p) is None
+    fn = backend.prepare(p)
+    q, k, v = qkv(96, kv_heads=2, batch=1)
+    want = pattern.select(q, k).index
+
+    def unreachable(self, q, k):
+        raise AssertionError("pattern.select was called")
+
+    monkeypatch.setattr(TopkKeys, "select", unreachable)
+    assert torch.equal(fn.select(q, k).index, want)
+    out, sel = fn.selected(q, k, v)
+    assert torch.equal(sel.index, want)
+    assert (out - reference(sel, q, k, v)).abs().max().item() <= TOL[torch.float32]
+    monkeypatch.undo()
+    stand_in = StandInTopk(keys=10)
+    assert backend.prepare(_problem(stand_in)).select == stand_in.select
+
+
+def test_select_time_times_the_call_s_own_selection():
+    """The record's select_s times ``fn.select`` where the backend's call has one (the selection
+    that call makes), else ``pattern.select``."""
+    from sparsebench.measure import harness
+
+    calls = []
+
+    def own(q, k):
+        calls.append("fn")
+
+    def fn(q, k, v):
+        return q
+
+    fn.select = own
+    p = _problem(StandInTopk(keys=10))
+    q, k, _ = qkv(96, kv_heads=2, batch=1)
+    assert harness.select_time(p, q, k, fn) >= 0.0
+    assert calls == ["fn"] * (1 + harness.SELECT_REPEATS)

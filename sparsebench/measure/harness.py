@@ -266,12 +266,15 @@ def case_quality(case: Case, p: Problem, q, k, v, out, *, grad=None, selection: 
 SELECT_REPEATS = 3
 
 
-def select_time(p: Problem, q, k) -> float:
-    """Median seconds of ``pattern.select(q, k)`` alone: what choosing the keys costs of the
-    timed call, which includes it. Untimed by the case's own clock and outside its peak window."""
-    p.pattern.select(q, k)  # its first call's one-time costs are no part of the figure
+def select_time(p: Problem, q, k, fn=None) -> float:
+    """Median seconds of the selection alone: the backend's ``fn.select(q, k)`` where its call
+    offers one (the selection that call makes), else ``pattern.select(q, k)``; what choosing the
+    keys costs of the timed call, which includes it. Untimed by the case's own clock and outside
+    its peak window."""
+    select = getattr(fn, "select", None) or p.pattern.select
+    select(q, k)  # its first call's one-time costs are no part of the figure
     return time_calls(
-        lambda: p.pattern.select(q, k), p.device, repeats=SELECT_REPEATS, min_time_s=0.0, max_repeats=SELECT_REPEATS
+        lambda: select(q, k), p.device, repeats=SELECT_REPEATS, min_time_s=0.0, max_repeats=SELECT_REPEATS
     ).median
 
 
@@ -341,7 +344,7 @@ def run_case(case: Case, quality: bool = True) -> dict[str, Any]:
         m = time_calls(call, p.device, repeats=case.repeats, min_time_s=case.min_time_s, max_repeats=case.max_repeats)
     fields["compile_s"] = max(0.0, first - m.median) if backend.compiled else 0.0
     fields["first_call_s"] = first
-    fields["select_s"] = select_time(p, q, k) if content_selected(p.pattern) else None
+    fields["select_s"] = select_time(p, q, k, fn) if content_selected(p.pattern) else None
     # the untimed check call; ``selection``: the keys it chose (a content-selected pattern's, None
     # for a pattern fixed by positions), for the same-mask check and the quality figures
     out, selection = checked_call(p, fn, q, k, v)

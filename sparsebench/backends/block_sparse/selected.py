@@ -1,11 +1,14 @@
 """Content-selected patterns (moba, quest, topk_keys) on block_sparse's native CPU kernels.
 
-Their keys are chosen from q and k by each call: ``prepare`` gives a callable that runs the
-pattern's own selection (``pattern.select(q, k)``, fp32) and then the kernel, both inside the
-timed call, and offers ``fn.selected(q, k, v) -> (out, selection)`` so that a check uses the
-selection the call made. The selection is ``index`` (batch, heads, n, slots) int32: per query
-head and row the ids of its selected units (unit u covers keys u * unit .. (u + 1) * unit - 1,
-seen up to the query's own position), ascending, -1 padding at the end.
+Their keys are chosen from q and k by each call: ``prepare`` gives a callable that selects and
+then runs the kernel, both inside the timed call, and offers ``fn.select(q, k)`` (the selection
+alone, as the call makes it) and ``fn.selected(q, k, v) -> (out, selection)`` so that a check
+uses the selection the call made. The selection is the pattern's own (``pattern.select(q, k)``,
+fp32), except for an indexer's token selection (topk_keys): the native ``select_top_keys``, which
+gives the same keys without the reference's score blocks and sorts. The selection is ``index``
+(batch, heads, n, slots) int32: per query head and row the ids of its selected units (unit u
+covers keys u * unit .. (u + 1) * unit - 1, seen up to the query's own position), ascending, -1
+padding at the end.
 
 * Units of more than one token (moba's chunks, quest's pages), MoBA's own way, without
   per-token gathers: each key unit attends the query rows that chose it, gathered, as one dense
@@ -28,6 +31,7 @@ import torch
 
 from sparsebench.backends.block_sparse import native as _native
 from sparsebench.backends.block_sparse.plan import KEY_CHUNK_BYTES
+from sparsebench.patterns.selection import Selection
 
 # Query rows per work item of the unit kernel (a multiple of the unit): the key units chosen by
 # any of its rows are packed once per item, so more rows share each packing.
@@ -111,10 +115,12 @@ def select_top_keys(qi: torch.Tensor, ki: torch.Tensor, keys: int) -> torch.Tens
     e) and ki (B, H_kv, n, e) (query head h reads ki's head h // (H / H_kv); e a multiple of 16);
     per query head and row i, its earlier keys j < i with the ``keys`` highest scores qi_i . ki_j
     (all of them when there are fewer; of equal scores the earlier key first), then i itself:
-    (B, H, n, min(keys, n - 1) + 1) int32, ascending, -1 padding. Native: the scores of 8 rows at
-    a time in registers against ki packed in tiles, a sampled threshold and one pass over each
-    row's scores in cache. For topk_keys' ``select`` (so that a kernel fusing selection and
-    attention per block of queries makes the same selection: the same fp32 operations per row)."""
+    (B, H, n, min(keys, n - 1) + 1) int32, ascending, -1 padding. Native: 64 query rows at a time
+    (register blocks of 8) against one L2-sized segment of ki, packed in 32-key tiles, after
+    another, each tile's scores going straight into per-row candidate lists against a threshold
+    from a sample (a row the sample misled is scored again; a list past 2 * keys is cut to its
+    exact best); the keys-th score of a list by bisection, not a sort. block_sparse's topk_keys
+    call selects with it (``native_token_selector``); it gives the same keys as ``pattern.select``."""
     keys = max(1, min(keys, qi.shape[2] - 1))
     return _native.kernel().select_top_keys(qi.float().contiguous(), ki.float().contiguous(), keys)
 
@@ -161,18 +167,59 @@ def attend(selection, q, k, v) -> torch.Tensor:
     return attend_units(selection, q, k, v)[0].to(q.dtype)
 
 
+# The native token selection's work items: query rows per pass over the keys (SEL_ROWS in
+# native.cpp), each row's candidate list holding at most 2 * keys + 64 (score, position) pairs.
+SELECT_ROWS = 64
+
+
+def _indexer(pattern, head_dim: int, device) -> torch.Tensor | None:
+    """The projection the native token selection takes for ``pattern``: a pattern that selects
+    single keys (unit 1) by an indexer projection (``projection(head_dim, device)``, its columns a
+    multiple of 16) of its ``keys`` best, on a CPU with the native AVX-512 kernels; else None."""
+    if not (_token_level(pattern) and hasattr(pattern, "projection") and hasattr(pattern, "keys")):
+        return None
+    if torch.device(device).type != "cpu" or native_missing() is not None or int(pattern.keys) < 1:
+        return None
+    project = pattern.projection(head_dim, device)
+    return None if project.shape[1] % 16 else project
+
+
+def native_token_selector(pattern, head_dim: int, device):
+    """A token-level pattern's selection by the native kernel (``select_top_keys``), the same
+    keys as ``pattern.select``, where ``_indexer`` has its projection; None otherwise
+    (``pattern.select`` then)."""
+    project = _indexer(pattern, head_dim, device)
+    if project is None:
+        return None
+    keys = int(pattern.keys)
+
+    def select(q, k):
+        n = q.shape[2]
+        if n < 2:  # no earlier key: the kernel's table keeps one slot more than the pattern's
+            return pattern.select(q, k)
+        with torch.no_grad():
+            index = select_top_keys(q.detach().float() @ project, k.detach().float() @ project, keys)
+        return Selection(n=n, unit=1, index=index)
+
+    return select
+
+
 def prepare(p):
-    """fn(q, k, v) for a content-selected problem: the pattern's selection, then the kernel (both
-    timed), with ``fn.selected(q, k, v) -> (out, selection)`` for the check."""
+    """fn(q, k, v) for a content-selected problem: the selection, then the kernel (both timed),
+    with ``fn.select(q, k) -> Selection`` (the selection the call makes: the native one for an
+    indexer's token selection where the kernels have it, else the pattern's own) and
+    ``fn.selected(q, k, v) -> (out, selection)`` for the check."""
     pattern = p.pattern
+    select = native_token_selector(pattern, p.head_dim, p.device) or pattern.select
 
     def selected(q, k, v):
-        selection = pattern.select(q, k)
+        selection = select(q, k)
         return attend(selection, q, k, v), selection
 
     def fn(q, k, v):
         return selected(q, k, v)[0]
 
+    fn.select = select  # type: ignore[attr-defined]
     fn.selected = selected  # type: ignore[attr-defined]
     return fn
 
@@ -186,9 +233,14 @@ def estimate_bytes(p) -> int:
     seqs, n, d, e = p.batch * p.heads, p.seq_len, p.head_dim, p.elem_bytes
     slots = selection_slots(pattern, n)
     rows = seqs * n
-    # the selection's own temporaries (its score blocks and ranking), freed before the kernel runs:
-    # the call's peak is the larger of selecting and attending, over what both hold
-    selecting = pattern.select_bytes(p.batch, p.heads, n, d) - rows * slots * 4
+    # the selection's own temporaries (its score blocks and ranking, or the native selection's),
+    # freed before the kernel runs: the call's peak is the larger of selecting and attending, over
+    # what both hold
+    project = _indexer(pattern, d, p.device)
+    if project is not None:
+        selecting = native_select_bytes(p, project.shape[1])
+    else:
+        selecting = pattern.select_bytes(p.batch, p.heads, n, d) - rows * slots * 4
     held = p.io_bytes + rows * slots * 4 + rows * 4  # the selection; lse
     held += rows * d * 4 if e != 4 else 0  # the fp32 output before it is converted
     if _token_level(pattern):
@@ -204,6 +256,20 @@ def estimate_bytes(p) -> int:
     # their outputs, and their bookkeeping (pairs, ranges, log-sum-exps)
     per_thread = (min(unit, n) + 64) * d * 4 + rows * (d * (e + 4) + 5 * 4)
     return held + max(selecting, threads * per_thread)
+
+
+def native_select_bytes(p, index_dim: int) -> int:
+    """Peak bytes of the native token selection beyond q, k and the index it returns: the fp32
+    projections of q and k, fp32 copies of q or k in a low precision (one at a time, freed after
+    its product), k's projection packed in 32-key tiles, and per thread the candidate lists of a
+    work item's rows (fp32 score and int32 position, 2 * keys + 64 of each per row) and scratch."""
+    n, d = p.seq_len, p.head_dim
+    q_rows, k_rows = p.batch * p.heads * n, p.batch * p.kv_heads * n
+    packed = p.batch * p.kv_heads * math.ceil(n / 32) * 32 * index_dim * 4
+    total = (q_rows + k_rows) * index_dim * 4 + packed
+    total += q_rows * d * 4 if p.elem_bytes != 4 else 0
+    cap = 2 * min(int(p.pattern.keys), max(1, n - 1)) + 64
+    return total + torch.get_num_threads() * (SELECT_ROWS * cap * 8 + (2 * cap + 32) * 4)
 
 
 def unit_size(pattern) -> int:

@@ -1359,70 +1359,244 @@ void table_backward_selected(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   });
 }
 
-// Token selection (topk_keys' indexer). One row: s[0 .. cnt - 1] the scores of its earlier keys;
-// o gets all of them when there are at most `keys`, else the `keys` with the highest score (of
-// equal scores the earlier key first), then the row itself (i), ascending, -1 padding to keys + 1.
-// A sample of the row (16 runs of 16 scores) gives a threshold a little below the keys-th score;
-// one vectorised pass keeps the scores at or above it, in key order, and the exact keys-th score
-// is found among those few (nth_element): a pass over the row, not a sort.
-struct RowSelect {
-  std::vector<float> val, sample, tmp;
-  std::vector<int32_t> pos;
-  void operator()(const float* s, int64_t cnt, int64_t keys, int64_t i, int32_t* o) {
-    int64_t w = 0;
-    if (cnt <= keys) {
-      for (int64_t j = 0; j < cnt; ++j) o[w++] = static_cast<int32_t>(j);
-    } else {
-      constexpr int64_t RUNS = 16, RUN = 16;
-      sample.clear();
-      for (int64_t r = 0; r < RUNS; ++r) {
-        const int64_t j0 = r * (cnt - RUN) / (RUNS - 1);
-        sample.insert(sample.end(), s + j0, s + std::min(cnt, j0 + RUN));
-      }
-      const int64_t ns = static_cast<int64_t>(sample.size());
-      const double p = static_cast<double>(keys) / cnt;  // the share to keep; the rank with a margin
-      const int64_t rank = std::min<int64_t>(ns - 1, static_cast<int64_t>(p * ns + 4 * std::sqrt(p * ns) + 16));
-      std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
-      float lo = sample[rank];
-      int64_t c = 0;
-      for (int attempt = 0; attempt < 2; ++attempt) {
-        val.resize(cnt + 16);
-        pos.resize(cnt + 16);
-        c = 0;
-        const __m512 lv = _mm512_set1_ps(lo);
-        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        int64_t j = 0;
-        for (; j + 16 <= cnt; j += 16) {
-          const __m512 x = _mm512_loadu_ps(s + j);
-          const __mmask16 keep = _mm512_cmp_ps_mask(x, lv, _CMP_GE_OQ);
-          _mm512_mask_compressstoreu_ps(val.data() + c, keep, x);
-          _mm512_mask_compressstoreu_epi32(pos.data() + c, keep, _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(j))));
-          c += __builtin_popcount(keep);
-        }
-        for (; j < cnt; ++j)
-          if (s[j] >= lo) { val[c] = s[j]; pos[c] = static_cast<int32_t>(j); ++c; }
-        if (c >= keys) break;
-        lo = -std::numeric_limits<float>::infinity();  // the sample misled (rare): every score
-      }
-      tmp.assign(val.begin(), val.begin() + c);
-      std::nth_element(tmp.begin(), tmp.begin() + (keys - 1), tmp.end(), std::greater<float>());
-      const float thr = tmp[keys - 1];
-      int64_t above = 0;
-      for (int64_t u = 0; u < c; ++u) above += val[u] > thr;
-      int64_t equal = keys - above;  // of the scores equal to thr, the earliest this many
-      for (int64_t u = 0; u < c; ++u)
-        if (val[u] > thr || (val[u] == thr && equal-- > 0)) o[w++] = pos[u];
-    }
-    o[w++] = static_cast<int32_t>(i);
-    for (; w < keys + 1; ++w) o[w] = -1;
+// Token selection (topk_keys' indexer): per query row i, its `keys` earlier keys j < i with the
+// highest score qi_i . ki_j (all of them when there are fewer; of equal scores the earlier key
+// first), then i itself, ascending, -1 padding to keys + 1.
+//
+// Each row keeps a candidate list (scores and positions, in key order) of the scores at or above
+// its threshold:
+// * the threshold starts from a sample (whole tiles spread over the keys every row of the block
+//   sees), a little below the row's keys-th score there; a row whose sample misled (fewer
+//   candidates than it needs at the end) is scored again with no threshold (the fallback);
+// * a list that grows past 2 * keys is cut to its exact best `keys` (ties to the earlier key) and
+//   its threshold raised above the keys-th score: a later key must beat it, an equal one comes
+//   later and loses the tie. So a list never holds more than ~2 * keys, whatever the sample.
+// The keys-th score of a list is found by bisection on order-preserving uint32 keys of its scores
+// (-0 taken as +0: a >= b as floats iff key(a) >= key(b) as unsigned integers), counting the keys
+// at or above a value with one vector compare and a popcount: no sort.
+
+// order-preserving uint32 keys of 16 scores
+inline __m512i order_keys(__m512 x) {
+  const __m512i b = _mm512_castps_si512(_mm512_add_ps(x, _mm512_setzero_ps()));  // -0 -> +0
+  return _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(INT32_MIN)));
+}
+
+// the score whose key is t
+inline float from_key(uint32_t t) {
+  const uint32_t b = (t & 0x80000000u) ? (t ^ 0x80000000u) : ~t;
+  float f;
+  __builtin_memcpy(&f, &b, 4);
+  return f;
+}
+
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1); }
+
+// how many of u[0 .. c - 1] are >= t (unsigned)
+inline int64_t count_at_least(const uint32_t* u, int64_t c, uint32_t t) {
+  const __m512i tv = _mm512_set1_epi32(static_cast<int>(t));
+  int64_t a = 0, b = 0, j = 0;
+  for (; j + 32 <= c; j += 32) {
+    a += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + j), tv));
+    b += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + j + 16), tv));
   }
+  for (; j < c; j += 16) {
+    const __mmask16 m = lanes(c - j);
+    a += __builtin_popcount(_mm512_mask_cmpge_epu32_mask(m, _mm512_maskz_loadu_epi32(m, u + j), tv));
+  }
+  return a + b;
+}
+
+// The key t of the k-th largest of the scores v[0 .. c - 1] (1 <= k <= c): count(>= t) >= k >
+// count(> t); `above` gets count(> t). The scores' keys go to `scratch` (room for 2 c + 32); a
+// bisection between the least and the greatest; once few keys lie between the bounds
+// (lo <= u < hi), they are copied behind the others and the bisection goes on over them alone.
+inline uint32_t kth_largest(const float* v, int64_t c, int64_t k, int64_t& above, uint32_t* scratch) {
+  uint32_t* u = scratch;
+  __m512i lo_v = _mm512_set1_epi32(-1), hi_v = _mm512_setzero_si512();
+  for (int64_t j = 0; j < c; j += 16) {
+    const __mmask16 m = lanes(c - j);
+    const __m512i x = order_keys(_mm512_maskz_loadu_ps(m, v + j));
+    _mm512_storeu_si512(u + j, x);
+    lo_v = _mm512_mask_min_epu32(lo_v, m, lo_v, x);
+    hi_v = _mm512_mask_max_epu32(hi_v, m, hi_v, x);
+  }
+  scratch += c + 16;
+  uint64_t lo = _mm512_reduce_min_epu32(lo_v), hi = static_cast<uint64_t>(_mm512_reduce_max_epu32(hi_v)) + 1;
+  int64_t at_lo = c, at_hi = 0;  // count(>= lo) >= k > count(>= hi)
+  const uint32_t* a = u;         // keys of the current set; count(>= x) = base + count in a, lo <= x <= hi
+  int64_t na = c, base = 0;
+  while (hi - lo > 1) {
+    if (a == u && (at_lo - at_hi) * 8 <= c && c > 64) {  // few left between the bounds: only those
+      const __m512i lv = _mm512_set1_epi32(static_cast<int>(lo)), hv = _mm512_set1_epi32(static_cast<int>(hi - 1));
+      int64_t w = 0;
+      for (int64_t j = 0; j < c; j += 16) {
+        const __mmask16 m = lanes(c - j);
+        const __m512i x = _mm512_maskz_loadu_epi32(m, u + j);
+        const __mmask16 in = _mm512_mask_cmple_epu32_mask(_mm512_mask_cmpge_epu32_mask(m, x, lv), x, hv);
+        _mm512_storeu_si512(scratch + w, _mm512_maskz_compress_epi32(in, x));
+        w += __builtin_popcount(in);
+      }
+      a = scratch;
+      na = w;
+      base = at_hi;
+    }
+    const uint64_t mid = lo + (hi - lo) / 2;
+    const int64_t cm = base + count_at_least(a, na, static_cast<uint32_t>(mid));
+    if (cm >= k) { lo = mid; at_lo = cm; }
+    else { hi = mid; at_hi = cm; }
+  }
+  above = at_hi;
+  return static_cast<uint32_t>(lo);
+}
+
+// Keeps, in order, the entries with v > t and the first `equal` with v == t: positions to po
+// (and scores to vo when given), written with masked stores (po may be pos: in place); returns how
+// many.
+inline int64_t keep_best(const float* v, const int32_t* pos, int64_t c, float t, int64_t equal, float* vo,
+                         int32_t* po) {
+  const __m512 tv = _mm512_set1_ps(t);
+  int64_t w = 0;
+  for (int64_t j = 0; j < c; j += 16) {
+    const __mmask16 m = lanes(c - j);
+    const __m512 x = _mm512_maskz_loadu_ps(m, v + j);
+    const __m512i p = _mm512_maskz_loadu_epi32(m, pos + j);
+    const __mmask16 gt = _mm512_mask_cmp_ps_mask(m, x, tv, _CMP_GT_OQ);
+    unsigned eq = _mm512_mask_cmp_ps_mask(m, x, tv, _CMP_EQ_OQ);
+    if (eq) {
+      unsigned kept = 0;
+      for (; eq && equal > 0; --equal) { kept |= eq & (0u - eq); eq &= eq - 1; }  // the lowest ones
+      eq = kept;
+    }
+    const __mmask16 keep = static_cast<__mmask16>(gt | eq);
+    const int kn = __builtin_popcount(keep);
+    const __mmask16 out = lanes(kn);
+    _mm512_mask_storeu_epi32(po + w, out, _mm512_maskz_compress_epi32(keep, p));
+    if (vo) _mm512_mask_storeu_ps(vo + w, out, _mm512_maskz_compress_ps(keep, x));
+    w += kn;
+  }
+  return w;
+}
+
+// One query row's candidate list.
+struct TopRow {
+  float* v;
+  int32_t* pos;
+  int64_t c;
+  float th;  // scores below it are never kept
 };
 
+// Cut a list to its best `keys` (ties to the earlier key); later keys must score above the cut.
+inline void cut_list(TopRow& row, int64_t keys, uint32_t* scratch) {
+  int64_t above = 0;
+  const uint32_t t = kth_largest(row.v, row.c, keys, above, scratch);
+  row.c = keep_best(row.v, row.pos, row.c, from_key(t), keys - above, row.v, row.pos);
+  row.th = from_key(t + 1);  // the next score up (t < 2^32 - 1: the keys of finite floats stop below +inf's)
+}
+
+// Adds the scores s[0 .. 31] of keys j0 .. j0 + 31 that row i sees (j < i) and that reach its threshold.
+inline void keep_tile(const float* s, int64_t j0, int64_t i, TopRow& row, int64_t keys, uint32_t* scratch) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 th = _mm512_set1_ps(row.th);
+  for (int half = 0; half < 2; ++half) {
+    const int64_t jh = j0 + 16 * half;
+    if (jh >= i) break;
+    const __m512 x = _mm512_loadu_ps(s + 16 * half);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes(i - jh), x, th, _CMP_GE_OQ);
+    _mm512_storeu_ps(row.v + row.c, _mm512_maskz_compress_ps(keep, x));
+    _mm512_storeu_si512(row.pos + row.c,
+                        _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(jh)))));
+    row.c += __builtin_popcount(keep);
+  }
+  if (row.c > 2 * keys) cut_list(row, keys, scratch);
+}
+
+// qk_tile and keep_tile in one, for RB rows that all see every key of the tile (no mask): the
+// scores go from the registers straight into the lists.
+inline void qk_keep_full(const float* __restrict q, const float* __restrict kt, int64_t d, int64_t j0, TopRow* rows,
+                         int64_t keys, uint32_t* scratch) {
+  __m512 a0[RB], a1[RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+  for (int64_t c = 0; c < d; ++c) {
+    const __m512 k0 = _mm512_loadu_ps(kt + c * KT);
+    const __m512 k1 = _mm512_loadu_ps(kt + c * KT + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * d + c]);
+      a0[r] = _mm512_fmadd_ps(qb, k0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(qb, k1, a1[r]);
+    }
+  }
+  const __m512i p0 = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_epi32(static_cast<int>(j0)));
+  const __m512i p1 = _mm512_add_epi32(p0, _mm512_set1_epi32(16));
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    TopRow& row = rows[r];
+    const __m512 th = _mm512_set1_ps(row.th);
+    const __mmask16 m0 = _mm512_cmp_ps_mask(a0[r], th, _CMP_GE_OQ), m1 = _mm512_cmp_ps_mask(a1[r], th, _CMP_GE_OQ);
+    int64_t c = row.c;
+    _mm512_storeu_ps(row.v + c, _mm512_maskz_compress_ps(m0, a0[r]));
+    _mm512_storeu_si512(row.pos + c, _mm512_maskz_compress_epi32(m0, p0));
+    c += __builtin_popcount(m0);
+    _mm512_storeu_ps(row.v + c, _mm512_maskz_compress_ps(m1, a1[r]));
+    _mm512_storeu_si512(row.pos + c, _mm512_maskz_compress_epi32(m1, p1));
+    row.c = c + __builtin_popcount(m1);
+    if (row.c > 2 * keys) cut_list(row, keys, scratch);
+  }
+}
+
+constexpr int64_t SEL_ROWS = 64;          // query rows per pass over a segment of keys (8 register blocks)
+constexpr int64_t SEL_SEGMENT = 1 << 18;  // bytes of packed keys per segment (stay in L2 across the passes)
+constexpr int64_t SEL_SAMPLE = 32;        // tiles of the threshold's sample (1024 keys)
+
+// Scores rows [i0, i0 + nr) (q rows q[r * e], RB more readable rows past nr) against the packed
+// keys pk (tiles of KT keys, e x KT each), segment by segment, into their lists.
+inline void score_rows(const float* q, int64_t nr, int64_t i0, const float* pk, int64_t e, int64_t keys, TopRow* rows,
+                       float* s, uint32_t* scratch) {
+  const int64_t last = i0 + nr - 1, tiles = (last + KT - 1) / KT;  // tiles holding keys j < last
+  const int64_t seg = std::max<int64_t>(1, SEL_SEGMENT / (KT * e * 4));
+  for (int64_t t0 = 0; t0 < tiles; t0 += seg) {
+    const int64_t t1 = std::min(tiles, t0 + seg);
+    for (int64_t rb = 0; rb < nr; rb += RB) {
+      const int64_t rn = std::min<int64_t>(RB, nr - rb), rlast = i0 + rb + rn - 1;
+      for (int64_t t = t0; t < t1 && t * KT < rlast; ++t) {
+        if (rn == RB && (t + 1) * KT <= i0 + rb) {  // every row sees the whole tile
+          qk_keep_full(q + rb * e, pk + t * e * KT, e, t * KT, rows + rb, keys, scratch);
+          continue;
+        }
+        qk_tile(q + rb * e, pk + t * e * KT, e, s, KT);
+        for (int64_t r = 0; r < rn; ++r) keep_tile(s + r * KT, t * KT, i0 + rb + r, rows[rb + r], keys, scratch);
+      }
+    }
+  }
+}
+
+// Thresholds of rows [i0, i0 + nr) from a sample of whole tiles below i0 (which every row sees;
+// up to SEL_SAMPLE tiles, a quarter of them at most): a little below each row's keys-th score
+// there (its share keys / i of the sample, plus three standard deviations and 8); -inf (keep
+// every score) where the rows keep half of their keys or more, or where fewer than 2 tiles lie below.
+inline void sample_thresholds(const float* q, int64_t nr, int64_t i0, const float* pk, int64_t e, int64_t keys,
+                              TopRow* rows, float* samp, uint32_t* us) {
+  const int64_t full = i0 / KT, ns_t = std::min<int64_t>(SEL_SAMPLE, full / 4), ns = ns_t * KT;
+  for (int64_t r = 0; r < nr; ++r) rows[r].th = -std::numeric_limits<float>::infinity();
+  if (i0 <= 2 * keys || ns_t < 2) return;
+  for (int64_t rb = 0; rb < nr; rb += RB) {
+    for (int64_t s = 0; s < ns_t; ++s) qk_tile(q + rb * e, pk + (s * full / ns_t) * e * KT, e, samp + s * KT, ns);
+    for (int64_t r = rb; r < std::min<int64_t>(nr, rb + RB); ++r) {
+      const double want = static_cast<double>(keys) / (i0 + r) * ns;
+      const int64_t rank = std::min<int64_t>(ns, static_cast<int64_t>(want + 3 * std::sqrt(want) + 8));
+      int64_t above = 0;
+      rows[r].th = from_key(kth_largest(samp + (r - rb) * ns, ns, rank, above, us));
+    }
+  }
+}
+
 // topk_keys' selection from its indexer's projections: qi (B, H, n, e), ki (B, Hkv, n, e) fp32
-// (query head h reads ki's head h / (H / Hkv)), e a multiple of 16; (B, H, n, keys + 1) int32 as
-// RowSelect makes them. The scores of 8 query rows are computed against ki packed in 32-key tiles
-// (register blocks, as the attention kernels), into a per-thread buffer that stays in cache, and
-// selected from there: no score matrix in memory.
+// (query head h reads ki's head h / (H / Hkv)), e a multiple of 16; (B, H, n, keys + 1) int32.
+// ki is packed once in 32-key tiles; a work item scores SEL_ROWS query rows (register blocks of
+// 8) against one L2-sized segment of tiles after another, so that ki is read from memory once per
+// SEL_ROWS rows, and each tile's scores go straight into the rows' lists (no score matrix).
 torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) {
   TORCH_CHECK(qi.dim() == 4 && ki.dim() == 4 && qi.is_contiguous() && ki.is_contiguous() &&
                   qi.scalar_type() == torch::kFloat32 && ki.scalar_type() == torch::kFloat32 && keys >= 1 &&
@@ -1443,18 +1617,49 @@ torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) 
                 packed.data() + t * e * KT);
     }
   });
-  // rows of the score buffer a little more than a power of two apart (else they share cache sets)
-  const int64_t blocks = (n + RB - 1) / RB, lds = ntiles * KT + 48;
-  at::parallel_for(0, B * H * blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> sbuf(RB * lds), qbuf(RB * e, 0.f);
-    RowSelect select;
+  // work items: a block of rows and its mirror from the end (every item costs about the same)
+  const int64_t blocks = (n + SEL_ROWS - 1) / SEL_ROWS, pairs = (blocks + 1) / 2;
+  const int64_t cap = 2 * keys + 64;  // a list: at most 2 * keys + 32 entries, 16 writable past them
+  at::parallel_for(0, B * H * pairs, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> qbuf((SEL_ROWS + RB) * e, 0.f), s(RB * KT), samp(RB * SEL_SAMPLE * KT);
+    std::vector<float> vbuf(SEL_ROWS * cap);
+    std::vector<uint32_t> us(2 * SEL_SAMPLE * KT + 32), scratch(2 * cap + 32);
+    std::vector<int32_t> pbuf(SEL_ROWS * cap);
+    TopRow rows[SEL_ROWS];
     for (int64_t item = b0; item < b1; ++item) {
-      const int64_t g = item / blocks, i0 = (item % blocks) * RB, rb = std::min<int64_t>(RB, n - i0);
+      const int64_t g = item / pairs, pair = item % pairs;
       const int64_t x = (g / H) * Hkv + (g % H) / group;
-      for (int64_t r = 0; r < rb; ++r) std::copy(QI + (g * n + i0 + r) * e, QI + (g * n + i0 + r + 1) * e, qbuf.data() + r * e);
-      const int64_t last = i0 + rb - 1;  // the block's last row sees keys before it
-      for (int64_t t = 0; t * KT < last; ++t) qk_tile(qbuf.data(), packed.data() + (x * ntiles + t) * e * KT, e, sbuf.data() + t * KT, lds);
-      for (int64_t r = 0; r < rb; ++r) select(sbuf.data() + r * lds, i0 + r, keys, i0 + r, O + (g * n + i0 + r) * (keys + 1));
+      const float* pk = packed.data() + x * ntiles * e * KT;
+      for (int64_t blk : {pair, blocks - 1 - pair}) {
+        const int64_t i0 = blk * SEL_ROWS, nr = std::min<int64_t>(SEL_ROWS, n - i0);
+        std::copy(QI + (g * n + i0) * e, QI + (g * n + i0 + nr) * e, qbuf.data());
+        std::fill(qbuf.begin() + nr * e, qbuf.end(), 0.f);
+        for (int64_t r = 0; r < nr; ++r) rows[r] = TopRow{vbuf.data() + r * cap, pbuf.data() + r * cap, 0, 0.f};
+        sample_thresholds(qbuf.data(), nr, i0, pk, e, keys, rows, samp.data(), us.data());
+        score_rows(qbuf.data(), nr, i0, pk, e, keys, rows, s.data(), scratch.data());
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = i0 + r;
+          TopRow& row = rows[r];
+          if (row.c < std::min(keys, i)) {  // the sample misled: this row again, every score
+            row.c = 0;
+            row.th = -std::numeric_limits<float>::infinity();
+            score_rows(qbuf.data() + r * e, 1, i, pk, e, keys, &row, s.data(), scratch.data());
+          }
+          int32_t* o = O + (g * n + i) * (keys + 1);
+          int64_t w;
+          if (row.c <= keys) {
+            std::copy(row.pos, row.pos + row.c, o);
+            w = row.c;
+          } else {
+            int64_t above = 0;
+            const uint32_t t = kth_largest(row.v, row.c, keys, above, scratch.data());
+            w = keep_best(row.v, row.pos, row.c, from_key(t), keys - above, nullptr, o);
+          }
+          o[w++] = static_cast<int32_t>(i);
+          for (; w < keys + 1; ++w) o[w] = -1;
+        }
+        if (blocks - 1 - pair == pair) break;
+      }
     }
   });
   return out;
