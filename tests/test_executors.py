@@ -2,7 +2,8 @@
 cluster, one Ray task per case) and Slurm (submitit's local executor: the job array, its tasks
 taking cases from the driver, results streaming back); a lost worker retried once (retries 1, one
 record), lost twice crashed with the engine's reason and the larger sizes of its series skipped;
-resume after a cancelled job array; one line for a missing extra."""
+resume after a cancelled job array (and, in the same test, a killed Slurm task retried on another); one
+line for a missing extra."""
 
 from __future__ import annotations
 
@@ -257,7 +258,11 @@ def _slurm(tasks: int = 2, test_kill=None):
 
 
 @pytest.mark.slow
-def test_slurm_job_array_end_to_end_and_resume_after_a_cancelled_array(tmp_path, local_ids):
+def test_slurm_job_array_end_to_end_resume_after_a_cancelled_array_and_a_killed_task_retried(tmp_path, local_ids):
+    """One test, two job arrays (each array's tasks start Python, torch and a worker: the costly part):
+    the first is cancelled after two records; the resumed run's array loses a task to a SIGKILL
+    (a lost job) while it holds a case, which is retried once on another task while a fresh job
+    replaces the lost one."""
     out = tmp_path / "run"
     seen: list[str] = []
 
@@ -275,19 +280,18 @@ def test_slurm_job_array_end_to_end_and_resume_after_a_cancelled_array(tmp_path,
     [queue] = (out / "slurm").iterdir()
     assert sorted(p.name for p in queue.iterdir() if p.name.startswith("task-")) == ["task-0", "task-1"]  # an array
 
-    runner.run(_plan(), out, scenario_text=TINY, resume=True, executor=_slurm())
+    plan = _plan()
+    # a series' larger size runs only after its smaller one: the two records kept are of n = 64
+    victim = _case(plan, SW, 128)
+    assert victim.case_id not in {r["case_id"] for r in kept}
+    ex = _slurm(test_kill=base.TestKill(victim.case_id, str(tmp_path / "marks"), 1))
+    runner.run(plan, out, scenario_text=TINY, resume=True, executor=ex)
     recs = results.read_records(out)
     assert _ids(recs) == local_ids  # the rest ran, nothing twice
     assert {r["status"] for r in recs} == {"ok"} and all(r["host"] and r["device_name"] for r in recs)
     assert len(list((out / "slurm").iterdir())) == 2  # the resumed run's own queue beside the first
-
-
-@pytest.mark.slow
-def test_a_killed_slurm_task_is_retried_on_another(tmp_path):
-    plan = _plan()
-    victim = _case(plan, SW, 64)
-    ex = _slurm(test_kill=base.TestKill(victim.case_id, str(tmp_path / "marks"), 1))
-    runner.run(plan, tmp_path / "run", scenario_text=TINY, executor=ex)
-    recs = {r["case_id"]: r for r in results.read_records(tmp_path / "run")}
-    assert len(recs) == len(plan.cases) and {r["status"] for r in recs.values()} == {"ok"}
-    assert recs[victim.case_id]["retries"] == 1 and len(ex.jobs) == 3  # a fresh job replaced the lost one
+    # the killed task: its case retried once on another task, a fresh job in place of the lost one
+    assert len(list((tmp_path / "marks").glob("kill-*"))) == 1  # the task really died
+    by_id = {r["case_id"]: r for r in recs}
+    assert by_id[victim.case_id]["retries"] == 1 and len(ex.jobs) == 3
+    assert all(r["retries"] == 0 for cid, r in by_id.items() if cid != victim.case_id)
