@@ -270,6 +270,19 @@ def test_facets_one_panel_per_mode(tmp_path):
     assert "forward" in fig.axes[0].get_title(loc="left") and "backward" in fig.axes[1].get_title(loc="left")
 
 
+def test_panels_that_differ_by_their_inputs_say_which(tmp_path):
+    """A run on random and synthetic inputs draws a row of panels per kind: each names its inputs
+    (two panels with the same setup in their titles would be told apart by their footnotes only);
+    a run on random inputs alone keeps its titles as they were."""
+    recs = make_records() + [dict(r, inputs="synthetic") for r in make_records(scale=1.2)]
+    for fig in (plots.fig_time_vs_seqlen, plots.fig_speedup_vs_seqlen, plots.fig_memory_vs_seqlen):
+        titles = [ax.get_title(loc="left") for ax in fig(load_frame(write_result(tmp_path / "i", recs))).axes]
+        titles = [t for t in titles if t]
+        assert len(titles) == 2 and titles[0].startswith("inputs: random") and titles[1].startswith("inputs: synthetic")
+    plain = plots.fig_time_vs_seqlen(load_frame(write_result(tmp_path / "r", make_records())))
+    assert "inputs" not in plain.axes[0].get_title(loc="left")
+
+
 def app() -> typer.Typer:
     a = typer.Typer()
     register(a)

@@ -39,6 +39,7 @@ from sparsebench.analysis.scaling import (
 )
 from sparsebench.render.analysis import LEGACY_DECODE_BACKEND, above_ideal_text, exponent_caveat
 from sparsebench.render.masks import fig_masks
+from sparsebench.render.quality import RANDOM
 from sparsebench.results.schema import BASELINE_PATTERN, DECODE, SERIES_KEY
 from sparsebench.stats import fit_power
 from sparsebench.units import format_bytes, format_time
@@ -659,7 +660,7 @@ def fig_quality_vs_speedup(df, analysis=None, styles=None):
     """Recall (left) and relative error (right) against full attention, against the speedup
     over dense sdpa, one row of panels per inputs kind and setup; None when no case has both a
     quality figure and a speedup."""
-    from sparsebench.render.quality import ERROR, RANDOM, RECALL, _points_of, panels, points, subtitle
+    from sparsebench.render.quality import ERROR, RECALL, _points_of, panels, points, subtitle
 
     found = panels(df)
     if not found:
@@ -679,7 +680,7 @@ def fig_quality_vs_speedup(df, analysis=None, styles=None):
     fig.suptitle(f"Quality against full attention vs speedup over dense sdpa\n{subtitle(df)}", fontweight="bold")
     axes = fig.subplots(len(found), 2, squeeze=False)
     for row_axes, (setup, sub) in zip(axes, found):
-        where = f"inputs: {setup.get('inputs', RANDOM)} · {_panel_title(setup)}"
+        where = _panel_title(setup, inputs=True)
         for ax, metric in zip(row_axes, (RECALL, ERROR)):
             _quality_panel(ax, sub, metric, where, colours, markers, ns)
     _quality_legend(fig, colours, markers, ns)
@@ -967,8 +968,11 @@ def _kv_heads(row: dict) -> str:
     return "" if kv == row["heads"] else f"/{kv} KV"
 
 
-def _panel_title(row: dict) -> str:
+def _panel_title(row: dict, inputs: bool = False) -> str:
+    """The panel's setup in words; with ``inputs``, led by "inputs: KIND" (where a figure's
+    panels differ by their inputs, or its inputs are not the default random ones)."""
     bits = [
+        *([f"inputs: {row.get('inputs', RANDOM)}"] if inputs else []),
         str(row["device"]),
         str(row["dtype"]),
         str(row["mode"]),
@@ -987,7 +991,10 @@ def _figure(df, suptitle: str):
     fig = Figure(figsize=(WIDTH, height), layout="constrained")
     fig.suptitle(suptitle, fontweight="bold")
     axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
-    return fig, [(ax, sub, _panel_title(dict(zip(SHAPE_KEY, key)))) for ax, (key, sub) in zip(axes, groups)]
+    setups = [dict(zip(SHAPE_KEY, key)) for key, _ in groups]
+    kinds = {str(st.get("inputs", RANDOM)) for st in setups}
+    inputs = len(kinds) > 1 or kinds != {RANDOM}
+    return fig, [(ax, sub, _panel_title(st, inputs)) for ax, st, (_, sub) in zip(axes, setups, groups)]
 
 
 def _panel_height(sub, by: str | Sequence[str] = SERIES_KEY) -> float:
