@@ -64,6 +64,7 @@ SWITCHES = {
     "SPARSEBENCH_TRITON": "0: block_sparse's Triton kernels off",
     "SPARSEBENCH_TRITON_TUNE": "0: the first fitting Triton launch setting, without autotuning",
     "SPARSEBENCH_TRITON_PARTS": "auto, always or never: residue bands as parts of their own in the Triton kernels",
+    "SPARSEBENCH_TRITON_UNITS": "keys or union: the order the Triton kernels walk moba's and quest's units in",
     "TRITON_INTERPRET": "1: Triton kernels run in the interpreter",
     "SPARSEBENCH_ALLOCATOR": "system: PyTorch's CPU allocator as it is (no reuse of freed blocks)",
     "SPARSEBENCH_TEST_SLOWDOWN": "F (test only): timed calls take F times as long (extra work), the probe as it is",
