@@ -416,18 +416,27 @@ class TokenIncremental(Incremental):
 # backends
 
 
-def selecting_call(pattern: ContentSelected, attend: Callable[..., torch.Tensor]):
+def selecting_call(
+    pattern: ContentSelected,
+    attend: Callable[..., torch.Tensor],
+    select: Callable[[torch.Tensor, torch.Tensor], Selection] | None = None,
+):
     """A backend's ``fn(q, k, v)`` for a content-selected pattern: each call selects (no
-    gradient flows through the choice) and then attends, ``attend(q, k, v, selection)``;
-    ``fn.selected(q, k, v)`` returns ``(out, selection)`` so that the check uses the call's own."""
+    gradient flows through the choice) and then attends, ``attend(q, k, v, selection)``.
+    ``select(q, k)``: the backend's own selection of the pattern's keys (the same keys), by
+    default ``pattern.select``. ``fn.select(q, k)`` is that selection alone (what ``select_s``
+    times) and ``fn.selected(q, k, v)`` returns ``(out, selection)`` so that the check uses the
+    call's own."""
+    select = select or pattern.select
 
     def selected(q, k, v):
-        selection = pattern.select(q, k)
+        selection = select(q, k)
         return attend(q, k, v, selection), selection
 
     def fn(q, k, v):
         return selected(q, k, v)[0]
 
+    fn.select = select
     fn.selected = selected
     return fn
 

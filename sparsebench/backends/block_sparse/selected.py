@@ -31,7 +31,7 @@ import torch
 
 from sparsebench.backends.block_sparse import native as _native
 from sparsebench.backends.block_sparse.plan import KEY_CHUNK_BYTES
-from sparsebench.patterns.selection import Selection
+from sparsebench.patterns.selection import Selection, selecting_call
 
 # Query rows per work item of the unit kernel (a multiple of the unit): the key units chosen by
 # any of its rows are packed once per item, so more rows share each packing.
@@ -210,18 +210,8 @@ def prepare(p):
     indexer's token selection where the kernels have it, else the pattern's own) and
     ``fn.selected(q, k, v) -> (out, selection)`` for the check."""
     pattern = p.pattern
-    select = native_token_selector(pattern, p.head_dim, p.device) or pattern.select
-
-    def selected(q, k, v):
-        selection = select(q, k)
-        return attend(selection, q, k, v), selection
-
-    def fn(q, k, v):
-        return selected(q, k, v)[0]
-
-    fn.select = select  # type: ignore[attr-defined]
-    fn.selected = selected  # type: ignore[attr-defined]
-    return fn
+    select = native_token_selector(pattern, p.head_dim, p.device)
+    return selecting_call(pattern, lambda q, k, v, selection: attend(selection, q, k, v), select)
 
 
 def estimate_bytes(p) -> int:
