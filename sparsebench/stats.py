@@ -1,7 +1,7 @@
 """The statistics sparsebench uses, as pure functions of numbers (no scipy; numpy only inside
 ``fit_power``): quantiles and the interquartile range, the two-sided Mann-Whitney U test, the
-least-squares power law ``y = a * n**k`` with its 95% interval, Student's t distribution, and the
-confidence interval of a ratio of two timed cases (``ratio_interval``, used by compare and history).
+least-squares power law ``y = a * n**k`` with its 95% interval, and Student's t distribution (its
+quantiles and p-values make the intervals of ``analysis.noise.RatioError``, for compare and history).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 
 from sparsebench.stats import t_cdf, t_quantile
 
-MIN_CASES = 8  # a comparison of fewer cases judges each from its own samples (``ratio_interval``)
+MIN_CASES = 8  # a comparison of fewer cases judges each from its own samples (``RatioError.of``)
 BLOCKS = 5  # a case measured in one round: its calls in up to this many consecutive blocks
 PRIOR_DOF = 8  # how much the run's typical spread weighs in a case's (in degrees of freedom)
 
