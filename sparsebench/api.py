@@ -249,11 +249,9 @@ def quality(q, k, v, pattern: "str | Pattern", causal: bool = True, rows=None, *
         idx = torch.as_tensor(rows).reshape(-1).long().unique()
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
             raise ScenarioError(f"rows must be query rows in 0..{n - 1} (or a count of rows to sample), got {rows!r}")
-    if content_selected(pat):  # its keys are the selection it makes from these q and k
-        selection = pat.select(q, k)
-        figures = measure(q, k, v, causal=causal, attended=selection.mask, rows=idx).fields()
-    else:
-        figures = measure(q, k, v, causal=causal, attended=lambda r: pat.rows(r, n, causal), rows=idx).fields()
+    # a content-selected pattern's keys are the selection it makes from these q and k
+    attended = pat.select(q, k).mask if content_selected(pat) else (lambda r: pat.rows(r, n, causal))
+    figures = measure(q, k, v, causal=causal, attended=attended, rows=idx).fields()
     del figures["full_grad_rel_err"]
     return figures
 
