@@ -359,3 +359,42 @@ def test_what_a_first_call_leaves_resident_is_no_peak():
             kept.append(torch.ones(64 * MiB // 4))
         torch.ones(8 * MiB // 4).sum()
     assert 44 * MiB <= pm.peak_bytes < 80 * MiB, pm.peak_bytes / MiB
+
+
+_PINNED = """
+import ctypes, json
+from sparsebench.measure.memory import _status_kib, freed_memory_reused
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+MiB = 2**20
+def resident_after_free(first):
+    libc.free(libc.malloc(first))  # a mapped block freed: glibc's default raises its threshold to it
+    p = libc.malloc(4 * MiB)
+    ctypes.memset(p, 1, 4 * MiB)
+    before = _status_kib("VmRSS")
+    libc.free(p)
+    return before - _status_kib("VmRSS")
+unpinned = resident_after_free(8 * MiB)
+with freed_memory_reused("cpu"):
+    pinned = resident_after_free(16 * MiB)
+print(json.dumps(dict(unpinned=unpinned, pinned=pinned)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc/self/status")
+def test_a_case_frees_its_large_blocks_whatever_was_freed_before():
+    """Inside freed_memory_reused a freed block of 4 MiB leaves the resident set even after a larger
+    mapped block was freed; with glibc's default (before) it stayed resident in its heap, which
+    made a case's peak depend on which blocks earlier cases had freed."""
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "SPARSEBENCH_ALLOCATOR"))}
+    out = subprocess.run([sys.executable, "-c", _PINNED], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["unpinned"] < 1024, r  # glibc's default: the 4 MiB stay resident (the test's premise)
+    assert r["pinned"] >= 4000, r  # KiB: the whole block left the resident set

@@ -48,7 +48,13 @@ def freed_memory_reused(device) -> Iterator[bool]:
     fits first frees kept blocks of at least its size (or all), so the resident memory never exceeds what was in use at
     some moment: peaks read the same as without it. The allocator is part of the native
     extension: without it (no compiler, SPARSEBENCH_NATIVE=0) or with
-    SPARSEBENCH_ALLOCATOR=system nothing changes. Yields whether it is in force."""
+    SPARSEBENCH_ALLOCATOR=system nothing changes. Yields whether it is in force.
+
+    It also pins glibc's mmap threshold at 1 MiB for the rest of the process (``_pin_mmap``): glibc
+    raises that threshold to the size of every mapped block freed (up to 32 MiB), after which
+    large blocks come from its heaps, stay resident when freed and are reused or not depending on
+    which thread's heap they were in, so a case's peak moved by a block (a 2048-token topk_keys
+    case read 34-38 MiB or 50-57 MiB in the same process, run after run)."""
     global _caching
     import torch
 
@@ -56,6 +62,7 @@ def freed_memory_reused(device) -> Iterator[bool]:
     if not _caching and torch.device(device).type == "cpu" and allocator_policy() == "reuse":
         from sparsebench.backends import block_sparse
 
+        _pin_mmap()
         on = _caching = block_sparse.cache_cpu_allocations(True)
     try:
         yield on
@@ -64,6 +71,25 @@ def freed_memory_reused(device) -> Iterator[bool]:
             _caching = False
             block_sparse.cache_cpu_allocations(False)
             _trim()
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20  # the caching allocator's smallest kept block, as its kMinBytes
+_pinned = False
+
+
+def _pin_mmap() -> None:
+    """Blocks of MMAP_THRESHOLD bytes or more get a mapping of their own, unmapped when freed,
+    for the rest of this process (glibc's M_MMAP_THRESHOLD, which also stops its dynamic raising);
+    nothing elsewhere."""
+    global _pinned
+    if _pinned or not sys.platform.startswith("linux"):
+        return
+    _pinned = True
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
 
 
 def _status_kib(field: str) -> int | None:
