@@ -40,7 +40,7 @@ from pathlib import Path
 _SOURCES = (Path(__file__).with_name("native.cpp"), Path(__file__).with_name("allocator.cpp"))
 
 # Part of the module's name: a new version never loads a cached build of older sources.
-_VERSION = 31
+_VERSION = 32
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
