@@ -492,14 +492,15 @@ def _native_units(pattern, q, k):
 @pytest.mark.parametrize("name", ["moba", "quest"])
 @pytest.mark.parametrize(
     "n,unit,earlier,kv_heads",
-    [(1000, 32, 5, 2), (999, 16, 80, 4), (300, 64, 9, 2), (640, 32, 0, 2)],
-    ids=["gqa-odd-n", "long-list-exact", "fewer-earlier-than-kept", "own-unit-only"],
+    [(1000, 32, 5, 2), (1000, 16, 20, 2), (999, 8, 80, 4), (300, 64, 9, 2), (640, 32, 0, 2)],
+    ids=["gqa-odd-n", "bisection", "bisection-long", "fewer-earlier-than-kept", "own-unit-only"],
 )
 def test_native_unit_selection_is_the_reference_on_random_inputs(name, n, unit, earlier, kv_heads):
     """The native unit selection gives the pattern's own index (shape, int32, ascending, the own
     unit after the chosen, -1 padding) on random inputs: GQA 4 over 2, n not a multiple of the
-    unit, more kept units than the running list holds (80: the exact partial sort), rows with
-    fewer earlier units than kept (300 / 64: at most 4 of 9), topk 1 (the own unit only)."""
+    unit, more kept units than the running list holds (20 of up to 62, 80 of up to 124: the
+    bisection), rows with fewer earlier units than kept (300 / 64: at most 4 of 9), topk 1 (the own
+    unit only)."""
     _native_or_skip()
     q, k, _ = qkv(n, kv_heads=kv_heads, batch=2)
     pattern = _unit_pattern(name, unit, earlier)
@@ -516,7 +517,7 @@ def test_native_unit_selection_is_the_reference_on_random_inputs(name, n, unit, 
 def test_native_unit_selection_ties_go_to_the_lowest_unit(name, case):
     """Integer-valued q and k (sums of small integers and eighths: exact in any order; moba's mean a
     division by 8, exact too): many equal scores, all equal in ``all_equal``; the same index as the
-    reference, ties to the lowest unit, with the running list (5 kept) and the partial sort (70)."""
+    reference, ties to the lowest unit, with the running list (5 kept) and the bisection (70)."""
     _native_or_skip()
     n, unit, g = 1024, 8, torch.Generator().manual_seed(3)
     for earlier in (5, 70):

@@ -208,9 +208,10 @@ def native_token_selector(pattern, head_dim: int, device):
 # The scores the native unit selection computes (select_top_units' kind), by the pattern's
 # ``score_kind``, with the summaries (``summary``) each is computed from.
 UNIT_SCORES = {"dot": "mean", "bound": "minmax"}
-# Kept units up to which a row's best are kept in a running sorted list (UNIT_LIST_MAX in native.cpp),
-# query rows scored together (UNIT_RB) and units per packed tile of summaries (UNIT_LANES).
-UNIT_LIST_MAX, UNIT_RB, UNIT_LANES = 64, 8, 16
+# Kept units up to which a row's best are kept in a running sorted list (UNIT_LIST_MAX in native.cpp;
+# more: the kept units' least score by bisection), query rows scored together (UNIT_RB) and units per
+# packed tile of summaries (UNIT_LANES).
+UNIT_LIST_MAX, UNIT_RB, UNIT_LANES = 8, 8, 16
 
 
 def select_top_units(q: torch.Tensor, summaries, unit: int, earlier: int, kind: str) -> torch.Tensor:
@@ -221,9 +222,10 @@ def select_top_units(q: torch.Tensor, summaries, unit: int, earlier: int, kind: 
     units u < u_i with the highest scores (all of them when fewer; of equal scores the lower unit),
     ascending, then u_i, then -1 padding: (B, H, n, min(earlier, ceil(n / unit) - 1) + 1) int32, as
     ``select_units`` gives it. Native: 8 query rows at a time scored against the units' summaries
-    packed in tiles of 16 (register blocks), each row's scores then ranked by a running list (an
-    exact partial sort for more than 64 kept units); the scores round as their own sums do, not as
-    torch's products."""
+    packed in tiles of 16 (register blocks), each row's scores then ranked: a running list for up
+    to 8 kept units, else the kept units' least score by bisection and one pass keeping those above
+    it and the lowest equal ones (no sort); the scores are sums in the order of the head dimension,
+    Quest's two apart, then added (as torch's products on this CPU round them, not promised)."""
     if kind == "dot":
         s0, s1 = summaries, torch.empty(0)
     else:
@@ -325,7 +327,8 @@ def native_unit_select_bytes(p) -> int:
     """Peak bytes of the native unit selection beyond q, k and the index it returns: the units'
     fp32 summaries (torch's, and packed in tiles of 16 units: moba's means, Quest's min and max),
     an fp32 copy of k while they are made and of q while it selects (in a low precision), and per
-    thread 8 rows' scores against every unit, their query rows and the kept units' list."""
+    thread 8 rows' scores against every unit, their query rows, the bisection's keys of a row's
+    scores (or the partial sort's (score, unit) pairs) and the kept units' list."""
     pattern, n, d = p.pattern, p.seq_len, p.head_dim
     unit = unit_size(pattern)
     full, parts = n // unit, 2 if pattern.summary == "minmax" else 1
@@ -333,8 +336,7 @@ def native_unit_select_bytes(p) -> int:
     summaries = p.batch * p.kv_heads * parts * (full + tiles * UNIT_LANES) * d * 4
     copies = max(p.q_bytes, p.kv_bytes // 2) * 4 // p.elem_bytes if p.elem_bytes != 4 else 0
     earlier = int(pattern.earlier_units)
-    per_thread = UNIT_RB * (tiles * UNIT_LANES + 2 * d) * 4 + earlier * 8
-    per_thread += full * 8 if earlier > UNIT_LIST_MAX else 0  # the partial sort's (score, unit) pairs
+    per_thread = UNIT_RB * (tiles * UNIT_LANES + 2 * d) * 4 + earlier * 8 + tiles * UNIT_LANES * 4 * 3 + 128
     return summaries + copies + torch.get_num_threads() * per_thread
 
 

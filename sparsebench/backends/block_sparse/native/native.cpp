@@ -1723,7 +1723,7 @@ bool has_window() { return false; }
 // every build has it (the work is small: a query row scores at most the few hundred earlier units).
 constexpr int64_t UNIT_LANES = 16;     // units per packed tile of summaries (one vector of scores)
 constexpr int64_t UNIT_RB = 8;         // query rows scored together (a register block of 8 x 16 scores)
-constexpr int64_t UNIT_LIST_MAX = 64;  // up to this many kept units: a running sorted list; more: nth_element
+constexpr int64_t UNIT_LIST_MAX = 8;   // up to this many kept units: a running sorted list; more: bisection
 
 // Summaries S (X, full, d) into tiles of UNIT_LANES units, d x UNIT_LANES each (zeros past `full`).
 static void pack_units(const float* S, int64_t X, int64_t full, int64_t d, int64_t tiles, float* P) {
@@ -1742,16 +1742,33 @@ static void pack_units(const float* S, int64_t X, int64_t full, int64_t d, int64
 // The scores of UNIT_RB query rows against one tile of units, into out (UNIT_RB rows of `stride`):
 // "dot": sum_c q_c hi_c (hi: the units' means); "bound": sum_c max(q_c lo_c, q_c hi_c), as
 // sum_c (max(q_c, 0) hi_c + min(q_c, 0) lo_c) (qp, qn: the rows' positive and negative parts).
+// The bound's two sums are kept apart and added at the end, as torch's two products are. With AVX-512
+// the register blocks are written out (8 or 16 vectors of scores); elsewhere the loops below.
 template <bool BOUND>
 static inline void score_unit_tile(const float* __restrict qp, const float* __restrict qn, const float* __restrict hi,
                                    const float* __restrict lo, int64_t d, float* __restrict out, int64_t stride) {
-  float acc[UNIT_RB][UNIT_LANES];
+#if defined(__AVX512F__)
+  __m512 a[UNIT_RB], b[UNIT_RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < UNIT_RB; ++r) { a[r] = _mm512_setzero_ps(); b[r] = _mm512_setzero_ps(); }
+  for (int64_t c = 0; c < d; ++c) {
+    const __m512 h = _mm512_loadu_ps(hi + c * UNIT_LANES);
+    const __m512 w = BOUND ? _mm512_loadu_ps(lo + c * UNIT_LANES) : h;
+#pragma GCC unroll 8
+    for (int r = 0; r < UNIT_RB; ++r) {
+      a[r] = _mm512_fmadd_ps(_mm512_set1_ps(qp[r * d + c]), h, a[r]);
+      if (BOUND) b[r] = _mm512_fmadd_ps(_mm512_set1_ps(qn[r * d + c]), w, b[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < UNIT_RB; ++r) _mm512_storeu_ps(out + r * stride, BOUND ? _mm512_add_ps(a[r], b[r]) : a[r]);
+#else
+  float acc[UNIT_RB][UNIT_LANES], acc2[UNIT_RB][UNIT_LANES];
   for (int r = 0; r < UNIT_RB; ++r)
-    for (int l = 0; l < UNIT_LANES; ++l) acc[r][l] = 0.f;
+    for (int l = 0; l < UNIT_LANES; ++l) acc[r][l] = acc2[r][l] = 0.f;
   for (int64_t c = 0; c < d; ++c) {
     const float* h = hi + c * UNIT_LANES;
     const float* w = lo + c * UNIT_LANES;
-#pragma GCC unroll 8
     for (int r = 0; r < UNIT_RB; ++r) {
       const float a = qp[r * d + c];
 #pragma omp simd
@@ -1759,20 +1776,24 @@ static inline void score_unit_tile(const float* __restrict qp, const float* __re
       if (BOUND) {
         const float b = qn[r * d + c];
 #pragma omp simd
-        for (int l = 0; l < UNIT_LANES; ++l) acc[r][l] += b * w[l];
+        for (int l = 0; l < UNIT_LANES; ++l) acc2[r][l] += b * w[l];
       }
     }
   }
   for (int r = 0; r < UNIT_RB; ++r)
-    for (int l = 0; l < UNIT_LANES; ++l) out[r * stride + l] = acc[r][l];
+    for (int l = 0; l < UNIT_LANES; ++l) out[r * stride + l] = BOUND ? acc[r][l] + acc2[r][l] : acc[r][l];
+#endif
 }
 
 // Into o (ascending): the `take` best of the scores s[0, count) (highest first, of equal scores the
 // lower unit), take < count. Up to UNIT_LIST_MAX by a running list sorted by score (a unit enters only
-// when it beats the list's last, and lands after the equal ones: they are lower units), else exactly by
-// nth_element over (score, unit).
-static void best_units(const float* s, int64_t count, int64_t take, float* lv, int32_t* li,
-                       std::vector<std::pair<float, int32_t>>& all, int32_t* o) {
+// when it beats the list's last, and lands after the equal ones: they are lower units); more by the
+// take-th score found by bisection on order-preserving keys (kth_largest, AVX-512), then one pass
+// keeping the units above it and the lowest of those equal to it (keep_best: ascending already);
+// elsewhere by nth_element over (score, unit). Exact either way. `keys`: room for 2 count + 32,
+// `iota`: 0, 1, ... count - 1.
+static void best_units(const float* s, int64_t count, int64_t take, float* lv, int32_t* li, uint32_t* keys,
+                       const int32_t* iota, std::vector<std::pair<float, int32_t>>& all, int32_t* o) {
   if (take <= UNIT_LIST_MAX) {
     int64_t c = 0;
     for (int64_t u = 0; u < count; ++u) {
@@ -1784,15 +1805,22 @@ static void best_units(const float* s, int64_t count, int64_t take, float* lv, i
       li[p] = static_cast<int32_t>(u);
     }
     std::copy(li, li + take, o);
-  } else {
-    all.resize(count);
-    for (int64_t u = 0; u < count; ++u) all[u] = {s[u], static_cast<int32_t>(u)};
-    std::nth_element(all.begin(), all.begin() + (take - 1), all.end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    });
-    for (int64_t r = 0; r < take; ++r) o[r] = all[r].second;
+    std::sort(o, o + take);
+    return;
   }
+#if defined(__AVX512F__)
+  int64_t above = 0;
+  const uint32_t t = kth_largest(s, count, take, above, keys);
+  keep_best(s, iota, count, from_key(t), take - above, nullptr, o);
+#else
+  all.resize(count);
+  for (int64_t u = 0; u < count; ++u) all[u] = {s[u], static_cast<int32_t>(u)};
+  std::nth_element(all.begin(), all.begin() + (take - 1), all.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  for (int64_t r = 0; r < take; ++r) o[r] = all[r].second;
   std::sort(o, o + take);
+#endif
 }
 
 // moba's and quest's selection: q (B, H, n, d) fp32; the summaries of the n / unit whole units of
@@ -1835,8 +1863,10 @@ torch::Tensor select_top_units(torch::Tensor q, torch::Tensor s0, torch::Tensor 
   const int64_t blocks = (n + UNIT_RB - 1) / UNIT_RB, pairs = (blocks + 1) / 2;
   at::parallel_for(0, B * H * pairs, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> qp(UNIT_RB * d), qn(bound ? UNIT_RB * d : 0), sc(UNIT_RB * stride), lv(take_max);
-    std::vector<int32_t> li(take_max);
+    std::vector<int32_t> li(take_max), iota(stride);
+    std::vector<uint32_t> keys(2 * stride + 32);
     std::vector<std::pair<float, int32_t>> all;
+    for (int64_t u = 0; u < stride; ++u) iota[u] = static_cast<int32_t>(u);
     for (int64_t item = b0; item < b1; ++item) {
       const int64_t g = item / pairs, pair = item % pairs;
       const int64_t x = (g / H) * Hkv + (g % H) / group;
@@ -1867,7 +1897,7 @@ torch::Tensor select_top_units(torch::Tensor q, torch::Tensor s0, torch::Tensor 
           if (take == own) {
             for (int64_t u = 0; u < own; ++u) o[u] = static_cast<int32_t>(u);
           } else {
-            best_units(sc.data() + r * stride, own, take, lv.data(), li.data(), all, o);
+            best_units(sc.data() + r * stride, own, take, lv.data(), li.data(), keys.data(), iota.data(), all, o);
           }
           o[take] = static_cast<int32_t>(own);
           for (int64_t w = take + 1; w < slots; ++w) o[w] = -1;
