@@ -263,13 +263,19 @@ def native_unit_selector(pattern, head_dim: int, device):
     return select
 
 
+def native_selector(pattern, head_dim: int, device):
+    """The native selection of ``pattern`` (``native_token_selector``, else
+    ``native_unit_selector``), or None where the kernels do not compute it."""
+    return native_token_selector(pattern, head_dim, device) or native_unit_selector(pattern, head_dim, device)
+
+
 def prepare(p):
     """fn(q, k, v) for a content-selected problem: the selection, then the kernel (both timed),
     with ``fn.select(q, k) -> Selection`` (the selection the call makes: the native one for an
     indexer's token selection or a unit selection whose score the kernels know, else the
     pattern's own) and ``fn.selected(q, k, v) -> (out, selection)`` for the check."""
     pattern = p.pattern
-    select = native_token_selector(pattern, p.head_dim, p.device) or native_unit_selector(pattern, p.head_dim, p.device)
+    select = native_selector(pattern, p.head_dim, p.device)
     return selecting_call(pattern, lambda q, k, v, selection: attend(selection, q, k, v), select)
 
 
@@ -306,7 +312,10 @@ def estimate_bytes(p) -> int:
     # per thread: a unit's packed keys; the gathered rows that chose it (at most all of the item's),
     # their outputs, and their bookkeeping (pairs, ranges, log-sum-exps)
     per_thread = (min(unit, n) + 64) * d * 4 + rows * (d * (e + 4) + 5 * 4)
-    return held + max(selecting, threads * per_thread)
+    # the fp32 output (in a low precision) is made by the kernel, after the selection's temporaries
+    # are freed: it counts on the kernel's side only
+    out32 = seqs * n * d * 4 if e != 4 else 0
+    return held - out32 + max(selecting, out32 + threads * per_thread)
 
 
 def native_select_bytes(p, index_dim: int) -> int:
