@@ -433,7 +433,6 @@ def test_block_sparse_topk_keys_selects_natively(monkeypatch):
     backend = BACKENDS.get("block_sparse")()
     p = _problem(pattern)
     assert backend.unsupported(p) is None
-    fn = backend.prepare(p)
     q, k, v = qkv(96, kv_heads=2, batch=1)
     want = pattern.select(q, k).index
 
@@ -441,6 +440,7 @@ def test_block_sparse_topk_keys_selects_natively(monkeypatch):
         raise AssertionError("pattern.select was called")
 
     monkeypatch.setattr(TopkKeys, "select", unreachable)
+    fn = backend.prepare(p)  # a fallback to pattern.select would be bound to unreachable here
     assert torch.equal(fn.select(q, k).index, want)
     out, sel = fn.selected(q, k, v)
     assert torch.equal(sel.index, want)
@@ -548,7 +548,6 @@ def test_block_sparse_moba_and_quest_select_natively(monkeypatch):
     for pattern in (Moba(chunk=16, topk=4), Quest(page_size=16, token_budget=64)):
         p = _problem(pattern, seq_len=200)
         assert backend.unsupported(p) is None
-        fn = backend.prepare(p)
         want = pattern.select(q, k).index
         with monkeypatch.context() as m:
 
@@ -556,6 +555,7 @@ def test_block_sparse_moba_and_quest_select_natively(monkeypatch):
                 raise AssertionError("pattern.select was called")
 
             m.setattr(ContentSelected, "select", unreachable)
+            fn = backend.prepare(p)  # a fallback to pattern.select would be bound to unreachable here
             assert torch.equal(fn.select(q, k).index, want)
             out, sel = fn.selected(q, k, v)
         assert torch.equal(sel.index, want)
