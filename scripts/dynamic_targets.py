@@ -6,8 +6,8 @@ process: dense SDPA (is_causal) against selection + kernel for moba (chunk 512, 
     efficiency = speedup / ideal; select share = selection median / (selection + kernel) median;
     each by wall-clock time and by the process's CPU time (see ``median_time``).
 
-The selections are the ones block_sparse's call makes (``fn.select``: topk_keys' native
-selection, the others' ``pattern.select``) where sparsebench has the patterns, else this
+The selections are the ones block_sparse's call makes (``fn.select``: topk_keys' native token
+selection, moba's and quest's native unit selection) where sparsebench has the patterns, else this
 script's stand-ins: simple, correct selections by the issue's definitions (moba's gate, quest's
 bound, topk_keys' seeded projection), made blockwise over queries so that no n x n tensor
 exists. Also moba's time exponent over n (selection included) and topk_keys'.
@@ -122,9 +122,9 @@ def median_time(fn, repeats: int) -> tuple[float, float]:
 
 
 def selector(name: str, params: dict, head_dim: int = 64):
-    """The selection block_sparse's call makes (its ``fn.select``: the native kernel for an
-    indexer's token selection, else the pattern's own) where sparsebench has the pattern, else
-    this script's stand-in."""
+    """The selection block_sparse's call makes (its ``fn.select``: the native kernels for an
+    indexer's token selection and for a unit selection whose score they know, else the pattern's
+    own) where sparsebench has the pattern, else this script's stand-in."""
     from sparsebench.patterns.base import PATTERNS
 
     try:
@@ -132,7 +132,7 @@ def selector(name: str, params: dict, head_dim: int = 64):
     except Exception:  # noqa: BLE001 - not registered yet: the stand-in
         own = {"moba": moba_select, "quest": quest_select, "topk_keys": topk_select}[name]
         return (lambda q, k: own(q, k, *params.values())), "stand-in"
-    native = _selected.native_token_selector(pattern, head_dim, "cpu")
+    native = _selected.native_selector(pattern, head_dim, "cpu")
     return (native, "block_sparse native") if native is not None else (pattern.select, "sparsebench")
 
 

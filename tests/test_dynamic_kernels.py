@@ -433,7 +433,6 @@ def test_block_sparse_topk_keys_selects_natively(monkeypatch):
     backend = BACKENDS.get("block_sparse")()
     p = _problem(pattern)
     assert backend.unsupported(p) is None
-    fn = backend.prepare(p)
     q, k, v = qkv(96, kv_heads=2, batch=1)
     want = pattern.select(q, k).index
 
@@ -441,6 +440,7 @@ def test_block_sparse_topk_keys_selects_natively(monkeypatch):
         raise AssertionError("pattern.select was called")
 
     monkeypatch.setattr(TopkKeys, "select", unreachable)
+    fn = backend.prepare(p)  # a fallback to pattern.select would be bound to unreachable here
     assert torch.equal(fn.select(q, k).index, want)
     out, sel = fn.selected(q, k, v)
     assert torch.equal(sel.index, want)
@@ -468,3 +468,102 @@ def test_select_time_times_the_call_s_own_selection():
     q, k, _ = qkv(96, kv_heads=2, batch=1)
     assert harness.select_time(p, q, k, fn) >= 0.0
     assert calls == ["fn"] * (1 + harness.SELECT_REPEATS)
+
+
+# ------------------------------------------------------------------------------------------
+# moba's and quest's native unit selection against the torch reference (select_units)
+
+
+def _unit_pattern(name, unit, earlier):
+    """moba (chunk, topk = earlier + 1) or quest (page_size, token_budget = (earlier + 1) pages)."""
+    import sparsebench
+
+    if name == "moba":
+        return sparsebench.pattern("moba", chunk=unit, topk=earlier + 1)
+    return sparsebench.pattern("quest", page_size=unit, token_budget=(earlier + 1) * unit)
+
+
+def _native_units(pattern, q, k):
+    select = _selected.native_unit_selector(pattern, q.shape[-1], "cpu")
+    assert select is not None
+    return select(q, k)
+
+
+@pytest.mark.parametrize("name", ["moba", "quest"])
+@pytest.mark.parametrize(
+    "n,unit,earlier,kv_heads",
+    [(1000, 32, 5, 2), (1000, 16, 20, 2), (999, 8, 80, 4), (300, 64, 9, 2), (640, 32, 0, 2)],
+    ids=["gqa-odd-n", "bisection", "bisection-long", "fewer-earlier-than-kept", "own-unit-only"],
+)
+def test_native_unit_selection_is_the_reference_on_random_inputs(name, n, unit, earlier, kv_heads):
+    """The native unit selection gives the pattern's own index (shape, int32, ascending, the own
+    unit after the chosen, -1 padding) on random inputs: GQA 4 over 2, n not a multiple of the
+    unit, more kept units than the running list holds (20 of up to 62, 80 of up to 124: the
+    bisection), rows with fewer earlier units than kept (300 / 64: at most 4 of 9), topk 1 (the own
+    unit only)."""
+    _native_or_skip()
+    q, k, _ = qkv(n, kv_heads=kv_heads, batch=2)
+    pattern = _unit_pattern(name, unit, earlier)
+    want = pattern.select(q, k).index
+    got = _native_units(pattern, q, k).index
+    assert got.dtype == torch.int32 and got.shape == want.shape == (2, 4, n, min(earlier, -(-n // unit) - 1) + 1)
+    assert torch.equal(got, want)
+    if earlier == 0:
+        assert torch.equal(got[..., 0], (torch.arange(n) // unit).int().expand(2, 4, n))
+
+
+@pytest.mark.parametrize("name", ["moba", "quest"])
+@pytest.mark.parametrize("case", ["integers", "all_equal"])
+def test_native_unit_selection_ties_go_to_the_lowest_unit(name, case):
+    """Integer-valued q and k (sums of small integers and eighths: exact in any order; moba's mean a
+    division by 8, exact too): many equal scores, all equal in ``all_equal``; the same index as the
+    reference, ties to the lowest unit, with the running list (5 kept) and the bisection (70)."""
+    _native_or_skip()
+    n, unit, g = 1024, 8, torch.Generator().manual_seed(3)
+    for earlier in (5, 70):
+        q = torch.randint(-2, 3, (1, 4, n, 32), generator=g).float()
+        k = torch.randint(-2, 3, (1, 2, n, 32), generator=g).float()
+        if case == "all_equal":
+            q.zero_()
+        pattern = _unit_pattern(name, unit, earlier)
+        want = pattern.select(q, k).index
+        assert torch.equal(_native_units(pattern, q, k).index, want)
+        if case == "all_equal":  # every row: its first min(earlier, own) units, then its own
+            i = n - 1
+            assert want[0, 0, i].tolist() == list(range(earlier)) + [i // unit]
+
+
+def test_block_sparse_moba_and_quest_select_natively(monkeypatch):
+    """block_sparse's moba and quest calls select with the native kernel: ``fn.select`` gives the
+    pattern's units with ``pattern.select`` out of reach, and the output is attention under the
+    call's own selection. A unit pattern whose score the kernel does not know (no ``score_kind``)
+    keeps its own ``select``."""
+    _native_or_skip()
+    from sparsebench.patterns.moba import Moba
+    from sparsebench.patterns.quest import Quest
+    from sparsebench.patterns.selection import ContentSelected
+
+    backend = BACKENDS.get("block_sparse")()
+    q, k, v = qkv(200, kv_heads=2, batch=1)
+    for pattern in (Moba(chunk=16, topk=4), Quest(page_size=16, token_budget=64)):
+        p = _problem(pattern, seq_len=200)
+        assert backend.unsupported(p) is None
+        want = pattern.select(q, k).index
+        with monkeypatch.context() as m:
+
+            def unreachable(self, q, k):
+                raise AssertionError("pattern.select was called")
+
+            m.setattr(ContentSelected, "select", unreachable)
+            fn = backend.prepare(p)  # a fallback to pattern.select would be bound to unreachable here
+            assert torch.equal(fn.select(q, k).index, want)
+            out, sel = fn.selected(q, k, v)
+        assert torch.equal(sel.index, want)
+        assert (out - reference(sel, q, k, v)).abs().max().item() <= TOL[torch.float32]
+
+    class OtherScore(Moba):  # the same summaries, a score of its own
+        score_kind = None
+
+    other = OtherScore(chunk=16, topk=4)
+    assert _selected.native_unit_selector(other, 64, "cpu") is None
+    assert backend.prepare(_problem(other, seq_len=200)).select == other.select

@@ -18,6 +18,7 @@ class Moba(ContentSelected):
         "and query head; fp32 scores, ties to the lowest chunk; causal only"
     )
     _sized = ("chunk",)
+    score_kind = "dot"  # the gate (score below), for the native selection
     chunk: int = param("keys per chunk (C)")
     topk: int = param("chunks per query, its own included (K)")
 

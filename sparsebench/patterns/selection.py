@@ -156,6 +156,10 @@ class ContentSelected(Pattern):
 
     # -- unit selection (moba, quest): a summary per whole unit of keys, a score per summary ---
     summary: ClassVar[str] = "mean"  # what unit_summaries keeps of a unit: "mean" or "minmax"
+    # what ``score`` computes, by name, for kernels that compute it themselves: "dot" (q . the unit's
+    # mean: moba's gate, summary "mean"), "bound" (sum_d max(q_d min_d, q_d max_d): Quest's, summary
+    # "minmax"); None: only ``score`` knows
+    score_kind: ClassVar[str | None] = None
 
     def score(self, rows: torch.Tensor, summaries, m: int) -> torch.Tensor:
         """(batch, kv_heads, R, m) fp32: the scores of units [0, m) for the query rows (batch,

@@ -3,9 +3,10 @@
 Their keys are chosen from q and k by each call: ``prepare`` gives a callable that selects and
 then runs the kernel, both inside the timed call, and offers ``fn.select(q, k)`` (the selection
 alone, as the call makes it) and ``fn.selected(q, k, v) -> (out, selection)`` so that a check
-uses the selection the call made. The selection is the pattern's own (``pattern.select(q, k)``,
-fp32), except for an indexer's token selection (topk_keys): the native ``select_top_keys``, which
-gives the same keys without the reference's score blocks and sorts. The selection is ``index``
+uses the selection the call made. The selection is native where the kernels know the pattern's
+score: an indexer's token selection (topk_keys: ``select_top_keys``), a unit selection by moba's
+gate or Quest's bound (``select_top_units``); both give the pattern's own keys (``pattern.select``,
+fp32) without the reference's score blocks and sorts. The selection is ``index``
 (batch, heads, n, slots) int32: per query head and row the ids of its selected units (unit u
 covers keys u * unit .. (u + 1) * unit - 1, seen up to the query's own position), ascending, -1
 padding at the end.
@@ -204,13 +205,77 @@ def native_token_selector(pattern, head_dim: int, device):
     return select
 
 
+# The scores the native unit selection computes (select_top_units' kind), by the pattern's
+# ``score_kind``, with the summaries (``summary``) each is computed from.
+UNIT_SCORES = {"dot": "mean", "bound": "minmax"}
+# Kept units up to which a row's best are kept in a running sorted list (UNIT_LIST_MAX in native.cpp;
+# more: the kept units' least score by bisection), query rows scored together (UNIT_RB) and units per
+# packed tile of summaries (UNIT_LANES).
+UNIT_LIST_MAX, UNIT_RB, UNIT_LANES = 8, 8, 16
+
+
+def select_top_units(q: torch.Tensor, summaries, unit: int, earlier: int, kind: str) -> torch.Tensor:
+    """moba's and quest's selection without a score matrix: q (B, H, n, d); ``summaries`` of the
+    n // unit whole units of keys (``unit_summaries``: means (B, H_kv, n // unit, d) for ``kind``
+    "dot", q . mean; (min, max) for "bound", sum_d max(q_d min_d, q_d max_d)), query head h reading
+    kv head h // (H / H_kv). Per query head and row i, own unit u_i = i // unit: the ``earlier``
+    units u < u_i with the highest scores (all of them when fewer; of equal scores the lower unit),
+    ascending, then u_i, then -1 padding: (B, H, n, min(earlier, ceil(n / unit) - 1) + 1) int32, as
+    ``select_units`` gives it. Native: 8 query rows at a time scored against the units' summaries
+    packed in tiles of 16 (register blocks), each row's scores then ranked: a running list for up
+    to 8 kept units, else the kept units' least score by bisection and one pass keeping those above
+    it and the lowest equal ones (no sort); the scores are sums in the order of the head dimension,
+    Quest's two apart, then added (as torch's products on this CPU round them, not promised)."""
+    if kind == "dot":
+        s0, s1 = summaries, torch.empty(0)
+    else:
+        s0, s1 = (t.contiguous() for t in summaries)
+    return _native.kernel().select_top_units(q.float().contiguous(), s0.contiguous(), s1, unit, earlier, kind)
+
+
+def _unit_scored(pattern, device) -> bool:
+    """Whether the native unit selection computes ``pattern``'s score: a pattern of units of more
+    than one token whose ``score_kind`` and ``summary`` it knows, on a CPU with the native kernels."""
+    kind = getattr(pattern, "score_kind", None)
+    if kind not in UNIT_SCORES or getattr(pattern, "summary", None) != UNIT_SCORES[kind]:
+        return False
+    if unit_size(pattern) < 2 or not hasattr(pattern, "earlier_units"):
+        return False
+    return torch.device(device).type == "cpu" and _native.enabled()
+
+
+def native_unit_selector(pattern, head_dim: int, device):
+    """A unit pattern's selection by the native kernel (``select_top_units``: moba's gate, Quest's
+    bound), the same units as ``pattern.select``, where ``_unit_scored``; None otherwise
+    (``pattern.select`` then). The summaries are torch's (``unit_summaries``: one pass over k)."""
+    from sparsebench.patterns.selection import unit_summaries
+
+    if not _unit_scored(pattern, device) or _native.kernel() is None:
+        return None
+    unit, earlier, kind = int(pattern.unit), int(pattern.earlier_units), pattern.score_kind
+
+    def select(q, k):
+        with torch.no_grad():
+            summaries = unit_summaries(k, unit, pattern.summary)
+            index = select_top_units(q.detach(), summaries, unit, earlier, kind)
+        return Selection(n=q.shape[2], unit=unit, index=index)
+
+    return select
+
+
+def native_selector(pattern, head_dim: int, device):
+    """The native selection of ``pattern`` (``native_token_selector``, else
+    ``native_unit_selector``), or None where the kernels do not compute it."""
+    return native_token_selector(pattern, head_dim, device) or native_unit_selector(pattern, head_dim, device)
+
+
 def prepare(p):
     """fn(q, k, v) for a content-selected problem: the selection, then the kernel (both timed),
     with ``fn.select(q, k) -> Selection`` (the selection the call makes: the native one for an
-    indexer's token selection where the kernels have it, else the pattern's own) and
-    ``fn.selected(q, k, v) -> (out, selection)`` for the check."""
+    indexer's token selection or a unit selection whose score the kernels know, else the
+    pattern's own) and ``fn.selected(q, k, v) -> (out, selection)`` for the check."""
     pattern = p.pattern
-    select = native_token_selector(pattern, p.head_dim, p.device)
+    select = native_selector(pattern, p.head_dim, p.device)
     return selecting_call(pattern, lambda q, k, v, selection: attend(selection, q, k, v), select)
 
 
@@ -229,6 +294,8 @@ def estimate_bytes(p) -> int:
     project = _indexer(pattern, d, p.device)
     if project is not None:
         selecting = native_select_bytes(p, project.shape[1])
+    elif _unit_scored(pattern, p.device):
+        selecting = native_unit_select_bytes(p)
     else:
         selecting = pattern.select_bytes(p.batch, p.heads, n, d) - rows * slots * 4
     held = p.io_bytes + rows * slots * 4 + rows * 4  # the selection; lse
@@ -245,7 +312,10 @@ def estimate_bytes(p) -> int:
     # per thread: a unit's packed keys; the gathered rows that chose it (at most all of the item's),
     # their outputs, and their bookkeeping (pairs, ranges, log-sum-exps)
     per_thread = (min(unit, n) + 64) * d * 4 + rows * (d * (e + 4) + 5 * 4)
-    return held + max(selecting, threads * per_thread)
+    # the fp32 output (in a low precision) is made by the kernel, after the selection's temporaries
+    # are freed: it counts on the kernel's side only
+    out32 = seqs * n * d * 4 if e != 4 else 0
+    return held - out32 + max(selecting, out32 + threads * per_thread)
 
 
 def native_select_bytes(p, index_dim: int) -> int:
@@ -260,6 +330,23 @@ def native_select_bytes(p, index_dim: int) -> int:
     total += q_rows * d * 4 if p.elem_bytes != 4 else 0
     cap = 2 * min(int(p.pattern.keys), max(1, n - 1)) + 64
     return total + torch.get_num_threads() * (SELECT_ROWS * cap * 8 + (2 * cap + 32) * 4)
+
+
+def native_unit_select_bytes(p) -> int:
+    """Peak bytes of the native unit selection beyond q, k and the index it returns: the units'
+    fp32 summaries (torch's, and packed in tiles of 16 units: moba's means, Quest's min and max),
+    an fp32 copy of k while they are made and of q while it selects (in a low precision), and per
+    thread 8 rows' scores against every unit, their query rows, the bisection's keys of a row's
+    scores (or the partial sort's (score, unit) pairs) and the kept units' list."""
+    pattern, n, d = p.pattern, p.seq_len, p.head_dim
+    unit = unit_size(pattern)
+    full, parts = n // unit, 2 if pattern.summary == "minmax" else 1
+    tiles = math.ceil(full / UNIT_LANES)
+    summaries = p.batch * p.kv_heads * parts * (full + tiles * UNIT_LANES) * d * 4
+    copies = max(p.q_bytes, p.kv_bytes // 2) * 4 // p.elem_bytes if p.elem_bytes != 4 else 0
+    earlier = int(pattern.earlier_units)
+    per_thread = UNIT_RB * (tiles * UNIT_LANES + 2 * d) * 4 + earlier * 8 + tiles * UNIT_LANES * 4 * 3 + 128
+    return summaries + copies + torch.get_num_threads() * per_thread
 
 
 def unit_size(pattern) -> int:

@@ -40,7 +40,7 @@ from pathlib import Path
 _SOURCES = (Path(__file__).with_name("native.cpp"), Path(__file__).with_name("allocator.cpp"))
 
 # Part of the module's name: a new version never loads a cached build of older sources.
-_VERSION = 31
+_VERSION = 32
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -105,7 +105,9 @@ def enabled() -> bool:
 def kernel():
     """The compiled module (``window_forward``, ``gather_forward``, ``window_backward``,
     ``has_window``, ``table_forward``, ``table_backward``, ``table_forward_blocked``,
-    ``table_backward_blocked``, ``cache_cpu_allocations``), or None where it cannot be built."""
+    ``table_backward_blocked``, the content-selected patterns' ``select_top_keys``,
+    ``select_top_units``, ``unit_forward``, ``table_forward_selected``, ``table_backward_selected``
+    and ``table_bounds``, ``cache_cpu_allocations``), or None where it cannot be built."""
     global _module, _failed
     if _module is not None or not enabled():
         return _module

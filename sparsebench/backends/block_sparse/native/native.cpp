@@ -8,6 +8,7 @@
 #include <functional>
 #include <limits>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -1718,6 +1719,196 @@ torch::Tensor select_top_keys(torch::Tensor qi, torch::Tensor ki, int64_t keys) 
 bool has_window() { return false; }
 #endif
 
+// ---- moba's and quest's unit selection (select_top_units): plain loops the compiler vectorises, so
+// every build has it (the work is small: a query row scores at most the few hundred earlier units).
+constexpr int64_t UNIT_LANES = 16;     // units per packed tile of summaries (one vector of scores)
+constexpr int64_t UNIT_RB = 8;         // query rows scored together (a register block of 8 x 16 scores)
+constexpr int64_t UNIT_LIST_MAX = 8;   // up to this many kept units: a running sorted list; more: bisection
+
+// Summaries S (X, full, d) into tiles of UNIT_LANES units, d x UNIT_LANES each (zeros past `full`).
+static void pack_units(const float* S, int64_t X, int64_t full, int64_t d, int64_t tiles, float* P) {
+  at::parallel_for(0, X * tiles, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t x = t / tiles, u0 = (t % tiles) * UNIT_LANES;
+      float* out = P + t * d * UNIT_LANES;
+      for (int64_t l = 0; l < UNIT_LANES; ++l) {
+        const int64_t u = u0 + l;
+        for (int64_t c = 0; c < d; ++c) out[c * UNIT_LANES + l] = u < full ? S[(x * full + u) * d + c] : 0.f;
+      }
+    }
+  });
+}
+
+// The scores of UNIT_RB query rows against one tile of units, into out (UNIT_RB rows of `stride`):
+// "dot": sum_c q_c hi_c (hi: the units' means); "bound": sum_c max(q_c lo_c, q_c hi_c), as
+// sum_c (max(q_c, 0) hi_c + min(q_c, 0) lo_c) (qp, qn: the rows' positive and negative parts).
+// The bound's two sums are kept apart and added at the end, as torch's two products are. With AVX-512
+// the register blocks are written out (8 or 16 vectors of scores); elsewhere the loops below.
+template <bool BOUND>
+static inline void score_unit_tile(const float* __restrict qp, const float* __restrict qn, const float* __restrict hi,
+                                   const float* __restrict lo, int64_t d, float* __restrict out, int64_t stride) {
+#if defined(__AVX512F__)
+  __m512 a[UNIT_RB], b[UNIT_RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < UNIT_RB; ++r) { a[r] = _mm512_setzero_ps(); b[r] = _mm512_setzero_ps(); }
+  for (int64_t c = 0; c < d; ++c) {
+    const __m512 h = _mm512_loadu_ps(hi + c * UNIT_LANES);
+    const __m512 w = BOUND ? _mm512_loadu_ps(lo + c * UNIT_LANES) : h;
+#pragma GCC unroll 8
+    for (int r = 0; r < UNIT_RB; ++r) {
+      a[r] = _mm512_fmadd_ps(_mm512_set1_ps(qp[r * d + c]), h, a[r]);
+      if (BOUND) b[r] = _mm512_fmadd_ps(_mm512_set1_ps(qn[r * d + c]), w, b[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < UNIT_RB; ++r) _mm512_storeu_ps(out + r * stride, BOUND ? _mm512_add_ps(a[r], b[r]) : a[r]);
+#else
+  float acc[UNIT_RB][UNIT_LANES], acc2[UNIT_RB][UNIT_LANES];
+  for (int r = 0; r < UNIT_RB; ++r)
+    for (int l = 0; l < UNIT_LANES; ++l) acc[r][l] = acc2[r][l] = 0.f;
+  for (int64_t c = 0; c < d; ++c) {
+    const float* h = hi + c * UNIT_LANES;
+    const float* w = lo + c * UNIT_LANES;
+    for (int r = 0; r < UNIT_RB; ++r) {
+      const float a = qp[r * d + c];
+#pragma omp simd
+      for (int l = 0; l < UNIT_LANES; ++l) acc[r][l] += a * h[l];
+      if (BOUND) {
+        const float b = qn[r * d + c];
+#pragma omp simd
+        for (int l = 0; l < UNIT_LANES; ++l) acc2[r][l] += b * w[l];
+      }
+    }
+  }
+  for (int r = 0; r < UNIT_RB; ++r)
+    for (int l = 0; l < UNIT_LANES; ++l) out[r * stride + l] = BOUND ? acc[r][l] + acc2[r][l] : acc[r][l];
+#endif
+}
+
+// Into o (ascending): the `take` best of the scores s[0, count) (highest first, of equal scores the
+// lower unit), take < count. Up to UNIT_LIST_MAX by a running list sorted by score (a unit enters only
+// when it beats the list's last, and lands after the equal ones: they are lower units); more by the
+// take-th score found by bisection on order-preserving keys (kth_largest, AVX-512), then one pass
+// keeping the units above it and the lowest of those equal to it (keep_best: ascending already);
+// elsewhere by nth_element over (score, unit). Exact either way. `keys`: room for 2 count + 32,
+// `iota`: 0, 1, ... count - 1.
+static void best_units(const float* s, int64_t count, int64_t take, float* lv, int32_t* li, uint32_t* keys,
+                       const int32_t* iota, std::vector<std::pair<float, int32_t>>& all, int32_t* o) {
+  if (take <= UNIT_LIST_MAX) {
+    int64_t c = 0;
+    for (int64_t u = 0; u < count; ++u) {
+      const float x = s[u];
+      if (c == take && !(x > lv[take - 1])) continue;
+      int64_t p = c < take ? c++ : take - 1;
+      for (; p > 0 && lv[p - 1] < x; --p) { lv[p] = lv[p - 1]; li[p] = li[p - 1]; }
+      lv[p] = x;
+      li[p] = static_cast<int32_t>(u);
+    }
+    std::copy(li, li + take, o);
+    std::sort(o, o + take);
+    return;
+  }
+#if defined(__AVX512F__)
+  int64_t above = 0;
+  const uint32_t t = kth_largest(s, count, take, above, keys);
+  keep_best(s, iota, count, from_key(t), take - above, nullptr, o);
+#else
+  all.resize(count);
+  for (int64_t u = 0; u < count; ++u) all[u] = {s[u], static_cast<int32_t>(u)};
+  std::nth_element(all.begin(), all.begin() + (take - 1), all.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  for (int64_t r = 0; r < take; ++r) o[r] = all[r].second;
+  std::sort(o, o + take);
+#endif
+}
+
+// moba's and quest's selection: q (B, H, n, d) fp32; the summaries of the n / unit whole units of
+// keys (B, Hkv, n / unit, d) fp32 (query head h reads kv head h / (H / Hkv)): "dot" (moba's gate)
+// s0 = the units' means, s1 unused; "bound" (quest's) s0 = min, s1 = max. Per query head and row i,
+// own unit u_i = i / unit: the `earlier` units u < u_i with the highest scores (all of them when
+// fewer; of equal scores the lower unit), ascending, then u_i, then -1 padding: (B, H, n,
+// min(earlier, ceil(n / unit) - 1) + 1) int32, as sparsebench.patterns.selection.select_units gives it.
+// No score matrix: a work item scores UNIT_RB rows against the packed summaries (register blocks)
+// into a row of scores per query row (at most n / unit floats each), then ranks each row.
+torch::Tensor select_top_units(torch::Tensor q, torch::Tensor s0, torch::Tensor s1, int64_t unit, int64_t earlier,
+                               std::string kind) {
+  const bool bound = kind == "bound";
+  TORCH_CHECK(bound || kind == "dot", "select_top_units: kind 'dot' or 'bound', not '", kind, "'");
+  TORCH_CHECK(q.dim() == 4 && s0.dim() == 4 && q.is_contiguous() && s0.is_contiguous() &&
+                  q.scalar_type() == torch::kFloat32 && s0.scalar_type() == torch::kFloat32 && unit >= 1 &&
+                  earlier >= 0 && s0.size(0) == q.size(0) && s0.size(1) > 0 && q.size(1) % s0.size(1) == 0 &&
+                  s0.size(2) == q.size(2) / unit && s0.size(3) == q.size(3),
+              "select_top_units: contiguous fp32 q (B, H, n, d), summaries (B, Hkv, n / unit, d), unit >= 1");
+  TORCH_CHECK(!bound || (s1.sizes() == s0.sizes() && s1.is_contiguous() && s1.scalar_type() == torch::kFloat32),
+              "select_top_units: 'bound' needs min and max summaries of one shape");
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), Hkv = s0.size(1), full = s0.size(2);
+  const int64_t group = H / Hkv, units = (n + unit - 1) / unit;
+  const int64_t slots = std::min(earlier, units - 1) + 1;
+  auto out = torch::empty({B, H, n, slots}, q.options().dtype(torch::kInt32));
+  const float* Q = q.data_ptr<float>();
+  int32_t* O = out.data_ptr<int32_t>();
+  if (slots == 1) {  // the own unit only
+    at::parallel_for(0, B * H * n, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) O[r] = static_cast<int32_t>((r % n) / unit);
+    });
+    return out;
+  }
+  const int64_t tiles = (full + UNIT_LANES - 1) / UNIT_LANES, tsize = d * UNIT_LANES;
+  std::vector<float> phi(B * Hkv * tiles * tsize), plo(bound ? phi.size() : 0);
+  pack_units(bound ? s1.data_ptr<float>() : s0.data_ptr<float>(), B * Hkv, full, d, tiles, phi.data());
+  if (bound) pack_units(s0.data_ptr<float>(), B * Hkv, full, d, tiles, plo.data());
+  const int64_t take_max = slots - 1, stride = tiles * UNIT_LANES;
+  // work items: a block of rows and its mirror from the end (every item costs about the same)
+  const int64_t blocks = (n + UNIT_RB - 1) / UNIT_RB, pairs = (blocks + 1) / 2;
+  at::parallel_for(0, B * H * pairs, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> qp(UNIT_RB * d), qn(bound ? UNIT_RB * d : 0), sc(UNIT_RB * stride), lv(take_max);
+    std::vector<int32_t> li(take_max), iota(stride);
+    std::vector<uint32_t> keys(2 * stride + 32);
+    std::vector<std::pair<float, int32_t>> all;
+    for (int64_t u = 0; u < stride; ++u) iota[u] = static_cast<int32_t>(u);
+    for (int64_t item = b0; item < b1; ++item) {
+      const int64_t g = item / pairs, pair = item % pairs;
+      const int64_t x = (g / H) * Hkv + (g % H) / group;
+      const float* hi = phi.data() + x * tiles * tsize;
+      const float* lo = bound ? plo.data() + x * tiles * tsize : hi;
+      for (int64_t blk : {pair, blocks - 1 - pair}) {
+        const int64_t i0 = blk * UNIT_RB, nr = std::min<int64_t>(UNIT_RB, n - i0);
+        const int64_t m = (i0 + nr - 1) / unit;  // the units earlier than the block's last row's own
+        if (m > 0) {
+          const float* qg = Q + (g * n + i0) * d;
+          for (int64_t t = 0; t < UNIT_RB * d; ++t) {
+            const float a = t < nr * d ? qg[t] : 0.f;
+            qp[t] = bound ? std::max(a, 0.f) : a;
+            if (bound) qn[t] = std::min(a, 0.f);
+          }
+          for (int64_t t = 0; t * UNIT_LANES < m; ++t) {
+            if (bound)
+              score_unit_tile<true>(qp.data(), qn.data(), hi + t * tsize, lo + t * tsize, d, sc.data() + t * UNIT_LANES,
+                                    stride);
+            else
+              score_unit_tile<false>(qp.data(), qp.data(), hi + t * tsize, hi + t * tsize, d,
+                                     sc.data() + t * UNIT_LANES, stride);
+          }
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = i0 + r, own = i / unit, take = std::min(take_max, own);
+          int32_t* o = O + (g * n + i) * slots;
+          if (take == own) {
+            for (int64_t u = 0; u < own; ++u) o[u] = static_cast<int32_t>(u);
+          } else {
+            best_units(sc.data() + r * stride, own, take, lv.data(), li.data(), keys.data(), iota.data(), all, o);
+          }
+          o[take] = static_cast<int32_t>(own);
+          for (int64_t w = take + 1; w < slots; ++w) o[w] = -1;
+        }
+        if (blocks - 1 - pair == pair) break;
+      }
+    }
+  });
+  return out;
+}
+
 // allocator.cpp: the caching CPU allocator, a separate translation unit of the same module
 void cache_cpu_allocations(bool on);
 
@@ -1732,6 +1923,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("table_backward_blocked", torch::wrap_pybind_function(table_backward_blocked), "table_backward_blocked");
   m.def("table_bounds", torch::wrap_pybind_function(table_bounds), "table_bounds");
   m.def("select_top_keys", torch::wrap_pybind_function(select_top_keys), "select_top_keys");
+  m.def("select_top_units", torch::wrap_pybind_function(select_top_units), "select_top_units");
   m.def("unit_forward", torch::wrap_pybind_function(unit_forward), "unit_forward");
   m.def("table_forward_selected", torch::wrap_pybind_function(table_forward_selected), "table_forward_selected");
   m.def("table_backward_selected", torch::wrap_pybind_function(table_backward_selected), "table_backward_selected");
