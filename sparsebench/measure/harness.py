@@ -71,15 +71,19 @@ def probe(device: torch.device, rounds: int = 3) -> float:
     and after each case, it shows how the machine's speed moved between cases (other tenants,
     clocks), which a ratio of two cases measured at different times silently includes. A few
     milliseconds of large products: short enough to cost little, long enough that one stalled
-    thread does not dominate it; the fastest round, as a burst of load only ever adds time."""
+    thread does not dominate it; the fastest round, as a burst of load only ever adds time. The
+    products write into one preallocated output: the probe times the machine, not the allocator
+    (a fresh 1 MiB output each time is a mapping of its own, faulted in, once memory.py pins
+    glibc's mmap threshold)."""
     size = 2048 if device.type == "cuda" else 512
     a = torch.randn(size, size, device=device)
+    out = torch.empty_like(a)
     times = []
     for _ in range(rounds):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(4):
-            a @ a
+            torch.matmul(a, a, out=out)
         sync(device)
         times.append(time.perf_counter() - t0)
     return min(times)
