@@ -421,6 +421,23 @@ def test_native_selection_is_the_pattern_s_on_random_inputs():
         assert torch.equal(select(q, k).index, pattern.select(q, k).index)
 
 
+def _selects_without_pattern_select(monkeypatch, owner, backend, p, q, k, v) -> None:
+    """block_sparse's call for ``p`` gives the pattern's selection with ``owner.select`` (the
+    pattern's own) out of reach, and its output is attention under that selection."""
+    want = p.pattern.select(q, k).index
+    with monkeypatch.context() as m:
+
+        def unreachable(self, q, k):
+            raise AssertionError("pattern.select was called")
+
+        m.setattr(owner, "select", unreachable)
+        fn = backend.prepare(p)  # a fallback to pattern.select would be bound to unreachable here
+        assert torch.equal(fn.select(q, k).index, want)
+        out, sel = fn.selected(q, k, v)
+    assert torch.equal(sel.index, want)
+    assert (out - reference(sel, q, k, v)).abs().max().item() <= TOL[torch.float32]
+
+
 def test_block_sparse_topk_keys_selects_natively(monkeypatch):
     """block_sparse's topk_keys call selects with the native kernel: ``fn.select`` exists and
     gives the pattern's keys, and the call runs with ``pattern.select`` out of reach; its output
@@ -434,18 +451,7 @@ def test_block_sparse_topk_keys_selects_natively(monkeypatch):
     p = _problem(pattern)
     assert backend.unsupported(p) is None
     q, k, v = qkv(96, kv_heads=2, batch=1)
-    want = pattern.select(q, k).index
-
-    def unreachable(self, q, k):
-        raise AssertionError("pattern.select was called")
-
-    monkeypatch.setattr(TopkKeys, "select", unreachable)
-    fn = backend.prepare(p)  # a fallback to pattern.select would be bound to unreachable here
-    assert torch.equal(fn.select(q, k).index, want)
-    out, sel = fn.selected(q, k, v)
-    assert torch.equal(sel.index, want)
-    assert (out - reference(sel, q, k, v)).abs().max().item() <= TOL[torch.float32]
-    monkeypatch.undo()
+    _selects_without_pattern_select(monkeypatch, TopkKeys, backend, p, q, k, v)
     stand_in = StandInTopk(keys=10)
     assert backend.prepare(_problem(stand_in)).select == stand_in.select
 
@@ -548,18 +554,7 @@ def test_block_sparse_moba_and_quest_select_natively(monkeypatch):
     for pattern in (Moba(chunk=16, topk=4), Quest(page_size=16, token_budget=64)):
         p = _problem(pattern, seq_len=200)
         assert backend.unsupported(p) is None
-        want = pattern.select(q, k).index
-        with monkeypatch.context() as m:
-
-            def unreachable(self, q, k):
-                raise AssertionError("pattern.select was called")
-
-            m.setattr(ContentSelected, "select", unreachable)
-            fn = backend.prepare(p)  # a fallback to pattern.select would be bound to unreachable here
-            assert torch.equal(fn.select(q, k).index, want)
-            out, sel = fn.selected(q, k, v)
-        assert torch.equal(sel.index, want)
-        assert (out - reference(sel, q, k, v)).abs().max().item() <= TOL[torch.float32]
+        _selects_without_pattern_select(monkeypatch, ContentSelected, backend, p, q, k, v)
 
     class OtherScore(Moba):  # the same summaries, a score of its own
         score_kind = None
