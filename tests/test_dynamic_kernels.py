@@ -165,9 +165,20 @@ def test_unit_kernel_small_work_items(monkeypatch):
     sel = moba_select(q, k, 32, 4)
     whole = _selected.attend_units(sel, q, k, v)[0]
     monkeypatch.setattr(_selected, "UNIT_QUERY_ROWS", 1)
+    monkeypatch.setattr(_selected, "UNIT_MAX_ROWS", 1)
     assert _selected.unit_rows(32, 300, 4, 2) == 32
     small = _selected.attend_units(sel, q, k, v)[0]
     assert (whole - small).abs().max().item() <= 1e-6
+
+
+def test_unit_work_items_grow_with_n():
+    """The unit kernel's items grow with n (about 4 per thread), so that the units an item packs
+    (about all of its past) are not packed n / 2048 times over: moba's 512-token chunks, 8 heads,
+    2 threads."""
+    rows = {n: _selected.unit_rows(512, n, 8, 2) for n in (4096, 8192, 32768, 131072)}
+    assert rows == {4096: 4096, 8192: 8192, 32768: 16384, 131072: 16384}, rows
+    assert _selected.unit_rows(512, 4096, 1, 2) == 512  # one sequence: 4 items per thread first
+    assert _selected.unit_rows(64, 100_000, 8, 2) % 64 == 0
 
 
 def test_unit_kernel_at_moba_size_sampled_rows():

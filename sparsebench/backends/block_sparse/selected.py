@@ -35,8 +35,12 @@ from sparsebench.backends.block_sparse.plan import KEY_CHUNK_BYTES
 from sparsebench.patterns.selection import Selection, selecting_call
 
 # Query rows per work item of the unit kernel (a multiple of the unit): the key units chosen by
-# any of its rows are packed once per item, so more rows share each packing.
+# any of its rows are packed once per item, so more rows share each packing. An item's rows choose
+# from every earlier unit, so with a fixed item size each item packs about all of its past and the
+# packing grows as n^2 / rows: items grow with n instead (about 4 per thread over the run), from
+# UNIT_QUERY_ROWS up to UNIT_MAX_ROWS rows (a thread's buffers hold an item's gathered rows).
 UNIT_QUERY_ROWS = 2048
+UNIT_MAX_ROWS = 16384
 # Head sizes the native kernels take (the key-table kernels are unrolled for these).
 HEAD_DIMS = (32, 64, 128)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -81,9 +85,11 @@ def _token_level(pattern) -> bool:
 
 
 def unit_rows(unit: int, n: int, work_items: int, threads: int) -> int:
-    """Query rows per work item of the unit kernel: UNIT_QUERY_ROWS rounded to whole units (one
-    unit at least), fewer while there would be less than 4 items per thread."""
-    rows = unit * max(1, UNIT_QUERY_ROWS // unit)
+    """Query rows per work item of the unit kernel, in whole units (one at least): as many as
+    make about 4 items per thread over the ``work_items`` sequences, within UNIT_QUERY_ROWS to
+    UNIT_MAX_ROWS, and fewer while there would be less than 4 items per thread."""
+    want = min(UNIT_MAX_ROWS, max(UNIT_QUERY_ROWS, n * work_items // (4 * threads)))
+    rows = unit * max(1, want // unit)
     while rows > unit and work_items * math.ceil(n / rows) < 4 * threads:
         rows -= unit
     return rows
