@@ -147,7 +147,7 @@ class Flex(Backend):
         return (
             io
             + bh * 6 * nb * nb * 4
-            + p.pattern.select_bytes(p.batch, p.heads, p.seq_len, p.head_dim)
+            + p.pattern.select_bytes(p.batch, p.heads, p.seq_len, p.head_dim, p.elem_bytes)
             + bh * rows * units
             + bh * nb * (nb + 1)
             + 3 * 8 * bh * p.seq_len * slots

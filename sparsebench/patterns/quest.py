@@ -27,6 +27,7 @@ class Quest(ContentSelected):
         require_positive(self, "page_size", "token_budget")
 
     summary = "minmax"
+    score_bytes = 24  # two products and their sum beside the ranking's (selection.score_bytes)
     score_kind = "bound"  # the bound (score below), for the native selection
 
     @property

@@ -131,16 +131,23 @@ class ContentSelected(Pattern):
     def kv_retained(self, n):
         return n  # it may select any earlier key
 
-    def select_bytes(self, batch: int, heads: int, n: int, head_dim: int) -> int:
-        """Peak bytes of ``select`` beyond its inputs: the index table, one query block's scores
-        with their temporaries (fp32 scores ranked in place, a few bool masks: about 12 bytes
-        each) and the fp32 keys' summaries or projections (at most the size of k in fp32)."""
+    def select_bytes(self, batch: int, heads: int, n: int, head_dim: int, elem_bytes: int = 4) -> int:
+        """Peak bytes of ``select`` beyond its inputs (of ``elem_bytes`` per element): the index
+        table, one query block's scores with their temporaries, the keys' fp32 summaries
+        (``key_side_bytes``) and, for inputs in a low precision, the fp32 copy of k they are made
+        from (fp32 inputs are used as they are)."""
         bh, candidates = batch * heads, -(-n // self.unit)
         rows = bh * min(n, _rows_per_block(bh, candidates))
-        # per score of a block: the fp32 score, topk's working copy and index, bool masks (about 24
-        # bytes); per chosen slot of its rows: topk's values and int64 indices, the chosen ones and
-        # their sort, the padded copy with the own unit (about 40 bytes)
-        return bh * n * self.slots(n) * 4 + 24 * rows * candidates + 40 * rows * self.slots(n) + 4 * bh * n * head_dim
+        # per score of a block: ``score_bytes``; per chosen slot of its rows: topk's values and int64
+        # indices, the chosen ones and their sort, the padded copy with the own unit (about 40 bytes)
+        total = bh * n * self.slots(n) * 4 + self.score_bytes * rows * candidates + 40 * rows * self.slots(n)
+        total += self.key_side_bytes(bh, n, head_dim)
+        return total + (4 * bh * n * head_dim if elem_bytes != 4 else 0)
+
+    def key_side_bytes(self, bh: int, n: int, head_dim: int) -> int:
+        """The fp32 summaries of the keys ``select`` scores against (at most ``bh`` key heads):
+        one (``mean``) or two (``minmax``) vectors per whole unit."""
+        return (2 if self.summary == "minmax" else 1) * bh * (n // self.unit) * head_dim * 4
 
     def slots(self, n: int) -> int:
         """Units each query selects at most (the index table's last dimension)."""
@@ -156,6 +163,9 @@ class ContentSelected(Pattern):
 
     # -- unit selection (moba, quest): a summary per whole unit of keys, a score per summary ---
     summary: ClassVar[str] = "mean"  # what unit_summaries keeps of a unit: "mean" or "minmax"
+    # bytes per score of a query block while it is ranked: the fp32 score of one product, the next
+    # block's while this one is still held, the ranking's bool masks (measured at 32K: about 16)
+    score_bytes: ClassVar[int] = 16
     # what ``score`` computes, by name, for kernels that compute it themselves: "dot" (q . the unit's
     # mean: moba's gate, summary "mean"), "bound" (sum_d max(q_d min_d, q_d max_d): Quest's, summary
     # "minmax"); None: only ``score`` knows
@@ -450,7 +460,7 @@ def selection_mask_bytes(p) -> int:
     (``select_bytes``), its unit table and the (batch, heads, n, n) bool mask made from it."""
     n, bh = p.seq_len, p.batch * p.heads
     units = math.ceil(n / p.pattern.unit)
-    return p.pattern.select_bytes(p.batch, p.heads, n, p.head_dim) + bh * n * (units + 1) + bh * n * n
+    return p.pattern.select_bytes(p.batch, p.heads, n, p.head_dim, p.elem_bytes) + bh * n * (units + 1) + bh * n * n
 
 
 # ------------------------------------------------------------------------------------------

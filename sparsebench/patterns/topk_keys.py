@@ -44,6 +44,10 @@ class TopkKeys(ContentSelected):
     def slots(self, n):
         return min(self.keys, n - 1) + 1
 
+    def key_side_bytes(self, bh: int, n: int, head_dim: int) -> int:
+        """The keys' fp32 projections the indexer scores against (at most ``bh`` key heads)."""
+        return bh * n * self.index_dim * 4
+
     def projection(self, head_dim: int, device) -> torch.Tensor:
         return gaussian_projection(head_dim, self.index_dim, self.seed, device)
 

@@ -303,7 +303,7 @@ def estimate_bytes(p) -> int:
     elif _unit_scored(pattern, p.device):
         selecting = native_unit_select_bytes(p)
     else:
-        selecting = pattern.select_bytes(p.batch, p.heads, n, d) - rows * slots * 4
+        selecting = pattern.select_bytes(p.batch, p.heads, n, d, p.elem_bytes) - rows * slots * 4
     held = p.io_bytes + rows * slots * 4 + rows * 4  # the selection; lse
     held += rows * d * 4 if e != 4 else 0  # the fp32 output before it is converted
     if _token_level(pattern):

@@ -660,7 +660,7 @@ def estimate_bytes(p) -> int:
     slots = pattern.slots(n)
     rows = G * n
     selection = rows * slots * 4
-    selecting = pattern.select_bytes(p.batch, p.heads, n, d) - selection
+    selecting = pattern.select_bytes(p.batch, p.heads, n, d, p.elem_bytes) - selection
     attending = rows * 4  # lse
     if pattern.unit > 1 and UNIT_ORDER == "keys":
         block = block_sizes(pattern.unit, d)[0]
