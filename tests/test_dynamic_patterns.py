@@ -381,6 +381,24 @@ def test_the_masks_figure_draws_a_selection_and_says_for_which_inputs():
     assert masks.fig_masks(df) is not None
 
 
+def test_a_zoomed_selection_within_its_reach_is_widened():
+    """moba(chunk 512, topk 4) keeps every earlier chunk within its first 2048 tokens, as dense
+    attention does: its panel at n = 8192 widens until the skipped chunks show."""
+    from report_fixtures import record
+
+    from sparsebench.render import masks
+    from sparsebench.results.folder import frame
+
+    df = frame([record("moba", "block_sparse", 8192, 1e-3, params={"chunk": 512, "topk": 4})])
+    (p,) = masks.mask_panels(df)
+    assert p.shown == 4096 and p.cell == 8
+    # its last 8 queries keep their own chunk and three of seven earlier ones (each its own): about
+    # half of each earlier cell's pairs, where dense attention would fill every one
+    assert p.image[-1, :448].mean() < 0.7
+    assert not masks._looks_dense(p, pattern("moba", chunk=512, topk=4))
+    assert "zoom: its first 4k tokens" in masks.panel_title(p)
+
+
 # -- decode ---------------------------------------------------------------------------------------
 
 

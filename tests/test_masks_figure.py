@@ -45,6 +45,11 @@ def panels(fig) -> dict:
     return out
 
 
+def suptitle(fig) -> str:
+    """The figure's title as one line (it is wrapped to the figure's width)."""
+    return " ".join(fig._suptitle.get_text().split())
+
+
 def assert_pairwise_different(drawn: dict) -> None:
     """Every two panels draw different pairs (different marks alone are not enough)."""
     for (a, (ia, _)), (b, (ib, _)) in itertools.combinations(drawn.items(), 2):
@@ -56,7 +61,7 @@ def test_quickstart_patterns_differ_and_global_columns_are_marked():
     drawn = panels(fig)
     assert list(drawn)[0] == "dense" and len(drawn) == 4
     assert_pairwise_different(drawn)
-    assert "n=512" in fig._suptitle.get_text()  # the run's smallest length
+    assert "n=512" in suptitle(fig)  # the run's smallest length
     _, marks = drawn[LONGFORMER]
     # columns 0 and 1 (one run) marked above the panel and by a line down them
     assert [x for x, _ in marks["mark:keys"]] == [(0.5,)]
@@ -95,7 +100,7 @@ def test_bigbird_never_draws_as_dense(sizes, n):
     fig = plots.fig_masks(run_frame(BIGBIRD + (("sliding_window", {"window": 256}),), sizes))
     drawn = panels(fig)
     assert_pairwise_different(drawn)
-    assert f"n={n}" in fig._suptitle.get_text()
+    assert f"n={n}" in suptitle(fig)
     img, marks = drawn["bigbird(block=64)"]
     assert not np.array_equal(img, drawn["dense"][0])
     assert marks["mark:keys"]  # its global block, marked
@@ -107,7 +112,7 @@ def test_a_long_run_is_zoomed_and_says_so_and_random_keys_are_dots():
     drawn = panels(fig)
     for ax in (a for a in fig.axes if a.get_gid()):
         assert "zoom: its first 2k tokens" in ax.get_title() and "at n=16k" in ax.get_title()
-    assert "each panel zoomed onto its first 2k tokens" in fig._suptitle.get_text()
+    assert "each panel zoomed onto its first 2k tokens" in suptitle(fig)
     img, marks = drawn["random(keys=4)"]
     assert img.shape == (512, 512) and marks.keys() == {"mark:random"}
     ks, qs = marks["mark:random"][0]
@@ -115,6 +120,32 @@ def test_a_long_run_is_zoomed_and_says_so_and_random_keys_are_dots():
     ax = next(a for a in fig.axes if a.get_gid() == "mask:random(keys=4)")
     assert "random keys (a sample: 6000 of" in ax.get_xlabel()  # ~4 per query of 2048
     assert [x for x, _ in drawn["sink_window(sinks=4, window=64)"][1]["mark:keys"]] == [(1.5,)]
+
+
+def test_a_zoom_within_a_patterns_reach_widens_until_it_shows_the_sparsity():
+    """Over its first 2048 tokens a 2048-token window allows every causal pair, as dense does: its
+    panel widens (to 4096 tokens) until it does not, while dense and a 1792-token window keep theirs."""
+    fig = plots.fig_masks(
+        run_frame((("dense", {}), ("sliding_window", {"window": 2048}), ("sliding_window", {"window": 1792})), (16384,))
+    )
+    drawn = panels(fig)
+    assert_pairwise_different(drawn)
+    titles = {a.get_gid()[5:]: a.get_title() for a in fig.axes if a.get_gid()}
+    assert "zoom: its first 4k tokens" in titles["sliding_window(window=2048)"]
+    assert "zoom: its first 2k tokens" in titles["dense"]
+    assert "zoom: its first 2k tokens" in titles["sliding_window(window=1792)"]
+    img, _ = drawn["sliding_window(window=2048)"]
+    assert img.shape == (512, 512) and img[-1, 0] == 0 and img[-1, -1] > 0  # the last query misses the first keys
+    assert "each panel zoomed" not in suptitle(fig)  # two zooms: each panel says its own
+
+
+def test_a_lone_panels_title_fits_its_figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plots.fig_masks(run_frame((("sliding_window", {"window": 512}),), (16384,)))
+    FigureCanvasAgg(fig).draw()
+    box = fig._suptitle.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width
 
 
 def test_many_key_columns_are_left_to_the_shading_and_named():
@@ -132,13 +163,13 @@ def test_bigbird_beside_dense_alone_is_drawn_where_they_differ():
     fig = plots.fig_masks(run_frame(BIGBIRD[:2], (256, 512)))
     drawn = panels(fig)
     assert_pairwise_different(drawn)
-    assert "at n=512 (at the run's smallest, n=256," in fig._suptitle.get_text()
+    assert "at n=512 (at the run's smallest, n=256," in suptitle(fig)
 
 
 def test_a_length_asked_for_is_not_called_the_runs_smallest():
     df = run_frame((("sliding_window", {"window": 64}),), (1024, 2048))
-    assert "the run's smallest length" in plots.fig_masks(df)._suptitle.get_text()
-    title = plots.fig_masks(df, n=8192)._suptitle.get_text()
+    assert "the run's smallest length" in suptitle(plots.fig_masks(df))
+    title = suptitle(plots.fig_masks(df, n=8192))
     assert "n=8k, as asked" in title and "smallest" not in title
 
 

@@ -4,7 +4,10 @@ shows is the structure the run timed.
 * The length: the run's smallest n at which every pattern fits and no two patterns draw the same
   (at n = 256 a BigBird of 64-token blocks covers every causal pair, as dense does: a run that
   also measured 512 is drawn at 512). Above ``FULL_MAX`` tokens a panel shows the first ``ZOOM``
-  of them (computed at the run's n, so random and global tokens are the run's) and says so.
+  of them (computed at the run's n, so random and global tokens are the run's) and says so; twice
+  as many, and so on up to n, where its first ZOOM tokens would draw as dense attention while the
+  pattern is sparse at n (a 2048-token window, MoBA's four 512-token chunks: within their reach
+  every pair attends), or where two patterns would draw the same there.
 * A panel has at most ``CELLS`` cells a side; a cell of several tokens is shaded by the share of
   its pairs that attend (black: all; grey: some, never lighter than ``FLOOR``), so a one-token
   diagonal stays visible.
@@ -120,7 +123,7 @@ def mask_panels(df, n: int | None = None) -> list[MaskPanel]:
         except SparsebenchError:
             return False
 
-    def panel(lab: str, size: int) -> MaskPanel:
+    def panel(lab: str, size: int, shown: int | None = None) -> MaskPanel:
         pat, causal = built[lab], info[lab][2]
         if isinstance(pat, Exception):
             return MaskPanel(lab, size, causal, error=f"cannot draw: {pat}")
@@ -128,11 +131,21 @@ def mask_panels(df, n: int | None = None) -> list[MaskPanel]:
             pat.check(size, causal)
         except SparsebenchError as e:
             return MaskPanel(lab, size, causal, error=f"cannot draw: {e}")
-        return draw_data(lab, pat, size, causal)
+        return draw_data(lab, pat, size, causal, shown)
+
+    def widened(panels: list[MaskPanel]) -> list[MaskPanel]:
+        """Zoomed panels that draw the same as another, redrawn over twice their tokens (up to
+        their n) until none does or none can widen."""
+        while True:
+            sigs = [p.signature() if not p.error else None for p in panels]
+            twins = {i for i, s in enumerate(sigs) if s is not None and sigs.count(s) > 1 and panels[i].zoomed}
+            if not twins:
+                return panels
+            panels = [panel(p.label, p.n, 2 * p.shown) if i in twins else p for i, p in enumerate(panels)]
 
     labels = list(info)
     if n is not None:
-        return [panel(lab, n) for lab in labels]
+        return widened([panel(lab, n) for lab in labels])
     lengths = sorted({m for v in info.values() for m in v[3]}) or [256]
     common = [m for m in lengths if all(fits(lab, m) for lab in labels if not isinstance(built[lab], Exception))]
     first = None
@@ -143,7 +156,7 @@ def mask_panels(df, n: int | None = None) -> list[MaskPanel]:
         if len(set(sigs)) == len(sigs):
             return panels
     if first is not None:
-        return first
+        return widened(first)
     # no length fits every pattern: each at its own smallest length that fits
     out = []
     for lab in labels:
@@ -152,13 +165,40 @@ def mask_panels(df, n: int | None = None) -> list[MaskPanel]:
     return out
 
 
-def draw_data(label: str, pat, n: int, causal: bool) -> MaskPanel:
-    """One pattern's panel at the run's length n."""
+def draw_data(label: str, pat, n: int, causal: bool, shown: int | None = None) -> MaskPanel:
+    """One pattern's panel at the run's length n, over its first ``shown`` tokens (by default all
+    of them up to FULL_MAX, else ZOOM), widened (doubled, up to n) while it would draw as dense
+    attention where the pattern is sparse at n."""
+    if shown is None:
+        shown = n if n <= FULL_MAX else ZOOM
+    while True:
+        p = _panel(label, pat, n, causal, min(shown, n))
+        if p.shown >= n or not _looks_dense(p, pat):
+            return p
+        shown = p.shown * 2
+
+
+def _dense_pairs(n: int, causal: bool) -> int:
+    return n * (n + 1) // 2 if causal else n * n
+
+
+def _looks_dense(p: MaskPanel, pat) -> bool:
+    """Whether the panel allows every pair dense attention allows over its tokens while the
+    pattern allows fewer at the run's n."""
+    import numpy as np
+
+    cells = p.image.shape[0]
+    sizes = np.minimum(p.shown - np.arange(cells) * p.cell, p.cell).astype(np.float64)
+    drawn = float((p.image * sizes[:, None] * sizes[None, :]).sum())
+    sparse_at_n = pat.nnz(p.n, p.causal) < 0.999 * _dense_pairs(p.n, p.causal)
+    return sparse_at_n and drawn >= 0.999 * _dense_pairs(p.shown, p.causal)
+
+
+def _panel(label: str, pat, n: int, causal: bool, shown: int) -> MaskPanel:
     import numpy as np
 
     from sparsebench.patterns.selection import content_selected
 
-    shown = n if n <= FULL_MAX else ZOOM
     cell = 1
     while shown / cell > CELLS:
         cell *= 2
@@ -347,9 +387,13 @@ def fig_masks(df, analysis=None, styles=None, n: int | None = None):
         title = max(panel_title(p).count("\n") + 1 for p in row)
         marks = max(marks_text(p).count("\n") + 1 if marks_text(p) else 0 for p in row)
         heights.append(3.5 + 0.17 * title + 0.16 * (marks + 1))
-    fig = Figure(figsize=(3.6 * cols + 0.6, sum(heights) + 0.6), layout="constrained")
+    width = 3.6 * cols + 0.6
     smallest = int(df["seq_len"].min()) if "seq_len" in df and df["seq_len"].notna().any() else None
-    fig.suptitle(_suptitle(panels, smallest, asked=n is not None), fontweight="bold")
+    title = _suptitle(panels, smallest, asked=n is not None)
+    # wrapped to the figure's width (about 9 bold characters an inch): a lone panel's figure is narrow
+    title = "\n".join(part for line in title.split("\n") for part in textwrap.wrap(line, int(width * 9)))
+    fig = Figure(figsize=(width, sum(heights) + 0.6 + 0.2 * title.count("\n")), layout="constrained")
+    fig.suptitle(title, fontweight="bold")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
