@@ -13,6 +13,9 @@ every timed call takes that factor longer while the machine-speed probe does not
 * slowdown pairs (B(i-1), S(i)): the share of compared cases called slower (caught). A case
   whose verdict is withheld (machine unstable) or that was not measured counts as not caught,
   and is counted apart.
+* the run as a whole (compare's common shift, the median of the cases' ratios): an A/A pair
+  whose shift is called slower is a false alarm; a slowdown pair whose shift is called slower
+  is caught as a run, whatever its single cases read.
 
 Prints one line per pair and a summary, and writes gate_check.json in --out. Each run takes as
 long as the scenario does (the quickstart: about two minutes on a 2-core CPU).
@@ -59,6 +62,8 @@ def judge(base: Path, new: Path, threshold: float) -> dict:
         "withheld": counts.get("withheld", 0),
         "missing": len(c.missing()),
         "gate_failed": c.gate_failed(),
+        "shift": c.shift.ratio if c.shift else None,
+        "shift_verdict": c.shift_verdict,
         "worst_ratio": max((r.ratio for r in c.rows if r.ratio), default=None),
         "noise_sd": c.noise.sd if c.noise else None,
         "control": c.control,
@@ -94,7 +99,9 @@ def main() -> None:
         print(
             f"pair {i}: A/A {a['slower']} slower, {a['faster']} faster, {a['withheld']} withheld of {a['cases']}"
             f" (gate {'FAILS' if a['gate_failed'] else 'passes'}); {args.slowdown}x: {d['slower']} caught,"
-            f" {d['withheld']} withheld, {d['missing']} missing of {d['cases']}",
+            f" {d['withheld']} withheld, {d['missing']} missing of {d['cases']}; the runs as a whole:"
+            f" A/A {a['shift'] or 0:.2f}x {a['shift_verdict']},"
+            f" {args.slowdown}x {d['shift'] or 0:.2f}x {d['shift_verdict']}",
             flush=True,
         )
     cases = sum(d["cases"] for d in slow)
@@ -113,6 +120,8 @@ def main() -> None:
         "slowdown_missing": sum(d["missing"] for d in slow),
         "slowdown_cases": cases,
         "caught_share": sum(d["slower"] for d in slow) / cases if cases else None,
+        "aa_runs_called_slower": sum(a["shift_verdict"] == "slower" for a in aa),
+        "slowdown_runs_caught": sum(d["shift_verdict"] == "slower" for d in slow),
         "aa": aa,
         "slow": slow,
     }
@@ -124,6 +133,8 @@ def main() -> None:
         f"{args.slowdown}x: {summary['slowdown_caught']} of {cases} cases caught "
         f"({(summary['caught_share'] or 0):.0%}); {summary['slowdown_withheld']} withheld and "
         f"{summary['slowdown_missing']} missing, counted as not caught\n"
+        f"the runs as a whole: {summary['aa_runs_called_slower']} of {args.pairs} A/A pairs called slower, "
+        f"{summary['slowdown_runs_caught']} of {args.pairs} {args.slowdown}x pairs caught\n"
         f"control: {aa[0]['control'] if aa else '-'}\nwrote {args.out / 'gate_check.json'}"
     )
 

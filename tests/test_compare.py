@@ -177,12 +177,11 @@ def test_false_alarms_are_controlled_over_the_whole_comparison():
             _case(rounds=[scale * math.exp(rng.gauss(0, 0.03)) for _ in range(3)], n=256 * (i + 1)) for i in range(36)
         ]
 
+    def alarm(c) -> bool:  # a case, or the run as a whole, called slower or faster
+        return c.shift_verdict != "same" or any(r.verdict != "same" for r in c.rows)
+
     pairs = 200
-    alarms = sum(
-        1
-        for _ in range(pairs)
-        if any(r.verdict != "same" for r in compare(frame(run()), frame(run()), threshold=0).rows)
-    )
+    alarms = sum(1 for _ in range(pairs) if alarm(compare(frame(run()), frame(run()), threshold=0)))
     assert alarms <= 0.09 * pairs  # expected about 5%
     caught = [r.verdict == "slower" for _ in range(5) for r in compare(frame(run()), frame(run(1.3))).rows]
     assert sum(caught) >= 0.9 * len(caught)
@@ -205,11 +204,44 @@ def test_holm_holds_a_common_slowdown_to_less_than_the_strictest_level():
     c = compare(frame(base), frame(new))
     assert c.spread is not None and c.spread.sd == pytest.approx(0.04 * 1.4826 * NormalDist().inv_cdf(0.75), rel=0.1)
     slower = [r for r in c.rows if r.verdict == "slower"]
-    strict = family_level(m)
+    strict = family_level(m + 1)  # the cases and their common shift
     bonferroni = [r for r in c.rows if RatioError(c.spread.sd, c.spread.dof).interval(r.ratio, strict).low > 1.1]
     assert len(bonferroni) <= 0.8 * m and len(slower) >= 0.95 * m
-    assert max(r.level for r in c.rows) == pytest.approx(strict) and min(r.level for r in slower) < strict
+    # the common shift, the most extreme of all, took Holm's first step (1 - 5%/37), the clearest case the next
+    assert strict == pytest.approx(1 - 0.05 / (m + 1)) and c.shift_verdict == "slower"
+    assert max(r.level for r in c.rows) == pytest.approx(1 - 0.05 / m) and min(r.level for r in slower) < strict
     assert all(r.low > 1.1 for r in slower) and "Holm" in c.control
+
+
+def test_a_slowdown_common_to_every_case_is_caught_as_a_run_where_no_case_can_be(tmp_path):
+    """36 cases all 1.2x slower, their ratios scattered by 8%: a case that moved alone must move
+    about 1.45x to be told from noise (none is called slower), but the median of 36 ratios is
+    known to about 1.7%: the run as a whole is slower and fails the gate, in words and in the exit
+    code. The same scatter around 1 (an A/A pair) reads same, and a probe that moved 1.5x in every
+    case withholds it."""
+    from statistics import NormalDist
+
+    m = 36
+    zs = [NormalDist().inv_cdf((i + 0.5) / m) for i in range(m)]
+
+    def side(scale: float, probe: float = 0.010, sd: float = 0.08):
+        return [_case(rounds=[scale * math.exp(sd * z)] * 3, probe=probe, n=256 * (i + 1)) for i, z in enumerate(zs)]
+
+    base = side(1.0, sd=0.0)
+    c = compare(frame(base), frame(side(1.2)))
+    assert not any(r.verdict == "slower" for r in c.rows)  # no case on its own
+    assert c.shift is not None and c.shift.ratio == pytest.approx(1.2, rel=0.01) and c.shift.cases == m
+    assert c.shift_verdict == "slower" and c.shift_interval.low > 1.1 and c.gate_failed()
+    assert "the run as a whole is slower" in c.failure_message() and "and their common shift" in c.control
+    assert json.loads(to_json(c))["shift"]["verdict"] == "slower"
+    a, b = write_result(tmp_path / "a", base), write_result(tmp_path / "b", side(1.2))
+    res = run(a, b, "--fail-on-regression")
+    assert res.exit_code == 1 and "the run as a whole is slower" in " ".join(res.output.split())
+    aa = compare(frame(base), frame(side(1.0)))
+    assert aa.shift_verdict == "same" and not aa.gate_failed()
+    moved = compare(frame(base), frame(side(1.2, probe=0.015)))
+    assert moved.shift_verdict == "withheld" and moved.shift_probe == pytest.approx(1.5)
+    assert not moved.gate_failed()
 
 
 def test_a_comparison_too_noisy_for_its_threshold_says_so():

@@ -24,6 +24,13 @@ Where the machine-speed probe moved between the two runs by more than PROBE_SLAC
 threshold (as factors), the case's verdict is *withheld*: the machine, not the program, may have
 changed.
 
+The run as a whole is judged too (``noise.Shift``): the median of the cases' ratios, with an
+interval from the comparison's spread over the square root of the number of cases, one more
+member of Holm's family, *slower* (failing the gate) or *faster* when the whole interval is beyond
+the threshold, withheld where the probe's median ratio moved beyond the slack. A slowdown common
+to every case (a slower build) is told from noise where no single case can be: at a 6% spread one
+case must move about 1.35x, the median of 36 about 1.15x.
+
 Quality beside time: where either run recorded a case's quality against full attention
 (``recall_mean``, ``full_rel_err``), the case carries both runs' figures and a quality verdict
 (``judge_quality``): *worse* where the recall fell by more than RECALL_DROP (absolute) or the
@@ -43,11 +50,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from sparsebench.analysis.noise import Interval, Noise, RatioError, Spread, holm_levels
+from sparsebench.analysis.noise import Interval, Noise, RatioError, Shift, Spread, holm_levels
 from sparsebench.analysis.scaling import (
     case_label,
     finite_or_none,
@@ -74,6 +82,7 @@ BY_DIMENSIONS = {
     "causal": "causal",
 }
 FAMILY_ALPHA = 0.05  # the chance of any false alarm over a whole comparison (Holm)
+SHIFT_KEY = ("(common shift)",)  # the common shift's place among the cases in Holm's family
 NOISY_FACTOR = 3  # a comparison that cannot tell this many thresholds from noise is called noisy
 PROBE_SLACK = 2  # a case's verdict is withheld where the probe moved by more than (1 + threshold) ** this
 # environment.json keys whose difference makes timings hard to compare (and every entry of its
@@ -219,6 +228,10 @@ class Comparison:
     level: float = 1 - FAMILY_ALPHA  # the strictest interval level (Holm's first step)
     noise: Noise | None = None  # the typical spread of a case's samples, both runs pooled
     spread: Spread | None = None  # how the cases' ratios scatter (None: judged from their samples)
+    shift: Shift | None = None  # the median of the cases' ratios (None: fewer than noise.MIN_CASES)
+    shift_verdict: str | None = None  # slower, faster, same or withheld
+    shift_interval: Interval | None = None
+    shift_probe: float | None = None  # the median of the cases' probe ratios
 
     def regressions(self) -> list[CaseDiff]:
         return [r for r in self.rows if r.is_regression]
@@ -256,10 +269,27 @@ class Comparison:
         return sum(1 for r in self.rows if r.low is not None)
 
     @property
+    def shift_text(self) -> str | None:
+        """The run as a whole in words: "the median of the 36 cases' ratios: 1.34x [1.29, 1.40],
+        slower"; None without a shift."""
+        if self.shift is None or self.shift_interval is None:
+            return None
+        verdict = self.shift_verdict
+        if verdict == "same":
+            verdict = "same within noise"
+        elif verdict == WITHHELD and self.shift_probe is not None:
+            verdict = f"withheld (the machine-speed probe moved {self.shift_probe:.2f}x)"
+        return (
+            f"the run as a whole (the median of the {self.shift.cases} cases' ratios): {self.shift.ratio:.2f}x "
+            f"{self.shift_interval.text()}, {verdict}"
+        )
+
+    @property
     def control(self) -> str:
         """How the false alarms are controlled, in words."""
+        members = f"{self.family} case(s)" + (" and their common shift" if self.shift_interval else "")
         return (
-            f"{1 - FAMILY_ALPHA:.0%} family-wise over {self.family} case(s) (Holm: the i-th most extreme of m "
+            f"{1 - FAMILY_ALPHA:.0%} family-wise over {members} (Holm: the i-th most extreme of m "
             f"cases at 1 - {FAMILY_ALPHA:.0%}/(m - i + 1), {self.level_span}); slower or faster only when the whole "
             "interval is beyond the threshold"
         )
@@ -323,6 +353,7 @@ class Comparison:
         verdict."""
         return (
             bool(self.regressions())
+            or self.shift_verdict == "slower"
             or bool(self.quality_regressions())
             or not self.compared()
             or (not allow_missing and bool(self.missing()))
@@ -331,6 +362,8 @@ class Comparison:
 
     def failure_message(self, allow_missing: bool = False, fail_on_unstable: bool = False) -> str:
         bits = []
+        if self.shift_verdict == "slower":
+            bits.append(f"the run as a whole is slower beyond {self.threshold:.0%} and the noise: {self.shift_text}")
         bad = self.regressions()
         if bad:
             first = max(bad, key=lambda r: r.ratio or 0.0)
@@ -370,6 +403,17 @@ class Comparison:
             "family": self.family,
             "noise": self.noise_text,
             "ratio_spread_sd": self.spread.sd if self.spread else None,
+            "shift": None
+            if self.shift is None
+            else {
+                "ratio": self.shift.ratio,
+                "low": self.shift_interval.low if self.shift_interval else None,
+                "high": self.shift_interval.high if self.shift_interval else None,
+                "level": self.shift_interval.level if self.shift_interval else None,
+                "verdict": self.shift_verdict,
+                "probe_ratio": self.shift_probe,
+                "cases": self.shift.cases,
+            },
             "warnings": list(self.warnings),
             "counts": self.counts(),
             "regressions": len(self.regressions()),
@@ -406,11 +450,17 @@ def compare(
     new = _latest(new_df)
     common = [k for k in base if k in new]
     ratios = case_ratios(base, new, metric)
-    level = family_level(len(ratios))
     noise = Noise.of([*base.values(), *new.values()], metric)
     spread = Spread.of(ratios.values())
-    levels = case_levels(base, new, ratios, threshold, noise, metric, spread)
+    shift = Shift.of(ratios.values(), spread)
+    level = family_level(len(ratios) + (shift is not None))
+    levels = case_levels(base, new, ratios, threshold, noise, metric, spread, shift)
     rows = [_judge(k, base[k], new[k], metric, threshold, noise, levels.get(k, level), spread) for k in common]
+    shift_verdict, shift_iv, shift_probe = (
+        judge_shift(shift, [r.probe_ratio for r in rows if r.ratio is not None], threshold, levels[SHIFT_KEY])
+        if shift is not None
+        else (None, None, None)
+    )
     rows.sort(key=lambda r: _sort_key(r.key))
     only_base = tuple(sorted((k for k in base if k not in new), key=_sort_key))
     base_measured = tuple(k for k in only_base if str(base[k].get("status")) == "ok")
@@ -444,6 +494,10 @@ def compare(
         level,
         noise,
         spread,
+        shift,
+        shift_verdict,
+        shift_iv,
+        shift_probe,
     )
     more = [m for m in (result.unstable_message(), result.noisy_message()) if m]
     return replace(result, warnings=(*result.warnings, *more)) if more else result
@@ -506,10 +560,11 @@ def env_differences(named: Sequence[tuple[str, dict | None]]) -> list[str]:
     return out
 
 
-def family_level(cases: int) -> float:
-    """The strictest interval level of a comparison of ``cases`` cases (Holm's first step, and
-    Bonferroni's for every case): any false alarm with a chance of at most FAMILY_ALPHA."""
-    return 1 - FAMILY_ALPHA / max(1, cases)
+def family_level(members: int) -> float:
+    """The strictest interval level of a family of ``members`` (the cases, and their common shift
+    where there is one: Holm's first step, and Bonferroni's for every member): any false alarm
+    with a chance of at most FAMILY_ALPHA."""
+    return 1 - FAMILY_ALPHA / max(1, members)
 
 
 def case_levels(
@@ -520,14 +575,44 @@ def case_levels(
     noise: Noise,
     metric: str,
     spread: Spread | None,
+    shift: Shift | None = None,
 ) -> dict[tuple, float]:
     """Each compared case's interval level under Holm's control at FAMILY_ALPHA over the cases
-    of ``ratios`` (``noise.holm_levels``, from each ratio's p-value of lying beyond the threshold)."""
+    of ``ratios`` and their common ``shift`` (under SHIFT_KEY) where there is one
+    (``noise.holm_levels``, from each ratio's p-value of lying beyond the threshold)."""
     p_values = {}
     for k, r in ratios.items():
         err = RatioError.of(base[k], new[k], noise, metric, spread)
         p_values[k] = err.p_beyond(r, threshold) if err is not None and math.isfinite(r) else 1.0
+    if shift is not None:
+        p_values[SHIFT_KEY] = shift.error.p_beyond(shift.ratio, threshold)
     return holm_levels(p_values, FAMILY_ALPHA)
+
+
+def judge_shift(
+    shift: Shift, probes: Sequence[float | None], threshold: float, level: float
+) -> tuple[str, Interval, float | None]:
+    """(verdict, interval, the probe's median ratio) of the run as a whole: withheld where the
+    median of the cases' probe ratios moved beyond the slack (the machine, not the program, may
+    have changed), else slower or faster where the whole ``level`` interval of the cases' median
+    ratio is beyond the threshold, else same."""
+    iv = shift.error.interval(shift.ratio, level)
+    known = [p for p in probes if p is not None and p > 0]
+    probe = statistics.median(known) if known else None
+    return _verdict(iv, probe, threshold), iv, probe
+
+
+def _verdict(iv: Interval | None, probe: float | None, threshold: float) -> str:
+    """withheld where the probe's ratio is beyond PROBE_SLACK times the threshold (as factors),
+    slower or faster where the whole interval is beyond the threshold, else same."""
+    slack = (1 + threshold) ** PROBE_SLACK
+    if probe is not None and not (1 / slack <= probe <= slack):
+        return WITHHELD
+    if iv is not None and iv.low > 1 + threshold:
+        return "slower"
+    if iv is not None and iv.high < 1 / (1 + threshold):
+        return "faster"
+    return "same"
 
 
 def case_ratios(base: dict[tuple, dict], new: dict[tuple, dict], metric: str) -> dict[tuple, float]:
@@ -561,14 +646,7 @@ def judge_ratio(
     iv = err.interval(ratio, level) if err is not None and ratio > 0 and math.isfinite(ratio) else None
     pb, pn = finite_or_none(base.get("probe_s")), finite_or_none(new.get("probe_s"))
     probe = pn / pb if pb and pn and pb > 0 else None
-    slack = (1 + threshold) ** PROBE_SLACK
-    if probe is not None and not (1 / slack <= probe <= slack):
-        return WITHHELD, iv, probe
-    if iv is not None and iv.low > 1 + threshold:
-        return "slower", iv, probe
-    if iv is not None and iv.high < 1 / (1 + threshold):
-        return "faster", iv, probe
-    return "same", iv, probe
+    return _verdict(iv, probe, threshold), iv, probe
 
 
 def quality_tolerance() -> str:

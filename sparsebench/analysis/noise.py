@@ -143,6 +143,29 @@ class Spread:
         return cls(1.4826 * statistics.median(abs(v - mid) for v in logs), len(logs) - 1, len(logs))
 
 
+@dataclass(frozen=True)
+class Shift:
+    """The common shift of a comparison: the median of its cases' ratios (``ratio``), a whole run
+    slower or faster (a slower build, a slower library, or a slower machine, which the probe
+    tells), with the standard error of that median: 1.2533 times the comparison's spread over
+    the square root of the number of cases (a median is less efficient than a mean). Where every
+    case moved by about as much, the shift is known far better than any one case: over 36 cases
+    at a 6% spread, to about 1.3% against 6%."""
+
+    ratio: float
+    error: RatioError
+    cases: int
+
+    @classmethod
+    def of(cls, ratios: Iterable[float], spread: Spread | None) -> Shift | None:
+        """From the cases' ratios and their spread; None without a spread (fewer than MIN_CASES)."""
+        logs = [math.log(r) for r in ratios if r > 0 and math.isfinite(r)]
+        if spread is None or len(logs) < MIN_CASES:
+            return None
+        se = 1.2533 * spread.sd / math.sqrt(len(logs))
+        return cls(math.exp(statistics.median(logs)), RatioError(se, spread.dof), len(logs))
+
+
 def robust_se(a: Sequence[float], b: Sequence[float]) -> float:
     """A case's own standard error of the log ratio of its two runs' medians, from its samples,
     robust to one bad sample (a round that met a burst of load): 1.4826 times the median absolute

@@ -98,8 +98,9 @@ def to_markdown(result: Result) -> str:
     bad = c.regressions()
     worse = c.quality_regressions()
     gone = c.missing()
-    head = "❌ " if bad or worse or not c.compared() else ("⚠️ " if gone else "✅ ")
-    extra = ""
+    run_slower = c.shift_verdict == "slower"
+    head = "❌ " if bad or worse or run_slower or not c.compared() else ("⚠️ " if gone else "✅ ")
+    extra = " The run as a whole is slower." if run_slower else ""
     if c.has_quality:
         extra += (
             f" {len(worse)} case(s) moved away from full attention."
@@ -181,6 +182,8 @@ def summary_line(c: Comparison) -> str:
                 q[r.quality] = q.get(r.quality, 0) + 1
         moved = ", ".join(f"{v} {k}" for k, v in sorted(q.items())) or "not in both"
         text += f"; quality against full attention: {moved}"
+    if c.shift_text:
+        text += f"; {c.shift_text}"
     return text
 
 
