@@ -363,7 +363,10 @@ class Comparison:
     def failure_message(self, allow_missing: bool = False, fail_on_unstable: bool = False) -> str:
         bits = []
         if self.shift_verdict == "slower":
-            bits.append(f"the run as a whole is slower beyond {self.threshold:.0%} and the noise: {self.shift_text}")
+            bits.append(
+                f"the run as a whole is slower beyond {self.threshold:.0%} and the noise (the median of the "
+                f"{self.shift.cases} cases' ratios: {self.shift.ratio:.2f}x {self.shift_interval.text()})"
+            )
         bad = self.regressions()
         if bad:
             first = max(bad, key=lambda r: r.ratio or 0.0)
