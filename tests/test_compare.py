@@ -234,6 +234,9 @@ def test_a_slowdown_common_to_every_case_is_caught_as_a_run_where_no_case_can_be
     assert c.shift_verdict == "slower" and c.shift_interval.low > 1.1 and c.gate_failed()
     assert "the run as a whole is slower" in c.failure_message() and "and their common shift" in c.control
     assert json.loads(to_json(c))["shift"]["verdict"] == "slower"
+    (line,) = [ln for ln in fig_ratio(c).axes[0].get_lines() if ln.get_gid() == "shift:ratio"]  # drawn, and named
+    assert line.get_ydata()[0] == pytest.approx(c.shift.ratio) and "the run as a whole: 1.20x" in line.get_label()
+    assert "slower" in line.get_label()
     a, b = write_result(tmp_path / "a", base), write_result(tmp_path / "b", side(1.2))
     res = run(a, b, "--fail-on-regression")
     assert res.exit_code == 1 and "the run as a whole is slower" in " ".join(res.output.split())

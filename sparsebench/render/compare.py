@@ -302,7 +302,9 @@ def _side(v: float | None, status: str) -> str:
 
 def fig_ratio(cmp: Comparison, styles: Any = None):
     """new/base ratio against n per series (log-log), the threshold band shaded, slower cases
-    ringed. Returns a matplotlib Figure, or None when no case has a ratio."""
+    ringed, the run as a whole (the cases' common shift) as a dashed line in the band of its
+    interval, vermillion where it is slower. Returns a matplotlib Figure, or None when no case
+    has a ratio."""
     rows = [r for r in cmp.rows if r.ratio is not None and math.isfinite(r.ratio) and r.ratio > 0]
     if not rows:
         return None
@@ -331,6 +333,23 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
     t = cmp.threshold
     ax.axhspan(1 / (1 + t), 1 + t, color="#eeeeee", zorder=0, label=f"within ±{t:.0%}")
     ax.axhline(1.0, color="#777777", linewidth=1.5, zorder=1, label="no change")
+    if cmp.shift is not None and cmp.shift_interval is not None:  # the run as a whole: its interval and verdict
+        iv, verdict = cmp.shift_interval, cmp.shift_verdict
+        color = "#D55E00" if verdict == "slower" else "#0072B2"
+        ax.axhspan(iv.low, iv.high, color=color, alpha=0.15, zorder=0.5, gid="shift:interval")
+        ax.axhline(
+            cmp.shift.ratio,
+            color=color,
+            linewidth=2.5,
+            linestyle=(0, (6, 3)),
+            zorder=1.5,
+            gid="shift:ratio",
+            label=wrap_label(
+                f"the run as a whole: {cmp.shift.ratio:.2f}x {iv.text()}, "
+                f"{'same within noise' if verdict == 'same' else verdict} "
+                "(median of the cases' ratios, band: its interval)"
+            ),
+        )
     keys = [c for c in CASE_KEY if c != "seq_len"]
     for key, g in iter_groups(df, keys):
         g = g.sort_values("seq_len")
