@@ -269,19 +269,25 @@ class Comparison:
         return sum(1 for r in self.rows if r.low is not None)
 
     @property
+    def shift_verdict_text(self) -> str | None:
+        """The run's verdict in words: "slower", "same within noise", "withheld (the machine-speed
+        probe moved 1.50x)"; None without a shift."""
+        verdict = self.shift_verdict
+        if verdict == "same":
+            return "same within noise"
+        if verdict == WITHHELD and self.shift_probe is not None:
+            return f"withheld (the machine-speed probe moved {self.shift_probe:.2f}x)"
+        return verdict
+
+    @property
     def shift_text(self) -> str | None:
         """The run as a whole in words: "the median of the 36 cases' ratios: 1.34x [1.29, 1.40],
         slower"; None without a shift."""
         if self.shift is None or self.shift_interval is None:
             return None
-        verdict = self.shift_verdict
-        if verdict == "same":
-            verdict = "same within noise"
-        elif verdict == WITHHELD and self.shift_probe is not None:
-            verdict = f"withheld (the machine-speed probe moved {self.shift_probe:.2f}x)"
         return (
             f"the run as a whole (the median of the {self.shift.cases} cases' ratios): {self.shift.ratio:.2f}x "
-            f"{self.shift_interval.text()}, {verdict}"
+            f"{self.shift_interval.text()}, {self.shift_verdict_text}"
         )
 
     @property

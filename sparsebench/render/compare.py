@@ -345,8 +345,7 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
             zorder=1.5,
             gid="shift:ratio",
             label=wrap_label(
-                f"the run as a whole: {cmp.shift.ratio:.2f}x {iv.text()}, "
-                f"{'same within noise' if verdict == 'same' else verdict} "
+                f"the run as a whole: {cmp.shift.ratio:.2f}x {iv.text()}, {cmp.shift_verdict_text} "
                 "(median of the cases' ratios, band: its interval)"
             ),
         )
