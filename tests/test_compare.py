@@ -182,7 +182,7 @@ def test_false_alarms_are_controlled_over_the_whole_comparison():
 
     pairs = 200
     alarms = sum(1 for _ in range(pairs) if alarm(compare(frame(run()), frame(run()), threshold=0)))
-    assert alarms <= 0.09 * pairs  # expected about 5%
+    assert alarms <= 0.08 * pairs  # expected about 5% (a median absolute deviation at 35 degrees of freedom: 11%)
     caught = [r.verdict == "slower" for _ in range(5) for r in compare(frame(run()), frame(run(1.3))).rows]
     assert sum(caught) >= 0.9 * len(caught)
 
@@ -206,7 +206,7 @@ def test_holm_holds_a_common_slowdown_to_less_than_the_strictest_level():
     slower = [r for r in c.rows if r.verdict == "slower"]
     strict = family_level(m + 1)  # the cases and their common shift
     bonferroni = [r for r in c.rows if RatioError(c.spread.sd, c.spread.dof).interval(r.ratio, strict).low > 1.1]
-    assert len(bonferroni) <= 0.8 * m and len(slower) >= 0.95 * m
+    assert len(bonferroni) <= 0.8 * m and len(slower) >= 0.9 * m
     # the common shift, the most extreme of all, took Holm's first step (1 - 5%/37), the clearest case the next
     assert strict == pytest.approx(1 - 0.05 / (m + 1)) and c.shift_verdict == "slower"
     assert max(r.level for r in c.rows) == pytest.approx(1 - 0.05 / m) and min(r.level for r in slower) < strict
@@ -247,6 +247,90 @@ def test_a_slowdown_common_to_every_case_is_caught_as_a_run_where_no_case_can_be
     assert not moved.gate_failed()
 
 
+def _rounds_case(mins, probe=0.010, n=1024):
+    """One dense sdpa case measured in rounds whose fastest calls were ``mins``."""
+    return dict(_case(rounds=list(mins), probe=probe, n=n), round_mins_s=list(mins))
+
+
+def test_the_gate_time_is_the_fastest_half_of_the_rounds():
+    """Five rounds, one of them lucky (all its calls 30% faster, as a fresh worker on a shared
+    machine sometimes runs): the fastest call over the rounds is that round; the gate's time, the
+    geometric mean of the three fastest rounds, moves by a third as much. Two runs of the same
+    program with rounds scattered by 3%, one run with the lucky round: "min" calls the case about
+    1.4x slower, the default reads it within the noise."""
+    from sparsebench.analysis.noise import fast_time
+
+    lucky = _rounds_case([1.0, 1.02, 0.98, 1.01, 0.7])
+    assert fast_time(lucky) == pytest.approx((0.7 * 0.98 * 1.0) ** (1 / 3))
+    assert fast_time(_rounds_case([2.0, 1.0])) == pytest.approx(1.0)  # the fastest half of two rounds: one
+    assert fast_time(_case([3.0, 1.0, 2.0])) == pytest.approx(2**0.5)  # one round: its fastest calls, two of three
+
+    def run(seed, lucky_at=None):
+        rng = random.Random(seed)
+        out = []
+        for i in range(36):
+            mins = [math.exp(rng.gauss(0, 0.03)) for _ in range(5)]
+            if i == lucky_at:
+                mins[4] = 0.7
+            out.append(_rounds_case(mins, n=256 * (i + 1)))
+        return out
+
+    base, new = frame(run(5, lucky_at=3)), frame(run(6))
+    by_min = next(r for r in compare(base, new, metric="min").rows if r.get("seq_len") == 1024)
+    assert by_min.ratio > 1.3 and by_min.verdict == "slower"
+    c = compare(base, new)
+    assert c.metric == "fast" and not c.regressions() and c.shift_verdict == "same"
+
+
+def test_ratios_are_adjusted_for_the_machines_speed(tmp_path):
+    """A shared machine drifts: NEW ran on a machine 15% slower, its probe (a fixed matmul timed
+    around every case) and every case with it. Adjusted (the default), every ratio is divided by
+    the probes' ratio and the two runs read the same; --no-adjust judges the times as measured and
+    calls the run slower. A real slowdown leaves the probe where it was and is caught either way.
+    Under MIN_CASES cases the probes of a few moments are not the machine of a run: no adjustment."""
+    m = 36
+
+    def side(scale: float, probe: float):
+        rng = random.Random(11)
+        return [
+            _rounds_case([scale * math.exp(rng.gauss(0, 0.01)) for _ in range(5)], probe=probe, n=256 * (i + 1))
+            for i in range(m)
+        ]
+
+    base = side(1.0, 0.010)
+    drift = side(1.15, 0.0115)
+    c = compare(frame(base), frame(drift))
+    assert c.machine == pytest.approx(1.15) and c.shift.ratio == pytest.approx(1.0, abs=0.01)
+    assert not c.gate_failed() and "ran 1.150x as long in new" in c.machine_text
+    assert "1.150x as long" in render(c, "markdown") and json.loads(to_json(c))["machine_ratio"] == pytest.approx(1.15)
+    raw = compare(frame(base), frame(drift), adjust=False)
+    assert raw.machine is None and raw.shift_verdict == "slower" and raw.gate_failed()
+    slow = compare(frame(base), frame(side(1.3, 0.010)))
+    assert slow.machine == pytest.approx(1.0) and slow.shift_verdict == "slower" and len(slow.regressions()) == m
+    a, b = write_result(tmp_path / "a", base), write_result(tmp_path / "b", drift)
+    assert run(a, b, "--fail-on-regression").exit_code == 0
+    res = run(a, b, "--fail-on-regression", "--no-adjust")
+    assert res.exit_code == 1 and "the run as a whole is slower" in " ".join(res.output.split())
+    few = compare(frame(base[:5]), frame(drift[:5]))
+    assert few.machine is None and "not adjusted" in few.machine_text
+
+
+def test_the_spread_is_qn_with_the_degrees_of_freedom_of_its_efficiency():
+    """Qn of 0, 1, ..., 9 by hand: h = 6, k = 15; the distances 1 (nine of them) and 2 (eight) put
+    the 15th smallest at 2; times 2.2219 and 10 / 13.8. Three of ten values thrown far away do not
+    move it beyond a factor of two (the standard deviation grows 20-fold). 36 cases: 29 degrees
+    of freedom (0.82 of 35)."""
+    from sparsebench.analysis.noise import Spread, qn_scale
+
+    vals = [float(i) for i in range(10)]
+    assert qn_scale(vals) == pytest.approx(2.2219 * 2 * 10 / 13.8)
+    wild = vals[:7] + [100.0, 200.0, 300.0]
+    assert qn_scale(wild) < 2 * qn_scale(vals) and statistics.stdev(wild) > 20 * statistics.stdev(vals)
+    assert qn_scale(wild) == pytest.approx(2.2219 * 3 * 10 / 13.8)  # the clean seven's 15th distance: 3
+    s = Spread.of([math.exp(0.01 * i) for i in range(36)])
+    assert s.dof == 29 and s.cases == 36
+
+
 def test_a_comparison_too_noisy_for_its_threshold_says_so():
     """The cases' ratios scatter by 2% in one pair and 8% in another: the second cannot tell a
     case that moved alone by less than about 1.4x from noise, and warns; the first does not."""
@@ -276,7 +360,9 @@ def test_a_moving_machine_withholds_the_verdict(tmp_path):
         res.exit_code == 1 and "1 case(s) regressed" in res.output and "withheld" not in res.output.split("error")[-1]
     )
     new_ok = [
-        dict(r, time_median_s=1.0, time_min_s=0.99, round_medians_s=[1.0, 1.01, 0.99]) if r["seq_len"] == 1024 else r
+        dict(r, time_median_s=1.0, time_min_s=0.99, round_medians_s=[1.0, 1.01, 0.99], times_s=[1.0, 1.01, 0.99])
+        if r["seq_len"] == 1024
+        else r
         for r in new
     ]
     b2 = write_result(tmp_path / "b2", new_ok)
@@ -290,7 +376,7 @@ def test_metric_min():
     r = next(r for r in c.rows if r.get("backend") == "sdpa" and r.get("seq_len") == 256)
     assert c.metric == "min" and r.base == pytest.approx(min(make_records()[0]["times_s"]))
     assert r.base < r.new and r.verdict == "slower"
-    with pytest.raises(ScenarioError, match="expected one of: median, min"):
+    with pytest.raises(ScenarioError, match="expected one of: fast, min, median"):
         compare(frame(make_records()), frame(make_records()), metric="mean")
 
 
@@ -449,7 +535,7 @@ def test_cli_by(folders):
     [
         (["{base}", "{same}", "--threshold", "lots"], "--threshold"),
         (["{base}", "{same}", "--format", "xml"], "expected one of: table, markdown, json, csv"),
-        (["{base}", "{same}", "--metric", "mean"], "expected one of: median, min"),
+        (["{base}", "{same}", "--metric", "mean"], "expected one of: fast, min, median"),
         (["{base}", "{same}", "--by", "backend"], "not both"),
         (["{base}"], "needs NEW"),
         (["{base}", "--by", "colour"], "expected one of"),

@@ -5,14 +5,25 @@ ratio new / base of its reported time with a confidence interval, and a verdict 
 against the threshold: *slower* when the whole interval lies above 1 + threshold, *faster* when
 it lies below 1 / (1 + threshold), else *same* (within the noise).
 
-The time compared is, by default, each case's fastest call over all its rounds (``GATE_METRIC``;
-interference on a shared machine only ever adds time), or with ``metric="median"`` the median of
-its rounds' medians. The noise is read from the comparison itself (``noise.Spread``): how the
-cases' log ratios scatter around their common shift, a robust standard deviation that a minority
-of changed cases does not move, while a change common to all (a slower build) still counts
-against 1. For the median, a case whose own rounds scatter more is judged by its own spread
-(``noise.robust_se``). With fewer than ``noise.MIN_CASES`` cases, each case is judged from its
-own samples (its rounds, or blocks of its calls with one round; never the pooled calls).
+The time compared is, by default, the geometric mean of the fastest half of a case's rounds'
+fastest calls (``GATE_METRIC`` "fast", ``noise.fast_time``: interference on a shared machine only
+adds time, and half the rounds do not rest on one lucky round), with ``metric="min"`` the fastest
+call over all its rounds, with ``metric="median"`` the median of its rounds' medians.
+
+Each ratio is adjusted for the machine's speed: divided by ``machine_ratio``, the median of NEW's
+machine-speed probes over BASE's (a fixed matmul timed around every case), where at least
+``noise.MIN_CASES`` cases have one in both runs. A shared machine drifts over minutes (other
+tenants): the cases of a run move together, by up to 9% (their median) between two runs of the
+same program, and the probe moves with them (a correlation of 0.88-0.96 over 21 runs; the README
+gives the figures). ``adjust=False`` compares the times as measured; a change of the library's
+matmul itself moves the probe too, and runs whose environments differ are compared with a warning.
+
+The noise is read from the comparison itself (``noise.Spread``): how the cases' log ratios
+scatter around their common shift, a robust standard deviation (Qn) that a minority of changed
+cases does not move, while a change common to all (a slower build) still counts against 1. For
+the median, a case whose own rounds scatter more is judged by its own spread (``noise.robust_se``).
+With fewer than ``noise.MIN_CASES`` cases, each case is judged from its own samples (its rounds,
+or blocks of its calls with one round; never the pooled calls).
 
 The false alarms of a whole comparison are controlled family-wise (Holm's step-down): with m
 cases compared, in order of how far beyond the threshold they lie (their p-values), the i-th is
@@ -55,7 +66,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from sparsebench.analysis.noise import Interval, Noise, RatioError, Shift, Spread, holm_levels
+from sparsebench.analysis.noise import (
+    MIN_CASES,
+    Interval,
+    Noise,
+    RatioError,
+    Shift,
+    Spread,
+    fast_time,
+    holm_levels,
+)
 from sparsebench.analysis.scaling import (
     case_label,
     finite_or_none,
@@ -68,11 +88,17 @@ from sparsebench.registry import unknown_choice
 from sparsebench.results.folder import ENVIRONMENT, read_environment
 from sparsebench.results.schema import BASELINE_BACKEND, BASELINE_PATTERN, CASE_KEY
 
-METRICS = {"median": "time_median_s", "min": "time_min_s"}
-# Two runs are compared on their fastest calls by default: interference on a shared machine only
-# ever adds time, so the fastest call over the rounds moves least between two runs of the same
-# program (the README gives the figures: the scatter of 36 cases' ratios was half the medians').
-GATE_METRIC = "min"
+# what a case's time is, for a comparison (``metric_time``)
+METRICS = {
+    "fast": "the geometric mean of the fastest half of the rounds' fastest calls",
+    "min": "the fastest call over the rounds",
+    "median": "the median of the rounds' medians",
+}
+# Two runs are compared on the fastest half of the rounds' fastest calls by default: interference
+# on a shared machine only adds time, so a round's fastest call moves least between two runs of
+# the same program, and the fastest half of the rounds does not rest on one lucky round, as the
+# fastest call over them does (the README gives the figures).
+GATE_METRIC = "fast"
 BY_DIMENSIONS = {
     "backend": "backend",
     "pattern": "pattern_label",
@@ -232,6 +258,8 @@ class Comparison:
     shift_verdict: str | None = None  # slower, faster, same or withheld
     shift_interval: Interval | None = None
     shift_probe: float | None = None  # the median of the cases' probe ratios
+    # how much slower the machine ran NEW (machine_ratio): every ratio is divided by it (None: raw)
+    machine: float | None = None
 
     def regressions(self) -> list[CaseDiff]:
         return [r for r in self.rows if r.is_regression]
@@ -306,6 +334,25 @@ class Comparison:
         levels = [r.level for r in self.rows if r.low is not None and r.level is not None] or [self.level]
         strict, loose = level_text(max(levels)), level_text(min(levels))
         return f"each at {strict}" if strict == loose else f"from {strict} to {loose}"
+
+    @property
+    def adjusted_text(self) -> str:
+        """ "adjusted for the machine's speed (÷ 1.037)", or "" where the ratios are as measured."""
+        return "" if self.machine is None else f"adjusted for the machine's speed (÷ {self.machine:.3f})"
+
+    @property
+    def machine_text(self) -> str:
+        """How the ratios were adjusted for the machine's speed, in words."""
+        if self.machine is None:
+            return (
+                "ratios as measured, not adjusted for the machine's speed (--no-adjust, or fewer than "
+                f"{MIN_CASES} cases with a probe in both runs)"
+            )
+        return (
+            f"ratios adjusted for the machine's speed: its probe (a fixed matmul timed around every case) ran "
+            f"{self.machine:.3f}x as long in {self.new_name} as in {self.base_name} (the median of each run's), "
+            "and each ratio new / base is divided by that"
+        )
 
     @property
     def noise_text(self) -> str:
@@ -412,6 +459,8 @@ class Comparison:
             "family": self.family,
             "noise": self.noise_text,
             "ratio_spread_sd": self.spread.sd if self.spread else None,
+            "machine_ratio": self.machine,
+            "adjusted": self.machine is not None,
             "shift": None
             if self.shift is None
             else {
@@ -452,19 +501,22 @@ def compare(
     new_env: dict | None = None,
     base_name: str = "base",
     new_name: str = "new",
+    adjust: bool = True,
 ) -> Comparison:
-    """Join two results frames on the case key and judge each common case."""
+    """Join two results frames on the case key and judge each common case; ``adjust``: each
+    ratio divided by how much slower the machine ran NEW (``machine_ratio``)."""
     check_choice("metric", metric, tuple(METRICS))
     base = _latest(base_df)
     new = _latest(new_df)
     common = [k for k in base if k in new]
-    ratios = case_ratios(base, new, metric)
+    machine = machine_ratio(base, new) if adjust else None
+    ratios = case_ratios(base, new, metric, machine)
     noise = Noise.of([*base.values(), *new.values()], metric)
     spread = Spread.of(ratios.values())
     shift = Shift.of(ratios.values(), spread)
     level = family_level(len(ratios) + (shift is not None))
     levels = case_levels(base, new, ratios, threshold, noise, metric, spread, shift)
-    rows = [_judge(k, base[k], new[k], metric, threshold, noise, levels.get(k, level), spread) for k in common]
+    rows = [_judge(k, base[k], new[k], metric, threshold, noise, levels.get(k, level), spread, machine) for k in common]
     shift_verdict, shift_iv, shift_probe = (
         judge_shift(shift, [r.probe_ratio for r in rows if r.ratio is not None], threshold, levels[SHIFT_KEY])
         if shift is not None
@@ -507,12 +559,15 @@ def compare(
         shift_verdict,
         shift_iv,
         shift_probe,
+        machine,
     )
     more = [m for m in (result.unstable_message(), result.noisy_message()) if m]
     return replace(result, warnings=(*result.warnings, *more)) if more else result
 
 
-def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str = GATE_METRIC, warn=None) -> Comparison:
+def compare_folders(
+    base: Path, new: Path, threshold: float = 0.10, metric: str = GATE_METRIC, warn=None, adjust: bool = True
+) -> Comparison:
     from sparsebench.results.folder import load_frame
 
     base, new = Path(base), Path(new)
@@ -530,6 +585,7 @@ def compare_folders(base: Path, new: Path, threshold: float = 0.10, metric: str 
         new_env=read_environment(new, warn),
         base_name=names[0],
         new_name=names[1],
+        adjust=adjust,
     )
 
 
@@ -624,14 +680,44 @@ def _verdict(iv: Interval | None, probe: float | None, threshold: float) -> str:
     return "same"
 
 
-def case_ratios(base: dict[tuple, dict], new: dict[tuple, dict], metric: str) -> dict[tuple, float]:
-    """new / base of ``metric`` for the cases measured ok in both (records by case key)."""
-    col = METRICS[metric]
+def metric_time(rec: dict, metric: str) -> float | None:
+    """A record's time for ``metric`` (METRICS): "fast" ``noise.fast_time``, "min" time_min_s,
+    "median" time_median_s; None where it has none."""
+    if metric == "fast":
+        return finite_or_none(fast_time(rec))
+    return finite_or_none(rec.get("time_min_s" if metric == "min" else "time_median_s"))
+
+
+def machine_ratio(base: dict[tuple, dict], new: dict[tuple, dict]) -> float | None:
+    """How much slower the machine ran NEW than BASE: the median of NEW's machine-speed probes
+    (``probe_s``, a fixed matmul timed around every case) over the median of BASE's, over the
+    cases measured ok in both with a probe in both; None for fewer than ``noise.MIN_CASES`` such
+    cases (a few cases' probes are the machine of a few moments, not of the run)."""
+    pb, pn = [], []
+    for k, b in base.items():
+        n = new.get(k)
+        if n is None or not (_ok(b) and _ok(n)):
+            continue
+        vb, vn = finite_or_none(b.get("probe_s")), finite_or_none(n.get("probe_s"))
+        if vb and vn and vb > 0 and vn > 0:
+            pb.append(vb)
+            pn.append(vn)
+    return statistics.median(pn) / statistics.median(pb) if len(pb) >= MIN_CASES else None
+
+
+def case_ratios(
+    base: dict[tuple, dict], new: dict[tuple, dict], metric: str, machine: float | None = None
+) -> dict[tuple, float]:
+    """new / base of ``metric`` for the cases measured ok in both (records by case key), divided
+    by ``machine`` (``machine_ratio``) where given."""
     out = {}
     for k, b in base.items():
         n = new.get(k)
-        if n is not None and _ok(b, col) and _ok(n, col) and float(b[col]) > 0:
-            out[k] = float(n[col]) / float(b[col])
+        if n is None or not (_ok(b) and _ok(n)):
+            continue
+        bv, nv = metric_time(b, metric), metric_time(n, metric)
+        if bv is not None and nv is not None and bv > 0:
+            out[k] = nv / bv / (machine or 1.0)
     return out
 
 
@@ -706,16 +792,23 @@ def _quality_fields(b: dict, n: dict) -> dict[str, Any]:
     }
 
 
-def _ok(rec: dict, col: str) -> bool:
-    return str(rec.get("status")) == "ok" and finite_or_none(rec.get(col)) is not None
+def _ok(rec: dict) -> bool:
+    return str(rec.get("status")) == "ok"
 
 
 def _judge(
-    key, b: dict, n: dict, metric: str, threshold: float, noise: Noise, level: float, spread: Spread | None
+    key,
+    b: dict,
+    n: dict,
+    metric: str,
+    threshold: float,
+    noise: Noise,
+    level: float,
+    spread: Spread | None,
+    machine: float | None = None,
 ) -> CaseDiff:
-    col = METRICS[metric]
     bs, ns = str(b.get("status")), str(n.get("status"))
-    bv, nv = finite_or_none(b.get(col)), finite_or_none(n.get(col))
+    bv, nv = metric_time(b, metric), metric_time(n, metric)
     if bs != "ok" or ns != "ok" or bv is None or nv is None:
         if bs == "ok" and ns in FAILED:
             verdict = "now failing"
@@ -735,7 +828,7 @@ def _judge(
             new_status=ns,
             **_quality_fields(b, n),
         )
-    ratio = nv / bv if bv > 0 else math.inf
+    ratio = nv / bv / (machine or 1.0) if bv > 0 else math.inf
     verdict, iv, probe = judge_ratio(b, n, ratio, threshold, noise, level, metric, spread)
     return CaseDiff(
         key,
@@ -813,7 +906,7 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
     """One run side by side along ``by`` (backend, pattern, device, dtype, mode, causal)."""
     check_choice("dimension for --by", by, tuple(BY_DIMENSIONS))
     check_choice("metric", metric, tuple(METRICS))
-    column, tcol = BY_DIMENSIONS[by], METRICS[metric]
+    column = BY_DIMENSIONS[by]
     if df is None or len(df) == 0:
         raise ResultsError("no records to compare")
     if by == "device":  # the same cases across GPUs or CPUs (and machines): cpu and cuda are hardware too
@@ -831,7 +924,7 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
         raise ResultsError(
             f"only one {by} ({values[0] if values else 'none'}) in these results: nothing to put side by side"
         )
-    baseline = _baseline_cells(df, tcol) if by == "backend" else {}
+    baseline = _baseline_cells(df, metric) if by == "backend" else {}
     if baseline:
         values.insert(0, BASELINE_COLUMN)
     rows = []
@@ -847,7 +940,7 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
         for rec in g.to_dict("records"):
             ok = rec.get("status") == "ok"
             cells[str(plain_value(rec.get(column)))] = (
-                finite_or_none(rec.get(tcol)) if ok else None,
+                metric_time(rec, metric) if ok else None,
                 str(rec.get("status")),
             )
         filled = tuple((v, *cells.get(v, (None, ""))) for v in values)
@@ -861,7 +954,7 @@ def compare_by(df, by: str = "backend", metric: str = "median") -> ByComparison:
     return ByComparison(by, column, tuple(values), tuple(dims), tuple(rows), metric)
 
 
-def _baseline_cells(df, tcol: str) -> dict[tuple, tuple[float | None, str]]:
+def _baseline_cells(df, metric: str) -> dict[tuple, tuple[float | None, str]]:
     """The dense baseline's (time, status) by its case key less pattern and backend."""
     rest = [c for c in CASE_KEY if c not in ("pattern_label", "backend")]
     base = df[(df["pattern_label"].astype(str) == BASELINE_PATTERN) & (df["backend"].astype(str) == BASELINE_BACKEND)]
@@ -869,5 +962,5 @@ def _baseline_cells(df, tcol: str) -> dict[tuple, tuple[float | None, str]]:
     for key, g in iter_groups(base, rest):
         rec = g.to_dict("records")[-1]  # the last one wins when a case was measured twice
         ok = rec.get("status") == "ok"
-        out[key] = (finite_or_none(rec.get(tcol)) if ok else None, str(rec.get("status")))
+        out[key] = (metric_time(rec, metric) if ok else None, str(rec.get("status")))
     return out

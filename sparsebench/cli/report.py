@@ -59,7 +59,15 @@ def compare(
     metric: Optional[str] = typer.Option(
         None,
         "--metric",
-        help="min (each case's fastest call over its rounds; the default for BASE NEW) or median (default with --by).",
+        help="fast (the geometric mean of the fastest half of each case's rounds' fastest calls; the default for "
+        "BASE NEW), min (the fastest call over its rounds) or median (the median of its rounds' medians; the "
+        "default with --by).",
+    ),
+    adjust: bool = typer.Option(
+        True,
+        "--adjust/--no-adjust",
+        help="Divide each ratio new/base by how much slower the machine ran NEW (the median of its machine-speed "
+        "probes, a fixed matmul timed around every case, over BASE's); --no-adjust: the times as measured.",
     ),
     fail_on_regression: bool = typer.Option(
         False,
@@ -81,8 +89,9 @@ def compare(
 ) -> None:
     """Compare two result folders case by case (BASE NEW), or one along a dimension (BASE --by DIM).
 
-    Each case gets the ratio new/base of its time with a confidence interval from its rounds
-    (or blocks of its calls), family-wise at 95% over all cases (Holm); "slower" or
+    Each case gets the ratio new/base of its time, adjusted for the machine's speed (its probe),
+    with a confidence interval from how the cases' ratios scatter (or, under 8 cases, from its
+    rounds), family-wise at 95% over all cases (Holm); "slower" or
     "faster" only when the whole interval is beyond the threshold, else "same within noise".
     Where the machine-speed probe moved by more than the threshold between the runs, the verdict
     is withheld (machine unstable), which fails the gate only with --fail-on-unstable. Where the
@@ -109,7 +118,7 @@ def compare(
 
             result = cmp_mod.compare_by(load_frame(base, warn=warn), by=by, metric=metric)
         else:
-            result = cmp_mod.compare_folders(base, new, threshold=limit, metric=metric, warn=warn)
+            result = cmp_mod.compare_folders(base, new, threshold=limit, metric=metric, warn=warn, adjust=adjust)
         _emit(result, fmt, output)
         if plot_path is not None:
             _write_ratio_plot(result, plot_path)

@@ -15,6 +15,7 @@ from typing import Any
 from sparsebench.analysis.compare import (
     BASELINE_COLUMN,
     FAMILY_ALPHA,
+    METRICS,
     PROBE_SLACK,
     QUALITY_WORSE,
     REGRESSIONS,
@@ -174,7 +175,10 @@ def summary_line(c: Comparison) -> str:
         parts.append(f"{len(c.only_base)} only in {c.base_name}")
     if c.only_new:
         parts.append(f"{len(c.only_new)} only in {c.new_name}")
-    text = f"{len(c.rows)} common cases ({', '.join(parts) or 'none'}); threshold {c.threshold:.0%} on the {c.metric}"
+    text = f"{len(c.rows)} common cases ({', '.join(parts) or 'none'})"
+    text += f"; threshold {c.threshold:.0%} on the {c.metric} time"
+    if c.adjusted_text:
+        text += f", {c.adjusted_text}"
     if c.has_quality:
         q: dict[str, int] = {}
         for r in c.rows:
@@ -200,7 +204,8 @@ def _ordered(c: Comparison) -> list[CaseDiff]:
 
 
 def _case_table(c: Comparison) -> TableSpec:
-    cols = ("case",) + tuple(c.shown_dims) + ("n", "base", "new", "ratio", "interval", "verdict")
+    ratio = "adj. ratio" if c.machine is not None else "ratio"  # not new / base as the columns show: say so
+    cols = ("case",) + tuple(c.shown_dims) + ("n", "base", "new", ratio, "interval", "verdict")
     if c.has_quality:  # quality against full attention beside the time, base -> new
         cols += ("recall", "rel. err", "quality")
     rows = []
@@ -249,8 +254,10 @@ def _recall3(v: float | None) -> str:
 
 def _explanation(c: Comparison) -> str:
     """What the ratio, the interval and the verdicts mean (the table's note)."""
-    what = "the fastest call over the rounds" if c.metric == "min" else "the median of the rounds' medians"
-    text = f"ratio = new / base of the {c.metric} time ({what}); interval: {c.control}; {c.noise_text}."
+    text = (
+        f"ratio = new / base of the {c.metric} time ({METRICS[c.metric]}); {c.machine_text}; interval: {c.control}; "
+        f"{c.noise_text}."
+    )
     if c.has_quality:
         text += (
             " recall and rel. err: the case's quality against full attention (recall_mean, full_rel_err), base → new;"
@@ -328,7 +335,8 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
     )
     styles = styles or styles_for(df)
     fig = Figure(figsize=(11.5, 4.8), layout="constrained")
-    fig.suptitle(f"{cmp.metric} time ratio, {cmp.new_name} / {cmp.base_name}", fontweight="bold")
+    title = f"{cmp.metric} time ratio, {cmp.new_name} / {cmp.base_name}"
+    fig.suptitle(f"{title}, {cmp.adjusted_text}" if cmp.adjusted_text else title, fontweight="bold")
     ax = fig.add_subplot()
     t = cmp.threshold
     ax.axhspan(1 / (1 + t), 1 + t, color="#eeeeee", zorder=0, label=f"within ±{t:.0%}")
@@ -381,7 +389,7 @@ def fig_ratio(cmp: Comparison, styles: Any = None):
         f"threshold {t:.0%}; bars: intervals, {1 - FAMILY_ALPHA:.0%} family-wise (Holm, {cmp.level_span}); "
         "ring: the whole interval above the threshold",
         "sequence length n (tokens)",
-        f"{cmp.metric} time ratio (new / base)",
+        f"{cmp.metric} time ratio (new / base{', adjusted' if cmp.machine is not None else ''})",
         y="ratio",
     )
     extra = []
