@@ -3,6 +3,7 @@
 
     python scripts/gate_check.py [SCENARIO] [--pairs 10] [--slowdown 1.3] [--threshold 10%] [--out DIR]
     python scripts/gate_check.py --judge DIR     # judge the runs already in DIR again (no run)
+    python scripts/gate_check.py --judge DIR --rounds 5   # ... as if each had run its first 5 rounds
 
 Runs the scenario (default: the built-in quickstart, as `sparsebench run` runs it) 2 * pairs + 1
 times, in this order: B0, S1, B1, S2, B2, ...; S runs have SPARSEBENCH_TEST_SLOWDOWN set, so
@@ -46,10 +47,24 @@ def run_once(scenario: str | None, out: Path, slowdown: float | None) -> Path:
     return out
 
 
-def judge(base: Path, new: Path, threshold: float) -> dict:
-    from sparsebench.analysis.compare import compare_folders
+def judge(base: Path, new: Path, threshold: float, rounds: int | None = None) -> dict:
+    """compare's verdicts on a pair; ``rounds``: of each run's records only its first rounds (a
+    run with fewer rounds, judged from the same recorded calls)."""
+    from sparsebench.analysis.compare import compare, compare_folders
+    from sparsebench.results.folder import frame, read_environment, read_records
 
-    c = compare_folders(base, new, threshold=threshold)
+    if rounds is None:
+        c = compare_folders(base, new, threshold=threshold)
+    else:
+        first = [frame(r for r in read_records(f) if r.get("round", 1) <= rounds) for f in (base, new)]
+        c = compare(
+            *first,
+            threshold=threshold,
+            base_env=read_environment(base),
+            new_env=read_environment(new),
+            base_name=base.name,
+            new_name=new.name,
+        )
     counts = c.counts()
     compared = [r for r in c.rows if r.base_status == "ok"]
     return {
@@ -66,6 +81,8 @@ def judge(base: Path, new: Path, threshold: float) -> dict:
         "shift_verdict": c.shift_verdict,
         "worst_ratio": max((r.ratio for r in c.rows if r.ratio), default=None),
         "noise_sd": c.noise.sd if c.noise else None,
+        "spread_sd": c.spread.sd if c.spread else None,
+        "machine": c.machine,
         "control": c.control,
     }
 
@@ -78,6 +95,12 @@ def main() -> None:
     ap.add_argument("--threshold", default="10%", help="compare's --threshold (default: compare's default)")
     ap.add_argument("--out", type=Path, default=Path("gate-check"))
     ap.add_argument("--judge", type=Path, default=None, help="judge the runs already in this folder again")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="with --judge: judge each run by its first ROUNDS rounds only (what fewer rounds would have given)",
+    )
     args = ap.parse_args()
     from sparsebench.analysis.compare import parse_threshold
 
@@ -91,9 +114,9 @@ def main() -> None:
     aa, slow = [], []
     for i in range(1, args.pairs + 1):
         s = args.out / f"S{i}" if args.judge else run_once(args.scenario, args.out / f"S{i}", args.slowdown)
-        slow.append(judge(runs[-1], s, threshold))
+        slow.append(judge(runs[-1], s, threshold, args.rounds))
         b = args.out / f"B{i}" if args.judge else run_once(args.scenario, args.out / f"B{i}", None)
-        aa.append(judge(runs[-1], b, threshold))
+        aa.append(judge(runs[-1], b, threshold, args.rounds))
         runs.append(b)
         a, d = aa[-1], slow[-1]
         print(
@@ -101,7 +124,9 @@ def main() -> None:
             f" (gate {'FAILS' if a['gate_failed'] else 'passes'}); {args.slowdown}x: {d['slower']} caught,"
             f" {d['withheld']} withheld, {d['missing']} missing of {d['cases']}; the runs as a whole:"
             f" A/A {a['shift'] or 0:.2f}x {a['shift_verdict']},"
-            f" {args.slowdown}x {d['shift'] or 0:.2f}x {d['shift_verdict']}",
+            f" {args.slowdown}x {d['shift'] or 0:.2f}x {d['shift_verdict']};"
+            f" machine (probe) A/A {a['machine'] or 1:.3f}x,"
+            f" {args.slowdown}x {d['machine'] or 1:.3f}x",
             flush=True,
         )
     cases = sum(d["cases"] for d in slow)
@@ -109,6 +134,7 @@ def main() -> None:
         "scenario": args.scenario or "quickstart (built in)",
         "threshold": threshold,
         "slowdown": args.slowdown,
+        "rounds_judged": args.rounds,
         "pairs": args.pairs,
         "aa_pairs_gate_failed": sum(a["gate_failed"] for a in aa),
         "aa_false_alarm_cases": sum(a["slower"] for a in aa),
@@ -125,7 +151,8 @@ def main() -> None:
         "aa": aa,
         "slow": slow,
     }
-    (args.out / "gate_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+    written = args.out / ("gate_check.json" if args.rounds is None else f"gate_check-{args.rounds}-rounds.json")
+    written.write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"\nA/A: {summary['aa_pairs_gate_failed']} of {args.pairs} pairs failed the gate "
         f"({summary['aa_false_alarm_cases']} slower and {summary['aa_faster_cases']} faster cases of "
@@ -135,7 +162,7 @@ def main() -> None:
         f"{summary['slowdown_missing']} missing, counted as not caught\n"
         f"the runs as a whole: {summary['aa_runs_called_slower']} of {args.pairs} A/A pairs called slower, "
         f"{summary['slowdown_runs_caught']} of {args.pairs} {args.slowdown}x pairs caught\n"
-        f"control: {aa[0]['control'] if aa else '-'}\nwrote {args.out / 'gate_check.json'}"
+        f"control: {aa[0]['control'] if aa else '-'}\nwrote {written}"
     )
 
 
