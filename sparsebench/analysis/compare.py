@@ -40,7 +40,7 @@ interval from the comparison's spread over the square root of the number of case
 member of Holm's family, *slower* (failing the gate) or *faster* when the whole interval is beyond
 the threshold, withheld where the probe's median ratio moved beyond the slack. A slowdown common
 to every case (a slower build) is told from noise where no single case can be: at a 6% spread one
-case must move about 1.35x, the median of 36 about 1.15x.
+case must move about 1.37x, the median of 36 about 1.15x.
 
 Quality beside time: where either run recorded a case's quality against full attention
 (``recall_mean``, ``full_rel_err``), the case carries both runs' figures and a quality verdict
