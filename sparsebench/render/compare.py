@@ -255,7 +255,8 @@ def _recall3(v: float | None) -> str:
 def _explanation(c: Comparison) -> str:
     """What the ratio, the interval and the verdicts mean (the table's note)."""
     text = (
-        f"ratio = new / base of the {c.metric} time ({METRICS[c.metric]}); {c.machine_text}; interval: {c.control}; "
+        f"{'adj. ratio' if c.machine is not None else 'ratio'} = new / base of the {c.metric} time "
+        f"({METRICS[c.metric]}); {c.machine_text}; interval: {c.control}; "
         f"{c.noise_text}."
     )
     if c.has_quality:
