@@ -15,7 +15,7 @@ import typer
 from report_fixtures import ENV, make_records, record, write_result
 from typer.testing import CliRunner
 
-from sparsebench.analysis.compare import compare, compare_by, parse_threshold
+from sparsebench.analysis.compare import compare, compare_by, metric_time, parse_threshold
 from sparsebench.analysis.noise import Noise, samples
 from sparsebench.cli.report import register
 from sparsebench.errors import ResultsError, ScenarioError
@@ -264,6 +264,8 @@ def test_the_gate_time_is_the_fastest_half_of_the_rounds():
     assert fast_time(lucky) == pytest.approx((0.7 * 0.98 * 1.0) ** (1 / 3))
     assert fast_time(_rounds_case([2.0, 1.0])) == pytest.approx(1.0)  # the fastest half of two rounds: one
     assert fast_time(_case([3.0, 1.0, 2.0])) == pytest.approx(2**0.5)  # one round: its fastest calls, two of three
+    bare = {k: v for k, v in _case([3.0, 1.0, 2.0]).items() if k != "times_s"}  # a record without its calls
+    assert fast_time(bare) is None and metric_time(bare, "fast") == pytest.approx(1.0)
 
     def run(seed, lucky_at=None):
         rng = random.Random(seed)

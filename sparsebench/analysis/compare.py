@@ -681,11 +681,13 @@ def _verdict(iv: Interval | None, probe: float | None, threshold: float) -> str:
 
 
 def metric_time(rec: dict, metric: str) -> float | None:
-    """A record's time for ``metric`` (METRICS): "fast" ``noise.fast_time``, "min" time_min_s,
-    "median" time_median_s; None where it has none."""
+    """A record's time for ``metric`` (METRICS): "fast" ``noise.fast_time`` (time_min_s for a
+    record without its calls), "min" time_min_s, "median" time_median_s; None where it has none."""
     if metric == "fast":
-        return finite_or_none(fast_time(rec))
-    return finite_or_none(rec.get("time_min_s" if metric == "min" else "time_median_s"))
+        fast = finite_or_none(fast_time(rec))
+        if fast is not None:
+            return fast
+    return finite_or_none(rec.get("time_median_s" if metric == "median" else "time_min_s"))
 
 
 def machine_ratio(base: dict[tuple, dict], new: dict[tuple, dict]) -> float | None:
