@@ -277,6 +277,18 @@ def test_the_gate_time_is_the_fastest_half_of_the_rounds():
             out.append(_rounds_case(mins, n=256 * (i + 1)))
         return out
 
+    # under MIN_CASES cases each is judged from its own rounds: the fastest half of five is as
+    # uncertain as a mean of three of them, not of five
+    (one,) = compare(frame([_rounds_case([1.0, 1.1, 0.9, 1.05, 0.95])]), frame([_rounds_case([1.0] * 5)])).rows
+    sd, dof = Noise.of([_rounds_case([1.0, 1.1, 0.9, 1.05, 0.95]), _rounds_case([1.0] * 5)], "fast").case_sd(
+        [1.0, 1.1, 0.9, 1.05, 0.95], [1.0] * 5
+    )
+    half = math.log(one.high / one.ratio)
+    assert half == pytest.approx(math.log(one.ratio / one.low))
+    from sparsebench.stats import t_quantile
+
+    assert half == pytest.approx(t_quantile(1 - (1 - one.level) / 2, dof) * sd * math.sqrt(1 / 3 + 1 / 3))
+
     base, new = frame(run(5, lucky_at=3)), frame(run(6))
     by_min = next(r for r in compare(base, new, metric="min").rows if r.get("seq_len") == 1024)
     assert by_min.ratio > 1.3 and by_min.verdict == "slower"

@@ -276,7 +276,10 @@ class RatioError:
         if not a or not b:
             return None
         sd, dof = noise.case_sd(a, b)
-        return cls(sd * math.sqrt(1 / len(a) + 1 / len(b)), dof)
+        na, nb = len(a), len(b)
+        if metric == "fast":  # a mean of the fastest half: as uncertain as a mean of that many samples
+            na, nb = (na + 1) // 2, (nb + 1) // 2  # (a little more; of five normal ones, 0.25 sd^2, not 0.33)
+        return cls(sd * math.sqrt(1 / na + 1 / nb), dof)
 
     def interval(self, ratio: float, level: float) -> Interval:
         """The ``level`` interval of ``ratio``: exp(log ratio +- t * se)."""
