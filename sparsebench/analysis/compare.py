@@ -336,6 +336,12 @@ class Comparison:
         return f"each at {strict}" if strict == loose else f"from {strict} to {loose}"
 
     @property
+    def ratio_name(self) -> str:
+        """ "adj. ratio" where the ratios are adjusted for the machine's speed (not the new / base of
+        the two times shown beside them), else "ratio"."""
+        return "ratio" if self.machine is None else "adj. ratio"
+
+    @property
     def adjusted_text(self) -> str:
         """ "adjusted for the machine's speed (÷ 1.037)", or "" where the ratios are as measured."""
         return "" if self.machine is None else f"adjusted for the machine's speed (÷ {self.machine:.3f})"
@@ -516,7 +522,10 @@ def compare(
     shift = Shift.of(ratios.values(), spread)
     level = family_level(len(ratios) + (shift is not None))
     levels = case_levels(base, new, ratios, threshold, noise, metric, spread, shift)
-    rows = [_judge(k, base[k], new[k], metric, threshold, noise, levels.get(k, level), spread, machine) for k in common]
+    rows = [
+        _judge(k, base[k], new[k], metric, threshold, noise, levels.get(k, level), spread, ratios.get(k))
+        for k in common
+    ]
     shift_verdict, shift_iv, shift_probe = (
         judge_shift(shift, [r.probe_ratio for r in rows if r.ratio is not None], threshold, levels[SHIFT_KEY])
         if shift is not None
@@ -807,8 +816,10 @@ def _judge(
     noise: Noise,
     level: float,
     spread: Spread | None,
-    machine: float | None = None,
+    ratio: float | None = None,
 ) -> CaseDiff:
+    """The verdict of one common case; ``ratio``: its ratio from ``case_ratios`` (None where that
+    has none: a case not ok in both, or a base time of 0)."""
     bs, ns = str(b.get("status")), str(n.get("status"))
     bv, nv = metric_time(b, metric), metric_time(n, metric)
     if bs != "ok" or ns != "ok" or bv is None or nv is None:
@@ -830,7 +841,7 @@ def _judge(
             new_status=ns,
             **_quality_fields(b, n),
         )
-    ratio = nv / bv / (machine or 1.0) if bv > 0 else math.inf
+    ratio = math.inf if ratio is None else ratio  # ok in both: case_ratios has it unless the base time is 0
     verdict, iv, probe = judge_ratio(b, n, ratio, threshold, noise, level, metric, spread)
     return CaseDiff(
         key,

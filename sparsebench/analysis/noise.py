@@ -139,8 +139,8 @@ QN_EFFICIENCY = 0.82  # Qn's efficiency against a standard deviation on normal d
 def qn_scale(values: Sequence[float]) -> float:
     """Rousseeuw and Croux's Qn, a standard deviation robust to half of the values moving: 2.2219
     times the k-th smallest of the pairwise distances |x_i - x_j| (k = h(h-1)/2, h = n//2 + 1,
-    about their first quartile), times its small-sample factor (n/(n+1.4) for odd n, n/(n+3.8)
-    for even; n of 10 or more). As robust as 1.4826 times the median absolute deviation, with 82%
+    about their first quartile), times its small-sample factor (n/(n+1.4) for odd n of 10 or more,
+    n/(n+3.8) for even; tabulated below 10). As robust as 1.4826 times the median absolute deviation, with 82%
     of a standard deviation's efficiency on normal data where the MAD has 37%: judged as if from
     0.82 (n-1) degrees of freedom, not 0.37 (n-1). 0 for fewer than two values."""
     n = len(values)
@@ -277,8 +277,8 @@ class RatioError:
             return None
         sd, dof = noise.case_sd(a, b)
         na, nb = len(a), len(b)
-        if metric == "fast":  # a mean of the fastest half: as uncertain as a mean of that many samples
-            na, nb = (na + 1) // 2, (nb + 1) // 2  # (a little more; of five normal ones, 0.25 sd^2, not 0.33)
+        if metric == "fast":  # a mean of the fastest half: taken as uncertain as a mean of that many
+            na, nb = (na + 1) // 2, (nb + 1) // 2  # samples (cautious: of five normal ones 0.25 sd^2, taken as 0.33)
         return cls(sd * math.sqrt(1 / na + 1 / nb), dof)
 
     def interval(self, ratio: float, level: float) -> Interval:

@@ -204,8 +204,7 @@ def _ordered(c: Comparison) -> list[CaseDiff]:
 
 
 def _case_table(c: Comparison) -> TableSpec:
-    ratio = "adj. ratio" if c.machine is not None else "ratio"  # not new / base as the columns show: say so
-    cols = ("case",) + tuple(c.shown_dims) + ("n", "base", "new", ratio, "interval", "verdict")
+    cols = ("case",) + tuple(c.shown_dims) + ("n", "base", "new", c.ratio_name, "interval", "verdict")
     if c.has_quality:  # quality against full attention beside the time, base -> new
         cols += ("recall", "rel. err", "quality")
     rows = []
@@ -255,7 +254,7 @@ def _recall3(v: float | None) -> str:
 def _explanation(c: Comparison) -> str:
     """What the ratio, the interval and the verdicts mean (the table's note)."""
     text = (
-        f"{'adj. ratio' if c.machine is not None else 'ratio'} = new / base of the {c.metric} time "
+        f"{c.ratio_name} = new / base of the {c.metric} time "
         f"({METRICS[c.metric]}); {c.machine_text}; interval: {c.control}; "
         f"{c.noise_text}."
     )
