@@ -54,9 +54,13 @@ def test_warmup_counts_the_untimed_calls_after_the_first(monkeypatch, compiled, 
         assert rec.get("status", "ok") == "ok" and len(rec["times_s"]) == 3, rec
         assert rec["first_call_s"] > 0
         counts[w] = len(calls)
-    # warmup 0: the first call and the timed ones only; each warm-up call is one more, untimed
+    # warmup 0: the first call and the timed ones only; each warm-up call is one more, untimed;
+    # an unchecked case (a later round) makes no untimed check call
     assert counts[1] - counts[0] == 1 and counts[3] - counts[0] == 3
-    assert counts[0] >= 1 + 3
+    assert counts[0] == 1 + 3
+    calls.clear()
+    rec = harness.run_case(dataclasses.replace(protocol_case(0), check=True))
+    assert rec["check"] != "none" and len(calls) == 1 + 3 + 1  # checked: one call more, whose output is judged
 
 
 def test_a_failing_warm_up_does_not_fail_the_case(monkeypatch, protocol_case):

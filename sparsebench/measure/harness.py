@@ -350,10 +350,13 @@ def run_case(case: Case, quality: bool = True) -> dict[str, Any]:
     fields["first_call_s"] = first
     fields["select_s"] = select_time(p, q, k, fn) if content_selected(p.pattern) else None
     # the untimed check call; ``selection``: the keys it chose (a content-selected pattern's, None
-    # for a pattern fixed by positions), for the same-mask check and the quality figures
-    out, selection = checked_call(p, fn, q, k, v)
+    # for a pattern fixed by positions), for the same-mask check and the quality figures. A case
+    # that is not checked (a later round) makes no such call: nothing would read its output, and
+    # a round would cost one call more than it times
+    out = selection = None
     grad_err = grad_how = None
     if case.check:
+        out, selection = checked_call(p, fn, q, k, v)
         err, how = reference_error(
             p, q, k, v, out, exact_max_elems=case.exact_max_elems, sample_rows=case.sample_rows, selection=selection
         )
