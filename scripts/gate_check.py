@@ -4,6 +4,7 @@
     python scripts/gate_check.py [SCENARIO] [--pairs 10] [--slowdown 1.3] [--threshold 10%] [--out DIR]
     python scripts/gate_check.py --judge DIR     # judge the runs already in DIR again (no run)
     python scripts/gate_check.py --judge DIR --rounds 5   # ... as if each had run its first 5 rounds
+    python scripts/gate_check.py --judge DIR --rounds 7 --calls 2   # ... of their first 2 timed calls
 
 Runs the scenario (default: the built-in quickstart, as `sparsebench run` runs it) 2 * pairs + 1
 times, in this order: B0, S1, B1, S2, B2, ...; S runs have SPARSEBENCH_TEST_SLOWDOWN set, so
@@ -47,16 +48,18 @@ def run_once(scenario: str | None, out: Path, slowdown: float | None) -> Path:
     return out
 
 
-def judge(base: Path, new: Path, threshold: float, rounds: int | None = None) -> dict:
-    """compare's verdicts on a pair; ``rounds``: of each run's records only its first rounds (a
-    run with fewer rounds, judged from the same recorded calls)."""
+def judge(base: Path, new: Path, threshold: float, rounds: int | None = None, calls: int | None = None) -> dict:
+    """compare's verdicts on a pair; ``rounds``: of each run's records only its first rounds,
+    ``calls``: of each round only its first timed calls (a run with fewer rounds or calls, judged
+    from the same recorded calls: the calls of a round come one after another, so its first C are
+    what a run of C calls would have timed)."""
     from sparsebench.analysis.compare import compare, compare_folders
     from sparsebench.results.folder import frame, read_environment, read_records
 
-    if rounds is None:
+    if rounds is None and calls is None:
         c = compare_folders(base, new, threshold=threshold)
     else:
-        first = [frame(r for r in read_records(f) if r.get("round", 1) <= rounds) for f in (base, new)]
+        first = [frame(_first(read_records(f), rounds, calls)) for f in (base, new)]
         c = compare(
             *first,
             threshold=threshold,
@@ -87,6 +90,20 @@ def judge(base: Path, new: Path, threshold: float, rounds: int | None = None) ->
     }
 
 
+def _first(records, rounds: int | None, calls: int | None):
+    """The records of a run's first ``rounds`` rounds, each with its first ``calls`` timed calls."""
+    import statistics
+
+    for rec in records:
+        if rounds is not None and rec.get("round", 1) > rounds:
+            continue
+        times = rec.get("times_s") or []
+        if calls is not None and rec.get("status") == "ok" and len(times) > calls:
+            times = times[:calls]
+            rec = {**rec, "times_s": times, "time_min_s": min(times), "time_median_s": statistics.median(times)}
+        yield rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("scenario", nargs="?", default=None, help="a scenario file (default: the built-in quickstart)")
@@ -101,6 +118,12 @@ def main() -> None:
         default=None,
         help="with --judge: judge each run by its first ROUNDS rounds only (what fewer rounds would have given)",
     )
+    ap.add_argument(
+        "--calls",
+        type=int,
+        default=None,
+        help="with --judge: judge each round by its first CALLS timed calls only (what fewer repeats would have given)",
+    )
     args = ap.parse_args()
     from sparsebench.analysis.compare import parse_threshold
 
@@ -114,9 +137,9 @@ def main() -> None:
     aa, slow = [], []
     for i in range(1, args.pairs + 1):
         s = args.out / f"S{i}" if args.judge else run_once(args.scenario, args.out / f"S{i}", args.slowdown)
-        slow.append(judge(runs[-1], s, threshold, args.rounds))
+        slow.append(judge(runs[-1], s, threshold, args.rounds, args.calls))
         b = args.out / f"B{i}" if args.judge else run_once(args.scenario, args.out / f"B{i}", None)
-        aa.append(judge(runs[-1], b, threshold, args.rounds))
+        aa.append(judge(runs[-1], b, threshold, args.rounds, args.calls))
         runs.append(b)
         a, d = aa[-1], slow[-1]
         print(
@@ -135,6 +158,7 @@ def main() -> None:
         "threshold": threshold,
         "slowdown": args.slowdown,
         "rounds_judged": args.rounds,
+        "calls_judged": args.calls,
         "pairs": args.pairs,
         "aa_pairs_gate_failed": sum(a["gate_failed"] for a in aa),
         "aa_false_alarm_cases": sum(a["slower"] for a in aa),
@@ -151,7 +175,8 @@ def main() -> None:
         "aa": aa,
         "slow": slow,
     }
-    written = args.out / ("gate_check.json" if args.rounds is None else f"gate_check-{args.rounds}-rounds.json")
+    judged = "".join(f"-{n}-{k}" for n, k in ((args.rounds, "rounds"), (args.calls, "calls")) if n is not None)
+    written = args.out / f"gate_check{judged}.json"
     written.write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"\nA/A: {summary['aa_pairs_gate_failed']} of {args.pairs} pairs failed the gate "

@@ -1,6 +1,7 @@
 """The test-only slowdown switch that ``scripts/gate_check.py`` measures the gate with:
 ``SPARSEBENCH_TEST_SLOWDOWN=F`` stretches every timed call by real extra work, leaves the
-machine-speed probe alone, is recorded in environment.json, and a bad value is one clear line."""
+machine-speed probe alone, is recorded in environment.json, and a bad value is one clear line;
+and the script's judging of recorded runs by fewer rounds or calls."""
 
 from __future__ import annotations
 
@@ -59,3 +60,25 @@ def test_a_bad_value_stops_the_run_with_one_line(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["run", str(scen), "--output", str(tmp_path / "out")])
     assert res.exit_code == 2 and "SPARSEBENCH_TEST_SLOWDOWN='fast'" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_gate_check_judges_a_run_by_its_first_rounds_and_calls():
+    """``--rounds K --calls C``: each run as if it had timed K rounds of C calls (the calls of a
+    round come one after another, so its first C are those a run of C calls times)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gate_check.py"
+    spec = importlib.util.spec_from_file_location("gate_check", path)
+    gate_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gate_check)
+    recs = [
+        {"case_id": "a", "round": r, "status": "ok", "times_s": [3.0 + r, 1.0 + r, 2.0 + r], "time_min_s": 1.0 + r}
+        for r in (1, 2, 3)
+    ] + [{"case_id": "b", "round": 1, "status": "error", "times_s": []}]
+    got = list(gate_check._first(recs, rounds=2, calls=2))
+    assert [r["round"] for r in got] == [1, 2, 1]
+    assert got[0]["times_s"] == [4.0, 2.0] and got[0]["time_min_s"] == 2.0 and got[0]["time_median_s"] == 3.0
+    assert got[2]["status"] == "error"
+    assert recs[0]["times_s"] == [4.0, 2.0, 3.0]  # the records read are left as they were
+    assert [r["times_s"] for r in gate_check._first(recs, None, None)] == [r["times_s"] for r in recs]
