@@ -139,6 +139,14 @@ def _peak(pattern, context):
     return pm.peak_bytes, rec["cache_bytes_measured"]
 
 
+def _least_peak(pattern, context, tries=3):
+    """The least of a few peaks: other work in the process (a thread pool growing, the allocator
+    keeping a freed arena) only ever adds to a peak, so one measurement can read high. Once, at
+    1K, a ring measured 12.3 MiB where the others read 9.3-10.3."""
+    runs = [_peak(pattern, context) for _ in range(tries)]
+    return min(r[0] for r in runs), runs[0][1]
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS needs Linux's /proc")
 def test_peak_memory_is_the_decoders_own():
     """Issue 17: the peak held the whole prompt's keys and values, so a ring cache's peak grew with
@@ -150,10 +158,10 @@ def test_peak_memory_is_the_decoders_own():
     ring, dense = make_pattern("sliding_window", {"window": 512}), make_pattern("dense")
     _peak(ring, 1024)  # first calls pay one-time costs (kernels, thread pools) into the peak
     _peak(dense, 1024)
-    (ring_1k, ring_cache), (ring_4k, _) = _peak(ring, 1024), _peak(ring, 4096)
+    (ring_1k, ring_cache), (ring_4k, _) = _least_peak(ring, 1024), _least_peak(ring, 4096)
     assert ring_cache == 4 << 20 and ring_1k >= ring_cache
     assert 0.8 <= ring_4k / ring_1k <= 1.25, (ring_1k, ring_4k)
-    (dense_1k, cache_1k), (dense_4k, cache_4k) = _peak(dense, 1024), _peak(dense, 4096)
+    (dense_1k, cache_1k), (dense_4k, cache_4k) = _least_peak(dense, 1024), _least_peak(dense, 4096)
     assert dense_4k >= cache_4k
     assert 0.75 <= (dense_4k - dense_1k) / (cache_4k - cache_1k) <= 1.5, (dense_1k, dense_4k)
 
