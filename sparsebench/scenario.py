@@ -32,6 +32,7 @@ MODES = ("forward", "backward", "decode")
 MAX_ALIASES = 64
 MAX_BYTES = 1 << 20
 MAX_SEQ_LEN = 1 << 24
+MAX_ROUNDS = 20
 BUILTIN = "quickstart"
 
 
@@ -222,7 +223,7 @@ class Scenario(_Model):
     repeats: int = Field(default=5, ge=1, le=10000)
     min_time_s: float = Field(default=0.0, ge=0, le=3600)
     max_repeats: int = Field(default=50, ge=1, le=100000)
-    rounds: int = Field(default=1, ge=1, le=20)
+    rounds: int = Field(default=1, ge=1, le=MAX_ROUNDS)
     tile: int = Field(default=64, ge=8, le=4096)
     decode_tokens: int = Field(default=16, ge=1, le=100000)
     baseline: bool = True
@@ -614,6 +615,26 @@ def load(path: Path | None) -> tuple[Scenario, str, str]:
     path = Path(path) if path is not None else builtin_path()
     text = read_text(path)
     return parse(text, str(path)), text, str(path)
+
+
+def with_rounds(text: str, rounds: int, source: str) -> tuple[Scenario, str]:
+    """(scenario, text) of the scenario ``text`` run in ``rounds`` rounds (``run --rounds``): its
+    top-level ``rounds:`` line rewritten, or one added, so that the scenario.yaml a run keeps says
+    what ran and a resume runs the same. One ScenarioError naming the flag for a count out of range
+    or a scenario whose rounds are not on a line of their own."""
+    if not 1 <= rounds <= MAX_ROUNDS:
+        raise ScenarioError(f"--rounds {rounds}: expected 1 to {MAX_ROUNDS}")
+    lines = text.splitlines(keepends=True)
+    line = _line_index(text).get(("rounds",))
+    if line is None:
+        end = "" if not lines or lines[-1].endswith("\n") else "\n"
+        lines.append(f"{end}rounds: {rounds}  # sparsebench run --rounds {rounds}\n")
+    elif m := re.fullmatch(r"rounds:[ \t]*(\d+)[ \t]*(#.*)?\r?\n?", lines[line - 1]):
+        lines[line - 1] = f"rounds: {rounds}  # sparsebench run --rounds {rounds} (the file: {m.group(1)})\n"
+    else:
+        raise ScenarioError(f"--rounds: {source}:{line} gives rounds in a form this cannot rewrite; edit the file")
+    new = "".join(lines)
+    return parse(new, source), new
 
 
 def resolve_device(spec: str) -> tuple[str | None, str | None]:

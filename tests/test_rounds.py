@@ -114,3 +114,39 @@ def test_a_skip_or_failure_in_a_later_round_keeps_the_measured_rounds():
     calm = merge_rounds([_rec("c", 1, 1.0, times_s=[1.0, 1.0]), _rec("c", 2, 1.0, times_s=[1.0, 1.01])])[0]
     apart = merge_rounds([_rec("d", 1, 1.0, times_s=[1.0, 1.0]), _rec("d", 2, 2.0, times_s=[2.0, 2.0])])[0]
     assert not calm["noisy"] and apart["noisy"] and apart["time_iqr_s"] > 0.5
+
+
+def test_rounds_flag_overrides_the_scenario_and_the_kept_scenario_says_so(tmp_path):
+    scen = tmp_path / "tiny.yaml"
+    scen.write_text(TINY)
+    out = tmp_path / "r"
+    res = CliRunner().invoke(
+        app, ["run", str(scen), "--rounds", "2", "--output", str(out), "--no-plots", "--in-process"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "x 2 rounds" in res.output
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in recs} == {1, 2}
+    kept = (out / "scenario.yaml").read_text()
+    assert "rounds: 2  # sparsebench run --rounds 2 (the file: 3)\n" in kept and "rounds: 3" not in kept
+    # a resume runs what the folder says, and refuses a flag that would change it
+    res = CliRunner().invoke(app, ["run", "--resume", str(out), "--rounds", "4"])
+    assert res.exit_code != 0 and "give no SCENARIO, --output or --rounds" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_with_rounds_adds_the_line_or_refuses_in_one_line():
+    from sparsebench.errors import ScenarioError
+    from sparsebench.scenario import MAX_ROUNDS, with_rounds
+
+    no_rounds = TINY.replace("rounds: 3\n", "")
+    sc, text = with_rounds(no_rounds, 5, "tiny.yaml")
+    assert sc.rounds == 5 and text.startswith(no_rounds) and text.endswith("rounds: 5  # sparsebench run --rounds 5\n")
+    sc, _ = with_rounds(no_rounds.rstrip("\n"), 2, "tiny.yaml")  # a last line without its newline
+    assert sc.rounds == 2
+    for bad in (0, MAX_ROUNDS + 1):
+        with pytest.raises(ScenarioError, match=rf"--rounds {bad}: expected 1 to {MAX_ROUNDS}"):
+            with_rounds(TINY, bad, "tiny.yaml")
+    flow = TINY.replace("rounds: 3\n", "rounds:\n  3\n")
+    with pytest.raises(ScenarioError, match=r"--rounds: tiny.yaml:\d+ gives rounds in a form"):
+        with_rounds(flow, 2, "tiny.yaml")

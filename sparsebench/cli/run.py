@@ -32,6 +32,13 @@ def run(
     in_process: bool = typer.Option(
         False, "--in-process", help="Run cases in this process instead of an isolated worker."
     ),
+    rounds: Optional[int] = typer.Option(
+        None,
+        "--rounds",
+        help="Run every case this many times, each round in fresh workers (1 to 20): the scenario's "
+        "rounds, overridden; the result folder's scenario.yaml says so. Fewer: a quick look; more: "
+        "a steadier gate.",
+    ),
     max_memory: Optional[str] = typer.Option(
         None, "--max-memory", help="Skip cases whose estimate exceeds this (e.g. 8GiB)."
     ),
@@ -73,7 +80,7 @@ def run(
         }
         choice = _executor_options(executor, parallel, address, slurm, in_process)
         again = _resume_options(no_plots, in_process, max_memory, plugin, choice)
-        _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again, choice)
+        _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again, choice, rounds)
 
 
 def _executor_options(name, parallel, address, slurm, in_process):
@@ -151,7 +158,7 @@ def nothing_measured(records: list[dict]) -> str | None:
     return text + ("" if k == len(records) else f" ({len(records) - k} for other reasons)")
 
 
-def _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again, choice=None) -> None:
+def _run(scenario, output, results_root, resume, no_plots, in_process, max_memory, again, choice=None, rounds=None):
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -163,8 +170,11 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     from sparsebench.results.folder import merge_rounds
 
     if resume is not None:
-        if scenario is not None or output is not None:
-            raise ScenarioError("--resume takes the scenario and folder from RESULT; give no SCENARIO or --output")
+        if scenario is not None or output is not None or rounds is not None:
+            raise ScenarioError(
+                "--resume takes the scenario, its rounds and the folder from RESULT; "
+                "give no SCENARIO, --output or --rounds"
+            )
         src = resume / "scenario.yaml"
         if not resume.is_dir():
             raise ScenarioError(f"{resume}: no such folder to resume")
@@ -175,6 +185,8 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
         folder = resume
     else:
         sc, text, source = sc_mod.load(scenario)
+        if rounds is not None:
+            sc, text = sc_mod.with_rounds(text, rounds, source)
         folder = output or runner.default_folder(results_root, sc.name)
     for line in sc.warnings:
         warn(line)
@@ -190,8 +202,10 @@ def _run(scenario, output, results_root, resume, no_plots, in_process, max_memor
     out = console()
     for dev, why in plan.skipped_devices.items():
         warn(f"{why}; its cases are skipped")
-    rounds = f" x {sc.rounds} rounds" if sc.rounds > 1 else ""
-    out.print(f"[bold]{sc.name}[/]: {len(plan.cases)} cases{rounds}{' (resuming)' if resume else ''}  [dim]{source}[/]")
+    in_rounds = f" x {sc.rounds} rounds" if sc.rounds > 1 else ""
+    out.print(
+        f"[bold]{sc.name}[/]: {len(plan.cases)} cases{in_rounds}{' (resuming)' if resume else ''}  [dim]{source}[/]"
+    )
     _print_plan_notes(out, plan)
     if not plan.cases:
         raise ScenarioError(f"{source}: no case can run here (every device is absent)")
