@@ -5,6 +5,7 @@
     python scripts/gate_check.py --judge DIR     # judge the runs already in DIR again (no run)
     python scripts/gate_check.py --judge DIR --rounds 5   # ... as if each had run its first 5 rounds
     python scripts/gate_check.py --judge DIR --rounds 7 --calls 2   # ... of their first 2 timed calls
+    python scripts/gate_check.py --judge DIR --join 3   # ... three runs joined as one of their rounds
 
 Runs the scenario (default: the built-in quickstart, as `sparsebench run` runs it) 2 * pairs + 1
 times, in this order: B0, S1, B1, S2, B2, ...; S runs have SPARSEBENCH_TEST_SLOWDOWN set, so
@@ -48,31 +49,34 @@ def run_once(scenario: str | None, out: Path, slowdown: float | None) -> Path:
     return out
 
 
-def judge(base: Path, new: Path, threshold: float, rounds: int | None = None, calls: int | None = None) -> dict:
-    """compare's verdicts on a pair; ``rounds``: of each run's records only its first rounds,
-    ``calls``: of each round only its first timed calls (a run with fewer rounds or calls, judged
-    from the same recorded calls: the calls of a round come one after another, so its first C are
-    what a run of C calls would have timed)."""
+def judge(
+    base: list[Path], new: list[Path], threshold: float, rounds: int | None = None, calls: int | None = None
+) -> dict:
+    """compare's verdicts on a pair of runs, each one folder or several joined (``_joined``);
+    ``rounds``: of each run's records only its first rounds, ``calls``: of each round only its
+    first timed calls (a run with fewer rounds or calls, judged from the same recorded calls: the
+    calls of a round come one after another, so its first C are what a run of C calls would have
+    timed)."""
     from sparsebench.analysis.compare import compare, compare_folders
     from sparsebench.results.folder import frame, read_environment, read_records
 
-    if rounds is None and calls is None:
-        c = compare_folders(base, new, threshold=threshold)
+    if rounds is None and calls is None and len(base) == len(new) == 1:
+        c = compare_folders(base[0], new[0], threshold=threshold)
     else:
-        first = [frame(_first(read_records(f), rounds, calls)) for f in (base, new)]
+        first = [frame(_first(_joined([read_records(f) for f in run]), rounds, calls)) for run in (base, new)]
         c = compare(
             *first,
             threshold=threshold,
-            base_env=read_environment(base),
-            new_env=read_environment(new),
-            base_name=base.name,
-            new_name=new.name,
+            base_env=read_environment(base[0]),
+            new_env=read_environment(new[0]),
+            base_name="+".join(f.name for f in base),
+            new_name="+".join(f.name for f in new),
         )
     counts = c.counts()
     compared = [r for r in c.rows if r.base_status == "ok"]
     return {
-        "base": base.name,
-        "new": new.name,
+        "base": "+".join(f.name for f in base),
+        "new": "+".join(f.name for f in new),
         "cases": len(compared),
         "slower": counts.get("slower", 0),
         "faster": counts.get("faster", 0),
@@ -88,6 +92,16 @@ def judge(base: Path, new: Path, threshold: float, rounds: int | None = None, ca
         "machine": c.machine,
         "control": c.control,
     }
+
+
+def _joined(runs: list[list[dict]]) -> list[dict]:
+    """Several runs' records as one run's: the rounds of each after those of the runs before it
+    (what a run of their rounds together would have recorded, spread over a longer time)."""
+    out, before = [], 0
+    for records in runs:
+        out += [{**rec, "round": rec.get("round", 1) + before} for rec in records]
+        before += max((rec.get("round", 1) for rec in records), default=0)
+    return out
 
 
 def _first(records, rounds: int | None, calls: int | None):
@@ -124,7 +138,16 @@ def main() -> None:
         default=None,
         help="with --judge: judge each round by its first CALLS timed calls only (what fewer repeats would have given)",
     )
+    ap.add_argument(
+        "--join",
+        type=int,
+        default=1,
+        help="with --judge: JOIN consecutive runs judged as one run of all their rounds (what more rounds would "
+        "have given, spread over a longer time): B0..B(JOIN-1) against S1..SJOIN and against BJOIN..B(2 JOIN-1), ...",
+    )
     args = ap.parse_args()
+    if args.join < 1 or (args.join > 1 and args.judge is None):
+        ap.error("--join takes 1 or more, and judges recorded runs (--judge DIR)")
     from sparsebench.analysis.compare import parse_threshold
 
     threshold = parse_threshold(args.threshold)
@@ -133,25 +156,32 @@ def main() -> None:
         done = lambda name: (args.out / name / "summary.md").exists()  # noqa: E731 - a finished run
         args.pairs = max((i for i in range(1, 1000) if done(f"B{i}") and done(f"S{i}")), default=0)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [args.out / "B0" if args.judge else run_once(args.scenario, args.out / "B0", None)]
+    k = args.join
+    base = [[args.out / "B0"]] if args.judge else [[run_once(args.scenario, args.out / "B0", None)]]
+    if args.judge and k > 1:  # runs B0..B(k-1) joined as the first base, S1..Sk as the first slowdown ...
+        base = [[args.out / f"B{k * j + m}" for m in range(k)] for j in range((args.pairs + 1) // k)]
     aa, slow = [], []
-    for i in range(1, args.pairs + 1):
-        s = args.out / f"S{i}" if args.judge else run_once(args.scenario, args.out / f"S{i}", args.slowdown)
-        slow.append(judge(runs[-1], s, threshold, args.rounds, args.calls))
-        b = args.out / f"B{i}" if args.judge else run_once(args.scenario, args.out / f"B{i}", None)
-        aa.append(judge(runs[-1], b, threshold, args.rounds, args.calls))
-        runs.append(b)
-        a, d = aa[-1], slow[-1]
-        print(
-            f"pair {i}: A/A {a['slower']} slower, {a['faster']} faster, {a['withheld']} withheld of {a['cases']}"
-            f" (gate {'FAILS' if a['gate_failed'] else 'passes'}); {args.slowdown}x: {d['slower']} caught,"
-            f" {d['withheld']} withheld, {d['missing']} missing of {d['cases']}; the runs as a whole:"
-            f" A/A {a['shift'] or 0:.2f}x {a['shift_verdict']},"
-            f" {args.slowdown}x {d['shift'] or 0:.2f}x {d['shift_verdict']};"
-            f" machine (probe) A/A {a['machine'] or 1:.3f}x,"
-            f" {args.slowdown}x {d['machine'] or 1:.3f}x",
-            flush=True,
-        )
+    for i in range(1, args.pairs // k + 1):
+        if args.judge:
+            s = [args.out / f"S{k * (i - 1) + m + 1}" for m in range(k)]
+        else:
+            s = [run_once(args.scenario, args.out / f"S{i}", args.slowdown)]
+        slow.append(judge(base[i - 1], s, threshold, args.rounds, args.calls))
+        if k == 1:
+            base.append([args.out / f"B{i}" if args.judge else run_once(args.scenario, args.out / f"B{i}", None)])
+        if i < len(base):
+            aa.append(judge(base[i - 1], base[i], threshold, args.rounds, args.calls))
+        d = slow[-1]
+        a = aa[-1] if i < len(base) else None
+        line = f"pair {i}: {args.slowdown}x: {d['slower']} caught, {d['withheld']} withheld, {d['missing']} missing"
+        line += f" of {d['cases']}, as a whole {d['shift'] or 0:.2f}x {d['shift_verdict']}"
+        if a is not None:
+            line += (
+                f"; A/A {a['slower']} slower, {a['faster']} faster, {a['withheld']} withheld of {a['cases']}"
+                f" (gate {'FAILS' if a['gate_failed'] else 'passes'}), as a whole {a['shift'] or 0:.2f}x"
+                f" {a['shift_verdict']}; machine (probe) A/A {a['machine'] or 1:.3f}x"
+            )
+        print(line + f", {args.slowdown}x {d['machine'] or 1:.3f}x", flush=True)
     cases = sum(d["cases"] for d in slow)
     summary = {
         "scenario": args.scenario or "quickstart (built in)",
@@ -159,7 +189,10 @@ def main() -> None:
         "slowdown": args.slowdown,
         "rounds_judged": args.rounds,
         "calls_judged": args.calls,
+        "runs_joined": args.join,
         "pairs": args.pairs,
+        "aa_pairs": len(aa),
+        "slowdown_pairs": len(slow),
         "aa_pairs_gate_failed": sum(a["gate_failed"] for a in aa),
         "aa_false_alarm_cases": sum(a["slower"] for a in aa),
         "aa_faster_cases": sum(a["faster"] for a in aa),
@@ -175,18 +208,19 @@ def main() -> None:
         "aa": aa,
         "slow": slow,
     }
-    judged = "".join(f"-{n}-{k}" for n, k in ((args.rounds, "rounds"), (args.calls, "calls")) if n is not None)
+    named = ((args.rounds, "rounds"), (args.calls, "calls"), (args.join if args.join > 1 else None, "joined"))
+    judged = "".join(f"-{n}-{what}" for n, what in named if n is not None)
     written = args.out / f"gate_check{judged}.json"
     written.write_text(json.dumps(summary, indent=2) + "\n")
     print(
-        f"\nA/A: {summary['aa_pairs_gate_failed']} of {args.pairs} pairs failed the gate "
+        f"\nA/A: {summary['aa_pairs_gate_failed']} of {len(aa)} pairs failed the gate "
         f"({summary['aa_false_alarm_cases']} slower and {summary['aa_faster_cases']} faster cases of "
         f"{summary['aa_cases']}; {summary['aa_withheld_cases']} withheld)\n"
         f"{args.slowdown}x: {summary['slowdown_caught']} of {cases} cases caught "
         f"({(summary['caught_share'] or 0):.0%}); {summary['slowdown_withheld']} withheld and "
         f"{summary['slowdown_missing']} missing, counted as not caught\n"
-        f"the runs as a whole: {summary['aa_runs_called_slower']} of {args.pairs} A/A pairs called slower, "
-        f"{summary['slowdown_runs_caught']} of {args.pairs} {args.slowdown}x pairs caught\n"
+        f"the runs as a whole: {summary['aa_runs_called_slower']} of {len(aa)} A/A pairs called slower, "
+        f"{summary['slowdown_runs_caught']} of {len(slow)} {args.slowdown}x pairs caught\n"
         f"control: {aa[0]['control'] if aa else '-'}\nwrote {written}"
     )
 

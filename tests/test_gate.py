@@ -62,9 +62,7 @@ def test_a_bad_value_stops_the_run_with_one_line(tmp_path, monkeypatch):
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
 
 
-def test_gate_check_judges_a_run_by_its_first_rounds_and_calls():
-    """``--rounds K --calls C``: each run as if it had timed K rounds of C calls (the calls of a
-    round come one after another, so its first C are those a run of C calls times)."""
+def _gate_check():
     import importlib.util
     from pathlib import Path
 
@@ -72,6 +70,13 @@ def test_gate_check_judges_a_run_by_its_first_rounds_and_calls():
     spec = importlib.util.spec_from_file_location("gate_check", path)
     gate_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gate_check)
+    return gate_check
+
+
+def test_gate_check_judges_a_run_by_its_first_rounds_and_calls():
+    """``--rounds K --calls C``: each run as if it had timed K rounds of C calls (the calls of a
+    round come one after another, so its first C are those a run of C calls times)."""
+    gate_check = _gate_check()
     recs = [
         {"case_id": "a", "round": r, "status": "ok", "times_s": [3.0 + r, 1.0 + r, 2.0 + r], "time_min_s": 1.0 + r}
         for r in (1, 2, 3)
@@ -82,3 +87,26 @@ def test_gate_check_judges_a_run_by_its_first_rounds_and_calls():
     assert got[2]["status"] == "error"
     assert recs[0]["times_s"] == [4.0, 2.0, 3.0]  # the records read are left as they were
     assert [r["times_s"] for r in gate_check._first(recs, None, None)] == [r["times_s"] for r in recs]
+
+
+def test_gate_check_joins_runs_as_one_of_all_their_rounds():
+    """``--join K``: K recorded runs judged as one run of their rounds, numbered one run after another."""
+    gate_check = _gate_check()
+    one = [{"case_id": c, "round": r, "times_s": [r]} for r in (1, 2) for c in "ab"]
+    two = [{"case_id": "a", "round": 1, "times_s": [5]}, {"case_id": "a", "round": 3, "times_s": [7]}]
+    got = gate_check._joined([one, two, one])
+    assert [(r["case_id"], r["round"]) for r in got] == [
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("b", 2),
+        ("a", 3),
+        ("a", 5),
+        ("a", 6),
+        ("b", 6),
+        ("a", 7),
+        ("b", 7),
+    ]
+    assert [r["times_s"] for r in got[4:6]] == [[5], [7]] and one[0]["round"] == 1  # the records read are kept
+    # judged by their first rounds, joined runs give the first runs' rounds
+    assert {r["round"] for r in gate_check._first(got, rounds=3, calls=None)} == {1, 2, 3}
