@@ -547,6 +547,9 @@ def parse(text: str, source: str) -> Scenario:
                 msg += f"; {hint[0]!r} is required and missing"
             if model_fields:
                 msg += f"; valid keys: {', '.join(model_fields)}"
+            if len(path) == 3 and path[0] == "patterns" and not hint:
+                key = path[-1]
+                msg += f"; a pattern's parameters go under params (params: {{{key}: ...}})"
         elif err["type"] == "missing":
             msg = "required field is missing"
         else:

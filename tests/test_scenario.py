@@ -76,6 +76,7 @@ BAD = [
     ("- name: sliding_window", "- name: slidingwindow", "patterns[0].name", "unknown pattern"),
     ("params: {window: 16}", "params: {window: -3}", "patterns[0].params", "must be >= 1"),
     ("params: {window: 16}", "params: {widow: 16}", "patterns[0].params", "did you mean 'window'"),
+    ("params: {window: 16}", "window: 16", "patterns[0].window", "parameters go under params (params: {window: ...})"),
     ("name: t\n", "", "name", "required field is missing"),
     ("name: t", "name: t\ntile: 128", "tile", "larger than the shortest sequence length 64"),
 ]
