@@ -121,10 +121,14 @@ def _first(records, rounds: int | None, calls: int | None):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("scenario", nargs="?", default=None, help="a scenario file (default: the built-in quickstart)")
-    ap.add_argument("--pairs", type=int, default=10)
-    ap.add_argument("--slowdown", type=float, default=1.3)
+    ap.add_argument("--pairs", type=int, default=10, help="A/A pairs and slowdown pairs each (default 10: 21 runs)")
+    ap.add_argument(
+        "--slowdown", type=float, default=1.3, help="SPARSEBENCH_TEST_SLOWDOWN of the slowed runs (default 1.3)"
+    )
     ap.add_argument("--threshold", default="10%", help="compare's --threshold (default: compare's default)")
-    ap.add_argument("--out", type=Path, default=Path("gate-check"))
+    ap.add_argument(
+        "--out", type=Path, default=Path("gate-check"), help="folder of the runs B0.., S1.. and gate_check.json"
+    )
     ap.add_argument("--judge", type=Path, default=None, help="judge the runs already in this folder again")
     ap.add_argument(
         "--rounds",
