@@ -61,6 +61,7 @@ def judge(
     from sparsebench.analysis.compare import compare, compare_folders
     from sparsebench.results.folder import frame, read_environment, read_records
 
+    base_name, new_name = ("+".join(f.name for f in run) for run in (base, new))
     if rounds is None and calls is None and len(base) == len(new) == 1:
         c = compare_folders(base[0], new[0], threshold=threshold)
     else:
@@ -70,14 +71,14 @@ def judge(
             threshold=threshold,
             base_env=read_environment(base[0]),
             new_env=read_environment(new[0]),
-            base_name="+".join(f.name for f in base),
-            new_name="+".join(f.name for f in new),
+            base_name=base_name,
+            new_name=new_name,
         )
     counts = c.counts()
     compared = [r for r in c.rows if r.base_status == "ok"]
     return {
-        "base": "+".join(f.name for f in base),
-        "new": "+".join(f.name for f in new),
+        "base": base_name,
+        "new": new_name,
         "cases": len(compared),
         "slower": counts.get("slower", 0),
         "faster": counts.get("faster", 0),
@@ -162,9 +163,10 @@ def main() -> None:
         args.pairs = max((i for i in range(1, 1000) if done(f"B{i}") and done(f"S{i}")), default=0)
     args.out.mkdir(parents=True, exist_ok=True)
     k = args.join
-    base = [[args.out / "B0"]] if args.judge else [[run_once(args.scenario, args.out / "B0", None)]]
-    if args.judge and k > 1:  # runs B0..B(k-1) joined as the first base, S1..Sk as the first slowdown ...
+    if args.judge:  # runs B0..B(k-1) joined as the first base, S1..Sk as the first slowdown ...
         base = [[args.out / f"B{k * j + m}" for m in range(k)] for j in range((args.pairs + 1) // k)]
+    else:
+        base = [[run_once(args.scenario, args.out / "B0", None)]]
     aa, slow = [], []
     for i in range(1, args.pairs // k + 1):
         if args.judge:
@@ -172,8 +174,8 @@ def main() -> None:
         else:
             s = [run_once(args.scenario, args.out / f"S{i}", args.slowdown)]
         slow.append(judge(base[i - 1], s, threshold, args.rounds, args.calls))
-        if k == 1:
-            base.append([args.out / f"B{i}" if args.judge else run_once(args.scenario, args.out / f"B{i}", None)])
+        if not args.judge:
+            base.append([run_once(args.scenario, args.out / f"B{i}", None)])
         if i < len(base):
             aa.append(judge(base[i - 1], base[i], threshold, args.rounds, args.calls))
         d = slow[-1]
