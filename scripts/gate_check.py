@@ -91,6 +91,7 @@ def judge(
         "worst_ratio": max((r.ratio for r in c.rows if r.ratio), default=None),
         "noise_sd": c.noise.sd if c.noise else None,
         "spread_sd": c.spread.sd if c.spread else None,
+        "typical_sd": c.spread.typical if c.spread else None,  # a typical case's own error, scaled
         "machine": c.machine,
         "control": c.control,
     }

@@ -345,6 +345,71 @@ def test_the_spread_is_qn_with_the_degrees_of_freedom_of_its_efficiency():
     assert s.dof == 29 and s.cases == 36
 
 
+def test_own_errors_by_hand():
+    """Case A: the base's fastest half of six rounds' fastest calls has logs 0, 0.1, 0.2
+    (variance 0.01, three averaged: 2 degrees of freedom), the new's of four rounds 0, 0
+    (variance 0, two: 1); case B: logs 0, 0.2, 0.4 in both (0.04, three). The typical variance is
+    the median of 0.01, 0, 0.04, 0.04: 0.025, weighing PRIOR_DOF = 8. A: (8 * 0.025 + 2 * 0.01 +
+    1 * 0) / 11 = 0.02, times 1/3 + 1/2: sqrt(0.016667) = 0.1291 at 11 degrees of freedom. B:
+    (8 * 0.025 + 2 * 2 * 0.04) / 12 = 0.03, times 2/3: sqrt(0.02) = 0.1414 at 12. A case with one
+    round has no variance of its own: the typical one (beside A alone, the median of 0.01 and 0:
+    0.005), 8 degrees of freedom, times 1 + 1."""
+    from sparsebench.analysis.noise import PRIOR_DOF, fast_log_var, own_errors
+
+    e = math.exp
+
+    def rec(mins):
+        return dict(_case(rounds=mins), round_mins_s=mins)
+
+    a_base, a_new = rec([1.0, e(0.1), e(0.2), e(0.3), 5.0, 6.0]), rec([1.0, 1.0, 2.0, 3.0])
+    b = rec([1.0, e(0.2), e(0.4), 9.0, 9.0])
+    assert PRIOR_DOF == 8
+    assert fast_log_var(a_base) == (pytest.approx(0.01), 3) and fast_log_var(b) == (pytest.approx(0.04), 3)
+    own = own_errors({"A": (a_base, a_new), "B": (b, b)})
+    assert own["A"] == (pytest.approx(0.1291, abs=1e-4), 11) and own["B"] == (pytest.approx(0.1414, abs=1e-4), 12)
+    lone = dict(_case(times=[1.0]), round_mins_s=[1.0])
+    assert fast_log_var(lone) is None
+    assert own_errors({"A": (a_base, a_new), "L": (lone, lone)})["L"] == (pytest.approx(0.1), 8)
+
+
+def test_a_noisy_case_is_judged_by_its_own_noise_and_a_quiet_one_by_its_own():
+    """36 cases of twenty rounds, 8 of them five times as noisy round to round (10% against 2%,
+    as strided block_sparse against dense SDPA on a shared CPU). One spread for all judges the
+    noisy cases too narrowly and the quiet ones too widely; each case's own error, scaled by the
+    comparison, does neither: simulated A/A pairs at threshold 0 raise an alarm in about 5% of
+    pairs (Holm's level), the noisy cases' intervals are about five times as wide, and a 1.3x
+    slowdown of the quiet cases alone is found in nearly all of them."""
+    rng = random.Random(11)
+    m, noisy = 36, set(range(0, 36, 4)) - {32}  # 8 noisy cases
+
+    def run(scale=1.0, scaled=()):
+        out = []
+        for i in range(m):
+            sd = 0.10 if i in noisy else 0.02
+            f = scale if i in scaled else 1.0
+            mins = [f * math.exp(rng.gauss(0, sd)) for _ in range(20)]
+            out.append(dict(_case(rounds=mins, n=256 * (i + 1)), round_mins_s=mins))
+        return out
+
+    pairs, alarms = 100, 0
+    for _ in range(pairs):
+        c = compare(frame(run()), frame(run()), threshold=0)
+        alarms += c.shift_verdict != "same" or any(r.verdict != "same" for r in c.rows)
+    assert alarms <= 0.08 * pairs
+    assert c.spread.factor is not None and "each case's own" in c.noise_text
+    width = {i: math.log(r.high / r.low) for i, r in enumerate(sorted(c.rows, key=lambda r: r.get("seq_len")))}
+    loud = statistics.median(width[i] for i in noisy)
+    calm = statistics.median(w for i, w in width.items() if i not in noisy)
+    assert 3 < loud / calm < 8
+    quiet = [i for i in range(m) if i not in noisy]
+    caught = 0
+    for _ in range(5):
+        rows = sorted(compare(frame(run()), frame(run(1.3, quiet))).rows, key=lambda r: r.get("seq_len"))
+        caught += sum(rows[i].verdict == "slower" for i in quiet)
+        assert not any(rows[i].verdict == "slower" for i in noisy)
+    assert caught >= 0.9 * 5 * len(quiet)
+
+
 def test_a_comparison_too_noisy_for_its_threshold_says_so():
     """The cases' ratios scatter by 2% in one pair and 8% in another: the second cannot tell a
     case that moved alone by less than about 1.4x from noise, and warns; the first does not."""

@@ -21,9 +21,13 @@ matmul itself moves the probe too, and runs whose environments differ are compar
 The noise is read from the comparison itself (``noise.Spread``): how the cases' log ratios
 scatter around their common shift, a robust standard deviation (Qn) that a minority of changed
 cases does not move, while a change common to all (a slower build) still counts against 1. For
-the median, a case whose own rounds scatter more is judged by its own spread (``noise.robust_se``).
-With fewer than ``noise.MIN_CASES`` cases, each case is judged from its own samples (its rounds,
-or blocks of its calls with one round; never the pooled calls).
+the gate's "fast" time each case has its own noise (``Spread.scaled``): how far its fastest
+rounds scatter in the two runs (``noise.own_errors``), scaled by the comparison to how far the
+cases' ratios scatter in those units; a small memory-bound kernel that the machine's moments move
+four times as far as dense SDPA is judged by an interval four times as wide. For the median, a
+case whose own rounds scatter more is judged by its own spread (``noise.robust_se``). With fewer
+than ``noise.MIN_CASES`` cases, each case is judged from its own samples (its rounds, or blocks
+of its calls with one round; never the pooled calls).
 
 The false alarms of a whole comparison are controlled family-wise (Holm's step-down): with m
 cases compared, in order of how far beyond the threshold they lie (their p-values), the i-th is
@@ -75,6 +79,7 @@ from sparsebench.analysis.noise import (
     Spread,
     fast_time,
     holm_levels,
+    own_errors,
 )
 from sparsebench.analysis.scaling import (
     case_label,
@@ -363,6 +368,14 @@ class Comparison:
     @property
     def noise_text(self) -> str:
         """Where the intervals' noise comes from, in words."""
+        if self.spread is not None and self.spread.factor is not None:
+            low, high = self.spread.span
+            return (
+                f"the noise is each case's own: how far its fastest rounds scatter in the two runs, scaled by "
+                f"{self.spread.factor:.2f} to how the {self.spread.cases} cases' ratios scatter around their common "
+                f"shift (sd {low:.1%} to {high:.1%}, typically {self.spread.typical:.1%}: a typical case that "
+                f"moved alone is told from noise from about {self.resolvable:.2f}x)"
+            )
         if self.spread is not None:
             return (
                 f"the noise is the spread of the {self.spread.cases} cases' ratios around their common shift "
@@ -385,11 +398,12 @@ class Comparison:
 
     @property
     def resolvable(self) -> float | None:
-        """The smallest ratio the most extreme case can be called slower at (the first, strictest
-        level): 1 + threshold times the interval's half-width; None without a comparison spread."""
+        """The smallest ratio a typical case (``Spread.typical``) can be called slower at when it is
+        the most extreme (the first, strictest level): 1 + threshold times the interval's
+        half-width; None without a comparison spread."""
         if self.spread is None:
             return None
-        return (1 + self.threshold) * RatioError(self.spread.sd, self.spread.dof).interval(1.0, self.level).high
+        return (1 + self.threshold) * self.spread.typical_error().interval(1.0, self.level).high
 
     def noisy_message(self) -> str | None:
         """A warning where the comparison's own noise hides changes of NOISY_FACTOR times the
@@ -400,9 +414,9 @@ class Comparison:
         if r is None or r <= 1 + NOISY_FACTOR * self.threshold:
             return None
         return (
-            f"noisy comparison: the cases' ratios scatter by {self.spread.sd:.1%} (robust sd), so a case that "
-            f"moved alone must be about {r:.2f}x slower (or faster) to be told from noise; rerun both on a quieter "
-            "machine or with more rounds"
+            f"noisy comparison: a typical case's ratio is uncertain by {self.spread.typical:.1%} (sd), so a "
+            f"case that moved alone must be about {r:.2f}x slower (or faster) to be told from noise; rerun both on "
+            "a quieter machine or with more rounds"
         )
 
     def gate_failed(self, allow_missing: bool = False, fail_on_unstable: bool = False) -> bool:
@@ -465,6 +479,8 @@ class Comparison:
             "family": self.family,
             "noise": self.noise_text,
             "ratio_spread_sd": self.spread.sd if self.spread else None,
+            "own_error_factor": self.spread.factor if self.spread else None,
+            "typical_sd": self.spread.typical if self.spread else None,
             "machine_ratio": self.machine,
             "adjusted": self.machine is not None,
             "shift": None
@@ -519,6 +535,8 @@ def compare(
     ratios = case_ratios(base, new, metric, machine)
     noise = Noise.of([*base.values(), *new.values()], metric)
     spread = Spread.of(ratios.values())
+    if spread is not None and metric == "fast":  # each case its own error, scaled by the comparison
+        spread = spread.scaled(ratios, own_errors({k: (base[k], new[k]) for k in ratios}))
     shift = Shift.of(ratios.values(), spread)
     level = family_level(len(ratios) + (shift is not None))
     levels = case_levels(base, new, ratios, threshold, noise, metric, spread, shift)
@@ -656,7 +674,7 @@ def case_levels(
     (``noise.holm_levels``, from each ratio's p-value of lying beyond the threshold)."""
     p_values = {}
     for k, r in ratios.items():
-        err = RatioError.of(base[k], new[k], noise, metric, spread)
+        err = RatioError.of(base[k], new[k], noise, metric, spread, k)
         p_values[k] = err.p_beyond(r, threshold) if err is not None and math.isfinite(r) else 1.0
     if shift is not None:
         p_values[SHIFT_KEY] = shift.error.p_beyond(shift.ratio, threshold)
@@ -741,14 +759,15 @@ def judge_ratio(
     level: float,
     metric: str = "median",
     spread: Spread | None = None,
+    key: Any = None,
 ) -> tuple[str, Interval | None, float | None]:
-    """(verdict, the ratio's interval, the probe's ratio) for a case measured ok in both:
+    """(verdict, the ratio's interval, the probe's ratio) for the case ``key``, measured ok in both:
     withheld where the machine-speed probe moved by more than the threshold can absorb (PROBE_SLACK
     times the threshold: the probe is a short measurement with noise of its own), slower or faster
     where the whole ``level`` interval is beyond the threshold, else same. The interval is
     ``noise.RatioError``'s: from the comparison's ``spread`` where it has one (MIN_CASES cases or
-    more), else from the case's own samples and the runs' ``noise``."""
-    err = RatioError.of(base, new, noise, metric, spread)
+    more; scaled, the case's own), else from the case's own samples and the runs' ``noise``."""
+    err = RatioError.of(base, new, noise, metric, spread, key)
     iv = err.interval(ratio, level) if err is not None and ratio > 0 and math.isfinite(ratio) else None
     pb, pn = finite_or_none(base.get("probe_s")), finite_or_none(new.get("probe_s"))
     probe = pn / pb if pb and pn and pb > 0 else None
@@ -842,7 +861,7 @@ def _judge(
             **_quality_fields(b, n),
         )
     ratio = math.inf if ratio is None else ratio  # ok in both: case_ratios has it unless the base time is 0
-    verdict, iv, probe = judge_ratio(b, n, ratio, threshold, noise, level, metric, spread)
+    verdict, iv, probe = judge_ratio(b, n, ratio, threshold, noise, level, metric, spread, key)
     return CaseDiff(
         key,
         bv,

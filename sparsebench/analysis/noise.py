@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 from sparsebench.stats import t_cdf, t_quantile
 
 MIN_CASES = 8  # a comparison of fewer cases judges each from its own samples (``RatioError.of``)
 BLOCKS = 5  # a case measured in one round: its calls in up to this many consecutive blocks
-PRIOR_DOF = 8  # how much the run's typical spread weighs in a case's (in degrees of freedom)
+PRIOR_DOF = 8  # how much the typical spread weighs in a case's (in degrees of freedom): Noise, own_errors
 
 
 def _floats(value: Any) -> list[float]:
@@ -160,6 +160,41 @@ def qn_scale(values: Sequence[float]) -> float:
 _QN_SMALL = {2: 0.399, 3: 0.994, 4: 0.512, 5: 0.844, 6: 0.611, 7: 0.857, 8: 0.669, 9: 0.872}
 
 
+def fast_log_var(rec: dict[str, Any]) -> tuple[float, int] | None:
+    """(the sample variance of the logs of what ``fast_time`` averages, how many it averages): the
+    fastest half of a case's rounds' fastest calls (of its blocks' with one round); None for fewer
+    than two."""
+    s = sorted(samples(rec, "min"))
+    fast = s[: (len(s) + 1) // 2]
+    if len(fast) < 2:
+        return None
+    return statistics.variance([math.log(v) for v in fast]), len(fast)
+
+
+def own_errors(pairs: dict[Any, tuple[dict[str, Any], dict[str, Any]]]) -> dict[Any, tuple[float, int]]:
+    """Each case's own standard error of the log of its ratio of ``fast_time``, by key, from its
+    (base, new) records: sqrt(v * (1 / k_base + 1 / k_new)), with k how many values each run's
+    time averages and v the variance of their logs (``fast_log_var``) pooled over the case's two
+    runs (a case is as noisy in both: the machine's moments move it, not the build), moderated
+    toward the typical one (the median over the cases and runs) with PRIOR_DOF degrees of
+    freedom: the variance of a few values is itself uncertain. Empty where no case has one."""
+    found = {k: (fast_log_var(b), fast_log_var(n)) for k, (b, n) in pairs.items()}
+    known = [v[0] for both in found.values() for v in both if v is not None]
+    if not known:
+        return {}
+    typical = statistics.median(known)
+    out = {}
+    for key, both in found.items():
+        total, dof, inverse = PRIOR_DOF * typical, PRIOR_DOF, 0.0
+        for v in both:
+            var, k = v if v is not None else (typical, 1)
+            total += (k - 1) * var
+            dof += k - 1
+            inverse += 1 / k
+        out[key] = (math.sqrt(total / dof * inverse) if dof else 0.0, dof)
+    return out
+
+
 @dataclass(frozen=True)
 class Spread:
     """How the log ratios new / base of a comparison's cases scatter around their common shift:
@@ -168,6 +203,15 @@ class Spread:
     deviation would be as robust but as uncertain as a standard deviation of 13 cases where there
     are 36: intervals from it at 35 degrees of freedom were too narrow (simulated A/A pairs of 36
     normal cases raised a false alarm in 10% of pairs where Holm's control states 5%).
+
+    Cases are not equally noisy: on a shared 2-core CPU a small memory-bound kernel (Child et al.'s
+    strided pattern on ``block_sparse``) moved between two runs of one program four to eight times
+    as far as dense SDPA, and one spread for all judged it too narrowly (every false alarm of the
+    recorded A/A pairs) and the quiet cases too widely. ``scaled`` gives each case its own error
+    (``own_errors``, the gate metric's): its ``own`` standard error times ``factor``, the Qn of the
+    cases' deviations from their common shift, each in units of its own error. How far a case's
+    fastest rounds scatter within a run tells how far the machine's moments move it (the
+    correlation was 0.96 over 36 cases), and the comparison itself tells by how much to scale that.
 
     This is the comparison's noise as the two runs show it, whatever its source (the machine,
     the rounds, the kernels); a change common to every case (a slower machine, a slower library)
@@ -179,6 +223,9 @@ class Spread:
     dof: int
     cases: int
 
+    factor: float | None = None  # scaled: the Qn of the cases' deviations in units of their own errors
+    own: dict[Any, tuple[float, int]] = field(default_factory=dict, compare=False)  # scaled: (error, dof) by case
+
     @classmethod
     def of(cls, ratios: Iterable[float]) -> "Spread | None":
         """From the cases' ratios; None for fewer than MIN_CASES (judge from samples instead)."""
@@ -186,6 +233,49 @@ class Spread:
         if len(logs) < MIN_CASES:
             return None
         return cls(qn_scale(logs), max(1, round(QN_EFFICIENCY * (len(logs) - 1))), len(logs))
+
+    def scaled(self, ratios: dict[Any, float], own: dict[Any, tuple[float, int]]) -> "Spread":
+        """This spread with each case's own error (``own``: by key, its standard error and degrees
+        of freedom) scaled by the Qn of the cases' deviations from the median log ratio, each
+        divided by its own error; unchanged where fewer than MIN_CASES cases have an own error
+        above 0."""
+        logs = {k: math.log(r) for k, r in ratios.items() if r > 0 and math.isfinite(r)}
+        keys = [k for k in logs if k in own and own[k][0] > 0]
+        if len(keys) < MIN_CASES:
+            return self
+        mid = statistics.median(logs.values())
+        factor = qn_scale([(logs[k] - mid) / own[k][0] for k in keys])
+        return replace(self, factor=factor, own={k: own[k] for k in keys})
+
+    def error(self, key: Any = None) -> "RatioError":
+        """The standard error of a case's log ratio: its own, scaled (``scaled``), where it has one,
+        with the degrees of freedom of both estimates (1 / dof = 1 / the factor's + 1 / its own:
+        a deviation divided by an uncertain error has heavier tails than a normal one), else the
+        spread's."""
+        if self.factor is not None and key in self.own:
+            se, dof = self.own[key]
+            return RatioError(self.factor * se, max(1, int(1 / (1 / self.dof + 1 / dof))))
+        return RatioError(self.sd, self.dof)
+
+    @property
+    def typical(self) -> float:
+        """A typical case's standard error: the median of the scaled own errors, else the spread."""
+        return self.typical_error().se
+
+    def typical_error(self) -> "RatioError":
+        """A typical case's error: the case of the median own error where scaled, else the spread's."""
+        if self.factor is None:
+            return RatioError(self.sd, self.dof)
+        ranked = sorted(self.own, key=lambda k: self.own[k][0])
+        return self.error(ranked[len(ranked) // 2])
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """The smallest and largest case's standard error."""
+        if self.factor is None:
+            return self.sd, self.sd
+        errors = [se for se, _ in self.own.values()]
+        return self.factor * min(errors), self.factor * max(errors)
 
 
 @dataclass(frozen=True)
@@ -263,15 +353,18 @@ class RatioError:
         noise: Noise,
         metric: str = "median",
         spread: Spread | None = None,
+        key: Any = None,
     ) -> "RatioError | None":
-        """From the comparison's ``spread`` where it has one (for the median, the case's own
-        ``robust_se`` where that is larger: a case noisier than the rest is not judged by the
-        rest's noise; a slow round does not move the fastest call over all rounds, so for the min
-        its rounds would overstate its noise), else from the two records' samples for ``metric``
-        and the runs' ``noise``; None where a record has no samples."""
+        """From the comparison's ``spread`` where it has one: the case's own error scaled where the
+        spread has it (``Spread.scaled``, the case of ``key``), else the spread's, and for the
+        median the case's own ``robust_se`` where that is larger (a case noisier than the rest is
+        not judged by the rest's noise; a slow round does not move the fastest call over all
+        rounds, so for the min its rounds would overstate its noise); else from the two records'
+        samples for ``metric`` and the runs' ``noise``; None where a record has no samples."""
         if spread is not None:
+            err = spread.error(key)
             own = robust_se(samples(base, metric), samples(new, metric)) if metric == "median" else 0.0
-            return cls(max(spread.sd, own), spread.dof)
+            return cls(max(err.se, own), err.dof)
         a, b = samples(base, metric), samples(new, metric)
         if not a or not b:
             return None
