@@ -80,11 +80,17 @@ def fast_time(rec: dict[str, Any]) -> float | None:
     faster than every other round of both runs), and the fastest call over the rounds takes such a
     moment whole, in one run and not the other. The fastest half takes the machine's good moments
     without resting on one: of five rounds, the three fastest."""
-    s = sorted(samples(rec, "min"))
-    if not s:
+    fast = _fastest_half(rec)
+    if not fast:
         return None
-    fast = s[: (len(s) + 1) // 2]
     return math.exp(sum(math.log(v) for v in fast) / len(fast))
+
+
+def _fastest_half(rec: dict[str, Any]) -> list[float]:
+    """The fastest half (rounded up) of a case's rounds' fastest calls (of its blocks' with one
+    round): what ``fast_time`` averages."""
+    s = sorted(samples(rec, "min"))
+    return s[: (len(s) + 1) // 2]
 
 
 def _log_var(values: Sequence[float]) -> tuple[float, int]:
@@ -164,8 +170,7 @@ def fast_log_var(rec: dict[str, Any]) -> tuple[float, int] | None:
     """(the sample variance of the logs of what ``fast_time`` averages, how many it averages): the
     fastest half of a case's rounds' fastest calls (of its blocks' with one round); None for fewer
     than two."""
-    s = sorted(samples(rec, "min"))
-    fast = s[: (len(s) + 1) // 2]
+    fast = _fastest_half(rec)
     if len(fast) < 2:
         return None
     return statistics.variance([math.log(v) for v in fast]), len(fast)
