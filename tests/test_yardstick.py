@@ -78,6 +78,28 @@ def test_the_gemm_size_doubles_until_a_product_takes_long_enough(monkeypatch):
     assert yardstick.gemm("cpu", "fp32", rounds=1)[1] == 2 * yardstick.MIN_SIZE
 
 
+def test_a_slow_first_product_does_not_stop_the_ladder(monkeypatch):
+    """Each size's first product carries one-off costs (on an H200 the first bf16 product took
+    over 2 ms at size 256, which stopped the ladder there and read 1.07 TFLOP/s for ~790): it is
+    an untimed warm-up, and the product after it decides."""
+    import time
+
+    real, seen = torch.matmul, set()
+
+    def first_slow(a, b, out=None):
+        if a.shape not in seen:
+            seen.add(a.shape)
+            time.sleep(0.2)
+        return real(a, b, out=out)
+
+    monkeypatch.setattr(yardstick.torch, "matmul", first_slow)
+    monkeypatch.setattr(yardstick, "STEP_S_OTHER", 0.1)  # a real fp32 product of 512 takes ~1-10 ms here
+    monkeypatch.setattr(yardstick, "MAX_SIZE_OTHER", 2 * yardstick.MIN_SIZE)
+    tflops, size = yardstick.gemm("cpu", "fp32", rounds=1)
+    assert size == 2 * yardstick.MIN_SIZE
+    assert 2 * size**3 / (tflops * 1e12) < 0.1  # the timed product is not the slow first one
+
+
 def test_a_run_keeps_the_yardstick_and_every_record_its_share(run):
     y = _env(run)["yardstick"][KEY]
     assert y["gemm_tflops"] > 0 and y["copy_bytes_per_s"] > 0

@@ -6,10 +6,14 @@ GEMM: square products ``a @ b`` of the dtype (on CUDA fp16 and bf16 run on the t
 fp32 as torch's matmul precision setting has it, as for the cases). The size doubles from 256
 until one product takes ``STEP_S`` (or reaches the device's largest size), so that a slow dtype
 (fp16 on a CPU without native fp16 arithmetic) stays small and a fast one reaches the library's
-large-matrix rate; then the best of ``ROUNDS`` products (at least ``MIN_ROUNDS``: fewer where
-they would take more than ``BUDGET_S``), 2 size^3 FLOPs each, with the intra-op threads the
-forward and backward cases run with (torch's setting in this process). About 0.2-0.7 s per dtype
-on a 2-core CPU.
+large-matrix rate. Each size's first product is an untimed warm-up: it carries one-off costs (the
+library's setup, its kernel choice, the output's first touch) that would otherwise stop the ladder
+at its first rung (on an H200 the first bf16 product took over 2 ms at size 256, and the rate read
+1.07 TFLOP/s instead of about 790). At the size reached the device then warms for ``WARM_S``
+(a GPU's clock rises from idle under load), and the best of ``ROUNDS`` products (at least
+``MIN_ROUNDS``: fewer where they would take more than ``BUDGET_S``) gives the rate, 2 size^3
+FLOPs each, with the intra-op threads the forward and backward cases run with (torch's setting in
+this process). About 0.2-0.7 s per dtype on a 2-core CPU.
 
 Copy: STREAM's copy, ``dst.copy_(src)`` of a tensor far larger than the CPU's last-level cache
 (or CUDA's L2), counting the bytes read and the bytes written per second; the best of
@@ -41,6 +45,7 @@ MAX_SIZE = {"cuda": 8192}  # other devices: MAX_SIZE_OTHER
 MAX_SIZE_OTHER = 2048
 STEP_S = {"cuda": 0.002}  # one product this long is large enough; other devices: STEP_S_OTHER
 STEP_S_OTHER = 0.02
+WARM_S = {"cuda": 0.2}  # products run untimed at the size reached first; other devices: none
 COPY_BYTES = {"cuda": 1 << 30}  # the source tensor; other devices: COPY_BYTES_OTHER
 COPY_BYTES_OTHER = 128 << 20
 
@@ -86,10 +91,13 @@ def gemm(device: str | torch.device, dtype: str, rounds: int = ROUNDS) -> tuple[
         def product() -> None:
             torch.matmul(a, b, out=c)
 
-        # the first product of a size is its warm-up (kernel choice, first touch of c) and decides
+        product()  # untimed warm-up: one-off setup, kernel choice, first touch of c
         if size >= max_size or _time(product, dev) >= step_s:
             break
         size *= 2
+    warm_until = time.perf_counter() + WARM_S.get(dev.type, 0.0)
+    while time.perf_counter() < warm_until:
+        _time(product, dev)
     best = _best(product, dev, rounds, BUDGET_S)
     return 2.0 * size**3 / best / 1e12, size
 
