@@ -27,7 +27,7 @@ class Quest(ContentSelected):
         require_positive(self, "page_size", "token_budget")
 
     summary = "minmax"
-    score_bytes = 24  # two products and their sum beside the ranking's (selection.score_bytes)
+    score_bytes = 16  # the previous block's scores, two products and their sum (selection.score_bytes)
     score_kind = "bound"  # the bound (score below), for the native selection
 
     @property
@@ -38,6 +38,9 @@ class Quest(ContentSelected):
     def earlier_units(self):
         """Earlier pages a query keeps besides its own: the budget in whole pages, less the own."""
         return max(0, self.token_budget // self.page_size - 1)
+
+    def row_bytes(self, head_dim):  # the block's fp32 rows and one clamp of them at a time
+        return 8 * head_dim
 
     def score(self, rows, summaries, m):  # sum_d max(q_d min_d, q_d max_d): two products
         lo, hi = summaries

@@ -48,6 +48,12 @@ class TopkKeys(ContentSelected):
         """The keys' fp32 projections the indexer scores against (at most ``bh`` key heads)."""
         return bh * n * self.index_dim * 4
 
+    score_bytes = 16  # the block's scores, the previous block's and the product's operands (measured)
+
+    def row_bytes(self, head_dim: int) -> int:
+        """A block's fp32 query rows and their projections."""
+        return 4 * (head_dim + self.index_dim)
+
     def projection(self, head_dim: int, device) -> torch.Tensor:
         return gaussian_projection(head_dim, self.index_dim, self.seed, device)
 
