@@ -9,7 +9,7 @@ until one product takes ``STEP_S`` (or reaches the device's largest size), so th
 large-matrix rate. Each size's first product is an untimed warm-up: it carries one-off costs (the
 library's setup, its kernel choice, the output's first touch) that would otherwise stop the ladder
 at its first rung (on an H200 the first bf16 product took over 2 ms at size 256, and the rate read
-1.07 TFLOP/s instead of about 790). At the size reached the device then warms for ``WARM_S``
+1.07 TFLOP/s; with the warm-up, 688 at size 8192). At the size reached the device then warms for ``WARM_S``
 (a GPU's clock rises from idle under load), and the best of ``ROUNDS`` products (at least
 ``MIN_ROUNDS``: fewer where they would take more than ``BUDGET_S``) gives the rate, 2 size^3
 FLOPs each, with the intra-op threads the forward and backward cases run with (torch's setting in
