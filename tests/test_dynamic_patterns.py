@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import numpy as np
@@ -226,12 +225,12 @@ def test_selection_scores_are_query_blocks_never_n_by_n(monkeypatch):
 
 
 _SELECT_PEAK = """
-import json, sys
+import json
 import torch
 from sparsebench.measure.memory import PeakMemory
 from sparsebench.patterns.base import PATTERNS
 out = []
-for name, params, n, heads, d, dtype in json.loads(sys.argv[1]):
+for name, params, n, heads, d, dtype in json.loads(%r):
     pat = PATTERNS.get(name).from_params(params)
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, heads, n, d, generator=g).to(getattr(torch, dtype)) for _ in range(2))
@@ -252,7 +251,7 @@ def test_the_selections_estimate_is_its_measured_peak():
     16 heads) and in fp32 with head_dim 128. Before the estimate followed the selection's two
     phases (the fp32 copy of k for the summaries, then a block of scores beside the index), quest
     read 1.7x its peak and moba 1.7-2.2x; on an H200 a quest case's estimate left the band."""
-    import subprocess
+    from fresh_process import in_fresh_process
 
     from sparsebench.measure.memory import ESTIMATE_BAND
 
@@ -263,12 +262,7 @@ def test_the_selections_estimate_is_its_measured_peak():
         ("moba", {"chunk": 512, "topk": 4}, 8192, 16, 128, "float32"),
         ("topk_keys", {"keys": 128}, 8192, 16, 64, "bfloat16"),
     ]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    res = subprocess.run(
-        [sys.executable, "-c", _SELECT_PEAK, json.dumps(cases)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    for case, (peak, est) in zip(cases, json.loads(res.stdout.strip().splitlines()[-1])):
+    for case, (peak, est) in zip(cases, in_fresh_process(_SELECT_PEAK % json.dumps(cases))):
         assert ESTIMATE_BAND[0] <= est / peak <= ESTIMATE_BAND[1], (case[:2], est / 2**20, peak / 2**20)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from fresh_process import in_fresh_process
 
 from sparsebench.measure.worker import Worker
 from sparsebench.scenario import Case
@@ -153,19 +154,8 @@ print(json.dumps(dict(on=on, first=first, second=second, third=third, valid=vali
 
 
 def _in_fresh_process(script: str) -> dict:
-    """Run ``script`` in a new interpreter whose glibc maps every block of 1 MiB or more on its
-    own (MALLOC_MMAP_THRESHOLD_), so that freeing such a block leaves the resident set and a new
-    one faults its pages in. In a long test process glibc may serve large blocks from its heap
-    instead (resident after free, no faults when reused), whatever the caching allocator does."""
-    import json
-    import os
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "SPARSEBENCH_ALLOCATOR"}
-    env["MALLOC_MMAP_THRESHOLD_"] = str(MiB)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    """``in_fresh_process``, skipped where the script says the native extension is not available."""
+    res = in_fresh_process(script)
     if "skip" in res:
         pytest.skip(f"the native extension is not available here: {res['skip']}")
     return res

@@ -80,7 +80,7 @@ def test_the_gemm_size_doubles_until_a_product_takes_long_enough(monkeypatch):
 
 def test_a_slow_first_product_does_not_stop_the_ladder(monkeypatch):
     """Each size's first product carries one-off costs (on an H200 the first bf16 product took
-    over 2 ms at size 256, which stopped the ladder there and read 1.07 TFLOP/s for ~790): it is
+    over 2 ms at size 256, which stopped the ladder there and read 1.07 TFLOP/s; 688 at 8192): it is
     an untimed warm-up, and the product after it decides."""
     import time
 

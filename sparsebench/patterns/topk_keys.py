@@ -30,6 +30,7 @@ class TopkKeys(ContentSelected):
     keys: int = param("earlier keys per query (R)")
     index_dim: int = param("dimensions of the indexer's projection", 32)
     seed: int = param("seed of the projection", 0)
+    score_bytes = 16  # the block's scores, the previous block's and the product's operands (measured)
 
     def validate(self):
         require_positive(self, "keys", "index_dim")
@@ -47,8 +48,6 @@ class TopkKeys(ContentSelected):
     def key_side_bytes(self, bh: int, n: int, head_dim: int) -> int:
         """The keys' fp32 projections the indexer scores against (at most ``bh`` key heads)."""
         return bh * n * self.index_dim * 4
-
-    score_bytes = 16  # the block's scores, the previous block's and the product's operands (measured)
 
     def row_bytes(self, head_dim: int) -> int:
         """A block's fp32 query rows and their projections."""
